@@ -1,0 +1,125 @@
+"""The ``adamerge`` command.
+
+    adamerge fit --config configs/adamerging_layerwise.yaml      train coefficients (LightningCLI), export at the end
+    adamerge merge --config configs/ties.yaml                     data-free merge, same export format
+    adamerge evaluate --checkpoint runs/merged --tasks ...        per-task accuracy / macro-F1 of an exported merge
+
+``fit``/``validate`` are LightningCLI: every ``Trainer`` flag works (``--trainer.devices 4 --trainer.strategy ddp``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+
+from adamerge.data import UnlabeledDataModule
+from adamerge.methods import MergeModule
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate")
+
+
+def quiet_libraries() -> None:
+    os.environ.setdefault("WANDB_MODE", "offline")  # never reach the network unless the user asks
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+class AdaMergeCLI(LightningCLI):
+    """LightningCLI with the data module's tokenizer linked to the model's base."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.init_args.base", "data.tokenizer")
+
+
+def trainer_defaults() -> dict:
+    return {
+        "max_steps": 500,
+        "logger": {"class_path": "pytorch_lightning.loggers.WandbLogger",
+                   "init_args": {"offline": True, "project": "adamerge", "save_dir": "runs"}},
+        "callbacks": [{"class_path": "pytorch_lightning.callbacks.RichProgressBar"},
+                      {"class_path": "adamerge.callbacks.CoefficientHeatmap", "init_args": {"every_n_steps": 100}}],
+        "enable_checkpointing": True,
+        "num_sanity_val_steps": 0,
+        "log_every_n_steps": 10,
+    }
+
+
+def lightning_main(args: list[str] | None = None, run: bool = True) -> AdaMergeCLI:
+    return AdaMergeCLI(MergeModule, UnlabeledDataModule, subclass_mode_model=True, args=args, run=run,
+                       trainer_defaults=trainer_defaults(), save_config_kwargs={"overwrite": True},
+                       parser_kwargs={"default_env": False}, auto_configure_optimizers=False)
+
+
+def merge_main(args: list[str] | None = None):
+    """``adamerge merge``: a data-free method (or M3 with entropy-selected candidates), exported."""
+    from jsonargparse import ActionConfigFile
+
+    from adamerge.errors import MergeInputError
+
+    parser = LightningArgumentParser(prog="adamerge merge", description=merge_main.__doc__)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_lightning_class_args(MergeModule, "model", subclass_mode=True)
+    parser.add_lightning_class_args(UnlabeledDataModule, "data", subclass_mode=False, required=False)
+    parser.add_argument("--output_dir", type=str, required=True, help="where the merged checkpoint is written")
+    parser.add_argument("--overwrite", type=bool, default=False, help="replace an existing output_dir")
+    parser.add_argument("--per_task_models", type=bool, default=True, help="also write tasks/<task>/ checkpoints")
+    parser.add_argument("--seed_everything", type=int, default=0)
+    parser.link_arguments("model.init_args.base", "data.tokenizer")
+    cfg = parser.parse_args(args)
+    if os.path.exists(cfg.output_dir) and not cfg.overwrite:
+        raise MergeInputError(f"output_dir {cfg.output_dir} already exists; pass --overwrite true to replace it")
+    init = parser.instantiate_classes(cfg)
+    model = init.model
+    if model.trainable:
+        raise MergeInputError(f"method {model.method!r} trains; run it with `adamerge fit`")
+    if getattr(model, "needs_data", False):
+        if not cfg.get("data") or not cfg.data.get("tasks"):
+            raise MergeInputError(f"method {model.method!r} with candidates > 1 needs `data.tasks`")
+        model.select(init.data)
+    return model.export(cfg.output_dir, overwrite=cfg.overwrite, per_task_models=cfg.per_task_models)
+
+
+def evaluate_main(args: list[str] | None = None):
+    """``adamerge evaluate``: per-task accuracy (and macro-F1) of an exported checkpoint on labelled data."""
+    from jsonargparse import CLI
+
+    from adamerge.evaluate import evaluate_checkpoint
+
+    return CLI(evaluate_checkpoint, args=args, as_positional=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
+    from adamerge.errors import MergeInputError
+
+    from_sys = argv is None
+    argv = sys.argv[1:] if from_sys else argv
+
+    try:
+        if argv and argv[0] == "merge":
+            merge_main(argv[1:])
+        elif argv and argv[0] == "evaluate":
+            result = evaluate_main(argv[1:])
+            import json
+
+            print(json.dumps(result, indent=2))  # the command's output, not logging
+        else:
+            lightning_main(None if from_sys else argv)
+    except MergeInputError as e:
+        logging.getLogger("adamerge").error("%s", e)
+        raise SystemExit(2) from e
+
+
+if __name__ == "__main__":
+    main()

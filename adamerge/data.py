@@ -1,0 +1,189 @@
+"""Unlabeled per-task data for merge training.
+
+Each step yields ``samples_per_task`` rows of every task, concatenated into one padded batch::
+
+    {"inputs": {"input_ids": [B, L], "attention_mask": [B, L], ...}, "tasks": [names], "sizes": [n per task]}
+
+Rows are drawn from a seeded permutation of each task's data (a fresh permutation every pass), so step ``i`` is a
+pure function of ``(seed, i)``: runs are reproducible and resumable. Label columns are dropped at load time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from adamerge.errors import MergeInputError
+
+log = logging.getLogger(__name__)
+
+_FILE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class TaskData:
+    """Where one task's unlabeled text lives.
+
+    Args:
+        path: a Hugging Face dataset id, a local ``.csv``/``.json``/``.jsonl``/``.parquet`` file, or a directory
+            written by ``datasets.Dataset.save_to_disk``.
+        split: split to read (hub datasets and ``DatasetDict`` directories).
+        text_column: column with the input text.
+        text_pair_column: optional second text column (sentence-pair tasks).
+        name: dataset configuration name (hub datasets).
+        max_samples: keep at most this many rows (the first ones after loading).
+    """
+
+    path: str
+    split: str = "train"
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    name: str | None = None
+    max_samples: int | None = None
+
+
+def load_texts(spec: TaskData, task: str = "?"):
+    """Load a task's rows as a ``datasets.Dataset`` holding only its text column(s)."""
+    import datasets
+
+    p = Path(spec.path)
+    try:
+        if p.is_file():
+            fmt = _FILE_FORMATS.get(p.suffix)
+            if fmt is None:
+                raise MergeInputError(f"task {task!r}: unsupported file type {p.suffix!r} for {p}; "
+                                      f"use one of {sorted(_FILE_FORMATS)}")
+            ds = datasets.load_dataset(fmt, data_files=str(p), split="train")
+        elif p.is_dir():
+            ds = datasets.load_from_disk(str(p))
+            if isinstance(ds, datasets.DatasetDict):
+                if spec.split not in ds:
+                    raise MergeInputError(f"task {task!r}: split {spec.split!r} not in {p}; splits: {list(ds)}")
+                ds = ds[spec.split]
+        else:
+            ds = datasets.load_dataset(spec.path, spec.name, split=spec.split)
+    except MergeInputError:
+        raise
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise MergeInputError(f"task {task!r}: cannot load data from {spec.path!r}: {e}") from e
+    keep = [c for c in (spec.text_column, spec.text_pair_column) if c]
+    for c in keep:
+        if c not in ds.column_names:
+            raise MergeInputError(f"task {task!r}: text column {c!r} not in {spec.path}; columns: {ds.column_names}")
+    ds = ds.select_columns(keep)
+    if spec.max_samples is not None:
+        ds = ds.select(range(min(spec.max_samples, len(ds))))
+    if len(ds) == 0:
+        raise MergeInputError(f"task {task!r}: dataset {spec.path!r} is empty")
+    return ds
+
+
+def tokenize(tokenizer, ds, spec: TaskData, max_length: int) -> list[dict[str, list[int]]]:
+    texts = [str(t) for t in ds[spec.text_column]]
+    pairs = [str(t) for t in ds[spec.text_pair_column]] if spec.text_pair_column else None
+    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    return [{k: enc[k][i] for k in keys} for i in range(len(texts))]
+
+
+def pad_batch(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad token rows into tensors (``attention_mask`` 0 on padding)."""
+    length = max(len(r["input_ids"]) for r in rows)
+    out = {}
+    for k in rows[0]:
+        fill = pad_id if k == "input_ids" else 0
+        out[k] = torch.tensor([r[k] + [fill] * (length - len(r[k])) for r in rows], dtype=torch.long)
+    return out
+
+
+class TaskStepDataset(Dataset):
+    """Index ``i`` → the rows of step ``i`` for every task (see module docstring)."""
+
+    def __init__(self, rows: dict[str, list], samples_per_task: int, seed: int, pad_id: int, length: int) -> None:
+        self.rows, self.n, self.seed, self.pad_id, self.length = rows, samples_per_task, seed, pad_id, length
+        self._perm_cache: dict[tuple[str, int], torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _perm(self, t: int, task: str, cycle: int) -> torch.Tensor:
+        key = (task, cycle)
+        if key not in self._perm_cache:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + t * 10_007 + cycle)
+            self._perm_cache = {key: torch.randperm(len(self.rows[task]), generator=g)} | {
+                k: v for k, v in self._perm_cache.items() if k[0] != task}
+        return self._perm_cache[key]
+
+    def indices(self, t: int, task: str, step: int) -> list[int]:
+        m = len(self.rows[task])
+        out = []
+        for pos in range(step * self.n, (step + 1) * self.n):
+            out.append(int(self._perm(t, task, pos // m)[pos % m]))
+        return out
+
+    def __getitem__(self, step: int):
+        tasks = list(self.rows)
+        picked = [[self.rows[task][j] for j in self.indices(t, task, step)] for t, task in enumerate(tasks)]
+        return {"inputs": pad_batch([r for rs in picked for r in rs], self.pad_id), "tasks": tasks,
+                "sizes": [len(rs) for rs in picked]}
+
+
+class UnlabeledDataModule(pl.LightningDataModule):
+    """Unlabeled text of every task, tokenized once, served as one multi-task batch per step.
+
+    Args:
+        tasks: task name → :class:`TaskData` (names must match the model's tasks).
+        tokenizer: tokenizer id or directory (defaults to the model's base when linked by the CLI).
+        samples_per_task: rows of each task per step (AdaMerging uses 16).
+        max_length: truncate inputs to this many tokens.
+        seed: seeds the per-task permutations.
+        steps_per_epoch: dataset length in steps; default: one pass over the largest task.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(self, tasks: dict[str, TaskData], tokenizer: str | None = None, samples_per_task: int = 16,
+                 max_length: int = 128, seed: int = 0, steps_per_epoch: int | None = None,
+                 num_workers: int = 0) -> None:
+        super().__init__()
+        if not tasks:
+            raise MergeInputError("data.tasks: at least one task is required")
+        if samples_per_task < 1:
+            raise MergeInputError(f"data.samples_per_task must be >= 1, got {samples_per_task}")
+        self.tasks = {k: (v if isinstance(v, TaskData) else TaskData(**v)) for k, v in tasks.items()}
+        self.tokenizer_name = tokenizer
+        self.samples_per_task, self.max_length, self.seed = samples_per_task, max_length, seed
+        self.steps_per_epoch, self.num_workers = steps_per_epoch, num_workers
+        self.dataset: TaskStepDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        from transformers import AutoTokenizer
+
+        if self.tokenizer_name is None:
+            raise MergeInputError("data.tokenizer is not set (the CLI links it to model.base)")
+        tok = AutoTokenizer.from_pretrained(self.tokenizer_name)
+        model_tasks = getattr(getattr(self.trainer, "lightning_module", None), "task_names", None) if self._has_trainer() else None
+        if model_tasks is not None:
+            unknown = sorted(set(self.tasks) - set(model_tasks))
+            if unknown:
+                raise MergeInputError(f"data.tasks: {unknown} have no model; model tasks: {model_tasks}")
+        rows = {task: tokenize(tok, load_texts(spec, task), spec, self.max_length) for task, spec in self.tasks.items()}
+        length = self.steps_per_epoch or max(math.ceil(len(r) / self.samples_per_task) for r in rows.values())
+        self.dataset = TaskStepDataset(rows, self.samples_per_task, self.seed, tok.pad_token_id or 0, length)
+        log.info("unlabeled data: %s", {t: len(r) for t, r in rows.items()})
+
+    def _has_trainer(self) -> bool:
+        try:
+            return self.trainer is not None
+        except RuntimeError:
+            return False
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset, batch_size=None, shuffle=False, num_workers=self.num_workers)

@@ -1,0 +1,26 @@
+"""Method registry: name → MergeModule subclass. A new method adds its module and one line here."""
+
+from __future__ import annotations
+
+from adamerge.errors import MergeInputError
+from adamerge.methods.adamerging import AdaMerging
+from adamerge.methods.base import MergeModule, TaskVectorPrep
+from adamerge.methods.data_free import M3, Average, TaskArithmetic, Ties
+
+METHODS: dict[str, type[MergeModule]] = {
+    "average": Average,
+    "task_arithmetic": TaskArithmetic,
+    "ties": Ties,
+    "m3": M3,
+    "adamerging": AdaMerging,
+}
+
+
+def get_method(name: str) -> type[MergeModule]:
+    if name not in METHODS:
+        raise MergeInputError(f"method: unknown value {name!r}; allowed: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+__all__ = ["METHODS", "M3", "AdaMerging", "Average", "MergeModule", "TaskArithmetic", "TaskVectorPrep", "Ties",
+           "get_method"]

@@ -1,0 +1,163 @@
+"""MergeModule: the LightningModule every method shares (load, pre-process, merge, export).
+
+Three layers in one direction: ``functional`` (math) → ``MergedModel`` (module) → this (Lightning).
+A method subclasses :class:`MergeModule`, chooses its coefficients, and — if it trains — implements
+``training_step``. Data-free methods set ``trainable = False`` and are run by ``adamerge merge``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from adamerge.errors import MergeInputError
+from adamerge.export import write_merged
+from adamerge.functional import dare, ties_trim_elect
+from adamerge.merged import MergedModel
+from adamerge.parametrize import Coefficients
+from adamerge.pool import TaskVectorPool, load_pool
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | None, field: str) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in _DTYPES:
+        raise MergeInputError(f"{field}: unknown dtype {name!r}; allowed: {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+@dataclass
+class TaskVectorPrep:
+    """Pre-processing applied to the task vectors once, before merging or training.
+
+    Args:
+        dare_rate: DARE drop rate ``p`` (0 disables DARE). Survivors are rescaled by ``1/(1-p)``.
+        ties_density: TIES trim density ``k`` (fraction of each task's largest-magnitude entries kept), followed by
+            sign election; ``None`` disables TIES.
+        ties_scope: rank magnitudes over the whole model per task (``"global"``, as the paper) or per tensor.
+        seed: seeds DARE's drop masks.
+    """
+
+    dare_rate: float = 0.0
+    ties_density: float | None = None
+    ties_scope: str = "global"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.dare_rate < 1.0:
+            raise MergeInputError(f"prep.dare_rate must be in [0, 1), got {self.dare_rate}")
+        if self.ties_density is not None and not 0.0 < self.ties_density <= 1.0:
+            raise MergeInputError(f"prep.ties_density must be in (0, 1], got {self.ties_density}")
+        if self.ties_scope not in ("global", "tensor"):
+            raise MergeInputError(f"prep.ties_scope: unknown value {self.ties_scope!r}; allowed: global, tensor")
+
+    def apply(self, task_vectors: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.dare_rate > 0:
+            g = torch.Generator().manual_seed(self.seed)
+            task_vectors = {n: dare(tv, self.dare_rate, g) for n, tv in task_vectors.items()}
+        if self.ties_density is not None:
+            task_vectors = ties_trim_elect(task_vectors, self.ties_density, self.ties_scope)
+        return task_vectors
+
+
+class MergeModule(pl.LightningModule):
+    """Base of every merge method.
+
+    Args:
+        base: the pretrained model (hub id, directory or ``.safetensors``).
+        models: task name → fine-tuned sequence classifier started from ``base``.
+        prep: task-vector pre-processing (DARE, TIES).
+        tv_dtype: storage dtype of the stacked task vectors (``float32``, ``bfloat16``, ``float16``); ``None`` keeps
+            the model dtype.
+        trust_remote_code: allow model code from the hub (off by default).
+    """
+
+    trainable: bool = True
+    method: str = "base"
+
+    def __init__(self, base: str, models: dict[str, str], prep: TaskVectorPrep | None = None,
+                 tv_dtype: str | None = None, trust_remote_code: bool = False) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.strict_loading = False  # checkpoints hold only the trainable state (see on_save_checkpoint)
+        self.prep = prep or TaskVectorPrep()
+        pool = load_pool(base, models, tv_dtype=parse_dtype(tv_dtype, "tv_dtype"),
+                         trust_remote_code=trust_remote_code)
+        pool.task_vectors = self.prep.apply(pool.task_vectors)
+        self.pool_task_names = pool.task_names
+        self.merged = MergedModel(pool, self.build_coefficients(pool))
+        self.post_init(pool)
+
+    # -- hooks for subclasses ---------------------------------------------------------------------------------------
+    def build_coefficients(self, pool: TaskVectorPool) -> Coefficients:
+        """Default: fixed task-wise coefficients of 1 (override)."""
+        c = Coefficients(len(pool.task_names), len(pool.param_names), "task", 1.0)
+        c.requires_grad_(False)
+        return c
+
+    def post_init(self, pool: TaskVectorPool) -> None:
+        """Called once the merged model exists (e.g. to rescale task vectors)."""
+
+    def manifest_fields(self) -> dict[str, Any]:
+        """Method-specific manifest entries (hyperparameters, drawn values)."""
+        return {}
+
+    # -- shared -----------------------------------------------------------------------------------------------------
+    @property
+    def task_names(self) -> list[str]:
+        return self.merged.task_names
+
+    def forward(self, inputs, tasks, sizes, **kw):
+        return self.merged(inputs, tasks, sizes, **kw)
+
+    def coefficient_matrix(self) -> Tensor:
+        return self.merged.coefficients.matrix().detach().cpu()
+
+    def manifest(self) -> dict[str, Any]:
+        c = self.merged.coefficients
+        info = self.merged.pool_info
+        return {
+            "method": self.method,
+            "base": {"source": info["base"], "sha256": info["hashes"]["base"]},
+            "sources": [{"task": t, "source": info["sources"][t], "sha256": info["hashes"][t]}
+                        for t in self.task_names],
+            "prep": asdict(self.prep),
+            "coefficients": {"granularity": c.granularity, "clamp": c.clamp, "tasks": self.task_names,
+                             "params": self.merged.param_names,
+                             "values": c.weight.detach().cpu(), "effective": self.coefficient_matrix()},
+            **self.manifest_fields(),
+        }
+
+    @torch.no_grad()
+    def final_merged_params(self) -> dict[str, Tensor]:
+        """The merged backbone tensors to export (methods with stochastic parts make them deterministic here)."""
+        return self.merged.merged_params()
+
+    def export(self, output_dir: str | Path, overwrite: bool = False, per_task_models: bool = True) -> Path:
+        """Write the flattened merged checkpoint (see :mod:`adamerge.export`)."""
+        return write_merged(output_dir, self.merged.backbone, self.final_merged_params(), self.merged.heads,
+                            self.manifest(), tokenizer_source=self.hparams.base, per_task_models=per_task_models,
+                            overwrite=overwrite)
+
+    def trainable_state_keys(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self.trainable_state_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise MergeInputError(f"method {self.method!r} has nothing to train; run it with `adamerge merge`")
+        return torch.optim.Adam(params, lr=self.hparams.get("lr", 1e-3), betas=tuple(self.hparams.get("betas", (0.9, 0.999))))

@@ -1,0 +1,191 @@
+"""Data-free merges: simple average, Task Arithmetic, TIES, DARE (via ``prep``) and Mixup Model Merge (M3).
+
+Each is a fixed choice of coefficients over (possibly pre-processed) task vectors, so all share the merge and export
+path of the trained methods:
+
+    average          θ0 + (1/T) Σ τ_t                    = mean_t θ_t
+    task_arithmetic  θ0 + λ Σ τ_t
+    ties             θ0 + λ · disjoint_mean(trim_elect(τ))
+    dare             prep.dare_rate > 0 on any of the above (``DARE+TA``: task_arithmetic with dare_rate)
+    m3               θ0 + s Σ_t w_t τ_t, w ~ Dirichlet(α·1) (Beta(α, α) for T = 2); with TIES the coordinates that
+                     several tasks keep are interpolated and those one task keeps pass through
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from adamerge.errors import MergeInputError
+from adamerge.functional import disjoint_normalize
+from adamerge.methods.base import MergeModule, TaskVectorPrep
+from adamerge.objectives import entropy_objective
+from adamerge.parametrize import Coefficients
+from adamerge.pool import TaskVectorPool
+
+log = logging.getLogger(__name__)
+
+
+def _fixed(values, pool: TaskVectorPool) -> Coefficients:
+    c = Coefficients(len(pool.task_names), len(pool.param_names), "task", torch.as_tensor(values, dtype=torch.float32))
+    return c.requires_grad_(False)
+
+
+class Average(MergeModule):
+    """Simple weight average of the fine-tuned models.
+
+    Args:
+        base: pretrained model. models: task name → fine-tuned model. prep: task-vector pre-processing.
+        tv_dtype: task-vector storage dtype. trust_remote_code: allow hub model code.
+    """
+
+    trainable = False
+    method = "average"
+
+    def build_coefficients(self, pool):
+        return _fixed([1.0 / len(pool.task_names)] * len(pool.task_names), pool)
+
+
+class TaskArithmetic(MergeModule):
+    """Task Arithmetic: ``θ0 + λ Σ_t τ_t`` (with ``prep.dare_rate`` > 0 this is DARE+TA).
+
+    Args:
+        base: pretrained model. models: task name → fine-tuned model.
+        scale: λ (default 0.3).
+        prep: task-vector pre-processing. tv_dtype: storage dtype. trust_remote_code: allow hub model code.
+    """
+
+    trainable = False
+    method = "task_arithmetic"
+
+    def __init__(self, base: str, models: dict[str, str], scale: float = 0.3, prep: TaskVectorPrep | None = None,
+                 tv_dtype: str | None = None, trust_remote_code: bool = False) -> None:
+        self._scale = scale
+        super().__init__(base, models, prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code)
+
+    def build_coefficients(self, pool):
+        return _fixed([self._scale] * len(pool.task_names), pool)
+
+    def manifest_fields(self):
+        return {"hparams": {"scale": self._scale}}
+
+
+class Ties(MergeModule):
+    """TIES-Merging: trim to top-``density`` magnitudes, elect signs, disjoint mean, scale λ.
+
+    Args:
+        base: pretrained model. models: task name → fine-tuned model.
+        density: fraction of each task vector kept (k = 0.2 in the paper).
+        scale: λ applied to the disjoint mean (1.0 = the paper's merge).
+        dare_rate: DARE drop rate applied before trimming (0 = off; DARE+TIES).
+        seed: seeds DARE.
+        tv_dtype: storage dtype. trust_remote_code: allow hub model code.
+    """
+
+    trainable = False
+    method = "ties"
+
+    def __init__(self, base: str, models: dict[str, str], density: float = 0.2, scale: float = 1.0,
+                 dare_rate: float = 0.0, seed: int = 0, tv_dtype: str | None = None,
+                 trust_remote_code: bool = False) -> None:
+        self._scale = scale
+        super().__init__(base, models, prep=TaskVectorPrep(dare_rate=dare_rate, ties_density=density, seed=seed),
+                         tv_dtype=tv_dtype, trust_remote_code=trust_remote_code)
+
+    def build_coefficients(self, pool):
+        return _fixed([self._scale] * len(pool.task_names), pool)
+
+    def post_init(self, pool):
+        self.merged.set_task_vectors({n: disjoint_normalize(tv) for n, tv in self.merged.task_vectors().items()})
+
+    def manifest_fields(self):
+        return {"hparams": {"scale": self._scale}}
+
+
+class M3(MergeModule):
+    """Mixup Model Merge (Zhou et al. 2025), generalised to T tasks.
+
+    Draws mixing weights ``w ~ Dirichlet(α·1_T)`` (``Beta(α, α)`` for two tasks: ``w = (λ, 1−λ)``) and merges
+    ``θ0 + s Σ_t w_t τ_t``. ``s = 1`` is weight interpolation ``Σ w_t θ_t``. With ``ties_density`` set, coordinates
+    kept by several tasks are interpolated by their renormalised weights; with ``dare_rate`` DARE drops first.
+
+    Beyond the paper, ``candidates = K > 1`` draws K weight vectors and keeps the one with the lowest unlabeled-data
+    entropy (needs a data module; see :meth:`select`). The draws and the choice are recorded in the manifest.
+
+    Args:
+        base: pretrained model. models: task name → fine-tuned model.
+        alpha: Beta/Dirichlet concentration (0.5 default).
+        scale: s.
+        seed: seeds the draw(s) and DARE.
+        candidates: K draws to choose from by entropy (1 = the paper's single draw).
+        eval_batches: unlabeled steps used to score each candidate.
+        ties_density: TIES density (None = no TIES).
+        dare_rate: DARE drop rate (0 = off).
+        tv_dtype: storage dtype. trust_remote_code: allow hub model code.
+    """
+
+    trainable = False
+    method = "m3"
+
+    def __init__(self, base: str, models: dict[str, str], alpha: float = 0.5, scale: float = 1.0, seed: int = 0,
+                 candidates: int = 1, eval_batches: int = 4, ties_density: float | None = None,
+                 dare_rate: float = 0.0, tv_dtype: str | None = None, trust_remote_code: bool = False) -> None:
+        if alpha <= 0:
+            raise MergeInputError(f"alpha must be > 0, got {alpha}")
+        if candidates < 1:
+            raise MergeInputError(f"candidates must be >= 1, got {candidates}")
+        self._alpha, self._scale, self._seed, self._k = alpha, scale, seed, candidates
+        self._eval_batches = eval_batches
+        self.draws = draw_mixing_weights(len(models), alpha, seed, candidates)
+        self.chosen, self.scores = 0, None
+        super().__init__(base, models, prep=TaskVectorPrep(dare_rate=dare_rate, ties_density=ties_density, seed=seed),
+                         tv_dtype=tv_dtype, trust_remote_code=trust_remote_code)
+
+    @property
+    def needs_data(self) -> bool:
+        return self._k > 1
+
+    def build_coefficients(self, pool):
+        return _fixed(self._scale * self.draws[self.chosen], pool)
+
+    def post_init(self, pool):
+        self._raw_tv = self.merged.task_vectors() if self.prep.ties_density is not None else None
+        self._use(self.chosen)
+
+    def _use(self, k: int) -> None:
+        self.chosen = k
+        w = torch.as_tensor(self.draws[k], dtype=torch.float32)
+        self.merged.coefficients.weight.data.copy_(self._scale * w)
+        if self._raw_tv is not None:
+            self.merged.set_task_vectors({n: disjoint_normalize(tv, w) for n, tv in self._raw_tv.items()})
+
+    @torch.no_grad()
+    def select(self, datamodule) -> None:
+        """Score every candidate by the summed entropy on ``eval_batches`` unlabeled steps; keep the lowest."""
+        datamodule.setup("fit")
+        batches = [datamodule.dataset[i] for i in range(min(self._eval_batches, len(datamodule.dataset)))]
+        scores = []
+        for k in range(self._k):
+            self._use(k)
+            scores.append(float(sum(entropy_objective(self.merged(b["inputs"], b["tasks"], b["sizes"]))[0]
+                                    for b in batches) / len(batches)))
+        self.scores = scores
+        self._use(int(np.argmin(scores)))
+        log.info("m3: candidate entropies %s, chose %d", [round(s, 4) for s in scores], self.chosen)
+
+    def manifest_fields(self):
+        return {"hparams": {"alpha": self._alpha, "scale": self._scale, "seed": self._seed, "candidates": self._k},
+                "m3": {"draws": self.draws.tolist(), "chosen": self.chosen, "weights": self.draws[self.chosen].tolist(),
+                       "entropy_scores": self.scores,
+                       "distribution": "beta" if len(self.task_names) == 2 else "dirichlet"}}
+
+
+def draw_mixing_weights(num_tasks: int, alpha: float, seed: int, k: int = 1) -> np.ndarray:
+    """``[k, T]`` mixing weights: Beta(α, α) → (λ, 1−λ) for T = 2, Dirichlet(α·1_T) otherwise; seeded."""
+    rng = np.random.default_rng(seed)
+    if num_tasks == 2:
+        lam = rng.beta(alpha, alpha, size=k)
+        return np.stack([lam, 1.0 - lam], axis=1)
+    return rng.dirichlet([alpha] * num_tasks, size=k)

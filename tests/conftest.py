@@ -1,0 +1,88 @@
+"""Tiny, randomly initialised Hugging Face models and data, built on CPU in a few seconds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = ("good bad great awful fine poor love hate movie film plot actor spam free win prize call now hello "
+         "friend meet lunch what who where when why how many city country person number the a is was and").split()
+TASKS = {"sentiment": 2, "topic": 3, "spam": 2}
+
+
+def make_tokenizer(path):
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    tok.save_pretrained(str(path))
+    return tok
+
+
+def tiny_config(num_labels=2):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=64, num_labels=num_labels,
+                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def build_zoo(root, tasks=TASKS, scale=0.05, seed=0):
+    """Save a base model and one 'fine-tune' per task (base + a random task vector, own head)."""
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    tok = make_tokenizer(root / "base")
+    base = BertForSequenceClassification(tiny_config())
+    base.save_pretrained(str(root / "base"))
+    paths = {}
+    for i, (task, n) in enumerate(tasks.items()):
+        ft = BertForSequenceClassification(tiny_config(n))
+        sd = {k: v for k, v in base.state_dict().items() if k.startswith("bert.")}
+        g = torch.Generator().manual_seed(100 + i)
+        ft.load_state_dict({k: v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                            for k, v in sd.items()}, strict=False)
+        ft.save_pretrained(str(root / task))
+        tok.save_pretrained(str(root / task))
+        paths[task] = str(root / task)
+    return str(root / "base"), paths
+
+
+def text_rows(n, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    return build_zoo(root)
+
+
+@pytest.fixture(scope="session")
+def task_data(tmp_path_factory):
+    """One small csv per task with a text and a label column."""
+    import csv
+
+    root = tmp_path_factory.mktemp("data")
+    out = {}
+    for i, task in enumerate(TASKS):
+        p = root / f"{task}.csv"
+        with p.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["text", "label"])
+            for j, t in enumerate(text_rows(40, seed=i)):
+                w.writerow([t, j % 2])
+        out[task] = str(p)
+    return out
