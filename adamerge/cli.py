@@ -12,9 +12,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Optional
 
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
+from adamerge.callbacks import CoefficientHeatmap, ExportOnFitEnd
 from adamerge.data import UnlabeledDataModule
 from adamerge.methods import MergeModule
 
@@ -39,6 +41,9 @@ class AdaMergeCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.init_args.base", "data.tokenizer")
+        # always-on callbacks, configured as top-level sections `export:` and `heatmap:`
+        parser.add_lightning_class_args(ExportOnFitEnd, "export")
+        parser.add_lightning_class_args(CoefficientHeatmap, "heatmap")
 
 
 def trainer_defaults() -> dict:
@@ -46,8 +51,6 @@ def trainer_defaults() -> dict:
         "max_steps": 500,
         "logger": {"class_path": "pytorch_lightning.loggers.WandbLogger",
                    "init_args": {"offline": True, "project": "adamerge", "save_dir": "runs"}},
-        "callbacks": [{"class_path": "pytorch_lightning.callbacks.RichProgressBar"},
-                      {"class_path": "adamerge.callbacks.CoefficientHeatmap", "init_args": {"every_n_steps": 100}}],
         "enable_checkpointing": True,
         "num_sanity_val_steps": 0,
         "log_every_n_steps": 10,
@@ -60,32 +63,53 @@ def lightning_main(args: list[str] | None = None, run: bool = True) -> AdaMergeC
                        parser_kwargs={"default_env": False}, auto_configure_optimizers=False)
 
 
-def merge_main(args: list[str] | None = None):
-    """``adamerge merge``: a data-free method (or M3 with entropy-selected candidates), exported."""
+class _ParseOnly(AdaMergeCLI):
+    def instantiate_classes(self) -> None:  # validate the config, load nothing
+        pass
+
+
+def parse_only(config: str | os.PathLike):
+    """Parse and type-check a config file (``fit`` or ``merge`` style) without loading any model."""
+    import yaml
+
+    doc = yaml.safe_load(open(config))
+    if "output_dir" in doc and "trainer" not in doc:
+        return merge_parser().parse_args(["--config", str(config)])
+    return _ParseOnly(MergeModule, UnlabeledDataModule, subclass_mode_model=True, run=False,
+                      args=["--config", str(config)], trainer_defaults=trainer_defaults(),
+                      save_config_callback=None, auto_configure_optimizers=False).config
+
+
+def merge_parser() -> LightningArgumentParser:
     from jsonargparse import ActionConfigFile
 
-    from adamerge.errors import MergeInputError
-
-    parser = LightningArgumentParser(prog="adamerge merge", description=merge_main.__doc__)
+    parser = LightningArgumentParser(prog="adamerge merge", description="data-free merge, exported")
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_lightning_class_args(MergeModule, "model", subclass_mode=True)
-    parser.add_lightning_class_args(UnlabeledDataModule, "data", subclass_mode=False, required=False)
+    parser.add_argument("--data", type=Optional[dict], default=None,
+                        help="UnlabeledDataModule arguments (tasks, samples_per_task, ...), for methods that use data")
     parser.add_argument("--output_dir", type=str, required=True, help="where the merged checkpoint is written")
     parser.add_argument("--overwrite", type=bool, default=False, help="replace an existing output_dir")
     parser.add_argument("--per_task_models", type=bool, default=True, help="also write tasks/<task>/ checkpoints")
     parser.add_argument("--seed_everything", type=int, default=0)
-    parser.link_arguments("model.init_args.base", "data.tokenizer")
+    return parser
+
+
+def merge_main(args: list[str] | None = None):
+    """``adamerge merge``: a data-free method (or M3 with entropy-selected candidates), exported."""
+    from adamerge.errors import MergeInputError
+
+    parser = merge_parser()
     cfg = parser.parse_args(args)
     if os.path.exists(cfg.output_dir) and not cfg.overwrite:
         raise MergeInputError(f"output_dir {cfg.output_dir} already exists; pass --overwrite true to replace it")
-    init = parser.instantiate_classes(cfg)
-    model = init.model
+    model = parser.instantiate_classes(cfg).model
     if model.trainable:
         raise MergeInputError(f"method {model.method!r} trains; run it with `adamerge fit`")
     if getattr(model, "needs_data", False):
-        if not cfg.get("data") or not cfg.data.get("tasks"):
+        if not cfg.data or not cfg.data.get("tasks"):
             raise MergeInputError(f"method {model.method!r} with candidates > 1 needs `data.tasks`")
-        model.select(init.data)
+        model.select(UnlabeledDataModule(**{"tokenizer": model.hparams.base, **cfg.data}))
     return model.export(cfg.output_dir, overwrite=cfg.overwrite, per_task_models=cfg.per_task_models)
 
 

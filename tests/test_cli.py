@@ -1,0 +1,114 @@
+"""The `adamerge` command end to end on the tiny zoo: fit with W&B offline, merge, evaluate; config files parse."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from adamerge.cli import lightning_main, main, parse_only
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fit_config(zoo, task_data, tmp_path, **model_args):
+    base, paths = zoo
+    return {
+        "seed_everything": 0,
+        "model": {"class_path": "adamerge.methods.AdaMerging",
+                  "init_args": {"base": base, "models": paths, "granularity": "layer", **model_args}},
+        "data": {"tasks": {t: {"path": p} for t, p in task_data.items()}, "samples_per_task": 4, "max_length": 16},
+        "trainer": {"max_steps": 6, "accelerator": "cpu", "enable_progress_bar": False,
+                    "default_root_dir": str(tmp_path),
+                    "logger": {"class_path": "pytorch_lightning.loggers.WandbLogger",
+                               "init_args": {"offline": True, "project": "adamerge-test",
+                                             "save_dir": str(tmp_path / "wandb")}}},
+        "export": {"output_dir": str(tmp_path / "merged")},
+    }
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a non-local socket fails the test."""
+    real = socket.socket.connect
+
+    def guarded(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and not (host.startswith("127.") or host in ("localhost", "::1") or host.startswith("/")):
+            raise AssertionError(f"network access attempted: {address}")
+        return real(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+def test_fit_trains_exports_and_logs_heatmap_offline(zoo, task_data, tmp_path, no_network, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = tmp_path / "fit.yaml"
+    cfg.write_text(yaml.safe_dump(fit_config(zoo, task_data, tmp_path)))
+    cli = lightning_main(["fit", "--config", str(cfg)])
+    coef = cli.model.merged.coefficients.weight.detach()
+    assert cli.trainer.global_step == 6
+    assert (coef - 0.3).abs().max() > 1e-4  # coefficients moved
+    manifest = json.loads((tmp_path / "merged" / "merge_manifest.json").read_text())
+    assert manifest["method"] == "adamerging"
+    assert torch.allclose(torch.tensor(manifest["coefficients"]["values"]), coef)
+    runs = list((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    images = list(runs[0].glob("files/media/images/coefficients_*.png"))
+    assert images, "heatmap image missing from the offline W&B run"
+    assert (tmp_path / "wandb" / "coefficients.png").stat().st_size > 1000
+
+
+def test_fit_refuses_existing_output_dir_before_training(zoo, task_data, tmp_path):
+    (tmp_path / "merged").mkdir()
+    cfg = fit_config(zoo, task_data, tmp_path)
+    cfg["trainer"]["logger"] = False
+    p = tmp_path / "fit.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(p)])
+    assert e.value.code == 2
+    assert list((tmp_path / "merged").iterdir()) == []
+
+
+@pytest.mark.parametrize("method,args", [
+    ("TaskArithmetic", {"scale": 0.3}),
+    ("Ties", {"density": 0.2}),
+    ("Average", {}),
+    ("M3", {"alpha": 0.5, "seed": 3}),
+])
+def test_merge_command_exports_each_data_free_method(zoo, tmp_path, method, args):
+    base, paths = zoo
+    cfg = {"model": {"class_path": f"adamerge.methods.{method}", "init_args": {"base": base, "models": paths, **args}},
+           "output_dir": str(tmp_path / "out"), "per_task_models": False}
+    p = tmp_path / "merge.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    main(["merge", "--config", str(p)])
+    manifest = json.loads((tmp_path / "out" / "merge_manifest.json").read_text())
+    assert manifest["method"] == method.lower().replace("taskarithmetic", "task_arithmetic")
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert (tmp_path / "out" / "heads.safetensors").is_file()
+
+
+def test_evaluate_command_reports_accuracy(zoo, task_data, tmp_path, capsys):
+    base, paths = zoo
+    cfg = {"model": {"class_path": "adamerge.methods.TaskArithmetic", "init_args": {"base": base, "models": paths}},
+           "output_dir": str(tmp_path / "out")}
+    p = tmp_path / "merge.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    main(["merge", "--config", str(p)])
+    tasks = {"sentiment": {"path": task_data["sentiment"]}, "spam": {"path": task_data["spam"]}}
+    main(["evaluate", "--checkpoint", str(tmp_path / "out"), "--tasks", json.dumps(tasks)])
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"sentiment", "spam", "average"}
+    assert 0.0 <= result["sentiment"]["accuracy"] <= 1.0 and result["sentiment"]["n"] == 40
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_parses(path):
+    cfg = parse_only(path)
+    assert cfg.model.class_path.startswith("adamerge.methods.")
