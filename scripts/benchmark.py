@@ -1,0 +1,35 @@
+#!/usr/bin/env python
+"""Offline benchmark: prepare the packaged text tasks, fine-tune the MiniLM zoo, run every method, write the table.
+
+    python scripts/benchmark.py --preset quick          # 4 tasks (the README's main job)
+    python scripts/benchmark.py --preset full           # all 8 tasks
+    python scripts/benchmark.py --preset ci             # tiny end-to-end check (the test suite runs it)
+
+Writes runs/benchmark/<preset>/results.{md,json}. Everything is cached under .cache/ and reused.
+"""
+
+import argparse
+import logging
+from pathlib import Path
+
+from adamerge.bench.run import METHOD_GRID, PRESETS, run
+from adamerge.cli import quiet_libraries
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    p.add_argument("--methods", nargs="*", choices=sorted(METHOD_GRID), help="subset of the method grid")
+    p.add_argument("--steps", type=int, help="override the preset's adaptation steps")
+    p.add_argument("--work", type=Path, default=Path(".cache"), help="cache of wheels, data and zoo")
+    p.add_argument("--out", type=Path, default=Path("runs/benchmark"))
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
+    result = run(args.preset, work=args.work, out=args.out, methods=args.methods, steps=args.steps)
+    print((args.out / args.preset / "results.md").read_text())  # the table is this script's output
+    del result
+
+
+if __name__ == "__main__":
+    main()

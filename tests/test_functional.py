@@ -1,0 +1,84 @@
+"""Hand-computed checks of the merge math: TIES, DARE, disjoint mean, M3 draws."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from adamerge.functional import dare, disjoint_mean, disjoint_normalize, merge_tensor, ties_trim_elect, topk_mask
+from adamerge.methods.data_free import draw_mixing_weights
+
+
+def test_merge_tensor_formula():
+    base = torch.tensor([1.0, 2.0])
+    tv = torch.tensor([[1.0, 0.0], [0.0, 4.0]])
+    assert torch.equal(merge_tensor(base, tv, torch.tensor([0.5, 0.25])), torch.tensor([1.5, 3.0]))
+    mask = torch.tensor([0.0, 1.0])
+    assert torch.equal(merge_tensor(base, tv, torch.tensor([0.5, 0.25]), mask), torch.tensor([1.0, 3.0]))
+
+
+def test_ties_trim_elect_disjoint_mean_by_hand():
+    # two tasks, one tensor of 5 elements; density 0.6 keeps the 3 largest magnitudes per task
+    tv = {"w": torch.tensor([[0.5, -0.1, 0.3, -0.9, 0.05],
+                             [-0.2, 0.4, 0.35, 0.8, 0.01]])}
+    out = ties_trim_elect(tv, density=0.6, scope="global")["w"]
+    # trimmed: task0 keeps 0.5, 0.3, -0.9 ; task1 keeps 0.4, 0.35, 0.8
+    # elected sign per element of the trimmed sum: [+0.5, +0.4, +0.65, -0.1, 0] -> [+, +, +, -, 0]
+    expected = torch.tensor([[0.5, 0.0, 0.3, -0.9, 0.0],
+                             [0.0, 0.4, 0.35, 0.0, 0.0]])
+    torch.testing.assert_close(out, expected)
+    # disjoint mean: average over tasks that kept the entry
+    torch.testing.assert_close(disjoint_mean(out), torch.tensor([0.5, 0.4, 0.325, -0.9, 0.0]))
+
+
+def test_ties_global_scope_ranks_across_tensors():
+    tv = {"a": torch.tensor([[1.0, 2.0]]), "b": torch.tensor([[3.0, 4.0]])}
+    out = ties_trim_elect(tv, density=0.5, scope="global")
+    assert torch.equal(out["a"], torch.zeros(1, 2)) and torch.equal(out["b"], torch.tensor([[3.0, 4.0]]))
+    per_tensor = ties_trim_elect(tv, density=0.5, scope="tensor")
+    assert torch.equal(per_tensor["a"], torch.tensor([[0.0, 2.0]]))
+
+
+def test_topk_mask_density_bounds():
+    with pytest.raises(ValueError, match="density"):
+        topk_mask(torch.ones(1, 4), 0.0)
+    assert topk_mask(torch.tensor([[1.0, -3.0, 2.0, 0.5]]), 0.5).tolist() == [[False, True, True, False]]
+
+
+def test_dare_exact_mask_under_seed_and_rescale():
+    tv = torch.ones(2, 1000)
+    a = dare(tv, 0.3, torch.Generator().manual_seed(7))
+    b = dare(tv, 0.3, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    keep = torch.rand(tv.shape, generator=torch.Generator().manual_seed(7)) >= 0.3
+    assert torch.equal(a, tv * keep / 0.7)
+    torch.testing.assert_close(a.unique(), torch.tensor([0.0, 1 / 0.7]))
+    assert not torch.equal(a, dare(tv, 0.3, torch.Generator().manual_seed(8)))
+
+
+def test_dare_preserves_expectation_over_seeds():
+    tv = torch.linspace(-1, 1, 500).expand(2, -1)
+    mean = torch.stack([dare(tv, 0.7, torch.Generator().manual_seed(s)) for s in range(400)]).mean(0)
+    # E[dare(x)] = x; the sample mean of 400 draws has std sqrt(p/(1-p))|x|/20 <= 0.077
+    assert (mean - tv).abs().mean() < 0.03
+    assert (mean - tv).abs().max() < 0.35
+
+
+def test_disjoint_normalize_with_weights_interpolates_shared_and_passes_single():
+    tv = torch.tensor([[2.0, 1.0, 0.0], [4.0, 0.0, 0.0]])
+    w = torch.tensor([0.25, 0.75])
+    merged = (w[:, None] * disjoint_normalize(tv, w)).sum(0)
+    # shared entry: 0.25*2 + 0.75*4; single entry passes through; empty stays 0
+    torch.testing.assert_close(merged, torch.tensor([3.5, 1.0, 0.0]))
+
+
+def test_m3_draws_are_seeded_beta_for_two_and_dirichlet_for_more():
+    a, b = draw_mixing_weights(2, 0.5, seed=11, k=3), draw_mixing_weights(2, 0.5, seed=11, k=3)
+    assert np.array_equal(a, b)
+    lam = np.random.default_rng(11).beta(0.5, 0.5, size=3)
+    np.testing.assert_allclose(a, np.stack([lam, 1 - lam], 1))
+    d = draw_mixing_weights(4, 0.5, seed=2, k=5)
+    assert d.shape == (5, 4)
+    np.testing.assert_allclose(d.sum(1), 1.0)
+    assert not np.array_equal(d, draw_mixing_weights(4, 0.5, seed=3, k=5))
