@@ -77,7 +77,7 @@ def load_classifier(source: str, base_config=None, trust_remote_code: bool = Fal
         prefix = probe.base_model_prefix
         # accept backbone-only key names (as a bare AutoModel saves them)
         expected = set(probe.state_dict())
-        state = {(k if k in expected or not (prefix + "." + k) in expected else prefix + "." + k): v
+        state = {(k if k in expected or (prefix + "." + k) not in expected else prefix + "." + k): v
                  for k, v in state.items()}
         missing = sorted(k for k in expected - set(state) if not _is_nonpersistent(probe, k))
         extra = sorted(set(state) - expected)

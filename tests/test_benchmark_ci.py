@@ -22,13 +22,18 @@ def ci_result(tmp_path_factory):
 def test_ci_benchmark_builds_data_zoo_and_table(ci_result):
     result, out = ci_result
     rows = result["rows"]
-    assert set(rows) == {"individual", "pretrained", "task_arithmetic", "ties", "adamerging_layer"}
+    assert set(rows) == {"individual", "pretrained", "task_arithmetic", "ties", "adamerging_layer",
+                         "surgery_adamerging"}
     for key, row in rows.items():
         assert set(row["inductive"]) == {"polarity", "spam"}, key
         for task, m in row["inductive"].items():
             assert 0.0 <= m["accuracy"] <= 1.0 and m["n"] == 48, (key, task)
     # a trained method gets both protocols; data-free ones only one
     assert "transductive" in rows["adamerging_layer"] and "transductive" not in rows["ties"]
+    assert "transductive" in rows["surgery_adamerging"]
+    # Surgery starts from the exported layer-wise AdaMerging of the same protocol
+    assert (out / "ci" / "checkpoints" / "adamerging_layer-inductive" / "merge_manifest.json").is_file()
+    assert (out / "ci" / "checkpoints" / "adamerging_layer-transductive" / "merge_manifest.json").is_file()
     # even 96 training rows and one epoch give a spam detector clearly above the majority class
     card = {c["task"]: c for c in result["data_card"]}
     majority = max(card["spam"]["class_counts"]["test"].values()) / card["spam"]["splits"]["test"]

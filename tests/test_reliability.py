@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_config
 
 from adamerge.errors import MergeInputError
 from adamerge.pool import load_pool
-from conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,15 +16,45 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from torch.func import functional_call
 
 from adamerge.bench.tasks import TASKS, prepare
 from adamerge.bench.zoo import build_base, finetune
-from adamerge.data import TaskData, UnlabeledDataModule, pad_batch, tokenize
+from adamerge.data import TaskData, UnlabeledDataModule, tokenize
 from adamerge.evaluate import score
 from adamerge.methods import METHODS, MergeModule, TaskVectorPrep
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Row:
+    """One method row of the table: a registry method with arguments; ``on`` names the row whose exported merge
+    it starts from (Surgery)."""
+
+    label: str
+    method: str
+    kwargs: dict = field(default_factory=dict)
+    on: str | None = None
+
+
+# A new method joins the table with one line here.
+METHOD_GRID: dict[str, Row] = {
+    "average": Row("Weight average", "average"),
+    "task_arithmetic": Row("Task Arithmetic (λ=0.3)", "task_arithmetic", {"scale": 0.3}),
+    "ties": Row("TIES (k=0.2, λ=1)", "ties", {"density": 0.2, "scale": 1.0}),
+    "dare_ta": Row("DARE+TA (p=0.5, λ=0.3)", "task_arithmetic", {"scale": 0.3, "prep": TaskVectorPrep(dare_rate=0.5)}),
+    "m3": Row("M3 (Dirichlet α=0.5, 1 draw)", "m3", {"alpha": 0.5, "seed": 0}),
+    "m3_best": Row("M3 (best of 8 by entropy)", "m3", {"alpha": 0.5, "seed": 0, "candidates": 8}),
+    "adamerging_task": Row("AdaMerging task-wise", "adamerging", {"granularity": "task"}),
+    "adamerging_layer": Row("AdaMerging layer-wise", "adamerging", {"granularity": "layer"}),
+    "adamerging_pp_layer": Row("AdaMerging++ layer-wise", "adamerging",
+                               {"granularity": "layer", "prep": TaskVectorPrep(ties_density=0.2)}),
+    "concrete_ta": Row("Concrete Task Arithmetic", "concrete_task_arithmetic", {"scale": 0.3}),
+    "concrete_adamerging": Row("Concrete AdaMerging layer-wise", "concrete_adamerging",
+                               {"granularity": "layer", "meta_steps": 50}),
+    "surgery_ta": Row("Surgery on Task Arithmetic", "surgery", {"rank": 16}, on="task_arithmetic"),
+    "surgery_adamerging": Row("Surgery on AdaMerging layer-wise", "surgery", {"rank": 16}, on="adamerging_layer"),
+}
 
 
 @dataclass
@@ -37,30 +67,18 @@ class Preset:
     max_unlabeled: int = 1000
     max_test: int = 1000
     ft_epochs: int = 2
+    surgery_steps: int = 200
+    pairs: bool = False  # also the two-task table (every pair: TA, average, M3)
     methods: list[str] = field(default_factory=lambda: list(METHOD_GRID))
 
 
 PRESETS = {
     "ci": Preset(["polarity", "spam"], steps=3, samples_per_task=4, max_length=32, max_train=96, max_unlabeled=24,
-                 max_test=48, ft_epochs=1, methods=["task_arithmetic", "ties", "adamerging_layer"]),
-    "quick": Preset(["polarity", "question", "spam", "language"], steps=200),
-    "full": Preset(list(TASKS), steps=200),
+                 max_test=48, ft_epochs=1, surgery_steps=3,
+                 methods=["task_arithmetic", "ties", "adamerging_layer", "surgery_adamerging"]),
+    "quick": Preset(["polarity", "question", "spam", "language"], steps=100, pairs=True),
+    "full": Preset(list(TASKS), steps=100),
 }
-
-# label, registry name, constructor arguments. A new method joins the table with one line here.
-METHOD_GRID: dict[str, tuple[str, str, dict]] = {
-    "average": ("Weight average", "average", {}),
-    "task_arithmetic": ("Task Arithmetic (λ=0.3)", "task_arithmetic", {"scale": 0.3}),
-    "ties": ("TIES (k=0.2, λ=1)", "ties", {"density": 0.2, "scale": 1.0}),
-    "dare_ta": ("DARE+TA (p=0.5, λ=0.3)", "task_arithmetic", {"scale": 0.3, "prep": TaskVectorPrep(dare_rate=0.5)}),
-    "m3": ("M3 (Dirichlet α=0.5, 1 draw)", "m3", {"alpha": 0.5, "seed": 0}),
-    "m3_best": ("M3 (best of 8 by entropy)", "m3", {"alpha": 0.5, "seed": 0, "candidates": 8}),
-    "adamerging_task": ("AdaMerging task-wise", "adamerging", {"granularity": "task"}),
-    "adamerging_layer": ("AdaMerging layer-wise", "adamerging", {"granularity": "layer"}),
-    "adamerging_pp_layer": ("AdaMerging++ layer-wise", "adamerging",
-                            {"granularity": "layer", "prep": TaskVectorPrep(ties_density=0.2)}),
-}
-
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -81,18 +99,19 @@ class Evaluator:
         self.pad = tokenizer.pad_token_id or 0
 
     @torch.no_grad()
-    def __call__(self, merged, params) -> dict[str, dict[str, float]]:
+    def __call__(self, module: MergeModule, params=None, tasks: list[str] | None = None) -> dict[str, dict[str, float]]:
+        """Scores of ``module.predict`` with backbone ``params`` (default: the module's final merge)."""
+        params = module.final_merged_params() if params is None else params
         out = {}
-        for task, (rows, labels, n_cls) in self.sets.items():
-            def logits(batch, task=task):
-                feats = functional_call(merged.backbone, params, args=(), kwargs=batch)
-                return merged.head_logits(task, feats, batch)
-
-            out[task] = score(logits, rows, labels, n_cls, self.pad, batch_size=128)
+        for task in tasks or list(self.sets):
+            rows, labels, n_cls = self.sets[task]
+            out[task] = score(lambda b, task=task: module.predict(task, b, params), rows, labels, n_cls, self.pad,
+                              batch_size=128)
         return out
 
 
-def adapt(module: MergeModule, data_dir: Path, tasks: list[str], split: str, preset: Preset, seed: int) -> None:
+def adapt(module: MergeModule, data_dir: Path, tasks: list[str], split: str, preset: Preset, seed: int,
+          steps: int) -> None:
     """Train a method's coefficients/masks on ``split`` of every task (no-op for data-free methods)."""
     dm = UnlabeledDataModule({t: TaskData(str(data_dir / t), split=split) for t in tasks},
                              tokenizer=module.hparams.base, samples_per_task=preset.samples_per_task,
@@ -102,22 +121,103 @@ def adapt(module: MergeModule, data_dir: Path, tasks: list[str], split: str, pre
     if not module.trainable:
         return
     pl.seed_everything(seed, verbose=False)
-    trainer = pl.Trainer(max_steps=preset.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, accelerator="auto", devices=1)
     trainer.fit(module, datamodule=dm)
 
 
+def adapts(row: Row) -> bool:
+    cls = METHODS[row.method]
+    return cls.trainable or row.kwargs.get("candidates", 1) > 1
+
+
+def steps_for(row: Row, preset: Preset) -> int:
+    if row.method == "surgery":
+        return preset.surgery_steps
+    return preset.steps + row.kwargs.get("meta_steps", 0)
+
+
+class Runner:
+    """Runs rows of the grid for one preset, reusing the exported merges that Surgery rows start from."""
+
+    def __init__(self, preset: Preset, base: str, paths: dict[str, str], data_dir: Path, ckpt_dir: Path,
+                 evaluator: Evaluator, seed: int) -> None:
+        self.preset, self.base, self.paths, self.data_dir = preset, base, paths, data_dir
+        self.ckpt_dir, self.evaluator, self.seed = ckpt_dir, evaluator, seed
+
+    def build(self, key: str, protocol: str) -> MergeModule:
+        """Instantiate and adapt row ``key`` under ``protocol`` (``inductive``/``transductive``)."""
+        row = METHOD_GRID[key]
+        kwargs = dict(row.kwargs)
+        if row.on is not None:
+            kwargs["merged"] = str(self.export_of(row.on, protocol))
+        module = METHODS[row.method](self.base, self.paths, **kwargs)
+        split = "unlabeled" if protocol == "inductive" else "test"
+        adapt(module, self.data_dir, self.preset.tasks, split, self.preset, self.seed, steps_for(row, self.preset))
+        return module
+
+    def export_of(self, key: str, protocol: str) -> Path:
+        protocol = protocol if adapts(METHOD_GRID[key]) else "inductive"
+        target = self.ckpt_dir / f"{key}-{protocol}"
+        if not (target / "merge_manifest.json").is_file():
+            self.build(key, protocol).export(target, overwrite=True, per_task_models=False)
+        return target
+
+    def row(self, key: str) -> dict:
+        row = METHOD_GRID[key]
+        out = {"label": row.label}
+        for protocol in ("inductive", "transductive") if adapts(row) else ("inductive",):
+            t0 = time.time()
+            module = self.build(key, protocol)
+            out[f"{protocol}_seconds"] = round(time.time() - t0, 1)
+            out[protocol] = self.evaluator(module)
+            if protocol == "inductive":
+                out["coefficients"] = module.coefficient_matrix().mean(dim=1).tolist()
+                out["peak_rss_mib"] = round(peak_rss_mib())
+            if row.on is None and any(r.on == key for r in METHOD_GRID.values()):
+                module.export(self.ckpt_dir / f"{key}-{protocol}", overwrite=True, per_task_models=False)
+            log.info("%s %s: %.4f (%.0fs)", row.label, protocol, _avg(out[protocol]), out[f"{protocol}_seconds"])
+            del module
+        return out
+
+    def pairs(self) -> dict:
+        """Two-task merges of every task pair: TA, weight average, M3 (Beta draw; best of 8 by entropy)."""
+        from itertools import combinations
+
+        grid = {"Task Arithmetic (λ=0.3)": ("task_arithmetic", {"scale": 0.3}),
+                "Weight average": ("average", {}),
+                "M3 (Beta α=0.5, 1 draw)": ("m3", {"alpha": 0.5, "seed": 0}),
+                "M3 (best of 8 by entropy)": ("m3", {"alpha": 0.5, "seed": 0, "candidates": 8})}
+        results = {label: {} for label in grid}
+        for a, b in combinations(self.preset.tasks, 2):
+            sub = {a: self.paths[a], b: self.paths[b]}
+            for label, (name, kwargs) in grid.items():
+                module = METHODS[name](self.base, sub, **kwargs)
+                sub_preset = Preset([a, b], **{k: v for k, v in vars(self.preset).items() if k != "tasks"})
+                adapt(module, self.data_dir, [a, b], "unlabeled", sub_preset, self.seed, 0)
+                scores = self.evaluator(module, tasks=[a, b])
+                results[label][f"{a}+{b}"] = {"accuracy": _avg(scores), "weights": module.coefficient_matrix()[:, 0].tolist()}
+        return results
+
+
 def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Path("runs/benchmark"),
-        methods: list[str] | None = None, steps: int | None = None, seed: int = 0) -> dict:
-    """Build everything the preset needs (skipping what exists) and write ``out/<preset>/results.{json,md}``."""
+        methods: list[str] | None = None, steps: int | None = None, seed: int = 0, fresh: bool = False) -> dict:
+    """Build everything the preset needs (skipping what exists) and write ``out/<preset>/results.{json,md}``.
+
+    Rows already in an earlier ``results.json`` of the same preset are kept unless re-run (or ``fresh``).
+    """
     from transformers import AutoTokenizer
 
     preset = PRESETS[preset_name]
     if steps is not None:
         preset.steps = steps
     methods = methods or preset.methods
+    unknown = sorted(set(methods) - set(METHOD_GRID))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; known: {sorted(METHOD_GRID)}")
     root = work / ("ci" if preset_name == "ci" else "")
     data_dir, zoo = root / "data", root / "zoo"
+    target = out / preset_name
     t0 = time.time()
     card = prepare(preset.tasks, data_dir, work / "wheels", seed=seed, max_train=preset.max_train,
                    max_unlabeled=preset.max_unlabeled, max_test=preset.max_test)
@@ -127,38 +227,34 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
     zoo_seconds = time.time() - t0
     tok = AutoTokenizer.from_pretrained(base)
     evaluator = Evaluator(data_dir, preset.tasks, tok, preset.max_length, preset.max_test)
+    runner = Runner(preset, base, paths, data_dir, target / "checkpoints", evaluator, seed)
 
+    previous = target / "results.json"
+    old = json.loads(previous.read_text()) if previous.is_file() and not fresh else {}
+    if old and (old.get("tasks") != preset.tasks or old["preset_config"]["steps"] != preset.steps):
+        old = {}  # different setup: start a fresh table
     rows: dict[str, dict] = {}
     ref = METHODS["task_arithmetic"](base, paths)
     rows["individual"] = {"label": "Individual fine-tuned models", "inductive": {
-        t: evaluator(ref.merged, ref.merged.merged_params(ref.merged.one_hot(t)))[t] for t in preset.tasks}}
+        t: evaluator(ref, ref.merged.merged_params(ref.merged.one_hot(t)), [t])[t] for t in preset.tasks}}
     zero = torch.zeros(len(preset.tasks), len(ref.merged.param_names))
     rows["pretrained"] = {"label": "Pretrained encoder + task heads",
-                          "inductive": evaluator(ref.merged, ref.merged.merged_params(zero))}
+                          "inductive": evaluator(ref, ref.merged.merged_params(zero))}
     del ref
-    for key in methods:
-        label, name, kwargs = METHOD_GRID[key]
-        row = {"label": label}
-        for protocol, split in (("inductive", "unlabeled"), ("transductive", "test")):
-            tm = time.time()
-            module = METHODS[name](base, paths, **kwargs)
-            adapts = module.trainable or getattr(module, "needs_data", False)
-            if protocol == "transductive" and not adapts:
-                break
-            adapt(module, data_dir, preset.tasks, split, preset, seed)
-            row[f"{protocol}_seconds"] = round(time.time() - tm, 1)
-            row[protocol] = evaluator(module.merged, module.final_merged_params())
-            if protocol == "inductive":
-                row["coefficients"] = module.coefficient_matrix().mean(dim=1).tolist()
-            log.info("%s %s: %.4f", label, protocol, _avg(row[protocol]))
-            del module
-        rows[key] = row
-    result = {"preset": preset_name, "preset_config": {k: v for k, v in vars(preset).items()},
+    for key in METHOD_GRID:
+        if key in methods:
+            rows[key] = runner.row(key)
+        elif key in old.get("rows", {}):
+            rows[key] = old["rows"][key]
+    result = {"preset": preset_name, "preset_config": {k: v for k, v in vars(preset).items() if k != "methods"},
               "tasks": preset.tasks, "rows": rows, "data_card": card, "zoo_seconds": round(zoo_seconds, 1),
               "total_seconds": round(time.time() - t0, 1), "peak_rss_mib": round(peak_rss_mib()),
               "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                           f"torch {torch.__version__}, {'cuda' if torch.cuda.is_available() else 'cpu'}"}
-    target = out / preset_name
+    if preset.pairs and (methods == preset.methods or "pairs" not in old):
+        result["pairs"] = runner.pairs()
+    elif "pairs" in old:
+        result["pairs"] = old["pairs"]
     target.mkdir(parents=True, exist_ok=True)
     (target / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (target / "results.md").write_text(render(result) + "\n")
@@ -171,7 +267,7 @@ def _avg(per_task: dict, key: str = "accuracy") -> float:
 
 def render(result: dict) -> str:
     tasks = result["tasks"]
-    head = ["method", *tasks, "avg (inductive)", "avg macro-F1", "avg (transductive)", "adapt s"]
+    head = ["method", *tasks, "avg (inductive)", "avg macro-F1", "avg (transductive)", "load+adapt s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in result["rows"].values():
         ind = row["inductive"]
@@ -185,4 +281,29 @@ def render(result: dict) -> str:
                   f"{c['samples_per_task']} samples/task/step, max length {c['max_length']}. "
                   f"Accuracy in % on each task's test split with its own head. Total {result['total_seconds']} s "
                   f"(data + zoo {result['zoo_seconds']} s), peak RSS {result['peak_rss_mib']} MiB, {result['hardware']}."]
+    gap = _gap_closed(result["rows"])
+    if gap:
+        lines += ["", gap]
+    if "pairs" in result:
+        lines += ["", "Two-task merges, average accuracy over both tasks of each pair (inductive):", "",
+                  "| method | " + " | ".join(next(iter(result["pairs"].values()))) + " | mean |",
+                  "|---|" + "---|" * (len(next(iter(result["pairs"].values()))) + 1)]
+        for label, per_pair in result["pairs"].items():
+            accs = [v["accuracy"] for v in per_pair.values()]
+            lines.append(f"| {label} | " + " | ".join(f"{100 * a:.1f}" for a in accs)
+                         + f" | **{100 * sum(accs) / len(accs):.1f}** |")
     return "\n".join(lines)
+
+
+def _gap_closed(rows: dict) -> str:
+    """How much of the gap between a merge and the individual models Surgery closes."""
+    ind = _avg(rows["individual"]["inductive"])
+    parts = []
+    for key, row in METHOD_GRID.items():
+        if row.on and key in rows and row.on in rows:
+            before, after = _avg(rows[row.on]["inductive"]), _avg(rows[key]["inductive"])
+            if ind > before:
+                parts.append(f"{row.label} closes {100 * (after - before) / (ind - before):.0f}% of the gap between "
+                             f"{METHOD_GRID[row.on].label} ({100 * before:.1f}) and the individual models "
+                             f"({100 * ind:.1f}).")
+    return " ".join(parts)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from adamerge.errors import MergeInputError
 from adamerge.methods.adamerging import AdaMerging
 from adamerge.methods.base import MergeModule, TaskVectorPrep
+from adamerge.methods.concrete import ConcreteAdaMerging, ConcreteTaskArithmetic
 from adamerge.methods.data_free import M3, Average, TaskArithmetic, Ties
+from adamerge.methods.surgery import Surgery
 
 METHODS: dict[str, type[MergeModule]] = {
     "average": Average,
@@ -13,6 +15,9 @@ METHODS: dict[str, type[MergeModule]] = {
     "ties": Ties,
     "m3": M3,
     "adamerging": AdaMerging,
+    "concrete_task_arithmetic": ConcreteTaskArithmetic,
+    "concrete_adamerging": ConcreteAdaMerging,
+    "surgery": Surgery,
 }
 
 
@@ -22,5 +27,5 @@ def get_method(name: str) -> type[MergeModule]:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "M3", "AdaMerging", "Average", "MergeModule", "TaskArithmetic", "TaskVectorPrep", "Ties",
+__all__ = ["METHODS", "M3", "AdaMerging", "Average", "ConcreteAdaMerging", "ConcreteTaskArithmetic", "MergeModule", "Surgery", "TaskArithmetic", "TaskVectorPrep", "Ties",
            "get_method"]

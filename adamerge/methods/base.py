@@ -15,6 +15,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
+from torch.func import functional_call
 
 from adamerge.errors import MergeInputError
 from adamerge.export import write_merged
@@ -143,11 +144,21 @@ class MergeModule(pl.LightningModule):
         """The merged backbone tensors to export (methods with stochastic parts make them deterministic here)."""
         return self.merged.merged_params()
 
+    def extra_export_files(self) -> dict[str, dict[str, Tensor]]:
+        """More safetensors files to export next to the checkpoint (e.g. adapters)."""
+        return {}
+
+    def predict(self, task: str, inputs, params: dict[str, Tensor] | None = None) -> Tensor:
+        """Logits of ``task``'s head on ``inputs`` with backbone ``params`` (default: the final merge)."""
+        params = self.final_merged_params() if params is None else params
+        feats = functional_call(self.merged.backbone, params, args=(), kwargs=dict(inputs))
+        return self.merged.head_logits(task, feats, inputs)
+
     def export(self, output_dir: str | Path, overwrite: bool = False, per_task_models: bool = True) -> Path:
         """Write the flattened merged checkpoint (see :mod:`adamerge.export`)."""
         return write_merged(output_dir, self.merged.backbone, self.final_merged_params(), self.merged.heads,
                             self.manifest(), tokenizer_source=self.hparams.base, per_task_models=per_task_models,
-                            overwrite=overwrite)
+                            overwrite=overwrite, extra_files=self.extra_export_files())
 
     def trainable_state_keys(self) -> set[str]:
         return {n for n, p in self.named_parameters() if p.requires_grad}

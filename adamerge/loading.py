@@ -1,0 +1,84 @@
+"""Load an exported merge for prediction: ``load_merged(path).predict(task, **inputs)``.
+
+Works for every export: the merged encoder (``AutoModel``), each task's head from ``heads.safetensors``, and — when
+the merge was followed by Representation Surgery — the per-task adapters from ``surgery_adapters.safetensors``.
+Only ``transformers`` and ``safetensors`` are used to read the files; no pickle.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from adamerge.errors import MergeInputError
+from adamerge.export import HEADS, read_manifest
+from adamerge.parametrize.surgery import SurgeryAdapter
+from adamerge.pool import FeatureStub
+
+
+class MergedCheckpoint(nn.Module):
+    """An exported merge: one encoder, one head (and optional adapter) per task."""
+
+    def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module], adapters: dict[str, SurgeryAdapter] | None,
+                 feature: str, manifest: dict) -> None:
+        super().__init__()
+        self.backbone, self.heads = backbone, nn.ModuleDict(heads)
+        self.adapters = nn.ModuleDict(adapters or {})
+        self.feature, self.manifest = feature, manifest
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.heads)
+
+    @torch.no_grad()
+    def predict(self, task: str, **inputs: Tensor) -> Tensor:
+        """Logits of ``task`` on tokenized ``inputs``."""
+        from adamerge.methods.surgery import feature_field, replace_field
+
+        if task not in self.heads:
+            raise MergeInputError(f"task {task!r} not in this checkpoint; tasks: {self.tasks}")
+        feats = self.backbone(**inputs)
+        if task in self.adapters:
+            field = feature_field(feats, self.feature)
+            feats = replace_field(feats, field, self.adapters[task](feats[field]))
+        head = self.heads[task]
+        stub = getattr(head, head.base_model_prefix)
+        stub.features = feats
+        try:
+            return head(**inputs).logits
+        finally:
+            stub.features = None
+
+
+def load_merged(path: str | Path, dtype: torch.dtype = torch.float32) -> MergedCheckpoint:
+    """Load the checkpoint at ``path`` (written by ``adamerge fit``/``merge``) for per-task prediction."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    backbone = AutoModel.from_pretrained(str(path), dtype=dtype).eval()
+    head_tensors = load_file(str(path / HEADS))
+    heads = {}
+    for task, info in manifest["heads"].items():
+        config = AutoConfig.from_pretrained(str(path), num_labels=info["num_labels"],
+                                            id2label={int(k): v for k, v in info["id2label"].items()})
+        shell = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+        setattr(shell, shell.base_model_prefix, FeatureStub())
+        state = {k.split("/", 1)[1]: v for k, v in head_tensors.items() if k.startswith(task + "/")}
+        shell.load_state_dict(state, strict=True)
+        heads[task] = shell.eval()
+    adapters, feature = None, "auto"
+    surgery = manifest.get("surgery")
+    if surgery:
+        tensors = load_file(str(path / surgery["adapters"]))
+        adapters = {}
+        for task in manifest["heads"]:
+            down = tensors[f"{task}/down.weight"]
+            a = SurgeryAdapter(down.shape[1], down.shape[0])
+            a.load_state_dict({"down.weight": down, "up.weight": tensors[f"{task}/up.weight"]})
+            adapters[task] = a.to(dtype).eval()
+        feature = surgery["feature"]
+    return MergedCheckpoint(backbone, heads, adapters, feature, manifest).eval()

@@ -1,0 +1,188 @@
+"""Concrete subspace merging (Tang et al. 2023): learn a shared task-vector mask on the entropy objective.
+
+*Concrete Task Arithmetic*: λ fixed (0.3), train the mask logits (Adam 1e-3).
+
+*Concrete AdaMerging*: first-order meta-learning for ``meta_steps`` steps — each step resets λ to its init, takes one
+inner SGD step on λ (lr ``inner_lr``) with the entropy of the first half of every task's rows, then the entropy of the
+second half at the updated λ trains the mask logits (λ's update treated as a constant: first order). Then a hard mask
+is drawn and frozen, and ordinary AdaMerging trains λ for the remaining steps (``trainer.max_steps`` − ``meta_steps``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from adamerge.errors import MergeInputError
+from adamerge.methods.adamerging import AdaMerging
+from adamerge.methods.base import MergeModule, TaskVectorPrep, parse_dtype
+from adamerge.objectives import entropy_objective
+from adamerge.parametrize import Coefficients, ConcreteMask
+
+
+class _ConcreteMixin:
+    """Mask construction, hard-mask export and manifest fields shared by both Concrete methods."""
+
+    def _build_mask(self, temperature, include, mask_dtype) -> None:
+        shapes = {n: tv.shape[1:] for n, tv in self.merged.task_vectors().items()}
+        self.mask = ConcreteMask(shapes, temperature, 0.0, include, parse_dtype(mask_dtype, "mask_dtype"))
+
+    def _mask_gen(self, draw: int = 0) -> torch.Generator:
+        """The relaxed-sample generator of this step: a function of (seed, step), so resumed runs repeat exactly."""
+        return torch.Generator().manual_seed(self._mask_seed * 1_000_003 + 2 * int(self.global_step) + draw)
+
+    def hard_mask(self):
+        return self.mask.hard(self._export_mask, self._mask_seed)
+
+    @torch.no_grad()
+    def final_merged_params(self):
+        return self.merged.merged_params(masks=self.hard_mask())
+
+    def mask_manifest(self):
+        hard = self.mask.hard(self._export_mask, self._mask_seed)
+        kept = sum(int((m > 0).sum()) for m in hard.values()) / sum(m.numel() for m in hard.values())
+        return {"mask": {"export": self._export_mask, "seed": self._mask_seed, "temperature": self.mask.temperature,
+                         "masked_tensors": len(self.mask.names), "kept_fraction": kept,
+                         "threshold": "logit >= 0" if self._export_mask == "threshold" else None}}
+
+    def _sampled_entropy(self, batch, coefficients=None):
+        masks = self.mask.sample(self._mask_gen())
+        return entropy_objective(self.merged(batch["inputs"], batch["tasks"], batch["sizes"],
+                                             coefficients=coefficients, masks=masks))
+
+
+class ConcreteTaskArithmetic(_ConcreteMixin, MergeModule):
+    """Concrete Task Arithmetic: fixed λ, learned shared mask.
+
+    Args:
+        base: pretrained model. models: task name → fine-tuned model.
+        scale: the fixed λ (0.3).
+        temperature: Concrete temperature (0.5).
+        include: regex of tensor names to mask (``None``: all).
+        mask_dtype: logits dtype (``float32``/``bfloat16``).
+        export_mask: ``threshold`` (keep logit ≥ 0) or ``sample`` (seeded Bernoulli draw).
+        mask_seed: seeds the relaxed samples during training and the exported draw.
+        lr: Adam learning rate for the logits.
+        prep: task-vector pre-processing. tv_dtype: storage dtype. trust_remote_code: allow hub model code.
+    """
+
+    method = "concrete_task_arithmetic"
+
+    def __init__(self, base: str, models: dict[str, str], scale: float = 0.3, temperature: float = 0.5,
+                 include: str | None = None, mask_dtype: str = "float32", export_mask: str = "threshold",
+                 mask_seed: int = 0, lr: float = 1e-3, prep: TaskVectorPrep | None = None,
+                 tv_dtype: str | None = None, trust_remote_code: bool = False) -> None:
+        self._scale, self._export_mask, self._mask_seed = scale, export_mask, mask_seed
+        super().__init__(base, models, prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code)
+        self._build_mask(temperature, include, mask_dtype)
+
+    def build_coefficients(self, pool):
+        c = Coefficients(len(pool.task_names), len(pool.param_names), "task", self._scale)
+        return c.requires_grad_(False)
+
+    def manifest_fields(self):
+        return {"hparams": {"scale": self._scale, "lr": self.hparams.lr}, **self.mask_manifest()}
+
+    def training_step(self, batch, batch_idx):
+        loss, per_task = self._sampled_entropy(batch)
+        self.log_dict({f"entropy/{t}": v.detach() for t, v in per_task.items()}, batch_size=sum(batch["sizes"]))
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=sum(batch["sizes"]))
+        return loss
+
+
+def _halves(batch):
+    """Split every task's rows of a step into two batches (inner / outer)."""
+    firsts, seconds, sizes1, sizes2, start = [], [], [], [], 0
+    for n in batch["sizes"]:
+        h = max(1, n // 2)
+        firsts.append(slice(start, start + h))
+        seconds.append(slice(start + h, start + n) if n > 1 else slice(start, start + n))
+        sizes1.append(h)
+        sizes2.append(n - h if n > 1 else n)
+        start += n
+
+    def take(slices, sizes):
+        idx = torch.cat([torch.arange(s.start, s.stop) for s in slices])
+        return {"inputs": {k: v[idx] for k, v in batch["inputs"].items()}, "tasks": batch["tasks"], "sizes": sizes}
+
+    return take(firsts, sizes1), take(seconds, sizes2)
+
+
+class ConcreteAdaMerging(_ConcreteMixin, AdaMerging):
+    """Concrete AdaMerging: meta-learned mask, then AdaMerging under the frozen hard mask.
+
+    Args:
+        base: pretrained model. models: task name → fine-tuned model.
+        granularity: ``task`` or ``layer`` coefficients.
+        init: λ initial (and meta-reset) value.
+        meta_steps: steps of mask meta-learning before AdaMerging starts.
+        inner_lr: SGD learning rate of the inner λ step (1.0).
+        mask_lr: Adam learning rate of the mask logits.
+        lr: Adam learning rate of λ in the AdaMerging phase.
+        temperature, include, mask_dtype, export_mask, mask_seed: as :class:`ConcreteTaskArithmetic`.
+        clamp, betas, prep, tv_dtype, trust_remote_code: as :class:`AdaMerging`.
+    """
+
+    method = "concrete_adamerging"
+
+    def __init__(self, base: str, models: dict[str, str], granularity: str = "layer", init: float = 0.3,
+                 meta_steps: int = 200, inner_lr: float = 1.0, mask_lr: float = 1e-3, lr: float = 1e-3,
+                 temperature: float = 0.5, include: str | None = None, mask_dtype: str = "float32",
+                 export_mask: str = "threshold", mask_seed: int = 0, clamp: bool = False,
+                 betas: tuple[float, float] = (0.9, 0.999), prep: TaskVectorPrep | None = None,
+                 tv_dtype: str | None = None, trust_remote_code: bool = False) -> None:
+        if meta_steps < 0:
+            raise MergeInputError(f"meta_steps must be >= 0, got {meta_steps}")
+        self._export_mask, self._mask_seed = export_mask, mask_seed
+        super().__init__(base, models, granularity=granularity, init=init, clamp=clamp, lr=lr, betas=betas,
+                         prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code)
+        self._build_mask(temperature, include, mask_dtype)
+        self.automatic_optimization = False
+        self._frozen_mask = None
+
+    def manifest_fields(self):
+        return {**super().manifest_fields(), "meta_steps": self.hparams.meta_steps, **self.mask_manifest()}
+
+    def configure_optimizers(self):
+        mask_opt = torch.optim.Adam(self.mask.parameters(), lr=self.hparams.mask_lr)
+        coef_opt = torch.optim.Adam([self.merged.coefficients.weight], lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+        return [mask_opt, coef_opt]
+
+    def meta_step(self, batch):
+        """One first-order meta step: reset λ, inner step on half the rows, outer entropy trains the mask."""
+        inner, outer = _halves(batch)
+        lam0 = torch.full_like(self.merged.coefficients.matrix(), self.hparams.init).requires_grad_(True)
+        masks = self.mask.sample(self._mask_gen(0))
+        loss_in, _ = entropy_objective(self.merged(inner["inputs"], inner["tasks"], inner["sizes"],
+                                                   coefficients=self._lam_view(lam0), masks=masks))
+        (g,) = torch.autograd.grad(loss_in, lam0, retain_graph=False)
+        lam1 = (lam0 - self.hparams.inner_lr * g).detach()
+        masks = self.mask.sample(self._mask_gen(1))
+        loss_out, per_task = entropy_objective(self.merged(outer["inputs"], outer["tasks"], outer["sizes"],
+                                                           coefficients=self._lam_view(lam1), masks=masks))
+        return loss_out, per_task
+
+    def _lam_view(self, lam):
+        return lam.clamp(0, 1) if self._clamp else lam
+
+    def training_step(self, batch, batch_idx):
+        mask_opt, coef_opt = self.optimizers()
+        if self.global_step < self.hparams.meta_steps:
+            loss, per_task = self.meta_step(batch)
+            mask_opt.zero_grad()
+            self.manual_backward(loss)
+            mask_opt.step()
+        else:
+            if self._frozen_mask is None:
+                self._frozen_mask = self.hard_mask()
+                self.mask.requires_grad_(False)
+            logits = self.merged(batch["inputs"], batch["tasks"], batch["sizes"], masks=self._frozen_mask)
+            loss, per_task = entropy_objective(logits)
+            coef_opt.zero_grad()
+            self.manual_backward(loss)
+            coef_opt.step()
+        self.log_dict({f"entropy/{t}": v.detach() for t, v in per_task.items()}, batch_size=sum(batch["sizes"]))
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=sum(batch["sizes"]))
+        self.log("train/phase", float(self.global_step >= self.hparams.meta_steps), batch_size=sum(batch["sizes"]))
+
+    def trainable_state_keys(self):
+        return {n for n, _ in self.named_parameters() if n.startswith(("mask.", "merged.coefficients."))}

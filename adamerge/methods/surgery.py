@@ -1,0 +1,138 @@
+"""Representation Surgery on top of any exported merge: per-task adapters trained to match the individual models.
+
+The merged encoder comes from a checkpoint written by ``adamerge fit``/``merge`` (any method; its manifest must name
+the same base and fine-tunes, checked by content hash) and stays frozen. Each step, on the same unlabeled rows, the
+merged feature ``z`` and each individual model's feature ``z_t`` are computed under ``no_grad``: the individual model
+is the base plus its stored task vector (one-hot coefficients over the pool's stacked task vectors — no extra model
+copies are held). Only the adapters train (L1 loss, Adam). Both forwards need no backward pass, so a Surgery step
+costs about two inference passes of the batch; the transient memory is one materialised set of weights.
+
+The feature is the backbone output that the heads read: ``pooler_output`` where the backbone has a pooler (BERT),
+otherwise ``last_hidden_state`` (every non-pad token, L1 averaged over valid tokens).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from adamerge.errors import MergeInputError
+from adamerge.export import MANIFEST
+from adamerge.methods.base import MergeModule
+from adamerge.parametrize.surgery import SurgeryAdapter
+
+FEATURES = ("auto", "pooler_output", "last_hidden_state")
+ADAPTERS = "surgery_adapters.safetensors"
+
+
+def feature_field(output, feature: str) -> str:
+    if feature != "auto":
+        return feature
+    return "pooler_output" if getattr(output, "pooler_output", None) is not None else "last_hidden_state"
+
+
+def replace_field(output, name: str, value: Tensor):
+    return type(output)(**{k: (value if k == name else v) for k, v in output.items()})
+
+
+def l1(adapted: Tensor, target: Tensor, attention_mask: Tensor | None) -> Tensor:
+    if adapted.ndim == 3 and attention_mask is not None:
+        w = attention_mask[..., None].to(adapted.dtype)
+        return ((adapted - target).abs() * w).sum() / (w.sum() * adapted.shape[-1])
+    return (adapted - target).abs().mean()
+
+
+class Surgery(MergeModule):
+    """Representation Surgery adapters over a frozen merged encoder.
+
+    Args:
+        base: pretrained model. models: task name → fine-tuned model (the same as the merge's).
+        merged: directory of an exported merge (its ``model.safetensors`` is the frozen merged encoder).
+        rank: adapter bottleneck r.
+        feature: ``auto``, ``pooler_output`` or ``last_hidden_state``.
+        lr: Adam learning rate of the adapters.
+        tv_dtype: storage dtype of the task vectors. trust_remote_code: allow hub model code.
+    """
+
+    method = "surgery"
+
+    def __init__(self, base: str, models: dict[str, str], merged: str, rank: int = 16, feature: str = "auto",
+                 lr: float = 1e-3, tv_dtype: str | None = None, trust_remote_code: bool = False) -> None:
+        if feature not in FEATURES:
+            raise MergeInputError(f"feature: unknown value {feature!r}; allowed: {', '.join(FEATURES)}")
+        if rank < 1:
+            raise MergeInputError(f"rank must be >= 1, got {rank}")
+        super().__init__(base, models, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code)
+        self.merged.coefficients.requires_grad_(False)
+        self.base_manifest = self._check_source(Path(merged))
+        state = load_file(str(Path(merged) / "model.safetensors"))
+        params = dict(self.merged.backbone.named_parameters())
+        missing = sorted(set(params) - set(state))
+        if missing:
+            raise MergeInputError(f"merged checkpoint {merged}: missing tensors {missing[:5]}")
+        for name in self.merged.param_names:
+            self.register_buffer(f"merged_{name.replace('.', '__')}", state[name].to(params[name].dtype),
+                                 persistent=False)
+        dim = self.merged.backbone.config.hidden_size
+        self.adapters = nn.ModuleDict({t: SurgeryAdapter(dim, rank) for t in self.task_names})
+
+    def _check_source(self, path: Path) -> dict:
+        if not (path / MANIFEST).is_file():
+            raise MergeInputError(f"merged: {path} is not an adamerge checkpoint ({MANIFEST} missing)")
+        manifest = json.loads((path / MANIFEST).read_text())
+        ours = self.merged.pool_info["hashes"]
+        theirs = {s["task"]: s["sha256"] for s in manifest["sources"]}
+        if manifest["base"]["sha256"] != ours["base"] or any(theirs.get(t) != ours[t] for t in self.task_names):
+            raise MergeInputError(f"merged: {path} was merged from other models than base/models given here "
+                                  f"(content hashes differ)")
+        return manifest
+
+    def merged_state(self) -> dict[str, Tensor]:
+        return {n: getattr(self, f"merged_{n.replace('.', '__')}") for n in self.merged.param_names}
+
+    @torch.no_grad()
+    def final_merged_params(self) -> dict[str, Tensor]:
+        return self.merged_state()
+
+    def manifest_fields(self):
+        return {"base_merge": {k: self.base_manifest.get(k) for k in ("method", "coefficients", "prep", "hparams",
+                                                                       "mask", "m3")},
+                "surgery": {"rank": self.hparams.rank, "feature": self.hparams.feature, "lr": self.hparams.lr,
+                            "adapters": ADAPTERS}}
+
+    def extra_export_files(self) -> dict[str, dict[str, Tensor]]:
+        return {ADAPTERS: {f"{t}/{k}": v for t, a in self.adapters.items() for k, v in a.state_dict().items()}}
+
+    def predict(self, task: str, inputs, params=None) -> Tensor:
+        feats = functional_call(self.merged.backbone, params or self.merged_state(), args=(), kwargs=dict(inputs))
+        field = feature_field(feats, self.hparams.feature)
+        feats = replace_field(feats, field, self.adapters[task](feats[field]))
+        return self.merged.head_logits(task, feats, inputs)
+
+    def surgery_loss(self, batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """Σ_t L1(adapter_t(z_merged), z_t) over the step's rows, and the per-task terms."""
+        inputs = batch["inputs"]
+        with torch.no_grad():
+            merged = functional_call(self.merged.backbone, self.merged_state(), args=(), kwargs=dict(inputs))
+        field = feature_field(merged, self.hparams.feature)
+        losses, start = {}, 0
+        for task, n in zip(batch["tasks"], batch["sizes"]):
+            sl = slice(start, start + n)
+            rows = {k: v[sl] for k, v in inputs.items()}
+            with torch.no_grad():
+                teacher = functional_call(self.merged.backbone, self.merged.merged_params(self.merged.one_hot(task)),
+                                          args=(), kwargs=rows)[field]
+            losses[task] = l1(self.adapters[task](merged[field][sl]), teacher, rows.get("attention_mask"))
+            start += n
+        return sum(losses.values()), losses
+
+    def training_step(self, batch, batch_idx):
+        loss, losses = self.surgery_loss(batch)
+        self.log_dict({f"l1/{t}": v.detach() for t, v in losses.items()}, batch_size=sum(batch["sizes"]))
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=sum(batch["sizes"]))
+        return loss

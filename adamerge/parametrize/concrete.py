@@ -1,0 +1,86 @@
+"""Concrete (relaxed Bernoulli) subspace masks over task vectors (Tang et al. 2023).
+
+One logit ``s`` per task-vector element, shared by all tasks, initialised to 0. A relaxed sample with temperature τ:
+
+    u ~ U(0, 1),   m = sigmoid((s + log u − log(1 − u)) / τ)
+
+and each masked task vector is rescaled per tensor by ``1 / mean(m)``, so the merge uses ``m ⊙ τ_t / mean(m)``.
+At export the mask is made hard and deterministic: ``m = 1[s ≥ 0]`` (threshold; elements training never touched stay in) or a seeded Bernoulli draw with
+``p = sigmoid(s)``; the manifest records which. As ``s → +∞`` the mask is all ones and the method reduces exactly to
+plain Task Arithmetic / AdaMerging.
+
+Memory: the logits are as large as one model's masked tensors (plus Adam's two moments); ``dtype="bfloat16"`` halves
+them, and ``include`` (a regular expression on tensor names) masks only the selected tensors.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor, nn
+
+from adamerge.errors import MergeInputError
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+class ConcreteMask(nn.Module):
+    """Learnable mask logits for the tensors whose name matches ``include``.
+
+    Args:
+        shapes: tensor name → shape (of one task vector, without the task axis).
+        temperature: relaxation temperature τ (0.5 in the paper).
+        init: initial logit value.
+        include: regular expression; only matching tensor names get a mask (``None``: all).
+        dtype: storage dtype of the logits.
+    """
+
+    def __init__(self, shapes: dict[str, torch.Size], temperature: float = 0.5, init: float = 0.0,
+                 include: str | None = None, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise MergeInputError(f"temperature must be > 0, got {temperature}")
+        pattern = re.compile(include) if include else None
+        self.names = [n for n in shapes if pattern is None or pattern.search(n)]
+        if not self.names:
+            raise MergeInputError(f"include: pattern {include!r} matches no tensor")
+        self.temperature = temperature
+        self.logits = nn.ParameterDict({_key(n): nn.Parameter(torch.full(tuple(shapes[n]), float(init), dtype=dtype))
+                                        for n in self.names})
+
+    def logit(self, name: str) -> Tensor:
+        return self.logits[_key(name)]
+
+    @staticmethod
+    def rescale(mask: Tensor) -> Tensor:
+        return mask / mask.mean().clamp_min(1e-12)
+
+    def sample(self, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """A relaxed, rescaled mask per tensor (differentiable in the logits)."""
+        out = {}
+        for n in self.names:
+            s = self.logit(n).float()
+            u = torch.rand(s.shape, generator=generator, device=s.device).clamp(1e-6, 1 - 1e-6)
+            m = torch.sigmoid((s + torch.log(u) - torch.log1p(-u)) / self.temperature)
+            out[n] = self.rescale(m)
+        return out
+
+    @torch.no_grad()
+    def hard(self, mode: str = "threshold", seed: int = 0) -> dict[str, Tensor]:
+        """A deterministic hard mask (rescaled): ``mode="threshold"`` keeps ``s ≥ 0``; ``"sample"`` draws
+        Bernoulli(sigmoid(s)) with ``seed``."""
+        if mode not in ("threshold", "sample"):
+            raise MergeInputError(f"mask mode: unknown value {mode!r}; allowed: threshold, sample")
+        g = torch.Generator().manual_seed(seed)
+        out = {}
+        for n in self.names:
+            s = self.logit(n).float()
+            if mode == "threshold":
+                m = (s >= 0).float()
+            else:
+                m = (torch.rand(s.shape, generator=g).to(s.device) < torch.sigmoid(s)).float()
+            out[n] = self.rescale(m) if m.any() else m
+        return out

@@ -1,0 +1,107 @@
+"""Concrete subspace masks: gradients reach the logits, +∞ logits reduce to TA/AdaMerging, seeds and temperature."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from adamerge.data import TaskData, UnlabeledDataModule
+from adamerge.methods import AdaMerging, ConcreteAdaMerging, ConcreteTaskArithmetic, TaskArithmetic
+from adamerge.parametrize import ConcreteMask
+
+
+@pytest.fixture(scope="module")
+def batch(zoo, task_data):
+    dm = UnlabeledDataModule({t: TaskData(p) for t, p in task_data.items()}, tokenizer=zoo[0], samples_per_task=4,
+                             max_length=16)
+    dm.setup()
+    return dm.dataset[0]
+
+
+def test_gradient_reaches_mask_logits(zoo, batch):
+    module = ConcreteTaskArithmetic(*zoo)
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    grads = [p.grad for p in module.mask.parameters()]
+    assert all(g is not None for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    assert all(not p.requires_grad for n, p in module.named_parameters() if not n.startswith("mask."))
+
+
+def test_infinite_logits_reduce_to_task_arithmetic_and_adamerging_exactly(zoo, batch):
+    concrete = ConcreteTaskArithmetic(*zoo, scale=0.3)
+    for p in concrete.mask.parameters():
+        p.data.fill_(float("inf"))
+    ta = TaskArithmetic(*zoo, scale=0.3)
+    relaxed = concrete.mask.sample(torch.Generator().manual_seed(0))
+    assert all(torch.equal(m, torch.ones_like(m)) for m in relaxed.values())
+    a, b = concrete.merged.merged_params(masks=relaxed), ta.merged.merged_params()
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    exported, plain = concrete.final_merged_params(), ta.final_merged_params()
+    assert all(torch.equal(exported[n], plain[n]) for n in plain)
+
+    cada = ConcreteAdaMerging(*zoo, granularity="layer", meta_steps=0)
+    ada = AdaMerging(*zoo, granularity="layer")
+    for p in cada.mask.parameters():
+        p.data.fill_(float("inf"))
+    with torch.no_grad():
+        x = cada.merged(batch["inputs"], batch["tasks"], batch["sizes"], masks=cada.hard_mask())
+        y = ada.merged(batch["inputs"], batch["tasks"], batch["sizes"])
+    assert all(torch.equal(x[t], y[t]) for t in x)
+
+
+def test_seed_and_temperature_control_the_sample():
+    shapes = {"w": torch.Size([2000])}
+    mask = ConcreteMask(shapes, temperature=0.5)
+    s1 = mask.sample(torch.Generator().manual_seed(1))["w"]
+    assert torch.equal(s1, mask.sample(torch.Generator().manual_seed(1))["w"])
+    assert not torch.equal(s1, mask.sample(torch.Generator().manual_seed(2))["w"])
+    # rescaled by the mean: the sample's mean is exactly 1
+    assert float(s1.mean()) == pytest.approx(1.0, abs=1e-5)
+    sharp = ConcreteMask(shapes, temperature=0.05).sample(torch.Generator().manual_seed(1))["w"]
+    soft = ConcreteMask(shapes, temperature=5.0).sample(torch.Generator().manual_seed(1))["w"]
+    # lower temperature -> closer to a 0/1 mask (larger spread around the mean)
+    assert float(sharp.std()) > float(s1.std()) + 0.1 > float(soft.std()) + 0.2
+    # at τ = 0.05 the relaxed sample is nearly binary: almost every entry is ~0 or ~1/mean
+    near_binary = (sharp < 0.05) | ((sharp - sharp.max()).abs() < 0.05)
+    assert float(near_binary.float().mean()) > 0.9
+
+
+def test_hard_mask_modes_and_include_filter():
+    mask = ConcreteMask({"a.weight": torch.Size([4]), "b.bias": torch.Size([3])}, include=r"weight$")
+    assert mask.names == ["a.weight"]
+    mask.logit("a.weight").data = torch.tensor([1.0, -1.0, 0.0, -2.0])
+    hard = mask.hard("threshold")["a.weight"]
+    torch.testing.assert_close(hard, torch.tensor([1.0, 0.0, 1.0, 0.0]) / 0.5)
+    d1, d2 = mask.hard("sample", seed=3)["a.weight"], mask.hard("sample", seed=3)["a.weight"]
+    assert torch.equal(d1, d2)
+    with pytest.raises(ValueError, match="include: pattern 'nothing' matches no tensor"):
+        ConcreteMask({"a": torch.Size([1])}, include="nothing")
+
+
+def test_bf16_logits_halve_mask_memory(zoo):
+    m32 = ConcreteTaskArithmetic(*zoo)
+    m16 = ConcreteTaskArithmetic(*zoo, mask_dtype="bfloat16", include=r"encoder\.")
+    n32 = sum(p.numel() * p.element_size() for p in m32.mask.parameters())
+    n16 = sum(p.numel() * p.element_size() for p in m16.mask.parameters())
+    assert n16 < n32 / 2
+
+
+def test_concrete_adamerging_meta_then_adamerging_and_export(zoo, task_data, tmp_path):
+    module = ConcreteAdaMerging(*zoo, granularity="layer", meta_steps=2, mask_lr=0.05, lr=0.01)
+    dm = UnlabeledDataModule({t: TaskData(p) for t, p in task_data.items()}, samples_per_task=4, max_length=16,
+                             tokenizer=zoo[0])
+    pl.seed_everything(0)
+    trainer = pl.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, datamodule=dm)
+    logits = torch.cat([p.detach().flatten() for p in module.mask.parameters()])
+    assert logits.abs().max() > 0  # phase 1 moved the mask
+    assert (module.merged.coefficients.weight.detach() - 0.3).abs().max() > 0  # phase 2 moved λ
+    module.export(tmp_path / "out", per_task_models=False)
+    manifest = json.loads((tmp_path / "out" / "merge_manifest.json").read_text())
+    assert manifest["method"] == "concrete_adamerging" and manifest["mask"]["export"] == "threshold"
+    assert 0.0 < manifest["mask"]["kept_fraction"] <= 1.0
