@@ -25,8 +25,8 @@ class ExportOnFitEnd(pl.Callback):
         self.output_dir, self.overwrite, self.per_task_models = output_dir, overwrite, per_task_models
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        # fail before hours of training, not after
-        if trainer.is_global_zero and Path(self.output_dir).exists() and not self.overwrite:
+        # fail before hours of training, not after (on every rank, so none waits for a rank that stopped)
+        if Path(self.output_dir).exists() and not self.overwrite:
             from adamerge.errors import MergeInputError
 
             raise MergeInputError(f"output_dir {self.output_dir} already exists; set overwrite: true to replace it")

@@ -53,6 +53,7 @@ def trainer_defaults() -> dict:
                    "init_args": {"offline": True, "project": "adamerge", "save_dir": "runs"}},
         "enable_checkpointing": True,
         "num_sanity_val_steps": 0,
+        "use_distributed_sampler": False,  # the data module shards each step itself (see adamerge.data)
         "log_every_n_steps": 10,
     }
 

@@ -6,6 +6,10 @@ Each step yields ``samples_per_task`` rows of every task, concatenated into one 
 
 Rows are drawn from a seeded permutation of each task's data (a fresh permutation every pass), so step ``i`` is a
 pure function of ``(seed, i)``: runs are reproducible and resumable. Label columns are dropped at load time.
+
+Under data parallelism (DDP, ModelParallelStrategy) every rank sees the same step ids and takes an equal contiguous
+share of each task's rows of that step, so N processes train on exactly the global batch of a single process.
+The trainer must keep this sampler: ``use_distributed_sampler=False`` (the CLI's default).
 """
 
 from __future__ import annotations
@@ -107,8 +111,13 @@ def pad_batch(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.
 class TaskStepDataset(Dataset):
     """Index ``i`` → the rows of step ``i`` for every task (see module docstring)."""
 
-    def __init__(self, rows: dict[str, list], samples_per_task: int, seed: int, pad_id: int, length: int) -> None:
+    def __init__(self, rows: dict[str, list], samples_per_task: int, seed: int, pad_id: int, length: int,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if samples_per_task % world_size:
+            raise MergeInputError(f"data.samples_per_task ({samples_per_task}) must be divisible by the number of "
+                                  f"processes ({world_size}): each rank takes an equal share of every step")
         self.rows, self.n, self.seed, self.pad_id, self.length = rows, samples_per_task, seed, pad_id, length
+        self.rank, self.world_size = rank, world_size
         self._perm_cache: dict[tuple[str, int], torch.Tensor] = {}
 
     def __len__(self) -> int:
@@ -131,8 +140,11 @@ class TaskStepDataset(Dataset):
         return out
 
     def __getitem__(self, step: int):
+        """Step ``step``'s rows of every task; under data parallelism, this rank's contiguous share of them."""
         tasks = list(self.rows)
-        picked = [[self.rows[task][j] for j in self.indices(t, task, step)] for t, task in enumerate(tasks)]
+        share = self.n // self.world_size
+        lo, hi = self.rank * share, (self.rank + 1) * share
+        picked = [[self.rows[task][j] for j in self.indices(t, task, step)[lo:hi]] for t, task in enumerate(tasks)]
         return {"inputs": pad_batch([r for rs in picked for r in rs], self.pad_id), "tasks": tasks,
                 "sizes": [len(rs) for rs in picked], "step": step}
 
@@ -201,7 +213,9 @@ class UnlabeledDataModule(pl.LightningDataModule):
                 raise MergeInputError(f"data.tasks: {unknown} have no model; model tasks: {model_tasks}")
         rows = {task: tokenize(tok, load_texts(spec, task), spec, self.max_length) for task, spec in self.tasks.items()}
         length = self.steps_per_epoch or max(math.ceil(len(r) / self.samples_per_task) for r in rows.values())
-        self.dataset = TaskStepDataset(rows, self.samples_per_task, self.seed, tok.pad_token_id or 0, length)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._has_trainer() else (0, 1)
+        self.dataset = TaskStepDataset(rows, self.samples_per_task, self.seed, tok.pad_token_id or 0, length,
+                                       rank=rank, world_size=world)
         log.info("unlabeled data: %s", {t: len(r) for t, r in rows.items()})
 
     def _has_trainer(self) -> bool:

@@ -84,6 +84,36 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class PeakRSS:
+    """Peak resident memory (MiB) of this process while the ``with`` block runs, sampled every 20 ms."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.interval, self.peak = interval, 0.0
+
+    @staticmethod
+    def current() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.current())
+
+    def __enter__(self) -> PeakRSS:
+        import threading
+
+        self.peak = self.current()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current())
+
+
 class Evaluator:
     """Tokenized test sets, scored against any backbone parameters with each task's own head."""
 
@@ -121,7 +151,7 @@ def adapt(module: MergeModule, data_dir: Path, tasks: list[str], split: str, pre
     if not module.trainable:
         return
     pl.seed_everything(seed, verbose=False)
-    trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    trainer = pl.Trainer(max_steps=steps, logger=False, use_distributed_sampler=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, accelerator="auto", devices=1)
     trainer.fit(module, datamodule=dm)
 
@@ -168,12 +198,13 @@ class Runner:
         out = {"label": row.label}
         for protocol in ("inductive", "transductive") if adapts(row) else ("inductive",):
             t0 = time.time()
-            module = self.build(key, protocol)
+            with PeakRSS() as mem:
+                module = self.build(key, protocol)
             out[f"{protocol}_seconds"] = round(time.time() - t0, 1)
+            out[f"{protocol}_peak_rss_mib"] = round(mem.peak)
             out[protocol] = self.evaluator(module)
             if protocol == "inductive":
                 out["coefficients"] = module.coefficient_matrix().mean(dim=1).tolist()
-                out["peak_rss_mib"] = round(peak_rss_mib())
             if row.on is None and any(r.on == key for r in METHOD_GRID.values()):
                 module.export(self.ckpt_dir / f"{key}-{protocol}", overwrite=True, per_task_models=False)
             log.info("%s %s: %.4f (%.0fs)", row.label, protocol, _avg(out[protocol]), out[f"{protocol}_seconds"])
@@ -267,14 +298,15 @@ def _avg(per_task: dict, key: str = "accuracy") -> float:
 
 def render(result: dict) -> str:
     tasks = result["tasks"]
-    head = ["method", *tasks, "avg (inductive)", "avg macro-F1", "avg (transductive)", "load+adapt s"]
+    head = ["method", *tasks, "avg (inductive)", "avg macro-F1", "avg (transductive)", "load+adapt s",
+            "peak RSS MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in result["rows"].values():
         ind = row["inductive"]
         tr = row.get("transductive")
         cells = [row["label"], *(f"{100 * ind[t]['accuracy']:.1f}" for t in tasks), f"**{100 * _avg(ind):.1f}**",
                  f"{100 * _avg(ind, 'macro_f1'):.1f}", f"{100 * _avg(tr):.1f}" if tr else "(same)",
-                 str(row.get("inductive_seconds", "–"))]
+                 str(row.get("inductive_seconds", "–")), str(row.get("inductive_peak_rss_mib", "–"))]
         lines.append("| " + " | ".join(cells) + " |")
     c = result["preset_config"]
     lines += ["", f"Preset `{result['preset']}`: {len(tasks)} tasks, {c['steps']} adaptation steps, "
