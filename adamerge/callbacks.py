@@ -19,10 +19,13 @@ class ExportOnFitEnd(pl.Callback):
         output_dir: target directory (must not exist unless ``overwrite``).
         overwrite: replace an existing ``output_dir``.
         per_task_models: also write ``tasks/<task>/``, a complete sequence-classification checkpoint per task.
+        lora_adapters: for merges of LoRA adapters, also write ``adapters/<task>/`` PEFT adapters.
     """
 
-    def __init__(self, output_dir: str = "runs/merged", overwrite: bool = False, per_task_models: bool = True) -> None:
+    def __init__(self, output_dir: str = "runs/merged", overwrite: bool = False, per_task_models: bool = True,
+                 lora_adapters: bool = False) -> None:
         self.output_dir, self.overwrite, self.per_task_models = output_dir, overwrite, per_task_models
+        self.lora_adapters = lora_adapters
 
     def on_fit_start(self, trainer, pl_module) -> None:
         # fail before hours of training, not after (on every rank, so none waits for a rank that stopped)
@@ -33,7 +36,8 @@ class ExportOnFitEnd(pl.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
-            pl_module.export(self.output_dir, overwrite=self.overwrite, per_task_models=self.per_task_models)
+            pl_module.export(self.output_dir, overwrite=self.overwrite, per_task_models=self.per_task_models,
+                             lora_adapters=self.lora_adapters)
 
 
 def heatmap_png(matrix, row_labels, title: str = "merge coefficients") -> bytes:

@@ -214,7 +214,8 @@ class UnlabeledDataModule(pl.LightningDataModule):
         rows = {task: tokenize(tok, load_texts(spec, task), spec, self.max_length) for task, spec in self.tasks.items()}
         length = self.steps_per_epoch or max(math.ceil(len(r) / self.samples_per_task) for r in rows.values())
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._has_trainer() else (0, 1)
-        self.dataset = TaskStepDataset(rows, self.samples_per_task, self.seed, tok.pad_token_id or 0, length,
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)  # LLM tokenizers
+        self.dataset = TaskStepDataset(rows, self.samples_per_task, self.seed, pad_id, length,
                                        rank=rank, world_size=world)
         log.info("unlabeled data: %s", {t: len(r) for t, r in rows.items()})
 

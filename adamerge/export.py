@@ -3,8 +3,10 @@
 Layout of ``output_dir``::
 
     config.json, model.safetensors   the merged backbone: ``transformers.AutoModel.from_pretrained(output_dir)``
+                                     (causal LMs: the whole merged ``AutoModelForCausalLM``)
     tokenizer files                  copied from the base model when it has them
     heads.safetensors                every task's head, keys ``<task>/<param>``
+    adapters/<task>/                 (optional, merges of LoRA adapters) a PEFT LoRA adapter per task
     tasks/<task>/                    (optional) a complete ``*ForSequenceClassification`` checkpoint per task:
                                      ``AutoModelForSequenceClassification.from_pretrained(output_dir / "tasks" / task)``
     merge_manifest.json              method, base and sources with content hashes, coefficients, versions
@@ -16,13 +18,14 @@ export never leaves a half-written ``output_dir``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as _dt
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +96,8 @@ def head_state(head: torch.nn.Module) -> dict[str, Tensor]:
 def write_merged(output_dir: str | Path, backbone: torch.nn.Module, merged: Mapping[str, Tensor],
                  heads: Mapping[str, torch.nn.Module], manifest: dict[str, Any], tokenizer_source: str | None = None,
                  per_task_models: bool = True, overwrite: bool = False,
-                 extra_files: Mapping[str, Mapping[str, Tensor]] | None = None) -> Path:
+                 extra_files: Mapping[str, Mapping[str, Tensor]] | None = None,
+                 extra_writer: Callable[[Path], Any] | None = None) -> Path:
     """Write the flattened checkpoint (see module docstring) and return its path.
 
     Args:
@@ -102,11 +106,20 @@ def write_merged(output_dir: str | Path, backbone: torch.nn.Module, merged: Mapp
         heads: task → head shell (``*ForSequenceClassification`` whose backbone is a stub).
         manifest: method-specific fields; versions and the layout are added here.
         extra_files: more safetensors files to write, name → tensors (e.g. surgery adapters).
+        extra_writer: called with the temporary directory to write more files (e.g. PEFT adapters); its return
+            value is recorded in the manifest as ``extra``.
     """
     full = {**backbone.state_dict(), **merged}
+    canonical: dict[int, str] = {}
+    for name, p in backbone.named_parameters(remove_duplicate=False):  # tied weights (e.g. lm_head = embeddings)
+        first = canonical.setdefault(id(p), name)
+        if first != name and first in merged:
+            full[name] = merged[first]
     full = _contiguous({k: v for k, v in full.items() if not k.endswith(("position_ids",))})
+    config = copy.deepcopy(backbone.config)
+    config.architectures = [type(backbone).__name__]  # the root is exactly this class: AutoModel(ForCausalLM) loads it
     with atomic_directory(output_dir, overwrite=overwrite) as tmp:
-        backbone.config.save_pretrained(str(tmp))
+        config.save_pretrained(str(tmp))
         save_file(full, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer_source:
             _copy_tokenizer(tokenizer_source, tmp)
@@ -129,6 +142,9 @@ def write_merged(output_dir: str | Path, backbone: torch.nn.Module, merged: Mapp
         save_file(_contiguous(head_tensors), str(tmp / HEADS), metadata={"format": "pt"})
         for name, tensors in (extra_files or {}).items():
             save_file(_contiguous(tensors), str(tmp / name), metadata={"format": "pt"})
+        extra = extra_writer(tmp) if extra_writer else None
+        if extra is not None:
+            manifest = {**manifest, "extra": [str(Path(p).relative_to(tmp)) for p in extra]}
         doc = {**manifest, "heads": head_info, "per_task_models": per_task_models, "versions": versions(),
                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         (tmp / MANIFEST).write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")

@@ -25,6 +25,15 @@ def merge_tensor(base: Tensor, task_vectors: Tensor, coefficients: Tensor, mask:
     return base + torch.tensordot(coefficients.to(base.dtype), tv, dims=1)
 
 
+def merge_low_rank(base: Tensor, B: Tensor, A: Tensor, coefficients: Tensor) -> Tensor:
+    """``θ0 + Σ_t λ_t B_t A_t`` for LoRA task vectors stored as ``B [T, out, r]``, ``A [T, r, in]`` (never forms
+    the T dense deltas: one ``[out, T·r] @ [T·r, in]`` product)."""
+    T, out_dim, r = B.shape
+    lam = coefficients.to(base.dtype)
+    left = (B.to(base.dtype) * lam[:, None, None]).permute(1, 0, 2).reshape(out_dim, T * r)
+    return base + left @ A.to(base.dtype).reshape(T * r, -1)
+
+
 def topk_mask(values: Tensor, density: float) -> Tensor:
     """Boolean mask of the ``density`` fraction of largest-magnitude entries along the last axis (ties kept)."""
     if not 0.0 < density <= 1.0:

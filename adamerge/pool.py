@@ -1,16 +1,25 @@
 """Load a base model and its fine-tunes, check they are compatible, and stack their task vectors.
 
-A *pool* holds one frozen copy of the base backbone, each fine-tune's frozen head (the part of a
-``*ForSequenceClassification`` model outside ``base_model_prefix``), and the task vectors ``τ_t = θ_t − θ0`` of every
-backbone parameter stacked as ``[T, ...]``. No full copy of any fine-tuned model is kept.
+A *pool* holds one frozen copy of the base backbone, each fine-tune's frozen head, and the task vectors
+``τ_t = θ_t − θ0`` stacked per tensor. No full copy of any fine-tuned model is kept.
 
-Sources may be Hugging Face hub ids, local directories, or single ``.safetensors`` files (which reuse the base config,
-or a ``config.json`` next to the file).
+Task types:
+
+* ``seq_cls``: ``*ForSequenceClassification`` models. The backbone (``base_model_prefix``) is merged; each task keeps
+  its own frozen head (the rest of the model).
+* ``causal_lm``: ``*ForCausalLM`` models. The whole model, LM head included, is merged; vocabularies must match.
+
+Sources may be Hugging Face hub ids, local directories, single ``.safetensors`` files (which reuse the base config,
+or a ``config.json`` next to the file), or **PEFT LoRA adapter directories** (``adapter_config.json``). LoRA task
+vectors stay low-rank: ``ΔW_t = s_t B_t A_t`` is stored as stacked factors ``B [T, out, r]`` (scale folded in) and
+``A [T, r, in]``; a tensor only some adapters target gets zero factors for the others. When full fine-tunes and
+adapters are mixed, or an adapter also saves a backbone tensor in full, that tensor is stored dense.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -108,9 +117,124 @@ def state_hash(state: dict[str, Tensor]) -> str:
     return h.hexdigest()
 
 
+TASK_TYPES = ("seq_cls", "causal_lm")
+
+
+def _auto_class(task_type: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if task_type not in TASK_TYPES:
+        raise MergeInputError(f"task_type: unknown value {task_type!r}; allowed: {', '.join(TASK_TYPES)}")
+    return AutoModelForSequenceClassification if task_type == "seq_cls" else AutoModelForCausalLM
+
+
+def load_model(source: str, task_type: str = "seq_cls", base_config=None, trust_remote_code: bool = False,
+               dtype: torch.dtype = torch.float32):
+    """Load a full model of ``task_type`` from a hub id, directory or ``.safetensors`` file."""
+    if task_type == "seq_cls":
+        return load_classifier(source, base_config, trust_remote_code, dtype)
+    cls = _auto_class(task_type)
+    if _is_safetensors_file(source):
+        if base_config is None:
+            raise MergeInputError(f"{source}: a bare safetensors file needs the base model's config")
+        model = cls.from_config(base_config)
+        state = read_state_dict(source)
+        missing, extra = model.load_state_dict(state, strict=False)
+        tied = set(getattr(model, "_tied_weights_keys", None) or [])
+        missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+        if missing or extra:
+            raise MergeInputError(f"{source}: state dict does not match {type(model).__name__}: missing keys "
+                                  f"{missing[:5]}, unexpected keys {extra[:5]}")
+        return model.to(dtype)
+    try:
+        return cls.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+    except Exception as e:  # see load_classifier
+        raise MergeInputError(f"cannot load model {source!r}: {type(e).__name__}: {e}") from e
+
+
+def split_model(model: nn.Module, task_type: str) -> tuple[nn.Module, nn.Module | None]:
+    """(backbone to merge, head shell or None). The head shell is the model with its backbone replaced by a stub."""
+    if task_type == "causal_lm":
+        return model, None
+    prefix = model.base_model_prefix
+    backbone = getattr(model, prefix)
+    setattr(model, prefix, FeatureStub())
+    return backbone, model
+
+
+def is_lora_adapter(source: str) -> bool:
+    return Path(source).is_dir() and (Path(source) / "adapter_config.json").is_file()
+
+
+@dataclass
+class LoraDelta:
+    """One adapter read as backbone deltas: low-rank factors, dense tensors (saved modules), and head tensors."""
+
+    factors: dict[str, tuple[Tensor, Tensor]]  # name -> (B [out, r] with the scale folded in, A [r, in])
+    dense: dict[str, Tensor]  # backbone tensors the adapter saves in full (modules_to_save): the full new value
+    head: dict[str, Tensor]  # head tensors (seq_cls), relative to the head shell
+    state: dict[str, Tensor]  # the adapter's raw tensors (for hashing)
+
+
+def _adapter_tensors(path: Path) -> dict[str, Tensor]:
+    if (path / "adapter_model.safetensors").is_file():
+        return read_state_dict(path / "adapter_model.safetensors")
+    if (path / "adapter_model.bin").is_file():
+        return torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
+    raise MergeInputError(f"LoRA adapter {path}: no adapter_model.safetensors or adapter_model.bin")
+
+
+def read_lora(source: str, prefix: str, backbone_names: set[str]) -> LoraDelta:
+    """Read a PEFT LoRA adapter into backbone deltas (``prefix``: the backbone's attribute, '' for causal LMs)."""
+    import math
+    import re
+
+    path = Path(source)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise MergeInputError(f"adapter {source}: peft_type {cfg.get('peft_type')!r} is not supported (LORA only)")
+    if cfg.get("use_dora"):
+        raise MergeInputError(f"adapter {source}: DoRA adapters are not supported (use_dora: true)")
+    raw = _adapter_tensors(path)
+    alpha, alpha_pattern = cfg.get("lora_alpha", 8), cfg.get("alpha_pattern") or {}
+    rslora, fan_in_fan_out = bool(cfg.get("use_rslora")), bool(cfg.get("fan_in_fan_out"))
+
+    def rel(key: str) -> str:
+        key = key.removeprefix("base_model.model.").replace(".modules_to_save.default", "")
+        return key[len(prefix) + 1:] if prefix and key.startswith(prefix + ".") else ("" if prefix else key)
+
+    factors, dense, head = {}, {}, {}
+    for key, t in raw.items():
+        for a_tag, b_tag, transposed in ((".lora_A.", ".lora_B.", fan_in_fan_out),
+                                         (".lora_embedding_A", ".lora_embedding_B", True)):
+            if a_tag in key:
+                module = key.split(a_tag)[0]
+                b_key = key.replace(a_tag, b_tag)
+                if b_key not in raw:
+                    raise MergeInputError(f"adapter {source}: {key!r} has no matching {b_key!r}")
+                name = rel(module + ".weight")
+                if name not in backbone_names:
+                    raise MergeInputError(f"adapter {source}: targets {module!r}, which is not a backbone weight")
+                A, B = t.float(), raw[b_key].float()
+                r = A.shape[0]
+                a = next((v for k, v in alpha_pattern.items() if re.search(rf"(^|\.){re.escape(k)}$", module)), alpha)
+                scale = a / math.sqrt(r) if rslora else a / r
+                factors[name] = (A.T * scale, B.T) if transposed else (B * scale, A)
+        if "lora_" in key:
+            continue
+        name = rel(key)
+        if name and name in backbone_names:
+            dense[name] = t
+        else:
+            head[key.removeprefix("base_model.model.").replace(".modules_to_save.default", "")] = t
+    if not factors and not dense:
+        raise MergeInputError(f"adapter {source}: no LoRA tensors found")
+    return LoraDelta(factors, dense, head, raw)
+
+
 @dataclass
 class TaskVectorPool:
-    """Frozen base backbone, per-task head shells and stacked task vectors."""
+    """Frozen base backbone, per-task head shells and stacked task vectors (dense and low-rank)."""
 
     backbone: nn.Module
     heads: dict[str, nn.Module]
@@ -120,20 +244,16 @@ class TaskVectorPool:
     base_source: str
     sources: dict[str, str]
     hashes: dict[str, str] = field(default_factory=dict)
+    low_rank: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # name -> (B [T,out,r], A [T,r,in])
+    task_type: str = "seq_cls"
 
     @property
     def param_names(self) -> list[str]:
-        return list(self.task_vectors)
+        return [*self.task_vectors, *self.low_rank]
 
     def base_params(self) -> dict[str, Tensor]:
         params = dict(self.backbone.named_parameters())
-        return {n: params[n] for n in self.task_vectors}
-
-    def finetuned_state(self, task: str) -> dict[str, Tensor]:
-        """Rebuild fine-tune ``task``'s backbone weights (θ0 + τ_t)."""
-        i = self.task_names.index(task)
-        base = self.base_params()
-        return {n: base[n].detach() + tv[i].to(base[n].dtype) for n, tv in self.task_vectors.items()}
+        return {n: params[n] for n in self.param_names}
 
 
 def _check_finite(state: dict[str, Tensor], source: str) -> None:
@@ -142,67 +262,132 @@ def _check_finite(state: dict[str, Tensor], source: str) -> None:
             raise MergeInputError(f"model {source!r}: tensor {k!r} contains NaN or Inf")
 
 
+def _lora_head(base_model: nn.Module, delta: LoraDelta, task: str, source: str, dtype) -> nn.Module:
+    """A head shell for a LoRA seq_cls adapter: the base architecture with the adapter's saved classifier."""
+    from transformers import AutoModelForSequenceClassification
+
+    if not delta.head:
+        raise MergeInputError(f"adapter {task!r} ({source}) saves no classifier head: train it with "
+                              f"task_type SEQ_CLS (or modules_to_save=['classifier'])")
+    config = base_model.config.__class__.from_dict(base_model.config.to_dict())
+    config.num_labels = infer_num_labels(delta.head, base_model.base_model_prefix, config.hidden_size, source)
+    shell = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+    setattr(shell, shell.base_model_prefix, FeatureStub())
+    try:
+        shell.load_state_dict(delta.head, strict=True)
+    except RuntimeError as e:
+        raise MergeInputError(f"adapter {task!r} ({source}): classifier tensors do not fit the base's head: {e}") from e
+    return shell.requires_grad_(False).eval()
+
+
+def _stack_low_rank(per_task: list[tuple[Tensor, Tensor] | None], dtype) -> tuple[Tensor, Tensor]:
+    """Stack (B, A) factors of T tasks, zero-padding ranks (and tasks without this tensor) to the largest rank."""
+    ref = next(f for f in per_task if f is not None)
+    out_dim, in_dim = ref[0].shape[0], ref[1].shape[1]
+    r = max(f[0].shape[1] for f in per_task if f is not None)
+    B = torch.zeros(len(per_task), out_dim, r, dtype=dtype)
+    A = torch.zeros(len(per_task), r, in_dim, dtype=dtype)
+    for t, f in enumerate(per_task):
+        if f is not None:
+            B[t, :, :f[0].shape[1]] = f[0]
+            A[t, :f[1].shape[0]] = f[1]
+    return B, A
+
+
 def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = None,
-              trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> TaskVectorPool:
+              trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
+              task_type: str = "seq_cls") -> TaskVectorPool:
     """Load ``base`` and each fine-tune in ``models`` (task name → source) into a :class:`TaskVectorPool`.
 
     Args:
         base: the pretrained model the fine-tunes started from.
-        models: task name → fine-tuned sequence classifier (hub id, directory or ``.safetensors`` file).
+        models: task name → fine-tuned model (hub id, directory, ``.safetensors`` file) or PEFT LoRA adapter dir.
         tv_dtype: storage dtype of the stacked task vectors (e.g. ``torch.bfloat16`` halves their memory);
             defaults to the model dtype. Merging always computes in the model dtype.
         trust_remote_code: passed to ``transformers``; off unless the user sets it.
         dtype: dtype the models are loaded in.
+        task_type: ``seq_cls`` (per-task heads) or ``causal_lm`` (whole model merged).
     """
     if not models:
         raise MergeInputError("models: at least one fine-tuned model is required")
-    base_model = load_classifier(base, trust_remote_code=trust_remote_code, dtype=dtype)
-    prefix = base_model.base_model_prefix
-    backbone = getattr(base_model, prefix)
+    _auto_class(task_type)
+    base_model = load_model(base, task_type, trust_remote_code=trust_remote_code, dtype=dtype)
+    hashes = {"base": state_hash(base_model.state_dict())}
+    config = base_model.config
+    head_proto = base_model  # architecture reference for checks
+    backbone, _ = split_model(base_model, task_type)
+    prefix = "" if task_type == "causal_lm" else head_proto.base_model_prefix
     backbone.requires_grad_(False).eval()
     base_params = dict(backbone.named_parameters())
     base_state = {n: p.detach() for n, p in base_params.items()}
     _check_finite(base_state, base)
-    hashes = {"base": state_hash(base_model.state_dict())}
     tv_dtype = tv_dtype or dtype
-    stacks: dict[str, list[Tensor]] = {n: [] for n in base_params}
+    dense: dict[str, dict[int, Tensor]] = {}
+    factors: dict[str, dict[int, tuple[Tensor, Tensor]]] = {}
     heads: dict[str, nn.Module] = {}
-    for task, source in models.items():
-        ft = load_classifier(source, base_config=base_model.config, trust_remote_code=trust_remote_code, dtype=dtype)
-        if type(ft) is not type(base_model) or ft.base_model_prefix != prefix:
+    for i, (task, source) in enumerate(models.items()):
+        if is_lora_adapter(source):
+            delta = read_lora(source, prefix, set(base_params))
+            hashes[task] = state_hash(delta.state)
+            _check_finite(delta.state, source)
+            for n, (B, A) in delta.factors.items():
+                if (B.shape[0], A.shape[1]) != tuple(base_state[n].shape):
+                    raise MergeInputError(f"adapter {task!r} ({source}): LoRA factors of {n!r} give shape "
+                                          f"{(B.shape[0], A.shape[1])}, base has {tuple(base_state[n].shape)}")
+                factors.setdefault(n, {})[i] = (B.to(tv_dtype), A.to(tv_dtype))
+            for n, t in delta.dense.items():
+                dense.setdefault(n, {})[i] = (t.to(base_state[n].dtype) - base_state[n]).to(tv_dtype)
+            if task_type == "seq_cls":
+                heads[task] = _lora_head(head_proto, delta, task, source, dtype)
+            continue
+        ft = load_model(source, task_type, base_config=config, trust_remote_code=trust_remote_code, dtype=dtype)
+        if type(ft) is not type(head_proto):
             raise MergeInputError(f"model {task!r} ({source}) is a {type(ft).__name__}, base is a "
-                                  f"{type(base_model).__name__}: architectures differ")
-        ft_backbone = dict(getattr(ft, prefix).named_parameters())
-        missing, extra = sorted(set(base_params) - set(ft_backbone)), sorted(set(ft_backbone) - set(base_params))
+                                  f"{type(head_proto).__name__}: architectures differ")
+        hashes[task] = state_hash(ft.state_dict())
+        ft_backbone, head = split_model(ft, task_type)
+        ft_state = {n: p.detach() for n, p in ft_backbone.named_parameters()}
+        missing, extra = sorted(set(base_params) - set(ft_state)), sorted(set(ft_state) - set(base_params))
         if missing or extra:
             raise MergeInputError(f"model {task!r} ({source}): backbone keys differ from the base: "
                                   f"missing {missing[:5]}, extra {extra[:5]}")
-        hashes[task] = state_hash(ft.state_dict())
-        ft_state = {n: p.detach() for n, p in ft_backbone.items()}
         _check_finite(ft_state, source)
         zero = True
         for n, p in ft_state.items():
             if p.shape != base_state[n].shape:
                 hint = ""
-                if getattr(ft.config, "vocab_size", None) != getattr(base_model.config, "vocab_size", None):
-                    hint = f" (vocab size {ft.config.vocab_size} vs base {base_model.config.vocab_size})"
+                if getattr(ft.config, "vocab_size", None) != getattr(config, "vocab_size", None):
+                    hint = f" (vocab size {ft.config.vocab_size} vs base {config.vocab_size})"
                 raise MergeInputError(f"model {task!r} ({source}): tensor {n!r} has shape {tuple(p.shape)}, "
                                       f"base has {tuple(base_state[n].shape)}{hint}")
             tv = (p - base_state[n]).to(tv_dtype)
             zero = zero and not bool(tv.any())
-            stacks[n].append(tv)
+            dense.setdefault(n, {})[i] = tv
         if zero:
             log.warning("model %r (%s) is identical to the base: its task vector is zero", task, source)
-        ft.requires_grad_(False).eval()
-        setattr(ft, prefix, FeatureStub())  # drop the fine-tuned backbone: keep only the head shell
-        heads[task] = ft
-    task_vectors = {n: torch.stack(s) for n, s in stacks.items()}
-    n_el = sum(t.numel() for t in task_vectors.values())
-    log.info("pool: %d tasks, %d tensors, %.1fM task-vector elements (%.1f MiB)", len(models), len(task_vectors),
-             n_el / 1e6, n_el * task_vectors[next(iter(task_vectors))].element_size() / 2**20)
-    del base_model
+        if head is not None:
+            heads[task] = head.requires_grad_(False).eval()
+        del ft
+    T = len(models)
+    low_rank = {}
+    for n, per_task in factors.items():
+        if n in dense:  # full fine-tunes (or saved modules) touch it too: store dense
+            for t, (B, A) in per_task.items():
+                dense[n][t] = dense[n].get(t, torch.zeros_like(base_state[n], dtype=tv_dtype)) + (
+                    B.float() @ A.float()).to(tv_dtype)
+        else:
+            low_rank[n] = _stack_low_rank([per_task.get(t) for t in range(T)], tv_dtype)
+    task_vectors = {}
+    for n in base_params:  # keep the model's tensor order
+        if n in dense:
+            task_vectors[n] = torch.stack([dense[n].get(t, torch.zeros_like(base_state[n], dtype=tv_dtype))
+                                           for t in range(T)])
+    n_el = sum(t.numel() for t in task_vectors.values()) + sum(b.numel() + a.numel() for b, a in low_rank.values())
+    log.info("pool: %d tasks, %d dense + %d low-rank tensors, %.1fM task-vector elements", T, len(task_vectors),
+             len(low_rank), n_el / 1e6)
     return TaskVectorPool(backbone=backbone, heads=heads, task_names=list(models), task_vectors=task_vectors,
-                          config=backbone.config, base_source=base, sources=dict(models), hashes=hashes)
+                          config=config, base_source=base, sources=dict(models), hashes=hashes, low_rank=low_rank,
+                          task_type=task_type)
 
 
 def n_elements(tensors: dict[str, Tensor]) -> int:

@@ -3,13 +3,20 @@
     θ_p = θ0_p + Σ_t λ_{t,p} τ_{t,p}           (layer-wise; task-wise shares λ_t over p)
     L   = Σ_t mean_x H(softmax(head_t(f_θ(x))))  on unlabeled batches of every task, one backward per step
 
-AdaMerging++ is the same with ``prep.ties_density`` set (TIES-processed task vectors).
+AdaMerging++ is the same with ``prep.ties_density`` set (TIES-processed task vectors). ``objective="kl"`` is the
+DAM-style alternative (arcee DAM): each task's expert — the base plus its own task vector, run under ``no_grad`` on
+the same rows — is distilled into the merge, ``Σ_t τ² KL(softmax(z_t/τ) ‖ softmax(z/τ))``, optionally with a cosine
+penalty between the tasks' coefficient vectors. For causal LMs both objectives use the next-token distributions at
+every non-pad position.
 """
 
 from __future__ import annotations
 
+import torch
+
+from adamerge.errors import MergeInputError
 from adamerge.methods.base import MergeModule, TaskVectorPrep
-from adamerge.objectives import entropy_objective
+from adamerge.objectives import OBJECTIVES, coefficient_similarity, entropy_objective, kl_to_experts
 from adamerge.parametrize import Coefficients
 from adamerge.pool import TaskVectorPool
 
@@ -28,6 +35,10 @@ class AdaMerging(MergeModule):
         prep: task-vector pre-processing; ``ties_density=0.2`` gives AdaMerging++.
         tv_dtype: task-vector storage dtype.
         trust_remote_code: allow hub model code.
+        task_type: ``seq_cls`` or ``causal_lm``.
+        objective: ``entropy`` (AdaMerging) or ``kl`` (DAM-style distillation from each task's expert).
+        temperature: τ of the ``kl`` objective (2.0).
+        similarity_penalty: weight of the mean pairwise cosine similarity between tasks' coefficient vectors.
     """
 
     method = "adamerging"
@@ -35,9 +46,15 @@ class AdaMerging(MergeModule):
     def __init__(self, base: str, models: dict[str, str], granularity: str = "layer", init: float = 0.3,
                  clamp: bool = False, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  prep: TaskVectorPrep | None = None, tv_dtype: str | None = None,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, task_type: str = "seq_cls", objective: str = "entropy",
+                 temperature: float = 2.0, similarity_penalty: float = 0.0) -> None:
+        if objective not in OBJECTIVES:
+            raise MergeInputError(f"objective: unknown value {objective!r}; allowed: {', '.join(OBJECTIVES)}")
+        if temperature <= 0:
+            raise MergeInputError(f"temperature must be > 0, got {temperature}")
         self._granularity, self._init, self._clamp = granularity, init, clamp
-        super().__init__(base, models, prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code)
+        super().__init__(base, models, prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code,
+                         task_type=task_type)
 
     def build_coefficients(self, pool: TaskVectorPool) -> Coefficients:
         return Coefficients(len(pool.task_names), len(pool.param_names), self._granularity, self._init, self._clamp)
@@ -45,11 +62,44 @@ class AdaMerging(MergeModule):
     def manifest_fields(self):
         return {"variant": "adamerging++" if self.prep.ties_density is not None else "adamerging",
                 "hparams": {"init": self._init, "lr": self.hparams.lr, "betas": list(self.hparams.betas),
+                            "objective": self.hparams.objective, "temperature": self.hparams.temperature,
+                            "similarity_penalty": self.hparams.similarity_penalty,
                             "steps": int(self.global_step) if self._trainer is not None else None}}
 
-    def training_step(self, batch, batch_idx):
+    def token_masks(self, batch) -> dict[str, torch.Tensor] | None:
+        """Per-task ``[n, L]`` masks of the non-pad positions (causal LMs), else None."""
+        if self.merged.task_type != "causal_lm" or "attention_mask" not in batch["inputs"]:
+            return None
+        masks, start = {}, 0
+        for task, n in zip(batch["tasks"], batch["sizes"]):
+            masks[task] = batch["inputs"]["attention_mask"][start:start + n].bool()
+            start += n
+        return masks
+
+    @torch.no_grad()
+    def expert_logits(self, batch) -> dict[str, torch.Tensor]:
+        """Each task's own expert (base + its task vector) on that task's rows."""
+        out, start = {}, 0
+        for task, n in zip(batch["tasks"], batch["sizes"]):
+            rows = {k: v[start:start + n] for k, v in batch["inputs"].items()}
+            out[task] = self.merged(rows, [task], [n], coefficients=self.merged.one_hot(task))[task]
+            start += n
+        return out
+
+    def objective(self, batch):
+        """(loss, per-task terms) of the configured objective on one step's batch."""
         logits = self.merged(batch["inputs"], batch["tasks"], batch["sizes"])
-        loss, per_task = entropy_objective(logits)
-        self.log_dict({f"entropy/{t}": v.detach() for t, v in per_task.items()}, batch_size=sum(batch["sizes"]))
+        masks = self.token_masks(batch)
+        if self.hparams.objective == "kl":
+            loss, per_task = kl_to_experts(logits, self.expert_logits(batch), masks, self.hparams.temperature)
+        else:
+            loss, per_task = entropy_objective(logits, masks)
+        if self.hparams.similarity_penalty:
+            loss = loss + self.hparams.similarity_penalty * coefficient_similarity(self.merged.coefficients.matrix())
+        return loss, per_task
+
+    def training_step(self, batch, batch_idx):
+        loss, per_task = self.objective(batch)
+        self.log_dict({f"{self.hparams.objective}/{t}": v.detach() for t, v in per_task.items()}, batch_size=sum(batch["sizes"]))
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=sum(batch["sizes"]))
         return loss

@@ -81,19 +81,23 @@ class MergeModule(pl.LightningModule):
         tv_dtype: storage dtype of the stacked task vectors (``float32``, ``bfloat16``, ``float16``); ``None`` keeps
             the model dtype.
         trust_remote_code: allow model code from the hub (off by default).
+        task_type: ``seq_cls`` (per-task classification heads) or ``causal_lm`` (whole LM merged).
     """
 
     trainable: bool = True
     method: str = "base"
 
     def __init__(self, base: str, models: dict[str, str], prep: TaskVectorPrep | None = None,
-                 tv_dtype: str | None = None, trust_remote_code: bool = False) -> None:
+                 tv_dtype: str | None = None, trust_remote_code: bool = False, task_type: str = "seq_cls") -> None:
         super().__init__()
         self.save_hyperparameters()
         self.strict_loading = False  # checkpoints hold only the trainable state (see on_save_checkpoint)
         self.prep = prep or TaskVectorPrep()
         pool = load_pool(base, models, tv_dtype=parse_dtype(tv_dtype, "tv_dtype"),
-                         trust_remote_code=trust_remote_code)
+                         trust_remote_code=trust_remote_code, task_type=task_type)
+        if pool.low_rank and (self.prep.dare_rate > 0 or self.prep.ties_density is not None):
+            raise MergeInputError("prep: DARE/TIES need dense task vectors; the LoRA adapters' tensors "
+                                  f"{pool.param_names[-1]!r}, ... are low-rank (merge full fine-tunes instead)")
         pool.task_vectors = self.prep.apply(pool.task_vectors)
         self.pool_task_names = pool.task_names
         self.merged = MergedModel(pool, self.build_coefficients(pool))
@@ -154,11 +158,21 @@ class MergeModule(pl.LightningModule):
         feats = functional_call(self.merged.backbone, params, args=(), kwargs=dict(inputs))
         return self.merged.head_logits(task, feats, inputs)
 
-    def export(self, output_dir: str | Path, overwrite: bool = False, per_task_models: bool = True) -> Path:
-        """Write the flattened merged checkpoint (see :mod:`adamerge.export`)."""
+    def export(self, output_dir: str | Path, overwrite: bool = False, per_task_models: bool = True,
+               lora_adapters: bool = False) -> Path:
+        """Write the flattened merged checkpoint (see :mod:`adamerge.export`); ``lora_adapters`` also writes the
+        merge of LoRA adapters as PEFT adapters (see :mod:`adamerge.lora`)."""
+        writer = None
+        if lora_adapters:
+            from adamerge.lora import write_lora_adapters
+
+            def writer(tmp: Path):
+                return write_lora_adapters(self, tmp)
+
         return write_merged(output_dir, self.merged.backbone, self.final_merged_params(), self.merged.heads,
-                            self.manifest(), tokenizer_source=self.hparams.base, per_task_models=per_task_models,
-                            overwrite=overwrite, extra_files=self.extra_export_files())
+                            self.manifest(), tokenizer_source=self.hparams.base,
+                            per_task_models=per_task_models and self.merged.task_type == "seq_cls",
+                            overwrite=overwrite, extra_files=self.extra_export_files(), extra_writer=writer)
 
     def trainable_state_keys(self) -> set[str]:
         return {n for n, p in self.named_parameters() if p.requires_grad}

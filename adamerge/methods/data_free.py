@@ -39,6 +39,7 @@ class Average(MergeModule):
     Args:
         base: pretrained model. models: task name → fine-tuned model. prep: task-vector pre-processing.
         tv_dtype: task-vector storage dtype. trust_remote_code: allow hub model code.
+        task_type: ``seq_cls`` or ``causal_lm``.
     """
 
     trainable = False
@@ -55,15 +56,17 @@ class TaskArithmetic(MergeModule):
         base: pretrained model. models: task name → fine-tuned model.
         scale: λ (default 0.3).
         prep: task-vector pre-processing. tv_dtype: storage dtype. trust_remote_code: allow hub model code.
+        task_type: ``seq_cls`` or ``causal_lm``.
     """
 
     trainable = False
     method = "task_arithmetic"
 
     def __init__(self, base: str, models: dict[str, str], scale: float = 0.3, prep: TaskVectorPrep | None = None,
-                 tv_dtype: str | None = None, trust_remote_code: bool = False) -> None:
+                 tv_dtype: str | None = None, trust_remote_code: bool = False, task_type: str = "seq_cls") -> None:
         self._scale = scale
-        super().__init__(base, models, prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code)
+        super().__init__(base, models, prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code,
+                         task_type=task_type)
 
     def build_coefficients(self, pool):
         return _fixed([self._scale] * len(pool.task_names), pool)
@@ -81,7 +84,7 @@ class Ties(MergeModule):
         scale: λ applied to the disjoint mean (1.0 = the paper's merge).
         dare_rate: DARE drop rate applied before trimming (0 = off; DARE+TIES).
         seed: seeds DARE.
-        tv_dtype: storage dtype. trust_remote_code: allow hub model code.
+        tv_dtype: storage dtype. trust_remote_code: allow hub model code. task_type: ``seq_cls``/``causal_lm``.
     """
 
     trainable = False
@@ -89,10 +92,10 @@ class Ties(MergeModule):
 
     def __init__(self, base: str, models: dict[str, str], density: float = 0.2, scale: float = 1.0,
                  dare_rate: float = 0.0, seed: int = 0, tv_dtype: str | None = None,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, task_type: str = "seq_cls") -> None:
         self._scale = scale
         super().__init__(base, models, prep=TaskVectorPrep(dare_rate=dare_rate, ties_density=density, seed=seed),
-                         tv_dtype=tv_dtype, trust_remote_code=trust_remote_code)
+                         tv_dtype=tv_dtype, trust_remote_code=trust_remote_code, task_type=task_type)
 
     def build_coefficients(self, pool):
         return _fixed([self._scale] * len(pool.task_names), pool)
@@ -123,7 +126,7 @@ class M3(MergeModule):
         eval_batches: unlabeled steps used to score each candidate.
         ties_density: TIES density (None = no TIES).
         dare_rate: DARE drop rate (0 = off).
-        tv_dtype: storage dtype. trust_remote_code: allow hub model code.
+        tv_dtype: storage dtype. trust_remote_code: allow hub model code. task_type: ``seq_cls``/``causal_lm``.
     """
 
     trainable = False
@@ -131,7 +134,8 @@ class M3(MergeModule):
 
     def __init__(self, base: str, models: dict[str, str], alpha: float = 0.5, scale: float = 1.0, seed: int = 0,
                  candidates: int = 1, eval_batches: int = 4, ties_density: float | None = None,
-                 dare_rate: float = 0.0, tv_dtype: str | None = None, trust_remote_code: bool = False) -> None:
+                 dare_rate: float = 0.0, tv_dtype: str | None = None, trust_remote_code: bool = False,
+                 task_type: str = "seq_cls") -> None:
         if alpha <= 0:
             raise MergeInputError(f"alpha must be > 0, got {alpha}")
         if candidates < 1:
@@ -141,7 +145,7 @@ class M3(MergeModule):
         self.draws = draw_mixing_weights(len(models), alpha, seed, candidates)
         self.chosen, self.scores = 0, None
         super().__init__(base, models, prep=TaskVectorPrep(dare_rate=dare_rate, ties_density=ties_density, seed=seed),
-                         tv_dtype=tv_dtype, trust_remote_code=trust_remote_code)
+                         tv_dtype=tv_dtype, trust_remote_code=trust_remote_code, task_type=task_type)
 
     @property
     def needs_data(self) -> bool:

@@ -1,0 +1,147 @@
+"""Causal LMs: zero/one-hot identities on logits, the KL-to-experts objective decreases, export loads in stock
+transformers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from adamerge.data import TaskData, UnlabeledDataModule
+from adamerge.methods import AdaMerging, TaskArithmetic
+from conftest import WORDS, make_tokenizer
+
+VOCAB = len(WORDS) + 5
+
+
+def llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=3))
+
+
+def gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                      pad_token_id=0, bos_token_id=2, eos_token_id=3))
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def lm_zoo(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    torch.manual_seed(0)
+    base = {"llama": llama, "gpt2": gpt2}[request.param]()
+    make_tokenizer(root / "base")
+    base.save_pretrained(str(root / "base"))
+    paths = {}
+    for i, task in enumerate(("chat", "code")):
+        g = torch.Generator().manual_seed(10 + i)
+        ft = {"llama": llama, "gpt2": gpt2}[request.param]()
+        ft.load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                            for k, v in base.state_dict().items()})
+        ft.save_pretrained(str(root / task))
+        make_tokenizer(root / task)
+        paths[task] = str(root / task)
+    return str(root / "base"), paths
+
+
+@pytest.fixture(scope="module")
+def lm_data(lm_zoo, task_data):
+    tasks = {"chat": TaskData(task_data["sentiment"]), "code": TaskData(task_data["spam"])}
+    dm = UnlabeledDataModule(tasks, tokenizer=lm_zoo[0], samples_per_task=4, max_length=16)
+    dm.setup()
+    return dm, tasks
+
+
+@pytest.mark.parametrize("granularity", ["task", "layer"])
+def test_zero_and_one_hot_coefficients_on_logits(lm_zoo, lm_data, granularity):
+    from transformers import AutoModelForCausalLM
+
+    base, paths = lm_zoo
+    module = AdaMerging(base, paths, granularity=granularity, init=0.0, task_type="causal_lm")
+    b = lm_data[0].dataset[0]
+    inputs = b["inputs"]
+    with torch.no_grad():
+        zero = module.merged(inputs, b["tasks"], b["sizes"])
+    for i, (task, src) in enumerate([("base", base), *paths.items()]):
+        ref = AutoModelForCausalLM.from_pretrained(src).eval()
+        with torch.no_grad():
+            expected = ref(**inputs).logits
+        if task == "base":
+            got = torch.cat([zero[t] for t in b["tasks"]])
+        else:
+            w = torch.zeros_like(module.merged.coefficients.weight)
+            w[i - 1] = 1.0
+            module.merged.coefficients.weight.data.copy_(w)
+            with torch.no_grad():
+                out = module.merged(inputs, b["tasks"], b["sizes"])
+            got = torch.cat([out[t] for t in b["tasks"]])
+        assert (got - expected).abs().max() < 1e-5, task
+
+
+def test_kl_objective_decreases(lm_zoo, lm_data):
+    base, paths = lm_zoo
+    dm, _ = lm_data
+    module = AdaMerging(base, paths, granularity="layer", task_type="causal_lm", objective="kl", lr=0.02)
+    batch = dm.dataset[0]
+    with torch.no_grad():
+        before = float(module.objective(batch)[0])
+    pl.seed_everything(0)
+    trainer = pl.Trainer(max_steps=15, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, datamodule=dm)
+    with torch.no_grad():
+        after = float(module.objective(batch)[0])
+    assert after < 0.9 * before, (before, after)
+
+
+def test_entropy_objective_counts_only_non_pad_tokens(lm_zoo, lm_data):
+    base, paths = lm_zoo
+    module = AdaMerging(base, paths, task_type="causal_lm")
+    batch = lm_data[0].dataset[0]
+    masks = module.token_masks(batch)
+    assert masks is not None and not masks["chat"].all()  # the batch has padding
+    loss, per_task = module.objective(batch)
+    assert torch.isfinite(loss) and set(per_task) == {"chat", "code"}
+
+
+def test_export_loads_in_stock_transformers(lm_zoo, lm_data, tmp_path):
+    base, paths = lm_zoo
+    module = TaskArithmetic(base, paths, scale=0.4, task_type="causal_lm")
+    b = lm_data[0].dataset[0]
+    with torch.no_grad():
+        expected = torch.cat([v for v in module.merged(b["inputs"], b["tasks"], b["sizes"]).values()])
+    module.export(tmp_path / "out")
+    torch.save({"inputs": b["inputs"], "expected": expected}, tmp_path / "x.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        d = torch.load({str(tmp_path / 'x.pt')!r})
+        m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'out')!r}).eval()
+        with torch.no_grad():
+            got = m(**d["inputs"]).logits
+        assert "adamerge" not in sys.modules
+        print((got - d["expected"]).abs().max().item())
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert float(res.stdout.strip().splitlines()[-1]) < 1e-5
+
+
+def test_vocab_mismatch_is_a_clear_error(lm_zoo, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from adamerge.errors import MergeInputError
+
+    base, paths = lm_zoo
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB + 7, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    other.save_pretrained(str(tmp_path / "other"))
+    with pytest.raises(MergeInputError, match=r"model 'other'"):
+        TaskArithmetic(base, {"chat": paths["chat"], "other": str(tmp_path / "other")}, task_type="causal_lm")

@@ -1,0 +1,110 @@
+"""LoRA task vectors: low-rank storage, one-hot equals peft's merge_and_unload, exports to a full model and to PEFT
+adapters that peft loads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adamerge.data import TaskData, UnlabeledDataModule
+from adamerge.functional import merge_low_rank
+from adamerge.methods import AdaMerging, TaskArithmetic
+
+TASKS = {"sentiment": 2, "topic": 3}
+
+
+def make_adapter(base_dir, path, num_labels, seed, r=4, targets=("query", "value")):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels, ignore_mismatched_sizes=True)
+    peft_model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r,
+                                                  target_modules=list(targets), init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "classifier" in n and p.requires_grad:
+                p.normal_(0, 0.5)
+    peft_model.save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def adapters(zoo, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    base = zoo[0]
+    return base, {t: make_adapter(base, root / t, n, seed=i, targets=("query", "value") if i == 0 else ("query", "key"))
+                  for i, (t, n) in enumerate(TASKS.items())}
+
+
+@pytest.fixture(scope="module")
+def batch(zoo, task_data):
+    dm = UnlabeledDataModule({t: TaskData(task_data[t]) for t in TASKS}, tokenizer=zoo[0], samples_per_task=4,
+                             max_length=16)
+    dm.setup()
+    return dm.dataset[0]
+
+
+def peft_merged(base, adapter, num_labels):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=num_labels, ignore_mismatched_sizes=True)
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
+
+
+def test_merge_low_rank_formula():
+    base = torch.zeros(3, 2)
+    B, A = torch.randn(2, 3, 4), torch.randn(2, 4, 2)
+    lam = torch.tensor([0.5, -2.0])
+    expected = 0.5 * B[0] @ A[0] - 2.0 * B[1] @ A[1]
+    torch.testing.assert_close(merge_low_rank(base, B, A, lam), expected)
+
+
+def test_lora_task_vectors_stay_low_rank_and_one_hot_equals_merge_and_unload(adapters, batch):
+    base, paths = adapters
+    module = AdaMerging(base, paths, granularity="layer")
+    merged = module.merged
+    assert merged.task_vectors() == {}  # nothing dense: only LoRA factors
+    # query is targeted by both adapters, value and key by one each (zero factors for the other)
+    assert sorted(n.split(".")[-2] for n in merged.low_rank_names) == ["key"] * 2 + ["query"] * 2 + ["value"] * 2
+    B, A = merged.low_rank_factors("encoder.layer.0.attention.self.value.weight")
+    assert B.shape == (2, 32, 4) and A.shape == (2, 4, 32) and not B[1].any()
+    for i, (task, n) in enumerate(TASKS.items()):
+        ref = peft_merged(base, paths[task], n)
+        rows = {k: v[4 * i:4 * i + 4] for k, v in batch["inputs"].items()}
+        with torch.no_grad():
+            expected = ref(**rows).logits
+            got = merged(batch["inputs"], batch["tasks"], batch["sizes"], coefficients=merged.one_hot(task))[task]
+        assert (got - expected).abs().max() < 1e-5, task
+
+
+def test_lora_merge_exports_full_model_and_peft_adapters(adapters, batch, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    base, paths = adapters
+    module = TaskArithmetic(base, paths, scale=0.6)
+    with torch.no_grad():
+        expected = module.merged(batch["inputs"], batch["tasks"], batch["sizes"])
+    module.export(tmp_path / "out", lora_adapters=True)
+    for i, (task, n) in enumerate(TASKS.items()):
+        rows = {k: v[4 * i:4 * i + 4] for k, v in batch["inputs"].items()}
+        full = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "out" / "tasks" / task)).eval()
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=n, ignore_mismatched_sizes=True)
+        adapter = PeftModel.from_pretrained(model, str(tmp_path / "out" / "adapters" / task)).eval()
+        with torch.no_grad():
+            assert (full(**rows).logits - expected[task]).abs().max() < 1e-5
+            assert (adapter(**rows).logits - expected[task]).abs().max() < 1e-5
+    import json
+
+    manifest = json.loads((tmp_path / "out" / "merge_manifest.json").read_text())
+    assert manifest["extra"] == ["adapters/sentiment", "adapters/topic"]
+
+
+def test_prep_on_lora_is_a_clear_error(adapters):
+    from adamerge.errors import MergeInputError
+    from adamerge.methods import Ties
+
+    with pytest.raises(MergeInputError, match="DARE/TIES need dense task vectors"):
+        Ties(*adapters)
