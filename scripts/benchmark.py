@@ -4,6 +4,7 @@
     python scripts/benchmark.py --preset quick          # 4 tasks (the README's main job)
     python scripts/benchmark.py --preset full           # all 8 tasks
     python scripts/benchmark.py --preset ci             # tiny end-to-end check (the test suite runs it)
+    python scripts/benchmark.py --methods surgery_ta    # re-run one row, keep the rest of the table
 
 Writes runs/benchmark/<preset>/results.{md,json}. Everything is cached under .cache/ and reused.
 """
@@ -19,14 +20,19 @@ from adamerge.cli import quiet_libraries
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
-    p.add_argument("--methods", nargs="*", choices=sorted(METHOD_GRID), help="subset of the method grid")
+    p.add_argument("--methods", nargs="*", choices=sorted(METHOD_GRID),
+                   help="re-run only these rows of the grid (others are kept from an earlier run); none: only the "
+                        "reference rows")
+    p.add_argument("--no-lora", action="store_true", help="skip (keep) the LoRA section")
+    p.add_argument("--fresh", action="store_true", help="start a new table instead of updating an earlier one")
     p.add_argument("--steps", type=int, help="override the preset's adaptation steps")
     p.add_argument("--work", type=Path, default=Path(".cache"), help="cache of wheels, data and zoo")
     p.add_argument("--out", type=Path, default=Path("runs/benchmark"))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_libraries()
-    result = run(args.preset, work=args.work, out=args.out, methods=args.methods, steps=args.steps)
+    result = run(args.preset, work=args.work, out=args.out, methods=args.methods, steps=args.steps, fresh=args.fresh,
+                 lora=not args.no_lora)
     print((args.out / args.preset / "results.md").read_text())  # the table is this script's output
     del result
 

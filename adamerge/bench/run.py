@@ -69,6 +69,8 @@ class Preset:
     ft_epochs: int = 2
     surgery_steps: int = 200
     pairs: bool = False  # also the two-task table (every pair: TA, average, M3)
+    lora_rank: int = 0  # > 0: also a LoRA zoo (PEFT, this rank) and its merges
+    lora_methods: list[str] = field(default_factory=lambda: ["task_arithmetic", "adamerging_task", "adamerging_layer"])
     methods: list[str] = field(default_factory=lambda: list(METHOD_GRID))
 
 
@@ -76,7 +78,7 @@ PRESETS = {
     "ci": Preset(["polarity", "spam"], steps=3, samples_per_task=4, max_length=32, max_train=96, max_unlabeled=24,
                  max_test=48, ft_epochs=1, surgery_steps=3,
                  methods=["task_arithmetic", "ties", "adamerging_layer", "surgery_adamerging"]),
-    "quick": Preset(["polarity", "question", "spam", "language"], steps=100, pairs=True),
+    "quick": Preset(["polarity", "question", "spam", "language"], steps=100, pairs=True, lora_rank=8),
     "full": Preset(list(TASKS), steps=100),
 }
 
@@ -231,18 +233,45 @@ class Runner:
         return results
 
 
+def individual_rows(module: MergeModule, evaluator: Evaluator, tasks: list[str]) -> dict[str, dict]:
+    """Each fine-tune on its own task (one-hot coefficients), and the pretrained backbone with each task's head."""
+    one_hot = {t: evaluator(module, module.merged.merged_params(module.merged.one_hot(t)), [t])[t] for t in tasks}
+    zero = torch.zeros(len(tasks), len(module.merged.param_names))
+    return {"individual": {"label": "Individual fine-tuned models", "inductive": one_hot},
+            "pretrained": {"label": "Pretrained encoder + task heads",
+                           "inductive": evaluator(module, module.merged.merged_params(zero))}}
+
+
+def run_lora(preset: Preset, base: str, data_dir: Path, zoo: Path, evaluator: Evaluator, ckpt_dir: Path,
+             seed: int) -> dict:
+    """The LoRA section: a PEFT LoRA zoo of the preset's tasks and merges of the adapters (kept low-rank)."""
+    paths = {t: str(finetune(t, data_dir, zoo, epochs=preset.ft_epochs, max_length=preset.max_length, lr=5e-4,
+                             lora_rank=preset.lora_rank)) for t in preset.tasks}
+    ref = METHODS["task_arithmetic"](base, paths)
+    rows = {"individual": individual_rows(ref, evaluator, preset.tasks)["individual"]}
+    rows["individual"]["label"] = f"Individual LoRA adapters (r={preset.lora_rank})"
+    del ref
+    runner = Runner(preset, base, paths, data_dir, ckpt_dir, evaluator, seed)
+    for key in preset.lora_methods:
+        rows[key] = runner.row(key)
+        rows[key]["label"] = f"{METHOD_GRID[key].label} over LoRA adapters"
+    return rows
+
+
 def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Path("runs/benchmark"),
-        methods: list[str] | None = None, steps: int | None = None, seed: int = 0, fresh: bool = False) -> dict:
+        methods: list[str] | None = None, steps: int | None = None, seed: int = 0, fresh: bool = False,
+        lora: bool = True) -> dict:
     """Build everything the preset needs (skipping what exists) and write ``out/<preset>/results.{json,md}``.
 
-    Rows already in an earlier ``results.json`` of the same preset are kept unless re-run (or ``fresh``).
+    ``methods``: grid rows to (re-)run (``None``: all of the preset's); rows already in an earlier ``results.json``
+    of the same setup are kept unless re-run (or ``fresh``). ``lora``: run the LoRA section if the preset has one.
     """
     from transformers import AutoTokenizer
 
     preset = PRESETS[preset_name]
     if steps is not None:
         preset.steps = steps
-    methods = methods or preset.methods
+    methods = preset.methods if methods is None else methods
     unknown = sorted(set(methods) - set(METHOD_GRID))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; known: {sorted(METHOD_GRID)}")
@@ -264,13 +293,8 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
     old = json.loads(previous.read_text()) if previous.is_file() and not fresh else {}
     if old and (old.get("tasks") != preset.tasks or old["preset_config"]["steps"] != preset.steps):
         old = {}  # different setup: start a fresh table
-    rows: dict[str, dict] = {}
     ref = METHODS["task_arithmetic"](base, paths)
-    rows["individual"] = {"label": "Individual fine-tuned models", "inductive": {
-        t: evaluator(ref, ref.merged.merged_params(ref.merged.one_hot(t)), [t])[t] for t in preset.tasks}}
-    zero = torch.zeros(len(preset.tasks), len(ref.merged.param_names))
-    rows["pretrained"] = {"label": "Pretrained encoder + task heads",
-                          "inductive": evaluator(ref, ref.merged.merged_params(zero))}
+    rows: dict[str, dict] = individual_rows(ref, evaluator, preset.tasks)
     del ref
     for key in METHOD_GRID:
         if key in methods:
@@ -286,6 +310,11 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
         result["pairs"] = runner.pairs()
     elif "pairs" in old:
         result["pairs"] = old["pairs"]
+    if preset.lora_rank and lora:
+        result["lora"] = run_lora(preset, base, data_dir, zoo, evaluator, target / "checkpoints-lora", seed)
+    elif "lora" in old:
+        result["lora"] = old["lora"]
+    result["total_seconds"] = round(time.time() - t0, 1)
     target.mkdir(parents=True, exist_ok=True)
     (target / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (target / "results.md").write_text(render(result) + "\n")
@@ -296,18 +325,23 @@ def _avg(per_task: dict, key: str = "accuracy") -> float:
     return sum(v[key] for v in per_task.values()) / len(per_task)
 
 
-def render(result: dict) -> str:
-    tasks = result["tasks"]
+def table(rows: dict, tasks: list[str]) -> list[str]:
     head = ["method", *tasks, "avg (inductive)", "avg macro-F1", "avg (transductive)", "load+adapt s",
             "peak RSS MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in result["rows"].values():
+    for row in rows.values():
         ind = row["inductive"]
         tr = row.get("transductive")
         cells = [row["label"], *(f"{100 * ind[t]['accuracy']:.1f}" for t in tasks), f"**{100 * _avg(ind):.1f}**",
                  f"{100 * _avg(ind, 'macro_f1'):.1f}", f"{100 * _avg(tr):.1f}" if tr else "(same)",
                  str(row.get("inductive_seconds", "–")), str(row.get("inductive_peak_rss_mib", "–"))]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def render(result: dict) -> str:
+    tasks = result["tasks"]
+    lines = table(result["rows"], tasks)
     c = result["preset_config"]
     lines += ["", f"Preset `{result['preset']}`: {len(tasks)} tasks, {c['steps']} adaptation steps, "
                   f"{c['samples_per_task']} samples/task/step, max length {c['max_length']}. "
@@ -324,6 +358,9 @@ def render(result: dict) -> str:
             accs = [v["accuracy"] for v in per_pair.values()]
             lines.append(f"| {label} | " + " | ".join(f"{100 * a:.1f}" for a in accs)
                          + f" | **{100 * sum(accs) / len(accs):.1f}** |")
+    if "lora" in result:
+        lines += ["", f"LoRA adapters (PEFT, r={c.get('lora_rank')}, targets query/key/value/dense, classifier saved; "
+                      "task vectors kept low-rank):", "", *table(result["lora"], tasks)]
     return "\n".join(lines)
 
 

@@ -52,7 +52,8 @@ class FineTuner(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         warm = max(1, self.total_steps // 10)
 
         def schedule(step: int) -> float:
@@ -68,13 +69,20 @@ def _rows(tokenizer, texts, labels, max_length):
     return [({k: enc[k][i] for k in keys}, int(labels[i])) for i in range(len(texts))]
 
 
+LORA_TARGETS = ["query", "key", "value", "dense"]
+
+
 def finetune(task: str, data_dir: Path, zoo: Path, epochs: int = 2, batch_size: int = 32, lr: float = 5e-5,
-             max_length: int = 64, max_train: int | None = None, seed: int = 0) -> Path:
-    """Fine-tune ``zoo/base`` on ``data_dir/task`` (train split); save to ``zoo/task`` unless already built."""
+             max_length: int = 64, max_train: int | None = None, seed: int = 0, lora_rank: int = 0) -> Path:
+    """Fine-tune ``zoo/base`` on ``data_dir/task`` (train split); save to ``zoo/task`` unless already built.
+
+    ``lora_rank > 0`` trains a PEFT LoRA adapter instead (targets ``LORA_TARGETS``, alpha = 2·r, classifier saved)
+    and saves it to ``zoo/lora/task``.
+    """
     import datasets
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    target = zoo / task
+    target = zoo / "lora" / task if lora_rank else zoo / task
     if (target / "train_info.json").is_file():
         return target
     base = build_base(zoo)
@@ -87,6 +95,11 @@ def finetune(task: str, data_dir: Path, zoo: Path, epochs: int = 2, batch_size: 
     model = AutoModelForSequenceClassification.from_pretrained(
         str(base), num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
         ignore_mismatched_sizes=True)
+    if lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=lora_rank, lora_alpha=2 * lora_rank,
+                                                 target_modules=LORA_TARGETS, lora_dropout=0.0))
     model.train()  # from_pretrained returns eval mode; fine-tune with dropout as usual
     rows = _rows(tok, ds["text"], ds["label"], max_length)
     pad = tok.pad_token_id or 0
@@ -103,10 +116,10 @@ def finetune(task: str, data_dir: Path, zoo: Path, epochs: int = 2, batch_size: 
                          enable_model_summary=False, accelerator="auto", devices=1)
     t0 = time.time()
     trainer.fit(FineTuner(model, lr=lr, total_steps=steps), loader)
-    tmp = zoo / f".{task}.tmp"
+    tmp = target.with_name(f".{task}.tmp")
     model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
-    info = {"task": task, "train_rows": len(rows), "epochs": epochs, "batch_size": batch_size, "lr": lr,
+    info = {"task": task, "lora_rank": lora_rank, "train_rows": len(rows), "epochs": epochs, "batch_size": batch_size, "lr": lr,
             "max_length": max_length, "seed": seed, "steps": steps, "seconds": round(time.time() - t0, 1)}
     (tmp / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
     if target.exists():
