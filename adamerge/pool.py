@@ -322,7 +322,15 @@ def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = 
     base_state = {n: p.detach() for n, p in base_params.items()}
     _check_finite(base_state, base)
     tv_dtype = tv_dtype or dtype
-    dense: dict[str, dict[int, Tensor]] = {}
+    T = len(models)
+    # dense task vectors are written straight into preallocated [T, ...] stacks: no per-task copies to stack later
+    dense: dict[str, Tensor] = {}
+
+    def dense_slot(n: str) -> Tensor:
+        if n not in dense:
+            dense[n] = torch.zeros((T, *base_state[n].shape), dtype=tv_dtype)
+        return dense[n]
+
     factors: dict[str, dict[int, tuple[Tensor, Tensor]]] = {}
     heads: dict[str, nn.Module] = {}
     for i, (task, source) in enumerate(models.items()):
@@ -336,7 +344,7 @@ def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = 
                                           f"{(B.shape[0], A.shape[1])}, base has {tuple(base_state[n].shape)}")
                 factors.setdefault(n, {})[i] = (B.to(tv_dtype), A.to(tv_dtype))
             for n, t in delta.dense.items():
-                dense.setdefault(n, {})[i] = (t.to(base_state[n].dtype) - base_state[n]).to(tv_dtype)
+                dense_slot(n)[i] = t.to(base_state[n].dtype) - base_state[n]
             if task_type == "seq_cls":
                 heads[task] = _lora_head(head_proto, delta, task, source, dtype)
             continue
@@ -360,28 +368,22 @@ def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = 
                     hint = f" (vocab size {ft.config.vocab_size} vs base {config.vocab_size})"
                 raise MergeInputError(f"model {task!r} ({source}): tensor {n!r} has shape {tuple(p.shape)}, "
                                       f"base has {tuple(base_state[n].shape)}{hint}")
-            tv = (p - base_state[n]).to(tv_dtype)
-            zero = zero and not bool(tv.any())
-            dense.setdefault(n, {})[i] = tv
+            slot = dense_slot(n)
+            slot[i].copy_(p - base_state[n])
+            zero = zero and not bool(slot[i].any())
         if zero:
             log.warning("model %r (%s) is identical to the base: its task vector is zero", task, source)
         if head is not None:
             heads[task] = head.requires_grad_(False).eval()
         del ft
-    T = len(models)
     low_rank = {}
     for n, per_task in factors.items():
         if n in dense:  # full fine-tunes (or saved modules) touch it too: store dense
             for t, (B, A) in per_task.items():
-                dense[n][t] = dense[n].get(t, torch.zeros_like(base_state[n], dtype=tv_dtype)) + (
-                    B.float() @ A.float()).to(tv_dtype)
+                dense[n][t] += (B.float() @ A.float()).to(tv_dtype)
         else:
             low_rank[n] = _stack_low_rank([per_task.get(t) for t in range(T)], tv_dtype)
-    task_vectors = {}
-    for n in base_params:  # keep the model's tensor order
-        if n in dense:
-            task_vectors[n] = torch.stack([dense[n].get(t, torch.zeros_like(base_state[n], dtype=tv_dtype))
-                                           for t in range(T)])
+    task_vectors = {n: dense[n] for n in base_params if n in dense}  # the model's tensor order
     n_el = sum(t.numel() for t in task_vectors.values()) + sum(b.numel() + a.numel() for b, a in low_rank.values())
     log.info("pool: %d tasks, %d dense + %d low-rank tensors, %.1fM task-vector elements", T, len(task_vectors),
              len(low_rank), n_el / 1e6)
