@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +34,9 @@ class ExportOnFitEnd(pl.Callback):
             raise MergeInputError(f"output_dir {self.output_dir} already exists; set overwrite: true to replace it")
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
-            pl_module.export(self.output_dir, overwrite=self.overwrite, per_task_models=self.per_task_models,
-                             lora_adapters=self.lora_adapters)
+        # every rank gathers (collective when FSDP2 shards the model); global rank 0 writes
+        pl_module.export(self.output_dir, overwrite=self.overwrite, per_task_models=self.per_task_models,
+                         lora_adapters=self.lora_adapters, write=trainer.is_global_zero)
 
 
 def heatmap_png(matrix, row_labels, title: str = "merge coefficients") -> bytes:
@@ -71,11 +70,15 @@ class CoefficientHeatmap(pl.Callback):
     def __init__(self, every_n_steps: int = 0) -> None:
         self.every_n_steps = every_n_steps
 
-    @rank_zero_only
     def _log(self, trainer, pl_module) -> None:
+        matrix = pl_module.coefficient_matrix()  # on every rank: a collective when the coefficients are sharded
+        if trainer.is_global_zero:
+            self._write(trainer, pl_module, matrix)
+
+    def _write(self, trainer, pl_module, matrix) -> None:
         from PIL import Image
 
-        png = heatmap_png(pl_module.coefficient_matrix().float().numpy(), pl_module.task_names,
+        png = heatmap_png(matrix.float().numpy(), pl_module.task_names,
                           f"{pl_module.method} coefficients, step {trainer.global_step}")
         image = Image.open(io.BytesIO(png))
         for logger in trainer.loggers:

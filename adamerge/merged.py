@@ -28,6 +28,54 @@ def slice_output(output, sl: slice):
     return type(output)(**{k: slice_output(v, sl) if isinstance(v, (Tensor, tuple)) else v for k, v in output.items()})
 
 
+def block_of(name: str) -> str:
+    """Group key of a tensor: its path up to the first layer index (``encoder.layer.3``), else its first component."""
+    parts = name.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if p.isdigit():
+            return ".".join(parts[: i + 1])
+    return parts[0]
+
+
+class TaskVectorStore(nn.Module):
+    """The frozen task vectors of one block of tensors; ``forward`` merges them into the given base weights.
+
+    Dense task vectors are ``[T, ...]``; LoRA ones are factor pairs ``B [T, out, r]``, ``A [T, r, in]``. They are
+    frozen parameters (``requires_grad=False``) so that FSDP2 (``fully_shard``) can shard them across ranks: the
+    merge runs inside this module's forward, where FSDP2 gathers them, and again for the backward.
+    """
+
+    def __init__(self, names: list[str], dense: dict[str, Tensor], low_rank: dict[str, tuple[Tensor, Tensor]]):
+        super().__init__()
+        self.names = names
+        self.dense_keys: dict[str, str] = {}
+        self.lr_keys: dict[str, tuple[str, str]] = {}
+        for i, n in enumerate(names):
+            if n in dense:
+                self.dense_keys[n] = f"tv_{i}"
+                self.register_parameter(f"tv_{i}", nn.Parameter(dense[n], requires_grad=False))
+            else:
+                B, A = low_rank[n]
+                self.lr_keys[n] = (f"B_{i}", f"A_{i}")
+                self.register_parameter(f"B_{i}", nn.Parameter(B, requires_grad=False))
+                self.register_parameter(f"A_{i}", nn.Parameter(A, requires_grad=False))
+
+    def forward(self, base: Mapping[str, Tensor], lam: Tensor, masks: Mapping[str, Tensor] | None = None
+                ) -> dict[str, Tensor]:
+        """``{name: θ0 + Σ_t lam[t, j] τ_t}`` for this block's tensors (``lam``: ``[T, len(names)]``)."""
+        out = {}
+        for j, n in enumerate(self.names):
+            mask = None if masks is None else masks.get(n)
+            if n in self.lr_keys:
+                if mask is not None:
+                    raise MergeInputError(f"masks: tensor {n!r} has a low-rank (LoRA) task vector; masks need dense ones")
+                B, A = (getattr(self, k) for k in self.lr_keys[n])
+                out[n] = merge_low_rank(base[n], B, A, lam[:, j])
+            else:
+                out[n] = merge_tensor(base[n], getattr(self, self.dense_keys[n]), lam[:, j], mask)
+        return out
+
+
 class MergedModel(nn.Module):
     """Frozen base + stacked task vectors behind coefficients; forward returns per-task logits.
 
@@ -46,53 +94,46 @@ class MergedModel(nn.Module):
         self.coefficients = coefficients
         self.masks: Mapping[str, Tensor] | None = None  # optional per-tensor masks, set by mask parametrisations
         self.task_type = pool.task_type
-        # task vectors are frozen, non-persistent buffers: they follow .to(device) but stay out of checkpoints
-        self._tv_keys: dict[str, str] = {}
-        for i, (name, tv) in enumerate(pool.task_vectors.items()):
-            self._tv_keys[name] = f"tv_{i}"
-            self.register_buffer(f"tv_{i}", tv, persistent=False)
-        self._lr_keys: dict[str, tuple[str, str]] = {}  # LoRA task vectors: name -> (B buffer, A buffer)
-        for i, (name, (B, A)) in enumerate(pool.low_rank.items()):
-            self._lr_keys[name] = (f"lrB_{i}", f"lrA_{i}")
-            self.register_buffer(f"lrB_{i}", B, persistent=False)
-            self.register_buffer(f"lrA_{i}", A, persistent=False)
+        blocks: dict[str, list[str]] = {}
+        for n in self.param_names:
+            blocks.setdefault(block_of(n), []).append(n)
+        self.stores = nn.ModuleList(TaskVectorStore(names, pool.task_vectors, pool.low_rank)
+                                    for names in blocks.values())
+        index = {n: p for p, n in enumerate(self.param_names)}
+        self._columns = [torch.tensor([index[n] for n in st.names]) for st in self.stores]
+        self._store_of = {n: st for st in self.stores for n in st.names}
         self.eval()
 
     @property
     def low_rank_names(self) -> list[str]:
-        return list(self._lr_keys)
+        return [n for st in self.stores for n in st.lr_keys]
 
     def low_rank_factors(self, name: str) -> tuple[Tensor, Tensor]:
-        b, a = self._lr_keys[name]
-        return getattr(self, b), getattr(self, a)
+        st = self._store_of[name]
+        return tuple(getattr(st, k) for k in st.lr_keys[name])
 
     def task_vector(self, name: str) -> Tensor:
-        return getattr(self, self._tv_keys[name])
+        st = self._store_of[name]
+        return getattr(st, st.dense_keys[name])
 
     def task_vectors(self) -> dict[str, Tensor]:
         """The dense stacked task vectors (LoRA factors are in :meth:`low_rank_factors`)."""
-        return {n: self.task_vector(n) for n in self._tv_keys}
+        return {n: self.task_vector(n) for st in self.stores for n in st.dense_keys}
 
     def set_task_vectors(self, task_vectors: Mapping[str, Tensor]) -> None:
         """Replace the dense stacked task vectors (e.g. after TIES/DARE pre-processing)."""
-        for n in self._tv_keys:
-            setattr(self, self._tv_keys[n], task_vectors[n].to(self.task_vector(n)))
+        for n, tv in self.task_vectors().items():
+            tv.data = task_vectors[n].to(tv)
 
     def merged_params(self, coefficients: Tensor | None = None, masks: Mapping[str, Tensor] | None = None
                       ) -> dict[str, Tensor]:
         """``{name: θ0 + Σ_t λ[t, p] (m ⊙ τ_t)}`` for every merged tensor; ``coefficients`` is ``[T, P]``."""
-        lam = self.coefficients.matrix() if coefficients is None else coefficients
+        lam = self.coefficients() if coefficients is None else coefficients
         masks = self.masks if masks is None else masks
-        params = dict(self.backbone.named_parameters())
+        base = dict(self.backbone.named_parameters())
         out = {}
-        for p, n in enumerate(self.param_names):
-            if n in self._lr_keys:
-                if masks is not None and n in masks:
-                    raise MergeInputError(f"masks: tensor {n!r} has a low-rank (LoRA) task vector; masks need dense ones")
-                out[n] = merge_low_rank(params[n], *self.low_rank_factors(n), lam[:, p])
-            else:
-                out[n] = merge_tensor(params[n], self.task_vector(n), lam[:, p],
-                                      None if masks is None or n not in masks else masks[n])
+        for store, cols in zip(self.stores, self._columns):
+            out.update(store(base, lam[:, cols.to(lam.device)], masks))
         return out
 
     def features(self, inputs: Mapping[str, Tensor], coefficients: Tensor | None = None, masks=None):

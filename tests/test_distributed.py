@@ -32,7 +32,7 @@ def _config(zoo, task_data, out, devices):
 def _fit(tmp_path, cfg, name):
     p = tmp_path / f"{name}.yaml"
     p.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29500 + os.getpid() % 1000)}
     res = subprocess.run([sys.executable, "-m", "adamerge.cli", "fit", "--config", str(p)], env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
@@ -52,3 +52,18 @@ def test_indivisible_share_is_a_clear_error():
 
     with pytest.raises(MergeInputError, match=r"samples_per_task \(3\) must be divisible by the number of processes \(2\)"):
         TaskStepDataset({"a": [{"input_ids": [1]}]}, 3, 0, 0, 1, rank=0, world_size=2)
+
+
+def test_model_parallel_fsdp2_shards_task_vectors_and_matches_single_process(zoo, task_data, tmp_path):
+    single = _fit(tmp_path, _config(zoo, task_data, tmp_path / "single", 1), "single")
+    cfg = _config(zoo, task_data, tmp_path / "fsdp", 2)
+    cfg["trainer"]["strategy"] = {"class_path": "pytorch_lightning.strategies.ModelParallelStrategy",
+                                  "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}}
+    cfg["trainer"]["callbacks"] = [{"class_path": "shard_probe.ShardProbe"}]
+    cfg["trainer"]["default_root_dir"] = str(tmp_path / "fsdp_root")
+    fsdp = _fit(tmp_path, cfg, "fsdp")
+    assert (single - fsdp).abs().max() < 1e-7, (single - fsdp).abs().max()
+    probe = json.loads((tmp_path / "fsdp_root" / "shard_probe.json").read_text())
+    # each of the 2 ranks holds half of every task-vector tensor's rows
+    assert probe["sharded_stores"] == probe["stores"] > 0
+    assert probe["local_elements"] * 2 == pytest.approx(probe["global_elements"], rel=0.01)

@@ -26,6 +26,13 @@ from adamerge.pool import TaskVectorPool, load_pool
 
 log = logging.getLogger(__name__)
 
+def full_tensor(t: Tensor) -> Tensor:
+    """A DTensor's full value (collective), or ``t`` itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -126,7 +133,38 @@ class MergeModule(pl.LightningModule):
         return self.merged(inputs, tasks, sizes, **kw)
 
     def coefficient_matrix(self) -> Tensor:
-        return self.merged.coefficients.matrix().detach().cpu()
+        """The ``[T, P]`` coefficients (a collective when FSDP2 shards them: call it on every rank)."""
+        return full_tensor(self.merged.coefficients.matrix()).detach().cpu()
+
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy``, shard every task-vector store and the coefficients with FSDP2
+        (``fully_shard``) over the data-parallel mesh: each rank holds 1/N of the task vectors, gathered one block at
+        a time for the merge and again for the backward; coefficient gradients are averaged by FSDP2."""
+        mesh = self.device_mesh
+        if mesh is None or getattr(self, "_sharded", False):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        others = sorted(n for n, p in self.named_parameters() if p.requires_grad
+                        and not n.startswith("merged.coefficients."))
+        if others:
+            raise MergeInputError(f"ModelParallelStrategy shards task vectors and coefficients only; method "
+                                  f"{self.method!r} also trains {others[:3]}: use the DDP strategy")
+        from torch.distributed.tensor import Shard
+
+        dp = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        n = dp.size()
+
+        def largest_dim(p: Tensor) -> Shard:
+            """Shard the largest axis that splits evenly (FSDP2 needs that off dim 0) rather than the short task
+            axis, whose shards would be uneven; dim 0 otherwise."""
+            even = [d for d in range(1, p.ndim) if p.shape[d] % n == 0]
+            return Shard(max(even, key=lambda d: p.shape[d]) if even else 0)
+
+        for store in self.merged.stores:
+            fully_shard(store, mesh=dp, shard_placement_fn=largest_dim)
+        fully_shard(self.merged.coefficients, mesh=dp)
+        self._sharded = True
 
     def manifest(self) -> dict[str, Any]:
         c = self.merged.coefficients
@@ -139,7 +177,7 @@ class MergeModule(pl.LightningModule):
             "prep": asdict(self.prep),
             "coefficients": {"granularity": c.granularity, "clamp": c.clamp, "tasks": self.task_names,
                              "params": self.merged.param_names,
-                             "values": c.weight.detach().cpu(), "effective": self.coefficient_matrix()},
+                             "values": full_tensor(c.weight).detach().cpu(), "effective": self.coefficient_matrix()},
             **self.manifest_fields(),
         }
 
@@ -159,9 +197,15 @@ class MergeModule(pl.LightningModule):
         return self.merged.head_logits(task, feats, inputs)
 
     def export(self, output_dir: str | Path, overwrite: bool = False, per_task_models: bool = True,
-               lora_adapters: bool = False) -> Path:
+               lora_adapters: bool = False, write: bool = True) -> Path:
         """Write the flattened merged checkpoint (see :mod:`adamerge.export`); ``lora_adapters`` also writes the
-        merge of LoRA adapters as PEFT adapters (see :mod:`adamerge.lora`)."""
+        merge of LoRA adapters as PEFT adapters (see :mod:`adamerge.lora`).
+
+        When FSDP2 shards the model, call it on every rank (gathering is collective) with ``write`` true on one.
+        """
+        params, manifest = self.final_merged_params(), self.manifest()
+        if not write:
+            return Path(output_dir)
         writer = None
         if lora_adapters:
             from adamerge.lora import write_lora_adapters
@@ -169,8 +213,8 @@ class MergeModule(pl.LightningModule):
             def writer(tmp: Path):
                 return write_lora_adapters(self, tmp)
 
-        return write_merged(output_dir, self.merged.backbone, self.final_merged_params(), self.merged.heads,
-                            self.manifest(), tokenizer_source=self.hparams.base,
+        return write_merged(output_dir, self.merged.backbone, params, self.merged.heads,
+                            manifest, tokenizer_source=self.hparams.base,
                             per_task_models=per_task_models and self.merged.task_type == "seq_cls",
                             overwrite=overwrite, extra_files=self.extra_export_files(), extra_writer=writer)
 

@@ -45,3 +45,7 @@ class Coefficients(nn.Module):
         """Coefficients as ``[T, P]`` (clamped if requested)."""
         w = self.weight.clamp(0.0, 1.0) if self.clamp else self.weight
         return w[:, None].expand(-1, self.num_tensors) if self.granularity == "task" else w
+
+    def forward(self) -> Tensor:
+        """:meth:`matrix` as a forward (so FSDP2 gathers a sharded ``weight`` around it)."""
+        return self.matrix()
