@@ -49,6 +49,8 @@ METHOD_GRID: dict[str, Row] = {
     "adamerging_layer": Row("AdaMerging layer-wise", "adamerging", {"granularity": "layer"}),
     "adamerging_pp_layer": Row("AdaMerging++ layer-wise", "adamerging",
                                {"granularity": "layer", "prep": TaskVectorPrep(ties_density=0.2)}),
+    "adamerging_layer_kl": Row("Layer-wise, KL to experts (DAM-style, τ=2)", "adamerging",
+                               {"granularity": "layer", "objective": "kl", "temperature": 2.0}),
     "concrete_ta": Row("Concrete Task Arithmetic", "concrete_task_arithmetic", {"scale": 0.3}),
     "concrete_adamerging": Row("Concrete AdaMerging layer-wise", "concrete_adamerging",
                                {"granularity": "layer", "meta_steps": 50}),
@@ -70,7 +72,7 @@ class Preset:
     surgery_steps: int = 200
     pairs: bool = False  # also the two-task table (every pair: TA, average, M3)
     lora_rank: int = 0  # > 0: also a LoRA zoo (PEFT, this rank) and its merges
-    lora_methods: list[str] = field(default_factory=lambda: ["task_arithmetic", "adamerging_task", "adamerging_layer"])
+    lora_methods: list[str] = field(default_factory=lambda: ["task_arithmetic", "adamerging_layer"])
     methods: list[str] = field(default_factory=lambda: list(METHOD_GRID))
 
 
