@@ -256,10 +256,11 @@ class TaskVectorPool:
         return {n: params[n] for n in self.param_names}
 
 
-def _check_finite(state: dict[str, Tensor], source: str) -> None:
+def _check_finite(state: dict[str, Tensor], label: str) -> None:
+    """``label`` names the model in the error, e.g. ``'spam' (path/to/model)``."""
     for k, t in state.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise MergeInputError(f"model {source!r}: tensor {k!r} contains NaN or Inf")
+            raise MergeInputError(f"model {label}: tensor {k!r} contains NaN or Inf")
 
 
 def _lora_head(base_model: nn.Module, delta: LoraDelta, task: str, source: str, dtype) -> nn.Module:
@@ -320,7 +321,7 @@ def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = 
     backbone.requires_grad_(False).eval()
     base_params = dict(backbone.named_parameters())
     base_state = {n: p.detach() for n, p in base_params.items()}
-    _check_finite(base_state, base)
+    _check_finite(base_state, f"base ({base})")
     tv_dtype = tv_dtype or dtype
     T = len(models)
     # dense task vectors are written straight into preallocated [T, ...] stacks: no per-task copies to stack later
@@ -337,7 +338,7 @@ def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = 
         if is_lora_adapter(source):
             delta = read_lora(source, prefix, set(base_params))
             hashes[task] = state_hash(delta.state)
-            _check_finite(delta.state, source)
+            _check_finite(delta.state, f"{task!r} ({source})")
             for n, (B, A) in delta.factors.items():
                 if (B.shape[0], A.shape[1]) != tuple(base_state[n].shape):
                     raise MergeInputError(f"adapter {task!r} ({source}): LoRA factors of {n!r} give shape "
@@ -359,7 +360,7 @@ def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = 
         if missing or extra:
             raise MergeInputError(f"model {task!r} ({source}): backbone keys differ from the base: "
                                   f"missing {missing[:5]}, extra {extra[:5]}")
-        _check_finite(ft_state, source)
+        _check_finite(ft_state, f"{task!r} ({source})")
         zero = True
         for n, p in ft_state.items():
             if p.shape != base_state[n].shape:
