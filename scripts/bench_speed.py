@@ -9,6 +9,7 @@ are the base plus seeded noise) on the same batch (16 rows per task, 64 tokens):
 
   (a) plain    one forward+backward of the model over the T·16 rows (all weights require grad), per-task heads
   (b) adamerge layer-wise AdaMerging step: merge (one tensordot per tensor), one forward/backward, Adam step
+  (b') adamerge with task vectors stored in bfloat16 (tv_dtype; the merge still computes in float32)
   (c) FusionBench 0.2.33 LayerWiseMergedModel, driven as its layer-wise AdaMerging does: merge_weights(), then per
       task a forward and backward(retain_graph=True), Adam step — in its own venv (created on first use)
 
@@ -89,7 +90,7 @@ def worker(mode: str, T: int, steps: int, rows: int, length: int) -> dict:
             loss = sum(entropy(h(pooled[s])) for h, s in zip(heads, slices))
             loss.backward()
             model.zero_grad(set_to_none=True)
-    elif mode == "adamerge":
+    elif mode in ("adamerge", "adamerge-bf16"):
         from adamerge.merged import MergedModel
         from adamerge.objectives import entropy_objective
         from adamerge.parametrize import Coefficients
@@ -101,7 +102,8 @@ def worker(mode: str, T: int, steps: int, rows: int, length: int) -> dict:
             m.save_pretrained(str(tmp / str(i)))
             paths.append(str(tmp / str(i)))
             del m
-        pool = load_pool(paths[0], {f"t{i}": p for i, p in enumerate(paths[1:])})
+        pool = load_pool(paths[0], {f"t{i}": p for i, p in enumerate(paths[1:])},
+                         tv_dtype=torch.bfloat16 if mode == "adamerge-bf16" else None)
         merged = MergedModel(pool, Coefficients(T, len(pool.param_names), "layer", 0.3)).to(device)
         del pool
         opt = torch.optim.Adam([merged.coefficients.weight], lr=1e-3)
@@ -175,24 +177,27 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=16, help="rows per task per step")
     p.add_argument("--length", type=int, default=64, help="tokens per row")
     p.add_argument("--fusionbench-venv", type=Path, default=ROOT / ".cache" / "fusionbench-venv")
-    p.add_argument("--worker", choices=["plain", "adamerge", "fusionbench"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["plain", "adamerge", "adamerge-bf16", "fusionbench"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.tasks[0], args.steps, args.rows, args.length)))
         return
     fb = fusionbench_python(args.fusionbench_venv)
     lines = ["| T | (a) plain ms | (b) adamerge ms | (c) FusionBench ms | b/a | c/b | RSS a MiB | RSS b MiB | "
-             "RSS c MiB | RSS b/c |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "RSS c MiB | RSS b/c | (b') bf16 task vectors ms | RSS b' MiB | RSS b'/c |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     results = []
     for T in args.tasks:
         a = run_worker(sys.executable, "plain", T, args)
         b = run_worker(sys.executable, "adamerge", T, args)
         c = run_worker(fb, "fusionbench", T, args)
-        results.append({"a": a, "b": b, "c": c})
+        b16 = run_worker(sys.executable, "adamerge-bf16", T, args)
+        results.append({"a": a, "b": b, "c": c, "b_bf16": b16})
         lines.append(f"| {T} | {a['step_ms']:.0f} | {b['step_ms']:.0f} | {c['step_ms']:.0f} | "
                      f"{b['step_ms'] / a['step_ms']:.2f} | {c['step_ms'] / b['step_ms']:.2f} | "
                      f"{a['peak_rss_mib']:.0f} | {b['peak_rss_mib']:.0f} | {c['peak_rss_mib']:.0f} | "
-                     f"{b['peak_rss_mib'] / c['peak_rss_mib']:.2f} |")
+                     f"{b['peak_rss_mib'] / c['peak_rss_mib']:.2f} | {b16['step_ms']:.0f} | "
+                     f"{b16['peak_rss_mib']:.0f} | {b16['peak_rss_mib'] / c['peak_rss_mib']:.2f} |")
         print(lines[-1], flush=True)
     print()
     print("\n".join(lines))
