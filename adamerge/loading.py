@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from adamerge.errors import MergeInputError
 from adamerge.export import HEADS, read_manifest
 from adamerge.parametrize.surgery import SurgeryAdapter
-from adamerge.pool import FeatureStub
+from adamerge.pool import FeatureStub, apply_head
 
 
 class MergedCheckpoint(nn.Module):
@@ -44,13 +44,7 @@ class MergedCheckpoint(nn.Module):
         if task in self.adapters:
             field = feature_field(feats, self.feature)
             feats = replace_field(feats, field, self.adapters[task](feats[field]))
-        head = self.heads[task]
-        stub = getattr(head, head.base_model_prefix)
-        stub.features = feats
-        try:
-            return head(**inputs).logits
-        finally:
-            stub.features = None
+        return apply_head(self.heads[task], feats, inputs)
 
 
 def load_merged(path: str | Path, dtype: torch.dtype = torch.float32) -> MergedCheckpoint:

@@ -16,7 +16,7 @@ from torch.func import functional_call
 from adamerge.errors import MergeInputError
 from adamerge.functional import merge_low_rank, merge_tensor
 from adamerge.parametrize import Coefficients
-from adamerge.pool import TaskVectorPool
+from adamerge.pool import TaskVectorPool, apply_head
 
 
 def slice_output(output, sl: slice):
@@ -144,13 +144,7 @@ class MergedModel(nn.Module):
         """Apply task ``task``'s frozen head to backbone ``features`` of ``inputs`` (causal LMs: their logits)."""
         if self.task_type == "causal_lm":
             return features.logits
-        head = self.heads[task]
-        stub = getattr(head, head.base_model_prefix)
-        stub.features = features
-        try:
-            return head(**inputs).logits
-        finally:
-            stub.features = None
+        return apply_head(self.heads[task], features, inputs)
 
     def forward(self, inputs: Mapping[str, Tensor], tasks: list[str], sizes: list[int],
                 coefficients: Tensor | None = None, masks=None, return_features: bool = False):

@@ -44,6 +44,17 @@ class FeatureStub(nn.Module):
         return self.features
 
 
+def apply_head(head: nn.Module, features, inputs) -> Tensor:
+    """Logits of a head shell (a ``*ForSequenceClassification`` whose backbone is a :class:`FeatureStub`) on
+    backbone ``features`` of ``inputs``: the model's own head code runs, the backbone does not."""
+    stub = getattr(head, head.base_model_prefix)
+    stub.features = features
+    try:
+        return head(**inputs).logits
+    finally:
+        stub.features = None
+
+
 def _is_safetensors_file(source: str) -> bool:
     return source.endswith(".safetensors") and Path(source).is_file()
 

@@ -86,3 +86,14 @@ def task_data(tmp_path_factory):
                 w.writerow([t, j % 2])
         out[task] = str(p)
     return out
+
+
+def quick_fit(module, datamodule, steps: int, seed: int = 0):
+    """Train ``module`` for ``steps`` steps on CPU, silently."""
+    import pytorch_lightning as pl
+
+    pl.seed_everything(seed, verbose=False)
+    trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, datamodule=datamodule)
+    return trainer

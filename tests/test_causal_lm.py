@@ -8,12 +8,11 @@ import sys
 import textwrap
 
 import pytest
-import pytorch_lightning as pl
 import torch
+from conftest import WORDS, make_tokenizer, quick_fit
 
 from adamerge.data import TaskData, UnlabeledDataModule
 from adamerge.methods import AdaMerging, TaskArithmetic
-from conftest import WORDS, make_tokenizer
 
 VOCAB = len(WORDS) + 5
 
@@ -93,10 +92,7 @@ def test_kl_objective_decreases(lm_zoo, lm_data):
     batch = dm.dataset[0]
     with torch.no_grad():
         before = float(module.objective(batch)[0])
-    pl.seed_everything(0)
-    trainer = pl.Trainer(max_steps=15, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu")
-    trainer.fit(module, datamodule=dm)
+    quick_fit(module, dm, 15)
     with torch.no_grad():
         after = float(module.objective(batch)[0])
     assert after < 0.9 * before, (before, after)

@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 
 import pytest
-import pytorch_lightning as pl
 import torch
+from conftest import quick_fit
 
 from adamerge.data import TaskData, UnlabeledDataModule
-from adamerge.methods import AdaMerging, ConcreteAdaMerging, ConcreteTaskArithmetic, TaskArithmetic
+from adamerge.methods import (
+    AdaMerging,
+    ConcreteAdaMerging,
+    ConcreteTaskArithmetic,
+    TaskArithmetic,
+)
 from adamerge.parametrize import ConcreteMask
 
 
@@ -94,10 +99,7 @@ def test_concrete_adamerging_meta_then_adamerging_and_export(zoo, task_data, tmp
     module = ConcreteAdaMerging(*zoo, granularity="layer", meta_steps=2, mask_lr=0.05, lr=0.01)
     dm = UnlabeledDataModule({t: TaskData(p) for t, p in task_data.items()}, samples_per_task=4, max_length=16,
                              tokenizer=zoo[0])
-    pl.seed_everything(0)
-    trainer = pl.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu")
-    trainer.fit(module, datamodule=dm)
+    quick_fit(module, dm, 4)
     logits = torch.cat([p.detach().flatten() for p in module.mask.parameters()])
     assert logits.abs().max() > 0  # phase 1 moved the mask
     assert (module.merged.coefficients.weight.detach() - 0.3).abs().max() > 0  # phase 2 moved λ

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from adamerge.functional import dare, disjoint_mean, disjoint_normalize, merge_tensor, ties_trim_elect, topk_mask
+from adamerge.functional import (
+    dare,
+    disjoint_mean,
+    disjoint_normalize,
+    merge_tensor,
+    ties_trim_elect,
+    topk_mask,
+)
 from adamerge.methods.data_free import draw_mixing_weights
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import pytorch_lightning as pl
 import torch
+from conftest import quick_fit
 
 from adamerge import MergeInputError, load_merged
 from adamerge.data import TaskData, UnlabeledDataModule
@@ -44,10 +44,7 @@ def test_loss_decreases_and_export_round_trip(zoo, merged_dir, dm, tmp_path):
     batch = dm.dataset[0]
     with torch.no_grad():
         before = float(surgery.surgery_loss(batch)[0])
-    pl.seed_everything(0)
-    trainer = pl.Trainer(max_steps=30, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu")
-    trainer.fit(surgery, datamodule=dm)
+    quick_fit(surgery, dm, 30)
     with torch.no_grad():
         after = float(surgery.surgery_loss(batch)[0])
     assert after < 0.8 * before, (before, after)
