@@ -92,6 +92,8 @@ def merge_parser() -> LightningArgumentParser:
     parser.add_argument("--output_dir", type=str, required=True, help="where the merged checkpoint is written")
     parser.add_argument("--overwrite", type=bool, default=False, help="replace an existing output_dir")
     parser.add_argument("--per_task_models", type=bool, default=True, help="also write tasks/<task>/ checkpoints")
+    parser.add_argument("--lora_adapters", type=bool, default=False,
+                        help="merges of LoRA adapters: also write adapters/<task>/ PEFT adapters")
     parser.add_argument("--seed_everything", type=int, default=0)
     return parser
 
@@ -111,7 +113,8 @@ def merge_main(args: list[str] | None = None):
         if not cfg.data or not cfg.data.get("tasks"):
             raise MergeInputError(f"method {model.method!r} with candidates > 1 needs `data.tasks`")
         model.select(UnlabeledDataModule(**{"tokenizer": model.hparams.base, **cfg.data}))
-    return model.export(cfg.output_dir, overwrite=cfg.overwrite, per_task_models=cfg.per_task_models)
+    return model.export(cfg.output_dir, overwrite=cfg.overwrite, per_task_models=cfg.per_task_models,
+                        lora_adapters=cfg.lora_adapters)
 
 
 def evaluate_main(args: list[str] | None = None):
