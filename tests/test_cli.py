@@ -112,3 +112,26 @@ def test_evaluate_command_reports_accuracy(zoo, task_data, tmp_path, capsys):
 def test_every_config_parses(path):
     cfg = parse_only(path)
     assert cfg.model.class_path.startswith("adamerge.methods.")
+
+
+def test_m3_best_of_k_by_entropy_records_draws_and_choice(zoo, task_data, tmp_path):
+    base, paths = zoo
+    cfg = {"model": {"class_path": "adamerge.methods.M3",
+                     "init_args": {"base": base, "models": paths, "alpha": 0.5, "seed": 5, "candidates": 4}},
+           "data": {"tasks": {t: {"path": p} for t, p in task_data.items()}, "samples_per_task": 4, "max_length": 16},
+           "output_dir": str(tmp_path / "out"), "per_task_models": False}
+    p = tmp_path / "m3.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    main(["merge", "--config", str(p)])
+    m3 = json.loads((tmp_path / "out" / "merge_manifest.json").read_text())["m3"]
+    assert len(m3["draws"]) == 4 and m3["distribution"] == "dirichlet"
+    scores = m3["entropy_scores"]
+    assert len(scores) == 4 and m3["chosen"] == scores.index(min(scores))
+    assert m3["weights"] == m3["draws"][m3["chosen"]]
+    # without data the best-of-K variant refuses to guess
+    del cfg["data"]
+    cfg["output_dir"] = str(tmp_path / "out2")
+    p.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit):
+        main(["merge", "--config", str(p)])
+    assert not (tmp_path / "out2").exists()
