@@ -104,7 +104,7 @@ class MergeModule(pl.LightningModule):
                          trust_remote_code=trust_remote_code, task_type=task_type)
         if pool.low_rank and (self.prep.dare_rate > 0 or self.prep.ties_density is not None):
             raise MergeInputError("prep: DARE/TIES need dense task vectors; the LoRA adapters' tensors "
-                                  f"{pool.param_names[-1]!r}, ... are low-rank (merge full fine-tunes instead)")
+                                  f"{next(iter(pool.low_rank))!r}, ... are low-rank (merge full fine-tunes instead)")
         pool.task_vectors = self.prep.apply(pool.task_vectors)
         self.pool_task_names = pool.task_names
         self.merged = MergedModel(pool, self.build_coefficients(pool))
