@@ -135,7 +135,9 @@ def fortunes_dir(cache: Path) -> Path:
     if not all((local / c).is_file() for c in FORTUNE_CATEGORIES):
         deb_dir = cache / "fortunes-deb"
         deb_dir.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["apt-get", "download", "fortunes"], cwd=deb_dir, check=True, capture_output=True)
+        if subprocess.run(["apt-get", "download", "fortunes"], cwd=deb_dir, capture_output=True).returncode:
+            subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)  # a fresh machine's lists
+            subprocess.run(["apt-get", "download", "fortunes"], cwd=deb_dir, check=True, capture_output=True)
         deb = sorted(deb_dir.glob("fortunes_*.deb"))[-1]
         subprocess.run(["dpkg-deb", "-x", str(deb), str(cache / "fortunes")], check=True)
     return local
