@@ -136,9 +136,11 @@ class MergedModel(nn.Module):
             out.update(store(base, lam[:, cols.to(lam.device)], masks))
         return out
 
-    def features(self, inputs: Mapping[str, Tensor], coefficients: Tensor | None = None, masks=None):
-        """Backbone output (a ModelOutput) of the merged model on ``inputs``."""
-        return functional_call(self.backbone, self.merged_params(coefficients, masks), args=(), kwargs=dict(inputs))
+    def features(self, inputs: Mapping[str, Tensor], coefficients: Tensor | None = None, masks=None,
+                 params: Mapping[str, Tensor] | None = None):
+        """Backbone output (a ModelOutput) of the merged model on ``inputs`` (``params``: already merged weights)."""
+        params = self.merged_params(coefficients, masks) if params is None else params
+        return functional_call(self.backbone, dict(params), args=(), kwargs=dict(inputs))
 
     def head_logits(self, task: str, features, inputs: Mapping[str, Tensor]) -> Tensor:
         """Apply task ``task``'s frozen head to backbone ``features`` of ``inputs`` (causal LMs: their logits)."""
@@ -147,18 +149,43 @@ class MergedModel(nn.Module):
         return apply_head(self.heads[task], features, inputs)
 
     def forward(self, inputs: Mapping[str, Tensor], tasks: list[str], sizes: list[int],
-                coefficients: Tensor | None = None, masks=None, return_features: bool = False):
+                coefficients: Tensor | None = None, masks=None, return_features: bool = False,
+                params: Mapping[str, Tensor] | None = None):
         """Per-task logits for a batch that concatenates ``sizes[i]`` rows of task ``tasks[i]``.
 
         Returns ``{task: logits}`` (and the backbone features if ``return_features``).
         """
-        feats = self.features(inputs, coefficients, masks)
+        feats = self.features(inputs, coefficients, masks, params)
         out, start = {}, 0
         for task, n in zip(tasks, sizes):
             sl = slice(start, start + n)
             out[task] = self.head_logits(task, slice_output(feats, sl), {k: v[sl] for k, v in inputs.items()})
             start += n
         return (out, feats) if return_features else out
+
+    def chunked_surrogate(self, batch: Mapping, loss_fn, chunks: int):
+        """Merge once, then run the tasks in ``chunks`` groups, each forward+backward on its own, to bound activation
+        memory by one group's. Each group's backward stops at detached copies of the merged weights and accumulates
+        ``dL/dW`` there; the returned surrogate ``Σ_p ⟨W_p, dL/dW_p⟩`` has the same gradient with respect to the
+        coefficients (and masks) as the loss itself, so one ``backward()`` of it — Lightning's — finishes the step.
+
+        ``loss_fn(logits, sub_batch) -> (loss, per_task)``. Returns ``(surrogate, loss, per_task)``.
+        """
+        params = self.merged_params()
+        leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        tasks, sizes = list(batch["tasks"]), list(batch["sizes"])
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        per = -(-len(tasks) // max(1, chunks))
+        total, per_task = 0.0, {}
+        for g in range(0, len(tasks), per):
+            rows = torch.cat([torch.arange(starts[i], starts[i] + sizes[i]) for i in range(g, min(g + per, len(tasks)))])
+            sub = {"inputs": {k: v[rows.to(v.device)] for k, v in batch["inputs"].items()},
+                   "tasks": tasks[g:g + per], "sizes": sizes[g:g + per]}
+            loss, terms = loss_fn(self(sub["inputs"], sub["tasks"], sub["sizes"], params=leaves), sub)
+            loss.backward()
+            total, per_task = total + loss.detach(), {**per_task, **{t: v.detach() for t, v in terms.items()}}
+        surrogate = sum((params[n] * leaves[n].grad).sum() for n in params if leaves[n].grad is not None)
+        return surrogate, total, per_task
 
     def one_hot(self, task: str) -> Tensor:
         """``[T, P]`` coefficients that select fine-tune ``task`` exactly."""

@@ -178,3 +178,37 @@ def test_export_loads_in_fresh_process_with_only_transformers(zoo, batch, tmp_pa
     assert len(manifest["coefficients"]["values"]) == 3
     assert len(manifest["coefficients"]["values"][0]) == len(module.merged.param_names)
     assert {"adamerge", "torch", "transformers"} <= set(manifest["versions"])
+
+
+@pytest.mark.parametrize("objective", ["entropy", "kl"])
+def test_task_chunks_give_the_same_gradient(zoo, batch, objective):
+    inputs, tasks, sizes = batch
+    b = {"inputs": inputs, "tasks": tasks, "sizes": sizes}
+    grads = []
+    for chunks in (1, 3):
+        module = AdaMerging(*zoo, granularity="layer", objective=objective, task_chunks=chunks)
+        torch.manual_seed(0)
+        module.merged.coefficients.weight.data += 0.1 * torch.randn_like(module.merged.coefficients.weight)
+        if chunks == 1:
+            loss, _ = module.objective(b)
+        else:
+            loss, _, _ = module.merged.chunked_surrogate(b, module.task_loss, chunks)
+        loss.backward()
+        grads.append(module.merged.coefficients.weight.grad.clone())
+    assert grads[0].abs().max() > 1e-6
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+
+
+def test_task_chunks_train_like_one_batch(zoo, task_data):
+    from adamerge.data import TaskData, UnlabeledDataModule
+    from conftest import quick_fit
+
+    results = []
+    for chunks in (1, 3):
+        module = AdaMerging(*zoo, granularity="layer", lr=0.01, task_chunks=chunks)
+        dm = UnlabeledDataModule({t: TaskData(p) for t, p in task_data.items()}, tokenizer=zoo[0],
+                                 samples_per_task=4, max_length=16)
+        quick_fit(module, dm, 3)
+        results.append(module.merged.coefficients.weight.detach())
+    assert (results[0] - 0.3).abs().max() > 1e-3
+    torch.testing.assert_close(results[1], results[0], atol=1e-6, rtol=0)

@@ -39,6 +39,8 @@ class AdaMerging(MergeModule):
         objective: ``entropy`` (AdaMerging) or ``kl`` (DAM-style distillation from each task's expert).
         temperature: τ of the ``kl`` objective (2.0).
         similarity_penalty: weight of the mean pairwise cosine similarity between tasks' coefficient vectors.
+        task_chunks: run the tasks of a step in this many groups under one merge (same gradient, activation memory
+            of one group; see :meth:`MergedModel.chunked_surrogate`). 1 = one forward over all tasks (fastest).
     """
 
     method = "adamerging"
@@ -47,7 +49,7 @@ class AdaMerging(MergeModule):
                  clamp: bool = False, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  prep: TaskVectorPrep | None = None, tv_dtype: str | None = None,
                  trust_remote_code: bool = False, task_type: str = "seq_cls", objective: str = "entropy",
-                 temperature: float = 2.0, similarity_penalty: float = 0.0) -> None:
+                 temperature: float = 2.0, similarity_penalty: float = 0.0, task_chunks: int = 1) -> None:
         if objective not in OBJECTIVES:
             raise MergeInputError(f"objective: unknown value {objective!r}; allowed: {', '.join(OBJECTIVES)}")
         if temperature <= 0:
@@ -86,20 +88,32 @@ class AdaMerging(MergeModule):
             start += n
         return out
 
-    def objective(self, batch):
-        """(loss, per-task terms) of the configured objective on one step's batch."""
-        logits = self.merged(batch["inputs"], batch["tasks"], batch["sizes"])
+    def task_loss(self, logits, batch):
+        """(loss, per-task terms) of the configured objective for ``logits`` of ``batch``."""
         masks = self.token_masks(batch)
         if self.hparams.objective == "kl":
-            loss, per_task = kl_to_experts(logits, self.expert_logits(batch), masks, self.hparams.temperature)
-        else:
-            loss, per_task = entropy_objective(logits, masks)
-        if self.hparams.similarity_penalty:
-            loss = loss + self.hparams.similarity_penalty * coefficient_similarity(self.merged.coefficients.matrix())
-        return loss, per_task
+            return kl_to_experts(logits, self.expert_logits(batch), masks, self.hparams.temperature)
+        return entropy_objective(logits, masks)
+
+    def penalty(self):
+        if not self.hparams.similarity_penalty:
+            return 0.0
+        return self.hparams.similarity_penalty * coefficient_similarity(self.merged.coefficients.matrix())
+
+    def objective(self, batch):
+        """(loss, per-task terms) of the configured objective on one step's batch."""
+        loss, per_task = self.task_loss(self.merged(batch["inputs"], batch["tasks"], batch["sizes"]), batch)
+        return loss + self.penalty(), per_task
 
     def training_step(self, batch, batch_idx):
+        if self.hparams.task_chunks > 1:
+            surrogate, loss, per_task = self.merged.chunked_surrogate(batch, self.task_loss, self.hparams.task_chunks)
+            self._log_step(loss, per_task, batch)
+            return surrogate + self.penalty()
         loss, per_task = self.objective(batch)
+        self._log_step(loss, per_task, batch)
+        return loss
+
+    def _log_step(self, loss, per_task, batch) -> None:
         self.log_dict({f"{self.hparams.objective}/{t}": v.detach() for t, v in per_task.items()}, batch_size=sum(batch["sizes"]))
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=sum(batch["sizes"]))
-        return loss
