@@ -10,6 +10,7 @@ are the base plus seeded noise) on the same batch (16 rows per task, 64 tokens):
   (a) plain    one forward+backward of the model over the T·16 rows (all weights require grad), per-task heads
   (b) adamerge layer-wise AdaMerging step: merge (one tensordot per tensor), one forward/backward, Adam step
   (b') adamerge with task vectors stored in bfloat16 (tv_dtype; the merge still computes in float32)
+  (b'') adamerge with task_chunks = T: one merge, then each task's forward+backward on its own (bounded activations)
   (c) FusionBench 0.2.33 LayerWiseMergedModel, driven as its layer-wise AdaMerging does: merge_weights(), then per
       task a forward and backward(retain_graph=True), Adam step — in its own venv (created on first use)
 
@@ -90,7 +91,7 @@ def worker(mode: str, T: int, steps: int, rows: int, length: int) -> dict:
             loss = sum(entropy(h(pooled[s])) for h, s in zip(heads, slices))
             loss.backward()
             model.zero_grad(set_to_none=True)
-    elif mode in ("adamerge", "adamerge-bf16"):
+    elif mode in ("adamerge", "adamerge-bf16", "adamerge-chunked"):
         from adamerge.merged import MergedModel
         from adamerge.objectives import entropy_objective
         from adamerge.parametrize import Coefficients
@@ -110,7 +111,11 @@ def worker(mode: str, T: int, steps: int, rows: int, length: int) -> dict:
         names = list(merged.task_names)
 
         def step():
-            loss, _ = entropy_objective(merged(inputs, names, [rows] * T))
+            if mode == "adamerge-chunked":  # one task per group: activations of 16 rows, as FusionBench
+                loss, _, _ = merged.chunked_surrogate({"inputs": inputs, "tasks": names, "sizes": [rows] * T},
+                                                      lambda logits, sub: entropy_objective(logits), T)
+            else:
+                loss, _ = entropy_objective(merged(inputs, names, [rows] * T))
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -177,27 +182,30 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=16, help="rows per task per step")
     p.add_argument("--length", type=int, default=64, help="tokens per row")
     p.add_argument("--fusionbench-venv", type=Path, default=ROOT / ".cache" / "fusionbench-venv")
-    p.add_argument("--worker", choices=["plain", "adamerge", "adamerge-bf16", "fusionbench"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["plain", "adamerge", "adamerge-bf16", "adamerge-chunked", "fusionbench"],
+                   help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.tasks[0], args.steps, args.rows, args.length)))
         return
     fb = fusionbench_python(args.fusionbench_venv)
     lines = ["| T | (a) plain ms | (b) adamerge ms | (c) FusionBench ms | b/a | c/b | RSS a MiB | RSS b MiB | "
-             "RSS c MiB | RSS b/c | (b') bf16 task vectors ms | RSS b' MiB | RSS b'/c |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "RSS c MiB | RSS b/c | (b') bf16 task vectors ms | RSS b' MiB | RSS b'/c | (b'') task_chunks=T ms | "
+             "RSS b'' MiB | RSS b''/c |", "|" + "---|" * 16]
     results = []
     for T in args.tasks:
         a = run_worker(sys.executable, "plain", T, args)
         b = run_worker(sys.executable, "adamerge", T, args)
         c = run_worker(fb, "fusionbench", T, args)
         b16 = run_worker(sys.executable, "adamerge-bf16", T, args)
-        results.append({"a": a, "b": b, "c": c, "b_bf16": b16})
+        bch = run_worker(sys.executable, "adamerge-chunked", T, args)
+        results.append({"a": a, "b": b, "c": c, "b_bf16": b16, "b_chunked": bch})
         lines.append(f"| {T} | {a['step_ms']:.0f} | {b['step_ms']:.0f} | {c['step_ms']:.0f} | "
                      f"{b['step_ms'] / a['step_ms']:.2f} | {c['step_ms'] / b['step_ms']:.2f} | "
                      f"{a['peak_rss_mib']:.0f} | {b['peak_rss_mib']:.0f} | {c['peak_rss_mib']:.0f} | "
                      f"{b['peak_rss_mib'] / c['peak_rss_mib']:.2f} | {b16['step_ms']:.0f} | "
-                     f"{b16['peak_rss_mib']:.0f} | {b16['peak_rss_mib'] / c['peak_rss_mib']:.2f} |")
+                     f"{b16['peak_rss_mib']:.0f} | {b16['peak_rss_mib'] / c['peak_rss_mib']:.2f} | "
+                     f"{bch['step_ms']:.0f} | {bch['peak_rss_mib']:.0f} | {bch['peak_rss_mib'] / c['peak_rss_mib']:.2f} |")
         print(lines[-1], flush=True)
     print()
     print("\n".join(lines))
