@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -197,9 +198,6 @@ def _adapter_tensors(path: Path) -> dict[str, Tensor]:
 
 def read_lora(source: str, prefix: str, backbone_names: set[str]) -> LoraDelta:
     """Read a PEFT LoRA adapter into backbone deltas (``prefix``: the backbone's attribute, '' for causal LMs)."""
-    import math
-    import re
-
     path = Path(source)
     cfg = json.loads((path / "adapter_config.json").read_text())
     if cfg.get("peft_type", "LORA") != "LORA":
@@ -402,7 +400,3 @@ def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = 
     return TaskVectorPool(backbone=backbone, heads=heads, task_names=list(models), task_vectors=task_vectors,
                           config=config, base_source=base, sources=dict(models), hashes=hashes, low_rank=low_rank,
                           task_type=task_type)
-
-
-def n_elements(tensors: dict[str, Tensor]) -> int:
-    return sum(math.prod(t.shape) for t in tensors.values())
