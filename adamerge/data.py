@@ -52,8 +52,8 @@ class TaskData:
     max_samples: int | None = None
 
 
-def load_texts(spec: TaskData, task: str = "?"):
-    """Load a task's rows as a ``datasets.Dataset`` holding only its text column(s)."""
+def load_texts(spec: TaskData, task: str = "?", extra_columns: tuple[str, ...] = ()):
+    """Load a task's rows as a ``datasets.Dataset`` holding only its text column(s) (and ``extra_columns``)."""
     import datasets
 
     p = Path(spec.path)
@@ -78,10 +78,12 @@ def load_texts(spec: TaskData, task: str = "?"):
         if "corresponds to no data" in str(e):  # what `datasets` says of a file with a header and no rows
             raise MergeInputError(f"task {task!r}: dataset {spec.path!r} is empty") from e
         raise MergeInputError(f"task {task!r}: cannot load data from {spec.path!r}: {e}") from e
-    keep = [c for c in (spec.text_column, spec.text_pair_column) if c]
+    texts = [c for c in (spec.text_column, spec.text_pair_column) if c]
+    keep = [*texts, *extra_columns]
     for c in keep:
         if c not in ds.column_names:
-            raise MergeInputError(f"task {task!r}: text column {c!r} not in {spec.path}; columns: {ds.column_names}")
+            kind = "text column" if c in texts else "column"
+            raise MergeInputError(f"task {task!r}: {kind} {c!r} not in {spec.path}; columns: {ds.column_names}")
     ds = ds.select_columns(keep)
     if spec.max_samples is not None:
         ds = ds.select(range(min(spec.max_samples, len(ds))))

@@ -28,11 +28,8 @@ class LabeledTaskData(TaskData):
 
 def load_labeled(spec: LabeledTaskData, task: str, tokenizer, max_length: int):
     """Tokenized rows and integer labels of one task."""
-    text_only = TaskData(spec.path, spec.split, spec.text_column, spec.text_pair_column, spec.name, spec.max_samples)
-    labels_ds = load_texts(TaskData(spec.path, spec.split, spec.label_column, None, spec.name, spec.max_samples), task)
-    rows = tokenize(tokenizer, load_texts(text_only, task), text_only, max_length)
-    labels = torch.tensor([int(v) for v in labels_ds[spec.label_column]])
-    return rows, labels
+    ds = load_texts(spec, task, extra_columns=(spec.label_column,))
+    return tokenize(tokenizer, ds, spec, max_length), torch.tensor([int(v) for v in ds[spec.label_column]])
 
 
 @torch.no_grad()
