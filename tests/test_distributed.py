@@ -23,6 +23,7 @@ def _config(zoo, task_data, out, devices):
                   "init_args": {"base": base, "models": paths, "granularity": "layer"}},  # reference lr 1e-3
         "data": {"tasks": {t: {"path": p} for t, p in task_data.items()}, "samples_per_task": 4, "max_length": 16},
         "trainer": {"max_steps": 4, "accelerator": "cpu", "devices": devices, "logger": False,
+                    "default_root_dir": str(out) + "_root",  # LightningCLI saves config.yaml there, not in the repo
                     "enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False,
                     **({"strategy": "ddp"} if devices > 1 else {})},
         "export": {"output_dir": str(out), "per_task_models": False},
