@@ -17,12 +17,86 @@ import torch
 from torch import Tensor
 
 
+# Bytes of compute-dtype temporaries one merge step may hold while up-casting a low-precision stack (64 MiB).
+CAST_CHUNK_BYTES = 64 * 2**20
+
+
+def _cast_chunks(tv: Tensor, dtype: torch.dtype):
+    """Yield ``(start, tv[start:stop] in dtype)`` over the task axis; a same-dtype stack comes back whole, uncopied,
+    and a low-precision one in groups of tasks whose up-cast copy stays under :data:`CAST_CHUNK_BYTES`."""
+    if tv.dtype == dtype:
+        yield 0, tv
+        return
+    per_task = max(1, tv[0].numel() * torch.empty((), dtype=dtype).element_size())
+    step = max(1, CAST_CHUNK_BYTES // per_task)
+    for s in range(0, tv.shape[0], step):
+        yield s, tv[s:s + step].to(dtype)
+
+
+class _DenseMerge(torch.autograd.Function):
+    """``θ0_j + Σ_t λ[t, j] τ_j[t]`` for a group of k tensors at once; the backward saves only the stored stacks and
+    ``λ``, and returns ``∂L/∂λ`` as one ``[T, k]`` tensor.
+
+    Each tensor costs one fused ``addmv`` forward and one ``mv`` backward: no per-tensor ``select`` of ``λ`` in the
+    graph and one autograd node per group, which matters on GPUs where a step is launch-bound. The generic graph of
+    ``base + tensordot(λ, τ.float())`` would also keep the float32 copy of a bfloat16 stack alive until the backward;
+    here the up-cast happens in bounded chunks (:data:`CAST_CHUNK_BYTES`), in the forward and again in the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, lam: Tensor, *tensors: Tensor):
+        k = lam.shape[1]
+        bases, stacks = tensors[:k], tensors[k:]
+        ctx.save_for_backward(lam, *stacks)
+        outs = []
+        for j, (base, tv) in enumerate(zip(bases, stacks)):
+            out = base.reshape(-1)
+            for s, chunk in _cast_chunks(tv, base.dtype):
+                out = torch.addmv(out, chunk.reshape(chunk.shape[0], -1).t(), lam[s:s + chunk.shape[0], j])
+            outs.append(out.view(base.shape))
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        lam, *stacks = ctx.saved_tensors
+        k = len(stacks)
+        grad_lam = None
+        if ctx.needs_input_grad[0]:
+            cols = []
+            for g, tv in zip(grads, stacks):
+                if g is None:
+                    cols.append(lam.new_zeros(lam.shape[0]))
+                    continue
+                g = g.reshape(-1)
+                parts = [chunk.reshape(chunk.shape[0], -1) @ g for _, chunk in _cast_chunks(tv, g.dtype)]
+                cols.append(parts[0] if len(parts) == 1 else torch.cat(parts))
+            grad_lam = torch.stack(cols, dim=1).to(lam.dtype)
+        grad_bases = [g if ctx.needs_input_grad[1 + j] else None for j, g in enumerate(grads)]
+        return (grad_lam, *grad_bases, *([None] * k))
+
+
+def merge_dense(bases: list[Tensor], task_vectors: list[Tensor], coefficients: Tensor) -> list[Tensor]:
+    """``[θ0_j + Σ_t λ[t, j] τ_j[t] for j]`` for k tensors; ``coefficients`` is ``[T, k]``, computed in each base's
+    dtype whatever the storage dtype of the stacks (see :class:`_DenseMerge`)."""
+    if coefficients.ndim != 2 or coefficients.shape[1] != len(bases) or len(bases) != len(task_vectors):
+        raise ValueError(f"merge_dense: coefficients {tuple(coefficients.shape)} for {len(bases)} bases and "
+                         f"{len(task_vectors)} task-vector stacks")
+    if not bases:
+        return []
+    return list(_DenseMerge.apply(coefficients.to(bases[0].dtype), *bases, *task_vectors))
+
+
 def merge_tensor(base: Tensor, task_vectors: Tensor, coefficients: Tensor, mask: Tensor | None = None) -> Tensor:
-    """``θ0 + Σ_t λ_t (m ⊙ τ_t)`` with one ``tensordot``; computed in ``base.dtype`` whatever the storage dtype."""
-    tv = task_vectors.to(base.dtype)
-    if mask is not None:
-        tv = tv * mask.to(base.dtype)
-    return base + torch.tensordot(coefficients.to(base.dtype), tv, dims=1)
+    """``θ0 + Σ_t λ_t (m ⊙ τ_t)``, computed in ``base.dtype`` whatever the storage dtype of ``task_vectors``.
+
+    Without a mask this is :func:`merge_dense` for one tensor (nothing but the stored stack saved for the backward).
+    Masks (which may be learned) take the generic autograd path.
+    """
+    if mask is None:
+        return merge_dense([base], [task_vectors], coefficients[:, None])[0]
+    tv = task_vectors.to(base.dtype) * mask.to(base.dtype)  # same arithmetic as the unmasked path (an all-ones mask
+    return torch.addmv(base.reshape(-1), tv.reshape(tv.shape[0], -1).t(),  # gives bit-identical weights)
+                       coefficients.to(base.dtype)).view(base.shape)
 
 
 def merge_low_rank(base: Tensor, B: Tensor, A: Tensor, coefficients: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from adamerge.errors import MergeInputError
-from adamerge.functional import merge_low_rank, merge_tensor
+from adamerge.functional import merge_dense, merge_low_rank, merge_tensor
 from adamerge.parametrize import Coefficients
 from adamerge.pool import TaskVectorPool, apply_head
 
@@ -63,6 +63,10 @@ class TaskVectorStore(nn.Module):
     def forward(self, base: Mapping[str, Tensor], lam: Tensor, masks: Mapping[str, Tensor] | None = None
                 ) -> dict[str, Tensor]:
         """``{name: θ0 + Σ_t lam[t, j] τ_t}`` for this block's tensors (``lam``: ``[T, len(names)]``)."""
+        if not self.lr_keys and not (masks and any(n in masks for n in self.names)):  # the common case: one node
+            merged = merge_dense([base[n] for n in self.names], [getattr(self, self.dense_keys[n]) for n in self.names],
+                                 lam)
+            return dict(zip(self.names, merged))
         out = {}
         for j, n in enumerate(self.names):
             mask = None if masks is None else masks.get(n)
@@ -100,7 +104,16 @@ class MergedModel(nn.Module):
         self.stores = nn.ModuleList(TaskVectorStore(names, pool.task_vectors, pool.low_rank)
                                     for names in blocks.values())
         index = {n: p for p, n in enumerate(self.param_names)}
-        self._columns = [torch.tensor([index[n] for n in st.names]) for st in self.stores]
+        # each store's columns of the [T, P] coefficients: a slice when contiguous (a view: no index kernel and no
+        # host-to-device copy per step), else an index tensor that moves with the module
+        self._columns: list[slice | str] = []
+        for i, st in enumerate(self.stores):
+            cols = [index[n] for n in st.names]
+            if cols == list(range(cols[0], cols[0] + len(cols))):
+                self._columns.append(slice(cols[0], cols[0] + len(cols)))
+            else:
+                self.register_buffer(f"_cols_{i}", torch.tensor(cols), persistent=False)
+                self._columns.append(f"_cols_{i}")
         self._store_of = {n: st for st in self.stores for n in st.names}
         self.eval()
 
@@ -133,7 +146,8 @@ class MergedModel(nn.Module):
         base = dict(self.backbone.named_parameters())
         out = {}
         for store, cols in zip(self.stores, self._columns):
-            out.update(store(base, lam[:, cols.to(lam.device)], masks))
+            sel = cols if isinstance(cols, slice) else getattr(self, cols).to(lam.device)
+            out.update(store(base, lam[:, sel], masks))
         return out
 
     def features(self, inputs: Mapping[str, Tensor], coefficients: Tensor | None = None, masks=None,

@@ -10,6 +10,7 @@ from adamerge.functional import (
     dare,
     disjoint_mean,
     disjoint_normalize,
+    merge_dense,
     merge_tensor,
     ties_trim_elect,
     topk_mask,
@@ -23,6 +24,61 @@ def test_merge_tensor_formula():
     assert torch.equal(merge_tensor(base, tv, torch.tensor([0.5, 0.25])), torch.tensor([1.5, 3.0]))
     mask = torch.tensor([0.0, 1.0])
     assert torch.equal(merge_tensor(base, tv, torch.tensor([0.5, 0.25]), mask), torch.tensor([1.0, 3.0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_bytes", [None, 100])  # 100 bytes: one task per up-cast chunk
+def test_merge_tensor_gradient_and_saved_memory(dtype, chunk_bytes, monkeypatch):
+    """The merge's values and λ-gradients equal plain autograd on the float32 stack, and its backward keeps no
+    up-cast copy: what autograd saves is the stored stack (bfloat16 bytes when stored so) and λ, nothing more."""
+    import adamerge.functional as F
+
+    if chunk_bytes is not None:
+        monkeypatch.setattr(F, "CAST_CHUNK_BYTES", chunk_bytes)
+    g = torch.Generator().manual_seed(0)
+    T, shape = 4, (32, 48)
+    base = torch.randn(shape, generator=g)
+    tv = (0.1 * torch.randn((T, *shape), generator=g)).to(dtype)
+    weight = torch.randn(shape, generator=g)
+    lam = torch.tensor([0.3, -0.2, 0.7, 0.1], requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = merge_tensor(base, tv, lam)
+    (out * weight).sum().backward()
+    ref_lam = lam.detach().clone().requires_grad_(True)
+    ref = base + torch.tensordot(ref_lam, tv.float(), dims=1)
+    (ref * weight).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lam.grad, ref_lam.grad, rtol=1e-5, atol=1e-5)
+    assert sum(saved) <= tv.numel() * tv.element_size() + lam.numel() * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_dense_group_matches_per_tensor_autograd(dtype):
+    """One node for a group of tensors (one output unused by the loss) gives each column of ``∂L/∂λ`` as a
+    per-tensor autograd reference does, and zero for the unused one."""
+    g = torch.Generator().manual_seed(1)
+    T, shapes = 3, [(5, 7), (7,), (4, 3, 2)]
+    bases = [torch.randn(s, generator=g) for s in shapes]
+    tvs = [torch.randn((T, *s), generator=g).to(dtype) for s in shapes]
+    weights = [torch.randn(s, generator=g) for s in shapes]
+    lam = torch.randn(T, len(shapes), generator=g, requires_grad=True)
+    outs = merge_dense(bases, tvs, lam)
+    (outs[0] * weights[0]).sum().add((outs[2] * weights[2]).sum()).backward()  # outs[1] unused
+    ref_lam = lam.detach().clone().requires_grad_(True)
+    refs = [b + torch.tensordot(ref_lam[:, j], tv.float(), dims=1) for j, (b, tv) in enumerate(zip(bases, tvs))]
+    (refs[0] * weights[0]).sum().add((refs[2] * weights[2]).sum()).backward()
+    for o, r in zip(outs, refs):
+        torch.testing.assert_close(o, r, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lam.grad, ref_lam.grad, rtol=1e-5, atol=1e-5)
+    assert torch.equal(lam.grad[:, 1], torch.zeros(T)) and lam.grad[:, 0].abs().min() > 0
+    with pytest.raises(ValueError, match="coefficients"):
+        merge_dense(bases, tvs, lam[:, :2])
 
 
 def test_ties_trim_elect_disjoint_mean_by_hand():

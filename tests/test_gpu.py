@@ -1,0 +1,53 @@
+"""On a CUDA device, coefficient training gives the CPU's coefficients (skipped where there is no GPU).
+
+The same three fixed batches drive a layer-wise AdaMerging fit on CPU and on the GPU, with float32 and bfloat16 task
+vector storage, in one batch and in task chunks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adamerge.methods import AdaMerging
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def batches(zoo, n=3):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(zoo[0])
+    texts = ["good movie great plot", "the film was awful", "who is the actor", "where is the city now",
+             "free prize call now", "hello friend meet lunch"]
+    out = []
+    for i in range(n):
+        enc = tok(texts[i:] + texts[:i], padding=True, return_tensors="pt")
+        out.append({"inputs": dict(enc), "tasks": ["sentiment", "topic", "spam"], "sizes": [2, 2, 2]})
+    return out
+
+
+@pytest.mark.parametrize("tv_dtype", [None, "bfloat16"])
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_gpu_fit_matches_cpu(zoo, tv_dtype, chunks):
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    class WhereItRuns(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            merged = pl_module.merged
+            devices.add((merged.coefficients.weight.device.type, merged.task_vector(merged.param_names[0]).device.type))
+
+    data = batches(zoo)
+    result = {}
+    for accelerator in ("cpu", "gpu"):
+        devices: set = set()
+        pl.seed_everything(0, verbose=False)
+        module = AdaMerging(*zoo, granularity="layer", lr=0.01, tv_dtype=tv_dtype, task_chunks=chunks)
+        trainer = pl.Trainer(max_steps=3, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, callbacks=[WhereItRuns()])
+        trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
+        assert devices == ({("cuda", "cuda")} if accelerator == "gpu" else {("cpu", "cpu")})
+        result[accelerator] = module.merged.coefficients.weight.detach().cpu()
+    assert (result["cpu"] - 0.3).abs().max() > 1e-3  # it trained
+    torch.testing.assert_close(result["gpu"], result["cpu"], atol=2e-5, rtol=0)
