@@ -4,18 +4,24 @@
     python scripts/bench_speed.py                      # T = 2, 4, 8 on a MiniLM-sized BERT (CPU here; GPU if present)
     python scripts/bench_speed.py --tasks 2 4 --steps 4
 
-For each T, three fresh processes run the same model (all-MiniLM-L6-v2's architecture, random weights; fine-tunes
-are the base plus seeded noise) on the same batch (16 rows per task, 64 tokens):
+For each T, fresh processes run the same model (all-MiniLM-L6-v2's architecture, random weights; fine-tunes are the
+base plus seeded noise) on the same batch (16 rows per task, 64 tokens):
 
-  (a) plain    one forward+backward of the model over the T·16 rows (all weights require grad), per-task heads
-  (b) adamerge layer-wise AdaMerging step: merge (one tensordot per tensor), one forward/backward, Adam step
-  (b') adamerge with task vectors stored in bfloat16 (tv_dtype; the merge still computes in float32)
-  (b'') adamerge with task_chunks = T: one merge, then each task's forward+backward on its own (bounded activations)
-  (c) FusionBench 0.2.33 LayerWiseMergedModel, driven as its layer-wise AdaMerging does: merge_weights(), then per
-      task a forward and backward(retain_graph=True), Adam step — in its own venv (created on first use)
+  a        plain forward+backward of the model over the T*16 rows (all weights require grad), per-task heads
+  b        adamerge layer-wise AdaMerging step: merge (one tensordot per tensor), one forward/backward, Adam step
+  b-bf16   b with the task vectors stored in bfloat16 (tv_dtype; the merge computes in float32, chunk by chunk)
+  b-chunks b with task_chunks = T: one merge, then each task's forward+backward on its own (bounded activations)
+  b-lean   bfloat16 task vectors and task_chunks = T together
+  c        FusionBench 0.2.33 LayerWiseMergedModel, driven as its layer-wise AdaMerging does: merge_weights(), then
+           per task a forward and backward(retain_graph=True), Adam step -- in its own venv (created on first use)
 
-Reported: median step time over the measured steps, and each process's peak RSS (MiB), with the ratios b/a and c/b
-and adamerge's peak memory relative to FusionBench's. Nothing is hard-coded: every figure is measured in this run.
+Reported: the median step time over the measured steps with the ratios b/a and c/b, and two memory figures per
+process: its peak during the training steps (CPU: peak RSS after resetting the kernel's high-water mark once
+everything is loaded; GPU: torch.cuda.max_memory_allocated over the steps, resident weights included) and its
+lifetime peak RSS (loading included). Nothing is hard-coded: every figure is measured in this run.
+
+Without network access, pass --fusionbench-python: an interpreter that imports fusion_bench (with PYTHONPATH set to a
+folder holding fusion_bench, omegaconf, antlr4 and dill, say) instead of letting the script create its venv.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FUSIONBENCH = "fusion-bench==0.2.33"
+MODES = {"a": "plain", "b": "adamerge", "b-bf16": "adamerge-bf16", "b-chunks": "adamerge-chunked",
+         "b-lean": "adamerge-lean", "c": "fusionbench"}  # column -> worker mode
 
 
 def config():
@@ -74,6 +82,34 @@ def entropy(logits):
     return -(logp.exp() * logp).sum(-1).mean()
 
 
+def reset_peak(device: str) -> bool:
+    """Start a fresh peak-memory window; False where the platform cannot (the step peak is then not reported)."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    try:  # hand freed heap pages back (glibc keeps them in RSS), then reset VmHWM (the peak RSS) to the current RSS
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0
+        return True
+    except OSError:
+        return False
+
+
+def step_peak_mib(device: str) -> float:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def worker(mode: str, T: int, steps: int, rows: int, length: int) -> dict:
     import torch
 
@@ -91,7 +127,7 @@ def worker(mode: str, T: int, steps: int, rows: int, length: int) -> dict:
             loss = sum(entropy(h(pooled[s])) for h, s in zip(heads, slices))
             loss.backward()
             model.zero_grad(set_to_none=True)
-    elif mode in ("adamerge", "adamerge-bf16", "adamerge-chunked"):
+    elif mode.startswith("adamerge"):
         from adamerge.merged import MergedModel
         from adamerge.objectives import entropy_objective
         from adamerge.parametrize import Coefficients
@@ -104,14 +140,14 @@ def worker(mode: str, T: int, steps: int, rows: int, length: int) -> dict:
             paths.append(str(tmp / str(i)))
             del m
         pool = load_pool(paths[0], {f"t{i}": p for i, p in enumerate(paths[1:])},
-                         tv_dtype=torch.bfloat16 if mode == "adamerge-bf16" else None)
+                         tv_dtype=torch.bfloat16 if mode in ("adamerge-bf16", "adamerge-lean") else None)
         merged = MergedModel(pool, Coefficients(T, len(pool.param_names), "layer", 0.3)).to(device)
         del pool
         opt = torch.optim.Adam([merged.coefficients.weight], lr=1e-3)
         names = list(merged.task_names)
 
         def step():
-            if mode == "adamerge-chunked":  # one task per group: activations of 16 rows, as FusionBench
+            if mode in ("adamerge-chunked", "adamerge-lean"):  # one task per group: 16 rows' activations, as FusionBench
                 loss, _, _ = merged.chunked_surrogate({"inputs": inputs, "tasks": names, "sizes": [rows] * T},
                                                       lambda logits, sub: entropy_objective(logits), T)
             else:
@@ -140,6 +176,10 @@ def worker(mode: str, T: int, steps: int, rows: int, length: int) -> dict:
             opt.zero_grad(set_to_none=True)
             module.merge_weights()
 
+    import gc
+
+    gc.collect()
+    windowed = reset_peak(device)
     times = []
     for _ in range(steps + 1):
         if device == "cuda":
@@ -150,9 +190,11 @@ def worker(mode: str, T: int, steps: int, rows: int, length: int) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     out = {"mode": mode, "T": T, "step_ms": 1000 * statistics.median(times[1:]),
-           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "device": device}
+           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "device": device,
+           "step_peak_mib": step_peak_mib(device) if windowed else None,
+           "step_peak_kind": "torch.cuda.max_memory_allocated" if device == "cuda" else "RSS high-water mark"}
     if device == "cuda":
-        out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        out["gpu"] = torch.cuda.get_device_name()
     return out
 
 
@@ -166,7 +208,8 @@ def fusionbench_python(venv: Path) -> str:
 
 
 def run_worker(python: str, mode: str, T: int, args) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}
     res = subprocess.run([python, __file__, "--worker", mode, "--tasks", str(T), "--steps", str(args.steps),
                           "--rows", str(args.rows), "--length", str(args.length)],
                          env=env, capture_output=True, text=True)
@@ -182,38 +225,54 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=16, help="rows per task per step")
     p.add_argument("--length", type=int, default=64, help="tokens per row")
     p.add_argument("--fusionbench-venv", type=Path, default=ROOT / ".cache" / "fusionbench-venv")
-    p.add_argument("--worker", choices=["plain", "adamerge", "adamerge-bf16", "adamerge-chunked", "fusionbench"],
-                   help=argparse.SUPPRESS)
+    p.add_argument("--fusionbench-python", help="an interpreter that imports fusion_bench (no venv is created)")
+    p.add_argument("--worker", choices=list(MODES.values()), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.tasks[0], args.steps, args.rows, args.length)))
         return
-    fb = fusionbench_python(args.fusionbench_venv)
-    lines = ["| T | (a) plain ms | (b) adamerge ms | (c) FusionBench ms | b/a | c/b | RSS a MiB | RSS b MiB | "
-             "RSS c MiB | RSS b/c | (b') bf16 task vectors ms | RSS b' MiB | RSS b'/c | (b'') task_chunks=T ms | "
-             "RSS b'' MiB | RSS b''/c |", "|" + "---|" * 16]
+    fb = args.fusionbench_python or fusionbench_python(args.fusionbench_venv)
     results = []
     for T in args.tasks:
-        a = run_worker(sys.executable, "plain", T, args)
-        b = run_worker(sys.executable, "adamerge", T, args)
-        c = run_worker(fb, "fusionbench", T, args)
-        b16 = run_worker(sys.executable, "adamerge-bf16", T, args)
-        bch = run_worker(sys.executable, "adamerge-chunked", T, args)
-        results.append({"a": a, "b": b, "c": c, "b_bf16": b16, "b_chunked": bch})
-        lines.append(f"| {T} | {a['step_ms']:.0f} | {b['step_ms']:.0f} | {c['step_ms']:.0f} | "
-                     f"{b['step_ms'] / a['step_ms']:.2f} | {c['step_ms'] / b['step_ms']:.2f} | "
-                     f"{a['peak_rss_mib']:.0f} | {b['peak_rss_mib']:.0f} | {c['peak_rss_mib']:.0f} | "
-                     f"{b['peak_rss_mib'] / c['peak_rss_mib']:.2f} | {b16['step_ms']:.0f} | "
-                     f"{b16['peak_rss_mib']:.0f} | {b16['peak_rss_mib'] / c['peak_rss_mib']:.2f} | "
-                     f"{bch['step_ms']:.0f} | {bch['peak_rss_mib']:.0f} | {bch['peak_rss_mib'] / c['peak_rss_mib']:.2f} |")
-        print(lines[-1], flush=True)
+        row = {k: run_worker(fb if k == "c" else sys.executable, mode, T, args) for k, mode in MODES.items()}
+        results.append(row)
+        print(json.dumps({"T": T, **{k: [round(v["step_ms"], 1), v["step_peak_mib"] and round(v["step_peak_mib"]),
+                                         round(v["peak_rss_mib"])] for k, v in row.items()}}), flush=True)
     print()
-    print("\n".join(lines))
-    print(f"\ndevice: {results[0]['a']['device']}; {args.rows} rows/task, {args.length} tokens, "
-          f"median of {args.steps} steps after 1 warm-up")
+    print(tables(results, args))
     out = ROOT / "runs" / "bench_speed.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def tables(results: list[dict], args) -> str:
+    """Markdown: step times with b/a and c/b; peak memory during the steps against FusionBench; lifetime peak RSS."""
+    cols = list(MODES)
+    first = results[0]["a"]
+    where = first["device"] + (f" ({first['gpu']})" if "gpu" in first else "")
+    ours = ["b", "b-bf16", "b-chunks", "b-lean"]
+    out = [f"Step time in ms (median of {args.steps} steps after one warm-up), {where}, {args.rows} rows/task, "
+           f"{args.length} tokens:", "",
+           "| T | " + " | ".join(cols) + " | b/a | c/b | c/b-lean |", "|" + "---|" * (len(cols) + 4)]
+    for row in results:
+        ms = {k: row[k]["step_ms"] for k in cols}
+        out.append(f"| {row['a']['T']} | " + " | ".join(f"{ms[k]:.1f}" for k in cols)
+                   + f" | {ms['b'] / ms['a']:.2f} | {ms['c'] / ms['b']:.2f} | {ms['c'] / ms['b-lean']:.2f} |")
+    out += ["", f"Peak memory during the steps, MiB ({first['step_peak_kind']}), and ours relative to FusionBench (c):",
+            "", "| T | " + " | ".join(cols) + " | " + " | ".join(f"{k}/c" for k in ours) + " |",
+            "|" + "---|" * (len(cols) + len(ours) + 1)]
+    for row in results:
+        peak = {k: row[k]["step_peak_mib"] for k in cols}
+        if None in peak.values():
+            out.append(f"| {row['a']['T']} | not measurable on this platform |")
+            continue
+        out.append(f"| {row['a']['T']} | " + " | ".join(f"{peak[k]:.0f}" for k in cols) + " | "
+                   + " | ".join(f"{peak[k] / peak['c']:.2f}" for k in ours) + " |")
+    out += ["", "Lifetime peak RSS of each process, MiB (loading included):", "",
+            "| T | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for row in results:
+        out.append(f"| {row['a']['T']} | " + " | ".join(f"{row[k]['peak_rss_mib']:.0f}" for k in cols) + " |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
