@@ -11,7 +11,10 @@ Notation (see docs/methods): base weights ``θ0``, task vectors ``τ_t = θ_t �
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -97,6 +100,93 @@ def merge_tensor(base: Tensor, task_vectors: Tensor, coefficients: Tensor, mask:
     tv = task_vectors.to(base.dtype) * mask.to(base.dtype)  # same arithmetic as the unmasked path (an all-ones mask
     return torch.addmv(base.reshape(-1), tv.reshape(tv.shape[0], -1).t(),  # gives bit-identical weights)
                        coefficients.to(base.dtype)).view(base.shape)
+
+
+class SparseStack(NamedTuple):
+    """The non-zero entries of a stacked task vector ``[T, *shape]``, task after task.
+
+    ``index``: flat positions within one task's tensor (int32 below 2^31 elements), ``values``: the entries (storage
+    dtype), ``counts``: entries per task. Per kept entry this costs 8 bytes in float32 (6 in bfloat16) against 4 (2)
+    for every entry of the dense stack: it pays below half density in float32 (a third in bfloat16), e.g. after TIES
+    trimming (density 0.2: 0.4x the dense bytes in float32) or DARE.
+    """
+
+    index: Tensor
+    values: Tensor
+    counts: tuple[int, ...]
+    shape: tuple[int, ...]
+
+
+def to_sparse_stack(task_vectors: Tensor) -> SparseStack:
+    """Keep the non-zero entries of a ``[T, ...]`` stack (see :class:`SparseStack`)."""
+    T = task_vectors.shape[0]
+    flat = task_vectors.reshape(T, -1)
+    index_dtype = torch.int32 if flat.shape[1] < 2**31 else torch.int64
+    idx = [flat[t].nonzero().squeeze(1) for t in range(T)]
+    return SparseStack(torch.cat(idx).to(index_dtype), torch.cat([flat[t][i] for t, i in enumerate(idx)]),
+                       tuple(len(i) for i in idx), tuple(task_vectors.shape[1:]))
+
+
+def sparse_to_dense(stack: SparseStack) -> Tensor:
+    """The ``[T, *shape]`` dense stack of a :class:`SparseStack` (a new tensor)."""
+    T, n = len(stack.counts), math.prod(stack.shape)
+    out = stack.values.new_zeros(T, n)
+    o = 0
+    for t, c in enumerate(stack.counts):
+        out[t, stack.index[o:o + c].long()] = stack.values[o:o + c]
+        o += c
+    return out.view(T, *stack.shape)
+
+
+class _SparseMerge(torch.autograd.Function):
+    """:class:`_DenseMerge` for task vectors stored as :class:`SparseStack`: per task one ``index_add_`` forward
+    (positions are unique within a task, so the result is deterministic on GPUs too) and one gather-dot backward."""
+
+    @staticmethod
+    def forward(ctx, lam: Tensor, counts: list[tuple[int, ...]], *tensors: Tensor):
+        k = lam.shape[1]
+        bases, indexes, values = tensors[:k], tensors[k:2 * k], tensors[2 * k:]
+        ctx.save_for_backward(lam, *indexes, *values)
+        ctx.counts = counts
+        outs = []
+        for j, (base, idx, val) in enumerate(zip(bases, indexes, values)):
+            out, o = base.reshape(-1).clone(), 0
+            for t, c in enumerate(counts[j]):
+                if c:
+                    out.index_add_(0, idx[o:o + c], val[o:o + c].to(base.dtype) * lam[t, j])
+                o += c
+            outs.append(out.view(base.shape))
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        lam, *saved = ctx.saved_tensors
+        k = lam.shape[1]
+        indexes, values = saved[:k], saved[k:]
+        grad_lam = None
+        if ctx.needs_input_grad[0]:
+            grad_lam = lam.new_zeros(lam.shape)
+            for j, (g, idx, val) in enumerate(zip(grads, indexes, values)):
+                if g is None:
+                    continue
+                g, o = g.reshape(-1), 0
+                for t, c in enumerate(ctx.counts[j]):
+                    if c:
+                        grad_lam[t, j] = torch.dot(g[idx[o:o + c]], val[o:o + c].to(g.dtype)).to(lam.dtype)
+                    o += c
+        grad_bases = [g if ctx.needs_input_grad[2 + j] else None for j, g in enumerate(grads)]
+        return (grad_lam, None, *grad_bases, *([None] * (2 * k)))
+
+
+def merge_sparse(bases: list[Tensor], stacks: list[SparseStack], coefficients: Tensor) -> list[Tensor]:
+    """:func:`merge_dense` for task vectors stored as :class:`SparseStack` (``coefficients``: ``[T, k]``)."""
+    if coefficients.ndim != 2 or coefficients.shape[1] != len(bases) or len(bases) != len(stacks):
+        raise ValueError(f"merge_sparse: coefficients {tuple(coefficients.shape)} for {len(bases)} bases and "
+                         f"{len(stacks)} sparse stacks")
+    if not bases:
+        return []
+    return list(_SparseMerge.apply(coefficients.to(bases[0].dtype), [st.counts for st in stacks], *bases,
+                                   *[st.index for st in stacks], *[st.values for st in stacks]))
 
 
 def merge_low_rank(base: Tensor, B: Tensor, A: Tensor, coefficients: Tensor) -> Tensor:

@@ -14,7 +14,15 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from adamerge.errors import MergeInputError
-from adamerge.functional import merge_dense, merge_low_rank, merge_tensor
+from adamerge.functional import (
+    SparseStack,
+    merge_dense,
+    merge_low_rank,
+    merge_sparse,
+    merge_tensor,
+    sparse_to_dense,
+    to_sparse_stack,
+)
 from adamerge.parametrize import Coefficients
 from adamerge.pool import TaskVectorPool, apply_head
 
@@ -42,7 +50,9 @@ class TaskVectorStore(nn.Module):
 
     Dense task vectors are ``[T, ...]``; LoRA ones are factor pairs ``B [T, out, r]``, ``A [T, r, in]``. They are
     frozen parameters (``requires_grad=False``) so that FSDP2 (``fully_shard``) can shard them across ranks: the
-    merge runs inside this module's forward, where FSDP2 gathers them, and again for the backward.
+    merge runs inside this module's forward, where FSDP2 gathers them, and again for the backward. After
+    :meth:`to_sparse`, dense ones are kept as their non-zero entries (:class:`~adamerge.functional.SparseStack`) in
+    buffers, which FSDP2 leaves replicated.
     """
 
     def __init__(self, names: list[str], dense: dict[str, Tensor], low_rank: dict[str, tuple[Tensor, Tensor]]):
@@ -50,6 +60,8 @@ class TaskVectorStore(nn.Module):
         self.names = names
         self.dense_keys: dict[str, str] = {}
         self.lr_keys: dict[str, tuple[str, str]] = {}
+        self.sparse_keys: dict[str, tuple[str, str]] = {}
+        self.sparse_meta: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # name -> (counts, shape)
         for i, n in enumerate(names):
             if n in dense:
                 self.dense_keys[n] = f"tv_{i}"
@@ -60,21 +72,63 @@ class TaskVectorStore(nn.Module):
                 self.register_parameter(f"B_{i}", nn.Parameter(B, requires_grad=False))
                 self.register_parameter(f"A_{i}", nn.Parameter(A, requires_grad=False))
 
+    def sparse_stack(self, name: str) -> SparseStack:
+        counts, shape = self.sparse_meta[name]
+        idx, val = (getattr(self, k) for k in self.sparse_keys[name])
+        return SparseStack(idx, val, counts, shape)
+
+    def dense(self, name: str) -> Tensor:
+        """The ``[T, ...]`` stack of ``name`` (the stored parameter; a new dense copy when stored sparse)."""
+        if name in self.sparse_keys:
+            return sparse_to_dense(self.sparse_stack(name))
+        return getattr(self, self.dense_keys[name])
+
+    def _store_sparse(self, name: str, tv: Tensor) -> None:
+        st = to_sparse_stack(tv)
+        i = self.names.index(name)
+        self.sparse_keys[name] = (f"si_{i}", f"sv_{i}")
+        self.sparse_meta[name] = (st.counts, st.shape)
+        self.register_buffer(f"si_{i}", st.index, persistent=False)
+        self.register_buffer(f"sv_{i}", st.values, persistent=False)
+
+    def set_dense(self, name: str, tv: Tensor) -> None:
+        """Replace the stack of ``name`` (kept sparse if it was)."""
+        if name in self.sparse_keys:
+            self._store_sparse(name, tv.to(getattr(self, self.sparse_keys[name][1])))
+        else:
+            p = getattr(self, self.dense_keys[name])
+            p.data = tv.to(p)
+
+    @torch.no_grad()
+    def to_sparse(self) -> None:
+        """Keep every dense stack as its non-zero entries (frees the dense parameters)."""
+        for name, key in list(self.dense_keys.items()):
+            self._store_sparse(name, getattr(self, key))
+            delattr(self, key)
+            del self.dense_keys[name]
+
     def forward(self, base: Mapping[str, Tensor], lam: Tensor, masks: Mapping[str, Tensor] | None = None
                 ) -> dict[str, Tensor]:
         """``{name: θ0 + Σ_t lam[t, j] τ_t}`` for this block's tensors (``lam``: ``[T, len(names)]``)."""
-        if not self.lr_keys and not (masks and any(n in masks for n in self.names)):  # the common case: one node
-            merged = merge_dense([base[n] for n in self.names], [getattr(self, self.dense_keys[n]) for n in self.names],
-                                 lam)
+        masked = bool(masks) and any(n in masks for n in self.names)
+        if not self.lr_keys and not masked and (not self.sparse_keys or not self.dense_keys):  # one autograd node
+            if self.sparse_keys:
+                merged = merge_sparse([base[n] for n in self.names], [self.sparse_stack(n) for n in self.names], lam)
+            else:
+                merged = merge_dense([base[n] for n in self.names],
+                                     [getattr(self, self.dense_keys[n]) for n in self.names], lam)
             return dict(zip(self.names, merged))
         out = {}
         for j, n in enumerate(self.names):
             mask = None if masks is None else masks.get(n)
+            if mask is not None and n not in self.dense_keys:
+                kind = "low-rank (LoRA)" if n in self.lr_keys else "sparse (prep.sparse_storage)"
+                raise MergeInputError(f"masks: tensor {n!r} has a {kind} task vector; masks need dense ones")
             if n in self.lr_keys:
-                if mask is not None:
-                    raise MergeInputError(f"masks: tensor {n!r} has a low-rank (LoRA) task vector; masks need dense ones")
                 B, A = (getattr(self, k) for k in self.lr_keys[n])
                 out[n] = merge_low_rank(base[n], B, A, lam[:, j])
+            elif n in self.sparse_keys:
+                out[n] = merge_sparse([base[n]], [self.sparse_stack(n)], lam[:, j:j + 1])[0]
             else:
                 out[n] = merge_tensor(base[n], getattr(self, self.dense_keys[n]), lam[:, j], mask)
         return out
@@ -126,17 +180,29 @@ class MergedModel(nn.Module):
         return tuple(getattr(st, k) for k in st.lr_keys[name])
 
     def task_vector(self, name: str) -> Tensor:
-        st = self._store_of[name]
-        return getattr(st, st.dense_keys[name])
+        """The ``[T, ...]`` stack of ``name`` (a dense copy when stored sparse)."""
+        return self._store_of[name].dense(name)
 
     def task_vectors(self) -> dict[str, Tensor]:
-        """The dense stacked task vectors (LoRA factors are in :meth:`low_rank_factors`)."""
-        return {n: self.task_vector(n) for st in self.stores for n in st.dense_keys}
+        """The dense stacked task vectors, sparse-stored ones densified (LoRA factors: :meth:`low_rank_factors`)."""
+        return {n: self.task_vector(n) for st in self.stores for n in st.names if n not in st.lr_keys}
 
     def set_task_vectors(self, task_vectors: Mapping[str, Tensor]) -> None:
         """Replace the dense stacked task vectors (e.g. after TIES/DARE pre-processing)."""
-        for n, tv in self.task_vectors().items():
-            tv.data = task_vectors[n].to(tv)
+        for st in self.stores:
+            for n in st.names:
+                if n not in st.lr_keys:
+                    st.set_dense(n, task_vectors[n])
+
+    def to_sparse_storage(self) -> None:
+        """Keep the dense task vectors as their non-zero entries (see :class:`~adamerge.functional.SparseStack`)."""
+        for st in self.stores:
+            st.to_sparse()
+
+    def task_vector_bytes(self) -> int:
+        """Bytes held by the stored task vectors (dense stacks, sparse entries and positions, LoRA factors)."""
+        return sum(t.numel() * t.element_size() for st in self.stores
+                   for t in (*st.parameters(), *st.buffers()))
 
     def merged_params(self, coefficients: Tensor | None = None, masks: Mapping[str, Tensor] | None = None
                       ) -> dict[str, Tensor]:

@@ -23,6 +23,9 @@ class _ConcreteMixin:
     """Mask construction, hard-mask export and manifest fields shared by both Concrete methods."""
 
     def _build_mask(self, temperature, include, mask_dtype) -> None:
+        if self.prep.sparse_storage:
+            raise MergeInputError("prep.sparse_storage: Concrete masks are learned over every entry of the task "
+                                  "vectors and need them dense; leave sparse_storage false")
         shapes = {n: tv.shape[1:] for n, tv in self.merged.task_vectors().items()}
         self.mask = ConcreteMask(shapes, temperature, 0.0, include, parse_dtype(mask_dtype, "mask_dtype"))
 
