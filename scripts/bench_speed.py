@@ -12,6 +12,8 @@ base plus seeded noise) on the same batch (16 rows per task, 64 tokens):
   b-bf16   b with the task vectors stored in bfloat16 (tv_dtype; the merge computes in float32, chunk by chunk)
   b-chunks b with task_chunks = T: one merge, then each task's forward+backward on its own (bounded activations)
   b-lean   bfloat16 task vectors and task_chunks = T together
+  b-sparse AdaMerging++ (TIES-trimmed task vectors, density 0.2) kept sparse (prep.sparse_storage), float32, with
+           task_chunks = T -- a different (published) variant, shown for what sparse storage saves
   c        FusionBench 0.2.33 LayerWiseMergedModel, driven as its layer-wise AdaMerging does: merge_weights(), then
            per task a forward and backward(retain_graph=True), Adam step -- in its own venv (created on first use)
 
@@ -40,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FUSIONBENCH = "fusion-bench==0.2.33"
 MODES = {"a": "plain", "b": "adamerge", "b-bf16": "adamerge-bf16", "b-chunks": "adamerge-chunked",
-         "b-lean": "adamerge-lean", "c": "fusionbench"}  # column -> worker mode
+         "b-lean": "adamerge-lean", "b-sparse": "adamerge-sparse", "c": "fusionbench"}  # column -> worker mode
 
 
 def config():
@@ -141,13 +143,20 @@ def worker(mode: str, T: int, steps: int, rows: int, length: int) -> dict:
             del m
         pool = load_pool(paths[0], {f"t{i}": p for i, p in enumerate(paths[1:])},
                          tv_dtype=torch.bfloat16 if mode in ("adamerge-bf16", "adamerge-lean") else None)
-        merged = MergedModel(pool, Coefficients(T, len(pool.param_names), "layer", 0.3)).to(device)
+        if mode == "adamerge-sparse":
+            from adamerge.functional import ties_trim_elect
+
+            pool.task_vectors = ties_trim_elect(pool.task_vectors, 0.2)
+        merged = MergedModel(pool, Coefficients(T, len(pool.param_names), "layer", 0.3))
         del pool
+        if mode == "adamerge-sparse":
+            merged.to_sparse_storage()
+        merged = merged.to(device)
         opt = torch.optim.Adam([merged.coefficients.weight], lr=1e-3)
         names = list(merged.task_names)
 
         def step():
-            if mode in ("adamerge-chunked", "adamerge-lean"):  # one task per group: 16 rows' activations, as FusionBench
+            if mode in ("adamerge-chunked", "adamerge-lean", "adamerge-sparse"):  # one task per group, as FusionBench
                 loss, _, _ = merged.chunked_surrogate({"inputs": inputs, "tasks": names, "sizes": [rows] * T},
                                                       lambda logits, sub: entropy_objective(logits), T)
             else:
@@ -250,7 +259,7 @@ def tables(results: list[dict], args) -> str:
     cols = list(MODES)
     first = results[0]["a"]
     where = first["device"] + (f" ({first['gpu']})" if "gpu" in first else "")
-    ours = ["b", "b-bf16", "b-chunks", "b-lean"]
+    ours = ["b", "b-bf16", "b-chunks", "b-lean", "b-sparse"]
     out = [f"Step time in ms (median of {args.steps} steps after one warm-up), {where}, {args.rows} rows/task, "
            f"{args.length} tokens:", "",
            "| T | " + " | ".join(cols) + " | b/a | c/b | c/b-lean |", "|" + "---|" * (len(cols) + 4)]
