@@ -304,6 +304,16 @@ def _stack_low_rank(per_task: list[tuple[Tensor, Tensor] | None], dtype) -> tupl
     return B, A
 
 
+def _own_memory(module: nn.Module) -> nn.Module:
+    """Copy ``module``'s tensors out of the checkpoint file they were memory-mapped from. A kept head that still
+    points into its fine-tune's mapped safetensors file keeps the whole mapping, and every page of it that was read
+    while taking the task vector stays resident: T checkpoints' worth of RSS for a few small head tensors."""
+    with torch.no_grad():
+        for t in (*module.parameters(), *module.buffers()):
+            t.data = t.data.clone()
+    return module
+
+
 def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = None,
               trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
               task_type: str = "seq_cls") -> TaskVectorPool:
@@ -384,8 +394,8 @@ def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = 
         if zero:
             log.warning("model %r (%s) is identical to the base: its task vector is zero", task, source)
         if head is not None:
-            heads[task] = head.requires_grad_(False).eval()
-        del ft
+            heads[task] = _own_memory(head.requires_grad_(False).eval())
+        del ft, ft_backbone, ft_state
     low_rank = {}
     for n, per_task in factors.items():
         if n in dense:  # full fine-tunes (or saved modules) touch it too: store dense

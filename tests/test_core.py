@@ -212,3 +212,17 @@ def test_task_chunks_train_like_one_batch(zoo, task_data):
         results.append(module.merged.coefficients.weight.detach())
     assert (results[0] - 0.3).abs().max() > 1e-3
     torch.testing.assert_close(results[1], results[0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs Linux /proc")
+def test_pool_keeps_no_fine_tune_file_mapped(zoo):
+    """The kept heads own their tensors: no fine-tune's safetensors file stays memory-mapped (its pages, read once for
+    the task vector, would otherwise stay resident: T checkpoints of RSS)."""
+    import gc
+    from pathlib import Path
+
+    base, paths = zoo
+    pool = load_pool(base, paths)
+    gc.collect()
+    maps = Path("/proc/self/maps").read_text()
+    assert pool.heads and not [p for p in paths.values() if str(Path(p).resolve()) in maps]
