@@ -51,8 +51,9 @@ class TaskVectorStore(nn.Module):
     Dense task vectors are ``[T, ...]``; LoRA ones are factor pairs ``B [T, out, r]``, ``A [T, r, in]``. They are
     frozen parameters (``requires_grad=False``) so that FSDP2 (``fully_shard``) can shard them across ranks: the
     merge runs inside this module's forward, where FSDP2 gathers them, and again for the backward. After
-    :meth:`to_sparse`, dense ones are kept as their non-zero entries (:class:`~adamerge.functional.SparseStack`) in
-    buffers, which FSDP2 leaves replicated.
+    :meth:`to_sparse`, dense ones are kept as their non-zero entries (:class:`~adamerge.functional.SparseStack`), as
+    frozen parameters too — not buffers, which DDP would broadcast at every step — and such stores are left
+    replicated under FSDP2.
     """
 
     def __init__(self, names: list[str], dense: dict[str, Tensor], low_rank: dict[str, tuple[Tensor, Tensor]]):
@@ -88,8 +89,10 @@ class TaskVectorStore(nn.Module):
         i = self.names.index(name)
         self.sparse_keys[name] = (f"si_{i}", f"sv_{i}")
         self.sparse_meta[name] = (st.counts, st.shape)
-        self.register_buffer(f"si_{i}", st.index, persistent=False)
-        self.register_buffer(f"sv_{i}", st.values, persistent=False)
+        for key, t in zip(self.sparse_keys[name], (st.index, st.values)):
+            if key in self._parameters:
+                delattr(self, key)
+            self.register_parameter(key, nn.Parameter(t, requires_grad=False))
 
     def set_dense(self, name: str, tv: Tensor) -> None:
         """Replace the stack of ``name`` (kept sparse if it was)."""

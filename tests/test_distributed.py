@@ -68,3 +68,22 @@ def test_model_parallel_fsdp2_shards_task_vectors_and_matches_single_process(zoo
     # each of the 2 ranks holds half of every task-vector tensor's rows
     assert probe["sharded_stores"] == probe["stores"] > 0
     assert probe["local_elements"] * 2 == pytest.approx(probe["global_elements"], rel=0.01)
+
+
+def test_sparse_storage_under_ddp_and_fsdp2_matches_dense_single_process(zoo, task_data, tmp_path):
+    """AdaMerging++ with sparse task vectors: 2 DDP processes, and ModelParallelStrategy (sparse stores stay
+    replicated, coefficients sharded), end where one process with dense storage does."""
+    def cfg(name, devices, sparse):
+        c = _config(zoo, task_data, tmp_path / name, devices)
+        c["model"]["init_args"]["prep"] = {"ties_density": 0.2, "sparse_storage": sparse}
+        return c
+
+    single = _fit(tmp_path, cfg("dense", 1, False), "dense")
+    ddp = _fit(tmp_path, cfg("ddp_sparse", 2, True), "ddp_sparse")
+    fsdp_cfg = cfg("fsdp_sparse", 2, True)
+    fsdp_cfg["trainer"]["strategy"] = {"class_path": "pytorch_lightning.strategies.ModelParallelStrategy",
+                                       "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}}
+    fsdp = _fit(tmp_path, fsdp_cfg, "fsdp_sparse")
+    assert (single - 0.3).abs().max() > 2e-3
+    assert (single - ddp).abs().max() < 1e-6, (single - ddp).abs().max()
+    assert (single - fsdp).abs().max() < 1e-6, (single - fsdp).abs().max()

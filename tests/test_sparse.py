@@ -32,6 +32,9 @@ def test_sparse_adamerging_plusplus_equals_dense_with_less_memory(zoo, batch, tv
         modules[sparse] = m
     dense, sparse = modules[False], modules[True]
     assert not dense.merged.stores[0].sparse_keys and not sparse.merged.stores[0].dense_keys
+    # frozen parameters, not buffers (DDP broadcasts buffers at every forward)
+    assert not [n for n, _ in sparse.merged.stores.named_buffers()]
+    assert not [n for n, p in sparse.merged.stores.named_parameters() if p.requires_grad]
     # storage: TIES keeps <= 20% of each task's entries, at 4 + 4 (float32) or 4 + 2 (bfloat16) bytes per kept entry
     # against 4 (2) per entry dense: at most 0.4 (0.6) of the dense bytes
     bound = 0.2 * (4 + 2) / 2 if tv_dtype else 0.2 * (4 + 4) / 4

@@ -169,7 +169,7 @@ class MergeModule(pl.LightningModule):
             return Shard(max(even, key=lambda d: p.shape[d]) if even else 0)
 
         for store in self.merged.stores:
-            if any(True for _ in store.parameters()):  # sparse stores hold buffers only: replicated
+            if not store.sparse_keys:  # sparse entries (uneven, integer positions) stay replicated
                 fully_shard(store, mesh=dp, shard_placement_fn=largest_dim)
         fully_shard(self.merged.coefficients, mesh=dp)
         self._sharded = True
