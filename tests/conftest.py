@@ -64,6 +64,19 @@ def text_rows(n, seed=0):
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(n)]
 
 
+BATCH_TEXTS = ["good movie great plot", "the film was awful", "who is the actor", "where is the city now",
+               "free prize call now", "hello friend meet lunch"]
+
+
+def mixed_batch(base: str, rotate: int = 0) -> dict:
+    """Two rows per task of :data:`TASKS` in one batch (texts rotated by ``rotate``), as the data module yields."""
+    from transformers import AutoTokenizer
+
+    texts = BATCH_TEXTS[rotate:] + BATCH_TEXTS[:rotate]
+    enc = AutoTokenizer.from_pretrained(base)(texts, padding=True, return_tensors="pt")
+    return {"inputs": dict(enc), "tasks": list(TASKS), "sizes": [2] * len(TASKS)}
+
+
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoo")
@@ -86,6 +99,16 @@ def task_data(tmp_path_factory):
                 w.writerow([t, j % 2])
         out[task] = str(p)
     return out
+
+
+def fit_coefficients(module, zoo, task_data, steps: int = 3):
+    """Train ``module`` ``steps`` steps on 4 rows per task of ``task_data``; its coefficients afterwards."""
+    from adamerge.data import TaskData, UnlabeledDataModule
+
+    dm = UnlabeledDataModule({t: TaskData(p) for t, p in task_data.items()}, tokenizer=zoo[0],
+                             samples_per_task=4, max_length=16)
+    quick_fit(module, dm, steps)
+    return module.merged.coefficients.weight.detach()
 
 
 def quick_fit(module, datamodule, steps: int, seed: int = 0):

@@ -14,8 +14,6 @@ from adamerge.methods import AdaMerging
 from adamerge.parametrize import Coefficients
 from adamerge.pool import load_pool
 
-TASK_ORDER = ["sentiment", "topic", "spam"]
-
 
 @pytest.fixture(scope="module")
 def pool(zoo):
@@ -25,13 +23,10 @@ def pool(zoo):
 
 @pytest.fixture(scope="module")
 def batch(zoo):
-    from transformers import AutoTokenizer
+    from conftest import mixed_batch
 
-    tok = AutoTokenizer.from_pretrained(zoo[0])
-    texts = ["good movie great plot", "the film was awful", "who is the actor", "where is the city now",
-             "free prize call now", "hello friend meet lunch"]
-    enc = tok(texts, padding=True, return_tensors="pt")
-    return dict(enc), TASK_ORDER, [2, 2, 2]
+    b = mixed_batch(zoo[0])
+    return b["inputs"], b["tasks"], b["sizes"]
 
 
 def reference_logits(path, inputs, rows):
@@ -200,16 +195,10 @@ def test_task_chunks_give_the_same_gradient(zoo, batch, objective):
 
 
 def test_task_chunks_train_like_one_batch(zoo, task_data):
-    from adamerge.data import TaskData, UnlabeledDataModule
-    from conftest import quick_fit
+    from conftest import fit_coefficients
 
-    results = []
-    for chunks in (1, 3):
-        module = AdaMerging(*zoo, granularity="layer", lr=0.01, task_chunks=chunks)
-        dm = UnlabeledDataModule({t: TaskData(p) for t, p in task_data.items()}, tokenizer=zoo[0],
-                                 samples_per_task=4, max_length=16)
-        quick_fit(module, dm, 3)
-        results.append(module.merged.coefficients.weight.detach())
+    results = [fit_coefficients(AdaMerging(*zoo, granularity="layer", lr=0.01, task_chunks=chunks), zoo, task_data)
+               for chunks in (1, 3)]
     assert (results[0] - 0.3).abs().max() > 1e-3
     torch.testing.assert_close(results[1], results[0], atol=1e-6, rtol=0)
 

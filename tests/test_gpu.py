@@ -14,19 +14,6 @@ from adamerge.methods import AdaMerging
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def batches(zoo, n=3):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(zoo[0])
-    texts = ["good movie great plot", "the film was awful", "who is the actor", "where is the city now",
-             "free prize call now", "hello friend meet lunch"]
-    out = []
-    for i in range(n):
-        enc = tok(texts[i:] + texts[:i], padding=True, return_tensors="pt")
-        out.append({"inputs": dict(enc), "tasks": ["sentiment", "topic", "spam"], "sizes": [2, 2, 2]})
-    return out
-
-
 @pytest.mark.parametrize("tv_dtype", [None, "bfloat16"])
 @pytest.mark.parametrize("chunks", [1, 3])
 def test_gpu_fit_matches_cpu(zoo, tv_dtype, chunks):
@@ -38,7 +25,9 @@ def test_gpu_fit_matches_cpu(zoo, tv_dtype, chunks):
             merged = pl_module.merged
             devices.add((merged.coefficients.weight.device.type, merged.task_vector(merged.param_names[0]).device.type))
 
-    data = batches(zoo)
+    from conftest import mixed_batch
+
+    data = [mixed_batch(zoo[0], rotate=i) for i in range(3)]
     result = {}
     for accelerator in ("cpu", "gpu"):
         devices: set = set()

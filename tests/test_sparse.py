@@ -12,13 +12,9 @@ from adamerge.methods.base import TaskVectorPrep
 
 @pytest.fixture(scope="module")
 def batch(zoo):
-    from transformers import AutoTokenizer
+    from conftest import mixed_batch
 
-    tok = AutoTokenizer.from_pretrained(zoo[0])
-    texts = ["good movie great plot", "the film was awful", "who is the actor", "where is the city now",
-             "free prize call now", "hello friend meet lunch"]
-    return {"inputs": dict(tok(texts, padding=True, return_tensors="pt")), "tasks": ["sentiment", "topic", "spam"],
-            "sizes": [2, 2, 2]}
+    return mixed_batch(zoo[0])
 
 
 @pytest.mark.parametrize("tv_dtype", [None, "bfloat16"])
@@ -54,16 +50,11 @@ def test_sparse_adamerging_plusplus_equals_dense_with_less_memory(zoo, batch, tv
 
 
 def test_sparse_storage_trains_like_dense(zoo, task_data):
-    from adamerge.data import TaskData, UnlabeledDataModule
-    from conftest import quick_fit
+    from conftest import fit_coefficients
 
-    out = []
-    for sparse in (False, True):
-        m = AdaMerging(*zoo, granularity="layer", lr=0.01, prep=TaskVectorPrep(dare_rate=0.7, sparse_storage=sparse))
-        dm = UnlabeledDataModule({t: TaskData(p) for t, p in task_data.items()}, tokenizer=zoo[0],
-                                 samples_per_task=4, max_length=16)
-        quick_fit(m, dm, 3)
-        out.append(m.merged.coefficients.weight.detach())
+    out = [fit_coefficients(AdaMerging(*zoo, granularity="layer", lr=0.01,
+                                       prep=TaskVectorPrep(dare_rate=0.7, sparse_storage=sparse)), zoo, task_data)
+           for sparse in (False, True)]
     assert (out[0] - 0.3).abs().max() > 1e-3
     torch.testing.assert_close(out[1], out[0], atol=1e-6, rtol=0)
 
