@@ -1,4 +1,4 @@
-"""Lightning callbacks: export on fit end, coefficient heatmaps."""
+"""Lightning callbacks: export on fit end, coefficient heatmaps, label-free step selection."""
 
 from __future__ import annotations
 
@@ -95,3 +95,83 @@ class CoefficientHeatmap(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._log(trainer, pl_module)
+
+
+class SelectStep(pl.Callback):
+    """Label-free choice of the step to export: every ``every_n_steps`` (and before the first step) the model as it
+    would be exported is scored on the data module's held-back unlabeled rows (``data.holdout``); at the end of
+    training the best-scoring trainable state is restored, so the export (and the manifest's ``selection`` entry,
+    with the whole history) is that step's. No label is ever read: the data module drops label columns.
+
+    Criteria (:meth:`adamerge.methods.MergeModule.selection_score`): ``agreement`` — how often the merge predicts
+    what each task's own expert predicts (robust to the collapse of entropy minimisation, which lowers the entropy
+    while moving away from the experts); ``objective`` — the method's own objective on the held-back rows.
+
+    Args:
+        every_n_steps: scoring interval in optimizer steps.
+        criterion: ``agreement`` or ``objective``.
+    """
+
+    def __init__(self, every_n_steps: int = 10, criterion: str = "agreement") -> None:
+        from adamerge.errors import MergeInputError
+
+        if every_n_steps < 1:
+            raise MergeInputError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps, self.criterion = every_n_steps, criterion
+        self.history: list[tuple[int, float]] = []
+        self.best: tuple[int, float] | None = None
+        self.best_state: dict | None = None
+        self._batches = self._experts = None
+
+    def _setup(self, trainer, pl_module) -> None:
+        from adamerge.errors import MergeInputError
+
+        dm = trainer.datamodule
+        batches = dm.holdout_batches() if dm is not None and hasattr(dm, "holdout_batches") else []
+        if not batches:
+            raise MergeInputError("SelectStep needs held-back unlabeled rows: set data.holdout (e.g. 64)")
+        self._batches = [{**b, "inputs": {k: v.to(pl_module.device) for k, v in b["inputs"].items()}} for b in batches]
+        # the experts are frozen: their predictions on the held-back rows are computed once
+        self._experts = ([pl_module.expert_outputs(b)[0] for b in self._batches]
+                         if self.criterion == "agreement" else None)
+
+    def _score(self, trainer, pl_module) -> None:
+        step = int(trainer.global_step)
+        if self.history and self.history[-1][0] == step:
+            return
+        if self._batches is None:
+            self._setup(trainer, pl_module)
+        was_training = pl_module.training
+        pl_module.eval()
+        value = pl_module.selection_score(self._batches, self.criterion, self._experts)
+        pl_module.train(was_training)
+        self.history.append((step, value))
+        if self.best is None or value > self.best[1]:
+            self.best = (step, value)
+            keep = pl_module.trainable_state_keys()
+            self.best_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items() if k in keep}
+        log.info("selection %s at step %d: %.4f (best: step %d)", self.criterion, step, value, self.best[0])
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._score(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self._score(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._score(trainer, pl_module)
+        pl_module.load_state_dict(self.best_state, strict=False)
+        pl_module.selection = {"criterion": self.criterion, "every_n_steps": self.every_n_steps,
+                               "selected_step": self.best[0], "score": self.best[1],
+                               "final_step": int(trainer.global_step),
+                               "history": [list(h) for h in self.history]}
+        log.info("selected step %d of %d by %s (%.4f)", self.best[0], trainer.global_step, self.criterion,
+                 self.best[1])
+
+    def state_dict(self) -> dict:
+        return {"history": self.history, "best": self.best, "best_state": self.best_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [tuple(h) for h in state["history"]]
+        self.best, self.best_state = state["best"], state["best_state"]

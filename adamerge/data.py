@@ -184,21 +184,26 @@ class UnlabeledDataModule(pl.LightningDataModule):
         seed: seeds the per-task permutations.
         steps_per_epoch: dataset length in steps; default: one pass over the largest task.
         num_workers: DataLoader workers.
+        holdout: rows of every task held back from training (a seeded choice) for label-free step selection
+            (:class:`adamerge.callbacks.SelectStep`); 0 keeps every row for training.
     """
 
     def __init__(self, tasks: dict[str, TaskData], tokenizer: str | None = None, samples_per_task: int = 16,
                  max_length: int = 128, seed: int = 0, steps_per_epoch: int | None = None,
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, holdout: int = 0) -> None:
         super().__init__()
         if not tasks:
             raise MergeInputError("data.tasks: at least one task is required")
         if samples_per_task < 1:
             raise MergeInputError(f"data.samples_per_task must be >= 1, got {samples_per_task}")
+        if holdout < 0:
+            raise MergeInputError(f"data.holdout must be >= 0, got {holdout}")
         self.tasks = {k: (v if isinstance(v, TaskData) else TaskData(**v)) for k, v in tasks.items()}
         self.tokenizer_name = tokenizer
         self.samples_per_task, self.max_length, self.seed = samples_per_task, max_length, seed
-        self.steps_per_epoch, self.num_workers = steps_per_epoch, num_workers
+        self.steps_per_epoch, self.num_workers, self.holdout = steps_per_epoch, num_workers, holdout
         self.dataset: TaskStepDataset | None = None
+        self.held_out: dict[str, list] = {}
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:
@@ -214,12 +219,41 @@ class UnlabeledDataModule(pl.LightningDataModule):
             if unknown:
                 raise MergeInputError(f"data.tasks: {unknown} have no model; model tasks: {model_tasks}")
         rows = {task: tokenize(tok, load_texts(spec, task), spec, self.max_length) for task, spec in self.tasks.items()}
+        if self.holdout:
+            rows, self.held_out = self._split_holdout(rows)
         length = self.steps_per_epoch or max(math.ceil(len(r) / self.samples_per_task) for r in rows.values())
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._has_trainer() else (0, 1)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)  # LLM tokenizers
+        self.pad_id = pad_id
         self.dataset = TaskStepDataset(rows, self.samples_per_task, self.seed, pad_id, length,
                                        rank=rank, world_size=world)
         log.info("unlabeled data: %s", {t: len(r) for t, r in rows.items()})
+
+    def _split_holdout(self, rows: dict[str, list]) -> tuple[dict[str, list], dict[str, list]]:
+        """Hold back ``holdout`` rows of every task (a seeded choice, independent of the training permutations)."""
+        train, held = {}, {}
+        for t, (task, r) in enumerate(rows.items()):
+            if len(r) <= self.holdout:
+                raise MergeInputError(f"data.holdout ({self.holdout}) leaves no training rows for task {task!r}, "
+                                      f"which has {len(r)}")
+            perm = torch.randperm(len(r), generator=torch.Generator().manual_seed(self.seed * 7919 + t + 1)).tolist()
+            held[task] = [r[i] for i in perm[: self.holdout]]
+            train[task] = [r[i] for i in sorted(perm[self.holdout:])]
+        return train, held
+
+    def holdout_batches(self, rows_per_task: int | None = None) -> list[dict]:
+        """The held-back rows as step-shaped batches of at most ``rows_per_task`` rows of every task (default
+        ``samples_per_task``); the same on every rank. Empty when ``holdout`` is 0."""
+        if not self.held_out:
+            return []
+        per = rows_per_task or self.samples_per_task
+        tasks = list(self.held_out)
+        out = []
+        for lo in range(0, self.holdout, per):
+            picked = [self.held_out[t][lo:lo + per] for t in tasks]
+            out.append({"inputs": pad_batch([r for rs in picked for r in rs], self.pad_id), "tasks": tasks,
+                        "sizes": [len(rs) for rs in picked]})
+        return out
 
     def _has_trainer(self) -> bool:
         try:

@@ -225,11 +225,22 @@ class MergedModel(nn.Module):
         params = self.merged_params(coefficients, masks) if params is None else params
         return functional_call(self.backbone, dict(params), args=(), kwargs=dict(inputs))
 
-    def head_logits(self, task: str, features, inputs: Mapping[str, Tensor]) -> Tensor:
-        """Apply task ``task``'s frozen head to backbone ``features`` of ``inputs`` (causal LMs: their logits)."""
+    def head_logits(self, task: str, features, inputs: Mapping[str, Tensor], heads: Mapping[str, nn.Module] | None = None
+                    ) -> Tensor:
+        """Apply task ``task``'s head (from ``heads``, default the model's own) to backbone ``features`` of ``inputs``
+        (causal LMs: their logits)."""
         if self.task_type == "causal_lm":
             return features.logits
-        return apply_head(self.heads[task], features, inputs)
+        return apply_head((self.heads if heads is None else heads)[task], features, inputs)
+
+    def feature_tensor(self, output) -> Tensor:
+        """The backbone feature that the heads read: ``pooler_output`` where the backbone has one (BERT), otherwise
+        ``last_hidden_state`` (token features ``[n, L, d]``)."""
+        if self.task_type == "causal_lm":
+            raise MergeInputError("objective: 'features' needs a backbone with hidden features; a causal LM is merged "
+                                  "whole (use objective 'kl' or 'pseudo_label')")
+        pooled = getattr(output, "pooler_output", None)
+        return pooled if pooled is not None else output.last_hidden_state
 
     def forward(self, inputs: Mapping[str, Tensor], tasks: list[str], sizes: list[int],
                 coefficients: Tensor | None = None, masks=None, return_features: bool = False,
@@ -252,7 +263,8 @@ class MergedModel(nn.Module):
         ``dL/dW`` there; the returned surrogate ``Σ_p ⟨W_p, dL/dW_p⟩`` has the same gradient with respect to the
         coefficients (and masks) as the loss itself, so one ``backward()`` of it — Lightning's — finishes the step.
 
-        ``loss_fn(logits, sub_batch) -> (loss, per_task)``. Returns ``(surrogate, loss, per_task)``.
+        ``loss_fn(sub_batch, params) -> (loss, per_task)`` runs the forward of ``sub_batch`` with the merged weights
+        ``params``. Returns ``(surrogate, loss, per_task)``.
         """
         params = self.merged_params()
         leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
@@ -264,7 +276,7 @@ class MergedModel(nn.Module):
             rows = torch.cat([torch.arange(starts[i], starts[i] + sizes[i]) for i in range(g, min(g + per, len(tasks)))])
             sub = {"inputs": {k: v[rows.to(v.device)] for k, v in batch["inputs"].items()},
                    "tasks": tasks[g:g + per], "sizes": sizes[g:g + per]}
-            loss, terms = loss_fn(self(sub["inputs"], sub["tasks"], sub["sizes"], params=leaves), sub)
+            loss, terms = loss_fn(sub, leaves)
             loss.backward()
             total, per_task = total + loss.detach(), {**per_task, **{t: v.detach() for t, v in terms.items()}}
         surrogate = sum((params[n] * leaves[n].grad).sum() for n in params if leaves[n].grad is not None)

@@ -1,19 +1,47 @@
-"""Training objectives on per-task logits. One copy each; methods combine them.
+"""Training objectives: small named functions, one copy each; methods pick one by name (``objective: ...``).
 
-Logits are ``[n, C]`` (classification) or ``[n, L, V]`` (causal LM: next-token distributions). For the latter a
-``[n, L]`` mask selects the non-pad positions that count.
+Every objective reads a :class:`StepOutputs` — the merged model's per-task logits (and features), and, for the
+objectives guided by the experts, each task's own expert on the same rows — and returns ``(loss, per-task terms)``,
+the loss being the sum of the per-task terms. Logits are ``[n, C]`` (classification) or ``[n, L, V]`` (causal LM:
+next-token distributions); there ``masks`` (``[n, L]``) select the non-pad positions that count.
+
+=================  ================================================================================  ==============
+name               per-task term                                                                      needs experts
+=================  ================================================================================  ==============
+``entropy``        mean_i H(p_i)  (AdaMerging; collapses when one class can win everywhere)            no
+``infomax``        mean_i H(p_i) − w·H(mean_i p_i)  (SHOT's information maximisation: keeps the batch's  no
+                   predictions diverse, so predicting one class everywhere is no longer a minimum)
+``kl``             τ² KL(softmax(z_expert/τ) ‖ softmax(z/τ))  (arcee DAM)                              logits
+``pseudo_label``   cross-entropy to the expert's argmax, rows where the expert's top probability ≥ c     logits
+                   (SyMerge / Model Tinting's guidance)
+``features``       L1 between the merged and the expert's backbone features (no head: any model;        features
+                   Representation Surgery's loss, applied to the merge itself)
+=================  ================================================================================  ==============
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from adamerge.errors import MergeInputError
 from adamerge.functional import entropy
 
-OBJECTIVES = ("entropy", "kl")
+Terms = tuple[Tensor, dict[str, Tensor]]
+
+
+@dataclass
+class StepOutputs:
+    """What an objective may read for one step (every mapping is keyed by task)."""
+
+    logits: Mapping[str, Tensor]
+    masks: Mapping[str, Tensor] | None = None  # [n, L] non-pad positions (causal LM logits, token features)
+    features: Mapping[str, Tensor] | None = None
+    expert_logits: Mapping[str, Tensor] | None = None
+    expert_features: Mapping[str, Tensor] | None = None
 
 
 def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
@@ -23,24 +51,148 @@ def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
     return (values * m).sum() / m.sum().clamp_min(1.0)
 
 
-def entropy_objective(logits: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None
-                      ) -> tuple[Tensor, dict[str, Tensor]]:
-    """AdaMerging's objective: Σ_tasks mean H(softmax(logits_t)) (over rows, or over masked tokens)."""
-    per_task = {t: _masked_mean(entropy(z), None if masks is None else masks[t]) for t, z in logits.items()}
+def _mask(masks: Mapping[str, Tensor] | None, task: str) -> Tensor | None:
+    return None if masks is None else masks.get(task)
+
+
+def _total(per_task: dict[str, Tensor]) -> Terms:
     return sum(per_task.values()), per_task
 
 
+def entropy_objective(logits: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None) -> Terms:
+    """AdaMerging's objective: Σ_tasks mean H(softmax(logits_t)) (over rows, or over masked tokens)."""
+    return _total({t: _masked_mean(entropy(z), _mask(masks, t)) for t, z in logits.items()})
+
+
+def infomax_objective(logits: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None,
+                      diversity_weight: float = 1.0) -> Terms:
+    """Information maximisation (SHOT, Liang et al. 2020): Σ_t mean_i H(p_i) − w · H(p̄), p̄ = mean_i p_i.
+
+    The first term makes each prediction confident, the second rewards a batch whose predictions spread over the
+    classes, so the collapse of plain entropy minimisation (one class everywhere: H(p̄) = 0) is penalised.
+    """
+    per_task = {}
+    for t, z in logits.items():
+        probs = torch.softmax(z.float(), dim=-1)
+        mask = _mask(masks, t)
+        if mask is not None and probs.ndim == 3:
+            w = mask.to(probs.dtype)[..., None]
+            mean_p = (probs * w).sum(dim=(0, 1)) / w.sum().clamp_min(1.0)
+        else:
+            mean_p = probs.reshape(-1, probs.shape[-1]).mean(dim=0)
+        marginal = -(mean_p * torch.log(mean_p.clamp_min(1e-12))).sum()
+        per_task[t] = _masked_mean(entropy(z), mask) - diversity_weight * marginal
+    return _total(per_task)
+
+
 def kl_to_experts(logits: Mapping[str, Tensor], expert_logits: Mapping[str, Tensor],
-                  masks: Mapping[str, Tensor] | None = None, temperature: float = 2.0
-                  ) -> tuple[Tensor, dict[str, Tensor]]:
+                  masks: Mapping[str, Tensor] | None = None, temperature: float = 2.0) -> Terms:
     """DAM-style distillation: Σ_t τ² · KL(softmax(z_t/τ) ‖ softmax(z_merged/τ)), z_t from task t's own expert."""
     per_task = {}
     for t, z in logits.items():
         log_q = torch.log_softmax(z.float() / temperature, dim=-1)
         log_p = torch.log_softmax(expert_logits[t].float() / temperature, dim=-1)
         kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1) * temperature**2
-        per_task[t] = _masked_mean(kl, None if masks is None else masks[t])
-    return sum(per_task.values()), per_task
+        per_task[t] = _masked_mean(kl, _mask(masks, t))
+    return _total(per_task)
+
+
+def pseudo_label_objective(logits: Mapping[str, Tensor], expert_logits: Mapping[str, Tensor],
+                           masks: Mapping[str, Tensor] | None = None, confidence: float = 0.0) -> Terms:
+    """Σ_t mean cross-entropy of the merge to task t's expert's argmax, over the rows (tokens) where the expert's top
+    probability is at least ``confidence`` (0 keeps all). A task with no confident row contributes 0."""
+    per_task = {}
+    for t, z in logits.items():
+        expert_p = torch.softmax(expert_logits[t].float(), dim=-1)
+        top, target = expert_p.max(dim=-1)
+        keep = top >= confidence
+        m = _mask(masks, t)
+        if m is not None and keep.ndim == 2:
+            keep = keep & m.bool()
+        ce = torch.nn.functional.cross_entropy(z.float().reshape(-1, z.shape[-1]), target.reshape(-1),
+                                               reduction="none").reshape(target.shape)
+        w = keep.to(ce.dtype)
+        per_task[t] = (ce * w).sum() / w.sum().clamp_min(1.0)
+    return _total(per_task)
+
+
+def l1_distance(x: Tensor, target: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """Mean absolute difference; for token features ``[n, L, d]`` averaged over the non-pad tokens only."""
+    if x.ndim == 3 and attention_mask is not None:
+        w = attention_mask[..., None].to(x.dtype)
+        return ((x - target).abs() * w).sum() / (w.sum() * x.shape[-1])
+    return (x - target).abs().mean()
+
+
+def feature_alignment(features: Mapping[str, Tensor], expert_features: Mapping[str, Tensor],
+                      masks: Mapping[str, Tensor] | None = None) -> Terms:
+    """Σ_t L1(f_merged(x), f_t(x)) on task t's rows: the merge's backbone features pulled towards each expert's."""
+    return _total({t: l1_distance(f.float(), expert_features[t].float(), _mask(masks, t))
+                   for t, f in features.items()})
+
+
+# name -> what the objective reads besides the merged logits ("expert_logits", "features", "expert_features")
+OBJECTIVES: dict[str, tuple[str, ...]] = {
+    "entropy": (),
+    "infomax": (),
+    "kl": ("expert_logits",),
+    "pseudo_label": ("expert_logits",),
+    "features": ("features", "expert_features"),
+}
+
+
+@dataclass
+class Objective:
+    """A named objective (:data:`OBJECTIVES`) with its options; calling it on a :class:`StepOutputs` gives
+    ``(loss, per-task terms)``.
+
+    Args:
+        name: ``entropy``, ``infomax``, ``kl``, ``pseudo_label`` or ``features``.
+        temperature: τ of ``kl``.
+        diversity_weight: w of ``infomax``.
+        confidence: minimum expert top probability of a row that ``pseudo_label`` learns from.
+    """
+
+    name: str = "entropy"
+    temperature: float = 2.0
+    diversity_weight: float = 1.0
+    confidence: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.name not in OBJECTIVES:
+            raise MergeInputError(f"objective: unknown value {self.name!r}; allowed: {', '.join(OBJECTIVES)}")
+        if self.temperature <= 0:
+            raise MergeInputError(f"temperature must be > 0, got {self.temperature}")
+        if self.diversity_weight < 0:
+            raise MergeInputError(f"diversity_weight must be >= 0, got {self.diversity_weight}")
+        if not 0.0 <= self.confidence < 1.0:
+            raise MergeInputError(f"confidence must be in [0, 1), got {self.confidence}")
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """What the objective reads besides the merged logits."""
+        return OBJECTIVES[self.name]
+
+    def __call__(self, out: StepOutputs) -> Terms:
+        if self.name == "entropy":
+            return entropy_objective(out.logits, out.masks)
+        if self.name == "infomax":
+            return infomax_objective(out.logits, out.masks, self.diversity_weight)
+        if self.name == "kl":
+            return kl_to_experts(out.logits, out.expert_logits, out.masks, self.temperature)
+        if self.name == "pseudo_label":
+            return pseudo_label_objective(out.logits, out.expert_logits, out.masks, self.confidence)
+        return feature_alignment(out.features, out.expert_features, out.masks)
+
+
+def agreement(logits: Mapping[str, Tensor], expert_logits: Mapping[str, Tensor],
+              masks: Mapping[str, Tensor] | None = None) -> dict[str, float]:
+    """Per task, the fraction of rows (non-pad tokens) where the merge's argmax equals its expert's argmax."""
+    out = {}
+    for t, z in logits.items():
+        same = (z.argmax(-1) == expert_logits[t].argmax(-1)).float()
+        out[t] = float(_masked_mean(same, _mask(masks, t)))
+    return out
 
 
 def coefficient_similarity(matrix: Tensor) -> Tensor:

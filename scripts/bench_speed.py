@@ -157,8 +157,10 @@ def worker(mode: str, T: int, steps: int, rows: int, length: int) -> dict:
 
         def step():
             if mode in ("adamerge-chunked", "adamerge-lean", "adamerge-sparse"):  # one task per group, as FusionBench
-                loss, _, _ = merged.chunked_surrogate({"inputs": inputs, "tasks": names, "sizes": [rows] * T},
-                                                      lambda logits, sub: entropy_objective(logits), T)
+                loss, _, _ = merged.chunked_surrogate(
+                    {"inputs": inputs, "tasks": names, "sizes": [rows] * T},
+                    lambda sub, params: entropy_objective(merged(sub["inputs"], sub["tasks"], sub["sizes"],
+                                                                 params=params)), T)
             else:
                 loss, _ = entropy_objective(merged(inputs, names, [rows] * T))
             loss.backward()

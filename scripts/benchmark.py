@@ -26,14 +26,19 @@ def main() -> None:
     p.add_argument("--no-lora", action="store_true", help="skip (keep) the LoRA section")
     p.add_argument("--fresh", action="store_true", help="start a new table instead of updating an earlier one")
     p.add_argument("--steps", type=int, help="override the preset's adaptation steps")
+    p.add_argument("--zoo", choices=["own", "frozen"], default="own",
+                   help="zoo protocol: heads trained with their bodies (own) or linear-probe heads fixed before "
+                        "fine-tuning (frozen, the papers' setting)")
+    p.add_argument("--inductive-only", action="store_true", help="skip the transductive column (half the time)")
     p.add_argument("--work", type=Path, default=Path(".cache"), help="cache of wheels, data and zoo")
     p.add_argument("--out", type=Path, default=Path("runs/benchmark"))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_libraries()
     result = run(args.preset, work=args.work, out=args.out, methods=args.methods, steps=args.steps, fresh=args.fresh,
-                 lora=not args.no_lora)
-    print((args.out / args.preset / "results.md").read_text())  # the table is this script's output
+                 lora=not args.no_lora, zoo_protocol=args.zoo, transductive=not args.inductive_only)
+    name = args.preset if args.zoo == "own" else f"{args.preset}-{args.zoo}-head"
+    print((args.out / name / "results.md").read_text())  # the table is this script's output
     del result
 
 

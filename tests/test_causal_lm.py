@@ -102,10 +102,18 @@ def test_entropy_objective_counts_only_non_pad_tokens(lm_zoo, lm_data):
     base, paths = lm_zoo
     module = AdaMerging(base, paths, task_type="causal_lm")
     batch = lm_data[0].dataset[0]
-    masks = module.token_masks(batch)
+    masks = module.row_masks(batch)
     assert masks is not None and not masks["chat"].all()  # the batch has padding
-    loss, per_task = module.objective(batch)
-    assert torch.isfinite(loss) and set(per_task) == {"chat", "code"}
+    with torch.no_grad():
+        loss, per_task = module.objective(batch)
+        logits = module.merged(batch["inputs"], batch["tasks"], batch["sizes"])
+    assert set(per_task) == {"chat", "code"}
+    for task, z in logits.items():  # reference: a loop over the non-pad positions only, in float64
+        values = []
+        for i, j in masks[task].nonzero().tolist():
+            p = torch.softmax(z[i, j].double(), -1)
+            values.append(float(-(p * p.log()).sum()))
+        assert abs(float(per_task[task]) - sum(values) / len(values)) < 1e-4
 
 
 def test_export_loads_in_stock_transformers(lm_zoo, lm_data, tmp_path):

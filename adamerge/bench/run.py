@@ -19,6 +19,7 @@ import torch
 
 from adamerge.bench.tasks import TASKS, prepare
 from adamerge.bench.zoo import build_base, finetune
+from adamerge.callbacks import SelectStep
 from adamerge.data import TaskData, UnlabeledDataModule, tokenize
 from adamerge.evaluate import score
 from adamerge.methods import METHODS, MergeModule, TaskVectorPrep
@@ -35,6 +36,7 @@ class Row:
     method: str
     kwargs: dict = field(default_factory=dict)
     on: str | None = None
+    select: str | None = None  # label-free step selection criterion (SelectStep on held-back unlabeled rows)
 
 
 # A new method joins the table with one line here.
@@ -51,9 +53,22 @@ METHOD_GRID: dict[str, Row] = {
                                {"granularity": "layer", "prep": TaskVectorPrep(ties_density=0.2)}),
     "adamerging_layer_kl": Row("Layer-wise, KL to experts (DAM-style, τ=2)", "adamerging",
                                {"granularity": "layer", "objective": "kl", "temperature": 2.0}),
-    "concrete_ta": Row("Concrete Task Arithmetic", "concrete_task_arithmetic", {"scale": 0.3}),
+    "adamerging_layer_select": Row("AdaMerging layer-wise, step chosen by expert agreement", "adamerging",
+                                   {"granularity": "layer"}, select="agreement"),
+    "adamerging_layer_infomax": Row("Layer-wise, information maximisation", "adamerging",
+                                    {"granularity": "layer", "objective": "infomax"}, select="agreement"),
+    "adamerging_layer_pl": Row("Layer-wise, expert pseudo-labels", "adamerging",
+                               {"granularity": "layer", "objective": "pseudo_label"}, select="agreement"),
+    "adamerging_layer_features": Row("Layer-wise, feature alignment to experts", "adamerging",
+                                     {"granularity": "layer", "objective": "features"}, select="agreement"),
+    "tinting": Row("Layer-wise + tuned heads, expert KL (ours)", "adamerging",
+                   {"granularity": "layer", "objective": "kl", "tune_heads": True}, select="agreement"),
+    "concrete_ta": Row("Concrete Task Arithmetic", "concrete_task_arithmetic",
+                       {"scale": 0.3, "export_mask": "continuous"}),
     "concrete_adamerging": Row("Concrete AdaMerging layer-wise", "concrete_adamerging",
-                               {"granularity": "layer", "meta_steps": 50}),
+                               {"granularity": "layer", "meta_steps": 50, "export_mask": "continuous"}),
+    "concrete_ta_kl": Row("Concrete Task Arithmetic, expert KL, expected mask", "concrete_task_arithmetic",
+                          {"scale": 0.3, "export_mask": "expected", "objective": "kl"}, select="agreement"),
     "surgery_ta": Row("Surgery on Task Arithmetic", "surgery", {"rank": 16}, on="task_arithmetic"),
     "surgery_adamerging": Row("Surgery on AdaMerging layer-wise", "surgery", {"rank": 16}, on="adamerging_layer"),
 }
@@ -70,6 +85,8 @@ class Preset:
     max_test: int = 1000
     ft_epochs: int = 2
     surgery_steps: int = 200
+    holdout: int = 64  # unlabeled rows per task held back for label-free step selection (rows with ``select``)
+    select_every: int = 10
     pairs: bool = False  # also the two-task table (every pair: TA, average, M3)
     lora_rank: int = 0  # > 0: also a LoRA zoo (PEFT, this rank) and its merges
     lora_methods: list[str] = field(default_factory=lambda: ["task_arithmetic", "adamerging_layer"])
@@ -145,18 +162,21 @@ class Evaluator:
 
 
 def adapt(module: MergeModule, data_dir: Path, tasks: list[str], split: str, preset: Preset, seed: int,
-          steps: int) -> None:
-    """Train a method's coefficients/masks on ``split`` of every task (no-op for data-free methods)."""
+          steps: int, select: str | None = None) -> None:
+    """Train a method's coefficients/masks on ``split`` of every task (no-op for data-free methods); ``select``: pick
+    the exported step by this label-free criterion on ``preset.holdout`` held-back rows of the same split."""
     dm = UnlabeledDataModule({t: TaskData(str(data_dir / t), split=split) for t in tasks},
                              tokenizer=module.hparams.base, samples_per_task=preset.samples_per_task,
-                             max_length=preset.max_length, seed=seed)
+                             max_length=preset.max_length, seed=seed, holdout=preset.holdout if select else 0)
     if getattr(module, "needs_data", False):
         module.select(dm)
     if not module.trainable:
         return
     pl.seed_everything(seed, verbose=False)
-    trainer = pl.Trainer(max_steps=steps, logger=False, use_distributed_sampler=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="auto", devices=1)
+    callbacks = [SelectStep(preset.select_every, select)] if select else []
+    trainer = pl.Trainer(max_steps=steps, logger=False, use_distributed_sampler=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="auto", devices=1,
+                         callbacks=callbacks)
     trainer.fit(module, datamodule=dm)
 
 
@@ -175,9 +195,9 @@ class Runner:
     """Runs rows of the grid for one preset, reusing the exported merges that Surgery rows start from."""
 
     def __init__(self, preset: Preset, base: str, paths: dict[str, str], data_dir: Path, ckpt_dir: Path,
-                 evaluator: Evaluator, seed: int) -> None:
+                 evaluator: Evaluator, seed: int, transductive: bool = True) -> None:
         self.preset, self.base, self.paths, self.data_dir = preset, base, paths, data_dir
-        self.ckpt_dir, self.evaluator, self.seed = ckpt_dir, evaluator, seed
+        self.ckpt_dir, self.evaluator, self.seed, self.transductive = ckpt_dir, evaluator, seed, transductive
 
     def build(self, key: str, protocol: str) -> MergeModule:
         """Instantiate and adapt row ``key`` under ``protocol`` (``inductive``/``transductive``)."""
@@ -187,7 +207,8 @@ class Runner:
             kwargs["merged"] = str(self.export_of(row.on, protocol))
         module = METHODS[row.method](self.base, self.paths, **kwargs)
         split = "unlabeled" if protocol == "inductive" else "test"
-        adapt(module, self.data_dir, self.preset.tasks, split, self.preset, self.seed, steps_for(row, self.preset))
+        adapt(module, self.data_dir, self.preset.tasks, split, self.preset, self.seed, steps_for(row, self.preset),
+              row.select)
         return module
 
     def export_of(self, key: str, protocol: str) -> Path:
@@ -200,7 +221,9 @@ class Runner:
     def row(self, key: str) -> dict:
         row = METHOD_GRID[key]
         out = {"label": row.label}
-        for protocol in ("inductive", "transductive") if adapts(row) else ("inductive",):
+        if adapts(row) and not self.transductive:
+            out["transductive"] = None  # adaptive, but the transductive column was not run
+        for protocol in ("inductive", "transductive") if adapts(row) and self.transductive else ("inductive",):
             t0 = time.time()
             with PeakRSS() as mem:
                 module = self.build(key, protocol)
@@ -209,6 +232,8 @@ class Runner:
             out[protocol] = self.evaluator(module)
             if protocol == "inductive":
                 out["coefficients"] = module.coefficient_matrix().mean(dim=1).tolist()
+            if getattr(module, "selection", None):
+                out[f"{protocol}_selection"] = {k: module.selection[k] for k in ("criterion", "selected_step", "score")}
             if row.on is None and any(r.on == key for r in METHOD_GRID.values()):
                 module.export(self.ckpt_dir / f"{key}-{protocol}", overwrite=True, per_task_models=False)
             log.info("%s %s: %.4f (%.0fs)", row.label, protocol, _avg(out[protocol]), out[f"{protocol}_seconds"])
@@ -262,11 +287,14 @@ def run_lora(preset: Preset, base: str, data_dir: Path, zoo: Path, evaluator: Ev
 
 def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Path("runs/benchmark"),
         methods: list[str] | None = None, steps: int | None = None, seed: int = 0, fresh: bool = False,
-        lora: bool = True) -> dict:
-    """Build everything the preset needs (skipping what exists) and write ``out/<preset>/results.{json,md}``.
+        lora: bool = True, zoo_protocol: str = "own", transductive: bool = True) -> dict:
+    """Build everything the preset needs (skipping what exists) and write ``out/<preset>/results.{json,md}``
+    (``out/<preset>-frozen-head/`` for the frozen-head zoo).
 
     ``methods``: grid rows to (re-)run (``None``: all of the preset's); rows already in an earlier ``results.json``
-    of the same setup are kept unless re-run (or ``fresh``). ``lora``: run the LoRA section if the preset has one.
+    of the same setup are kept unless re-run (or ``fresh``). ``lora``: run the LoRA section if the preset has one
+    (own-head zoo only). ``zoo_protocol``: ``own`` or ``frozen`` heads (see :mod:`adamerge.bench.zoo`).
+    ``transductive``: also adapt on the test inputs (the papers' protocol) for the second column.
     """
     from transformers import AutoTokenizer
 
@@ -279,17 +307,19 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
         raise ValueError(f"unknown methods {unknown}; known: {sorted(METHOD_GRID)}")
     root = work / ("ci" if preset_name == "ci" else "")
     data_dir, zoo = root / "data", root / "zoo"
-    target = out / preset_name
+    target = out / (preset_name if zoo_protocol == "own" else f"{preset_name}-{zoo_protocol}-head")
     t0 = time.time()
     card = prepare(preset.tasks, data_dir, work / "wheels", seed=seed, max_train=preset.max_train,
                    max_unlabeled=preset.max_unlabeled, max_test=preset.max_test)
     base = str(build_base(zoo))
-    paths = {t: str(finetune(t, data_dir, zoo, epochs=preset.ft_epochs, max_length=preset.max_length))
-             for t in preset.tasks}
+    paths = {t: str(finetune(t, data_dir, zoo, epochs=preset.ft_epochs, max_length=preset.max_length,
+                             head=zoo_protocol)) for t in preset.tasks}
     zoo_seconds = time.time() - t0
     tok = AutoTokenizer.from_pretrained(base)
     evaluator = Evaluator(data_dir, preset.tasks, tok, preset.max_length, preset.max_test)
-    runner = Runner(preset, base, paths, data_dir, target / "checkpoints", evaluator, seed)
+    runner = Runner(preset, base, paths, data_dir, target / "checkpoints", evaluator, seed, transductive)
+    if zoo_protocol != "own":
+        lora = False
 
     previous = target / "results.json"
     old = json.loads(previous.read_text()) if previous.is_file() and not fresh else {}
@@ -303,12 +333,12 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
             rows[key] = runner.row(key)
         elif key in old.get("rows", {}):
             rows[key] = old["rows"][key]
-    result = {"preset": preset_name, "preset_config": {k: v for k, v in vars(preset).items() if k != "methods"},
+    result = {"preset": preset_name, "zoo_protocol": zoo_protocol, "preset_config": {k: v for k, v in vars(preset).items() if k != "methods"},
               "tasks": preset.tasks, "rows": rows, "data_card": card, "zoo_seconds": round(zoo_seconds, 1),
               "total_seconds": round(time.time() - t0, 1), "peak_rss_mib": round(peak_rss_mib()),
               "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                           f"torch {torch.__version__}, {'cuda' if torch.cuda.is_available() else 'cpu'}"}
-    if preset.pairs and (methods == preset.methods or "pairs" not in old):
+    if preset.pairs and zoo_protocol == "own" and (methods == preset.methods or "pairs" not in old):
         result["pairs"] = runner.pairs()
     elif "pairs" in old:
         result["pairs"] = old["pairs"]
@@ -328,14 +358,17 @@ def _avg(per_task: dict, key: str = "accuracy") -> float:
 
 
 def table(rows: dict, tasks: list[str]) -> list[str]:
-    head = ["method", *tasks, "avg (inductive)", "avg macro-F1", "avg (transductive)", "load+adapt s",
-            "peak RSS MiB"]
+    head = ["method", *tasks, "avg (inductive)", "avg macro-F1", "avg (transductive)", "selected step",
+            "load+adapt s", "peak RSS MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows.values():
         ind = row["inductive"]
         tr = row.get("transductive")
+        sel = row.get("inductive_selection")
         cells = [row["label"], *(f"{100 * ind[t]['accuracy']:.1f}" for t in tasks), f"**{100 * _avg(ind):.1f}**",
-                 f"{100 * _avg(ind, 'macro_f1'):.1f}", f"{100 * _avg(tr):.1f}" if tr else "(same)",
+                 f"{100 * _avg(ind, 'macro_f1'):.1f}",
+                 f"{100 * _avg(tr):.1f}" if tr else ("not run" if "transductive" in row else "(same)"),
+                 str(sel["selected_step"]) if sel else "–",
                  str(row.get("inductive_seconds", "–")), str(row.get("inductive_peak_rss_mib", "–"))]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -345,7 +378,10 @@ def render(result: dict) -> str:
     tasks = result["tasks"]
     lines = table(result["rows"], tasks)
     c = result["preset_config"]
-    lines += ["", f"Preset `{result['preset']}`: {len(tasks)} tasks, {c['steps']} adaptation steps, "
+    protocol = {"own": "own-head zoo (each head trained with its body)",
+                "frozen": "frozen-head zoo (linear-probe heads fixed before fine-tuning, LP-FT)"}[
+        result.get("zoo_protocol", "own")]
+    lines += ["", f"Zoo protocol: {protocol}. Preset `{result['preset']}`: {len(tasks)} tasks, {c['steps']} adaptation steps, "
                   f"{c['samples_per_task']} samples/task/step, max length {c['max_length']}. "
                   f"Accuracy in % on each task's test split with its own head. Total {result['total_seconds']} s "
                   f"(data + zoo {result['zoo_seconds']} s), peak RSS {result['peak_rss_mib']} MiB, {result['hardware']}."]

@@ -1,4 +1,15 @@
-"""Fine-tune the base model once per task with Lightning (full fine-tuning) to build the benchmark's model zoo."""
+"""Fine-tune the base model once per task with Lightning (full fine-tuning) to build the benchmark's model zoo.
+
+Two zoo protocols (``head``):
+
+* ``own`` — the classifier head is trained together with the body (what most users' fine-tunes are): every task
+  vector lives in the coordinates of its own, co-adapted head.
+* ``frozen`` — the papers' setting (AdaMerging/Concrete/Surgery fine-tune CLIP with a fixed zero-shot head): each
+  task's head is fixed *before* fine-tuning — a linear probe fitted on the frozen base's features (LP-FT, Kumar et
+  al. 2022) — and never trained; only the body is fine-tuned, so all task vectors move features towards heads that
+  read the base's feature space. The head is saved next to the model (``lp_head.safetensors``) before the body is
+  fine-tuned.
+"""
 
 from __future__ import annotations
 
@@ -70,19 +81,68 @@ def _rows(tokenizer, texts, labels, max_length):
 
 
 LORA_TARGETS = ["query", "key", "value", "dense"]
+HEAD_PROTOCOLS = ("own", "frozen")
+
+
+def zoo_dir(zoo: Path, head: str = "own", lora_rank: int = 0) -> Path:
+    """Where the fine-tunes of one protocol live: ``zoo/`` (own heads), ``zoo/frozen-head/``, ``zoo/lora/``."""
+    if head not in HEAD_PROTOCOLS:
+        raise ValueError(f"head: unknown protocol {head!r}; allowed: {', '.join(HEAD_PROTOCOLS)}")
+    if lora_rank:
+        return zoo / "lora" if head == "own" else zoo / "frozen-head" / "lora"
+    return zoo if head == "own" else zoo / "frozen-head"
+
+
+@torch.no_grad()
+def _head_features(model, rows, pad: int, batch_size: int = 128) -> torch.Tensor:
+    """The features the classification head reads (BERT: ``pooler_output``), from the model in eval mode."""
+    backbone = getattr(model, model.base_model_prefix)
+    model.eval()
+    feats = []
+    for i in range(0, len(rows), batch_size):
+        out = backbone(**pad_batch([r for r, _ in rows[i:i + batch_size]], pad))
+        pooled = getattr(out, "pooler_output", None)
+        feats.append(pooled if pooled is not None else out.last_hidden_state[:, 0])
+    return torch.cat(feats)
+
+
+def fit_linear_probe(model, rows, pad: int, steps: int = 200, weight_decay: float = 1e-3) -> dict[str, float]:
+    """Fit ``model.classifier`` (a ``Linear``) by full-batch L-BFGS on the frozen base's features (softmax
+    regression with L2), in place; returns its training accuracy and loss."""
+    feats = _head_features(model, rows, pad)
+    labels = torch.tensor([y for _, y in rows])
+    head = model.classifier
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head(feats), labels) + weight_decay * head.weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        logits = head(feats)
+    return {"train_accuracy": float((logits.argmax(-1) == labels).float().mean()),
+            "train_loss": float(torch.nn.functional.cross_entropy(logits, labels))}
 
 
 def finetune(task: str, data_dir: Path, zoo: Path, epochs: int = 2, batch_size: int = 32, lr: float = 5e-5,
-             max_length: int = 64, max_train: int | None = None, seed: int = 0, lora_rank: int = 0) -> Path:
-    """Fine-tune ``zoo/base`` on ``data_dir/task`` (train split); save to ``zoo/task`` unless already built.
+             max_length: int = 64, max_train: int | None = None, seed: int = 0, lora_rank: int = 0,
+             head: str = "own") -> Path:
+    """Fine-tune ``zoo/base`` on ``data_dir/task`` (train split); save to ``zoo_dir(zoo, head, lora_rank)/task``
+    unless already built.
 
-    ``lora_rank > 0`` trains a PEFT LoRA adapter instead (targets ``LORA_TARGETS``, alpha = 2·r, classifier saved)
-    and saves it to ``zoo/lora/task``.
+    ``lora_rank > 0`` trains a PEFT LoRA adapter instead (targets ``LORA_TARGETS``, alpha = 2·r, classifier saved).
+    ``head="frozen"``: fit a linear probe on the frozen base first and keep it frozen (see the module docstring).
     """
     import datasets
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    target = zoo / "lora" / task if lora_rank else zoo / task
+    target = zoo_dir(zoo, head, lora_rank) / task
     if (target / "train_info.json").is_file():
         return target
     base = build_base(zoo)
@@ -95,14 +155,21 @@ def finetune(task: str, data_dir: Path, zoo: Path, epochs: int = 2, batch_size: 
     model = AutoModelForSequenceClassification.from_pretrained(
         str(base), num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
         ignore_mismatched_sizes=True)
+    rows = _rows(tok, ds["text"], ds["label"], max_length)
+    pad = tok.pad_token_id or 0
+    probe = None
+    if head == "frozen":
+        probe = fit_linear_probe(model, rows, pad)
+        model.classifier.requires_grad_(False)
+        lp_head = {f"classifier.{k}": v.detach().clone().contiguous() for k, v in model.classifier.state_dict().items()}
     if lora_rank:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=lora_rank, lora_alpha=2 * lora_rank,
                                                  target_modules=LORA_TARGETS, lora_dropout=0.0))
+        if head == "frozen":  # PEFT saves modules_to_save heads; here the frozen probe is saved from lp_head.
+            model.base_model.model.classifier.requires_grad_(False)
     model.train()  # from_pretrained returns eval mode; fine-tune with dropout as usual
-    rows = _rows(tok, ds["text"], ds["label"], max_length)
-    pad = tok.pad_token_id or 0
 
     def collate(items):
         batch = pad_batch([r for r, _ in items], pad)
@@ -119,8 +186,14 @@ def finetune(task: str, data_dir: Path, zoo: Path, epochs: int = 2, batch_size: 
     tmp = target.with_name(f".{task}.tmp")
     model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
-    info = {"task": task, "lora_rank": lora_rank, "train_rows": len(rows), "epochs": epochs, "batch_size": batch_size, "lr": lr,
-            "max_length": max_length, "seed": seed, "steps": steps, "seconds": round(time.time() - t0, 1)}
+    info = {"task": task, "head": head, "lora_rank": lora_rank, "train_rows": len(rows), "epochs": epochs,
+            "batch_size": batch_size, "lr": lr, "max_length": max_length, "seed": seed, "steps": steps,
+            "seconds": round(time.time() - t0, 1)}
+    if probe is not None:
+        from safetensors.torch import save_file
+
+        save_file(lp_head, str(tmp / "lp_head.safetensors"))
+        info["linear_probe"] = probe
     (tmp / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
     if target.exists():
         import shutil

@@ -1,28 +1,36 @@
-"""AdaMerging (Yang et al. 2024): learn task- or layer-wise coefficients by minimising prediction entropy.
+"""AdaMerging (Yang et al. 2024): learn task- or layer-wise coefficients on unlabeled data.
 
     θ_p = θ0_p + Σ_t λ_{t,p} τ_{t,p}           (layer-wise; task-wise shares λ_t over p)
     L   = Σ_t mean_x H(softmax(head_t(f_θ(x))))  on unlabeled batches of every task, one backward per step
 
-AdaMerging++ is the same with ``prep.ties_density`` set (TIES-processed task vectors). ``objective="kl"`` is the
-DAM-style alternative (arcee DAM): each task's expert — the base plus its own task vector, run under ``no_grad`` on
-the same rows — is distilled into the merge, ``Σ_t τ² KL(softmax(z_t/τ) ‖ softmax(z/τ))``, optionally with a cosine
-penalty between the tasks' coefficient vectors. For causal LMs both objectives use the next-token distributions at
-every non-pad position.
+AdaMerging++ is the same with ``prep.ties_density`` set (TIES-processed task vectors). The objective is an argument
+(:mod:`adamerge.objectives`): ``entropy`` (the paper's), ``infomax`` (entropy minus the entropy of the batch-mean
+prediction: no collapse onto one class), or guidance from each task's own expert — the base plus its own task vector,
+run under ``no_grad`` on the same rows: ``kl`` (DAM-style distillation, ``Σ_t τ² KL(softmax(z_t/τ) ‖ softmax(z/τ))``),
+``pseudo_label`` (cross-entropy to the expert's argmax) or ``features`` (L1 to the expert's backbone features). For
+causal LMs the logit objectives use the next-token distributions at every non-pad position.
+
+``tune_heads=True`` also trains each task's classification head from its fine-tuned value (a per-task correction in
+the spirit of SyMerge / Model Tinting, arXiv 2412.19098): the experts keep their original heads as teachers, and
+the tuned heads are exported where the heads always are (``heads.safetensors``, ``tasks/<task>/``), so stock
+``transformers`` still serves the result at no extra cost.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
 from adamerge.errors import MergeInputError
 from adamerge.methods.base import MergeModule, TaskVectorPrep
-from adamerge.objectives import OBJECTIVES, coefficient_similarity, entropy_objective, kl_to_experts
+from adamerge.objectives import Objective, coefficient_similarity
 from adamerge.parametrize import Coefficients
 from adamerge.pool import TaskVectorPool
 
 
 class AdaMerging(MergeModule):
-    """Entropy-minimising coefficient training.
+    """Coefficient training on unlabeled data (entropy by default).
 
     Args:
         base: pretrained model.
@@ -36,11 +44,15 @@ class AdaMerging(MergeModule):
         tv_dtype: task-vector storage dtype.
         trust_remote_code: allow hub model code.
         task_type: ``seq_cls`` or ``causal_lm``.
-        objective: ``entropy`` (AdaMerging) or ``kl`` (DAM-style distillation from each task's expert).
+        objective: ``entropy`` (AdaMerging), ``infomax``, ``kl``, ``pseudo_label`` or ``features``
+            (see :mod:`adamerge.objectives`).
         temperature: τ of the ``kl`` objective (2.0).
+        diversity_weight: weight of the batch-mean entropy in ``infomax`` (1.0).
+        confidence: ``pseudo_label`` learns only from rows whose expert's top probability is at least this (0: all).
         similarity_penalty: weight of the mean pairwise cosine similarity between tasks' coefficient vectors.
         task_chunks: run the tasks of a step in this many groups under one merge (same gradient, activation memory
             of one group; see :meth:`MergedModel.chunked_surrogate`). 1 = one forward over all tasks (fastest).
+        tune_heads: also train each task's head (sequence classification; see the module docstring).
     """
 
     method = "adamerging"
@@ -49,11 +61,19 @@ class AdaMerging(MergeModule):
                  clamp: bool = False, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  prep: TaskVectorPrep | None = None, tv_dtype: str | None = None,
                  trust_remote_code: bool = False, task_type: str = "seq_cls", objective: str = "entropy",
-                 temperature: float = 2.0, similarity_penalty: float = 0.0, task_chunks: int = 1) -> None:
-        if objective not in OBJECTIVES:
-            raise MergeInputError(f"objective: unknown value {objective!r}; allowed: {', '.join(OBJECTIVES)}")
-        if temperature <= 0:
-            raise MergeInputError(f"temperature must be > 0, got {temperature}")
+                 temperature: float = 2.0, diversity_weight: float = 1.0, confidence: float = 0.0,
+                 similarity_penalty: float = 0.0, task_chunks: int = 1, tune_heads: bool = False) -> None:
+        self.loss_fn = Objective(objective, temperature, diversity_weight, confidence)
+        if task_chunks < 1:
+            raise MergeInputError(f"task_chunks must be >= 1, got {task_chunks}")
+        if tune_heads and task_chunks > 1:
+            raise MergeInputError("tune_heads: heads are trained by the step's own backward, which task_chunks > 1 "
+                                  "replaces by a surrogate of the merged weights; use task_chunks: 1")
+        if tune_heads and task_type != "seq_cls":
+            raise MergeInputError(f"tune_heads needs per-task heads (task_type seq_cls), not {task_type!r}")
+        if objective == "features" and task_type == "causal_lm":
+            raise MergeInputError("objective: 'features' needs a backbone with hidden features; a causal LM is "
+                                  "merged whole (use objective 'kl' or 'pseudo_label')")
         self._granularity, self._init, self._clamp = granularity, init, clamp
         super().__init__(base, models, prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code,
                          task_type=task_type)
@@ -61,39 +81,23 @@ class AdaMerging(MergeModule):
     def build_coefficients(self, pool: TaskVectorPool) -> Coefficients:
         return Coefficients(len(pool.task_names), len(pool.param_names), self._granularity, self._init, self._clamp)
 
+    def post_init(self, pool: TaskVectorPool) -> None:
+        if self.hparams.tune_heads:
+            self.expert_heads = copy.deepcopy(self.merged.heads).requires_grad_(False)
+            self.merged.heads.requires_grad_(True)
+
     def manifest_fields(self):
         return {"variant": "adamerging++" if self.prep.ties_density is not None else "adamerging",
                 "hparams": {"init": self._init, "lr": self.hparams.lr, "betas": list(self.hparams.betas),
                             "objective": self.hparams.objective, "temperature": self.hparams.temperature,
+                            "diversity_weight": self.hparams.diversity_weight,
+                            "confidence": self.hparams.confidence, "tune_heads": self.hparams.tune_heads,
                             "similarity_penalty": self.hparams.similarity_penalty,
                             "steps": int(self.global_step) if self._trainer is not None else None}}
 
-    def token_masks(self, batch) -> dict[str, torch.Tensor] | None:
-        """Per-task ``[n, L]`` masks of the non-pad positions (causal LMs), else None."""
-        if self.merged.task_type != "causal_lm" or "attention_mask" not in batch["inputs"]:
-            return None
-        masks, start = {}, 0
-        for task, n in zip(batch["tasks"], batch["sizes"]):
-            masks[task] = batch["inputs"]["attention_mask"][start:start + n].bool()
-            start += n
-        return masks
-
-    @torch.no_grad()
-    def expert_logits(self, batch) -> dict[str, torch.Tensor]:
-        """Each task's own expert (base + its task vector) on that task's rows."""
-        out, start = {}, 0
-        for task, n in zip(batch["tasks"], batch["sizes"]):
-            rows = {k: v[start:start + n] for k, v in batch["inputs"].items()}
-            out[task] = self.merged(rows, [task], [n], coefficients=self.merged.one_hot(task))[task]
-            start += n
-        return out
-
-    def task_loss(self, logits, batch):
-        """(loss, per-task terms) of the configured objective for ``logits`` of ``batch``."""
-        masks = self.token_masks(batch)
-        if self.hparams.objective == "kl":
-            return kl_to_experts(logits, self.expert_logits(batch), masks, self.hparams.temperature)
-        return entropy_objective(logits, masks)
+    def loss_with(self, batch, params=None):
+        """(loss, per-task terms) of the configured objective on ``batch`` (``params``: already merged weights)."""
+        return self.loss_fn(self.step_outputs(batch, self.loss_fn, params=params))
 
     def penalty(self):
         if not self.hparams.similarity_penalty:
@@ -102,12 +106,12 @@ class AdaMerging(MergeModule):
 
     def objective(self, batch):
         """(loss, per-task terms) of the configured objective on one step's batch."""
-        loss, per_task = self.task_loss(self.merged(batch["inputs"], batch["tasks"], batch["sizes"]), batch)
+        loss, per_task = self.loss_with(batch)
         return loss + self.penalty(), per_task
 
     def training_step(self, batch, batch_idx):
         if self.hparams.task_chunks > 1:
-            surrogate, loss, per_task = self.merged.chunked_surrogate(batch, self.task_loss, self.hparams.task_chunks)
+            surrogate, loss, per_task = self.merged.chunked_surrogate(batch, self.loss_with, self.hparams.task_chunks)
             self._log_step(loss, per_task, batch)
             return surrogate + self.penalty()
         loss, per_task = self.objective(batch)

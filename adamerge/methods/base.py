@@ -21,6 +21,7 @@ from adamerge.errors import MergeInputError
 from adamerge.export import write_merged
 from adamerge.functional import dare, ties_trim_elect
 from adamerge.merged import MergedModel
+from adamerge.objectives import Objective, StepOutputs
 from adamerge.parametrize import Coefficients
 from adamerge.pool import TaskVectorPool, load_pool
 
@@ -112,6 +113,7 @@ class MergeModule(pl.LightningModule):
                                   f"{next(iter(pool.low_rank))!r}, ... are low-rank (merge full fine-tunes instead)")
         pool.task_vectors = self.prep.apply(pool.task_vectors)
         self.pool_task_names = pool.task_names
+        self.expert_heads: torch.nn.ModuleDict | None = None  # the teachers' heads when a method tunes the heads
         self.merged = MergedModel(pool, self.build_coefficients(pool))
         self.post_init(pool)
         if self.prep.sparse_storage:
@@ -138,6 +140,77 @@ class MergeModule(pl.LightningModule):
 
     def forward(self, inputs, tasks, sizes, **kw):
         return self.merged(inputs, tasks, sizes, **kw)
+
+    # -- objectives (shared by every trained method) ---------------------------------------------------------------
+    @staticmethod
+    def task_slices(batch) -> list[tuple[str, slice]]:
+        """``(task, rows)`` of every task in a step's batch (rows are contiguous per task)."""
+        out, start = [], 0
+        for task, n in zip(batch["tasks"], batch["sizes"]):
+            out.append((task, slice(start, start + n)))
+            start += n
+        return out
+
+    def row_masks(self, batch) -> dict[str, Tensor] | None:
+        """Per-task ``[n, L]`` non-pad masks (they weigh token-level terms; row-level ones ignore them)."""
+        mask = batch["inputs"].get("attention_mask")
+        return None if mask is None else {t: mask[sl].bool() for t, sl in self.task_slices(batch)}
+
+    @torch.no_grad()
+    def expert_outputs(self, batch, features: bool = False) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+        """Each task's own expert — the base plus its task vector, with its original head — on that task's rows:
+        ``(logits, features or None)``, without gradients."""
+        logits, feats = {}, ({} if features else None)
+        for task, sl in self.task_slices(batch):
+            rows = {k: v[sl] for k, v in batch["inputs"].items()}
+            out = self.merged.features(rows, coefficients=self.merged.one_hot(task))
+            logits[task] = self.merged.head_logits(task, out, rows, heads=self.expert_heads)
+            if features:
+                feats[task] = self.merged.feature_tensor(out)
+        return logits, feats
+
+    def step_outputs(self, batch, objective: Objective, **merge_kw) -> StepOutputs:
+        """The merged model's outputs on ``batch`` (``merge_kw``: coefficients, masks or merged params) and whatever
+        else ``objective`` reads (the experts' outputs on the same rows)."""
+        logits, feats = self.merged(batch["inputs"], batch["tasks"], batch["sizes"], return_features=True, **merge_kw)
+        out = StepOutputs(logits, masks=self.row_masks(batch))
+        if "features" in objective.needs:
+            full = self.merged.feature_tensor(feats)
+            out.features = {t: full[sl] for t, sl in self.task_slices(batch)}
+        if "expert_logits" in objective.needs or "expert_features" in objective.needs:
+            out.expert_logits, out.expert_features = self.expert_outputs(batch, "expert_features" in objective.needs)
+        return out
+
+    SELECTION_CRITERIA = ("agreement", "objective")
+
+    @torch.no_grad()
+    def selection_score(self, batches: list[dict], criterion: str = "agreement",
+                        expert_logits: list[dict[str, Tensor]] | None = None) -> float:
+        """A label-free score of the model as it would be exported now (higher is better), on unlabeled batches:
+        ``agreement`` — the mean over tasks of the fraction of rows (tokens) where the merge's prediction equals its
+        own expert's (``expert_logits``: the experts' logits per batch, computed here if not given); ``objective`` —
+        minus the method's training objective."""
+        if criterion not in self.SELECTION_CRITERIA:
+            raise MergeInputError(f"criterion: unknown value {criterion!r}; allowed: {', '.join(self.SELECTION_CRITERIA)}")
+        params = self.final_merged_params()
+        if criterion == "objective":
+            loss_fn = getattr(self, "loss_fn", None)
+            if loss_fn is None:
+                raise MergeInputError(f"criterion 'objective': method {self.method!r} has no unlabeled objective; "
+                                      "use criterion 'agreement'")
+            return -sum(float(loss_fn(self.step_outputs(b, loss_fn, params=params))[0]) for b in batches) / len(batches)
+        same, count = {}, {}
+        for i, b in enumerate(batches):
+            experts = expert_logits[i] if expert_logits is not None else self.expert_outputs(b)[0]
+            masks = self.row_masks(b)
+            for task, sl in self.task_slices(b):
+                rows = {k: v[sl] for k, v in b["inputs"].items()}
+                hit = self.predict(task, rows, params).argmax(-1) == experts[task].argmax(-1)
+                if hit.ndim == 2 and masks is not None:
+                    hit = hit[masks[task]]
+                same[task] = same.get(task, 0) + int(hit.sum())
+                count[task] = count.get(task, 0) + hit.numel()
+        return sum(same[t] / max(1, count[t]) for t in same) / len(same)
 
     def coefficient_matrix(self) -> Tensor:
         """The ``[T, P]`` coefficients (a collective when FSDP2 shards them: call it on every rank)."""
@@ -187,6 +260,7 @@ class MergeModule(pl.LightningModule):
                              "params": self.merged.param_names,
                              "values": full_tensor(c.weight).detach().cpu(), "effective": self.coefficient_matrix()},
             **self.manifest_fields(),
+            **({"selection": self.selection} if getattr(self, "selection", None) else {}),
         }
 
     @torch.no_grad()

@@ -1,4 +1,7 @@
-"""Concrete subspace merging (Tang et al. 2023): learn a shared task-vector mask on the entropy objective.
+"""Concrete subspace merging (Tang et al. 2023): learn a shared task-vector mask on an unlabeled objective.
+
+The objective is entropy by default (the paper's) and any of :mod:`adamerge.objectives` by argument (``objective``,
+``diversity_weight``, ``confidence``; the ``kl`` temperature is 2 here, as ``temperature`` is the Concrete one).
 
 *Concrete Task Arithmetic*: λ fixed (0.3), train the mask logits (Adam 1e-3).
 
@@ -15,8 +18,13 @@ import torch
 from adamerge.errors import MergeInputError
 from adamerge.methods.adamerging import AdaMerging
 from adamerge.methods.base import MergeModule, TaskVectorPrep, parse_dtype
-from adamerge.objectives import entropy_objective
+from adamerge.objectives import Objective
 from adamerge.parametrize import Coefficients, ConcreteMask
+
+
+def _check_export_mask(mode: str) -> None:
+    if mode not in ConcreteMask.MODES:
+        raise MergeInputError(f"export_mask: unknown value {mode!r}; allowed: {', '.join(ConcreteMask.MODES)}")
 
 
 class _ConcreteMixin:
@@ -47,10 +55,10 @@ class _ConcreteMixin:
                          "masked_tensors": len(self.mask.names), "kept_fraction": kept,
                          "threshold": "logit >= 0" if self._export_mask == "threshold" else None}}
 
-    def _sampled_entropy(self, batch, coefficients=None):
-        masks = self.mask.sample(self._mask_gen())
-        return entropy_objective(self.merged(batch["inputs"], batch["tasks"], batch["sizes"],
-                                             coefficients=coefficients, masks=masks))
+    def _sampled_objective(self, batch, coefficients=None, draw: int = 0):
+        """The objective on ``batch`` under this step's relaxed mask sample ``draw``."""
+        masks = self.mask.sample(self._mask_gen(draw))
+        return self.loss_fn(self.step_outputs(batch, self.loss_fn, coefficients=coefficients, masks=masks))
 
 
 class ConcreteTaskArithmetic(_ConcreteMixin, MergeModule):
@@ -62,7 +70,10 @@ class ConcreteTaskArithmetic(_ConcreteMixin, MergeModule):
         temperature: Concrete temperature (0.5).
         include: regex of tensor names to mask (``None``: all).
         mask_dtype: logits dtype (``float32``/``bfloat16``).
-        export_mask: ``threshold`` (keep logit ≥ 0) or ``sample`` (seeded Bernoulli draw).
+        export_mask: the deterministic mask exported (see :meth:`ConcreteMask.hard`): ``threshold`` (keep
+            logit ≥ 0), ``sample`` (seeded Bernoulli draw), ``continuous`` (one seeded relaxed sample, what FusionBench
+            evaluates) or ``expected`` (``sigmoid(logit)``).
+        objective, diversity_weight, confidence: the training objective (see :class:`adamerge.objectives.Objective`).
         mask_seed: seeds the relaxed samples during training and the exported draw.
         lr: Adam learning rate for the logits.
         prep: task-vector pre-processing. tv_dtype: storage dtype. trust_remote_code: allow hub model code.
@@ -73,7 +84,10 @@ class ConcreteTaskArithmetic(_ConcreteMixin, MergeModule):
     def __init__(self, base: str, models: dict[str, str], scale: float = 0.3, temperature: float = 0.5,
                  include: str | None = None, mask_dtype: str = "float32", export_mask: str = "threshold",
                  mask_seed: int = 0, lr: float = 1e-3, prep: TaskVectorPrep | None = None,
-                 tv_dtype: str | None = None, trust_remote_code: bool = False) -> None:
+                 tv_dtype: str | None = None, trust_remote_code: bool = False, objective: str = "entropy",
+                 diversity_weight: float = 1.0, confidence: float = 0.0) -> None:
+        _check_export_mask(export_mask)
+        self.loss_fn = Objective(objective, diversity_weight=diversity_weight, confidence=confidence)
         self._scale, self._export_mask, self._mask_seed = scale, export_mask, mask_seed
         super().__init__(base, models, prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code)
         self._build_mask(temperature, include, mask_dtype)
@@ -86,8 +100,8 @@ class ConcreteTaskArithmetic(_ConcreteMixin, MergeModule):
         return {"hparams": {"scale": self._scale, "lr": self.hparams.lr}, **self.mask_manifest()}
 
     def training_step(self, batch, batch_idx):
-        loss, per_task = self._sampled_entropy(batch)
-        self.log_dict({f"entropy/{t}": v.detach() for t, v in per_task.items()}, batch_size=sum(batch["sizes"]))
+        loss, per_task = self._sampled_objective(batch)
+        self.log_dict({f"{self.loss_fn.name}/{t}": v.detach() for t, v in per_task.items()}, batch_size=sum(batch["sizes"]))
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=sum(batch["sizes"]))
         return loss
 
@@ -122,6 +136,8 @@ class ConcreteAdaMerging(_ConcreteMixin, AdaMerging):
         mask_lr: Adam learning rate of the mask logits.
         lr: Adam learning rate of λ in the AdaMerging phase.
         temperature, include, mask_dtype, export_mask, mask_seed: as :class:`ConcreteTaskArithmetic`.
+        objective, diversity_weight, confidence: the objective of both phases (see
+            :class:`adamerge.objectives.Objective`).
         clamp, betas, prep, tv_dtype, trust_remote_code: as :class:`AdaMerging`.
     """
 
@@ -132,12 +148,15 @@ class ConcreteAdaMerging(_ConcreteMixin, AdaMerging):
                  temperature: float = 0.5, include: str | None = None, mask_dtype: str = "float32",
                  export_mask: str = "threshold", mask_seed: int = 0, clamp: bool = False,
                  betas: tuple[float, float] = (0.9, 0.999), prep: TaskVectorPrep | None = None,
-                 tv_dtype: str | None = None, trust_remote_code: bool = False) -> None:
+                 tv_dtype: str | None = None, trust_remote_code: bool = False, objective: str = "entropy",
+                 diversity_weight: float = 1.0, confidence: float = 0.0) -> None:
         if meta_steps < 0:
             raise MergeInputError(f"meta_steps must be >= 0, got {meta_steps}")
+        _check_export_mask(export_mask)
         self._export_mask, self._mask_seed = export_mask, mask_seed
         super().__init__(base, models, granularity=granularity, init=init, clamp=clamp, lr=lr, betas=betas,
-                         prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code)
+                         prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code, objective=objective,
+                         diversity_weight=diversity_weight, confidence=confidence)
         self._build_mask(temperature, include, mask_dtype)
         self.automatic_optimization = False
         self._frozen_mask = None
@@ -151,17 +170,13 @@ class ConcreteAdaMerging(_ConcreteMixin, AdaMerging):
         return [mask_opt, coef_opt]
 
     def meta_step(self, batch):
-        """One first-order meta step: reset λ, inner step on half the rows, outer entropy trains the mask."""
+        """One first-order meta step: reset λ, inner step on half the rows, the outer objective trains the mask."""
         inner, outer = _halves(batch)
         lam0 = torch.full_like(self.merged.coefficients.matrix(), self.hparams.init).requires_grad_(True)
-        masks = self.mask.sample(self._mask_gen(0))
-        loss_in, _ = entropy_objective(self.merged(inner["inputs"], inner["tasks"], inner["sizes"],
-                                                   coefficients=self._lam_view(lam0), masks=masks))
+        loss_in, _ = self._sampled_objective(inner, self._lam_view(lam0), 0)
         (g,) = torch.autograd.grad(loss_in, lam0, retain_graph=False)
         lam1 = (lam0 - self.hparams.inner_lr * g).detach()
-        masks = self.mask.sample(self._mask_gen(1))
-        loss_out, per_task = entropy_objective(self.merged(outer["inputs"], outer["tasks"], outer["sizes"],
-                                                           coefficients=self._lam_view(lam1), masks=masks))
+        loss_out, per_task = self._sampled_objective(outer, self._lam_view(lam1), 1)
         return loss_out, per_task
 
     def _lam_view(self, lam):
@@ -178,12 +193,11 @@ class ConcreteAdaMerging(_ConcreteMixin, AdaMerging):
             if self._frozen_mask is None:
                 self._frozen_mask = self.hard_mask()
                 self.mask.requires_grad_(False)
-            logits = self.merged(batch["inputs"], batch["tasks"], batch["sizes"], masks=self._frozen_mask)
-            loss, per_task = entropy_objective(logits)
+            loss, per_task = self.loss_fn(self.step_outputs(batch, self.loss_fn, masks=self._frozen_mask))
             coef_opt.zero_grad()
             self.manual_backward(loss)
             coef_opt.step()
-        self.log_dict({f"entropy/{t}": v.detach() for t, v in per_task.items()}, batch_size=sum(batch["sizes"]))
+        self.log_dict({f"{self.loss_fn.name}/{t}": v.detach() for t, v in per_task.items()}, batch_size=sum(batch["sizes"]))
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=sum(batch["sizes"]))
         self.log("train/phase", float(self.global_step >= self.hparams.meta_steps), batch_size=sum(batch["sizes"]))
 

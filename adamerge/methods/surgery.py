@@ -24,6 +24,7 @@ from torch.func import functional_call
 from adamerge.errors import MergeInputError
 from adamerge.export import MANIFEST
 from adamerge.methods.base import MergeModule
+from adamerge.objectives import l1_distance
 from adamerge.parametrize.surgery import SurgeryAdapter
 
 FEATURES = ("auto", "pooler_output", "last_hidden_state")
@@ -38,13 +39,6 @@ def feature_field(output, feature: str) -> str:
 
 def replace_field(output, name: str, value: Tensor):
     return type(output)(**{k: (value if k == name else v) for k, v in output.items()})
-
-
-def l1(adapted: Tensor, target: Tensor, attention_mask: Tensor | None) -> Tensor:
-    if adapted.ndim == 3 and attention_mask is not None:
-        w = attention_mask[..., None].to(adapted.dtype)
-        return ((adapted - target).abs() * w).sum() / (w.sum() * adapted.shape[-1])
-    return (adapted - target).abs().mean()
 
 
 class Surgery(MergeModule):
@@ -127,7 +121,7 @@ class Surgery(MergeModule):
             with torch.no_grad():
                 teacher = functional_call(self.merged.backbone, self.merged.merged_params(self.merged.one_hot(task)),
                                           args=(), kwargs=rows)[field]
-            losses[task] = l1(self.adapters[task](merged[field][sl]), teacher, rows.get("attention_mask"))
+            losses[task] = l1_distance(self.adapters[task](merged[field][sl]), teacher, rows.get("attention_mask"))
             start += n
         return sum(losses.values()), losses
 

@@ -5,8 +5,9 @@ One logit ``s`` per task-vector element, shared by all tasks, initialised to 0. 
     u ~ U(0, 1),   m = sigmoid((s + log u − log(1 − u)) / τ)
 
 and each masked task vector is rescaled per tensor by ``1 / mean(m)``, so the merge uses ``m ⊙ τ_t / mean(m)``.
-At export the mask is made hard and deterministic: ``m = 1[s ≥ 0]`` (threshold; elements training never touched stay in) or a seeded Bernoulli draw with
-``p = sigmoid(s)``; the manifest records which. As ``s → +∞`` the mask is all ones and the method reduces exactly to
+At export the mask is made deterministic: ``m = 1[s ≥ 0]`` (threshold; elements training never touched stay in), a
+seeded Bernoulli draw with ``p = sigmoid(s)``, one seeded relaxed sample (``continuous``, FusionBench's evaluation) or
+``sigmoid(s)`` itself (``expected``); the manifest records which. As ``s → +∞`` the mask is all ones and the method reduces exactly to
 plain Task Arithmetic / AdaMerging.
 
 Memory: the logits are as large as one model's masked tensors (plus Adam's two moments); ``dtype="bfloat16"`` halves
@@ -68,18 +69,25 @@ class ConcreteMask(nn.Module):
             out[n] = self.rescale(m)
         return out
 
+    MODES = ("threshold", "sample", "continuous", "expected")
+
     @torch.no_grad()
     def hard(self, mode: str = "threshold", seed: int = 0) -> dict[str, Tensor]:
-        """A deterministic hard mask (rescaled): ``mode="threshold"`` keeps ``s ≥ 0``; ``"sample"`` draws
-        Bernoulli(sigmoid(s)) with ``seed``."""
-        if mode not in ("threshold", "sample"):
-            raise MergeInputError(f"mask mode: unknown value {mode!r}; allowed: threshold, sample")
+        """A deterministic export mask (rescaled by its mean): ``threshold`` keeps ``s ≥ 0``; ``sample`` draws
+        Bernoulli(sigmoid(s)) with ``seed``; ``continuous`` is one relaxed sample drawn with ``seed`` (what
+        FusionBench evaluates); ``expected`` is the mean of the relaxation's Bernoulli, ``sigmoid(s)`` (no draw)."""
+        if mode not in self.MODES:
+            raise MergeInputError(f"export_mask: unknown value {mode!r}; allowed: {', '.join(self.MODES)}")
+        if mode == "continuous":
+            return {n: m.detach() for n, m in self.sample(torch.Generator().manual_seed(seed)).items()}
         g = torch.Generator().manual_seed(seed)
         out = {}
         for n in self.names:
             s = self.logit(n).float()
             if mode == "threshold":
                 m = (s >= 0).float()
+            elif mode == "expected":
+                m = torch.sigmoid(s)
             else:
                 m = (torch.rand(s.shape, generator=g).to(s.device) < torch.sigmoid(s)).float()
             out[n] = self.rescale(m) if m.any() else m

@@ -1,0 +1,248 @@
+"""Expert-guided training: objectives inside the methods, tuned heads and their export, label-free step selection,
+Concrete's export masks and the frozen-head zoo builder."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from adamerge.data import TaskData, UnlabeledDataModule
+from adamerge.errors import MergeInputError
+from adamerge.methods import AdaMerging, ConcreteTaskArithmetic, TaskArithmetic
+
+
+@pytest.fixture(scope="module")
+def batch(zoo):
+    from conftest import mixed_batch
+
+    return mixed_batch(zoo[0])
+
+
+def datamodule(zoo, task_data, holdout=0):
+    return UnlabeledDataModule({t: TaskData(p) for t, p in task_data.items()}, tokenizer=zoo[0],
+                               samples_per_task=4, max_length=16, holdout=holdout)
+
+
+@pytest.mark.parametrize("objective", ["infomax", "pseudo_label", "features"])
+def test_task_chunks_give_the_same_gradient_for_every_objective(zoo, batch, objective):
+    grads = []
+    for chunks in (1, 3):
+        module = AdaMerging(*zoo, granularity="layer", objective=objective, task_chunks=chunks, diversity_weight=0.5)
+        torch.manual_seed(0)
+        module.merged.coefficients.weight.data += 0.1 * torch.randn_like(module.merged.coefficients.weight)
+        loss = module.objective(batch)[0] if chunks == 1 else module.merged.chunked_surrogate(batch, module.loss_with, chunks)[0]
+        loss.backward()
+        grads.append(module.merged.coefficients.weight.grad.clone())
+    assert grads[0].abs().max() > 1e-7
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+
+
+def test_expert_guided_objectives_vanish_at_an_expert(zoo, batch):
+    """With one task and coefficients one-hot on it, the merge *is* that task's expert: KL and feature alignment are
+    exactly 0 and pseudo-labels reduce to the expert's own cross-entropy on its argmax."""
+    base, paths = zoo
+    one = {"topic": paths["topic"]}
+    rows = {"inputs": {k: v[2:4] for k, v in batch["inputs"].items()}, "tasks": ["topic"], "sizes": [2]}
+    for objective in ("kl", "features"):
+        module = AdaMerging(base, one, granularity="task", init=1.0, objective=objective)
+        with torch.no_grad():
+            loss, _ = module.objective(rows)
+        assert abs(float(loss)) < 1e-6, objective
+    module = AdaMerging(base, one, granularity="task", init=1.0, objective="pseudo_label")
+    with torch.no_grad():
+        logits = module.merged(rows["inputs"], ["topic"], [2])["topic"]
+        want = torch.nn.functional.cross_entropy(logits, logits.argmax(-1))
+        assert abs(float(module.objective(rows)[0]) - float(want)) < 1e-6
+
+
+def test_tuned_heads_train_export_and_load_in_stock_transformers(zoo, task_data, batch, tmp_path):
+    from conftest import quick_fit
+    from transformers import AutoModelForSequenceClassification
+
+    module = AdaMerging(*zoo, granularity="layer", objective="kl", tune_heads=True, lr=0.05)
+    before = {t: h.classifier.weight.detach().clone() for t, h in module.merged.heads.items()}
+    trainable = module.trainable_state_keys()
+    assert any(k.startswith("merged.heads.") for k in trainable) and "merged.coefficients.weight" in trainable
+    assert not any(k.startswith("expert_heads.") for k in trainable)
+    quick_fit(module, datamodule(zoo, task_data), 3)
+    for t, h in module.merged.heads.items():
+        assert (h.classifier.weight - before[t]).abs().max() > 1e-4  # tuned
+        assert torch.equal(module.expert_heads[t].classifier.weight, before[t])  # the teachers kept theirs
+    out = module.export(tmp_path / "merged")
+    assert json.loads((out / "merge_manifest.json").read_text())["hparams"]["tune_heads"] is True
+    sizes = batch["sizes"]
+    for i, task in enumerate(batch["tasks"]):
+        rows = {k: v[2 * i:2 * i + sizes[i]] for k, v in batch["inputs"].items()}
+        m = AutoModelForSequenceClassification.from_pretrained(str(out / "tasks" / task)).eval()
+        with torch.no_grad():
+            got, want = m(**rows).logits, module.predict(task, rows)
+        assert (got - want).abs().max() < 1e-5
+
+
+def test_tune_heads_refuses_task_chunks(zoo):
+    with pytest.raises(MergeInputError, match="task_chunks"):
+        AdaMerging(*zoo, tune_heads=True, task_chunks=2)
+
+
+def _labelled_copy(task_data, tmp_path, seed):
+    """The same texts as ``task_data`` with the label column shuffled by ``seed``."""
+    import random
+
+    out = {}
+    for task, path in task_data.items():
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+        labels = [r["label"] for r in rows]
+        random.Random(seed).shuffle(labels)
+        p = tmp_path / f"{task}-{seed}.csv"
+        with p.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["text", "label"])
+            w.writerows([r["text"], y] for r, y in zip(rows, labels))
+        out[task] = str(p)
+    return out
+
+
+def _fit_selected(zoo, data, criterion="agreement", steps=6):
+    import pytorch_lightning as pl
+
+    from adamerge.callbacks import SelectStep
+
+    class Record(pl.Callback):
+        def __init__(self):
+            self.coefficients = {0: None}
+
+        def on_train_start(self, trainer, module):
+            self.coefficients[0] = module.merged.coefficients.weight.detach().clone()
+
+        def on_train_batch_end(self, trainer, module, *args):
+            self.coefficients[trainer.global_step] = module.merged.coefficients.weight.detach().clone()
+
+    module = AdaMerging(*zoo, granularity="layer", lr=0.2)
+    record, select = Record(), SelectStep(every_n_steps=1, criterion=criterion)
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", callbacks=[record, select])
+    dm = datamodule(zoo, data, holdout=8)
+    trainer.fit(module, datamodule=dm)
+    return module, record, dm
+
+
+def test_select_step_restores_the_best_step_and_records_it(zoo, task_data, tmp_path):
+    module, record, dm = _fit_selected(zoo, task_data)
+    sel = module.selection
+    assert [h[0] for h in sel["history"]] == list(range(7))
+    best_step, best = max(sel["history"], key=lambda h: h[1])
+    assert sel["selected_step"] == best_step and sel["score"] == best
+    assert torch.equal(module.merged.coefficients.weight, record.coefficients[best_step])
+    # the score is the agreement with the experts on the held-back rows, recomputed here by hand
+    per_task = {}
+    for b in dm.holdout_batches():
+        start = 0
+        for task, size in zip(b["tasks"], b["sizes"]):
+            rows = {k: v[start:start + size] for k, v in b["inputs"].items()}
+            start += size
+            with torch.no_grad():
+                mine = module.predict(task, rows).argmax(-1)
+                expert = module.merged(rows, [task], [size], coefficients=module.merged.one_hot(task))[task].argmax(-1)
+            hit, tot = per_task.get(task, (0, 0))
+            per_task[task] = (hit + int((mine == expert).sum()), tot + size)
+    assert abs(sum(h / t for h, t in per_task.values()) / len(per_task) - best) < 1e-9
+    out = module.export(tmp_path / "m")
+    manifest = json.loads((out / "merge_manifest.json").read_text())
+    assert manifest["selection"]["selected_step"] == best_step and manifest["selection"]["criterion"] == "agreement"
+
+
+def test_select_step_never_reads_labels(zoo, task_data, tmp_path):
+    """Shuffling the label column changes nothing: neither the scores nor the chosen step."""
+    runs = [_fit_selected(zoo, _labelled_copy(task_data, tmp_path, seed), steps=4)[0] for seed in (1, 2)]
+    assert runs[0].selection == runs[1].selection
+    assert torch.equal(runs[0].merged.coefficients.weight, runs[1].merged.coefficients.weight)
+    dm = datamodule(zoo, task_data, holdout=8)
+    dm.setup()
+    assert all(set(b["inputs"]) <= {"input_ids", "attention_mask", "token_type_ids"} for b in dm.holdout_batches())
+    assert sum(len(r) for r in dm.held_out.values()) == 8 * len(task_data)
+    from collections import Counter
+
+    full = datamodule(zoo, task_data)
+    full.setup()
+    for task in task_data:  # held-back + training rows are exactly the task's rows, each used once
+        key = lambda rs: Counter(tuple(r["input_ids"]) for r in rs)  # noqa: E731
+        assert key(dm.held_out[task]) + key(dm.dataset.rows[task]) == key(full.dataset.rows[task])
+        assert len(dm.dataset.rows[task]) == 40 - 8
+
+
+def test_select_step_needs_held_back_rows(zoo, task_data):
+    import pytorch_lightning as pl
+
+    from adamerge.callbacks import SelectStep
+
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", callbacks=[SelectStep()])
+    with pytest.raises(MergeInputError, match="holdout"):
+        trainer.fit(AdaMerging(*zoo), datamodule=datamodule(zoo, task_data))
+
+
+@pytest.mark.parametrize("mode", ["expected", "continuous", "threshold"])
+def test_concrete_export_masks_at_init(zoo, batch, mode):
+    """Logits 0: ``expected`` (sigmoid 0.5 everywhere, rescaled to 1) and ``threshold`` (all kept) are exactly Task
+    Arithmetic; ``continuous`` is a seeded relaxed draw with mean 1 that differs from it and repeats."""
+    module = ConcreteTaskArithmetic(*zoo, scale=0.3, export_mask=mode)
+    ta = TaskArithmetic(*zoo, scale=0.3).final_merged_params()
+    got = module.final_merged_params()
+    diff = max(float((got[n] - ta[n]).abs().max()) for n in ta)
+    if mode == "continuous":
+        assert diff > 1e-4
+        masks = module.hard_mask()
+        assert all(abs(float(m.mean()) - 1.0) < 1e-5 for m in masks.values())
+        again = module.final_merged_params()
+        assert all(torch.equal(got[n], again[n]) for n in got)
+    else:
+        assert diff < 1e-6
+
+
+def test_concrete_rejects_unknown_export_mask(zoo):
+    with pytest.raises(MergeInputError, match="export_mask"):
+        ConcreteTaskArithmetic(*zoo, export_mask="soft")
+
+
+def test_frozen_head_zoo_keeps_the_probe_bit_identical(tmp_path):
+    """LP-FT: the head is a linear probe fitted on the frozen base before fine-tuning and never changes after; the
+    body does change."""
+    import datasets
+    from safetensors.torch import load_file
+    from transformers import BertForSequenceClassification
+
+    from adamerge.bench.zoo import finetune
+    from conftest import make_tokenizer, text_rows, tiny_config
+
+    zoo = tmp_path / "zoo"
+    make_tokenizer(zoo / "base")
+    torch.manual_seed(0)
+    config = tiny_config()
+    config.initializer_range = 0.5  # features that differ between rows (the default 0.02 makes them near-constant)
+    BertForSequenceClassification(config).save_pretrained(str(zoo / "base"))
+    texts = text_rows(64, seed=5)
+    labels = [int("good" in t or "great" in t or "love" in t) for t in texts]
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["n", "p"])})
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)}
+                         ).save_to_disk(str(tmp_path / "data" / "toy"))
+    path = finetune("toy", tmp_path / "data", zoo, epochs=1, batch_size=16, lr=1e-3, max_length=16, head="frozen")
+    assert path == zoo / "frozen-head" / "toy"
+    probe = load_file(str(path / "lp_head.safetensors"))
+    tuned = BertForSequenceClassification.from_pretrained(str(path))
+    base = BertForSequenceClassification.from_pretrained(str(zoo / "base"))
+    assert torch.equal(tuned.classifier.weight, probe["classifier.weight"])
+    assert torch.equal(tuned.classifier.bias, probe["classifier.bias"])
+    assert probe["classifier.weight"].abs().max() > 0  # fitted, not the zero start
+    info = json.loads((path / "train_info.json").read_text())
+    share = sum(labels) / len(labels)
+    constant = -(share * math.log(share) + (1 - share) * math.log(1 - share))  # CE of the best constant predictor
+    assert info["head"] == "frozen" and info["linear_probe"]["train_loss"] < constant - 0.01
+    moved = max(float((a - b).abs().max()) for (n, a), (_, b) in
+                zip(tuned.bert.named_parameters(), base.bert.named_parameters()))
+    assert moved > 1e-4
