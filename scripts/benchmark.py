@@ -24,6 +24,7 @@ def main() -> None:
                    help="re-run only these rows of the grid (others are kept from an earlier run); none: only the "
                         "reference rows")
     p.add_argument("--no-lora", action="store_true", help="skip (keep) the LoRA section")
+    p.add_argument("--no-pairs", action="store_true", help="skip (keep) the two-task table")
     p.add_argument("--fresh", action="store_true", help="start a new table instead of updating an earlier one")
     p.add_argument("--steps", type=int, help="override the preset's adaptation steps")
     p.add_argument("--zoo", choices=["own", "frozen"], default="own",
@@ -36,7 +37,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_libraries()
     result = run(args.preset, work=args.work, out=args.out, methods=args.methods, steps=args.steps, fresh=args.fresh,
-                 lora=not args.no_lora, zoo_protocol=args.zoo, transductive=not args.inductive_only)
+                 lora=not args.no_lora, zoo_protocol=args.zoo, transductive=not args.inductive_only,
+                 pairs=not args.no_pairs)
     name = args.preset if args.zoo == "own" else f"{args.preset}-{args.zoo}-head"
     print((args.out / name / "results.md").read_text())  # the table is this script's output
     del result

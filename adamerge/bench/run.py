@@ -287,14 +287,15 @@ def run_lora(preset: Preset, base: str, data_dir: Path, zoo: Path, evaluator: Ev
 
 def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Path("runs/benchmark"),
         methods: list[str] | None = None, steps: int | None = None, seed: int = 0, fresh: bool = False,
-        lora: bool = True, zoo_protocol: str = "own", transductive: bool = True) -> dict:
+        lora: bool = True, zoo_protocol: str = "own", transductive: bool = True, pairs: bool = True) -> dict:
     """Build everything the preset needs (skipping what exists) and write ``out/<preset>/results.{json,md}``
     (``out/<preset>-frozen-head/`` for the frozen-head zoo).
 
     ``methods``: grid rows to (re-)run (``None``: all of the preset's); rows already in an earlier ``results.json``
     of the same setup are kept unless re-run (or ``fresh``). ``lora``: run the LoRA section if the preset has one
     (own-head zoo only). ``zoo_protocol``: ``own`` or ``frozen`` heads (see :mod:`adamerge.bench.zoo`).
-    ``transductive``: also adapt on the test inputs (the papers' protocol) for the second column.
+    ``transductive``: also adapt on the test inputs (the papers' protocol) for the second column. ``pairs``: run the
+    two-task table if the preset has one (own-head zoo only).
     """
     from transformers import AutoTokenizer
 
@@ -338,7 +339,7 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
               "total_seconds": round(time.time() - t0, 1), "peak_rss_mib": round(peak_rss_mib()),
               "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                           f"torch {torch.__version__}, {'cuda' if torch.cuda.is_available() else 'cpu'}"}
-    if preset.pairs and zoo_protocol == "own" and (methods == preset.methods or "pairs" not in old):
+    if preset.pairs and pairs and zoo_protocol == "own" and (methods == preset.methods or "pairs" not in old):
         result["pairs"] = runner.pairs()
     elif "pairs" in old:
         result["pairs"] = old["pairs"]
