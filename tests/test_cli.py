@@ -135,3 +135,22 @@ def test_m3_best_of_k_by_entropy_records_draws_and_choice(zoo, task_data, tmp_pa
     with pytest.raises(SystemExit):
         main(["merge", "--config", str(p)])
     assert not (tmp_path / "out2").exists()
+
+
+def test_fit_with_label_free_selection_exports_the_chosen_step(zoo, task_data, tmp_path):
+    """The guided config's shape through the command: KL objective, tuned heads, SelectStep on held-back rows."""
+    cfg = fit_config(zoo, task_data, tmp_path, objective="kl", tune_heads=True, lr=0.05)
+    cfg["trainer"]["logger"] = False
+    cfg["trainer"]["callbacks"] = [{"class_path": "adamerge.callbacks.SelectStep",
+                                    "init_args": {"every_n_steps": 2, "criterion": "agreement"}}]
+    cfg["data"]["holdout"] = 8
+    p = tmp_path / "fit.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    cli = lightning_main(["fit", "--config", str(p)])
+    manifest = json.loads((tmp_path / "merged" / "merge_manifest.json").read_text())
+    sel = manifest["selection"]
+    assert [h[0] for h in sel["history"]] == [0, 2, 4, 6]
+    assert sel["selected_step"] == max(sel["history"], key=lambda h: h[1])[0]
+    assert manifest["hparams"]["objective"] == "kl" and manifest["hparams"]["tune_heads"] is True
+    exported = torch.tensor(manifest["coefficients"]["values"])
+    assert torch.allclose(exported, cli.model.merged.coefficients.weight.detach())
