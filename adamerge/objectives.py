@@ -185,16 +185,6 @@ class Objective:
         return feature_alignment(out.features, out.expert_features, out.masks)
 
 
-def agreement(logits: Mapping[str, Tensor], expert_logits: Mapping[str, Tensor],
-              masks: Mapping[str, Tensor] | None = None) -> dict[str, float]:
-    """Per task, the fraction of rows (non-pad tokens) where the merge's argmax equals its expert's argmax."""
-    out = {}
-    for t, z in logits.items():
-        same = (z.argmax(-1) == expert_logits[t].argmax(-1)).float()
-        out[t] = float(_masked_mean(same, _mask(masks, t)))
-    return out
-
-
 def coefficient_similarity(matrix: Tensor) -> Tensor:
     """Mean pairwise cosine similarity between the tasks' coefficient vectors (rows of ``[T, P]``)."""
     if matrix.shape[0] < 2:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from adamerge.bench.run import run
 
@@ -22,7 +23,7 @@ def ci_result(tmp_path_factory):
 def test_ci_benchmark_builds_data_zoo_and_table(ci_result):
     result, out = ci_result
     rows = result["rows"]
-    assert set(rows) == {"individual", "pretrained", "task_arithmetic", "ties", "adamerging_layer",
+    assert set(rows) == {"individual", "pretrained", "task_arithmetic", "ties", "adamerging_layer", "tinting",
                          "surgery_adamerging"}
     for key, row in rows.items():
         assert set(row["inductive"]) == {"polarity", "spam"}, key
@@ -31,6 +32,10 @@ def test_ci_benchmark_builds_data_zoo_and_table(ci_result):
     # a trained method gets both protocols; data-free ones only one
     assert "transductive" in rows["adamerging_layer"] and "transductive" not in rows["ties"]
     assert "transductive" in rows["surgery_adamerging"]
+    # the guided row chose its exported step without labels, among the scored steps 0..3, in both protocols
+    for protocol in ("inductive", "transductive"):
+        sel = rows["tinting"][f"{protocol}_selection"]
+        assert sel["criterion"] == "agreement" and 0 <= sel["selected_step"] <= 3 and 0.0 <= sel["score"] <= 1.0
     # Surgery starts from the exported layer-wise AdaMerging of the same protocol
     assert (out / "ci" / "checkpoints" / "adamerging_layer-inductive" / "merge_manifest.json").is_file()
     assert (out / "ci" / "checkpoints" / "adamerging_layer-transductive" / "merge_manifest.json").is_file()
@@ -52,3 +57,22 @@ def test_ci_splits_are_disjoint(ci_result):
         dd = datasets.load_from_disk(str(ROOT / ".cache" / "ci" / "data" / task))
         seen = [set(t.lower() for t in dd[s]["text"]) for s in ("train", "unlabeled", "test")]
         assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+
+
+def test_ci_benchmark_frozen_head_zoo(ci_result, tmp_path):
+    """The frozen-head protocol on the same data: its own zoo (heads = linear probes, unchanged by fine-tuning) and
+    a table that says which protocol it used."""
+    from safetensors.torch import load_file
+
+    result = run("ci", work=ROOT / ".cache", out=tmp_path, methods=["task_arithmetic"], zoo_protocol="frozen",
+                 transductive=False)
+    assert result["zoo_protocol"] == "frozen" and set(result["rows"]) == {"individual", "pretrained",
+                                                                          "task_arithmetic"}
+    for task in ("polarity", "spam"):
+        path = ROOT / ".cache" / "ci" / "zoo" / "frozen-head" / task
+        probe = load_file(str(path / "lp_head.safetensors"))
+        tuned = load_file(str(path / "model.safetensors"))
+        assert all(torch.equal(probe[k], tuned[k]) for k in probe)
+    # the pretrained rows differ: linear-probe heads here, the own-head zoo's heads there
+    assert "frozen-head zoo" in (tmp_path / "ci-frozen-head" / "results.md").read_text()
+    assert result["rows"]["pretrained"] != ci_result[0]["rows"]["pretrained"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from adamerge.errors import MergeInputError
-from adamerge.objectives import Objective, StepOutputs, agreement
+from adamerge.objectives import Objective, StepOutputs
 
 
 def _probs(row):
@@ -137,12 +137,6 @@ def test_entropy_collapses_where_infomax_does_not():
     assert share == 1.0 and ent < 0.1  # every row predicted as class 0, confidently
     share, _ = _collapse_fit("infomax")
     assert 0.4 <= share <= 0.6  # the batch stays split between the classes
-
-
-def test_agreement_counts_matching_argmax():
-    z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
-    e = torch.tensor([[2.0, 0.0], [2.0, 0.0], [2.0, 0.0], [0.0, 2.0]])
-    assert agreement({"a": z}, {"a": e}) == {"a": 0.5}
 
 
 @pytest.mark.parametrize("kwargs,field", [({"name": "nope"}, "objective"), ({"temperature": 0.0}, "temperature"),

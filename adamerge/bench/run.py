@@ -95,8 +95,8 @@ class Preset:
 
 PRESETS = {
     "ci": Preset(["polarity", "spam"], steps=3, samples_per_task=4, max_length=32, max_train=96, max_unlabeled=24,
-                 max_test=48, ft_epochs=1, surgery_steps=3,
-                 methods=["task_arithmetic", "ties", "adamerging_layer", "surgery_adamerging"]),
+                 max_test=48, ft_epochs=1, surgery_steps=3, holdout=8, select_every=1,
+                 methods=["task_arithmetic", "ties", "adamerging_layer", "tinting", "surgery_adamerging"]),
     "quick": Preset(["polarity", "question", "spam", "language"], steps=100, pairs=True, lora_rank=8),
     "full": Preset(list(TASKS), steps=100),
 }
