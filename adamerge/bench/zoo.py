@@ -167,7 +167,7 @@ def finetune(task: str, data_dir: Path, zoo: Path, epochs: int = 2, batch_size: 
 
         model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=lora_rank, lora_alpha=2 * lora_rank,
                                                  target_modules=LORA_TARGETS, lora_dropout=0.0))
-        if head == "frozen":  # PEFT saves modules_to_save heads; here the frozen probe is saved from lp_head.
+        if head == "frozen":  # PEFT wraps the classifier as a trainable module to save: keep the probe fixed
             model.base_model.model.classifier.requires_grad_(False)
     model.train()  # from_pretrained returns eval mode; fine-tune with dropout as usual
 
