@@ -36,6 +36,13 @@ def slice_output(output, sl: slice):
     return type(output)(**{k: slice_output(v, sl) if isinstance(v, (Tensor, tuple)) else v for k, v in output.items()})
 
 
+def check_features(task_type: str) -> None:
+    """Refuse backbone features where there are none to read: a causal LM is merged whole."""
+    if task_type == "causal_lm":
+        raise MergeInputError("objective: 'features' needs a backbone with hidden features; a causal LM is merged "
+                              "whole (use objective 'kl' or 'pseudo_label')")
+
+
 def block_of(name: str) -> str:
     """Group key of a tensor: its path up to the first layer index (``encoder.layer.3``), else its first component."""
     parts = name.split(".")
@@ -236,9 +243,7 @@ class MergedModel(nn.Module):
     def feature_tensor(self, output) -> Tensor:
         """The backbone feature that the heads read: ``pooler_output`` where the backbone has one (BERT), otherwise
         ``last_hidden_state`` (token features ``[n, L, d]``)."""
-        if self.task_type == "causal_lm":
-            raise MergeInputError("objective: 'features' needs a backbone with hidden features; a causal LM is merged "
-                                  "whole (use objective 'kl' or 'pseudo_label')")
+        check_features(self.task_type)
         pooled = getattr(output, "pooler_output", None)
         return pooled if pooled is not None else output.last_hidden_state
 

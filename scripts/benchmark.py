@@ -13,7 +13,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from adamerge.bench.run import METHOD_GRID, PRESETS, run
+from adamerge.bench.run import METHOD_GRID, PRESETS, results_dir, run
 from adamerge.cli import quiet_libraries
 
 
@@ -39,8 +39,7 @@ def main() -> None:
     result = run(args.preset, work=args.work, out=args.out, methods=args.methods, steps=args.steps, fresh=args.fresh,
                  lora=not args.no_lora, zoo_protocol=args.zoo, transductive=not args.inductive_only,
                  pairs=not args.no_pairs)
-    name = args.preset if args.zoo == "own" else f"{args.preset}-{args.zoo}-head"
-    print((args.out / name / "results.md").read_text())  # the table is this script's output
+    print((results_dir(args.out, args.preset, args.zoo) / "results.md").read_text())  # the table is this script's output
     del result
 
 

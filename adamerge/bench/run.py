@@ -285,6 +285,11 @@ def run_lora(preset: Preset, base: str, data_dir: Path, zoo: Path, evaluator: Ev
     return rows
 
 
+def results_dir(out: Path, preset_name: str, zoo_protocol: str = "own") -> Path:
+    """Where :func:`run` writes a preset's table: ``out/<preset>`` (own heads) or ``out/<preset>-<protocol>-head``."""
+    return out / (preset_name if zoo_protocol == "own" else f"{preset_name}-{zoo_protocol}-head")
+
+
 def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Path("runs/benchmark"),
         methods: list[str] | None = None, steps: int | None = None, seed: int = 0, fresh: bool = False,
         lora: bool = True, zoo_protocol: str = "own", transductive: bool = True, pairs: bool = True) -> dict:
@@ -308,7 +313,7 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
         raise ValueError(f"unknown methods {unknown}; known: {sorted(METHOD_GRID)}")
     root = work / ("ci" if preset_name == "ci" else "")
     data_dir, zoo = root / "data", root / "zoo"
-    target = out / (preset_name if zoo_protocol == "own" else f"{preset_name}-{zoo_protocol}-head")
+    target = results_dir(out, preset_name, zoo_protocol)
     t0 = time.time()
     card = prepare(preset.tasks, data_dir, work / "wheels", seed=seed, max_train=preset.max_train,
                    max_unlabeled=preset.max_unlabeled, max_test=preset.max_test)

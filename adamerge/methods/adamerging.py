@@ -23,6 +23,7 @@ import copy
 import torch
 
 from adamerge.errors import MergeInputError
+from adamerge.merged import check_features
 from adamerge.methods.base import MergeModule, TaskVectorPrep
 from adamerge.objectives import Objective, coefficient_similarity
 from adamerge.parametrize import Coefficients
@@ -71,9 +72,8 @@ class AdaMerging(MergeModule):
                                   "replaces by a surrogate of the merged weights; use task_chunks: 1")
         if tune_heads and task_type != "seq_cls":
             raise MergeInputError(f"tune_heads needs per-task heads (task_type seq_cls), not {task_type!r}")
-        if objective == "features" and task_type == "causal_lm":
-            raise MergeInputError("objective: 'features' needs a backbone with hidden features; a causal LM is "
-                                  "merged whole (use objective 'kl' or 'pseudo_label')")
+        if objective == "features":
+            check_features(task_type)  # before any model is loaded
         self._granularity, self._init, self._clamp = granularity, init, clamp
         super().__init__(base, models, prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code,
                          task_type=task_type)

@@ -22,11 +22,6 @@ from adamerge.objectives import Objective
 from adamerge.parametrize import Coefficients, ConcreteMask
 
 
-def _check_export_mask(mode: str) -> None:
-    if mode not in ConcreteMask.MODES:
-        raise MergeInputError(f"export_mask: unknown value {mode!r}; allowed: {', '.join(ConcreteMask.MODES)}")
-
-
 class _ConcreteMixin:
     """Mask construction, hard-mask export and manifest fields shared by both Concrete methods."""
 
@@ -86,7 +81,7 @@ class ConcreteTaskArithmetic(_ConcreteMixin, MergeModule):
                  mask_seed: int = 0, lr: float = 1e-3, prep: TaskVectorPrep | None = None,
                  tv_dtype: str | None = None, trust_remote_code: bool = False, objective: str = "entropy",
                  diversity_weight: float = 1.0, confidence: float = 0.0) -> None:
-        _check_export_mask(export_mask)
+        ConcreteMask.check_mode(export_mask)
         self.loss_fn = Objective(objective, diversity_weight=diversity_weight, confidence=confidence)
         self._scale, self._export_mask, self._mask_seed = scale, export_mask, mask_seed
         super().__init__(base, models, prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code)
@@ -152,7 +147,7 @@ class ConcreteAdaMerging(_ConcreteMixin, AdaMerging):
                  diversity_weight: float = 1.0, confidence: float = 0.0) -> None:
         if meta_steps < 0:
             raise MergeInputError(f"meta_steps must be >= 0, got {meta_steps}")
-        _check_export_mask(export_mask)
+        ConcreteMask.check_mode(export_mask)
         self._export_mask, self._mask_seed = export_mask, mask_seed
         super().__init__(base, models, granularity=granularity, init=init, clamp=clamp, lr=lr, betas=betas,
                          prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code, objective=objective,

@@ -71,13 +71,18 @@ class ConcreteMask(nn.Module):
 
     MODES = ("threshold", "sample", "continuous", "expected")
 
+    @classmethod
+    def check_mode(cls, mode: str) -> None:
+        """Refuse an unknown export mask mode (called before any model is loaded, and by :meth:`hard`)."""
+        if mode not in cls.MODES:
+            raise MergeInputError(f"export_mask: unknown value {mode!r}; allowed: {', '.join(cls.MODES)}")
+
     @torch.no_grad()
     def hard(self, mode: str = "threshold", seed: int = 0) -> dict[str, Tensor]:
         """A deterministic export mask (rescaled by its mean): ``threshold`` keeps ``s ≥ 0``; ``sample`` draws
         Bernoulli(sigmoid(s)) with ``seed``; ``continuous`` is one relaxed sample drawn with ``seed`` (what
         FusionBench evaluates); ``expected`` is the mean of the relaxation's Bernoulli, ``sigmoid(s)`` (no draw)."""
-        if mode not in self.MODES:
-            raise MergeInputError(f"export_mask: unknown value {mode!r}; allowed: {', '.join(self.MODES)}")
+        self.check_mode(mode)
         if mode == "continuous":
             return {n: m.detach() for n, m in self.sample(torch.Generator().manual_seed(seed)).items()}
         g = torch.Generator().manual_seed(seed)
