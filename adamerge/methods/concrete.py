@@ -34,7 +34,7 @@ class _ConcreteMixin:
 
     def _mask_gen(self, draw: int = 0) -> torch.Generator:
         """The relaxed-sample generator of this step: a function of (seed, step), so resumed runs repeat exactly."""
-        return torch.Generator().manual_seed(self._mask_seed * 1_000_003 + 2 * int(self.global_step) + draw)
+        return self.mask.generator(self._mask_seed * 1_000_003 + 2 * int(self.global_step) + draw)
 
     def hard_mask(self):
         return self.mask.hard(self._export_mask, self._mask_seed)

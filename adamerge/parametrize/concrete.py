@@ -55,6 +55,10 @@ class ConcreteMask(nn.Module):
     def logit(self, name: str) -> Tensor:
         return self.logits[_key(name)]
 
+    def generator(self, seed: int) -> torch.Generator:
+        """A seeded generator on the logits' device (training draws; the export draws on the CPU)."""
+        return torch.Generator(device=next(iter(self.logits.values())).device).manual_seed(seed)
+
     @staticmethod
     def rescale(mask: Tensor) -> Tensor:
         return mask / mask.mean().clamp_min(1e-12)
@@ -64,7 +68,7 @@ class ConcreteMask(nn.Module):
         out = {}
         for n in self.names:
             s = self.logit(n).float()
-            u = torch.rand(s.shape, generator=generator, device=s.device).clamp(1e-6, 1 - 1e-6)
+            u = _uniform(s, generator).clamp(1e-6, 1 - 1e-6)
             m = torch.sigmoid((s + torch.log(u) - torch.log1p(-u)) / self.temperature)
             out[n] = self.rescale(m)
         return out
@@ -97,3 +101,10 @@ class ConcreteMask(nn.Module):
                 m = (torch.rand(s.shape, generator=g).to(s.device) < torch.sigmoid(s)).float()
             out[n] = self.rescale(m) if m.any() else m
         return out
+
+
+def _uniform(like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """U(0, 1) noise shaped like ``like`` on its device, drawn on the generator's device (a CPU generator gives the
+    same draw whatever device the mask lives on)."""
+    device = like.device if generator is None else generator.device
+    return torch.rand(like.shape, generator=generator, device=device).to(like.device)
