@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,19 @@ class CoefficientHeatmap(pl.Callback):
         self._log(trainer, pl_module)
 
 
+@contextmanager
+def eval_mode(module: torch.nn.Module):
+    """Every submodule in eval mode inside the block, then each one's own mode back. (``module.train(was_training)``
+    would switch on the dropout of a backbone that trains in eval mode.)"""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 class SelectStep(pl.Callback):
     """Label-free choice of the step to export: every ``every_n_steps`` (and before the first step) the model as it
     would be exported is scored on the data module's held-back unlabeled rows (``data.holdout``); at the end of
@@ -141,10 +156,8 @@ class SelectStep(pl.Callback):
             return
         if self._batches is None:
             self._setup(trainer, pl_module)
-        was_training = pl_module.training
-        pl_module.eval()
-        value = pl_module.selection_score(self._batches, self.criterion, self._experts)
-        pl_module.train(was_training)
+        with eval_mode(pl_module):
+            value = pl_module.selection_score(self._batches, self.criterion, self._experts)
         self.history.append((step, value))
         if self.best is None or value > self.best[1]:
             self.best = (step, value)

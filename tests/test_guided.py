@@ -116,8 +116,13 @@ def _fit_selected(zoo, data, criterion="agreement", steps=6):
         def __init__(self):
             self.coefficients = {0: None}
 
+            self.backbone_training = []
+
         def on_train_start(self, trainer, module):
             self.coefficients[0] = module.merged.coefficients.weight.detach().clone()
+
+        def on_train_batch_start(self, trainer, module, *args):
+            self.backbone_training.append(any(m.training for m in module.merged.backbone.modules()))
 
         def on_train_batch_end(self, trainer, module, *args):
             self.coefficients[trainer.global_step] = module.merged.coefficients.weight.detach().clone()
@@ -174,6 +179,14 @@ def test_select_step_never_reads_labels(zoo, task_data, tmp_path):
         key = lambda rs: Counter(tuple(r["input_ids"]) for r in rs)  # noqa: E731
         assert key(dm.held_out[task]) + key(dm.dataset.rows[task]) == key(full.dataset.rows[task])
         assert len(dm.dataset.rows[task]) == 40 - 8
+
+
+def test_select_step_leaves_the_backbone_in_eval_mode(zoo, task_data):
+    """Scoring puts every module in eval mode and gives each its own mode back: the backbone (dropout off, the
+    documented training mode) must not come back in train mode after a score."""
+    module, record, _ = _fit_selected(zoo, task_data, steps=3)
+    assert record.backbone_training == [False, False, False]
+    assert not any(m.training for m in module.merged.backbone.modules())
 
 
 def test_select_step_needs_held_back_rows(zoo, task_data):

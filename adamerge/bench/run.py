@@ -154,7 +154,7 @@ class Evaluator:
         """Scores of ``module.predict`` with backbone ``params`` (default: the module's final merge), on the GPU
         when there is one (Lightning hands the module back on the CPU after fitting)."""
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        module.to(device)
+        module.to(device).eval()  # dropout off, whatever mode training left the module in
         params = module.final_merged_params() if params is None else {k: v.to(device) for k, v in params.items()}
         out = {}
         for task in tasks or list(self.sets):
