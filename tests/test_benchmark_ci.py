@@ -100,3 +100,37 @@ def test_finished_rows_survive_a_failing_row(tmp_path, monkeypatch):
     table = (tmp_path / "ci" / "results.md").read_text()
     assert table.index("Task Arithmetic") < table.index("M3") and "TIES" not in table
     assert not list((tmp_path / "ci").glob(".*.tmp"))
+
+
+def _table(individual: float, rows: dict[str, float]) -> dict:
+    def scores(acc):
+        return {"inductive": {"a": {"accuracy": acc, "macro_f1": acc, "n": 10}}}
+
+    return {"preset": "full", "zoo_protocol": "own", "tasks": ["a"], "data_card": [], "zoo_seconds": 1.0,
+            "total_seconds": 2.0, "peak_rss_mib": 3, "hardware": "x",
+            "preset_config": {"steps": 100, "samples_per_task": 16, "max_length": 64},
+            "rows": {"individual": {"label": "Individual", **scores(individual)},
+                     "pretrained": {"label": "Pretrained", **scores(0.5)},
+                     **{k: {"label": k, **scores(v)} for k, v in rows.items()}}}
+
+
+def test_combine_results_replaces_rows_of_the_same_zoo_only(tmp_path):
+    import subprocess
+    import sys
+
+    base, update, other = tmp_path / "base.json", tmp_path / "update.json", tmp_path / "other.json"
+    base.write_text(json.dumps(_table(0.9, {"task_arithmetic": 0.6, "tinting": 0.1, "ties": 0.7})))
+    update.write_text(json.dumps(_table(0.9, {"tinting": 0.8})))
+    other.write_text(json.dumps(_table(0.91, {"tinting": 0.8})))
+    script = [sys.executable, str(ROOT / "scripts" / "combine_results.py")]
+    done = subprocess.run([*script, str(base), str(update), "--drop", "ties", "--out", str(tmp_path / "c")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    got = json.loads((tmp_path / "c" / "results.json").read_text())
+    assert list(got["rows"]) == ["individual", "pretrained", "task_arithmetic", "tinting"]
+    assert got["rows"]["tinting"]["inductive"]["a"]["accuracy"] == 0.8
+    assert got["sources"]["rows_from_update"] == ["tinting"] and got["sources"]["dropped"] == ["ties"]
+    assert "| tinting | 80.0 |" in (tmp_path / "c" / "results.md").read_text()
+    refused = subprocess.run([*script, str(base), str(other), "--out", str(tmp_path / "d")], capture_output=True,
+                             text=True)
+    assert refused.returncode != 0 and "different zoos" in refused.stderr and not (tmp_path / "d").exists()

@@ -362,13 +362,18 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
 
 
 def _save(result: dict, target: Path, t0: float) -> None:
-    """Write the table so far (results.json + results.md), each file replaced whole."""
+    """Write the table so far, stamped with the time since ``t0`` and this process's peak memory."""
+    result["total_seconds"] = round(time.time() - t0, 1)
+    result["peak_rss_mib"] = round(peak_rss_mib())
+    write_results(result, target)
+
+
+def write_results(result: dict, target: Path) -> None:
+    """``target``/results.json and results.md, rows in the grid's order, each file replaced whole."""
     order = ["individual", "pretrained", *METHOD_GRID]
     rows = sorted(result["rows"].items(), key=lambda kv: order.index(kv[0]))
     result["rows"].clear()
     result["rows"].update(rows)  # in place: the caller keeps adding to the same dict
-    result["total_seconds"] = round(time.time() - t0, 1)
-    result["peak_rss_mib"] = round(peak_rss_mib())
     target.mkdir(parents=True, exist_ok=True)
     for name, text in (("results.json", json.dumps(result, indent=2) + "\n"), ("results.md", render(result) + "\n")):
         tmp = target / f".{name}.tmp"
