@@ -28,17 +28,40 @@ class ExportOnFitEnd(pl.Callback):
         self.output_dir, self.overwrite, self.per_task_models = output_dir, overwrite, per_task_models
         self.lora_adapters = lora_adapters
 
+    @property
+    def trained_state_path(self) -> Path:
+        """Where the trained state is saved before the export is attempted: ``<output_dir>.trained.ckpt``."""
+        out = Path(self.output_dir)
+        return out.with_name(out.name + ".trained.ckpt")
+
     def on_fit_start(self, trainer, pl_module) -> None:
         # fail before hours of training, not after (on every rank, so none waits for a rank that stopped)
-        if Path(self.output_dir).exists() and not self.overwrite:
-            from adamerge.errors import MergeInputError
+        from adamerge.errors import MergeInputError
 
+        if Path(self.output_dir).exists() and not self.overwrite:
             raise MergeInputError(f"output_dir {self.output_dir} already exists; set overwrite: true to replace it")
+        if trainer.max_steps == 0:
+            raise MergeInputError("trainer.max_steps is 0: nothing would be trained (use `adamerge merge` for a "
+                                  "data-free merge)")
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        # every rank gathers (collective when FSDP2 shards the model); global rank 0 writes
-        pl_module.export(self.output_dir, overwrite=self.overwrite, per_task_models=self.per_task_models,
-                         lora_adapters=self.lora_adapters, write=trainer.is_global_zero)
+        # the trained state first (a small Lightning checkpoint: trainable tensors, optimizer, step), so a failing
+        # export never loses the training; `--ckpt_path` on the same config exports it again without training
+        ckpt = self.trained_state_path
+        trainer.save_checkpoint(ckpt)
+        try:
+            # every rank gathers (collective when FSDP2 shards the model); global rank 0 writes
+            pl_module.export(self.output_dir, overwrite=self.overwrite, per_task_models=self.per_task_models,
+                             lora_adapters=self.lora_adapters, write=trainer.is_global_zero)
+        except Exception as e:
+            from adamerge.errors import MergeInputError
+
+            wrapper = MergeInputError if isinstance(e, MergeInputError) else RuntimeError
+            raise wrapper(f"export to {self.output_dir} failed ({type(e).__name__}: {e}); the trained state is "
+                               f"saved in {ckpt}: fix the cause, then export it without training again with "
+                               f"`adamerge fit --config <the same config> --ckpt_path {ckpt}`") from e
+        if trainer.is_global_zero:
+            ckpt.unlink(missing_ok=True)  # exported: the manifest holds the coefficients
 
 
 def heatmap_png(matrix, row_labels, title: str = "merge coefficients") -> bytes:
@@ -188,3 +211,35 @@ class SelectStep(pl.Callback):
     def load_state_dict(self, state: dict) -> None:
         self.history = [tuple(h) for h in state["history"]]
         self.best, self.best_state = state["best"], state["best_state"]
+
+
+class StepProgress(pl.Callback):
+    """A progress bar in optimizer steps of the whole run (``step 40/60``, loss, elapsed and remaining time) instead of
+    Lightning's per-epoch bar (the data module's epochs are an artefact of sampling). Use with
+    ``trainer.enable_progress_bar: false``."""
+
+    def __init__(self, refresh_every: int = 1) -> None:
+        self.refresh_every, self._bar = max(1, refresh_every), None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            from tqdm.auto import tqdm
+
+            total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+            self._bar = tqdm(total=total, initial=int(trainer.global_step), unit="step", desc="adamerge fit",
+                             dynamic_ncols=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._bar is None:
+            return
+        step = int(trainer.global_step)
+        if step % self.refresh_every == 0 or step == trainer.max_steps:
+            self._bar.update(step - self._bar.n)
+            loss = trainer.callback_metrics.get("train/loss")
+            if loss is not None:
+                self._bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

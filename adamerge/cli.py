@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
@@ -126,15 +127,48 @@ def evaluate_main(args: list[str] | None = None):
     return CLI(evaluate_checkpoint, args=args, as_positional=False)
 
 
+def check_install(package=None) -> None:
+    """Refuse to run on an ``adamerge`` that is not this package — e.g. a folder named ``adamerge`` (a clone's root)
+    in the working directory, which Python imports as a namespace package: training would run and the export fail.
+    """
+    from adamerge.errors import MergeInputError
+
+    if package is None:
+        import adamerge as package
+    here = Path(__file__).resolve().parent
+    if getattr(package, "__version__", None) is None or getattr(package, "__file__", None) is None \
+            or Path(package.__file__).resolve().parent != here:
+        where = ", ".join(str(p) for p in getattr(package, "__path__", [])) or "?"
+        raise MergeInputError(f"`import adamerge` finds {where}, not the installed package at {here} (a folder "
+                              "named adamerge in the current directory shadows it); run from another directory")
+
+
+def user_error(exc: BaseException | None) -> BaseException | None:
+    """The user-input error behind ``exc`` — a :class:`MergeInputError` (also when jsonargparse wrapped it while
+    instantiating the config) or Lightning's ``MisconfigurationException`` (bad Trainer arguments) — else None."""
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    from adamerge.errors import MergeInputError
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, (MergeInputError, MisconfigurationException)):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Every user-input error ends the command with one line on stderr and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet_libraries()
-    from adamerge.errors import MergeInputError
 
     from_sys = argv is None
     argv = sys.argv[1:] if from_sys else argv
 
     try:
+        check_install()
         if argv and argv[0] == "merge":
             merge_main(argv[1:])
         elif argv and argv[0] == "evaluate":
@@ -144,9 +178,13 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(result, indent=2))  # the command's output, not logging
         else:
             lightning_main(None if from_sys else argv)
-    except MergeInputError as e:
-        logging.getLogger("adamerge").error("%s", e)
-        raise SystemExit(2) from e
+    except Exception as e:
+        cause = user_error(e)
+        if cause is None:
+            raise
+        message = "; ".join(line.strip() for line in str(cause).splitlines() if line.strip())
+        logging.getLogger("adamerge").error("%s", message or type(cause).__name__)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -63,6 +63,8 @@ def load_texts(spec: TaskData, task: str = "?", extra_columns: tuple[str, ...] =
             if fmt is None:
                 raise MergeInputError(f"task {task!r}: unsupported file type {p.suffix!r} for {p}; "
                                       f"use one of {sorted(_FILE_FORMATS)}")
+            if p.stat().st_size == 0:
+                raise MergeInputError(f"task {task!r}: data file {p} is empty (0 bytes)")
             ds = datasets.load_dataset(fmt, data_files=str(p), split="train")
         elif p.is_dir():
             ds = datasets.load_from_disk(str(p))
@@ -74,7 +76,7 @@ def load_texts(spec: TaskData, task: str = "?", extra_columns: tuple[str, ...] =
             ds = datasets.load_dataset(spec.path, spec.name, split=spec.split)
     except MergeInputError:
         raise
-    except (FileNotFoundError, ValueError, OSError) as e:
+    except (FileNotFoundError, ValueError, OSError, datasets.exceptions.DatasetGenerationError) as e:
         if "corresponds to no data" in str(e):  # what `datasets` says of a file with a header and no rows
             raise MergeInputError(f"task {task!r}: dataset {spec.path!r} is empty") from e
         raise MergeInputError(f"task {task!r}: cannot load data from {spec.path!r}: {e}") from e

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,27 @@ def apply_head(head: nn.Module, features, inputs) -> Tensor:
         return head(**inputs).logits
     finally:
         stub.features = None
+
+
+@contextmanager
+def _naming(what: str):
+    """Prefix a loading error with the model it concerns (``base``, ``fine-tune 'spam'``)."""
+    try:
+        yield
+    except MergeInputError as e:
+        raise MergeInputError(f"{what}: {e}") from e
+
+
+def check_source(source: str, what: str) -> None:
+    """A model source that names a local path must exist: ``what`` (e.g. "fine-tune 'spam'") and the path are named
+    at once, before any model is loaded. A hub id has the form ``name`` or ``owner/name``; anything else — absolute,
+    ``./``, ``../``, ``~``, more than one ``/``, a file suffix — is a path."""
+    if Path(source).expanduser().exists():
+        return
+    text = str(source)
+    if (text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text
+            or text.endswith((".safetensors", ".bin", ".json"))):
+        raise MergeInputError(f"{what}: {text} does not exist")
 
 
 def _is_safetensors_file(source: str) -> bool:
@@ -331,7 +353,11 @@ def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = 
     if not models:
         raise MergeInputError("models: at least one fine-tuned model is required")
     _auto_class(task_type)
-    base_model = load_model(base, task_type, trust_remote_code=trust_remote_code, dtype=dtype)
+    check_source(base, "base")
+    for task, source in models.items():
+        check_source(source, f"fine-tune {task!r}")
+    with _naming("base"):
+        base_model = load_model(base, task_type, trust_remote_code=trust_remote_code, dtype=dtype)
     hashes = {"base": state_hash(base_model.state_dict())}
     config = base_model.config
     head_proto = base_model  # architecture reference for checks
@@ -368,7 +394,8 @@ def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = 
             if task_type == "seq_cls":
                 heads[task] = _lora_head(head_proto, delta, task, source, dtype)
             continue
-        ft = load_model(source, task_type, base_config=config, trust_remote_code=trust_remote_code, dtype=dtype)
+        with _naming(f"fine-tune {task!r}"):
+            ft = load_model(source, task_type, base_config=config, trust_remote_code=trust_remote_code, dtype=dtype)
         if type(ft) is not type(head_proto):
             raise MergeInputError(f"model {task!r} ({source}) is a {type(ft).__name__}, base is a "
                                   f"{type(head_proto).__name__}: architectures differ")

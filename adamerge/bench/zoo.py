@@ -68,7 +68,7 @@ class FineTuner(pl.LightningModule):
         warm = max(1, self.total_steps // 10)
 
         def schedule(step: int) -> float:
-            return (step + 1) / warm if step < warm else max(0.0, (self.total_steps - step) / (self.total_steps - warm))
+            return (step + 1) / warm if step < warm else max(0.0, (self.total_steps - step) / max(1, self.total_steps - warm))
 
         return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule),
                                                     "interval": "step"}}

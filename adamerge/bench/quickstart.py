@@ -1,0 +1,130 @@
+"""The main job: adamerge's own use on the packaged default, in minutes on a laptop CPU.
+
+1. prepare four real text tasks from packages (cached in ``.cache/data``, shared with the benchmark);
+2. fine-tune a small zoo of the packaged all-MiniLM-L6-v2 (one quick fine-tune per task, cached);
+3. ``adamerge fit`` with ``configs/quickstart.yaml``: layer-wise coefficients and tuned heads learned from the
+   experts on *unlabeled* rows, progress in steps, W&B offline (per-task objective, coefficient heatmap), the step to
+   export chosen without labels, the flattened checkpoint exported;
+4. score the export (loaded with stock ``transformers``) against Task Arithmetic and the individual fine-tunes on
+   each task's labelled test rows, print a table and where everything is.
+
+Everything of one run lives in ``runs/quickstart/<time>/``: ``config.yaml``, ``coefficients.png``, ``wandb/``,
+``export/``, ``results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+
+
+@dataclass
+class Settings:
+    tasks: tuple[str, ...] = ("polarity", "question", "spam", "language")
+    max_train: int = 320  # fine-tuning rows per task (the zoo)
+    ft_epochs: int = 1
+    max_length: int = 48
+    max_test: int = 200  # labelled rows per task for the final table
+    steps: int | None = None  # None: the config's trainer.max_steps
+
+
+def run(work: Path = Path(".cache"), out: Path = Path("runs/quickstart"), settings: Settings | None = None,
+        extra_args: list[str] | None = None, zoo: Path | None = None) -> dict:
+    """Run the main job; returns the scores and paths (also written to ``<run dir>/results.json``).
+
+    ``work``: cache of wheels and data; ``zoo``: where the fine-tunes are cached (default ``work/quickstart-zoo``);
+    ``extra_args``: more ``adamerge fit`` arguments (e.g. ``["--trainer.accelerator", "cpu"]``)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from adamerge.bench.run import Evaluator, individual_rows
+    from adamerge.bench.tasks import prepare
+    from adamerge.bench.zoo import build_base, finetune
+    from adamerge.cli import main as adamerge_main
+    from adamerge.export import load_task_model
+    from adamerge.methods import METHODS
+
+    s = settings or Settings()
+    t0 = time.time()
+    run_dir = out / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=False)
+    data_dir, zoo = work / "data", zoo or work / "quickstart-zoo"
+    log.info("1/4 data: %s", ", ".join(s.tasks))
+    prepare(list(s.tasks), data_dir, work / "wheels")
+    log.info("2/4 zoo: one fine-tune of all-MiniLM-L6-v2 per task (cached in %s)", zoo)
+    base = build_base(zoo)
+    paths = {t: str(finetune(t, data_dir, zoo, epochs=s.ft_epochs, max_length=s.max_length, max_train=s.max_train))
+             for t in s.tasks}
+    t_zoo = time.time() - t0
+
+    log.info("3/4 adamerge fit --config %s", CONFIG)
+    export = run_dir / "export"
+    args = ["fit", "--config", str(CONFIG), "--model.init_args.base", str(base),
+            "--model.init_args.models", json.dumps(paths),
+            "--data.tasks", json.dumps({t: {"path": str(data_dir / t), "split": "unlabeled"} for t in s.tasks}),
+            "--data.max_length", str(s.max_length), "--trainer.default_root_dir", str(run_dir),
+            "--trainer.logger.init_args.save_dir", str(run_dir), "--export.output_dir", str(export)]
+    if s.steps is not None:
+        args += ["--trainer.max_steps", str(s.steps)]
+    t1 = time.time()
+    adamerge_main(args + list(extra_args or []))
+    t_fit = time.time() - t1
+
+    log.info("4/4 scoring on %d labelled test rows per task", s.max_test)
+    tok = AutoTokenizer.from_pretrained(str(base))
+    evaluator = Evaluator(data_dir, list(s.tasks), tok, s.max_length, s.max_test)
+    ta = METHODS["task_arithmetic"](str(base), paths, scale=0.3)
+    ref = individual_rows(ta, evaluator, list(s.tasks))
+    scores = {"individual": ref["individual"]["inductive"], "pretrained": ref["pretrained"]["inductive"],
+              "task_arithmetic": evaluator(ta)}
+    del ta
+    merged = {}
+    for task in s.tasks:  # the export as a user serves it: stock transformers, no adamerge module
+        model = load_task_model(str(export), task)
+        rows, labels, n_cls = evaluator.sets[task]
+        from adamerge.evaluate import score
+
+        merged[task] = score(lambda b, m=model: m(**b).logits, rows, labels, n_cls, evaluator.pad, batch_size=128)
+    scores["adamerge"] = merged
+    wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    result = {"settings": asdict(s), "scores": scores, "run_dir": str(run_dir), "export": str(export),
+              "wandb_run": str(wandb_runs[-1]) if wandb_runs else None,
+              "seconds": {"data_and_zoo": round(t_zoo, 1), "fit_and_export": round(t_fit, 1),
+                          "total": round(time.time() - t0, 1)},
+              "hardware": f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
+                          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}"}
+    (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def report(result: dict) -> str:
+    """The table and the paths, as the main job prints them."""
+    sc, tasks = result["scores"], list(result["scores"]["individual"])
+    cols = [("individual", "individual fine-tunes"), ("pretrained", "pretrained + heads"),
+            ("task_arithmetic", "Task Arithmetic"), ("adamerge", "adamerge (one model)")]
+    lines = ["| task | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---|" * len(cols)]
+    for t in tasks:
+        lines.append(f"| {t} | " + " | ".join(f"{100 * sc[k][t]['accuracy']:.1f}" for k, _ in cols) + " |")
+    lines.append("| **average** | " + " | ".join(
+        f"**{100 * sum(sc[k][t]['accuracy'] for t in tasks) / len(tasks):.1f}**" for k, _ in cols) + " |")
+    sec = result["seconds"]
+    lines += ["", "Accuracy (%) on each task's labelled test rows; adamerge learned its merge from unlabeled rows "
+                  "only.",
+              f"Time: {sec['total']:.0f} s (data + zoo {sec['data_and_zoo']:.0f} s, fit + export "
+              f"{sec['fit_and_export']:.0f} s), {result['hardware']}.", "",
+              f"  export (stock transformers loads it):  {result['export']}",
+              f"  run directory (config, heatmap):      {result['run_dir']}"]
+    if result["wandb_run"]:
+        lines += [f"  W&B offline run:                      {result['wandb_run']}",
+                  f"  upload it later with:                 wandb sync {result['wandb_run']}"]
+    lines += ["  next: README.md 'Choosing a method and an objective'; the full benchmark is "
+              "`python scripts/benchmark.py --preset quick`"]
+    return "\n".join(lines)

@@ -1,0 +1,141 @@
+"""What a new user meets first: every bad input is one line and exit status 2 with nothing written, a shadowed
+install is refused, and a failing export never loses the trained state."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_cli import fit_config
+from test_reliability import _nan, save_variant
+
+from adamerge.cli import check_install, lightning_main, main
+from adamerge.errors import MergeInputError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _truncated(tmp_path, zoo):
+    src = Path(zoo[1]["spam"])
+    bad = tmp_path / "truncated"
+    bad.mkdir()
+    for f in src.iterdir():
+        data = f.read_bytes()
+        (bad / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".safetensors" else data)
+    return str(bad)
+
+
+def _zero_byte_csv(tmp_path):
+    p = tmp_path / "empty.csv"
+    p.write_bytes(b"")
+    return str(p)
+
+
+# case → (change to the fit config, pattern of the one error line)
+CASES = {
+    "missing fine-tune path": (lambda cfg, tmp, zoo: cfg["model"]["init_args"]["models"].update(
+        spam=str(tmp / "no" / "such" / "model")), r"fine-tune 'spam': .*no/such/model does not exist"),
+    "missing base path": (lambda cfg, tmp, zoo: cfg["model"]["init_args"].update(base="./nowhere/base"),
+                          r"base: \./nowhere/base does not exist"),
+    "NaN weights": (lambda cfg, tmp, zoo: cfg["model"]["init_args"]["models"].update(
+        spam=save_variant(tmp / "nan", zoo[0], mutate=_nan)), r"'spam'.*contains NaN"),
+    "truncated safetensors": (lambda cfg, tmp, zoo: cfg["model"]["init_args"]["models"].update(
+        spam=_truncated(tmp, zoo)), r"fine-tune 'spam': cannot load model .*truncated.*SafetensorError"),
+    "0-byte csv": (lambda cfg, tmp, zoo: cfg["data"]["tasks"]["spam"].update(path=_zero_byte_csv(tmp)),
+                   r"task 'spam': data file .*empty\.csv is empty \(0 bytes\)"),
+    "negative max_steps": (lambda cfg, tmp, zoo: cfg["trainer"].update(max_steps=-5), r"max_steps"),
+    "zero max_steps": (lambda cfg, tmp, zoo: cfg["trainer"].update(max_steps=0), r"max_steps is 0"),
+    "unknown objective": (lambda cfg, tmp, zoo: cfg["model"]["init_args"].update(objective="entropyy"),
+                          r"objective: unknown value 'entropyy'"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_and_exit_2_with_nothing_written(zoo, task_data, tmp_path, caplog, case):
+    change, pattern = CASES[case]
+    cfg = copy.deepcopy(fit_config(zoo, task_data, tmp_path))  # the zoo fixture's dicts are shared
+    cfg["trainer"]["logger"] = False
+    change(cfg, tmp_path, zoo)
+    p = tmp_path / "fit.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    caplog.set_level(logging.ERROR)
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(p)])
+    assert e.value.code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0], errors
+    import re
+
+    assert re.search(pattern, errors[0]), errors[0]
+    assert "Namespace(" not in errors[0] and "Traceback" not in errors[0]
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.trained.ckpt").exists()
+
+
+def test_missing_path_from_the_shell_prints_one_line(zoo, task_data, tmp_path):
+    """The real command in a fresh process: stderr ends with the one error line, no traceback."""
+    cfg = copy.deepcopy(fit_config(zoo, task_data, tmp_path))
+    cfg["trainer"]["logger"] = False
+    cfg["model"]["init_args"]["models"]["spam"] = "/nonexistent/spam-model"
+    p = tmp_path / "fit.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-m", "adamerge.cli", "fit", "--config", str(p)], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == \
+        "ERROR adamerge: fine-tune 'spam': /nonexistent/spam-model does not exist"
+
+
+def test_check_install_refuses_a_shadowing_namespace_package(tmp_path):
+    check_install()  # the real package passes
+    shadow = types.ModuleType("adamerge")
+    shadow.__path__ = [str(tmp_path / "adamerge")]  # what `import adamerge` gives for a folder without __init__.py
+    with pytest.raises(MergeInputError, match=r"finds .*adamerge, not the installed package"):
+        check_install(shadow)
+
+
+def test_failed_export_keeps_the_trained_state_and_exports_it_again(zoo, task_data, tmp_path, monkeypatch):
+    from adamerge.methods import MergeModule
+
+    cfg = fit_config(zoo, task_data, tmp_path)
+    cfg["trainer"]["logger"] = False
+    p = tmp_path / "fit.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    real = MergeModule.export
+
+    def full_disk(self, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(MergeModule, "export", full_disk)
+    trained = {}
+
+    with pytest.raises(RuntimeError, match=r"trained state is saved in .*merged\.trained\.ckpt") as e:
+        cli = lightning_main(["--config", str(p)], run=False)
+        try:
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        finally:
+            trained["coef"] = cli.model.merged.coefficients.weight.detach().clone()
+    assert "--ckpt_path" in str(e.value)
+    ckpt = tmp_path / "merged.trained.ckpt"
+    state = torch.load(ckpt, weights_only=False)  # our own file, written above
+    assert state["global_step"] == 6 and list(state["state_dict"]) == ["merged.coefficients.weight"]
+    assert torch.equal(state["state_dict"]["merged.coefficients.weight"], trained["coef"])
+    assert (trained["coef"] - 0.3).abs().max() > 1e-4 and not (tmp_path / "merged").exists()
+
+    monkeypatch.setattr(MergeModule, "export", real)
+    cli = lightning_main(["fit", "--config", str(p), "--ckpt_path", str(ckpt)])
+    assert cli.trainer.global_step == 6  # nothing trained again
+    import json
+
+    manifest = json.loads((tmp_path / "merged" / "merge_manifest.json").read_text())
+    assert torch.equal(torch.tensor(manifest["coefficients"]["values"]), trained["coef"])
+    assert not ckpt.exists()  # exported: the manifest holds the coefficients

