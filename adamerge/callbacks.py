@@ -47,6 +47,11 @@ class ExportOnFitEnd(pl.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         # the trained state first (a small Lightning checkpoint: trainable tensors, optimizer, step), so a failing
         # export never loses the training; `--ckpt_path` on the same config exports it again without training
+        dm = trainer.datamodule
+        if dm is not None and hasattr(dm, "tasks") and hasattr(dm, "max_length"):  # what it adapted on (no rows)
+            pl_module.data_info = {"max_length": dm.max_length, "samples_per_task": dm.samples_per_task,
+                                   "tasks": {t: {"path": str(spec.path), "split": spec.split}
+                                             for t, spec in dm.tasks.items()}}
         ckpt = self.trained_state_path
         trainer.save_checkpoint(ckpt)
         try:

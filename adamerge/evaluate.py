@@ -49,27 +49,84 @@ def score(logits_fn: Callable[[dict], torch.Tensor], rows, labels: torch.Tensor,
 
 
 def evaluate_checkpoint(checkpoint: str, tasks: dict[str, LabeledTaskData], batch_size: int = 64,
-                        max_length: int = 128) -> dict[str, dict[str, float]]:
-    """Evaluate an exported merged checkpoint on each task's labelled data with that task's own head.
+                        max_length: int | None = None, heads: dict[str, str] | None = None,
+                        write: bool = False) -> dict[str, dict[str, float]]:
+    """Per-task accuracy and macro-F1 of what a user compares, each task scored with its own head:
+
+    - an adamerge export (``merge_manifest.json``), served as :func:`adamerge.load_merged` serves it (Surgery
+      adapters applied);
+    - any sequence-classification model directory or hub id (a plain fine-tune, scored on every task given);
+    - ``checkpoint`` = the pretrained base with ``heads`` = task → fine-tune: the base's encoder with each fine-tune's
+      head (the "pretrained + heads" reference).
 
     Args:
-        checkpoint: directory written by ``adamerge fit``/``merge``.
-        tasks: task name → labelled data.
+        checkpoint: export, model directory or hub id.
+        tasks: task name → labelled data (``path``, ``split``, ``text_column``, ``label_column``).
         batch_size: evaluation batch size.
-        max_length: truncation length.
+        max_length: truncation length; default: the one the merge was trained with (the manifest's
+            ``data.max_length``), else 128.
+        heads: task → fine-tuned model whose head scores that task on ``checkpoint``'s encoder.
+        write: also write the scores to ``<checkpoint>/eval_results.json`` (exports only).
     """
+    import json
+    from pathlib import Path
+
     from transformers import AutoTokenizer
 
-    from adamerge.export import load_task_model
+    from adamerge.export import MANIFEST
 
-    tok = AutoTokenizer.from_pretrained(checkpoint)
+    if not tasks:
+        raise MergeInputError("tasks: give at least one task's labelled data (task: {path: ..., split: ...})")
+    path = Path(checkpoint)
+    local = path.exists() or str(checkpoint).startswith(("/", ".", "~")) or str(checkpoint).count("/") > 1
+    if local and not path.is_dir():
+        raise MergeInputError(f"checkpoint {checkpoint} does not exist (a directory or a hub id is expected)")
+    if local and not (path / "config.json").is_file():
+        raise MergeInputError(f"checkpoint {checkpoint} is not a model directory: config.json is missing")
+    manifest = json.loads((path / MANIFEST).read_text()) if local and (path / MANIFEST).is_file() else None
+    if write and manifest is None:
+        raise MergeInputError("write: true needs an adamerge export (merge_manifest.json) to write into")
+    if max_length is None:
+        max_length = int((manifest or {}).get("data", {}).get("max_length") or 128)
+    tok = AutoTokenizer.from_pretrained(str(checkpoint))
+    predict = _predictor(str(checkpoint), manifest, heads, list(tasks))
     out = {}
     for task, spec in tasks.items():
         spec = spec if isinstance(spec, LabeledTaskData) else LabeledTaskData(**spec)
-        model = load_task_model(checkpoint, task)
+        fn, num_labels = predict(task)
         rows, labels = load_labeled(spec, task, tok, max_length)
-        out[task] = score(lambda b: model(**b).logits, rows, labels, model.config.num_labels,
-                          tok.pad_token_id or 0, batch_size)
+        out[task] = score(fn, rows, labels, num_labels, tok.pad_token_id or 0, batch_size)
         log.info("%s: %s", task, out[task])
     out["average"] = {k: sum(v[k] for v in out.values()) / len(out) for k in ("accuracy", "macro_f1")}
+    if write:
+        (path / "eval_results.json").write_text(json.dumps({"max_length": max_length, "scores": out}, indent=2) + "\n")
     return out
+
+
+def _predictor(checkpoint: str, manifest: dict | None, heads: dict[str, str] | None, tasks: list[str]):
+    """``task -> (logits function, number of classes)`` for the three kinds of checkpoint."""
+    if heads is not None:
+        missing = sorted(set(tasks) - set(heads))
+        if missing:
+            raise MergeInputError(f"heads: no fine-tune given for tasks {missing}")
+        from adamerge.methods import TaskArithmetic
+
+        module = TaskArithmetic(checkpoint, {t: heads[t] for t in tasks}, scale=0.0).eval()  # base encoder, their heads
+        params = module.final_merged_params()
+        return lambda task: (lambda b: module.predict(task, b, params),
+                             module.merged.heads[task].config.num_labels)
+    if manifest is not None:
+        from adamerge.loading import load_merged
+
+        merged = load_merged(checkpoint)
+
+        def from_export(task):
+            if task not in merged.tasks:
+                raise MergeInputError(f"task {task!r} is not in {checkpoint}; its tasks: {merged.tasks}")
+            return (lambda b: merged.predict(task, **b), int(merged.manifest["heads"][task]["num_labels"]))
+
+        return from_export
+    from adamerge.pool import load_model
+
+    model = load_model(checkpoint).eval()
+    return lambda task: (lambda b: model(**b).logits, model.config.num_labels)

@@ -139,3 +139,56 @@ def test_failed_export_keeps_the_trained_state_and_exports_it_again(zoo, task_da
     manifest = json.loads((tmp_path / "merged" / "merge_manifest.json").read_text())
     assert torch.equal(torch.tensor(manifest["coefficients"]["values"]), trained["coef"])
     assert not ckpt.exists()  # exported: the manifest holds the coefficients
+
+
+def _accuracy(model, tok, csv_path, max_length):
+    """Independent reference: plain transformers on the labelled csv."""
+    import pandas as pd
+
+    df = pd.read_csv(csv_path)
+    enc = tok(list(df["text"]), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    with torch.no_grad():
+        pred = model(**enc).logits.argmax(-1)
+    return float((pred == torch.tensor(df["label"].values)).float().mean())
+
+
+def test_evaluate_scores_a_plain_fine_tune_and_the_base_with_heads(zoo, task_data):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from adamerge.evaluate import evaluate_checkpoint
+
+    base, paths = zoo
+    tok = AutoTokenizer.from_pretrained(base)
+    tasks = {t: {"path": p} for t, p in task_data.items()}
+    fine = evaluate_checkpoint(paths["spam"], {"spam": tasks["spam"]}, max_length=16)
+    ft = AutoModelForSequenceClassification.from_pretrained(paths["spam"]).eval()
+    assert abs(fine["spam"]["accuracy"] - _accuracy(ft, tok, task_data["spam"], 16)) < 1e-6
+    pre = evaluate_checkpoint(base, tasks, max_length=16, heads=paths)
+    for task in tasks:  # the base's encoder under each fine-tune's head
+        model = AutoModelForSequenceClassification.from_pretrained(paths[task]).eval()
+        model.bert.load_state_dict(AutoModelForSequenceClassification.from_pretrained(base).bert.state_dict())
+        assert abs(pre[task]["accuracy"] - _accuracy(model, tok, task_data[task], 16)) < 1e-6, task
+
+
+def test_evaluate_errors_and_defaults_from_the_manifest(zoo, task_data, tmp_path):
+    from adamerge.evaluate import evaluate_checkpoint
+
+    tasks = {t: {"path": p} for t, p in task_data.items()}
+    with pytest.raises(MergeInputError, match=r"checkpoint .*nowhere does not exist"):
+        evaluate_checkpoint(str(tmp_path / "nowhere"), tasks)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MergeInputError, match=r"is not a model directory: config.json is missing"):
+        evaluate_checkpoint(str(tmp_path / "empty"), tasks)
+    cfg = copy.deepcopy(fit_config(zoo, task_data, tmp_path))
+    cfg["trainer"]["logger"], cfg["trainer"]["max_steps"] = False, 2
+    p = tmp_path / "fit.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    lightning_main(["fit", "--config", str(p)])
+    import json
+
+    manifest = json.loads((tmp_path / "merged" / "merge_manifest.json").read_text())
+    assert manifest["data"]["max_length"] == 16 and set(manifest["data"]["tasks"]) == set(task_data)
+    default = evaluate_checkpoint(str(tmp_path / "merged"), tasks, write=True)
+    written = json.loads((tmp_path / "merged" / "eval_results.json").read_text())
+    assert written["max_length"] == 16 and written["scores"] == default
+    assert default == evaluate_checkpoint(str(tmp_path / "merged"), tasks, max_length=16)

@@ -65,3 +65,41 @@ def test_surgery_refuses_a_merge_of_other_models(zoo, merged_dir):
     base, paths = zoo
     with pytest.raises(MergeInputError, match="merged from other models"):
         Surgery(base, {"sentiment": paths["sentiment"], "spam": paths["spam"], "topic": base}, merged=str(merged_dir))
+
+
+def test_evaluate_scores_a_surgery_export_with_its_adapters(zoo, merged_dir, dm, task_data, tmp_path):
+    """`adamerge evaluate` on a Surgery export = the in-memory Surgery module's accuracy, not the underlying merge's."""
+    from adamerge.data import load_texts, pad_batch, tokenize
+    from adamerge.evaluate import evaluate_checkpoint
+    from transformers import AutoTokenizer
+
+    surgery = Surgery(*zoo, merged=str(merged_dir), rank=8, lr=5e-2)
+    quick_fit(surgery, dm, 5)
+    with torch.no_grad():  # adapters strong enough to change predictions, so the check can tell them apart
+        for adapter in surgery.adapters.values():
+            adapter.up.weight.copy_(torch.randn(adapter.up.weight.shape, generator=torch.Generator().manual_seed(1)))
+    surgery.export(tmp_path / "out", per_task_models=False)
+    tasks = {t: {"path": p} for t, p in task_data.items()}
+    got = evaluate_checkpoint(str(tmp_path / "out"), tasks, max_length=16)
+    tok = AutoTokenizer.from_pretrained(zoo[0])
+    for task, p in task_data.items():
+        ds = load_texts(TaskData(p), task, extra_columns=("label",))
+        rows = tokenize(tok, ds, TaskData(p), 16)
+        with torch.no_grad():
+            pred = surgery.predict(task, pad_batch(rows, tok.pad_token_id)).argmax(-1)
+        expected = float((pred == torch.tensor(ds["label"])).float().mean())
+        assert abs(got[task]["accuracy"] - expected) < 1e-6, task
+    # the logits evaluate scores with are the Surgery module's, and differ from the underlying merge's
+    import json
+
+    from adamerge.evaluate import _predictor
+
+    manifest = json.loads((tmp_path / "out" / "merge_manifest.json").read_text())
+    predictor = _predictor(str(tmp_path / "out"), manifest, None, list(task_data))
+    b = dm.dataset[0]
+    for i, task in enumerate(b["tasks"]):
+        rows = {k: v[8 * i:8 * i + 8] for k, v in b["inputs"].items()}
+        with torch.no_grad():
+            logits = predictor(task)[0](rows)
+            torch.testing.assert_close(logits, surgery.predict(task, rows), atol=1e-5, rtol=1e-5)
+            assert (logits - load_merged(merged_dir).predict(task, **rows)).abs().max() > 1e-3

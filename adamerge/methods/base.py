@@ -261,6 +261,7 @@ class MergeModule(pl.LightningModule):
                              "values": full_tensor(c.weight).detach().cpu(), "effective": self.coefficient_matrix()},
             **self.manifest_fields(),
             **({"selection": self.selection} if getattr(self, "selection", None) else {}),
+            **({"data": self.data_info} if getattr(self, "data_info", None) else {}),
         }
 
     @torch.no_grad()
