@@ -46,6 +46,22 @@ class AdaMergeCLI(LightningCLI):
         parser.add_lightning_class_args(ExportOnFitEnd, "export")
         parser.add_lightning_class_args(CoefficientHeatmap, "heatmap")
 
+    def before_fit(self) -> None:
+        from pytorch_lightning.callbacks import ModelCheckpoint
+
+        target = checkpoint_dir(self.config[self.subcommand]["export"]["output_dir"])
+        for cb in self.trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
+                cb.dirpath = os.path.realpath(target)
+
+
+def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
+    """Where ``ModelCheckpoint`` callbacks without a ``dirpath`` write: ``<export.output_dir>.checkpoints``, the same
+    for every run of a config (Lightning's default is inside the logger's run directory, a new one per W&B run, so
+    ``--ckpt_path last`` would never find the previous run's checkpoints)."""
+    out = Path(output_dir)
+    return out.with_name(out.name + ".checkpoints")
+
 
 def trainer_defaults() -> dict:
     return {

@@ -12,6 +12,7 @@ import types
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import yaml
 from test_cli import fit_config
@@ -192,3 +193,29 @@ def test_evaluate_errors_and_defaults_from_the_manifest(zoo, task_data, tmp_path
     written = json.loads((tmp_path / "merged" / "eval_results.json").read_text())
     assert written["max_length"] == 16 and written["scores"] == default
     assert default == evaluate_checkpoint(str(tmp_path / "merged"), tasks, max_length=16)
+
+
+class FirstStep(pl.Callback):
+    """Records the global step each fit starts from (class_path: test_newcomer.FirstStep)."""
+
+    seen: list[int] = []
+
+    def on_train_start(self, trainer, pl_module):
+        FirstStep.seen.append(int(trainer.global_step))
+
+
+def test_ckpt_path_last_finds_the_previous_runs_checkpoints(zoo, task_data, tmp_path):
+    """The README recipe: ModelCheckpoint(every_n_train_steps, save_last) without a dirpath, a W&B logger (a new run
+    id each time), then `--ckpt_path last` on the same config resumes where the previous run stopped."""
+    FirstStep.seen.clear()
+    cfg = copy.deepcopy(fit_config(zoo, task_data, tmp_path))
+    cfg["trainer"].update(max_steps=4, callbacks=[{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+                                                   "init_args": {"every_n_train_steps": 2, "save_last": True}},
+                                                  {"class_path": "test_newcomer.FirstStep"}])
+    p = tmp_path / "fit.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    lightning_main(["fit", "--config", str(p)])
+    assert (tmp_path / "merged.checkpoints" / "last.ckpt").is_file()
+    cli = lightning_main(["fit", "--config", str(p), "--trainer.max_steps", "6", "--export.overwrite", "true",
+                          "--ckpt_path", "last"])
+    assert FirstStep.seen == [0, 4] and cli.trainer.global_step == 6
