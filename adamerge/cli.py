@@ -25,9 +25,24 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate")
 
 
 def quiet_libraries() -> None:
+    """No network unless asked, and no third-party noise that alarms without informing: Lightning's product tips,
+    its warning about modules in eval mode (the backbone trains in eval mode on purpose: README "Resuming,
+    determinism"), its logging-interval and dataloader-worker hints, a deprecation inside Lightning itself."""
+    import warnings
+
     os.environ.setdefault("WANDB_MODE", "offline")  # never reach the network unless the user asks
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for message in (r"Found \d+ module\(s\) in eval mode", r".*isinstance\(treespec, LeafSpec\)",
+                    r"The number of training batches .* is smaller than the logging interval",
+                    r"The '\w+_dataloader' does not have many workers"):
+        warnings.filterwarnings("ignore", message=message)
+
+    class NoTips(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "Tip:" not in record.getMessage()
+
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(NoTips())
     try:
         from transformers.utils import logging as hf_logging
 
