@@ -65,8 +65,13 @@ class ExportOnFitEnd(pl.Callback):
             raise wrapper(f"export to {self.output_dir} failed ({type(e).__name__}: {e}); the trained state is "
                                f"saved in {ckpt}: fix the cause, then export it without training again with "
                                f"`adamerge fit --config <the same config> --ckpt_path {ckpt}`") from e
-        if trainer.is_global_zero:
-            ckpt.unlink(missing_ok=True)  # exported: the manifest holds the coefficients
+        if trainer.is_global_zero:  # exported: the manifest holds the coefficients
+            import shutil
+
+            if ckpt.is_dir():  # a sharded (distributed) checkpoint is a directory
+                shutil.rmtree(ckpt)
+            else:
+                ckpt.unlink(missing_ok=True)
 
 
 def heatmap_png(matrix, row_labels, title: str = "merge coefficients") -> bytes:

@@ -74,8 +74,14 @@ def run(work: Path = Path(".cache"), out: Path = Path("runs/quickstart"), settin
             "--trainer.logger.init_args.save_dir", str(run_dir), "--export.output_dir", str(export)]
     if s.steps is not None:
         args += ["--trainer.max_steps", str(s.steps)]
+    import wandb
+
+    if wandb.run is not None:  # a run left open in this process would be reused, its files kept elsewhere
+        wandb.finish()
     t1 = time.time()
     adamerge_main(args + list(extra_args or []))
+    if wandb.run is not None:
+        wandb.finish()  # flush the offline run now, so `wandb sync` sees it complete
     t_fit = time.time() - t1
 
     log.info("4/4 scoring on %d labelled test rows per task", s.max_test)
