@@ -44,6 +44,12 @@ def quiet_libraries() -> None:
 
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(NoTips())
     try:
+        import datasets
+
+        datasets.disable_progress_bars()  # "Saving the dataset (1/1 shards)" for every split
+    except ImportError:
+        pass
+    try:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()

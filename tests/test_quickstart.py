@@ -34,5 +34,5 @@ def test_quickstart_trains_exports_and_compares(tmp_path):
     # the table's average is the mean of the per-task scores
     text = report(result)
     avg = sum(result["scores"]["adamerge"][t]["accuracy"] for t in ("polarity", "spam")) / 2
-    assert text.splitlines()[4].endswith(f"**{100 * avg:.1f}** |")
+    assert text.splitlines()[5].startswith(f"| adamerge: one merged model (this run) | **{100 * avg:.1f}** |")
     assert f"wandb sync {result['wandb_run']}" in text

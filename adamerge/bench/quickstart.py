@@ -42,7 +42,8 @@ def run(work: Path = Path(".cache"), out: Path = Path("runs/quickstart"), settin
         extra_args: list[str] | None = None, zoo: Path | None = None) -> dict:
     """Run the main job; returns the scores and paths (also written to ``<run dir>/results.json``).
 
-    ``work``: cache of wheels and data; ``zoo``: where the fine-tunes are cached (default ``work/quickstart-zoo``);
+    ``work``: cache of wheels and data; ``zoo``: where the fine-tunes are cached (default
+    ``work/quickstart-zoo-<rows>x<epochs>-len<length>``);
     ``extra_args``: more ``adamerge fit`` arguments (e.g. ``["--trainer.accelerator", "cpu"]``)."""
     import torch
     from transformers import AutoTokenizer
@@ -118,13 +119,13 @@ def run(work: Path = Path(".cache"), out: Path = Path("runs/quickstart"), settin
 def report(result: dict) -> str:
     """The table and the paths, as the main job prints them."""
     sc, tasks = result["scores"], list(result["scores"]["individual"])
-    cols = [("individual", "individual fine-tunes"), ("pretrained", "pretrained + heads"),
-            ("task_arithmetic", "Task Arithmetic"), ("adamerge", "adamerge (one model)")]
-    lines = ["| task | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---|" * len(cols)]
-    for t in tasks:
-        lines.append(f"| {t} | " + " | ".join(f"{100 * sc[k][t]['accuracy']:.1f}" for k, _ in cols) + " |")
-    lines.append("| **average** | " + " | ".join(
-        f"**{100 * sum(sc[k][t]['accuracy'] for t in tasks) / len(tasks):.1f}**" for k, _ in cols) + " |")
+    rows = [("individual", "Individual fine-tunes (one model per task)"), ("pretrained", "Pretrained encoder + heads"),
+            ("task_arithmetic", "Task Arithmetic (λ=0.3)"), ("adamerge", "adamerge: one merged model (this run)")]
+    lines = ["| method | **average** | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+    for key, label in rows:
+        avg = 100 * sum(sc[key][t]["accuracy"] for t in tasks) / len(tasks)
+        lines.append(f"| {label} | **{avg:.1f}** | " + " | ".join(f"{100 * sc[key][t]['accuracy']:.1f}" for t in tasks)
+                     + " |")
     sec = result["seconds"]
     lines += ["", "Accuracy (%) on each task's labelled test rows; adamerge learned its merge from unlabeled rows "
                   "only.",
