@@ -63,8 +63,8 @@ class ExportOnFitEnd(pl.Callback):
 
             wrapper = MergeInputError if isinstance(e, MergeInputError) else RuntimeError
             raise wrapper(f"export to {self.output_dir} failed ({type(e).__name__}: {e}); the trained state is "
-                               f"saved in {ckpt}: fix the cause, then export it without training again with "
-                               f"`adamerge fit --config <the same config> --ckpt_path {ckpt}`") from e
+                          f"saved in {ckpt}: fix the cause, then export it without training again with "
+                          f"`adamerge fit --config <the same config> --ckpt_path {ckpt}`") from e
         if trainer.is_global_zero:  # exported: the manifest holds the coefficients
             import shutil
 
