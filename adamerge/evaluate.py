@@ -74,11 +74,12 @@ def evaluate_checkpoint(checkpoint: str, tasks: dict[str, LabeledTaskData], batc
     from transformers import AutoTokenizer
 
     from adamerge.export import MANIFEST
+    from adamerge.pool import names_local_path
 
     if not tasks:
         raise MergeInputError("tasks: give at least one task's labelled data (task: {path: ..., split: ...})")
     path = Path(checkpoint)
-    local = path.exists() or str(checkpoint).startswith(("/", ".", "~")) or str(checkpoint).count("/") > 1
+    local = names_local_path(checkpoint)
     if local and not path.is_dir():
         raise MergeInputError(f"checkpoint {checkpoint} does not exist (a directory or a hub id is expected)")
     if local and not (path / "config.json").is_file():

@@ -66,16 +66,20 @@ def _naming(what: str):
         raise MergeInputError(f"{what}: {e}") from e
 
 
+def names_local_path(source: str | Path) -> bool:
+    """Whether a model source means a local path rather than a hub id. A hub id has the form ``name`` or
+    ``owner/name``; anything else — existing, absolute, ``./``, ``../``, ``~``, more than one ``/``, a backslash, a
+    file suffix — is a path."""
+    text = str(source)
+    return (Path(text).expanduser().exists() or text.startswith(("/", ".", "~")) or text.count("/") > 1
+            or "\\" in text or text.endswith((".safetensors", ".bin", ".json")))
+
+
 def check_source(source: str, what: str) -> None:
     """A model source that names a local path must exist: ``what`` (e.g. "fine-tune 'spam'") and the path are named
-    at once, before any model is loaded. A hub id has the form ``name`` or ``owner/name``; anything else — absolute,
-    ``./``, ``../``, ``~``, more than one ``/``, a file suffix — is a path."""
-    if Path(source).expanduser().exists():
-        return
-    text = str(source)
-    if (text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text
-            or text.endswith((".safetensors", ".bin", ".json"))):
-        raise MergeInputError(f"{what}: {text} does not exist")
+    at once, before any model is loaded."""
+    if names_local_path(source) and not Path(source).expanduser().exists():
+        raise MergeInputError(f"{what}: {source} does not exist")
 
 
 def _is_safetensors_file(source: str) -> bool:

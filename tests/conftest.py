@@ -120,3 +120,14 @@ def quick_fit(module, datamodule, steps: int, seed: int = 0):
                          enable_model_summary=False, accelerator="cpu")
     trainer.fit(module, datamodule=datamodule)
     return trainer
+
+
+@pytest.fixture(autouse=True)
+def _close_wandb_run():
+    """A W&B run left open by one test would be reused by the next test's WandbLogger (its files elsewhere)."""
+    yield
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()

@@ -52,6 +52,7 @@ def run(work: Path = Path(".cache"), out: Path = Path("runs/quickstart"), settin
     from adamerge.bench.tasks import prepare
     from adamerge.bench.zoo import build_base, finetune
     from adamerge.cli import main as adamerge_main
+    from adamerge.evaluate import score
     from adamerge.export import load_task_model
     from adamerge.methods import METHODS
 
@@ -101,8 +102,6 @@ def run(work: Path = Path(".cache"), out: Path = Path("runs/quickstart"), settin
     for task in s.tasks:  # the export as a user serves it: stock transformers, no adamerge module
         model = load_task_model(str(export), task)
         rows, labels, n_cls = evaluator.sets[task]
-        from adamerge.evaluate import score
-
         merged[task] = score(lambda b, m=model: m(**b).logits, rows, labels, n_cls, evaluator.pad, batch_size=128)
     scores["adamerge"] = merged
     wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
