@@ -18,12 +18,12 @@ TASKS = {"sentiment": 2, "topic": 3, "spam": 2}
 
 
 def make_tokenizer(path):
-    from transformers import BertTokenizerFast
+    from transformers import BertTokenizer
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     path.mkdir(parents=True, exist_ok=True)
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)  # (transformers 5 ignores a
+    assert len(tok) == len(vocab)                                                          # `vocab_file=` here)
     tok.save_pretrained(str(path))
     return tok
 

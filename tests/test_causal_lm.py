@@ -88,7 +88,8 @@ def test_zero_and_one_hot_coefficients_on_logits(lm_zoo, lm_data, granularity):
 def test_kl_objective_decreases(lm_zoo, lm_data):
     base, paths = lm_zoo
     dm, _ = lm_data
-    module = AdaMerging(base, paths, granularity="layer", task_type="causal_lm", objective="kl", lr=0.02)
+    module = AdaMerging(base, paths, granularity="layer", task_type="causal_lm", objective="kl", lr=0.05,
+                        init=0.0)  # from the base: far from the optimum (the experts conflict near it)
     batch = dm.dataset[0]
     with torch.no_grad():
         before = float(module.objective(batch)[0])
