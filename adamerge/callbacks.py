@@ -5,28 +5,51 @@ from __future__ import annotations
 import io
 import logging
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import pytorch_lightning as pl
 import torch
+
+from adamerge.card import heatmap_png
 
 log = logging.getLogger(__name__)
 
 
 class ExportOnFitEnd(pl.Callback):
-    """Write the flattened merged checkpoint when training ends (global rank 0 only).
+    """Write the flattened merged checkpoint when training ends (global rank 0 only). ``adamerge merge`` takes the
+    same arguments as top-level keys.
 
     Args:
         output_dir: target directory (must not exist unless ``overwrite``).
         overwrite: replace an existing ``output_dir``.
         per_task_models: also write ``tasks/<task>/``, a complete sequence-classification checkpoint per task.
         lora_adapters: for merges of LoRA adapters, also write ``adapters/<task>/`` PEFT adapters.
+        model_card: write ``README.md``, a Hub model card (front matter, sources, coefficients, data, config).
+        max_shard_size: largest weights file, e.g. ``"5GB"`` (as ``transformers``), ``"500MB"``; a larger model is
+            written as ``model-0000k-of-0000n.safetensors`` plus ``model.safetensors.index.json``.
+        dtype: dtype of the stored weights: ``float32``, ``bfloat16`` or ``float16``.
+        push_to_hub: a Hub repo id (``user/name``): upload the finished export there (token: ``HF_TOKEN`` or
+            ``hf auth login``).
+        hub_private: create the Hub repo private (when it does not exist yet).
+        hub_revision: upload to this branch (created if missing) instead of the main branch.
     """
 
     def __init__(self, output_dir: str = "runs/merged", overwrite: bool = False, per_task_models: bool = True,
-                 lora_adapters: bool = False) -> None:
-        self.output_dir, self.overwrite, self.per_task_models = output_dir, overwrite, per_task_models
-        self.lora_adapters = lora_adapters
+                 lora_adapters: bool = False, model_card: bool = True, max_shard_size: str = "5GB",
+                 dtype: str = "float32", push_to_hub: Optional[str] = None, hub_private: bool = False,
+                 hub_revision: Optional[str] = None) -> None:
+        from adamerge.export import ExportOptions
+
+        self.output_dir, self.overwrite = output_dir, overwrite
+        self.options = asdict(ExportOptions(per_task_models, lora_adapters, model_card, max_shard_size, dtype,
+                                            push_to_hub, hub_private, hub_revision))
+        self.run_config: str | None = None  # the run's YAML (set by the CLI): manifest and model card
+
+    def export(self, module, write: bool = True):
+        return module.export(self.output_dir, overwrite=self.overwrite, write=write, run_config=self.run_config,
+                             **self.options)
 
     @property
     def trained_state_path(self) -> Path:
@@ -54,17 +77,24 @@ class ExportOnFitEnd(pl.Callback):
                                              for t, spec in dm.tasks.items()}}
         ckpt = self.trained_state_path
         trainer.save_checkpoint(ckpt)
+        from adamerge.errors import MergeInputError
+        from adamerge.export import UploadError
+
         try:
             # every rank gathers (collective when FSDP2 shards the model); global rank 0 writes
-            pl_module.export(self.output_dir, overwrite=self.overwrite, per_task_models=self.per_task_models,
-                             lora_adapters=self.lora_adapters, write=trainer.is_global_zero)
+            self.export(pl_module, write=trainer.is_global_zero)
+        except UploadError:
+            self._drop(trainer, ckpt)  # the export is complete; only the upload failed (its message says how to retry)
+            raise
         except Exception as e:
-            from adamerge.errors import MergeInputError
-
             wrapper = MergeInputError if isinstance(e, MergeInputError) else RuntimeError
             raise wrapper(f"export to {self.output_dir} failed ({type(e).__name__}: {e}); the trained state is "
                           f"saved in {ckpt}: fix the cause, then export it without training again with "
                           f"`adamerge fit --config <the same config> --ckpt_path {ckpt}`") from e
+        self._drop(trainer, ckpt)
+
+    @staticmethod
+    def _drop(trainer, ckpt: Path) -> None:
         if trainer.is_global_zero:  # exported: the manifest holds the coefficients
             import shutil
 
@@ -72,25 +102,6 @@ class ExportOnFitEnd(pl.Callback):
                 shutil.rmtree(ckpt)
             else:
                 ckpt.unlink(missing_ok=True)
-
-
-def heatmap_png(matrix, row_labels, title: str = "merge coefficients") -> bytes:
-    """Render a ``[T, P]`` coefficient matrix as a PNG (matplotlib, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(6, matrix.shape[1] * 0.08), 1 + 0.4 * matrix.shape[0]))
-    im = ax.imshow(matrix, aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_yticks(range(len(row_labels)), row_labels)
-    ax.set_xlabel("parameter tensor")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
 
 
 class CoefficientHeatmap(pl.Callback):

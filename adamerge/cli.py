@@ -70,7 +70,11 @@ class AdaMergeCLI(LightningCLI):
     def before_fit(self) -> None:
         from pytorch_lightning.callbacks import ModelCheckpoint
 
-        target = checkpoint_dir(self.config[self.subcommand]["export"]["output_dir"])
+        config = self.config[self.subcommand]
+        target = checkpoint_dir(config["export"]["output_dir"])
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, ExportOnFitEnd):
+                cb.run_config = run_config_yaml(self._parser(self.subcommand), config)
         for cb in self.trainer.checkpoint_callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
                 cb.dirpath = os.path.realpath(target)
@@ -127,11 +131,9 @@ def merge_parser() -> LightningArgumentParser:
     parser.add_lightning_class_args(MergeModule, "model", subclass_mode=True)
     parser.add_argument("--data", type=Optional[dict], default=None,
                         help="UnlabeledDataModule arguments (tasks, samples_per_task, ...), for methods that use data")
-    parser.add_argument("--output_dir", type=str, required=True, help="where the merged checkpoint is written")
-    parser.add_argument("--overwrite", type=bool, default=False, help="replace an existing output_dir")
-    parser.add_argument("--per_task_models", type=bool, default=True, help="also write tasks/<task>/ checkpoints")
-    parser.add_argument("--lora_adapters", type=bool, default=False,
-                        help="merges of LoRA adapters: also write adapters/<task>/ PEFT adapters")
+    # the export's arguments are ExportOnFitEnd's (`export.*` under `adamerge fit`), here as top-level keys
+    parser.add_class_arguments(ExportOnFitEnd, nested_key=None, as_group=True)
+    parser.set_defaults(output_dir=None)  # required here: a data-free merge has no run directory to default to
     parser.add_argument("--seed_everything", type=int, default=0)
     return parser
 
@@ -142,6 +144,8 @@ def merge_main(args: list[str] | None = None):
 
     parser = merge_parser()
     cfg = parser.parse_args(args)
+    if cfg.output_dir is None:
+        raise MergeInputError("output_dir: required (where the merged checkpoint is written)")
     if os.path.exists(cfg.output_dir) and not cfg.overwrite:
         raise MergeInputError(f"output_dir {cfg.output_dir} already exists; pass --overwrite true to replace it")
     model = parser.instantiate_classes(cfg).model
@@ -151,8 +155,24 @@ def merge_main(args: list[str] | None = None):
         if not cfg.data or not cfg.data.get("tasks"):
             raise MergeInputError(f"method {model.method!r} with candidates > 1 needs `data.tasks`")
         model.select(UnlabeledDataModule(**{"tokenizer": model.hparams.base, **cfg.data}))
-    return model.export(cfg.output_dir, overwrite=cfg.overwrite, per_task_models=cfg.per_task_models,
-                        lora_adapters=cfg.lora_adapters)
+    exporter = ExportOnFitEnd(**{k: cfg[k] for k in export_keys()})
+    exporter.run_config = run_config_yaml(parser, cfg)
+    return exporter.export(model)
+
+
+def export_keys() -> list[str]:
+    import inspect
+
+    return [k for k in inspect.signature(ExportOnFitEnd.__init__).parameters if k != "self"]
+
+
+def run_config_yaml(parser, cfg) -> str | None:
+    """The run's full config as YAML (for the manifest and the model card), or None if it cannot be dumped."""
+    try:
+        return parser.dump(cfg, skip_none=False)
+    except Exception as e:  # a value jsonargparse cannot serialise must not stop the run
+        logging.getLogger(__name__).warning("the run's config is not recorded in the export: %s", e)
+        return None
 
 
 def evaluate_main(args: list[str] | None = None):

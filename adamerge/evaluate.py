@@ -66,7 +66,8 @@ def evaluate_checkpoint(checkpoint: str, tasks: dict[str, LabeledTaskData], batc
         max_length: truncation length; default: the one the merge was trained with (the manifest's
             ``data.max_length``), else 128.
         heads: task → fine-tuned model whose head scores that task on ``checkpoint``'s encoder.
-        write: also write the scores to ``<checkpoint>/eval_results.json`` (exports only).
+        write: also write the scores to ``<checkpoint>/eval_results.json`` (exports only) and add them to its model
+            card.
     """
     import json
     from pathlib import Path
@@ -100,7 +101,11 @@ def evaluate_checkpoint(checkpoint: str, tasks: dict[str, LabeledTaskData], batc
         log.info("%s: %s", task, out[task])
     out["average"] = {k: sum(v[k] for v in out.values()) / len(out) for k in ("accuracy", "macro_f1")}
     if write:
-        (path / "eval_results.json").write_text(json.dumps({"max_length": max_length, "scores": out}, indent=2) + "\n")
+        from adamerge.card import EVAL_RESULTS, write_card
+
+        (path / EVAL_RESULTS).write_text(json.dumps({"max_length": max_length, "scores": out}, indent=2) + "\n")
+        if manifest.get("model_card"):  # the card shows the results
+            write_card(path)
     return out
 
 

@@ -3,14 +3,18 @@
 Layout of ``output_dir``::
 
     config.json, model.safetensors   the merged backbone: ``transformers.AutoModel.from_pretrained(output_dir)``
-                                     (causal LMs: the whole merged ``AutoModelForCausalLM``)
-    tokenizer files                  copied from the base model when it has them
+                                     (causal LMs: the whole merged ``AutoModelForCausalLM``); above
+                                     ``max_shard_size``: ``model-0000k-of-0000n.safetensors`` +
+                                     ``model.safetensors.index.json``, as ``save_pretrained`` writes them
+    tokenizer files                  the base model's (the union vocabulary when fine-tunes added tokens)
     heads.safetensors                every task's head, keys ``<task>/<param>``
     adapters/<task>/                 (optional, merges of LoRA adapters) a PEFT LoRA adapter per task
     tasks/<task>/                    (optional) a complete ``*ForSequenceClassification`` checkpoint per task:
                                      ``AutoModelForSequenceClassification.from_pretrained(output_dir / "tasks" / task)``
-    merge_manifest.json              method, base and sources with content hashes, coefficients, versions
+    README.md, coefficients.png      (optional) the Hub model card (see :mod:`adamerge.card`)
+    merge_manifest.json              method, base and sources with content hashes, coefficients, dtype, versions
 
+Weights are written tensor by tensor (a lazy merge is merged one block at a time on access), stored in ``dtype``.
 Everything is written into a temporary sibling directory that is renamed into place at the end, so an interrupted
 export never leaves a half-written ``output_dir``.
 """
@@ -26,6 +30,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +80,166 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
         raise
 
 
-def _contiguous(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+def _contiguous(state: Mapping[str, Tensor], dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    return {k: _stored(v, dtype).clone() for k, v in state.items()}
+
+
+# -- streaming, sharded safetensors ----------------------------------------------------------------------------------
+STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_ST_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+WEIGHTS_INDEX = "model.safetensors.index.json"
+
+
+def store_dtype(name: str, field: str = "dtype") -> torch.dtype:
+    if name not in STORE_DTYPES:
+        raise MergeInputError(f"{field}: unknown dtype {name!r}; allowed: {', '.join(STORE_DTYPES)}")
+    return STORE_DTYPES[name]
+
+
+def parse_size(size: int | str, field: str = "max_shard_size") -> int:
+    """Bytes in ``size``: an int, or digits and a unit as ``transformers`` reads them — ``KB``/``MB``/``GB``/``TB``
+    are powers of 10, ``KiB``/``MiB``/``GiB``/``TiB`` powers of 2 (case-insensitive)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        text = str(size).strip()
+        units = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "TB": 10**12, "GB": 10**9, "MB": 10**6,
+                 "KB": 10**3, "B": 1}
+        unit = next((u for u in units if text.upper().endswith(u)), None)
+        number = text[: len(text) - len(unit)].strip() if unit else text
+        try:
+            value = int(float(number) * (units[unit] if unit else 1))
+        except ValueError:
+            raise MergeInputError(f"{field}: cannot read {size!r} as a size; write e.g. '5GB', '500MB' or '100KB'") \
+                from None
+    if value <= 0:
+        raise MergeInputError(f"{field}: must be positive, got {size!r}")
+    return value
+
+
+def _stored(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """``t`` on the CPU, contiguous, floating tensors cast to ``dtype`` (None keeps them)."""
+    t = t.detach()
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype)
+    return t.to("cpu").contiguous()
+
+
+def _tensor_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]],
+                      produce: Callable[[str], Tensor], metadata: Mapping[str, str] | None = None) -> int:
+    """Write a safetensors file tensor by tensor: the header is planned from ``entries`` (name, shape, stored
+    dtype), then each tensor is obtained from ``produce(name)``, cast, written and dropped — at most one tensor is
+    held at a time. Returns the bytes of tensor data written."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name, shape, dtype in entries:
+        if dtype not in _ST_CODES:
+            raise MergeInputError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
+        size = _tensor_bytes(shape, dtype)
+        header[name] = {"dtype": _ST_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name, shape, dtype in entries:
+            t = _stored(produce(name), dtype)
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise RuntimeError(f"tensor {name!r}: planned {tuple(shape)} {dtype}, produced {tuple(t.shape)} "
+                                   f"{t.dtype}")
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            del t
+    return offset
+
+
+def plan_shards(entries: list[tuple[str, tuple[int, ...], torch.dtype]], max_bytes: int) -> list[list]:
+    """Split ``entries`` in order into shards of at most ``max_bytes`` of tensor data (a larger tensor gets a shard
+    of its own), as ``transformers.save_pretrained`` does."""
+    shards: list[list] = [[]]
+    size = 0
+    for e in entries:
+        b = _tensor_bytes(e[1], e[2])
+        if shards[-1] and size + b > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += b
+    return shards
+
+
+def write_weights(directory: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]],
+                  produce: Callable[[str], Tensor], max_shard_size: int | str = "5GB") -> list[str]:
+    """``model.safetensors``, or — when the tensors exceed ``max_shard_size`` — ``model-0000k-of-0000n.safetensors``
+    plus ``model.safetensors.index.json``, the layout ``transformers.from_pretrained`` reads. Streams (see
+    :func:`write_safetensors`). Returns the file names written."""
+    shards = plan_shards(entries, parse_size(max_shard_size))
+    if len(shards) == 1:
+        write_safetensors(directory / "model.safetensors", shards[0], produce)
+        return ["model.safetensors"]
+    n, weight_map, total, files = len(shards), {}, 0, []
+    for k, shard in enumerate(shards, 1):
+        name = f"model-{k:05d}-of-{n:05d}.safetensors"
+        total += write_safetensors(directory / name, shard, produce)
+        weight_map.update({e[0]: name for e in shard})
+        files.append(name)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return [*files, WEIGHTS_INDEX]
+
+
+class WeightReader:
+    """Read the tensors of an exported ``model.safetensors`` or sharded ``model-*.safetensors`` one at a time
+    (memory-mapped)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        from safetensors import safe_open
+
+        directory = Path(directory)
+        index = directory / WEIGHTS_INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (directory / "model.safetensors").is_file():
+            weight_map = None
+        else:
+            raise MergeInputError(f"{directory}: no model.safetensors or {WEIGHTS_INDEX}")
+        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
+        try:
+            self._handles = {f: safe_open(str(directory / f), framework="pt") for f in files}
+        except Exception as e:
+            raise MergeInputError(f"cannot read the weights of {directory}: {e}") from e
+        self._where = weight_map or {k: "model.safetensors" for k in self._handles["model.safetensors"].keys()}
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def get(self, name: str) -> Tensor:
+        return self._handles[self._where[name]].get_tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        code = self._handles[self._where[name]].get_slice(name).get_dtype()
+        return {v: k for k, v in _ST_CODES.items()}[code]
+
+    def read_all(self) -> dict[str, Tensor]:
+        return {k: self.get(k) for k in self._where}
+
+
+def read_weights(directory: str | Path) -> dict[str, Tensor]:
+    """Every tensor of an exported checkpoint's weights (single file or sharded)."""
+    return WeightReader(directory).read_all()
 
 
 def _copy_tokenizer(source: str, dest: Path) -> None:
@@ -93,37 +256,92 @@ def head_state(head: torch.nn.Module) -> dict[str, Tensor]:
     return {k: v for k, v in head.state_dict().items()}
 
 
+@dataclass
+class ExportOptions:
+    """How a merge is written (``adamerge merge``: top-level keys; ``adamerge fit``: ``export.*`` keys).
+
+    Args:
+        per_task_models: also write ``tasks/<task>/``, a complete sequence-classification checkpoint per task.
+        lora_adapters: for merges of LoRA adapters, also write ``adapters/<task>/`` PEFT adapters.
+        model_card: write ``README.md``, a Hub model card (front matter, sources, coefficients, data, config).
+        max_shard_size: largest weights file, e.g. ``"5GB"`` (the ``transformers`` default), ``"500MB"``; larger
+            models are written as ``model-0000k-of-0000n.safetensors`` plus ``model.safetensors.index.json``.
+        dtype: dtype of the stored weights: ``float32``, ``bfloat16`` or ``float16`` (merging computes in float32).
+        push_to_hub: a Hub repo id (``user/name``): upload the finished export there (token: ``HF_TOKEN`` or
+            ``hf auth login``).
+        hub_private: create the repo private (when it does not exist yet).
+        hub_revision: upload to this branch (created if missing); default the repo's main branch.
+    """
+
+    per_task_models: bool = True
+    lora_adapters: bool = False
+    model_card: bool = True
+    max_shard_size: str = "5GB"
+    dtype: str = "float32"
+    push_to_hub: str | None = None
+    hub_private: bool = False
+    hub_revision: str | None = None
+
+    def __post_init__(self) -> None:
+        store_dtype(self.dtype)
+        parse_size(self.max_shard_size)
+        if self.push_to_hub is not None and not str(self.push_to_hub).strip():
+            raise MergeInputError("push_to_hub: empty repo id; give `user/name` or leave it unset")
+
+
 def write_merged(output_dir: str | Path, backbone: torch.nn.Module, merged: Mapping[str, Tensor],
                  heads: Mapping[str, torch.nn.Module], manifest: dict[str, Any], tokenizer_source: str | None = None,
                  per_task_models: bool = True, overwrite: bool = False,
                  extra_files: Mapping[str, Mapping[str, Tensor]] | None = None,
-                 extra_writer: Callable[[Path], Any] | None = None) -> Path:
+                 extra_writer: Callable[[Path], Any] | None = None, tokenizer: Any = None,
+                 dtype: str = "float32", max_shard_size: int | str = "5GB", model_card: bool = True) -> Path:
     """Write the flattened checkpoint (see module docstring) and return its path.
 
     Args:
         backbone: the base backbone module (supplies config and the non-merged tensors).
-        merged: merged backbone tensors by parameter name.
+        merged: merged backbone tensors by parameter name; read one at a time, so a lazy mapping (one block merged
+            on access, :meth:`adamerge.merged.MergedModel.lazy_merged_params`) keeps the export to one block's
+            memory beyond the model.
         heads: task → head shell (``*ForSequenceClassification`` whose backbone is a stub).
         manifest: method-specific fields; versions and the layout are added here.
         extra_files: more safetensors files to write, name → tensors (e.g. surgery adapters).
         extra_writer: called with the temporary directory to write more files (e.g. PEFT adapters); its return
             value is recorded in the manifest as ``extra``.
+        tokenizer: a tokenizer object to save (e.g. a union vocabulary); else the one of ``tokenizer_source``.
+        dtype, max_shard_size, model_card: see :class:`ExportOptions`.
     """
-    full = {**backbone.state_dict(), **merged}
+    target_dtype = store_dtype(dtype)
+    max_bytes = parse_size(max_shard_size)
+    state = backbone.state_dict()  # references to the base tensors, no copies
+    tied: dict[str, str] = {}
     canonical: dict[int, str] = {}
     for name, p in backbone.named_parameters(remove_duplicate=False):  # tied weights (e.g. lm_head = embeddings)
-        first = canonical.setdefault(id(p), name)
-        if first != name and first in merged:
-            full[name] = merged[first]
-    full = _contiguous({k: v for k, v in full.items() if not k.endswith(("position_ids",))})
+        tied[name] = canonical.setdefault(id(p), name)
+    names = [k for k in state if not k.endswith(("position_ids",))]
+
+    def produce(name: str) -> Tensor:
+        if name in merged:
+            return merged[name]
+        if tied.get(name, name) in merged:
+            return merged[tied[name]]
+        return state[name]
+
+    def stored(t: Tensor) -> torch.dtype:
+        return target_dtype if t.is_floating_point() else t.dtype
+
+    entries = [(n, tuple(state[n].shape), stored(state[n])) for n in names]
     config = copy.deepcopy(backbone.config)
     config.architectures = [type(backbone).__name__]  # the root is exactly this class: AutoModel(ForCausalLM) loads it
+    config.dtype = target_dtype
     with atomic_directory(output_dir, overwrite=overwrite) as tmp:
         config.save_pretrained(str(tmp))
-        save_file(full, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer_source:
+        files = write_weights(tmp, entries, produce, max_bytes)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        elif tokenizer_source:
             _copy_tokenizer(tokenizer_source, tmp)
         head_tensors, head_info = {}, {}
+        root = WeightReader(tmp)
         for task, head in heads.items():
             hs = head_state(head)
             head_tensors.update({f"{task}/{k}": v for k, v in hs.items()})
@@ -132,24 +350,68 @@ def write_merged(output_dir: str | Path, backbone: torch.nn.Module, merged: Mapp
             if per_task_models:
                 d = tmp / "tasks" / task
                 d.mkdir(parents=True)
-                head.config.architectures = [type(head).__name__]
-                head.config.save_pretrained(str(d))
+                head_config = copy.deepcopy(head.config)
+                head_config.architectures = [type(head).__name__]
+                head_config.dtype = target_dtype
+                for key in ("vocab_size",):  # the backbone's (a union vocabulary makes it larger than the fine-tune's)
+                    if hasattr(config, key):
+                        setattr(head_config, key, getattr(config, key))
+                head_config.save_pretrained(str(d))
                 prefix = head.base_model_prefix
-                save_file(_contiguous({**{f"{prefix}.{k}": v for k, v in full.items()}, **hs}),
-                          str(d / "model.safetensors"), metadata={"format": "pt"})
-                if tokenizer_source:
+                task_entries = [(f"{prefix}.{n}", s, dt) for n, s, dt in entries]
+                task_entries += [(k, tuple(v.shape), stored(v)) for k, v in hs.items()]
+                write_weights(d, task_entries, lambda k, hs=hs, prefix=prefix: hs[k] if k in hs
+                              else root.get(k[len(prefix) + 1:]), max_bytes)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(str(d))
+                elif tokenizer_source:
                     _copy_tokenizer(tokenizer_source, d)
-        save_file(_contiguous(head_tensors), str(tmp / HEADS), metadata={"format": "pt"})
+        del root
+        save_file(_contiguous(head_tensors, target_dtype), str(tmp / HEADS), metadata={"format": "pt"})
         for name, tensors in (extra_files or {}).items():
             save_file(_contiguous(tensors), str(tmp / name), metadata={"format": "pt"})
         extra = extra_writer(tmp) if extra_writer else None
         if extra is not None:
             manifest = {**manifest, "extra": [str(Path(p).relative_to(tmp)) for p in extra]}
-        doc = {**manifest, "heads": head_info, "per_task_models": per_task_models, "versions": versions(),
+        doc = {**manifest, "heads": head_info, "per_task_models": per_task_models,
+               "weights": {"dtype": dtype, "max_shard_size": str(max_shard_size), "files": files},
+               "model_card": model_card, "versions": versions(),
                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         (tmp / MANIFEST).write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")
+        if model_card:
+            from adamerge.card import write_card
+
+            write_card(tmp)
     log.info("exported merged checkpoint to %s", output_dir)
     return Path(output_dir)
+
+
+class UploadError(MergeInputError):
+    """The upload to the Hub failed; the local export is complete."""
+
+
+def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
+                commit_message: str = "adamerge export") -> str:
+    """Upload a finished export folder to the Hub model repo ``repo_id`` (created if missing; ``revision``: a
+    branch, created if missing), with the token ``huggingface_hub`` finds (``HF_TOKEN``, ``hf auth login``).
+    Returns the commit URL. Untested against the live Hub (no network where adamerge is tested): the calls are."""
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", revision=revision,
+                                 commit_message=commit_message)
+    except Exception as e:  # network, auth, permissions: huggingface_hub raises many types
+        retry = f"hf upload {repo_id} {folder} ." + (f" --revision {revision}" if revision else "")
+        raise UploadError(f"upload of {folder} to the Hub repo {repo_id!r} failed ({type(e).__name__}: {e}); the "
+                          f"export is complete at {folder}: retry with `{retry}`") from e
+    url = str(getattr(info, "commit_url", None) or info)
+    log.info("uploaded %s to %s", folder, url)
+    return url
 
 
 def _json_default(o):
@@ -183,7 +445,7 @@ def load_task_model(path: str | Path, task: str, dtype: torch.dtype = torch.floa
                                         id2label={int(k): v for k, v in info["id2label"].items()})
     model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
     prefix = model.base_model_prefix
-    state = {f"{prefix}.{k}": v for k, v in load_file(str(path / "model.safetensors")).items()}
+    state = {f"{prefix}.{k}": v for k, v in read_weights(path).items()}
     heads = load_file(str(path / HEADS))
     state.update({k.split("/", 1)[1]: v for k, v in heads.items() if k.startswith(task + "/")})
     missing, unexpected = model.load_state_dict(state, strict=False)

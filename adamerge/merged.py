@@ -162,6 +162,7 @@ class MergedModel(nn.Module):
         self.coefficients = coefficients
         self.masks: Mapping[str, Tensor] | None = None  # optional per-tensor masks, set by mask parametrisations
         self.task_type = pool.task_type
+        self.tokenizer = pool.tokenizer  # the union tokenizer when fine-tunes added tokens, else None (the base's)
         blocks: dict[str, list[str]] = {}
         for n in self.param_names:
             blocks.setdefault(block_of(n), []).append(n)
@@ -225,6 +226,13 @@ class MergedModel(nn.Module):
             sel = cols if isinstance(cols, slice) else getattr(self, cols).to(lam.device)
             out.update(store(base, lam[:, sel], masks))
         return out
+
+    def lazy_merged_params(self, coefficients: Tensor | None = None, masks: Mapping[str, Tensor] | None = None
+                           ) -> "LazyMerge":
+        """:meth:`merged_params` as a mapping that merges one block (one store) when one of its tensors is read and
+        keeps only that block: an export streams the merged model without a second full copy of it."""
+        lam = (self.coefficients() if coefficients is None else coefficients).detach()
+        return LazyMerge(self, lam, self.masks if masks is None else masks)
 
     def features(self, inputs: Mapping[str, Tensor], coefficients: Tensor | None = None, masks=None,
                  params: Mapping[str, Tensor] | None = None):
@@ -292,3 +300,35 @@ class MergedModel(nn.Module):
         lam = torch.zeros(len(self.task_names), len(self.param_names), device=self.coefficients.weight.device)
         lam[self.task_names.index(task)] = 1.0
         return lam
+
+
+class LazyMerge(Mapping):
+    """Merged tensors of a :class:`MergedModel`, merged one block at a time on access (see
+    :meth:`MergedModel.lazy_merged_params`). Reading the tensors in model order merges each block once."""
+
+    def __init__(self, model: MergedModel, lam: Tensor, masks: Mapping[str, Tensor] | None) -> None:
+        self._model, self._lam, self._masks = model, lam, masks
+        self._base = dict(model.backbone.named_parameters())
+        self._block: tuple[int, dict[str, Tensor]] | None = None
+
+    def __getitem__(self, name: str) -> Tensor:
+        m = self._model
+        if name not in m._store_of:
+            raise KeyError(name)
+        i = next(k for k, st in enumerate(m.stores) if st is m._store_of[name])
+        if self._block is None or self._block[0] != i:
+            cols = m._columns[i]
+            sel = cols if isinstance(cols, slice) else getattr(m, cols).to(self._lam.device)
+            self._block = None  # drop the previous block before merging the next
+            with torch.no_grad():
+                self._block = (i, m.stores[i](self._base, self._lam[:, sel], self._masks))
+        return self._block[1][name]
+
+    def __iter__(self):
+        return iter(self._model.param_names)
+
+    def __len__(self) -> int:
+        return len(self._model.param_names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._model._store_of

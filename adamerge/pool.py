@@ -281,6 +281,7 @@ class TaskVectorPool:
     hashes: dict[str, str] = field(default_factory=dict)
     low_rank: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # name -> (B [T,out,r], A [T,r,in])
     task_type: str = "seq_cls"
+    tokenizer: object = None  # the union tokenizer when fine-tunes added tokens (see adamerge.vocab)
 
     @property
     def param_names(self) -> list[str]:
@@ -363,6 +364,16 @@ def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = 
     with _naming("base"):
         base_model = load_model(base, task_type, trust_remote_code=trust_remote_code, dtype=dtype)
     hashes = {"base": state_hash(base_model.state_dict())}
+    plan = _vocab_plan(base, base_model, models, trust_remote_code)
+    vocab_names: set[str] = set()
+    if plan is not None:  # fine-tunes added tokens: the base gets the union's rows (see adamerge.vocab)
+        from adamerge.vocab import resize_base, vocab_param_names
+
+        resize_base(base_model, plan)
+        inner = base_model if task_type == "causal_lm" else getattr(base_model, base_model.base_model_prefix)
+        vocab_names = set(vocab_param_names(base_model, inner))
+        log.info("union vocabulary: %d rows, %d added tokens %s", plan.size, len(plan.added), plan.added[:5])
+    added_rows: dict[str, dict[int, list[Tensor]]] = {n: {} for n in vocab_names}
     config = base_model.config
     head_proto = base_model  # architecture reference for checks
     backbone, _ = split_model(base_model, task_type)
@@ -413,10 +424,20 @@ def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = 
         _check_finite(ft_state, f"{task!r} ({source})")
         zero = True
         for n, p in ft_state.items():
+            if n in vocab_names and p.shape[1:] == base_state[n].shape[1:]:
+                tv, rows = plan.remap(task, p, base_state[n])
+                for u, row in rows.items():
+                    added_rows[n].setdefault(u, []).append(row.clone())
+                slot = dense_slot(n)
+                slot[i].copy_(tv)
+                zero = zero and not bool(slot[i].any())
+                continue
             if p.shape != base_state[n].shape:
                 hint = ""
                 if getattr(ft.config, "vocab_size", None) != getattr(config, "vocab_size", None):
-                    hint = f" (vocab size {ft.config.vocab_size} vs base {config.vocab_size})"
+                    hint = (f" (vocab size {ft.config.vocab_size} vs base {config.vocab_size}; a fine-tune that added "
+                            "tokens merges into the union vocabulary when it and the base have their tokenizers "
+                            "saved with them)")
                 raise MergeInputError(f"model {task!r} ({source}): tensor {n!r} has shape {tuple(p.shape)}, "
                                       f"base has {tuple(base_state[n].shape)}{hint}")
             slot = dense_slot(n)
@@ -427,6 +448,10 @@ def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = 
         if head is not None:
             heads[task] = _own_memory(head.requires_grad_(False).eval())
         del ft, ft_backbone, ft_state
+    with torch.no_grad():
+        for n, rows in added_rows.items():  # an added token's row: the mean of the fine-tunes that have it
+            for u, rs in rows.items():
+                base_state[n][u] = torch.stack(rs).to(base_state[n].dtype).mean(0)
     low_rank = {}
     for n, per_task in factors.items():
         if n in dense:  # full fine-tunes (or saved modules) touch it too: store dense
@@ -440,4 +465,14 @@ def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = 
              len(low_rank), n_el / 1e6)
     return TaskVectorPool(backbone=backbone, heads=heads, task_names=list(models), task_vectors=task_vectors,
                           config=config, base_source=base, sources=dict(models), hashes=hashes, low_rank=low_rank,
-                          task_type=task_type)
+                          task_type=task_type, tokenizer=plan.tokenizer if plan is not None else None)
+
+
+def _vocab_plan(base: str, base_model: nn.Module, models: dict[str, str], trust_remote_code: bool):
+    """The union-vocabulary plan (:func:`adamerge.vocab.plan_vocab`), None when no fine-tune's vocabulary differs."""
+    from adamerge.vocab import load_tokenizer, model_rows, plan_vocab
+
+    rows = base_model.get_input_embeddings().weight.shape[0]
+    return plan_vocab((base, load_tokenizer(base, trust_remote_code), rows),
+                      {t: (s, load_tokenizer(s, trust_remote_code), model_rows(s, trust_remote_code))
+                       for t, s in models.items()})

@@ -150,3 +150,39 @@ def test_vocab_mismatch_is_a_clear_error(lm_zoo, tmp_path):
     other.save_pretrained(str(tmp_path / "other"))
     with pytest.raises(MergeInputError, match=r"model 'other'"):
         TaskArithmetic(base, {"chat": paths["chat"], "other": str(tmp_path / "other")}, task_type="causal_lm")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_union_vocabulary_of_a_causal_lm_reproduces_the_fine_tune(tmp_path, tied):
+    """One fine-tune that added tokens, merged alone at scale 1, is that fine-tune: every logit of the export — on
+    inputs that use the added tokens — equals its own (input and output embeddings remapped, tied or not)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    def model():
+        return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            tie_word_embeddings=tied, pad_token_id=0, bos_token_id=2, eos_token_id=3))
+
+    torch.manual_seed(0)
+    make_tokenizer(tmp_path / "base")
+    model().save_pretrained(str(tmp_path / "base"))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "base"))
+    tok.add_tokens(["<think>", "</think>"])
+    ft = LlamaForCausalLM.from_pretrained(str(tmp_path / "base"))
+    ft.resize_token_embeddings(len(tok), mean_resizing=False)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    ft.save_pretrained(str(tmp_path / "ft"))
+    tok.save_pretrained(str(tmp_path / "ft"))
+    out = TaskArithmetic(str(tmp_path / "base"), {"think": str(tmp_path / "ft")}, scale=1.0,
+                         task_type="causal_lm").export(tmp_path / "out")
+    merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    union = AutoTokenizer.from_pretrained(str(out))
+    assert len(union) == VOCAB + 2 and merged.config.vocab_size == VOCAB + 2
+    ids = union(["<think> good movie </think> hello"], return_tensors="pt")["input_ids"]
+    assert ids.max() == VOCAB + 1
+    reference = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ft")).eval()
+    with torch.no_grad():
+        assert (merged(ids).logits - reference(ids).logits).abs().max() < 1e-5

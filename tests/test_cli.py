@@ -61,6 +61,13 @@ def test_fit_trains_exports_and_logs_heatmap_offline(zoo, task_data, tmp_path, n
     images = list(runs[0].glob("files/media/images/coefficients_*.png"))
     assert images, "heatmap image missing from the offline W&B run"
     assert (tmp_path / "wandb" / "coefficients.png").stat().st_size > 1000
+    card = (tmp_path / "merged" / "README.md").read_text()  # the model card: the run's config and data, no rows
+    config = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
+    assert config["trainer"]["max_steps"] == 6 and config["model"]["init_args"]["granularity"] == "layer"
+    assert "adamerge fit --config" in card and "## Data used for adaptation" in card
+    for task, path in task_data.items():
+        assert f"| {task} | `{path}` |" in card
+    assert "4 rows per task" in card and "good movie" not in card
 
 
 def test_fit_refuses_existing_output_dir_before_training(zoo, task_data, tmp_path):

@@ -169,15 +169,15 @@ def test_existing_output_dir_refused_and_interrupted_export_leaves_nothing(zoo, 
     assert (target / "keep.txt").read_text() == "user data"
 
     calls = {"n": 0}
-    real = export_mod.save_file
+    real = export_mod.write_safetensors
 
-    def dying_save(*a, **k):
+    def dying_save(*a, **k):  # the weights writer: the root model, then one call per task model
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt("simulated interrupt mid-export")
         return real(*a, **k)
 
-    monkeypatch.setattr(export_mod, "save_file", dying_save)
+    monkeypatch.setattr(export_mod, "write_safetensors", dying_save)
     fresh = tmp_path / "fresh"
     with pytest.raises(KeyboardInterrupt):
         module.export(fresh)
@@ -187,7 +187,7 @@ def test_existing_output_dir_refused_and_interrupted_export_leaves_nothing(zoo, 
         module.export(target, overwrite=True)
     assert (target / "keep.txt").read_text() == "user data"  # the old directory is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary leftovers
-    monkeypatch.setattr(export_mod, "save_file", real)
+    monkeypatch.setattr(export_mod, "write_safetensors", real)
     module.export(target, overwrite=True)
     assert not (target / "keep.txt").exists() and (target / "merge_manifest.json").is_file()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from adamerge.errors import MergeInputError
-from adamerge.export import write_merged
+from adamerge.export import ExportOptions, push_to_hub, write_merged
 from adamerge.functional import dare, ties_trim_elect
 from adamerge.merged import MergedModel
 from adamerge.objectives import Objective, StepOutputs
@@ -264,10 +265,19 @@ class MergeModule(pl.LightningModule):
             **({"data": self.data_info} if getattr(self, "data_info", None) else {}),
         }
 
+    def final_masks(self) -> dict[str, Tensor] | None:
+        """Masks of the final merge (methods with stochastic masks make them deterministic here); None: the merge's
+        own."""
+        return None
+
     @torch.no_grad()
     def final_merged_params(self) -> dict[str, Tensor]:
-        """The merged backbone tensors to export (methods with stochastic parts make them deterministic here)."""
-        return self.merged.merged_params()
+        """The merged backbone tensors of the final merge, all at once."""
+        return self.merged.merged_params(masks=self.final_masks())
+
+    def export_params(self) -> Mapping[str, Tensor]:
+        """The same tensors as :meth:`final_merged_params`, merged one block at a time as the export reads them."""
+        return self.merged.lazy_merged_params(masks=self.final_masks())
 
     def extra_export_files(self) -> dict[str, dict[str, Tensor]]:
         """More safetensors files to export next to the checkpoint (e.g. adapters)."""
@@ -279,27 +289,41 @@ class MergeModule(pl.LightningModule):
         feats = functional_call(self.merged.backbone, params, args=(), kwargs=dict(inputs))
         return self.merged.head_logits(task, feats, inputs)
 
-    def export(self, output_dir: str | Path, overwrite: bool = False, per_task_models: bool = True,
-               lora_adapters: bool = False, write: bool = True) -> Path:
-        """Write the flattened merged checkpoint (see :mod:`adamerge.export`); ``lora_adapters`` also writes the
-        merge of LoRA adapters as PEFT adapters (see :mod:`adamerge.lora`).
+    def export(self, output_dir: str | Path, overwrite: bool = False, write: bool = True, run_config: str | None = None,
+               **options) -> Path:
+        """Write the flattened merged checkpoint (see :mod:`adamerge.export`); ``options`` are
+        :class:`~adamerge.export.ExportOptions` (``per_task_models``, ``dtype``, ``max_shard_size``, ``model_card``,
+        ``push_to_hub``, ...); ``run_config`` (the YAML of the run) goes into the manifest and the model card.
 
         When FSDP2 shards the model, call it on every rank (gathering is collective) with ``write`` true on one.
         """
-        params, manifest = self.final_merged_params(), self.manifest()
+        opts = ExportOptions(**options)
+        params = self.export_params()
+        if getattr(self, "_sharded", False):  # a collective per block: every rank merges now, in the same order
+            params = dict(params)
+        manifest = self.manifest()
+        if run_config:
+            manifest["config"] = run_config
+        if opts.push_to_hub:
+            manifest["hub"] = {"repo_id": opts.push_to_hub, "revision": opts.hub_revision}
         if not write:
             return Path(output_dir)
         writer = None
-        if lora_adapters:
+        if opts.lora_adapters:
             from adamerge.lora import write_lora_adapters
 
             def writer(tmp: Path):
                 return write_lora_adapters(self, tmp)
 
-        return write_merged(output_dir, self.merged.backbone, params, self.merged.heads,
-                            manifest, tokenizer_source=self.hparams.base,
-                            per_task_models=per_task_models and self.merged.task_type == "seq_cls",
-                            overwrite=overwrite, extra_files=self.extra_export_files(), extra_writer=writer)
+        out = write_merged(output_dir, self.merged.backbone, params, self.merged.heads,
+                           manifest, tokenizer_source=self.hparams.base, tokenizer=self.merged.tokenizer,
+                           per_task_models=opts.per_task_models and self.merged.task_type == "seq_cls",
+                           overwrite=overwrite, extra_files=self.extra_export_files(), extra_writer=writer,
+                           dtype=opts.dtype, max_shard_size=opts.max_shard_size, model_card=opts.model_card)
+        if opts.push_to_hub:
+            push_to_hub(out, opts.push_to_hub, private=opts.hub_private, revision=opts.hub_revision,
+                        commit_message=f"adamerge: {self.method} merge of {', '.join(self.task_names)}")
+        return out
 
     def trainable_state_keys(self) -> set[str]:
         return {n for n, p in self.named_parameters() if p.requires_grad}

@@ -39,9 +39,8 @@ class _ConcreteMixin:
     def hard_mask(self):
         return self.mask.hard(self._export_mask, self._mask_seed)
 
-    @torch.no_grad()
-    def final_merged_params(self):
-        return self.merged.merged_params(masks=self.hard_mask())
+    def final_masks(self):
+        return self.hard_mask()
 
     def mask_manifest(self):
         hard = self.mask.hard(self._export_mask, self._mask_seed)

@@ -17,12 +17,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from adamerge.errors import MergeInputError
-from adamerge.export import MANIFEST
+from adamerge.export import MANIFEST, read_weights
 from adamerge.methods.base import MergeModule
 from adamerge.objectives import l1_distance
 from adamerge.parametrize.surgery import SurgeryAdapter
@@ -64,7 +63,7 @@ class Surgery(MergeModule):
         super().__init__(base, models, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code)
         self.merged.coefficients.requires_grad_(False)
         self.base_manifest = self._check_source(Path(merged))
-        state = load_file(str(Path(merged) / "model.safetensors"))
+        state = read_weights(merged)
         params = dict(self.merged.backbone.named_parameters())
         missing = sorted(set(params) - set(state))
         if missing:
@@ -92,6 +91,9 @@ class Surgery(MergeModule):
     @torch.no_grad()
     def final_merged_params(self) -> dict[str, Tensor]:
         return self.merged_state()
+
+    def export_params(self) -> dict[str, Tensor]:
+        return self.merged_state()  # already held (the frozen merged encoder)
 
     def manifest_fields(self):
         return {"base_merge": {k: self.base_manifest.get(k) for k in ("method", "coefficients", "prep", "hparams",
