@@ -262,23 +262,49 @@ def test_union_vocabulary_merges_shared_rows_and_averages_added_ones(zoo, tmp_pa
             assert torch.isfinite(model(**enc).logits).all()
 
 
-def test_different_tokenizers_are_refused_naming_both_models_and_the_token(zoo, tmp_path):
-    from transformers import BertForSequenceClassification, BertTokenizer
+def _other_tokenizer(tmp_path, base, paths):
+    """A copy of the 'spam' fine-tune saved with another tokenizer of the same size (ids 7 and 8 swapped)."""
+    from transformers import AutoTokenizer, BertForSequenceClassification, BertTokenizer
 
-    base, paths = zoo
-    from transformers import AutoTokenizer
-
-    words = AutoTokenizer.from_pretrained(base).convert_ids_to_tokens(list(range(len(AutoTokenizer.from_pretrained(base)))))
+    tok = AutoTokenizer.from_pretrained(base)
+    words = tok.convert_ids_to_tokens(list(range(len(tok))))
     swapped = list(words)
-    swapped[7], swapped[8] = swapped[8], swapped[7]  # same size, other ids: another tokenizer
+    swapped[7], swapped[8] = swapped[8], swapped[7]
     other = tmp_path / "other"
     BertTokenizer(vocab={w: i for i, w in enumerate(swapped)}).save_pretrained(str(other))
     BertForSequenceClassification.from_pretrained(paths["spam"]).save_pretrained(str(other))
+    return str(other), words
+
+
+def test_different_tokenizers_are_refused_naming_both_models_and_the_token(zoo, tmp_path):
+    base, paths = zoo
+    other, words = _other_tokenizer(tmp_path, base, paths)
     with pytest.raises(MergeInputError) as e:
-        TaskArithmetic(base, {"spam": paths["spam"], "other": str(other)})
+        TaskArithmetic(base, {"spam": paths["spam"], "other": other})
     msg = str(e.value)
-    assert base in msg and str(other) in msg and "'other'" in msg
+    assert base in msg and other in msg and "'other'" in msg
     assert "token id 7" in msg and repr(words[7]) in msg and repr(words[8]) in msg
+
+
+def test_merge_command_says_so_in_one_line(zoo, tmp_path, caplog):
+    """`adamerge merge` with an incompatible vocabulary: one error line (no config namespace), exit 2, no output."""
+    import logging
+
+    from adamerge.cli import main
+
+    base, paths = zoo
+    other, _ = _other_tokenizer(tmp_path, base, paths)
+    cfg = {"model": {"class_path": "adamerge.methods.TaskArithmetic",
+                     "init_args": {"base": base, "models": {"spam": paths["spam"], "other": other}}},
+           "output_dir": str(tmp_path / "out")}
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(cfg))
+    caplog.set_level(logging.ERROR)
+    with pytest.raises(SystemExit) as e:
+        main(["merge", "--config", str(tmp_path / "merge.yaml")])
+    assert e.value.code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith("vocabularies differ") and "Namespace(" not in errors[0]
+    assert not (tmp_path / "out").exists()
 
 
 def test_bigger_vocabulary_without_a_tokenizer_is_refused(zoo, tmp_path):
