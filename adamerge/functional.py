@@ -274,3 +274,85 @@ def entropy(logits: Tensor) -> Tensor:
     """Shannon entropy of ``softmax(logits)`` along the last axis (nats), one value per row."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(dim=-1)
+
+
+# -- subspace merges: TSV-M and Iso-C, as per-task pieces whose sum is the published merge --------------------------
+def _svd(m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.linalg.svd(m, full_matrices=False)
+
+
+def _closest_orthonormal(m: Tensor) -> Tensor:
+    """``P Qᴴ`` from ``m = P S Qᴴ``: the matrix with orthonormal columns closest to ``m`` (polar factor)."""
+    p, _, qh = _svd(m)
+    return p @ qh
+
+
+def tsv_pieces(tv: Tensor) -> Tensor:
+    """TSV-M (Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging", CVPR 2025) on
+    one matrix, as ``[T, m, n]`` per-task pieces whose sum is the TSV-M merge ``Δ``.
+
+    Each task vector ``τ_t = U_t S_t V_tᵀ`` keeps its top ``k = ⌊min(m, n) / T⌋`` singular triplets; the kept
+    ``U = [U_1,k … U_T,k]`` and ``Vᵀ = [V_1,kᵀ; …; V_T,kᵀ]`` are replaced by their closest orthonormal matrices
+    ``U⊥``, ``V⊥ᵀ`` (decorrelating the tasks' subspaces), and ``Δ = U⊥ diag(S_1,k … S_T,k) V⊥ᵀ``. Piece ``t`` is
+    task ``t``'s block of that product. A matrix with fewer singular values than tasks (``k = 0``) takes the mean
+    of the task vectors. Computed in float32; returned in ``tv``'s dtype.
+    """
+    T, m, n = tv.shape
+    k = min(m, n) // T
+    if k == 0:  # fewer singular values than tasks (e.g. BERT's 2-row token-type embeddings): the mean, as non-matrices
+        return tv / T
+    us, ss, vhs = [], [], []
+    for t in range(T):
+        u, s, vh = _svd(tv[t].float())
+        us.append(u[:, :k])
+        ss.append(s[:k])
+        vhs.append(vh[:k])
+    u_perp = _closest_orthonormal(torch.cat(us, dim=1))
+    vh_perp = _closest_orthonormal(torch.cat(vhs, dim=0))  # orthonormal rows
+    out = torch.stack([u_perp[:, t * k:(t + 1) * k] @ (ss[t][:, None] * vh_perp[t * k:(t + 1) * k])
+                       for t in range(T)])
+    return out.to(tv.dtype)
+
+
+def iso_c_pieces(tv: Tensor) -> Tensor:
+    """Iso-C (Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and Task-Specific
+    Subspaces", ICML 2025) on one matrix, as ``[T, m, n]`` per-task pieces whose sum is the Iso-C merge
+    ``Δ = σ̄ U Vᵀ``, where ``U S Vᵀ`` is the SVD of the Task Arithmetic sum ``Σ_t τ_t`` and ``σ̄`` the mean of its
+    singular values (a flat spectrum: every direction of the common subspace gets the same weight).
+
+    Split: ``Δ = U diag(σ̄/σ_j) Uᵀ Σ_t τ_t`` over the directions with ``σ_j > 0``, so piece ``t`` is
+    ``U diag(σ̄/σ_j) Uᵀ τ_t`` there; the directions with ``σ_j = 0`` (a rank-deficient sum) get ``σ̄ u_j v_jᵀ / T``
+    from every task. Computed in float32; returned in ``tv``'s dtype.
+    """
+    T = tv.shape[0]
+    x = tv.float()
+    u, s, vh = _svd(x.sum(0))
+    mean = s.mean()
+    tol = s.max() * max(x.shape[1:]) * torch.finfo(torch.float32).eps if s.numel() else s.new_tensor(0.0)
+    keep = s > tol
+    uk = u[:, keep]
+    scale = mean / s[keep]
+    out = uk @ (scale[:, None] * (uk.T @ x))  # [T, m, n]
+    if (~keep).any():
+        out = out + (mean / T) * (u[:, ~keep] @ vh[~keep])
+    return out.to(tv.dtype)
+
+
+SUBSPACE_METHODS = {"tsv": tsv_pieces, "iso_c": iso_c_pieces}
+
+
+def subspace_pieces(task_vectors: Mapping[str, Tensor], kind: str, skip: tuple[str, ...] = ()) -> dict[str, Tensor]:
+    """Per-task pieces of the TSV-M (``kind="tsv"``) or Iso-C (``"iso_c"``) merge for stacked task vectors
+    ``{name: [T, ...]}``: ``Σ_t pieces[name][t]`` is that method's merged update of the tensor. Matrices go through
+    :func:`tsv_pieces` / :func:`iso_c_pieces`; other tensors (biases, norms, convolutions) and matrices whose name
+    contains one of ``skip`` (e.g. the token embeddings) take the papers' mean of the task vectors, ``τ_t / T``."""
+    if kind not in SUBSPACE_METHODS:
+        raise ValueError(f"kind must be one of {sorted(SUBSPACE_METHODS)}, got {kind!r}")
+    fn = SUBSPACE_METHODS[kind]
+    out = {}
+    for name, tv in task_vectors.items():
+        if tv.ndim == 3 and not any(s in name for s in skip):
+            out[name] = fn(tv)
+        else:
+            out[name] = tv / tv.shape[0]
+    return out

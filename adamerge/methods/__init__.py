@@ -6,7 +6,7 @@ from adamerge.errors import MergeInputError
 from adamerge.methods.adamerging import AdaMerging
 from adamerge.methods.base import MergeModule, TaskVectorPrep
 from adamerge.methods.concrete import ConcreteAdaMerging, ConcreteTaskArithmetic
-from adamerge.methods.data_free import M3, Average, TaskArithmetic, Ties
+from adamerge.methods.data_free import M3, TSVM, Average, IsoC, TaskArithmetic, Ties
 from adamerge.methods.surgery import Surgery
 
 METHODS: dict[str, type[MergeModule]] = {
@@ -14,6 +14,8 @@ METHODS: dict[str, type[MergeModule]] = {
     "task_arithmetic": TaskArithmetic,
     "ties": Ties,
     "m3": M3,
+    "tsv_m": TSVM,
+    "iso_c": IsoC,
     "adamerging": AdaMerging,
     "concrete_task_arithmetic": ConcreteTaskArithmetic,
     "concrete_adamerging": ConcreteAdaMerging,
@@ -27,5 +29,5 @@ def get_method(name: str) -> type[MergeModule]:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "M3", "AdaMerging", "Average", "ConcreteAdaMerging", "ConcreteTaskArithmetic", "MergeModule", "Surgery", "TaskArithmetic", "TaskVectorPrep", "Ties",
-           "get_method"]
+__all__ = ["METHODS", "M3", "TSVM", "AdaMerging", "Average", "ConcreteAdaMerging", "ConcreteTaskArithmetic", "IsoC",
+           "MergeModule", "Surgery", "TaskArithmetic", "TaskVectorPrep", "Ties", "get_method"]

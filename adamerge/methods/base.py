@@ -20,7 +20,7 @@ from torch.func import functional_call
 
 from adamerge.errors import MergeInputError
 from adamerge.export import ExportOptions, push_to_hub, write_merged
-from adamerge.functional import dare, ties_trim_elect
+from adamerge.functional import SUBSPACE_METHODS, dare, subspace_pieces, ties_trim_elect
 from adamerge.merged import MergedModel
 from adamerge.objectives import Objective, StepOutputs
 from adamerge.parametrize import Coefficients
@@ -59,6 +59,12 @@ class TaskVectorPrep:
         sparse_storage: keep only the non-zero entries of the processed task vectors (position and value per entry,
             see :class:`adamerge.functional.SparseStack`): less memory below half density in float32 (a third in
             bfloat16), e.g. TIES or DARE; the same merge. Not with learned masks (Concrete); FSDP2 leaves sparse stores replicated.
+        subspace: ``tsv`` (TSV-M) or ``iso_c`` (Iso-C): replace the task vectors by per-task pieces of that SVD-based
+            merge (:func:`adamerge.functional.subspace_pieces`), whose sum is the method's merged update — so
+            coefficients of 1 give TSV-M / Iso-C exactly, and learned coefficients (AdaMerging) start from there when
+            ``init: 1.0``. Applied after DARE/TIES.
+        subspace_skip: matrices whose name contains one of these take the mean of the task vectors instead of the
+            SVD (the references skip token embeddings / output projections).
     """
 
     dare_rate: float = 0.0
@@ -66,6 +72,8 @@ class TaskVectorPrep:
     ties_scope: str = "global"
     seed: int = 0
     sparse_storage: bool = False
+    subspace: str | None = None
+    subspace_skip: tuple[str, ...] = ("word_embeddings", "embed_tokens", "wte", "lm_head", "text_projection")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.dare_rate < 1.0:
@@ -74,6 +82,10 @@ class TaskVectorPrep:
             raise MergeInputError(f"prep.ties_density must be in (0, 1], got {self.ties_density}")
         if self.ties_scope not in ("global", "tensor"):
             raise MergeInputError(f"prep.ties_scope: unknown value {self.ties_scope!r}; allowed: global, tensor")
+        if self.subspace is not None and self.subspace not in SUBSPACE_METHODS:
+            raise MergeInputError(f"prep.subspace: unknown value {self.subspace!r}; allowed: "
+                                  f"{', '.join(SUBSPACE_METHODS)}")
+        self.subspace_skip = tuple(self.subspace_skip)
 
     def apply(self, task_vectors: dict[str, Tensor]) -> dict[str, Tensor]:
         if self.dare_rate > 0:
@@ -81,6 +93,8 @@ class TaskVectorPrep:
             task_vectors = {n: dare(tv, self.dare_rate, g) for n, tv in task_vectors.items()}
         if self.ties_density is not None:
             task_vectors = ties_trim_elect(task_vectors, self.ties_density, self.ties_scope)
+        if self.subspace is not None:
+            task_vectors = subspace_pieces(task_vectors, self.subspace, self.subspace_skip)
         return task_vectors
 
 
@@ -109,9 +123,10 @@ class MergeModule(pl.LightningModule):
         pool = load_pool(base, models, tv_dtype=parse_dtype(tv_dtype, "tv_dtype"),
                          trust_remote_code=trust_remote_code, task_type=task_type)
         if pool.low_rank and (self.prep.dare_rate > 0 or self.prep.ties_density is not None
-                              or self.prep.sparse_storage):
-            raise MergeInputError("prep: DARE/TIES/sparse_storage need dense task vectors; the LoRA adapters' tensors "
-                                  f"{next(iter(pool.low_rank))!r}, ... are low-rank (merge full fine-tunes instead)")
+                              or self.prep.sparse_storage or self.prep.subspace is not None):
+            raise MergeInputError("prep: DARE/TIES/subspace/sparse_storage need dense task vectors; the LoRA "
+                                  f"adapters' tensors {next(iter(pool.low_rank))!r}, ... are low-rank (merge full "
+                                  "fine-tunes instead)")
         pool.task_vectors = self.prep.apply(pool.task_vectors)
         self.pool_task_names = pool.task_names
         self.expert_heads: torch.nn.ModuleDict | None = None  # the teachers' heads when a method tunes the heads

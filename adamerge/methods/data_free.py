@@ -9,6 +9,11 @@ path of the trained methods:
     dare             prep.dare_rate > 0 on any of the above (``DARE+TA``: task_arithmetic with dare_rate)
     m3               θ0 + s Σ_t w_t τ_t, w ~ Dirichlet(α·1) (Beta(α, α) for T = 2); with TIES the coordinates that
                      several tasks keep are interpolated and those one task keeps pass through
+    tsv_m            θ0 + α Δ_TSV  (per matrix: each task's top singular vectors, decorrelated; others: mean τ)
+    iso_c            θ0 + α σ̄ U Vᵀ (per matrix: the TA sum with a flat spectrum; others: mean τ)
+
+TSV-M and Iso-C are ``prep.subspace`` (per-task pieces that sum to the merge) with coefficients α, so AdaMerging
+with the same ``prep`` learns coefficients over them.
 """
 
 from __future__ import annotations
@@ -105,6 +110,65 @@ class Ties(MergeModule):
 
     def manifest_fields(self):
         return {"hparams": {"scale": self._scale}}
+
+
+class _SubspaceMerge(MergeModule):
+    """An SVD-based data-free merge: ``prep.subspace`` pieces of the task vectors, each with coefficient ``scale``."""
+
+    trainable = False
+    subspace = ""
+
+    def __init__(self, base: str, models: dict[str, str], scale: float = 1.0, prep: TaskVectorPrep | None = None,
+                 tv_dtype: str | None = None, trust_remote_code: bool = False, task_type: str = "seq_cls") -> None:
+        self._scale = scale
+        prep = prep or TaskVectorPrep()
+        if prep.subspace not in (None, self.subspace):
+            raise MergeInputError(f"prep.subspace: {self.method} sets it to {self.subspace!r}, got {prep.subspace!r}")
+        prep.subspace = self.subspace
+        super().__init__(base, models, prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code,
+                         task_type=task_type)
+
+    def build_coefficients(self, pool):
+        return _fixed([self._scale] * len(pool.task_names), pool)
+
+    def manifest_fields(self):
+        return {"hparams": {"scale": self._scale}}
+
+
+class TSVM(_SubspaceMerge):
+    """TSV-M, Task Singular Vectors Merge (Gargiulo et al., CVPR 2025): per weight matrix, each task vector's top
+    ``⌊min(m, n)/T⌋`` singular triplets, their left and right singular vectors replaced by the closest orthonormal
+    matrices (removing the tasks' overlap), recombined with their singular values; biases, norms and the token
+    embeddings take the mean of the task vectors. ``θ0 + scale · Δ``, scale 1.0 as in the paper (ViT-B/32, 8 tasks:
+    85.9). See :func:`adamerge.functional.tsv_pieces`.
+
+    Args:
+        base: pretrained model. models: task name → fine-tuned model.
+        scale: α applied to the merged update (1.0 = the paper).
+        prep: more pre-processing (DARE/TIES run before the SVD; ``subspace_skip`` names the matrices kept out).
+        tv_dtype: storage dtype. trust_remote_code: allow hub model code. task_type: ``seq_cls``/``causal_lm``.
+    """
+
+    method = "tsv_m"
+    subspace = "tsv"
+
+
+class IsoC(_SubspaceMerge):
+    """Iso-C, isotropic merging in the common subspace (Marczak et al., ICML 2025): per weight matrix, the Task
+    Arithmetic sum ``Σ_t τ_t = U S Vᵀ`` with its singular values replaced by their mean, ``σ̄ U Vᵀ``; biases, norms
+    and the token embeddings take the mean of the task vectors. ``θ0 + scale · Δ``; the paper picks the scale on
+    held-out validation data (ViT-B/32, 8 tasks: 86.3); 1.0 here keeps the TA sum's nuclear norm. See
+    :func:`adamerge.functional.iso_c_pieces`.
+
+    Args:
+        base: pretrained model. models: task name → fine-tuned model.
+        scale: α applied to the merged update.
+        prep: more pre-processing (DARE/TIES run before the SVD; ``subspace_skip`` names the matrices kept out).
+        tv_dtype: storage dtype. trust_remote_code: allow hub model code. task_type: ``seq_cls``/``causal_lm``.
+    """
+
+    method = "iso_c"
+    subspace = "iso_c"
 
 
 class M3(MergeModule):
