@@ -115,6 +115,11 @@ def render_card(manifest: dict[str, Any], eval_results: dict[str, Any] | None = 
         if manifest.get("surgery"):
             lines.append("This export carries Representation Surgery adapters (`surgery_adapters.safetensors`), "
                          "which stock `transformers` cannot run: serve it with `adamerge.load_merged(path)`.\n")
+        if manifest.get("wemoe"):
+            lines.append("This is a WEMoE merge: its MLPs are routed per input (`wemoe.safetensors`: routers and "
+                         f"the routed task vectors, {manifest['wemoe']['bytes'] / 2**20:.1f} MiB). Stock "
+                         "`transformers` loads the shared weights but would run the pretrained MLPs unrouted: serve "
+                         "it with `adamerge.load_merged(path)`.\n")
     else:
         lines.append("```python\nfrom transformers import AutoModelForCausalLM\n"
                      f"model = AutoModelForCausalLM.from_pretrained(\"{repo}\")\n```\n")

@@ -1,7 +1,8 @@
 """Load an exported merge for prediction: ``load_merged(path).predict(task, **inputs)``.
 
 Works for every export: the merged encoder (``AutoModel``), each task's head from ``heads.safetensors``, and — when
-the merge was followed by Representation Surgery — the per-task adapters from ``surgery_adapters.safetensors``.
+the merge was followed by Representation Surgery — the per-task adapters from ``surgery_adapters.safetensors``; for
+WEMoE, the routers and routed MLP task vectors from ``wemoe.safetensors`` (hooked into the encoder's MLPs).
 Only ``transformers`` and ``safetensors`` are used to read the files; no pickle.
 """
 
@@ -23,11 +24,12 @@ class MergedCheckpoint(nn.Module):
     """An exported merge: one encoder, one head (and optional adapter) per task."""
 
     def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module], adapters: dict[str, SurgeryAdapter] | None,
-                 feature: str, manifest: dict) -> None:
+                 feature: str, manifest: dict, routing: nn.Module | None = None) -> None:
         super().__init__()
         self.backbone, self.heads = backbone, nn.ModuleDict(heads)
         self.adapters = nn.ModuleDict(adapters or {})
         self.feature, self.manifest = feature, manifest
+        self.routing = routing  # WEMoE: routers + routed MLP task vectors, hooked into the backbone
 
     @property
     def tasks(self) -> list[str]:
@@ -40,7 +42,11 @@ class MergedCheckpoint(nn.Module):
 
         if task not in self.heads:
             raise MergeInputError(f"task {task!r} not in this checkpoint; tasks: {self.tasks}")
-        feats = self.backbone(**inputs)
+        if self.routing is not None:
+            with self.routing.context(inputs.get("attention_mask")):
+                feats = self.backbone(**inputs)
+        else:
+            feats = self.backbone(**inputs)
         if task in self.adapters:
             field = feature_field(feats, self.feature)
             feats = replace_field(feats, field, self.adapters[task](feats[field]))
@@ -75,4 +81,13 @@ def load_merged(path: str | Path, dtype: torch.dtype = torch.float32) -> MergedC
             a.load_state_dict({"down.weight": down, "up.weight": tensors[f"{task}/up.weight"]})
             adapters[task] = a.to(dtype).eval()
         feature = surgery["feature"]
-    return MergedCheckpoint(backbone, heads, adapters, feature, manifest).eval()
+    routing = None
+    if manifest.get("wemoe"):
+        from adamerge.parametrize.routing import RoutedMLPs
+
+        info = manifest["wemoe"]
+        modules = dict(backbone.named_modules())
+        routing = RoutedMLPs.from_tensors(info, load_file(str(path / info["file"])),
+                                          {n: modules[n].in_features for n in info["modules"]}).to(dtype)
+        routing.attach(backbone)
+    return MergedCheckpoint(backbone, heads, adapters, feature, manifest, routing).eval()

@@ -92,3 +92,21 @@ def test_sparse_storage_under_ddp_and_fsdp2_matches_dense_single_process(zoo, ta
     assert (single - 0.3).abs().max() > 2e-3
     assert (single - ddp).abs().max() < 1e-6, (single - ddp).abs().max()
     assert (single - fsdp).abs().max() < 1e-6, (single - fsdp).abs().max()
+
+
+def test_wemoe_ddp_two_processes_match_single_process(zoo, task_data, tmp_path):
+    """WEMoE's routers train under DDP like the coefficients: 2 processes equal one with the same global batch."""
+    from safetensors.torch import load_file
+
+    def cfg(name, devices):
+        c = _config(zoo, task_data, tmp_path / name, devices)
+        c["model"] = {"class_path": "adamerge.methods.WEMoE",
+                      "init_args": {"base": zoo[0], "models": zoo[1], "lr": 1e-3}}
+        return c
+
+    _fit(tmp_path, cfg("wsingle", 1), "wsingle")
+    _fit(tmp_path, cfg("wddp", 2), "wddp")
+    single, ddp = (load_file(str(tmp_path / n / "wemoe.safetensors")) for n in ("wsingle", "wddp"))
+    routers = [k for k in single if k.startswith("routers.")]
+    assert routers and max((single[k] - 0.3).abs().max() for k in routers if k.endswith("fc2.bias")) > 2e-3
+    assert max((single[k] - ddp[k]).abs().max() for k in routers) < TOL

@@ -8,6 +8,7 @@ from adamerge.methods.base import MergeModule, TaskVectorPrep
 from adamerge.methods.concrete import ConcreteAdaMerging, ConcreteTaskArithmetic
 from adamerge.methods.data_free import M3, TSVM, Average, IsoC, TaskArithmetic, Ties
 from adamerge.methods.surgery import Surgery
+from adamerge.methods.wemoe import WEMoE
 
 METHODS: dict[str, type[MergeModule]] = {
     "average": Average,
@@ -20,6 +21,7 @@ METHODS: dict[str, type[MergeModule]] = {
     "concrete_task_arithmetic": ConcreteTaskArithmetic,
     "concrete_adamerging": ConcreteAdaMerging,
     "surgery": Surgery,
+    "wemoe": WEMoE,
 }
 
 
@@ -30,4 +32,5 @@ def get_method(name: str) -> type[MergeModule]:
 
 
 __all__ = ["METHODS", "M3", "TSVM", "AdaMerging", "Average", "ConcreteAdaMerging", "ConcreteTaskArithmetic", "IsoC",
-           "MergeModule", "Surgery", "TaskArithmetic", "TaskVectorPrep", "Ties", "get_method"]
+           "MergeModule", "Surgery", "TaskArithmetic", "TaskVectorPrep", "Ties", "WEMoE",
+           "get_method"]

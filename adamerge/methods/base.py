@@ -113,6 +113,7 @@ class MergeModule(pl.LightningModule):
 
     trainable: bool = True
     method: str = "base"
+    per_task_models_supported: bool = True  # False: the merge cannot be flattened into tasks/<task>/ checkpoints
 
     def __init__(self, base: str, models: dict[str, str], prep: TaskVectorPrep | None = None,
                  tv_dtype: str | None = None, trust_remote_code: bool = False, task_type: str = "seq_cls") -> None:
@@ -332,7 +333,8 @@ class MergeModule(pl.LightningModule):
 
         out = write_merged(output_dir, self.merged.backbone, params, self.merged.heads,
                            manifest, tokenizer_source=self.hparams.base, tokenizer=self.merged.tokenizer,
-                           per_task_models=opts.per_task_models and self.merged.task_type == "seq_cls",
+                           per_task_models=opts.per_task_models and self.merged.task_type == "seq_cls"
+                           and self.per_task_models_supported,
                            overwrite=overwrite, extra_files=self.extra_export_files(), extra_writer=writer,
                            dtype=opts.dtype, max_shard_size=opts.max_shard_size, model_card=opts.model_card)
         if opts.push_to_hub:
