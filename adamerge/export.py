@@ -289,6 +289,16 @@ class ExportOptions:
             raise MergeInputError("push_to_hub: empty repo id; give `user/name` or leave it unset")
 
 
+def _set_dtype(config, dtype: torch.dtype) -> None:
+    """Record the stored dtype in a config (``dtype`` in transformers 5, ``torch_dtype`` before)."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        config.dtype = dtype
+    else:
+        config.torch_dtype = dtype
+
+
 def write_merged(output_dir: str | Path, backbone: torch.nn.Module, merged: Mapping[str, Tensor],
                  heads: Mapping[str, torch.nn.Module], manifest: dict[str, Any], tokenizer_source: str | None = None,
                  per_task_models: bool = True, overwrite: bool = False,
@@ -332,7 +342,7 @@ def write_merged(output_dir: str | Path, backbone: torch.nn.Module, merged: Mapp
     entries = [(n, tuple(state[n].shape), stored(state[n])) for n in names]
     config = copy.deepcopy(backbone.config)
     config.architectures = [type(backbone).__name__]  # the root is exactly this class: AutoModel(ForCausalLM) loads it
-    config.dtype = target_dtype
+    _set_dtype(config, target_dtype)
     with atomic_directory(output_dir, overwrite=overwrite) as tmp:
         config.save_pretrained(str(tmp))
         files = write_weights(tmp, entries, produce, max_bytes)
@@ -352,7 +362,7 @@ def write_merged(output_dir: str | Path, backbone: torch.nn.Module, merged: Mapp
                 d.mkdir(parents=True)
                 head_config = copy.deepcopy(head.config)
                 head_config.architectures = [type(head).__name__]
-                head_config.dtype = target_dtype
+                _set_dtype(head_config, target_dtype)
                 for key in ("vocab_size",):  # the backbone's (a union vocabulary makes it larger than the fine-tune's)
                     if hasattr(config, key):
                         setattr(head_config, key, getattr(config, key))

@@ -145,7 +145,7 @@ def _union_tokenizer(base_source: str, base_tok, added: dict[str, int], sources,
     """The base tokenizer with every union-added token, at its union id, special where the fine-tune's was."""
     import copy
 
-    from tokenizers import AddedToken
+    from transformers import AddedToken
 
     union = copy.deepcopy(base_tok)
     for token, uid in added.items():
