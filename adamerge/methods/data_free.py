@@ -112,27 +112,20 @@ class Ties(MergeModule):
         return {"hparams": {"scale": self._scale}}
 
 
-class _SubspaceMerge(MergeModule):
-    """An SVD-based data-free merge: ``prep.subspace`` pieces of the task vectors, each with coefficient ``scale``."""
+class _SubspaceMerge(TaskArithmetic):
+    """An SVD-based data-free merge: Task Arithmetic over the ``prep.subspace`` pieces of the task vectors."""
 
-    trainable = False
     subspace = ""
 
     def __init__(self, base: str, models: dict[str, str], scale: float = 1.0, prep: TaskVectorPrep | None = None,
                  tv_dtype: str | None = None, trust_remote_code: bool = False, task_type: str = "seq_cls") -> None:
-        self._scale = scale
+        import dataclasses
+
         prep = prep or TaskVectorPrep()
         if prep.subspace not in (None, self.subspace):
             raise MergeInputError(f"prep.subspace: {self.method} sets it to {self.subspace!r}, got {prep.subspace!r}")
-        prep.subspace = self.subspace
-        super().__init__(base, models, prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code,
-                         task_type=task_type)
-
-    def build_coefficients(self, pool):
-        return _fixed([self._scale] * len(pool.task_names), pool)
-
-    def manifest_fields(self):
-        return {"hparams": {"scale": self._scale}}
+        super().__init__(base, models, scale=scale, prep=dataclasses.replace(prep, subspace=self.subspace),
+                         tv_dtype=tv_dtype, trust_remote_code=trust_remote_code, task_type=task_type)
 
 
 class TSVM(_SubspaceMerge):
