@@ -106,5 +106,5 @@ def test_prep_on_lora_is_a_clear_error(adapters):
     from adamerge.errors import MergeInputError
     from adamerge.methods import Ties
 
-    with pytest.raises(MergeInputError, match="DARE/TIES/sparse_storage need dense task vectors"):
+    with pytest.raises(MergeInputError, match="DARE/TIES/subspace/sparse_storage need dense task vectors"):
         Ties(*adapters)
