@@ -56,21 +56,17 @@ def base_model_id(manifest: dict[str, Any]) -> str:
     return source
 
 
-def _block(name: str) -> str:
-    from adamerge.merged import block_of
-
-    return block_of(name)
-
-
 def coefficient_table(coefficients: dict[str, Any]) -> tuple[list[str], list[list[float]]]:
     """Columns and ``[task][column]`` values of a compact coefficient table: one column for task-wise coefficients,
     else the mean coefficient of each block (embeddings, each layer, ...) in model order."""
+    from adamerge.merged import block_of
+
     effective, params, tasks = coefficients["effective"], coefficients["params"], coefficients["tasks"]
     if coefficients.get("granularity") == "task" or not params:
         return ["λ"], [[row[0] if row else float("nan")] for row in effective]
     blocks: dict[str, list[int]] = {}
     for j, p in enumerate(params):
-        blocks.setdefault(_block(p), []).append(j)
+        blocks.setdefault(block_of(p), []).append(j)
     cols = list(blocks)
     return cols, [[sum(effective[t][j] for j in blocks[c]) / len(blocks[c]) for c in cols] for t in range(len(tasks))]
 

@@ -220,18 +220,8 @@ class WeightReader:
             raise MergeInputError(f"cannot read the weights of {directory}: {e}") from e
         self._where = weight_map or {k: "model.safetensors" for k in self._handles["model.safetensors"].keys()}
 
-    def keys(self) -> list[str]:
-        return list(self._where)
-
     def get(self, name: str) -> Tensor:
         return self._handles[self._where[name]].get_tensor(name)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
-
-    def dtype(self, name: str) -> torch.dtype:
-        code = self._handles[self._where[name]].get_slice(name).get_dtype()
-        return {v: k for k, v in _ST_CODES.items()}[code]
 
     def read_all(self) -> dict[str, Tensor]:
         return {k: self.get(k) for k in self._where}
@@ -242,13 +232,14 @@ def read_weights(directory: str | Path) -> dict[str, Tensor]:
     return WeightReader(directory).read_all()
 
 
-def _copy_tokenizer(source: str, dest: Path) -> None:
+def _load_tokenizer(source: str):
     try:
         from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(source).save_pretrained(str(dest))
+        return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
         log.warning("no tokenizer copied from %s: %s", source, e)
+        return None
 
 
 def head_state(head: torch.nn.Module) -> dict[str, Tensor]:
@@ -343,13 +334,13 @@ def write_merged(output_dir: str | Path, backbone: torch.nn.Module, merged: Mapp
     config = copy.deepcopy(backbone.config)
     config.architectures = [type(backbone).__name__]  # the root is exactly this class: AutoModel(ForCausalLM) loads it
     _set_dtype(config, target_dtype)
+    if tokenizer is None and tokenizer_source:  # loaded once, saved into the root and every tasks/<task>/
+        tokenizer = _load_tokenizer(tokenizer_source)
     with atomic_directory(output_dir, overwrite=overwrite) as tmp:
         config.save_pretrained(str(tmp))
         files = write_weights(tmp, entries, produce, max_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        elif tokenizer_source:
-            _copy_tokenizer(tokenizer_source, tmp)
         head_tensors, head_info = {}, {}
         root = WeightReader(tmp)
         for task, head in heads.items():
@@ -374,8 +365,6 @@ def write_merged(output_dir: str | Path, backbone: torch.nn.Module, merged: Mapp
                               else root.get(k[len(prefix) + 1:]), max_bytes)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(str(d))
-                elif tokenizer_source:
-                    _copy_tokenizer(tokenizer_source, d)
         del root
         save_file(_contiguous(head_tensors, target_dtype), str(tmp / HEADS), metadata={"format": "pt"})
         for name, tensors in (extra_files or {}).items():

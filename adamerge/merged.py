@@ -309,13 +309,14 @@ class LazyMerge(Mapping):
     def __init__(self, model: MergedModel, lam: Tensor, masks: Mapping[str, Tensor] | None) -> None:
         self._model, self._lam, self._masks = model, lam, masks
         self._base = dict(model.backbone.named_parameters())
+        self._index = {n: i for i, st in enumerate(model.stores) for n in st.names}  # tensor -> its store
         self._block: tuple[int, dict[str, Tensor]] | None = None
 
     def __getitem__(self, name: str) -> Tensor:
         m = self._model
-        if name not in m._store_of:
+        if name not in self._index:
             raise KeyError(name)
-        i = next(k for k, st in enumerate(m.stores) if st is m._store_of[name])
+        i = self._index[name]
         if self._block is None or self._block[0] != i:
             cols = m._columns[i]
             sel = cols if isinstance(cols, slice) else getattr(m, cols).to(self._lam.device)
@@ -331,4 +332,4 @@ class LazyMerge(Mapping):
         return len(self._model.param_names)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._model._store_of
+        return name in self._index

@@ -32,6 +32,13 @@ log = logging.getLogger(__name__)
 SPECIAL_ATTRIBUTES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
+def _bare(source: str) -> bool:
+    """A bare ``.safetensors`` file or a LoRA adapter: no config or tokenizer of its own to read."""
+    from adamerge.pool import is_lora_adapter
+
+    return str(source).endswith(".safetensors") or is_lora_adapter(str(source))
+
+
 def load_tokenizer(source: str, trust_remote_code: bool = False):
     """The tokenizer saved with a model source, or None when it has none (a bare ``.safetensors`` file, a directory
     without tokenizer files, an adapter, a hub id not cached offline)."""
@@ -39,7 +46,7 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
 
     from transformers import AutoTokenizer
 
-    if str(source).endswith(".safetensors") or (Path(source) / "adapter_config.json").is_file():
+    if _bare(source):
         return None
     if Path(source).is_dir() and not any((Path(source) / f).is_file() for f in (
             "tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")):
@@ -53,11 +60,9 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
 
 def model_rows(source: str, trust_remote_code: bool = False) -> int | None:
     """``vocab_size`` of a model source's config (None when it has no config to read)."""
-    from pathlib import Path
-
     from transformers import AutoConfig
 
-    if str(source).endswith(".safetensors") or (Path(source) / "adapter_config.json").is_file():
+    if _bare(source):
         return None
     try:
         config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)

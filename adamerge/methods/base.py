@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from adamerge.errors import MergeInputError
-from adamerge.export import ExportOptions, push_to_hub, write_merged
+from adamerge.export import ExportOptions, push_to_hub, store_dtype, write_merged
 from adamerge.functional import SUBSPACE_METHODS, dare, subspace_pieces, ties_trim_elect
 from adamerge.merged import MergedModel
 from adamerge.objectives import Objective, StepOutputs
@@ -35,15 +35,8 @@ def full_tensor(t: Tensor) -> Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def parse_dtype(name: str | None, field: str) -> torch.dtype | None:
-    if name is None:
-        return None
-    if name not in _DTYPES:
-        raise MergeInputError(f"{field}: unknown dtype {name!r}; allowed: {', '.join(_DTYPES)}")
-    return _DTYPES[name]
+    return None if name is None else store_dtype(name, field)
 
 
 @dataclass

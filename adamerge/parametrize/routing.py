@@ -34,12 +34,13 @@ def _key(name: str) -> str:
 
 
 def block_name(module: str) -> str:
-    """The block (layer) a module belongs to: its path up to the first layer index."""
-    parts = module.split(".")
-    for i, p in enumerate(parts):
-        if p.isdigit():
-            return ".".join(parts[: i + 1])
-    raise MergeInputError(f"routed module {module!r} is not inside a numbered layer")
+    """The block (layer) a module belongs to (:func:`adamerge.merged.block_of`); it must be a numbered layer."""
+    from adamerge.merged import block_of  # merged imports this package: resolved at call time
+
+    block = block_of(module)
+    if not block.split(".")[-1].isdigit():
+        raise MergeInputError(f"routed module {module!r} is not inside a numbered layer")
+    return block
 
 
 def routed_modules(backbone: nn.Module, patterns: Sequence[str] = DEFAULT_MODULES) -> list[str]:
