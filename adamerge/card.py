@@ -12,6 +12,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from adamerge.export import manifest_kind
+from adamerge.kinds import get_kind
+
 CARD = "README.md"
 HEATMAP = "coefficients.png"
 EVAL_RESULTS = "eval_results.json"
@@ -74,11 +77,10 @@ def coefficient_table(coefficients: dict[str, Any]) -> tuple[list[str], list[lis
 def _front_matter(manifest: dict[str, Any]) -> str:
     import yaml
 
-    seq_cls = bool(manifest.get("heads"))
     meta = {"base_model": base_model_id(manifest),
             "tags": ["merge", "adamerge", f"adamerge-{manifest['method']}"],
             "library_name": "transformers",
-            "pipeline_tag": "feature-extraction" if seq_cls else "text-generation"}
+            "pipeline_tag": get_kind(manifest_kind(manifest)).pipeline_tag}
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 
 
@@ -94,20 +96,14 @@ def render_card(manifest: dict[str, Any], eval_results: dict[str, Any] | None = 
     lines.append(f"# {method} merge of {len(tasks)} fine-tunes\n")
     lines.append(f"This model was merged with adamerge (method `{method}`) "
                  f"from the base `{manifest['base']['source']}` and {len(tasks)} fine-tunes of it. No training data "
-                 "of the fine-tunes was used" + (", only unlabeled text for the coefficients (below)."
+                 "of the fine-tunes was used" + (", only unlabeled data for the coefficients (below)."
                                                   if manifest.get("data") else "."))
     lines.append("")
     lines.append("## Use\n")
     repo = (manifest.get("hub") or {}).get("repo_id") or "<this repo>"
+    lines.append(get_kind(manifest_kind(manifest)).card_usage(repo, tasks[0] if tasks else "<task>",
+                                                              bool(manifest.get("per_task_models"))))
     if manifest.get("heads"):
-        first = tasks[0] if tasks else "<task>"
-        lines.append("The merged encoder loads with stock `transformers`; each task's classifier is a complete model "
-                     "under `tasks/<task>/`" + ("" if manifest.get("per_task_models") else
-                                               " (not written for this export: use `adamerge.load_merged`)") + ":\n")
-        lines.append("```python\nfrom transformers import AutoModel, AutoModelForSequenceClassification\n"
-                     f"encoder = AutoModel.from_pretrained(\"{repo}\")\n"
-                     f"classifier = AutoModelForSequenceClassification.from_pretrained(\"{repo}\", "
-                     f"subfolder=\"tasks/{first}\")\n```\n")
         if manifest.get("surgery"):
             lines.append("This export carries Representation Surgery adapters (`surgery_adapters.safetensors`), "
                          "which stock `transformers` cannot run: serve it with `adamerge.load_merged(path)`.\n")
@@ -116,9 +112,6 @@ def render_card(manifest: dict[str, Any], eval_results: dict[str, Any] | None = 
                          f"the routed task vectors, {manifest['wemoe']['bytes'] / 2**20:.1f} MiB). Stock "
                          "`transformers` loads the shared weights but would run the pretrained MLPs unrouted: serve "
                          "it with `adamerge.load_merged(path)`.\n")
-    else:
-        lines.append("```python\nfrom transformers import AutoModelForCausalLM\n"
-                     f"model = AutoModelForCausalLM.from_pretrained(\"{repo}\")\n```\n")
     weights = manifest.get("weights", {})
     if weights:
         lines.append(f"Weights are stored in `{weights.get('dtype')}` ({len([f for f in weights.get('files', []) if f.endswith('.safetensors')])} "

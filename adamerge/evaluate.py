@@ -120,7 +120,7 @@ def _predictor(checkpoint: str, manifest: dict | None, heads: dict[str, str] | N
         module = TaskArithmetic(checkpoint, {t: heads[t] for t in tasks}, scale=0.0).eval()  # base encoder, their heads
         params = module.final_merged_params()
         return lambda task: (lambda b: module.predict(task, b, params),
-                             module.merged.heads[task].config.num_labels)
+                             module.merged.kind.head_info(module.merged.heads[task])["num_labels"])
     if manifest is not None:
         from adamerge.loading import load_merged
 

@@ -232,13 +232,13 @@ def read_weights(directory: str | Path) -> dict[str, Tensor]:
     return WeightReader(directory).read_all()
 
 
-def _load_tokenizer(source: str):
+def _load_preprocessor(kind, source: str):
+    """The base's tokenizer (text kinds) or image processor (image kinds), or None with a warning."""
     try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(source)
+        return kind.preprocessor(source)
     except (OSError, ValueError) as e:
-        log.warning("no tokenizer copied from %s: %s", source, e)
+        log.warning("no %s copied from %s: %s", "tokenizer" if kind.modality == "text" else "image processor",
+                    source, e)
         return None
 
 
@@ -295,7 +295,8 @@ def write_merged(output_dir: str | Path, backbone: torch.nn.Module, merged: Mapp
                  per_task_models: bool = True, overwrite: bool = False,
                  extra_files: Mapping[str, Mapping[str, Tensor]] | None = None,
                  extra_writer: Callable[[Path], Any] | None = None, tokenizer: Any = None,
-                 dtype: str = "float32", max_shard_size: int | str = "5GB", model_card: bool = True) -> Path:
+                 dtype: str = "float32", max_shard_size: int | str = "5GB", model_card: bool = True,
+                 kind=None) -> Path:
     """Write the flattened checkpoint (see module docstring) and return its path.
 
     Args:
@@ -303,14 +304,20 @@ def write_merged(output_dir: str | Path, backbone: torch.nn.Module, merged: Mapp
         merged: merged backbone tensors by parameter name; read one at a time, so a lazy mapping (one block merged
             on access, :meth:`adamerge.merged.MergedModel.lazy_merged_params`) keeps the export to one block's
             memory beyond the model.
-        heads: task → head shell (``*ForSequenceClassification`` whose backbone is a stub).
+        heads: task → head (a ``*For<Task>`` shell whose backbone is a stub, or the kind's own head module).
         manifest: method-specific fields; versions and the layout are added here.
         extra_files: more safetensors files to write, name → tensors (e.g. surgery adapters).
         extra_writer: called with the temporary directory to write more files (e.g. PEFT adapters); its return
             value is recorded in the manifest as ``extra``.
-        tokenizer: a tokenizer object to save (e.g. a union vocabulary); else the one of ``tokenizer_source``.
+        tokenizer: a tokenizer object to save (e.g. a union vocabulary); else the kind's preprocessor (tokenizer or
+            image processor) of ``tokenizer_source``.
         dtype, max_shard_size, model_card: see :class:`ExportOptions`.
+        kind: the model kind (:mod:`adamerge.kinds`; default ``seq_cls``): what the heads are, how a per-task
+            checkpoint is written.
     """
+    from adamerge.kinds import get_kind
+
+    kind = kind or get_kind("seq_cls")
     target_dtype = store_dtype(dtype)
     max_bytes = parse_size(max_shard_size)
     state = backbone.state_dict()  # references to the base tensors, no copies
@@ -335,7 +342,7 @@ def write_merged(output_dir: str | Path, backbone: torch.nn.Module, merged: Mapp
     config.architectures = [type(backbone).__name__]  # the root is exactly this class: AutoModel(ForCausalLM) loads it
     _set_dtype(config, target_dtype)
     if tokenizer is None and tokenizer_source:  # loaded once, saved into the root and every tasks/<task>/
-        tokenizer = _load_tokenizer(tokenizer_source)
+        tokenizer = _load_preprocessor(kind, tokenizer_source)
     with atomic_directory(output_dir, overwrite=overwrite) as tmp:
         config.save_pretrained(str(tmp))
         files = write_weights(tmp, entries, produce, max_bytes)
@@ -346,25 +353,22 @@ def write_merged(output_dir: str | Path, backbone: torch.nn.Module, merged: Mapp
         for task, head in heads.items():
             hs = head_state(head)
             head_tensors.update({f"{task}/{k}": v for k, v in hs.items()})
-            head_info[task] = {"num_labels": head.config.num_labels, "id2label": head.config.id2label,
-                               "architecture": type(head).__name__, "params": sorted(hs)}
-            if per_task_models:
+            head_info[task] = {**kind.head_info(head), "params": sorted(hs)}
+            task_files = kind.task_model_files(head, config) if per_task_models else None
+            if task_files is not None:
+                head_config, prefix = task_files
                 d = tmp / "tasks" / task
                 d.mkdir(parents=True)
-                head_config = copy.deepcopy(head.config)
-                head_config.architectures = [type(head).__name__]
                 _set_dtype(head_config, target_dtype)
-                for key in ("vocab_size",):  # the backbone's (a union vocabulary makes it larger than the fine-tune's)
-                    if hasattr(config, key):
-                        setattr(head_config, key, getattr(config, key))
                 head_config.save_pretrained(str(d))
-                prefix = head.base_model_prefix
                 task_entries = [(f"{prefix}.{n}", s, dt) for n, s, dt in entries]
                 task_entries += [(k, tuple(v.shape), stored(v)) for k, v in hs.items()]
                 write_weights(d, task_entries, lambda k, hs=hs, prefix=prefix: hs[k] if k in hs
                               else root.get(k[len(prefix) + 1:]), max_bytes)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(str(d))
+        per_task_models = per_task_models and bool(heads) and kind.task_model_files(next(iter(heads.values())),
+                                                                                    config) is not None
         del root
         save_file(_contiguous(head_tensors, target_dtype), str(tmp / HEADS), metadata={"format": "pt"})
         for name, tensors in (extra_files or {}).items():
@@ -372,7 +376,7 @@ def write_merged(output_dir: str | Path, backbone: torch.nn.Module, merged: Mapp
         extra = extra_writer(tmp) if extra_writer else None
         if extra is not None:
             manifest = {**manifest, "extra": [str(Path(p).relative_to(tmp)) for p in extra]}
-        doc = {**manifest, "heads": head_info, "per_task_models": per_task_models,
+        doc = {**manifest, "task_type": kind.name, "heads": head_info, "per_task_models": per_task_models,
                "weights": {"dtype": dtype, "max_shard_size": str(max_shard_size), "files": files},
                "model_card": model_card, "versions": versions(),
                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
@@ -431,25 +435,26 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 
 def load_task_model(path: str | Path, task: str, dtype: torch.dtype = torch.float32):
-    """A stock ``*ForSequenceClassification`` for ``task`` from an exported checkpoint (works without tasks/)."""
+    """A stock ``AutoModelFor<Task>`` (sequence or image classification) for ``task`` from an exported checkpoint
+    (works without ``tasks/``)."""
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from adamerge.kinds import get_kind
 
     path = Path(path)
     manifest = read_manifest(path)
     if task not in manifest["heads"]:
         raise MergeInputError(f"task {task!r} not in checkpoint {path}; tasks: {sorted(manifest['heads'])}")
-    info = manifest["heads"][task]
-    config = AutoConfig.from_pretrained(str(path), num_labels=info["num_labels"],
-                                        id2label={int(k): v for k, v in info["id2label"].items()})
-    model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
-    prefix = model.base_model_prefix
-    state = {f"{prefix}.{k}": v for k, v in read_weights(path).items()}
+    kind = get_kind(manifest_kind(manifest))
+    if not hasattr(kind, "task_model"):
+        raise MergeInputError(f"{path}: task_type {kind.name!r} has no stock per-task model class; use "
+                              "adamerge.load_merged(path).predict(task, ...)")
     heads = load_file(str(path / HEADS))
-    state.update({k.split("/", 1)[1]: v for k, v in heads.items() if k.startswith(task + "/")})
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith(("position_ids", "token_type_ids"))]
-    if missing or unexpected:
-        raise MergeInputError(f"{path}: task {task!r} checkpoint keys do not match: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
-    return model.eval()
+    head = {k.split("/", 1)[1]: v for k, v in heads.items() if k.startswith(task + "/")}
+    return kind.task_model(path, task, manifest["heads"][task], read_weights(path), head, dtype)
+
+
+def manifest_kind(manifest: Mapping[str, Any]) -> str:
+    """The model kind of an export (manifests before kinds were recorded: ``seq_cls`` when it has heads, else
+    ``causal_lm``)."""
+    return manifest.get("task_type") or ("seq_cls" if manifest.get("heads") else "causal_lm")

@@ -1,6 +1,7 @@
 """Load an exported merge for prediction: ``load_merged(path).predict(task, **inputs)``.
 
-Works for every export: the merged encoder (``AutoModel``), each task's head from ``heads.safetensors``, and — when
+Works for every export and model kind: the merged backbone (``AutoModel``; the kind's class), each task's head from
+``heads.safetensors`` (rebuilt by the kind: a classification head, a CLIP zero-shot head), and — when
 the merge was followed by Representation Surgery — the per-task adapters from ``surgery_adapters.safetensors``; for
 WEMoE, the routers and routed MLP task vectors from ``wemoe.safetensors`` (hooked into the encoder's MLPs).
 Only ``transformers`` and ``safetensors`` are used to read the files; no pickle.
@@ -15,9 +16,9 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from adamerge.errors import MergeInputError
-from adamerge.export import HEADS, read_manifest
+from adamerge.export import HEADS, manifest_kind, read_manifest
+from adamerge.kinds import get_kind
 from adamerge.parametrize.surgery import SurgeryAdapter
-from adamerge.pool import FeatureStub, apply_head
 
 
 class MergedCheckpoint(nn.Module):
@@ -26,6 +27,7 @@ class MergedCheckpoint(nn.Module):
     def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module], adapters: dict[str, SurgeryAdapter] | None,
                  feature: str, manifest: dict, routing: nn.Module | None = None) -> None:
         super().__init__()
+        self.kind = get_kind(manifest_kind(manifest))
         self.backbone, self.heads = backbone, nn.ModuleDict(heads)
         self.adapters = nn.ModuleDict(adapters or {})
         self.feature, self.manifest = feature, manifest
@@ -37,7 +39,7 @@ class MergedCheckpoint(nn.Module):
 
     @torch.no_grad()
     def predict(self, task: str, **inputs: Tensor) -> Tensor:
-        """Logits of ``task`` on tokenized ``inputs``."""
+        """Logits of ``task`` on its ``inputs`` (tokenized text, or ``pixel_values`` for image kinds)."""
         from adamerge.methods.surgery import feature_field, replace_field
 
         if task not in self.heads:
@@ -50,26 +52,20 @@ class MergedCheckpoint(nn.Module):
         if task in self.adapters:
             field = feature_field(feats, self.feature)
             feats = replace_field(feats, field, self.adapters[task](feats[field]))
-        return apply_head(self.heads[task], feats, inputs)
+        return self.kind.head_logits(self.heads[task], feats, inputs)
 
 
 def load_merged(path: str | Path, dtype: torch.dtype = torch.float32) -> MergedCheckpoint:
     """Load the checkpoint at ``path`` (written by ``adamerge fit``/``merge``) for per-task prediction."""
-    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
-
     path = Path(path)
     manifest = read_manifest(path)
-    backbone = AutoModel.from_pretrained(str(path), dtype=dtype).eval()
+    kind = get_kind(manifest_kind(manifest))
+    backbone = kind.load_backbone(path, dtype).eval()
     head_tensors = load_file(str(path / HEADS))
     heads = {}
     for task, info in manifest["heads"].items():
-        config = AutoConfig.from_pretrained(str(path), num_labels=info["num_labels"],
-                                            id2label={int(k): v for k, v in info["id2label"].items()})
-        shell = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
-        setattr(shell, shell.base_model_prefix, FeatureStub())
         state = {k.split("/", 1)[1]: v for k, v in head_tensors.items() if k.startswith(task + "/")}
-        shell.load_state_dict(state, strict=True)
-        heads[task] = shell.eval()
+        heads[task] = kind.head_from_tensors(path, info, state, dtype).eval()
     adapters, feature = None, "auto"
     surgery = manifest.get("surgery")
     if surgery:

@@ -22,6 +22,9 @@ def write_lora_adapters(module, root: Path) -> list[str]:
     from transformers import AutoModelForCausalLM
 
     merged = module.merged
+    if merged.kind.peft_task_type is None:
+        raise MergeInputError(f"lora_adapters: PEFT adapters are written for task_type seq_cls and causal_lm, not "
+                              f"{merged.kind.name!r}; export the full merged model (lora_adapters: false)")
     if not merged.low_rank_names or merged.task_vectors():
         raise MergeInputError("export_lora: every merged tensor must have a low-rank (LoRA) task vector; "
                               f"dense ones: {list(merged.task_vectors())[:5]}")
@@ -41,14 +44,15 @@ def write_lora_adapters(module, root: Path) -> list[str]:
     rank = next(iter(factors.values()))[1].shape[0]
     written = []
     for task in merged.task_names:
-        if merged.task_type == "causal_lm":
+        peft_task, save = merged.kind.peft_task_type, None
+        if not merged.kind.per_task_heads:  # the whole model is the backbone
             model = AutoModelForCausalLM.from_config(merged.backbone.config)
             model.load_state_dict(merged.backbone.state_dict(), strict=False)
-            prefix, peft_task, save = "", "CAUSAL_LM", None
+            prefix = ""
         else:
             head = merged.heads[task]
-            model = _classifier_with(head, merged.backbone)
-            prefix, peft_task, save = head.base_model_prefix + ".", "SEQ_CLS", None
+            model = _classifier_with(merged.kind, head, merged.backbone)
+            prefix = head.base_model_prefix + "."
         config = LoraConfig(r=rank, lora_alpha=rank, target_modules=[prefix + m for m in factors], lora_dropout=0.0,
                             task_type=peft_task, modules_to_save=save, init_lora_weights=False)
         peft_model = get_peft_model(model, config)
@@ -64,11 +68,9 @@ def write_lora_adapters(module, root: Path) -> list[str]:
     return written
 
 
-def _classifier_with(head: nn.Module, backbone: nn.Module) -> nn.Module:
-    """A full ``*ForSequenceClassification`` from a head shell and the base backbone (for PEFT to wrap)."""
-    from transformers import AutoModelForSequenceClassification
-
-    model = AutoModelForSequenceClassification.from_config(head.config)
+def _classifier_with(kind, head: nn.Module, backbone: nn.Module) -> nn.Module:
+    """A full ``*For<Task>`` model from a head shell and the base backbone (for PEFT to wrap)."""
+    model = kind.auto_class().from_config(head.config)
     state = {f"{model.base_model_prefix}.{k}": v for k, v in backbone.state_dict().items()}
     state.update(head.state_dict())
     model.load_state_dict(state, strict=False)

@@ -24,7 +24,8 @@ from adamerge.functional import (
     to_sparse_stack,
 )
 from adamerge.parametrize import Coefficients
-from adamerge.pool import TaskVectorPool, apply_head
+from adamerge.kinds import get_kind
+from adamerge.pool import TaskVectorPool
 
 
 def slice_output(output, sl: slice):
@@ -34,13 +35,6 @@ def slice_output(output, sl: slice):
     if isinstance(output, tuple) and not hasattr(output, "keys"):
         return tuple(slice_output(o, sl) for o in output)
     return type(output)(**{k: slice_output(v, sl) if isinstance(v, (Tensor, tuple)) else v for k, v in output.items()})
-
-
-def check_features(task_type: str) -> None:
-    """Refuse backbone features where there are none to read: a causal LM is merged whole."""
-    if task_type == "causal_lm":
-        raise MergeInputError("objective: 'features' needs a backbone with hidden features; a causal LM is merged "
-                              "whole (use objective 'kl' or 'pseudo_label')")
 
 
 def block_of(name: str) -> str:
@@ -162,6 +156,7 @@ class MergedModel(nn.Module):
         self.coefficients = coefficients
         self.masks: Mapping[str, Tensor] | None = None  # optional per-tensor masks, set by mask parametrisations
         self.task_type = pool.task_type
+        self.kind = get_kind(pool.task_type)
         self.tokenizer = pool.tokenizer  # the union tokenizer when fine-tunes added tokens, else None (the base's)
         blocks: dict[str, list[str]] = {}
         for n in self.param_names:
@@ -243,17 +238,14 @@ class MergedModel(nn.Module):
     def head_logits(self, task: str, features, inputs: Mapping[str, Tensor], heads: Mapping[str, nn.Module] | None = None
                     ) -> Tensor:
         """Apply task ``task``'s head (from ``heads``, default the model's own) to backbone ``features`` of ``inputs``
-        (causal LMs: their logits)."""
-        if self.task_type == "causal_lm":
-            return features.logits
-        return apply_head((self.heads if heads is None else heads)[task], features, inputs)
+        (kinds without per-task heads: the backbone's own logits)."""
+        heads = self.heads if heads is None else heads
+        return self.kind.head_logits(heads[task] if task in heads else None, features, inputs)
 
     def feature_tensor(self, output) -> Tensor:
-        """The backbone feature that the heads read: ``pooler_output`` where the backbone has one (BERT), otherwise
-        ``last_hidden_state`` (token features ``[n, L, d]``)."""
-        check_features(self.task_type)
-        pooled = getattr(output, "pooler_output", None)
-        return pooled if pooled is not None else output.last_hidden_state
+        """The backbone feature that the heads read (the kind's ``feature_field``: ``pooler_output`` where the
+        backbone has one, otherwise ``last_hidden_state``, token features ``[n, L, d]``)."""
+        return getattr(output, self.kind.feature_field(output))
 
     def forward(self, inputs: Mapping[str, Tensor], tasks: list[str], sizes: list[int],
                 coefficients: Tensor | None = None, masks=None, return_features: bool = False,

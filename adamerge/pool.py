@@ -3,11 +3,8 @@
 A *pool* holds one frozen copy of the base backbone, each fine-tune's frozen head, and the task vectors
 ``τ_t = θ_t − θ0`` stacked per tensor. No full copy of any fine-tuned model is kept.
 
-Task types:
-
-* ``seq_cls``: ``*ForSequenceClassification`` models. The backbone (``base_model_prefix``) is merged; each task keeps
-  its own frozen head (the rest of the model).
-* ``causal_lm``: ``*ForCausalLM`` models. The whole model, LM head included, is merged; vocabularies must match.
+What is merged and what stays per task depends on the model kind (``task_type``: ``seq_cls``, ``causal_lm``,
+``image_cls``, ``clip``; see :mod:`adamerge.kinds`).
 
 Sources may be Hugging Face hub ids, local directories, single ``.safetensors`` files (which reuse the base config,
 or a ``config.json`` next to the file), or **PEFT LoRA adapter directories** (``adapter_config.json``). LoRA task
@@ -31,30 +28,10 @@ import torch
 from torch import Tensor, nn
 
 from adamerge.errors import MergeInputError
+from adamerge.kinds import FeatureStub, apply_head, get_kind  # noqa: F401  (FeatureStub, apply_head: re-exported)
+from adamerge.kinds.headed import read_state_dict  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
-
-
-class FeatureStub(nn.Module):
-    """Stands in for the backbone inside a head shell: returns the features it was handed, ignoring its inputs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = None
-
-    def forward(self, *args, **kwargs):  # noqa: D102
-        return self.features
-
-
-def apply_head(head: nn.Module, features, inputs) -> Tensor:
-    """Logits of a head shell (a ``*ForSequenceClassification`` whose backbone is a :class:`FeatureStub`) on
-    backbone ``features`` of ``inputs``: the model's own head code runs, the backbone does not."""
-    stub = getattr(head, head.base_model_prefix)
-    stub.features = features
-    try:
-        return head(**inputs).logits
-    finally:
-        stub.features = None
 
 
 @contextmanager
@@ -82,69 +59,6 @@ def check_source(source: str, what: str) -> None:
         raise MergeInputError(f"{what}: {source} does not exist")
 
 
-def _is_safetensors_file(source: str) -> bool:
-    return source.endswith(".safetensors") and Path(source).is_file()
-
-
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Read a safetensors file, turning a corrupt file into an error that names it."""
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for truncated/garbled headers
-        raise MergeInputError(f"cannot read safetensors file {path}: {e}") from e
-
-
-def infer_num_labels(state: dict[str, Tensor], prefix: str, hidden_size: int, source: str) -> int:
-    """Guess ``num_labels`` of a bare safetensors classifier from its head's output tensor."""
-    outs = {t.shape[0] for k, t in state.items() if not k.startswith(prefix + ".") and t.ndim == 2
-            and t.shape[0] != hidden_size}
-    if len(outs) != 1:
-        raise MergeInputError(f"cannot infer num_labels of {source}: put a config.json next to the file")
-    return outs.pop()
-
-
-def load_classifier(source: str, base_config=None, trust_remote_code: bool = False, dtype=torch.float32):
-    """Load a ``*ForSequenceClassification`` model from a hub id, a directory or a ``.safetensors`` file."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    if _is_safetensors_file(source):
-        cfg_path = Path(source).with_name("config.json")
-        config = AutoConfig.from_pretrained(str(cfg_path.parent)) if cfg_path.is_file() else None
-        if config is None:
-            if base_config is None:
-                raise MergeInputError(f"{source}: a bare safetensors file needs the base model's config")
-            config = base_config.__class__.from_dict(base_config.to_dict())
-        state = read_state_dict(source)
-        probe = AutoModelForSequenceClassification.from_config(config)
-        if not cfg_path.is_file():
-            config.num_labels = infer_num_labels(state, probe.base_model_prefix, config.hidden_size, source)
-            probe = AutoModelForSequenceClassification.from_config(config)
-        prefix = probe.base_model_prefix
-        # accept backbone-only key names (as a bare AutoModel saves them)
-        expected = set(probe.state_dict())
-        state = {(k if k in expected or (prefix + "." + k) not in expected else prefix + "." + k): v
-                 for k, v in state.items()}
-        missing = sorted(k for k in expected - set(state) if not _is_nonpersistent(probe, k))
-        extra = sorted(set(state) - expected)
-        if missing or extra:
-            raise MergeInputError(f"{source}: state dict does not match {type(probe).__name__}: "
-                                  f"missing keys {missing[:5]}{'…' if len(missing) > 5 else ''}, "
-                                  f"unexpected keys {extra[:5]}{'…' if len(extra) > 5 else ''}")
-        probe.load_state_dict(state, strict=False)
-        return probe.to(dtype)
-    try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            source, dtype=dtype, trust_remote_code=trust_remote_code)
-    except Exception as e:  # transformers/safetensors raise many types (OSError, ValueError, SafetensorError, ...)
-        raise MergeInputError(f"cannot load model {source!r}: {type(e).__name__}: {e}") from e
-
-
-def _is_nonpersistent(model: nn.Module, key: str) -> bool:
-    return key.endswith(("position_ids", "token_type_ids"))
-
-
 def state_hash(state: dict[str, Tensor]) -> str:
     """sha256 over every tensor's name, dtype, shape and bytes, in sorted name order (independent of file format)."""
     h = hashlib.sha256()
@@ -155,49 +69,10 @@ def state_hash(state: dict[str, Tensor]) -> str:
     return h.hexdigest()
 
 
-TASK_TYPES = ("seq_cls", "causal_lm")
-
-
-def _auto_class(task_type: str):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    if task_type not in TASK_TYPES:
-        raise MergeInputError(f"task_type: unknown value {task_type!r}; allowed: {', '.join(TASK_TYPES)}")
-    return AutoModelForSequenceClassification if task_type == "seq_cls" else AutoModelForCausalLM
-
-
 def load_model(source: str, task_type: str = "seq_cls", base_config=None, trust_remote_code: bool = False,
                dtype: torch.dtype = torch.float32):
     """Load a full model of ``task_type`` from a hub id, directory or ``.safetensors`` file."""
-    if task_type == "seq_cls":
-        return load_classifier(source, base_config, trust_remote_code, dtype)
-    cls = _auto_class(task_type)
-    if _is_safetensors_file(source):
-        if base_config is None:
-            raise MergeInputError(f"{source}: a bare safetensors file needs the base model's config")
-        model = cls.from_config(base_config)
-        state = read_state_dict(source)
-        missing, extra = model.load_state_dict(state, strict=False)
-        tied = set(getattr(model, "_tied_weights_keys", None) or [])
-        missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
-        if missing or extra:
-            raise MergeInputError(f"{source}: state dict does not match {type(model).__name__}: missing keys "
-                                  f"{missing[:5]}, unexpected keys {extra[:5]}")
-        return model.to(dtype)
-    try:
-        return cls.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
-    except Exception as e:  # see load_classifier
-        raise MergeInputError(f"cannot load model {source!r}: {type(e).__name__}: {e}") from e
-
-
-def split_model(model: nn.Module, task_type: str) -> tuple[nn.Module, nn.Module | None]:
-    """(backbone to merge, head shell or None). The head shell is the model with its backbone replaced by a stub."""
-    if task_type == "causal_lm":
-        return model, None
-    prefix = model.base_model_prefix
-    backbone = getattr(model, prefix)
-    setattr(model, prefix, FeatureStub())
-    return backbone, model
+    return get_kind(task_type).load(source, base_config, trust_remote_code, dtype)
 
 
 def is_lora_adapter(source: str) -> bool:
@@ -210,7 +85,7 @@ class LoraDelta:
 
     factors: dict[str, tuple[Tensor, Tensor]]  # name -> (B [out, r] with the scale folded in, A [r, in])
     dense: dict[str, Tensor]  # backbone tensors the adapter saves in full (modules_to_save): the full new value
-    head: dict[str, Tensor]  # head tensors (seq_cls), relative to the head shell
+    head: dict[str, Tensor]  # head tensors (kinds with per-task heads), relative to the head shell
     state: dict[str, Tensor]  # the adapter's raw tensors (for hashing)
 
 
@@ -223,7 +98,8 @@ def _adapter_tensors(path: Path) -> dict[str, Tensor]:
 
 
 def read_lora(source: str, prefix: str, backbone_names: set[str]) -> LoraDelta:
-    """Read a PEFT LoRA adapter into backbone deltas (``prefix``: the backbone's attribute, '' for causal LMs)."""
+    """Read a PEFT LoRA adapter into backbone deltas (``prefix``: the backbone's attribute, '' when the model is
+    merged whole)."""
     path = Path(source)
     cfg = json.loads((path / "adapter_config.json").read_text())
     if cfg.get("peft_type", "LORA") != "LORA":
@@ -299,24 +175,6 @@ def _check_finite(state: dict[str, Tensor], label: str) -> None:
             raise MergeInputError(f"model {label}: tensor {k!r} contains NaN or Inf")
 
 
-def _lora_head(base_model: nn.Module, delta: LoraDelta, task: str, source: str, dtype) -> nn.Module:
-    """A head shell for a LoRA seq_cls adapter: the base architecture with the adapter's saved classifier."""
-    from transformers import AutoModelForSequenceClassification
-
-    if not delta.head:
-        raise MergeInputError(f"adapter {task!r} ({source}) saves no classifier head: train it with "
-                              f"task_type SEQ_CLS (or modules_to_save=['classifier'])")
-    config = base_model.config.__class__.from_dict(base_model.config.to_dict())
-    config.num_labels = infer_num_labels(delta.head, base_model.base_model_prefix, config.hidden_size, source)
-    shell = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
-    setattr(shell, shell.base_model_prefix, FeatureStub())
-    try:
-        shell.load_state_dict(delta.head, strict=True)
-    except RuntimeError as e:
-        raise MergeInputError(f"adapter {task!r} ({source}): classifier tensors do not fit the base's head: {e}") from e
-    return shell.requires_grad_(False).eval()
-
-
 def _stack_low_rank(per_task: list[tuple[Tensor, Tensor] | None], dtype) -> tuple[Tensor, Tensor]:
     """Stack (B, A) factors of T tasks, zero-padding ranks (and tasks without this tensor) to the largest rank."""
     ref = next(f for f in per_task if f is not None)
@@ -343,7 +201,7 @@ def _own_memory(module: nn.Module) -> nn.Module:
 
 def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = None,
               trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
-              task_type: str = "seq_cls") -> TaskVectorPool:
+              task_type: str = "seq_cls", heads: dict | None = None) -> TaskVectorPool:
     """Load ``base`` and each fine-tune in ``models`` (task name → source) into a :class:`TaskVectorPool`.
 
     Args:
@@ -353,31 +211,33 @@ def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = 
             defaults to the model dtype. Merging always computes in the model dtype.
         trust_remote_code: passed to ``transformers``; off unless the user sets it.
         dtype: dtype the models are loaded in.
-        task_type: ``seq_cls`` (per-task heads) or ``causal_lm`` (whole model merged).
+        task_type: the model kind (:mod:`adamerge.kinds`): ``seq_cls``, ``causal_lm``, ``image_cls``, ``clip``.
+        heads: per-task head options of kinds that build heads from the base (``clip``: class names, templates).
     """
     if not models:
         raise MergeInputError("models: at least one fine-tuned model is required")
-    _auto_class(task_type)
+    kind = get_kind(task_type)
     check_source(base, "base")
     for task, source in models.items():
         check_source(source, f"fine-tune {task!r}")
     with _naming("base"):
-        base_model = load_model(base, task_type, trust_remote_code=trust_remote_code, dtype=dtype)
+        base_model = kind.load(base, trust_remote_code=trust_remote_code, dtype=dtype, role="base")
     hashes = {"base": state_hash(base_model.state_dict())}
-    plan = _vocab_plan(base, base_model, models, trust_remote_code)
+    plan = _vocab_plan(base, base_model, models, trust_remote_code) if kind.modality == "text" else None
     vocab_names: set[str] = set()
     if plan is not None:  # fine-tunes added tokens: the base gets the union's rows (see adamerge.vocab)
         from adamerge.vocab import resize_base, vocab_param_names
 
         resize_base(base_model, plan)
-        inner = base_model if task_type == "causal_lm" else getattr(base_model, base_model.base_model_prefix)
-        vocab_names = set(vocab_param_names(base_model, inner))
+        vocab_names = set(vocab_param_names(base_model, kind.backbone_of(base_model)))
         log.info("union vocabulary: %d rows, %d added tokens %s", plan.size, len(plan.added), plan.added[:5])
     added_rows: dict[str, dict[int, list[Tensor]]] = {n: {} for n in vocab_names}
-    config = base_model.config
-    head_proto = base_model  # architecture reference for checks
-    backbone, _ = split_model(base_model, task_type)
-    prefix = "" if task_type == "causal_lm" else head_proto.base_model_prefix
+    head_proto = base_model  # architecture reference for LoRA heads
+    with _naming("base"):
+        built_heads = kind.build_heads(base_model, base, list(models), heads, dtype)
+    prefix = kind.lora_prefix(base_model)
+    backbone, _ = kind.split(base_model)
+    config = backbone.config
     backbone.requires_grad_(False).eval()
     base_params = dict(backbone.named_parameters())
     base_state = {n: p.detach() for n, p in base_params.items()}
@@ -393,7 +253,7 @@ def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = 
         return dense[n]
 
     factors: dict[str, dict[int, tuple[Tensor, Tensor]]] = {}
-    heads: dict[str, nn.Module] = {}
+    task_heads: dict[str, nn.Module] = dict(built_heads or {})
     for i, (task, source) in enumerate(models.items()):
         if is_lora_adapter(source):
             delta = read_lora(source, prefix, set(base_params))
@@ -406,16 +266,17 @@ def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = 
                 factors.setdefault(n, {})[i] = (B.to(tv_dtype), A.to(tv_dtype))
             for n, t in delta.dense.items():
                 dense_slot(n)[i] = t.to(base_state[n].dtype) - base_state[n]
-            if task_type == "seq_cls":
-                heads[task] = _lora_head(head_proto, delta, task, source, dtype)
+            if kind.per_task_heads and built_heads is None:
+                task_heads[task] = kind.lora_head(head_proto, delta.head, task, source, dtype)
             continue
         with _naming(f"fine-tune {task!r}"):
-            ft = load_model(source, task_type, base_config=config, trust_remote_code=trust_remote_code, dtype=dtype)
-        if type(ft) is not type(head_proto):
-            raise MergeInputError(f"model {task!r} ({source}) is a {type(ft).__name__}, base is a "
-                                  f"{type(head_proto).__name__}: architectures differ")
+            ft = kind.load(source, base_config=config, trust_remote_code=trust_remote_code, dtype=dtype)
         hashes[task] = state_hash(ft.state_dict())
-        ft_backbone, head = split_model(ft, task_type)
+        ft_class = type(ft).__name__
+        ft_backbone, head = kind.split(ft)
+        if type(ft_backbone) is not type(backbone):
+            raise MergeInputError(f"model {task!r} ({source}) is a {ft_class}, base is a "
+                                  f"{type(head_proto).__name__}: architectures differ")
         ft_state = {n: p.detach() for n, p in ft_backbone.named_parameters()}
         missing, extra = sorted(set(base_params) - set(ft_state)), sorted(set(ft_state) - set(base_params))
         if missing or extra:
@@ -445,8 +306,8 @@ def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = 
             zero = zero and not bool(slot[i].any())
         if zero:
             log.warning("model %r (%s) is identical to the base: its task vector is zero", task, source)
-        if head is not None:
-            heads[task] = _own_memory(head.requires_grad_(False).eval())
+        if head is not None and built_heads is None:
+            task_heads[task] = _own_memory(head.requires_grad_(False).eval())
         del ft, ft_backbone, ft_state
     with torch.no_grad():
         for n, rows in added_rows.items():  # an added token's row: the mean of the fine-tunes that have it
@@ -463,7 +324,7 @@ def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = 
     n_el = sum(t.numel() for t in task_vectors.values()) + sum(b.numel() + a.numel() for b, a in low_rank.values())
     log.info("pool: %d tasks, %d dense + %d low-rank tensors, %.1fM task-vector elements", T, len(task_vectors),
              len(low_rank), n_el / 1e6)
-    return TaskVectorPool(backbone=backbone, heads=heads, task_names=list(models), task_vectors=task_vectors,
+    return TaskVectorPool(backbone=backbone, heads=task_heads, task_names=list(models), task_vectors=task_vectors,
                           config=config, base_source=base, sources=dict(models), hashes=hashes, low_rank=low_rank,
                           task_type=task_type, tokenizer=plan.tokenizer if plan is not None else None)
 

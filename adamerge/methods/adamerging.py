@@ -23,7 +23,7 @@ import copy
 import torch
 
 from adamerge.errors import MergeInputError
-from adamerge.merged import check_features
+from adamerge.kinds import get_kind
 from adamerge.methods.base import MergeModule, TaskVectorPrep
 from adamerge.objectives import Objective, coefficient_similarity
 from adamerge.parametrize import Coefficients
@@ -44,7 +44,8 @@ class AdaMerging(MergeModule):
         prep: task-vector pre-processing; ``ties_density=0.2`` gives AdaMerging++.
         tv_dtype: task-vector storage dtype.
         trust_remote_code: allow hub model code.
-        task_type: ``seq_cls`` or ``causal_lm``.
+        task_type: the model kind (``seq_cls``, ``causal_lm``, ``image_cls``, ``clip``); heads: per-task head
+            options of kinds that build heads from the base (``clip``).
         objective: ``entropy`` (AdaMerging), ``infomax``, ``kl``, ``pseudo_label`` or ``features``
             (see :mod:`adamerge.objectives`).
         temperature: τ of the ``kl`` objective (2.0).
@@ -61,7 +62,8 @@ class AdaMerging(MergeModule):
     def __init__(self, base: str, models: dict[str, str], granularity: str = "layer", init: float = 0.3,
                  clamp: bool = False, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  prep: TaskVectorPrep | None = None, tv_dtype: str | None = None,
-                 trust_remote_code: bool = False, task_type: str = "seq_cls", objective: str = "entropy",
+                 trust_remote_code: bool = False,
+                 task_type: str = "seq_cls", heads: dict | None = None, objective: str = "entropy",
                  temperature: float = 2.0, diversity_weight: float = 1.0, confidence: float = 0.0,
                  similarity_penalty: float = 0.0, task_chunks: int = 1, tune_heads: bool = False) -> None:
         self.loss_fn = Objective(objective, temperature, diversity_weight, confidence)
@@ -70,13 +72,13 @@ class AdaMerging(MergeModule):
         if tune_heads and task_chunks > 1:
             raise MergeInputError("tune_heads: heads are trained by the step's own backward, which task_chunks > 1 "
                                   "replaces by a surrogate of the merged weights; use task_chunks: 1")
-        if tune_heads and task_type != "seq_cls":
-            raise MergeInputError(f"tune_heads needs per-task heads (task_type seq_cls), not {task_type!r}")
+        if tune_heads and not get_kind(task_type).per_task_heads:
+            raise MergeInputError(f"tune_heads needs per-task heads, which task_type {task_type!r} has not")
         if objective == "features":
-            check_features(task_type)  # before any model is loaded
+            get_kind(task_type).check_features()  # before any model is loaded
         self._granularity, self._init, self._clamp = granularity, init, clamp
         super().__init__(base, models, prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code,
-                         task_type=task_type)
+                         task_type=task_type, heads=heads)
 
     def build_coefficients(self, pool: TaskVectorPool) -> Coefficients:
         return Coefficients(len(pool.task_names), len(pool.param_names), self._granularity, self._init, self._clamp)

@@ -96,12 +96,16 @@ class MergeModule(pl.LightningModule):
 
     Args:
         base: the pretrained model (hub id, directory or ``.safetensors``).
-        models: task name → fine-tuned sequence classifier started from ``base``.
+        models: task name → fine-tuned model started from ``base`` (or a PEFT LoRA adapter of it).
         prep: task-vector pre-processing (DARE, TIES).
         tv_dtype: storage dtype of the stacked task vectors (``float32``, ``bfloat16``, ``float16``); ``None`` keeps
             the model dtype.
         trust_remote_code: allow model code from the hub (off by default).
-        task_type: ``seq_cls`` (per-task classification heads) or ``causal_lm`` (whole LM merged).
+        task_type: the model kind (:mod:`adamerge.kinds`): ``seq_cls`` (per-task classification heads), ``causal_lm``
+            (whole LM merged), ``image_cls`` (``AutoModelForImageClassification``), ``clip`` (CLIP vision tower with
+            zero-shot heads).
+        heads: per-task head options of kinds that build heads from the base — ``clip``: ``{task: {classnames:
+            [...], templates: [...] or a set name, dataset: {...}}}`` (see :mod:`adamerge.kinds.clip`).
     """
 
     trainable: bool = True
@@ -109,13 +113,14 @@ class MergeModule(pl.LightningModule):
     per_task_models_supported: bool = True  # False: the merge cannot be flattened into tasks/<task>/ checkpoints
 
     def __init__(self, base: str, models: dict[str, str], prep: TaskVectorPrep | None = None,
-                 tv_dtype: str | None = None, trust_remote_code: bool = False, task_type: str = "seq_cls") -> None:
+                 tv_dtype: str | None = None, trust_remote_code: bool = False,
+                 task_type: str = "seq_cls", heads: dict | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.strict_loading = False  # checkpoints hold only the trainable state (see on_save_checkpoint)
         self.prep = prep or TaskVectorPrep()
         pool = load_pool(base, models, tv_dtype=parse_dtype(tv_dtype, "tv_dtype"),
-                         trust_remote_code=trust_remote_code, task_type=task_type)
+                         trust_remote_code=trust_remote_code, task_type=task_type, heads=heads)
         if pool.low_rank and (self.prep.dare_rate > 0 or self.prep.ties_density is not None
                               or self.prep.sparse_storage or self.prep.subspace is not None):
             raise MergeInputError("prep: DARE/TIES/subspace/sparse_storage need dense task vectors; the LoRA "
@@ -326,8 +331,8 @@ class MergeModule(pl.LightningModule):
 
         out = write_merged(output_dir, self.merged.backbone, params, self.merged.heads,
                            manifest, tokenizer_source=self.hparams.base, tokenizer=self.merged.tokenizer,
-                           per_task_models=opts.per_task_models and self.merged.task_type == "seq_cls"
-                           and self.per_task_models_supported,
+                           kind=self.merged.kind,
+                           per_task_models=opts.per_task_models and self.per_task_models_supported,
                            overwrite=overwrite, extra_files=self.extra_export_files(), extra_writer=writer,
                            dtype=opts.dtype, max_shard_size=opts.max_shard_size, model_card=opts.model_card)
         if opts.push_to_hub:

@@ -71,6 +71,7 @@ class ConcreteTaskArithmetic(_ConcreteMixin, MergeModule):
         mask_seed: seeds the relaxed samples during training and the exported draw.
         lr: Adam learning rate for the logits.
         prep: task-vector pre-processing. tv_dtype: storage dtype. trust_remote_code: allow hub model code.
+        task_type, heads: the model kind and its head options (see :class:`~adamerge.methods.base.MergeModule`).
     """
 
     method = "concrete_task_arithmetic"
@@ -79,11 +80,13 @@ class ConcreteTaskArithmetic(_ConcreteMixin, MergeModule):
                  include: str | None = None, mask_dtype: str = "float32", export_mask: str = "threshold",
                  mask_seed: int = 0, lr: float = 1e-3, prep: TaskVectorPrep | None = None,
                  tv_dtype: str | None = None, trust_remote_code: bool = False, objective: str = "entropy",
-                 diversity_weight: float = 1.0, confidence: float = 0.0) -> None:
+                 diversity_weight: float = 1.0, confidence: float = 0.0, task_type: str = "seq_cls",
+                 heads: dict | None = None) -> None:
         ConcreteMask.check_mode(export_mask)
         self.loss_fn = Objective(objective, diversity_weight=diversity_weight, confidence=confidence)
         self._scale, self._export_mask, self._mask_seed = scale, export_mask, mask_seed
-        super().__init__(base, models, prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code)
+        super().__init__(base, models, prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code,
+                         task_type=task_type, heads=heads)
         self._build_mask(temperature, include, mask_dtype)
 
     def build_coefficients(self, pool):
@@ -132,7 +135,7 @@ class ConcreteAdaMerging(_ConcreteMixin, AdaMerging):
         temperature, include, mask_dtype, export_mask, mask_seed: as :class:`ConcreteTaskArithmetic`.
         objective, diversity_weight, confidence: the objective of both phases (see
             :class:`adamerge.objectives.Objective`).
-        clamp, betas, prep, tv_dtype, trust_remote_code: as :class:`AdaMerging`.
+        clamp, betas, prep, tv_dtype, trust_remote_code, task_type, heads: as :class:`AdaMerging`.
     """
 
     method = "concrete_adamerging"
@@ -143,14 +146,15 @@ class ConcreteAdaMerging(_ConcreteMixin, AdaMerging):
                  export_mask: str = "threshold", mask_seed: int = 0, clamp: bool = False,
                  betas: tuple[float, float] = (0.9, 0.999), prep: TaskVectorPrep | None = None,
                  tv_dtype: str | None = None, trust_remote_code: bool = False, objective: str = "entropy",
-                 diversity_weight: float = 1.0, confidence: float = 0.0) -> None:
+                 diversity_weight: float = 1.0, confidence: float = 0.0, task_type: str = "seq_cls",
+                 heads: dict | None = None) -> None:
         if meta_steps < 0:
             raise MergeInputError(f"meta_steps must be >= 0, got {meta_steps}")
         ConcreteMask.check_mode(export_mask)
         self._export_mask, self._mask_seed = export_mask, mask_seed
         super().__init__(base, models, granularity=granularity, init=init, clamp=clamp, lr=lr, betas=betas,
                          prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code, objective=objective,
-                         diversity_weight=diversity_weight, confidence=confidence)
+                         diversity_weight=diversity_weight, confidence=confidence, task_type=task_type, heads=heads)
         self._build_mask(temperature, include, mask_dtype)
         self.automatic_optimization = False
         self._frozen_mask = None

@@ -44,7 +44,8 @@ class Average(MergeModule):
     Args:
         base: pretrained model. models: task name → fine-tuned model. prep: task-vector pre-processing.
         tv_dtype: task-vector storage dtype. trust_remote_code: allow hub model code.
-        task_type: ``seq_cls`` or ``causal_lm``.
+        task_type: the model kind (``seq_cls``, ``causal_lm``, ``image_cls``, ``clip``); heads: per-task head
+            options of kinds that build heads from the base (``clip``).
     """
 
     trainable = False
@@ -61,17 +62,19 @@ class TaskArithmetic(MergeModule):
         base: pretrained model. models: task name → fine-tuned model.
         scale: λ (default 0.3).
         prep: task-vector pre-processing. tv_dtype: storage dtype. trust_remote_code: allow hub model code.
-        task_type: ``seq_cls`` or ``causal_lm``.
+        task_type: the model kind (``seq_cls``, ``causal_lm``, ``image_cls``, ``clip``); heads: per-task head
+            options of kinds that build heads from the base (``clip``).
     """
 
     trainable = False
     method = "task_arithmetic"
 
     def __init__(self, base: str, models: dict[str, str], scale: float = 0.3, prep: TaskVectorPrep | None = None,
-                 tv_dtype: str | None = None, trust_remote_code: bool = False, task_type: str = "seq_cls") -> None:
+                 tv_dtype: str | None = None, trust_remote_code: bool = False,
+                 task_type: str = "seq_cls", heads: dict | None = None) -> None:
         self._scale = scale
         super().__init__(base, models, prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code,
-                         task_type=task_type)
+                         task_type=task_type, heads=heads)
 
     def build_coefficients(self, pool):
         return _fixed([self._scale] * len(pool.task_names), pool)
@@ -89,7 +92,8 @@ class Ties(MergeModule):
         scale: λ applied to the disjoint mean (1.0 = the paper's merge).
         dare_rate: DARE drop rate applied before trimming (0 = off; DARE+TIES).
         seed: seeds DARE.
-        tv_dtype: storage dtype. trust_remote_code: allow hub model code. task_type: ``seq_cls``/``causal_lm``.
+        tv_dtype: storage dtype. trust_remote_code: allow hub model code.
+            task_type, heads: the model kind and its head options (see :class:`~adamerge.methods.base.MergeModule`).
     """
 
     trainable = False
@@ -97,10 +101,10 @@ class Ties(MergeModule):
 
     def __init__(self, base: str, models: dict[str, str], density: float = 0.2, scale: float = 1.0,
                  dare_rate: float = 0.0, seed: int = 0, tv_dtype: str | None = None,
-                 trust_remote_code: bool = False, task_type: str = "seq_cls") -> None:
+                 trust_remote_code: bool = False, task_type: str = "seq_cls", heads: dict | None = None) -> None:
         self._scale = scale
         super().__init__(base, models, prep=TaskVectorPrep(dare_rate=dare_rate, ties_density=density, seed=seed),
-                         tv_dtype=tv_dtype, trust_remote_code=trust_remote_code, task_type=task_type)
+                         tv_dtype=tv_dtype, trust_remote_code=trust_remote_code, task_type=task_type, heads=heads)
 
     def build_coefficients(self, pool):
         return _fixed([self._scale] * len(pool.task_names), pool)
@@ -118,14 +122,15 @@ class _SubspaceMerge(TaskArithmetic):
     subspace = ""
 
     def __init__(self, base: str, models: dict[str, str], scale: float = 1.0, prep: TaskVectorPrep | None = None,
-                 tv_dtype: str | None = None, trust_remote_code: bool = False, task_type: str = "seq_cls") -> None:
+                 tv_dtype: str | None = None, trust_remote_code: bool = False,
+                 task_type: str = "seq_cls", heads: dict | None = None) -> None:
         import dataclasses
 
         prep = prep or TaskVectorPrep()
         if prep.subspace not in (None, self.subspace):
             raise MergeInputError(f"prep.subspace: {self.method} sets it to {self.subspace!r}, got {prep.subspace!r}")
         super().__init__(base, models, scale=scale, prep=dataclasses.replace(prep, subspace=self.subspace),
-                         tv_dtype=tv_dtype, trust_remote_code=trust_remote_code, task_type=task_type)
+                         tv_dtype=tv_dtype, trust_remote_code=trust_remote_code, task_type=task_type, heads=heads)
 
 
 class TSVM(_SubspaceMerge):
@@ -139,7 +144,8 @@ class TSVM(_SubspaceMerge):
         base: pretrained model. models: task name → fine-tuned model.
         scale: α applied to the merged update (1.0 = the paper).
         prep: more pre-processing (DARE/TIES run before the SVD; ``subspace_skip`` names the matrices kept out).
-        tv_dtype: storage dtype. trust_remote_code: allow hub model code. task_type: ``seq_cls``/``causal_lm``.
+        tv_dtype: storage dtype. trust_remote_code: allow hub model code.
+            task_type, heads: the model kind and its head options (see :class:`~adamerge.methods.base.MergeModule`).
     """
 
     method = "tsv_m"
@@ -157,7 +163,8 @@ class IsoC(_SubspaceMerge):
         base: pretrained model. models: task name → fine-tuned model.
         scale: α applied to the merged update.
         prep: more pre-processing (DARE/TIES run before the SVD; ``subspace_skip`` names the matrices kept out).
-        tv_dtype: storage dtype. trust_remote_code: allow hub model code. task_type: ``seq_cls``/``causal_lm``.
+        tv_dtype: storage dtype. trust_remote_code: allow hub model code.
+            task_type, heads: the model kind and its head options (see :class:`~adamerge.methods.base.MergeModule`).
     """
 
     method = "iso_c"
@@ -183,7 +190,8 @@ class M3(MergeModule):
         eval_batches: unlabeled steps used to score each candidate.
         ties_density: TIES density (None = no TIES).
         dare_rate: DARE drop rate (0 = off).
-        tv_dtype: storage dtype. trust_remote_code: allow hub model code. task_type: ``seq_cls``/``causal_lm``.
+        tv_dtype: storage dtype. trust_remote_code: allow hub model code.
+            task_type, heads: the model kind and its head options (see :class:`~adamerge.methods.base.MergeModule`).
     """
 
     trainable = False
@@ -192,7 +200,7 @@ class M3(MergeModule):
     def __init__(self, base: str, models: dict[str, str], alpha: float = 0.5, scale: float = 1.0, seed: int = 0,
                  candidates: int = 1, eval_batches: int = 4, ties_density: float | None = None,
                  dare_rate: float = 0.0, tv_dtype: str | None = None, trust_remote_code: bool = False,
-                 task_type: str = "seq_cls") -> None:
+                 task_type: str = "seq_cls", heads: dict | None = None) -> None:
         if alpha <= 0:
             raise MergeInputError(f"alpha must be > 0, got {alpha}")
         if candidates < 1:
@@ -202,7 +210,7 @@ class M3(MergeModule):
         self.draws = draw_mixing_weights(len(models), alpha, seed, candidates)
         self.chosen, self.scores = 0, None
         super().__init__(base, models, prep=TaskVectorPrep(dare_rate=dare_rate, ties_density=ties_density, seed=seed),
-                         tv_dtype=tv_dtype, trust_remote_code=trust_remote_code, task_type=task_type)
+                         tv_dtype=tv_dtype, trust_remote_code=trust_remote_code, task_type=task_type, heads=heads)
 
     @property
     def needs_data(self) -> bool:

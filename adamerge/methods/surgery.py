@@ -50,17 +50,20 @@ class Surgery(MergeModule):
         feature: ``auto``, ``pooler_output`` or ``last_hidden_state``.
         lr: Adam learning rate of the adapters.
         tv_dtype: storage dtype of the task vectors. trust_remote_code: allow hub model code.
+        task_type, heads: the model kind and its head options (see :class:`~adamerge.methods.base.MergeModule`).
     """
 
     method = "surgery"
 
     def __init__(self, base: str, models: dict[str, str], merged: str, rank: int = 16, feature: str = "auto",
-                 lr: float = 1e-3, tv_dtype: str | None = None, trust_remote_code: bool = False) -> None:
+                 lr: float = 1e-3, tv_dtype: str | None = None, trust_remote_code: bool = False,
+                 task_type: str = "seq_cls", heads: dict | None = None) -> None:
         if feature not in FEATURES:
             raise MergeInputError(f"feature: unknown value {feature!r}; allowed: {', '.join(FEATURES)}")
         if rank < 1:
             raise MergeInputError(f"rank must be >= 1, got {rank}")
-        super().__init__(base, models, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code)
+        super().__init__(base, models, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code, task_type=task_type,
+                         heads=heads)
         self.merged.coefficients.requires_grad_(False)
         self.base_manifest = self._check_source(Path(merged))
         state = read_weights(merged)

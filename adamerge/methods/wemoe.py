@@ -44,7 +44,7 @@ class WEMoE(MergeModule):
         router_hidden: routers' hidden width (default: the block's input width).
         lr: Adam learning rate of the routers (1e-4 as the paper). betas: Adam betas.
         objective, temperature, diversity_weight, confidence: the training objective (:mod:`adamerge.objectives`).
-        prep, tv_dtype, trust_remote_code, task_type: as every method.
+        prep, tv_dtype, trust_remote_code, task_type, heads: as every method.
     """
 
     method = "wemoe"
@@ -55,7 +55,7 @@ class WEMoE(MergeModule):
                  lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999), objective: str = "entropy",
                  temperature: float = 2.0, diversity_weight: float = 1.0, confidence: float = 0.0,
                  prep: TaskVectorPrep | None = None, tv_dtype: str | None = None, trust_remote_code: bool = False,
-                 task_type: str = "seq_cls") -> None:
+                 task_type: str = "seq_cls", heads: dict | None = None) -> None:
         self.loss_fn = Objective(objective, temperature, diversity_weight, confidence)
         if objective == "features":
             raise MergeInputError("objective: 'features' is not supported by wemoe (its features depend on the "
@@ -66,7 +66,7 @@ class WEMoE(MergeModule):
         self._init = scale if init is None else init
         self._patterns = list(modules)
         super().__init__(base, models, prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code,
-                         task_type=task_type)
+                         task_type=task_type, heads=heads)
 
     def _routed_tensors(self, pool: TaskVectorPool) -> tuple[list[str], set[str]]:
         names = routed_modules(pool.backbone, self._patterns)

@@ -1,0 +1,152 @@
+"""The model-kind interface: everything that differs between sequence classifiers, causal LMs, image classifiers
+and CLIP sits behind :class:`ModelKind`, one module per kind (``adamerge/kinds/<kind>.py``).
+
+A kind says how to load a full model, which part of it is merged (the *backbone*) and which part stays per task (the
+*head*), how a head turns backbone outputs into logits, which backbone output is "the feature" (Surgery, feature
+objectives), which preprocessor its inputs need (tokenizer or image processor), and how an export is read back.
+The rest of adamerge (pool, merged model, methods, export, loading) calls these methods and never branches on the
+kind's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from adamerge.errors import MergeInputError
+
+
+class FeatureStub(nn.Module):
+    """Stands in for the backbone inside a head shell: returns the features it was handed, ignoring its inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = None
+
+    def forward(self, *args, **kwargs):  # noqa: D102
+        return self.features
+
+
+def apply_head(head: nn.Module, features, inputs) -> Tensor:
+    """Logits of a head shell (a ``*For<Task>`` model whose backbone is a :class:`FeatureStub`) on backbone
+    ``features`` of ``inputs``: the model's own head code runs, the backbone does not."""
+    stub = getattr(head, head.base_model_prefix)
+    stub.features = features
+    try:
+        return head(**inputs).logits
+    finally:
+        stub.features = None
+
+
+class ModelKind:
+    """One kind of model. Subclasses set the class attributes and override what differs.
+
+    Attributes:
+        name: the ``task_type`` value that selects this kind.
+        per_task_heads: each task keeps its own frozen head; False: the whole model is merged and its logits are the
+            backbone's (causal LMs).
+        modality: ``text`` (inputs from a tokenizer) or ``image`` (``pixel_values`` from an image processor).
+        feature_fields: backbone output fields that hold "the feature" the heads read, in order of preference.
+        peft_task_type: PEFT's ``task_type`` of the kind's adapters (exported LoRA merges); None: not supported.
+    """
+
+    name: ClassVar[str] = ""
+    per_task_heads: ClassVar[bool] = True
+    modality: ClassVar[str] = "text"
+    feature_fields: ClassVar[tuple[str, ...]] = ("pooler_output", "last_hidden_state")
+    peft_task_type: ClassVar[str | None] = None
+    pipeline_tag: ClassVar[str] = "feature-extraction"  # the model card's Hub pipeline tag
+
+    # -- loading ------------------------------------------------------------------------------------------------------
+    def load(self, source: str, base_config=None, trust_remote_code: bool = False,
+             dtype: torch.dtype = torch.float32, role: str = "fine-tune") -> nn.Module:
+        """The full model at ``source`` (hub id, directory, ``.safetensors`` file). ``role``: ``base`` or
+        ``fine-tune`` (a kind may accept different classes for each)."""
+        raise NotImplementedError
+
+    def split(self, model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+        """(backbone to merge, head shell or None). Destructive: the model's backbone is replaced by a stub."""
+        raise NotImplementedError
+
+    def backbone_of(self, model: nn.Module) -> nn.Module:
+        """The backbone inside a full model, without modifying it."""
+        raise NotImplementedError
+
+    def lora_prefix(self, model: nn.Module) -> str:
+        """Attribute path of the backbone inside the full model as PEFT names it ('' when the model is merged whole)."""
+        return ""
+
+    def lora_head(self, base_model: nn.Module, head_tensors: Mapping[str, Tensor], task: str, source: str,
+                  dtype: torch.dtype) -> nn.Module | None:
+        """A head shell for a LoRA adapter from the head tensors it saves (None when the kind has no per-task heads)."""
+        return None
+
+    def build_heads(self, base_model: nn.Module, base_source: str, tasks: list[str], options: Mapping[str, Any] | None,
+                    dtype: torch.dtype) -> dict[str, nn.Module] | None:
+        """Heads built from the base for every task (CLIP zero-shot heads); None: each fine-tune brings its own."""
+        if options:
+            raise MergeInputError(f"heads: task_type {self.name!r} takes each task's head from its fine-tune; "
+                                  f"'heads' options apply to task_type clip")
+        return None
+
+    def preprocessor(self, source: str, trust_remote_code: bool = False):
+        """The tokenizer (text) or image processor (image) saved with ``source``."""
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        cls = AutoTokenizer if self.modality == "text" else AutoImageProcessor
+        return cls.from_pretrained(source, trust_remote_code=trust_remote_code)
+
+    # -- running ------------------------------------------------------------------------------------------------------
+    def head_logits(self, head: nn.Module | None, features, inputs: Mapping[str, Tensor]) -> Tensor:
+        """Logits of ``head`` on backbone ``features`` of ``inputs``."""
+        return apply_head(head, features, inputs)
+
+    def feature_field(self, output) -> str:
+        """The name of the backbone output field the heads read (see ``feature_fields``)."""
+        for f in self.feature_fields:
+            if getattr(output, f, None) is not None:
+                return f
+        raise MergeInputError(f"task_type {self.name!r}: backbone output has none of {self.feature_fields}")
+
+    def check_features(self) -> None:
+        """Refuse feature-based objectives where the kind has no backbone features."""
+
+    # -- export / reading back ------------------------------------------------------------------------------------------
+    def head_info(self, head: nn.Module) -> dict[str, Any]:
+        """What the manifest records of a head (enough for :meth:`head_from_tensors`)."""
+        return {"num_labels": head.config.num_labels, "id2label": head.config.id2label,
+                "architecture": type(head).__name__}
+
+    def head_from_tensors(self, root, info: Mapping[str, Any], tensors: Mapping[str, Tensor],
+                          dtype: torch.dtype) -> nn.Module:
+        """A head shell rebuilt from an export (``root``: the export directory, ``tensors``: the head's tensors)."""
+        raise NotImplementedError
+
+    def load_backbone(self, root, dtype: torch.dtype) -> nn.Module:
+        """The exported root model (the merged backbone) with stock ``transformers``."""
+        from transformers import AutoModel
+
+        return AutoModel.from_pretrained(str(root), dtype=dtype)
+
+    def card_usage(self, repo: str, task: str, per_task_models: bool) -> str:
+        """The model card's "Use" paragraph and snippet (markdown)."""
+        return ("```python\nfrom transformers import AutoModel\n"
+                f"backbone = AutoModel.from_pretrained(\"{repo}\")\n```\n")
+
+    def task_model_files(self, head: nn.Module, root_config) -> tuple[Any, str] | None:
+        """``(config, backbone prefix)`` of a complete per-task checkpoint (``tasks/<task>/``), None when the kind
+        has no stock per-task class."""
+        return None
+
+
+def num_labels_of(head_tensors: Mapping[str, Tensor], prefix: str, hidden_size: int | None, source: str) -> int:
+    """Guess ``num_labels`` of a bare checkpoint from its head's output tensor (a 2-D tensor outside the backbone
+    whose first dimension is not the hidden size)."""
+    outs = {t.shape[0] for k, t in head_tensors.items() if not k.startswith(prefix + ".") and t.ndim == 2
+            and t.shape[0] != hidden_size}
+    if len(outs) != 1:
+        raise MergeInputError(f"cannot infer num_labels of {source}: put a config.json next to the file")
+    return outs.pop()

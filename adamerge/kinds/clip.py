@@ -1,0 +1,253 @@
+"""``clip``: CLIP image classification as AdaMerging, Surgery and Concrete were published on.
+
+The merged backbone is the CLIP **vision tower** (a ``CLIPVisionModel``: ``vision_model.*``). The base must be the
+full ``CLIPModel`` (e.g. ``openai/clip-vit-base-patch32``): its text tower builds each task's **zero-shot head** once,
+as the papers do — for every class, the text embeddings of the class name in each prompt template are L2-normalised,
+averaged and normalised again; logits are ``exp(logit_scale) · normalize(visual_projection(pooled)) @ Wᵀ``. The heads
+(with the base's ``visual_projection`` and logit scale) are frozen. Fine-tunes may be ``CLIPVisionModel`` (as
+FusionBench publishes them), ``CLIPVisionModelWithProjection`` or ``CLIPModel`` checkpoints; only their vision tower
+is read (a fine-tuned projection or text tower is ignored: the heads come from the base).
+
+Class names and templates come from the ``heads`` option, per task::
+
+    heads:
+      mnist: {classnames: ["0", "1", ...], templates: mnist}           # a template set by name
+      dtd: {dataset: {path: tanganke/dtd, split: test, label_column: label}}   # names of a ClassLabel column
+
+``templates`` is a list of strings with one ``{}`` or the name of a set in :data:`TEMPLATES`; by default the set of
+the task's name when there is one (the eight tasks of the benchmark), else ``["a photo of a {}."]``.
+
+Export: the root is the merged ``CLIPVisionModel`` (``AutoModel.from_pretrained`` loads it); ``heads.safetensors``
+holds per task ``<task>/visual_projection.weight``, ``<task>/weight`` (the ``[C, d]`` zero-shot matrix) and
+``<task>/logit_scale``. Classify with stock ``transformers``::
+
+    vision = CLIPVisionModel.from_pretrained(out)
+    heads = safetensors.torch.load_file(f"{out}/heads.safetensors")
+    emb = vision(pixel_values=x).pooler_output @ heads["mnist/visual_projection.weight"].T
+    logits = heads["mnist/logit_scale"] * (emb / emb.norm(dim=-1, keepdim=True)) @ heads["mnist/weight"].T
+
+or with ``adamerge.load_merged(out).predict("mnist", pixel_values=x)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from adamerge.errors import MergeInputError
+from adamerge.kinds.base import ModelKind
+from adamerge.kinds.headed import is_safetensors_file, read_state_dict
+
+# Prompt templates per task, in the style of the CLIP paper's zero-shot prompts for these datasets.
+TEMPLATES: dict[str, list[str]] = {
+    "default": ["a photo of a {}."],
+    "sun397": ["a photo of a {}.", "a photo of the {}."],
+    "cars": ["a photo of a {}.", "a photo of the {}.", "a photo of my {}.", "i love my {}!",
+             "a photo of my dirty {}.", "a photo of my clean {}.", "a photo of my new {}.", "a photo of my old {}."],
+    "resisc45": ["satellite imagery of {}.", "aerial imagery of {}.", "satellite photo of {}.", "aerial photo of {}.",
+                 "satellite view of {}.", "aerial view of {}.", "satellite imagery of a {}.",
+                 "aerial imagery of a {}.", "satellite photo of a {}.", "aerial photo of a {}.",
+                 "satellite view of a {}.", "aerial view of a {}.", "satellite imagery of the {}.",
+                 "aerial imagery of the {}.", "satellite photo of the {}.", "aerial photo of the {}.",
+                 "satellite view of the {}.", "aerial view of the {}."],
+    "eurosat": ["a centered satellite photo of {}.", "a centered satellite photo of a {}.",
+                "a centered satellite photo of the {}."],
+    "svhn": ['a photo of the number: "{}".'],
+    "gtsrb": ['a zoomed in photo of a "{}" traffic sign.', 'a centered photo of a "{}" traffic sign.',
+              'a close up photo of a "{}" traffic sign.'],
+    "mnist": ['a photo of the number: "{}".'],
+    "dtd": ["a photo of a {} texture.", "a photo of a {} pattern.", "a photo of a {} thing.",
+            "a photo of a {} object.", "a photo of the {} texture.", "a photo of the {} pattern.",
+            "a photo of the {} thing.", "a photo of the {} object."],
+}
+TEMPLATES["stanford_cars"] = TEMPLATES["cars"]
+
+
+class ZeroShotHead(nn.Module):
+    """Frozen zero-shot classifier on a CLIP vision tower's pooled output: project, normalise, scaled cosine with
+    the class embeddings ``weight`` ``[C, d]``."""
+
+    def __init__(self, hidden_size: int, projection_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.visual_projection = nn.Linear(hidden_size, projection_dim, bias=False)
+        self.weight = nn.Parameter(torch.zeros(num_classes, projection_dim))
+        self.logit_scale = nn.Parameter(torch.ones(()))  # exp of CLIP's logit_scale
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        emb = self.visual_projection(pooled)
+        emb = emb / emb.norm(dim=-1, keepdim=True)
+        return self.logit_scale * emb @ self.weight.T
+
+
+def resolve_templates(task: str, templates) -> list[str]:
+    if templates is None:
+        templates = task if task in TEMPLATES else "default"
+    if isinstance(templates, str):
+        if templates not in TEMPLATES:
+            raise MergeInputError(f"heads.{task}.templates: unknown template set {templates!r}; sets: "
+                                  f"{', '.join(sorted(TEMPLATES))} (or give a list of strings with one '{{}}')")
+        templates = TEMPLATES[templates]
+    templates = list(templates)
+    bad = [t for t in templates if t.count("{}") != 1]
+    if not templates or bad:
+        raise MergeInputError(f"heads.{task}.templates: every template needs exactly one '{{}}'; got {bad or '[]'}")
+    return templates
+
+
+def class_names(task: str, spec: Mapping[str, Any]) -> list[str]:
+    """The class names of ``task``: ``classnames``, or the names of a ``ClassLabel`` column of ``dataset``."""
+    unknown = sorted(set(spec) - {"classnames", "templates", "dataset"})
+    if unknown:
+        raise MergeInputError(f"heads.{task}: unknown fields {unknown}; allowed: classnames, templates, dataset")
+    if spec.get("classnames"):
+        return [str(c) for c in spec["classnames"]]
+    ds_spec = spec.get("dataset")
+    if not ds_spec:
+        raise MergeInputError(f"heads.{task}: give its class names (classnames: [...]) or a dataset whose label "
+                              "column is a ClassLabel (dataset: {path: ..., label_column: label})")
+    import datasets
+
+    from adamerge.data import open_dataset
+
+    column = ds_spec.get("label_column", "label")
+    ds = open_dataset(ds_spec["path"], ds_spec.get("split", "train"), ds_spec.get("name"), task)
+    feature = ds.features.get(column)
+    if not isinstance(feature, datasets.ClassLabel):
+        raise MergeInputError(f"heads.{task}.dataset: column {column!r} of {ds_spec['path']} is not a ClassLabel "
+                              f"({type(feature).__name__}); give classnames: [...]")
+    return [n.replace("_", " ") for n in feature.names]
+
+
+@torch.no_grad()
+def zero_shot_weights(clip_model: nn.Module, tokenizer, classnames: list[str], templates: list[str]) -> Tensor:
+    """``[C, d]``: per class, the mean of the L2-normalised text embeddings of its prompts, normalised again."""
+    rows = []
+    for name in classnames:
+        enc = tokenizer([t.format(name) for t in templates], padding=True, truncation=True, return_tensors="pt")
+        emb = clip_model.get_text_features(**enc)
+        emb = getattr(emb, "pooler_output", emb)  # transformers 5 may return a ModelOutput
+        emb = emb / emb.norm(dim=-1, keepdim=True)
+        mean = emb.mean(0)
+        rows.append(mean / mean.norm())
+    return torch.stack(rows)
+
+
+class CLIP(ModelKind):
+    name = "clip"
+    modality = "image"
+    feature_fields = ("pooler_output",)
+    pipeline_tag = "zero-shot-image-classification"
+
+    def load(self, source: str, base_config=None, trust_remote_code: bool = False,
+             dtype: torch.dtype = torch.float32, role: str = "fine-tune") -> nn.Module:
+        from transformers import AutoConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+
+        if is_safetensors_file(source):
+            if role == "base" or base_config is None:
+                raise MergeInputError(f"{source}: a bare safetensors file can only be a fine-tune (the base must be a "
+                                      "CLIPModel directory or hub id)")
+            model = CLIPVisionModel(base_config)
+            state = read_state_dict(source)
+            state = {k: v for k, v in state.items() if k.startswith("vision_model.")}
+            missing, _ = model.load_state_dict(state, strict=False)
+            missing = [k for k in missing if not k.endswith("position_ids")]
+            if missing:
+                raise MergeInputError(f"{source}: no CLIP vision tower (missing {missing[:3]})")
+            return model.to(dtype)
+        try:
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        except Exception as e:  # see HeadedKind.load
+            raise MergeInputError(f"cannot load model {source!r}: {type(e).__name__}: {e}") from e
+        is_vision = isinstance(config, CLIPVisionConfig)
+        if role == "base" and is_vision:
+            raise MergeInputError(f"{source} is a CLIP vision tower only: task_type clip builds the zero-shot heads "
+                                  "with the base's text tower, so the base must be the full CLIPModel (e.g. "
+                                  "openai/clip-vit-base-patch32)")
+        if not is_vision and config.model_type != "clip":
+            raise MergeInputError(f"{source} is a {config.model_type!r} model, not CLIP (task_type clip)")
+        try:
+            if is_vision:
+                return CLIPVisionModel.from_pretrained(source, dtype=dtype)  # also reads ...WithProjection files
+            model = CLIPModel.from_pretrained(source, dtype=dtype)
+        except Exception as e:
+            raise MergeInputError(f"cannot load model {source!r}: {type(e).__name__}: {e}") from e
+        if role == "base":
+            return model
+        return self.backbone_of(model)
+
+    def backbone_of(self, model: nn.Module) -> nn.Module:
+        from transformers import CLIPModel, CLIPVisionModel
+
+        if isinstance(model, CLIPModel):
+            vision = CLIPVisionModel(model.config.vision_config)
+            vision.vision_model = model.vision_model  # shared, not copied
+            return vision.to(next(model.parameters()).dtype)
+        return model
+
+    def split(self, model: nn.Module):
+        return self.backbone_of(model), None
+
+    def build_heads(self, base_model: nn.Module, base_source: str, tasks: list[str],
+                    options: Mapping[str, Any] | None, dtype: torch.dtype) -> dict[str, nn.Module]:
+        options = dict(options or {})
+        extra = sorted(set(options) - set(tasks))
+        if extra:
+            raise MergeInputError(f"heads: {extra} are not tasks of this merge; tasks: {tasks}")
+        missing = [t for t in tasks if t not in options]
+        if missing:
+            raise MergeInputError(f"heads: task_type clip needs each task's class names; missing for {missing} "
+                                  "(heads: {task: {classnames: [...]}})")
+        tokenizer = self.tokenizer(base_source)
+        heads = {}
+        for task in tasks:
+            spec = options[task] or {}
+            names = class_names(task, spec)
+            templates = resolve_templates(task, spec.get("templates"))
+            head = ZeroShotHead(base_model.config.vision_config.hidden_size, base_model.config.projection_dim,
+                                len(names))
+            with torch.no_grad():
+                head.visual_projection.weight.copy_(base_model.visual_projection.weight)
+                head.weight.copy_(zero_shot_weights(base_model, tokenizer, names, templates))
+                head.logit_scale.copy_(base_model.logit_scale.exp())
+            head.classnames, head.templates = names, templates
+            heads[task] = head.to(dtype).requires_grad_(False).eval()
+        return heads
+
+    @staticmethod
+    def tokenizer(source: str):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as e:
+            raise MergeInputError(f"base {source}: no tokenizer to build the zero-shot heads with: {e}") from e
+
+    def head_logits(self, head, features, inputs):
+        return head(features.pooler_output)
+
+    def card_usage(self, repo: str, task: str, per_task_models: bool) -> str:
+        return ("The merged CLIP vision tower loads with stock `transformers`; each task's zero-shot head (the base's "
+                "visual projection, the class-name embeddings and the logit scale) is in `heads.safetensors`:\n\n"
+                "```python\nimport torch\nfrom huggingface_hub import hf_hub_download\n"
+                "from safetensors.torch import load_file\nfrom transformers import CLIPVisionModel\n"
+                f"vision = CLIPVisionModel.from_pretrained(\"{repo}\")\n"
+                f"heads = load_file(hf_hub_download(\"{repo}\", \"heads.safetensors\"))\n"
+                f"emb = vision(pixel_values=x).pooler_output @ heads[\"{task}/visual_projection.weight\"].T\n"
+                f"logits = heads[\"{task}/logit_scale\"] * torch.nn.functional.normalize(emb, dim=-1) "
+                f"@ heads[\"{task}/weight\"].T\n```\n")
+
+    def head_info(self, head: nn.Module) -> dict[str, Any]:
+        names = list(getattr(head, "classnames", [str(i) for i in range(head.weight.shape[0])]))
+        return {"num_labels": head.weight.shape[0], "id2label": dict(enumerate(names)),
+                "architecture": "ZeroShotHead", "templates": list(getattr(head, "templates", []))}
+
+    def head_from_tensors(self, root, info, tensors, dtype):
+        proj, weight = tensors["visual_projection.weight"], tensors["weight"]
+        head = ZeroShotHead(proj.shape[1], proj.shape[0], weight.shape[0])
+        head.load_state_dict(dict(tensors), strict=True)
+        head.classnames = [info["id2label"][k] for k in sorted(info["id2label"], key=int)]
+        head.templates = info.get("templates", [])
+        return head.to(dtype)

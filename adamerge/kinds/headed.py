@@ -1,0 +1,158 @@
+"""Shared by the kinds whose models are ``AutoModelFor<Task>`` classes with a backbone at ``base_model_prefix`` and a
+task head around it (sequence and image classification): the backbone is merged, each task keeps its own head."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from adamerge.errors import MergeInputError
+from adamerge.kinds.base import FeatureStub, ModelKind, num_labels_of
+
+
+def is_safetensors_file(source: str) -> bool:
+    return source.endswith(".safetensors") and Path(source).is_file()
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Read a safetensors file, turning a corrupt file into an error that names it."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated/garbled headers
+        raise MergeInputError(f"cannot read safetensors file {path}: {e}") from e
+
+
+def is_nonpersistent(key: str) -> bool:
+    return key.endswith(("position_ids", "token_type_ids", "num_batches_tracked"))
+
+
+class HeadedKind(ModelKind):
+    """A kind whose full model is ``auto_class_name`` (``AutoModelForSequenceClassification``, ...)."""
+
+    auto_class_name: ClassVar[str] = ""
+
+    def auto_class(self):
+        import transformers
+
+        return getattr(transformers, self.auto_class_name)
+
+    def load(self, source: str, base_config=None, trust_remote_code: bool = False,
+             dtype: torch.dtype = torch.float32, role: str = "fine-tune") -> nn.Module:
+        from transformers import AutoConfig
+
+        cls = self.auto_class()
+        if is_safetensors_file(source):
+            cfg_path = Path(source).with_name("config.json")
+            config = AutoConfig.from_pretrained(str(cfg_path.parent)) if cfg_path.is_file() else None
+            if config is None:
+                if base_config is None:
+                    raise MergeInputError(f"{source}: a bare safetensors file needs the base model's config")
+                config = base_config.__class__.from_dict(base_config.to_dict())
+            state = read_state_dict(source)
+            probe = cls.from_config(config)
+            if not cfg_path.is_file():
+                config.num_labels = num_labels_of(state, probe.base_model_prefix,
+                                                  getattr(config, "hidden_size", None), source)
+                probe = cls.from_config(config)
+            prefix = probe.base_model_prefix
+            # accept backbone-only key names (as a bare AutoModel saves them)
+            expected = set(probe.state_dict())
+            state = {(k if k in expected or (prefix + "." + k) not in expected else prefix + "." + k): v
+                     for k, v in state.items()}
+            missing = sorted(k for k in expected - set(state) if not is_nonpersistent(k))
+            extra = sorted(set(state) - expected)
+            if missing or extra:
+                raise MergeInputError(f"{source}: state dict does not match {type(probe).__name__}: "
+                                      f"missing keys {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+                                      f"unexpected keys {extra[:5]}{'…' if len(extra) > 5 else ''}")
+            probe.load_state_dict(state, strict=False)
+            return probe.to(dtype)
+        try:
+            return cls.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+        except Exception as e:  # transformers/safetensors raise many types (OSError, ValueError, SafetensorError, ...)
+            raise MergeInputError(f"cannot load model {source!r}: {type(e).__name__}: {e}") from e
+
+    def backbone_of(self, model: nn.Module) -> nn.Module:
+        return getattr(model, model.base_model_prefix)
+
+    def split(self, model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+        backbone = self.backbone_of(model)
+        setattr(model, model.base_model_prefix, FeatureStub())
+        return backbone, model
+
+    def lora_prefix(self, model: nn.Module) -> str:
+        return model.base_model_prefix
+
+    def shell(self, config, dtype: torch.dtype) -> nn.Module:
+        """An empty head shell of ``config``'s architecture (its backbone a stub)."""
+        shell = self.auto_class().from_config(config, dtype=dtype)
+        setattr(shell, shell.base_model_prefix, FeatureStub())
+        return shell
+
+    def lora_head(self, base_model: nn.Module, head_tensors: Mapping[str, Tensor], task: str, source: str,
+                  dtype: torch.dtype) -> nn.Module:
+        if not head_tensors:
+            raise MergeInputError(f"adapter {task!r} ({source}) saves no classifier head: train it with the task's "
+                                  f"PEFT task_type (SEQ_CLS) or modules_to_save=['classifier']")
+        config = base_model.config.__class__.from_dict(base_model.config.to_dict())
+        config.num_labels = num_labels_of(head_tensors, base_model.base_model_prefix,
+                                          getattr(config, "hidden_size", None), source)
+        shell = self.shell(config, dtype)
+        try:
+            shell.load_state_dict(dict(head_tensors), strict=True)
+        except RuntimeError as e:
+            raise MergeInputError(f"adapter {task!r} ({source}): classifier tensors do not fit the base's head: "
+                                  f"{e}") from e
+        return shell.requires_grad_(False).eval()
+
+    def head_from_tensors(self, root, info: Mapping[str, Any], tensors: Mapping[str, Tensor],
+                          dtype: torch.dtype) -> nn.Module:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(root), num_labels=info["num_labels"],
+                                            id2label={int(k): v for k, v in info["id2label"].items()})
+        shell = self.shell(config, dtype)
+        shell.load_state_dict(dict(tensors), strict=True)
+        return shell
+
+    def task_model_files(self, head: nn.Module, root_config) -> tuple[Any, str]:
+        config = copy.deepcopy(head.config)
+        config.architectures = [type(head).__name__]
+        for key in ("vocab_size",):  # the backbone's (a union vocabulary makes it larger than the fine-tune's)
+            if hasattr(root_config, key):
+                setattr(config, key, getattr(root_config, key))
+        return config, head.base_model_prefix
+
+    def card_usage(self, repo: str, task: str, per_task_models: bool) -> str:
+        auto = self.auto_class_name
+        return ("The merged backbone loads with stock `transformers`; each task's classifier is a complete model "
+                "under `tasks/<task>/`" + ("" if per_task_models else
+                                          " (not written for this export: use `adamerge.load_merged`)") + ":\n\n"
+                f"```python\nfrom transformers import AutoModel, {auto}\n"
+                f"backbone = AutoModel.from_pretrained(\"{repo}\")\n"
+                f"classifier = {auto}.from_pretrained(\"{repo}\", subfolder=\"tasks/{task}\")\n```\n")
+
+    def task_model(self, root, task: str, info: Mapping[str, Any], backbone_state: Mapping[str, Tensor],
+                   head_tensors: Mapping[str, Tensor], dtype: torch.dtype) -> nn.Module:
+        """A stock ``AutoModelFor<Task>`` for ``task`` from an export's root weights and the task's head tensors."""
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(root), num_labels=info["num_labels"],
+                                            id2label={int(k): v for k, v in info["id2label"].items()})
+        model = self.auto_class().from_config(config, dtype=dtype)
+        prefix = model.base_model_prefix
+        state = {f"{prefix}.{k}": v for k, v in backbone_state.items()}
+        state.update(head_tensors)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not is_nonpersistent(k)]
+        if missing or unexpected:
+            raise MergeInputError(f"{root}: task {task!r} checkpoint keys do not match: missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]}")
+        return model.eval()
