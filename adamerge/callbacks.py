@@ -34,18 +34,38 @@ class ExportOnFitEnd(pl.Callback):
             ``hf auth login``).
         hub_private: create the Hub repo private (when it does not exist yet).
         hub_revision: upload to this branch (created if missing) instead of the main branch.
+        bn_batches: for backbones with BatchNorm layers (image models): re-estimate their running statistics under
+            the merge on this many steps of the unlabeled data before exporting (0: keep the base's statistics).
+            Needs data (``adamerge merge``: a ``data`` section).
     """
 
     def __init__(self, output_dir: str = "runs/merged", overwrite: bool = False, per_task_models: bool = True,
                  lora_adapters: bool = False, model_card: bool = True, max_shard_size: str = "5GB",
                  dtype: str = "float32", push_to_hub: Optional[str] = None, hub_private: bool = False,
-                 hub_revision: Optional[str] = None) -> None:
+                 hub_revision: Optional[str] = None, bn_batches: int = 16) -> None:
+        from adamerge.errors import MergeInputError
         from adamerge.export import ExportOptions
 
+        if bn_batches < 0:
+            raise MergeInputError(f"bn_batches must be >= 0, got {bn_batches}")
+        self.bn_batches = bn_batches
         self.output_dir, self.overwrite = output_dir, overwrite
         self.options = asdict(ExportOptions(per_task_models, lora_adapters, model_card, max_shard_size, dtype,
                                             push_to_hub, hub_private, hub_revision))
         self.run_config: str | None = None  # the run's YAML (set by the CLI): manifest and model card
+
+    def recalibrate(self, module, datamodule) -> None:
+        """Re-estimate the merge's BatchNorm statistics on the first ``bn_batches`` steps of ``datamodule``."""
+        if not self.bn_batches or not module.has_batchnorm():
+            return
+        dataset = getattr(datamodule, "dataset", None) if datamodule is not None else None
+        if dataset is None:
+            import logging
+
+            logging.getLogger(__name__).warning("the backbone has BatchNorm layers but no data was given: the export "
+                                                "keeps the base's running statistics")
+            return
+        module.recalibrate_batchnorm([dataset[i] for i in range(min(self.bn_batches, len(dataset)))])
 
     def export(self, module, write: bool = True):
         return module.export(self.output_dir, overwrite=self.overwrite, write=write, run_config=self.run_config,
@@ -81,6 +101,7 @@ class ExportOnFitEnd(pl.Callback):
         from adamerge.export import UploadError
 
         try:
+            self.recalibrate(pl_module, dm)
             # every rank gathers (collective when FSDP2 shards the model); global rank 0 writes
             self.export(pl_module, write=trainer.is_global_zero)
         except UploadError:

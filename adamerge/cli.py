@@ -130,7 +130,8 @@ def merge_parser() -> LightningArgumentParser:
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_lightning_class_args(MergeModule, "model", subclass_mode=True)
     parser.add_argument("--data", type=Optional[dict], default=None,
-                        help="UnlabeledDataModule arguments (tasks, samples_per_task, ...), for methods that use data")
+                        help="UnlabeledDataModule arguments (tasks, samples_per_task, ...): M3 candidate selection, "
+                        "BatchNorm re-estimation (bn_batches)")
     # the export's arguments are ExportOnFitEnd's (`export.*` under `adamerge fit`), here as top-level keys
     parser.add_class_arguments(ExportOnFitEnd, nested_key=None, as_group=True)
     parser.set_defaults(output_dir=None)  # required here: a data-free merge has no run directory to default to
@@ -151,12 +152,18 @@ def merge_main(args: list[str] | None = None):
     model = parser.instantiate_classes(cfg).model
     if model.trainable:
         raise MergeInputError(f"method {model.method!r} trains; run it with `adamerge fit`")
+    dm = None
+    if cfg.data and cfg.data.get("tasks"):
+        dm = UnlabeledDataModule(**{"tokenizer": model.hparams.base, **cfg.data})
     if getattr(model, "needs_data", False):
-        if not cfg.data or not cfg.data.get("tasks"):
+        if dm is None:
             raise MergeInputError(f"method {model.method!r} with candidates > 1 needs `data.tasks`")
-        model.select(UnlabeledDataModule(**{"tokenizer": model.hparams.base, **cfg.data}))
+        model.select(dm)
     exporter = ExportOnFitEnd(**{k: cfg[k] for k in export_keys()})
     exporter.run_config = run_config_yaml(parser, cfg)
+    if dm is not None and exporter.bn_batches and model.has_batchnorm():
+        dm.setup("fit")
+        exporter.recalibrate(model, dm)
     return exporter.export(model)
 
 

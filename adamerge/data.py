@@ -4,6 +4,9 @@ Each step yields ``samples_per_task`` rows of every task, concatenated into one 
 
     {"inputs": {"input_ids": [B, L], "attention_mask": [B, L], ...}, "tasks": [names], "sizes": [n per task]}
 
+Image tasks (``image_column`` set) give ``{"inputs": {"pixel_values": [B, 3, H, W]}, ...}``: images are decoded and
+run through the base's image processor per step (only the rows of that step are held in memory).
+
 Rows are drawn from a seeded permutation of each task's data (a fresh permutation every pass), so step ``i`` is a
 pure function of ``(seed, i)``: runs are reproducible and resumable. Label columns are dropped at load time.
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -32,16 +36,18 @@ _FILE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "
 
 @dataclass
 class TaskData:
-    """Where one task's unlabeled text lives.
+    """Where one task's unlabeled inputs live (text, or images with ``image_column``).
 
     Args:
-        path: a Hugging Face dataset id, a local ``.csv``/``.json``/``.jsonl``/``.parquet`` file, or a directory
-            written by ``datasets.Dataset.save_to_disk``.
+        path: a Hugging Face dataset id, a local ``.csv``/``.json``/``.jsonl``/``.parquet`` file, a directory
+            written by ``datasets.Dataset.save_to_disk``, or (images) an ``imagefolder`` directory.
         split: split to read (hub datasets and ``DatasetDict`` directories).
         text_column: column with the input text.
         text_pair_column: optional second text column (sentence-pair tasks).
         name: dataset configuration name (hub datasets).
         max_samples: keep at most this many rows (the first ones after loading).
+        image_column: column with the input images (a ``datasets.Image`` feature); set for image tasks, whose
+            ``text_column`` is then ignored.
     """
 
     path: str
@@ -50,13 +56,20 @@ class TaskData:
     text_pair_column: str | None = None
     name: str | None = None
     max_samples: int | None = None
+    image_column: str | None = None
+
+    @property
+    def input_columns(self) -> list[str]:
+        if self.image_column:
+            return [self.image_column]
+        return [c for c in (self.text_column, self.text_pair_column) if c]
 
 
-def load_texts(spec: TaskData, task: str = "?", extra_columns: tuple[str, ...] = ()):
-    """Load a task's rows as a ``datasets.Dataset`` holding only its text column(s) (and ``extra_columns``)."""
+def open_dataset(path: str, split: str = "train", name: str | None = None, task: str = "?"):
+    """A ``datasets.Dataset`` from a hub id, a local data file, a ``save_to_disk`` directory or an image folder."""
     import datasets
 
-    p = Path(spec.path)
+    p = Path(path)
     try:
         if p.is_file():
             fmt = _FILE_FORMATS.get(p.suffix)
@@ -66,25 +79,33 @@ def load_texts(spec: TaskData, task: str = "?", extra_columns: tuple[str, ...] =
             if p.stat().st_size == 0:
                 raise MergeInputError(f"task {task!r}: data file {p} is empty (0 bytes)")
             ds = datasets.load_dataset(fmt, data_files=str(p), split="train")
+        elif p.is_dir() and not (p / "dataset_info.json").is_file() and not (p / "dataset_dict.json").is_file():
+            ds = datasets.load_dataset("imagefolder", data_dir=str(p), split=split)  # class folders of images
         elif p.is_dir():
             ds = datasets.load_from_disk(str(p))
             if isinstance(ds, datasets.DatasetDict):
-                if spec.split not in ds:
-                    raise MergeInputError(f"task {task!r}: split {spec.split!r} not in {p}; splits: {list(ds)}")
-                ds = ds[spec.split]
+                if split not in ds:
+                    raise MergeInputError(f"task {task!r}: split {split!r} not in {p}; splits: {list(ds)}")
+                ds = ds[split]
         else:
-            ds = datasets.load_dataset(spec.path, spec.name, split=spec.split)
+            ds = datasets.load_dataset(path, name, split=split)
     except MergeInputError:
         raise
     except (FileNotFoundError, ValueError, OSError, datasets.exceptions.DatasetGenerationError) as e:
         if "corresponds to no data" in str(e):  # what `datasets` says of a file with a header and no rows
-            raise MergeInputError(f"task {task!r}: dataset {spec.path!r} is empty") from e
-        raise MergeInputError(f"task {task!r}: cannot load data from {spec.path!r}: {e}") from e
-    texts = [c for c in (spec.text_column, spec.text_pair_column) if c]
+            raise MergeInputError(f"task {task!r}: dataset {path!r} is empty") from e
+        raise MergeInputError(f"task {task!r}: cannot load data from {path!r}: {e}") from e
+    return ds
+
+
+def load_texts(spec: TaskData, task: str = "?", extra_columns: tuple[str, ...] = ()):
+    """Load a task's rows as a ``datasets.Dataset`` holding only its input column(s) (and ``extra_columns``)."""
+    ds = open_dataset(spec.path, spec.split, spec.name, task)
+    texts = spec.input_columns
     keep = [*texts, *extra_columns]
     for c in keep:
         if c not in ds.column_names:
-            kind = "text column" if c in texts else "column"
+            kind = ("image column" if spec.image_column else "text column") if c in texts else "column"
             raise MergeInputError(f"task {task!r}: {kind} {c!r} not in {spec.path}; columns: {ds.column_names}")
     ds = ds.select_columns(keep)
     if spec.max_samples is not None:
@@ -112,15 +133,91 @@ def pad_batch(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.
     return out
 
 
+class LazyImages:
+    """A task's images, decoded only when a row is read (a step decodes its own rows)."""
+
+    def __init__(self, ds, column: str) -> None:
+        self.ds, self.column = ds, column
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        return self.ds[int(i)][self.column]
+
+    def subset(self, indices: list[int]) -> "LazyImages":
+        return LazyImages(self.ds.select(indices), self.column)
+
+
+def subset(rows, indices: list[int]):
+    """``rows`` restricted to ``indices`` (lazy rows stay lazy)."""
+    return rows.subset(indices) if hasattr(rows, "subset") else [rows[i] for i in indices]
+
+
+class TextInputs:
+    """Tokenizes a task's text once (:meth:`encode`) and pads a step's rows into tensors (``__call__``)."""
+
+    modality = "text"
+
+    def __init__(self, tokenizer, max_length: int) -> None:
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+    def encode(self, ds, spec: TaskData):
+        return tokenize(self.tokenizer, ds, spec, self.max_length)
+
+    def __call__(self, rows) -> dict[str, torch.Tensor]:
+        return pad_batch(rows, self.pad_id)
+
+
+class ImageInputs:
+    """Keeps a task's images lazily (:meth:`encode`) and runs the image processor over a step's rows
+    (``__call__``): ``{"pixel_values": [n, 3, H, W]}``. Images are converted to RGB (grayscale digits included)."""
+
+    modality = "image"
+
+    def __init__(self, processor) -> None:
+        self.processor = processor
+
+    def encode(self, ds, spec: TaskData) -> LazyImages:
+        return LazyImages(ds, spec.image_column)
+
+    def __call__(self, rows) -> dict[str, torch.Tensor]:
+        images = [r.convert("RGB") if hasattr(r, "convert") else r for r in rows]
+        return {"pixel_values": self.processor(images=images, return_tensors="pt")["pixel_values"]}
+
+
+def input_builder(specs, source: str, max_length: int, trust_remote_code: bool = False):
+    """:class:`TextInputs` (the tokenizer of ``source``) or :class:`ImageInputs` (its image processor), as the tasks'
+    ``image_column`` says; every task must be of the same modality."""
+    image = {t: bool(s.image_column) for t, s in specs.items()}
+    if len(set(image.values())) > 1:
+        raise MergeInputError(f"data.tasks: image tasks {sorted(t for t, v in image.items() if v)} and text tasks "
+                              f"{sorted(t for t, v in image.items() if not v)} cannot be mixed in one merge")
+    try:
+        if any(image.values()):
+            from transformers import AutoImageProcessor
+
+            return ImageInputs(AutoImageProcessor.from_pretrained(source, trust_remote_code=trust_remote_code))
+        from transformers import AutoTokenizer
+
+        return TextInputs(AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code), max_length)
+    except (OSError, ValueError) as e:
+        what = "image processor" if any(image.values()) else "tokenizer"
+        raise MergeInputError(f"data.tokenizer: cannot load the {what} of {source!r}: {e}") from e
+
+
 class TaskStepDataset(Dataset):
     """Index ``i`` → the rows of step ``i`` for every task (see module docstring)."""
 
-    def __init__(self, rows: dict[str, list], samples_per_task: int, seed: int, pad_id: int, length: int,
+    def __init__(self, rows: dict[str, list], samples_per_task: int, seed: int, collate, length: int,
                  rank: int = 0, world_size: int = 1) -> None:
         if samples_per_task % world_size:
             raise MergeInputError(f"data.samples_per_task ({samples_per_task}) must be divisible by the number of "
                                   f"processes ({world_size}): each rank takes an equal share of every step")
-        self.rows, self.n, self.seed, self.pad_id, self.length = rows, samples_per_task, seed, pad_id, length
+        if isinstance(collate, int):  # a pad id: token rows
+            collate = partial(pad_batch, pad_id=collate)
+        self.rows, self.n, self.seed, self.collate, self.length = rows, samples_per_task, seed, collate, length
         self.rank, self.world_size = rank, world_size
         self._perm_cache: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -149,7 +246,7 @@ class TaskStepDataset(Dataset):
         share = self.n // self.world_size
         lo, hi = self.rank * share, (self.rank + 1) * share
         picked = [[self.rows[task][j] for j in self.indices(t, task, step)[lo:hi]] for t, task in enumerate(tasks)]
-        return {"inputs": pad_batch([r for rs in picked for r in rs], self.pad_id), "tasks": tasks,
+        return {"inputs": self.collate([r for rs in picked for r in rs]), "tasks": tasks,
                 "sizes": [len(rs) for rs in picked], "step": step}
 
 
@@ -176,11 +273,13 @@ class StepSampler(Sampler[int]):
 
 
 class UnlabeledDataModule(pl.LightningDataModule):
-    """Unlabeled text of every task, tokenized once, served as one multi-task batch per step.
+    """Unlabeled data of every task (text tokenized once; images processed per step), served as one multi-task
+    batch per step.
 
     Args:
         tasks: task name → :class:`TaskData` (names must match the model's tasks).
-        tokenizer: tokenizer id or directory (defaults to the model's base when linked by the CLI).
+        tokenizer: the model source whose tokenizer (text tasks) or image processor (image tasks) prepares the
+            inputs (the CLI links it to the model's base).
         samples_per_task: rows of each task per step (AdaMerging uses 16).
         max_length: truncate inputs to this many tokens.
         seed: seeds the per-task permutations.
@@ -210,24 +309,21 @@ class UnlabeledDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:
             return
-        from transformers import AutoTokenizer
-
         if self.tokenizer_name is None:
             raise MergeInputError("data.tokenizer is not set (the CLI links it to model.base)")
-        tok = AutoTokenizer.from_pretrained(self.tokenizer_name)
+        builder = input_builder(self.tasks, self.tokenizer_name, self.max_length)
         model_tasks = getattr(getattr(self.trainer, "lightning_module", None), "task_names", None) if self._has_trainer() else None
         if model_tasks is not None:
             unknown = sorted(set(self.tasks) - set(model_tasks))
             if unknown:
                 raise MergeInputError(f"data.tasks: {unknown} have no model; model tasks: {model_tasks}")
-        rows = {task: tokenize(tok, load_texts(spec, task), spec, self.max_length) for task, spec in self.tasks.items()}
+        rows = {task: builder.encode(load_texts(spec, task), spec) for task, spec in self.tasks.items()}
         if self.holdout:
             rows, self.held_out = self._split_holdout(rows)
         length = self.steps_per_epoch or max(math.ceil(len(r) / self.samples_per_task) for r in rows.values())
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._has_trainer() else (0, 1)
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)  # LLM tokenizers
-        self.pad_id = pad_id
-        self.dataset = TaskStepDataset(rows, self.samples_per_task, self.seed, pad_id, length,
+        self.collate = builder
+        self.dataset = TaskStepDataset(rows, self.samples_per_task, self.seed, builder, length,
                                        rank=rank, world_size=world)
         log.info("unlabeled data: %s", {t: len(r) for t, r in rows.items()})
 
@@ -239,8 +335,8 @@ class UnlabeledDataModule(pl.LightningDataModule):
                 raise MergeInputError(f"data.holdout ({self.holdout}) leaves no training rows for task {task!r}, "
                                       f"which has {len(r)}")
             perm = torch.randperm(len(r), generator=torch.Generator().manual_seed(self.seed * 7919 + t + 1)).tolist()
-            held[task] = [r[i] for i in perm[: self.holdout]]
-            train[task] = [r[i] for i in sorted(perm[self.holdout:])]
+            held[task] = subset(r, perm[: self.holdout])
+            train[task] = subset(r, sorted(perm[self.holdout:]))
         return train, held
 
     def holdout_batches(self, rows_per_task: int | None = None) -> list[dict]:
@@ -252,8 +348,8 @@ class UnlabeledDataModule(pl.LightningDataModule):
         tasks = list(self.held_out)
         out = []
         for lo in range(0, self.holdout, per):
-            picked = [self.held_out[t][lo:lo + per] for t in tasks]
-            out.append({"inputs": pad_batch([r for rs in picked for r in rs], self.pad_id), "tasks": tasks,
+            picked = [[self.held_out[t][i] for i in range(lo, min(lo + per, len(self.held_out[t])))] for t in tasks]
+            out.append({"inputs": self.collate([r for rs in picked for r in rs]), "tasks": tasks,
                         "sizes": [len(rs) for rs in picked]})
         return out
 

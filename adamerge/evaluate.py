@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from adamerge.data import TaskData, load_texts, pad_batch, tokenize
+from adamerge.data import TaskData, input_builder, load_texts, pad_batch
 from adamerge.errors import MergeInputError
 
 log = logging.getLogger(__name__)
@@ -26,22 +26,28 @@ class LabeledTaskData(TaskData):
     label_column: str = "label"
 
 
-def load_labeled(spec: LabeledTaskData, task: str, tokenizer, max_length: int):
-    """Tokenized rows and integer labels of one task."""
+def load_labeled(spec: LabeledTaskData, task: str, inputs):
+    """Rows (encoded by ``inputs``, :func:`adamerge.data.input_builder`) and integer labels of one task."""
     ds = load_texts(spec, task, extra_columns=(spec.label_column,))
-    return tokenize(tokenizer, ds, spec, max_length), torch.tensor([int(v) for v in ds[spec.label_column]])
+    return inputs.encode(ds, spec), torch.tensor([int(v) for v in ds[spec.label_column]])
 
 
 @torch.no_grad()
-def score(logits_fn: Callable[[dict], torch.Tensor], rows, labels: torch.Tensor, num_classes: int, pad_id: int,
+def score(logits_fn: Callable[[dict], torch.Tensor], rows, labels: torch.Tensor, num_classes: int, collate,
           batch_size: int = 64) -> dict[str, float]:
-    """Accuracy and macro-F1 of ``logits_fn(inputs)`` over tokenized ``rows``."""
+    """Accuracy and macro-F1 of ``logits_fn(inputs)`` over ``rows``, batched by ``collate`` (rows → inputs; an int:
+    the pad id of token rows)."""
+    if isinstance(collate, int):
+        pad_id = collate
+
+        def collate(rs):
+            return pad_batch(rs, pad_id)
     if int(labels.max()) >= num_classes or int(labels.min()) < 0:
         raise MergeInputError(f"labels outside [0, {num_classes}) for a head with {num_classes} classes")
     acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
     f1 = MulticlassF1Score(num_classes=num_classes, average="macro")
     for i in range(0, len(rows), batch_size):
-        logits = logits_fn(pad_batch(rows[i:i + batch_size], pad_id)).float().cpu()
+        logits = logits_fn(collate([rows[j] for j in range(i, min(i + batch_size, len(rows)))])).float().cpu()
         y = labels[i:i + batch_size]
         acc.update(logits, y)
         f1.update(logits, y)
@@ -55,13 +61,13 @@ def evaluate_checkpoint(checkpoint: str, tasks: dict[str, LabeledTaskData], batc
 
     - an adamerge export (``merge_manifest.json``), served as :func:`adamerge.load_merged` serves it (Surgery
       adapters applied);
-    - any sequence-classification model directory or hub id (a plain fine-tune, scored on every task given);
+    - any sequence- or image-classification model directory or hub id (a plain fine-tune, scored on every task);
     - ``checkpoint`` = the pretrained base with ``heads`` = task → fine-tune: the base's encoder with each fine-tune's
       head (the "pretrained + heads" reference).
 
     Args:
         checkpoint: export, model directory or hub id.
-        tasks: task name → labelled data (``path``, ``split``, ``text_column``, ``label_column``).
+        tasks: task name → labelled data (``path``, ``split``, ``text_column`` or ``image_column``, ``label_column``).
         batch_size: evaluation batch size.
         max_length: truncation length; default: the one the merge was trained with (the manifest's
             ``data.max_length``), else 128.
@@ -71,8 +77,6 @@ def evaluate_checkpoint(checkpoint: str, tasks: dict[str, LabeledTaskData], batc
     """
     import json
     from pathlib import Path
-
-    from transformers import AutoTokenizer
 
     from adamerge.export import MANIFEST
     from adamerge.pool import names_local_path
@@ -90,14 +94,14 @@ def evaluate_checkpoint(checkpoint: str, tasks: dict[str, LabeledTaskData], batc
         raise MergeInputError("write: true needs an adamerge export (merge_manifest.json) to write into")
     if max_length is None:
         max_length = int((manifest or {}).get("data", {}).get("max_length") or 128)
-    tok = AutoTokenizer.from_pretrained(str(checkpoint))
-    predict = _predictor(str(checkpoint), manifest, heads, list(tasks))
+    tasks = {t: s if isinstance(s, LabeledTaskData) else LabeledTaskData(**s) for t, s in tasks.items()}
+    inputs = input_builder(tasks, str(checkpoint), max_length)  # the export's tokenizer or image processor
+    predict = _predictor(str(checkpoint), manifest, heads, list(tasks), inputs.modality)
     out = {}
     for task, spec in tasks.items():
-        spec = spec if isinstance(spec, LabeledTaskData) else LabeledTaskData(**spec)
         fn, num_labels = predict(task)
-        rows, labels = load_labeled(spec, task, tok, max_length)
-        out[task] = score(fn, rows, labels, num_labels, tok.pad_token_id or 0, batch_size)
+        rows, labels = load_labeled(spec, task, inputs)
+        out[task] = score(fn, rows, labels, num_labels, inputs, batch_size)
         log.info("%s: %s", task, out[task])
     out["average"] = {k: sum(v[k] for v in out.values()) / len(out) for k in ("accuracy", "macro_f1")}
     if write:
@@ -109,7 +113,8 @@ def evaluate_checkpoint(checkpoint: str, tasks: dict[str, LabeledTaskData], batc
     return out
 
 
-def _predictor(checkpoint: str, manifest: dict | None, heads: dict[str, str] | None, tasks: list[str]):
+def _predictor(checkpoint: str, manifest: dict | None, heads: dict[str, str] | None, tasks: list[str],
+               modality: str = "text"):
     """``task -> (logits function, number of classes)`` for the three kinds of checkpoint."""
     if heads is not None:
         missing = sorted(set(tasks) - set(heads))
@@ -117,7 +122,8 @@ def _predictor(checkpoint: str, manifest: dict | None, heads: dict[str, str] | N
             raise MergeInputError(f"heads: no fine-tune given for tasks {missing}")
         from adamerge.methods import TaskArithmetic
 
-        module = TaskArithmetic(checkpoint, {t: heads[t] for t in tasks}, scale=0.0).eval()  # base encoder, their heads
+        module = TaskArithmetic(checkpoint, {t: heads[t] for t in tasks}, scale=0.0,  # base encoder, their heads
+                                task_type="seq_cls" if modality == "text" else "image_cls").eval()
         params = module.final_merged_params()
         return lambda task: (lambda b: module.predict(task, b, params),
                              module.merged.kind.head_info(module.merged.heads[task])["num_labels"])
@@ -134,5 +140,5 @@ def _predictor(checkpoint: str, manifest: dict | None, heads: dict[str, str] | N
         return from_export
     from adamerge.pool import load_model
 
-    model = load_model(checkpoint).eval()
+    model = load_model(checkpoint, "seq_cls" if modality == "text" else "image_cls").eval()
     return lambda task: (lambda b: model(**b).logits, model.config.num_labels)

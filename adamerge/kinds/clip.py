@@ -1,6 +1,6 @@
 """``clip``: CLIP image classification as AdaMerging, Surgery and Concrete were published on.
 
-The merged backbone is the CLIP **vision tower** (a ``CLIPVisionModel``: ``vision_model.*``). The base must be the
+The merged backbone is the CLIP **vision tower** (a ``CLIPVisionModel``). The base must be the
 full ``CLIPModel`` (e.g. ``openai/clip-vit-base-patch32``): its text tower builds each task's **zero-shot head** once,
 as the papers do — for every class, the text embeddings of the class name in each prompt template are L2-normalised,
 averaged and normalised again; logits are ``exp(logit_scale) · normalize(visual_projection(pooled)) @ Wᵀ``. The heads
@@ -150,8 +150,13 @@ class CLIP(ModelKind):
                 raise MergeInputError(f"{source}: a bare safetensors file can only be a fine-tune (the base must be a "
                                       "CLIPModel directory or hub id)")
             model = CLIPVisionModel(base_config)
-            state = read_state_dict(source)
-            state = {k: v for k, v in state.items() if k.startswith("vision_model.")}
+            expected = set(model.state_dict())
+            state = {}
+            for k, v in read_state_dict(source).items():  # a CLIPVisionModel's or a CLIPModel's names, any version
+                for cand in (k, k.removeprefix("vision_model."), "vision_model." + k):
+                    if cand in expected:
+                        state[cand] = v
+                        break
             missing, _ = model.load_state_dict(state, strict=False)
             missing = [k for k in missing if not k.endswith("position_ids")]
             if missing:
@@ -181,11 +186,13 @@ class CLIP(ModelKind):
     def backbone_of(self, model: nn.Module) -> nn.Module:
         from transformers import CLIPModel, CLIPVisionModel
 
-        if isinstance(model, CLIPModel):
-            vision = CLIPVisionModel(model.config.vision_config)
-            vision.vision_model = model.vision_model  # shared, not copied
-            return vision.to(next(model.parameters()).dtype)
-        return model
+        if not isinstance(model, CLIPModel):
+            return model
+        if isinstance(model.vision_model, CLIPVisionModel):  # transformers 5: the tower is a CLIPVisionModel
+            return model.vision_model
+        vision = CLIPVisionModel(model.config.vision_config)  # transformers 4: wrap the shared transformer
+        vision.vision_model = model.vision_model
+        return vision.to(next(model.parameters()).dtype)
 
     def split(self, model: nn.Module):
         return self.backbone_of(model), None

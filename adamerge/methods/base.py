@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
+from collections import ChainMap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from torch.func import functional_call
 from adamerge.errors import MergeInputError
 from adamerge.export import ExportOptions, push_to_hub, store_dtype, write_merged
 from adamerge.functional import SUBSPACE_METHODS, dare, subspace_pieces, ties_trim_elect
-from adamerge.merged import MergedModel
+from adamerge.merged import MergedModel, batchnorm_layers, recalibrate_batchnorm
 from adamerge.objectives import Objective, StepOutputs
 from adamerge.parametrize import Coefficients
 from adamerge.pool import TaskVectorPool, load_pool
@@ -129,6 +130,8 @@ class MergeModule(pl.LightningModule):
         pool.task_vectors = self.prep.apply(pool.task_vectors)
         self.pool_task_names = pool.task_names
         self.expert_heads: torch.nn.ModuleDict | None = None  # the teachers' heads when a method tunes the heads
+        self.bn_stats: dict[str, Tensor] = {}  # re-estimated BatchNorm buffers of the merge (recalibrate_batchnorm)
+        self.bn_info: dict[str, Any] | None = None
         self.merged = MergedModel(pool, self.build_coefficients(pool))
         self.post_init(pool)
         if self.prep.sparse_storage:
@@ -277,6 +280,7 @@ class MergeModule(pl.LightningModule):
             **self.manifest_fields(),
             **({"selection": self.selection} if getattr(self, "selection", None) else {}),
             **({"data": self.data_info} if getattr(self, "data_info", None) else {}),
+            **({"batchnorm": self.bn_info} if self.bn_info else {}),
         }
 
     def final_masks(self) -> dict[str, Tensor] | None:
@@ -286,12 +290,32 @@ class MergeModule(pl.LightningModule):
 
     @torch.no_grad()
     def final_merged_params(self) -> dict[str, Tensor]:
-        """The merged backbone tensors of the final merge, all at once."""
-        return self.merged.merged_params(masks=self.final_masks())
+        """The merged backbone tensors of the final merge, all at once (with re-estimated BatchNorm statistics when
+        :meth:`recalibrate_batchnorm` ran)."""
+        return {**self.merged.merged_params(masks=self.final_masks()), **self.bn_stats}
 
     def export_params(self) -> Mapping[str, Tensor]:
         """The same tensors as :meth:`final_merged_params`, merged one block at a time as the export reads them."""
-        return self.merged.lazy_merged_params(masks=self.final_masks())
+        lazy = self.merged.lazy_merged_params(masks=self.final_masks())
+        return ChainMap(self.bn_stats, lazy) if self.bn_stats else lazy
+
+    def has_batchnorm(self) -> bool:
+        return bool(batchnorm_layers(self.merged.backbone))
+
+    @torch.no_grad()
+    def recalibrate_batchnorm(self, batches: list[dict]) -> None:
+        """Re-estimate the backbone's BatchNorm running statistics under the final merge on ``batches`` (step-shaped
+        batches of unlabeled rows): the merged weights change every layer's input statistics, which the base's
+        buffers no longer describe. Used by :meth:`predict` and the export from then on."""
+        if not batches or not self.has_batchnorm():
+            return
+        device = next(self.merged.backbone.parameters()).device
+        self.bn_stats = {}
+        params = self.merged.merged_params(masks=self.final_masks())
+        inputs = [{k: v.to(device) for k, v in b["inputs"].items()} for b in batches]
+        self.bn_stats = recalibrate_batchnorm(self.merged.backbone, params, inputs)
+        self.bn_info = {"recalibrated": True, "batches": len(batches),
+                        "rows": sum(int(sum(b["sizes"])) for b in batches), "layers": len(self.bn_stats) // 3}
 
     def extra_export_files(self) -> dict[str, dict[str, Tensor]]:
         """More safetensors files to export next to the checkpoint (e.g. adapters)."""

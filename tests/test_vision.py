@@ -1,0 +1,348 @@
+"""Image model kinds end to end on tiny random models: CLIP (vision tower merged, zero-shot heads from the text tower)
+and AutoModelForImageClassification (own heads), with image data from ``datasets`` (Image features)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from adamerge.errors import MergeInputError
+
+CLASSES = {"digits": ["zero", "one", "two"], "shapes": ["circle", "square", "triangle", "star"]}
+
+
+def _images(n, seed):
+    import PIL.Image
+
+    rng = np.random.default_rng(seed)
+    return [PIL.Image.fromarray((rng.random((28, 28)) * 255).astype("uint8")) for _ in range(n)]  # grayscale, as MNIST
+
+
+def _image_data(root, task, n=24, seed=0):
+    import datasets
+
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES[task])})
+    labels = [i % len(CLASSES[task]) for i in range(n)]
+    path = root / f"data_{task}"
+    datasets.Dataset.from_dict({"image": _images(n, seed), "label": labels}, features=feats).save_to_disk(str(path))
+    return str(path)
+
+
+def _perturb(module, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.fixture(scope="module")
+def clip_zoo(tmp_path_factory):
+    """A tiny random CLIPModel base (with tokenizer and image processor) and two CLIPVisionModel fine-tunes."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer, CLIPVisionModel
+
+    root = tmp_path_factory.mktemp("clip")
+    base = root / "base"
+    base.mkdir()
+    chars = [chr(i) for i in range(33, 127)]  # printable ASCII: byte-level BPE maps these bytes to themselves
+    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    (base / "vocab.json").write_text(json.dumps({w: i for i, w in enumerate(vocab)}))
+    (base / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(base / "vocab.json"), str(base / "merges.txt"))
+    eos = len(vocab) - 1
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, max_position_embeddings=40, eos_token_id=eos,
+                                      bos_token_id=eos - 1, pad_token_id=eos),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
+    torch.manual_seed(0)
+    model = CLIPModel(cfg).eval()
+    model.save_pretrained(str(base))
+    tok.save_pretrained(str(base))
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(str(base))
+    models, data = {}, {}
+    for i, task in enumerate(CLASSES):
+        ft = CLIPVisionModel(cfg.vision_config)
+        ft.load_state_dict(model.vision_model.state_dict())
+        _perturb(ft, 0.05, seed=i + 1)
+        ft.save_pretrained(str(root / task))
+        models[task] = str(root / task)
+        data[task] = _image_data(root, task, seed=i)
+    return {"base": str(base), "models": models, "data": data, "root": root}
+
+
+def _heads(templates=None):
+    return {t: {"classnames": names, **({"templates": templates} if templates else {})} for t, names in CLASSES.items()}
+
+
+def _pixels(base, n=6, seed=5):
+    from transformers import AutoImageProcessor
+
+    proc = AutoImageProcessor.from_pretrained(base)
+    return proc(images=[im.convert("RGB") for im in _images(n, seed)], return_tensors="pt")["pixel_values"]
+
+
+def test_clip_zero_shot_head_equals_stock_clip_logits(clip_zoo):
+    """With one template and the merge at the base (λ = 0), the wrapper's logits are stock CLIPModel's zero-shot
+    logits_per_image for the prompts "a photo of a {class}." — computed by transformers alone."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    from adamerge.methods import TaskArithmetic
+
+    module = TaskArithmetic(clip_zoo["base"], clip_zoo["models"], scale=0.0, task_type="clip",
+                            heads=_heads(["a photo of a {}."])).eval()
+    clip = CLIPModel.from_pretrained(clip_zoo["base"]).eval()
+    tok = AutoTokenizer.from_pretrained(clip_zoo["base"])
+    x = _pixels(clip_zoo["base"])
+    for task, names in CLASSES.items():
+        prompts = tok([f"a photo of a {c}." for c in names], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            ref = clip(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"],
+                       pixel_values=x).logits_per_image
+            got = module.predict(task, {"pixel_values": x})
+        assert got.shape == (6, len(names))
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_clip_zero_shot_head_averages_normalised_template_embeddings(clip_zoo):
+    """Several templates: each class row is the normalised mean of the normalised prompt embeddings (by hand)."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    from adamerge.methods import TaskArithmetic
+
+    templates = ["a photo of a {}.", "a drawing of the {}!", "{}"]
+    module = TaskArithmetic(clip_zoo["base"], clip_zoo["models"], scale=0.3, task_type="clip",
+                            heads=_heads(templates))
+    clip = CLIPModel.from_pretrained(clip_zoo["base"]).eval()
+    tok = AutoTokenizer.from_pretrained(clip_zoo["base"])
+    for task, names in CLASSES.items():
+        rows = []
+        for c in names:
+            embs = []
+            for t in templates:  # one prompt at a time: no padding involved
+                with torch.no_grad():
+                    out = clip.text_model(**tok([t.format(c)], return_tensors="pt")).pooler_output
+                    e = clip.text_projection(out)[0]
+                embs.append(e / e.norm())
+            m = torch.stack(embs).mean(0)
+            rows.append(m / m.norm())
+        head = module.merged.heads[task]
+        torch.testing.assert_close(head.weight, torch.stack(rows), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(head.logit_scale, clip.logit_scale.exp())
+        assert not any(p.requires_grad for p in head.parameters())
+
+
+def test_clip_fit_export_load_and_stock_recipe_agree(clip_zoo, tmp_path):
+    """Layer-wise AdaMerging on unlabeled images (3 steps) moves the coefficients; the export served by
+    load_merged, and by the stock-transformers recipe of the docs (CLIPVisionModel + heads.safetensors), gives
+    the wrapper's logits."""
+    from safetensors.torch import load_file
+    from transformers import CLIPVisionModel
+
+    from adamerge import load_merged, read_manifest
+    from adamerge.data import TaskData, UnlabeledDataModule
+    from adamerge.methods import AdaMerging
+    from tests.conftest import quick_fit
+
+    heads = {"digits": {"classnames": CLASSES["digits"], "templates": "mnist"},
+             "shapes": {"dataset": {"path": clip_zoo["data"]["shapes"], "label_column": "label"}}}
+    module = AdaMerging(clip_zoo["base"], clip_zoo["models"], granularity="layer", init=0.3, lr=0.05,
+                        task_type="clip", heads=heads)
+    assert module.merged.heads["shapes"].classnames == CLASSES["shapes"]  # ClassLabel names
+    dm = UnlabeledDataModule({t: TaskData(path=p, image_column="image") for t, p in clip_zoo["data"].items()},
+                             tokenizer=clip_zoo["base"], samples_per_task=4)
+    before = module.merged.coefficients.matrix().detach().clone()
+    quick_fit(module, dm, steps=3)
+    assert not torch.allclose(module.merged.coefficients.matrix().detach(), before)
+    out = module.export(tmp_path / "merged")
+    manifest = read_manifest(out)
+    assert manifest["task_type"] == "clip" and manifest["per_task_models"] is False
+    assert manifest["heads"]["digits"]["templates"][0] == 'a photo of the number: "{}".'
+    assert (out / "preprocessor_config.json").is_file()
+    x = _pixels(clip_zoo["base"], seed=9)
+    module.eval()
+    served = load_merged(out)
+    vision = CLIPVisionModel.from_pretrained(str(out)).eval()
+    tensors = load_file(str(out / "heads.safetensors"))
+    for task in CLASSES:
+        with torch.no_grad():
+            ref = module.predict(task, {"pixel_values": x})
+            emb = vision(pixel_values=x).pooler_output @ tensors[f"{task}/visual_projection.weight"].T
+            stock = tensors[f"{task}/logit_scale"] * torch.nn.functional.normalize(emb, dim=-1) \
+                @ tensors[f"{task}/weight"].T
+        torch.testing.assert_close(served.predict(task, pixel_values=x), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(stock, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_clip_input_errors_name_the_problem(clip_zoo):
+    from adamerge.methods import TaskArithmetic
+
+    with pytest.raises(MergeInputError, match=r"missing for \['shapes'\]"):
+        TaskArithmetic(clip_zoo["base"], clip_zoo["models"], task_type="clip",
+                       heads={"digits": {"classnames": CLASSES["digits"]}})
+    with pytest.raises(MergeInputError, match="must be the full CLIPModel"):
+        TaskArithmetic(clip_zoo["models"]["digits"], clip_zoo["models"], task_type="clip", heads=_heads())
+    with pytest.raises(MergeInputError, match="exactly one"):
+        TaskArithmetic(clip_zoo["base"], clip_zoo["models"], task_type="clip", heads=_heads(["no slot"]))
+    with pytest.raises(MergeInputError, match="apply to task_type clip"):
+        TaskArithmetic(clip_zoo["base"], clip_zoo["models"], task_type="image_cls", heads=_heads())
+
+
+@pytest.fixture(scope="module")
+def vit_zoo(tmp_path_factory):
+    """A tiny random ViT image classifier base and two fine-tunes with their own heads (3 and 4 classes)."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    root = tmp_path_factory.mktemp("vit")
+    torch.manual_seed(0)
+    cfg = ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                    patch_size=8, num_labels=3)
+    base = ViTForImageClassification(cfg).eval()
+    base.save_pretrained(str(root / "base"))
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(str(root / "base"))
+    models, data = {}, {}
+    for i, (task, names) in enumerate(CLASSES.items()):
+        c = ViTConfig.from_dict({**cfg.to_dict(), "num_labels": len(names),
+                                 "id2label": dict(enumerate(names)), "label2id": {n: j for j, n in enumerate(names)}})
+        ft = ViTForImageClassification(c)
+        ft.vit.load_state_dict(base.vit.state_dict())
+        _perturb(ft.vit, 0.05, seed=i + 1)
+        ft.save_pretrained(str(root / task))
+        models[task] = str(root / task)
+        data[task] = _image_data(root, task, seed=i)
+    return {"base": str(root / "base"), "models": models, "data": data}
+
+
+def test_image_classifier_fit_export_and_stock_task_models(vit_zoo, tmp_path):
+    """AutoModelForImageClassification: one-hot coefficients reproduce each fine-tune's own logits; after 3 steps of
+    AdaMerging on unlabeled images the export's tasks/<task>/ loads with stock AutoModelForImageClassification and
+    equals the wrapper; evaluate scores the export on labelled images."""
+    from transformers import AutoModelForImageClassification
+
+    from adamerge import load_task_model
+    from adamerge.data import TaskData, UnlabeledDataModule
+    from adamerge.evaluate import evaluate_checkpoint
+    from adamerge.methods import AdaMerging
+    from tests.conftest import quick_fit
+
+    module = AdaMerging(vit_zoo["base"], vit_zoo["models"], granularity="layer", init=0.3, lr=0.05,
+                        task_type="image_cls")
+    x = _pixels(vit_zoo["base"], seed=3)
+    for task in CLASSES:  # the expert = base + its task vector with its own head = the fine-tune itself
+        ft = AutoModelForImageClassification.from_pretrained(vit_zoo["models"][task]).eval()
+        params = module.merged.merged_params(module.merged.one_hot(task))
+        with torch.no_grad():
+            torch.testing.assert_close(module.predict(task, {"pixel_values": x}, params),
+                                       ft(pixel_values=x).logits, atol=1e-5, rtol=1e-5)
+    dm = UnlabeledDataModule({t: TaskData(path=p, image_column="image") for t, p in vit_zoo["data"].items()},
+                             tokenizer=vit_zoo["base"], samples_per_task=4, holdout=4)
+    quick_fit(module, dm, steps=3)
+    out = module.export(tmp_path / "merged")
+    module.eval()
+    for task, names in CLASSES.items():
+        stock = AutoModelForImageClassification.from_pretrained(str(out / "tasks" / task)).eval()
+        rebuilt = load_task_model(out, task)
+        with torch.no_grad():
+            ref = module.predict(task, {"pixel_values": x})
+            torch.testing.assert_close(stock(pixel_values=x).logits, ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(rebuilt(pixel_values=x).logits, ref, atol=1e-5, rtol=1e-5)
+        assert stock.config.id2label[1] == names[1]
+    scores = evaluate_checkpoint(str(out), {t: {"path": p, "image_column": "image", "label_column": "label"}
+                                            for t, p in vit_zoo["data"].items()})
+    for task, names in CLASSES.items():  # recomputed by hand from the wrapper's predictions
+        import datasets
+
+        ds = datasets.load_from_disk(vit_zoo["data"][task])
+        from transformers import AutoImageProcessor
+
+        proc = AutoImageProcessor.from_pretrained(vit_zoo["base"])
+        px = proc(images=[im.convert("RGB") for im in ds["image"]], return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            pred = module.predict(task, {"pixel_values": px}).argmax(-1)
+        acc = float((pred == torch.tensor(ds["label"])).float().mean())
+        assert scores[task]["n"] == len(ds) and abs(scores[task]["accuracy"] - acc) < 1e-6
+
+
+def test_image_steps_shard_across_ranks_like_text(vit_zoo):
+    """Under data parallelism each of 2 ranks takes half of every task's rows of a step: together they are the
+    single-process batch, image for image."""
+    from transformers import AutoImageProcessor
+
+    from adamerge.data import ImageInputs, LazyImages, TaskData, TaskStepDataset, load_texts
+
+    proc = ImageInputs(AutoImageProcessor.from_pretrained(vit_zoo["base"]))
+    rows = {t: proc.encode(load_texts(TaskData(path=p, image_column="image"), t), TaskData(path=p, image_column="image"))
+            for t, p in vit_zoo["data"].items()}
+    assert all(isinstance(r, LazyImages) for r in rows.values())
+    one = TaskStepDataset(rows, 4, 0, proc, 10)[7]
+    ranks = [TaskStepDataset(rows, 4, 0, proc, 10, rank=r, world_size=2)[7] for r in range(2)]
+    assert one["sizes"] == [4, 4] and all(b["sizes"] == [2, 2] for b in ranks)
+    px = [b["inputs"]["pixel_values"] for b in ranks]
+    for t in range(2):  # task t's rows: rank 0's half, then rank 1's half
+        joined = torch.cat([px[0][2 * t:2 * t + 2], px[1][2 * t:2 * t + 2]])
+        torch.testing.assert_close(joined, one["inputs"]["pixel_values"][4 * t:4 * t + 4])
+
+
+def test_mixed_text_and_image_tasks_are_refused(vit_zoo):
+    from adamerge.data import TaskData, input_builder
+
+    with pytest.raises(MergeInputError, match="cannot be mixed"):
+        input_builder({"a": TaskData(path="x", image_column="image"), "b": TaskData(path="y")}, vit_zoo["base"], 32)
+
+
+def test_batchnorm_statistics_are_reestimated_under_the_merge(tmp_path):
+    """A MobileNetV2 merge (BatchNorm backbone): at the end of fit the export's running statistics are re-estimated
+    on the first bn_batches steps. Reference, for the first BatchNorm (whose input no other BatchNorm affects): the
+    per-batch mean and unbiased variance of its input in the stock exported model, averaged over the batches."""
+    import pytorch_lightning as pl
+    from transformers import AutoModelForImageClassification, MobileNetV2Config, MobileNetV2ForImageClassification
+    from transformers import MobileNetV2ImageProcessor
+
+    from adamerge import read_manifest
+    from adamerge.callbacks import ExportOnFitEnd
+    from adamerge.data import TaskData, UnlabeledDataModule
+    from adamerge.methods import AdaMerging
+
+    torch.manual_seed(0)
+    cfg = MobileNetV2Config(image_size=32, depth_multiplier=0.35, num_labels=3)
+    base = MobileNetV2ForImageClassification(cfg).eval()
+    base.save_pretrained(str(tmp_path / "base"))
+    MobileNetV2ImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        str(tmp_path / "base"))
+    models, data = {}, {}
+    for i, (task, names) in enumerate(CLASSES.items()):
+        ft = MobileNetV2ForImageClassification(MobileNetV2Config(image_size=32, depth_multiplier=0.35,
+                                                                 num_labels=len(names)))
+        ft.mobilenet_v2.load_state_dict(base.mobilenet_v2.state_dict())
+        _perturb(ft.mobilenet_v2, 0.05, seed=i + 1)
+        ft.save_pretrained(str(tmp_path / task))
+        models[task], data[task] = str(tmp_path / task), _image_data(tmp_path, task, seed=i)
+    module = AdaMerging(str(tmp_path / "base"), models, granularity="layer", init=0.3, lr=0.05, task_type="image_cls")
+    dm = UnlabeledDataModule({t: TaskData(path=p, image_column="image") for t, p in data.items()},
+                             tokenizer=str(tmp_path / "base"), samples_per_task=4)
+    out = tmp_path / "merged"
+    pl.seed_everything(0, verbose=False)
+    pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, accelerator="cpu",
+               callbacks=[ExportOnFitEnd(output_dir=str(out), bn_batches=3)]).fit(module, datamodule=dm)
+    info = read_manifest(out)["batchnorm"]
+    assert info["batches"] == 3 and info["rows"] == 3 * 4 * len(CLASSES)
+    stock = AutoModelForImageClassification.from_pretrained(str(out / "tasks" / "digits")).eval()
+    bn = stock.mobilenet_v2.conv_stem.first_conv.normalization
+    seen = []
+    handle = bn.register_forward_hook(lambda m, args, output: seen.append(args[0].detach()))
+    with torch.no_grad():
+        for i in range(3):
+            stock(**dm.dataset[i]["inputs"])
+    handle.remove()
+    mean = torch.stack([a.mean(dim=(0, 2, 3)) for a in seen]).mean(0)
+    var = torch.stack([a.transpose(0, 1).reshape(a.shape[1], -1).var(dim=1, unbiased=True) for a in seen]).mean(0)
+    torch.testing.assert_close(bn.running_mean, mean, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(bn.running_var, var, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(bn.running_var, base.mobilenet_v2.conv_stem.first_conv.normalization.running_var)
+    x = dm.dataset[5]["inputs"]
+    module.eval()
+    with torch.no_grad():  # the wrapper serves the re-estimated statistics too
+        torch.testing.assert_close(stock(**x).logits, module.predict("digits", x), atol=1e-5, rtol=1e-4)
