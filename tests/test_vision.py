@@ -346,3 +346,26 @@ def test_batchnorm_statistics_are_reestimated_under_the_merge(tmp_path):
     module.eval()
     with torch.no_grad():  # the wrapper serves the re-estimated statistics too
         torch.testing.assert_close(stock(**x).logits, module.predict("digits", x), atol=1e-5, rtol=1e-4)
+
+
+def test_clip_paper_configs_name_the_same_tasks_everywhere():
+    """Each CLIP ViT-B/32 config: the fine-tunes, the zero-shot heads and the data name the same 8 tasks, every head
+    has a template set, and the published figure is stated."""
+    from pathlib import Path
+
+    import yaml
+
+    from adamerge.kinds.clip import TEMPLATES
+
+    paths = sorted((Path(__file__).parents[1] / "configs").glob("clip_vit_b32_*.yaml"))
+    assert len(paths) >= 10
+    for p in paths:
+        doc = yaml.safe_load(p.read_text())
+        args = doc["model"]["init_args"]
+        tasks = list(args["models"])
+        assert len(tasks) == 8 and args["task_type"] == "clip", p.name
+        assert list(args["heads"]) == tasks and all(t in TEMPLATES for t in tasks), p.name
+        if "data" in doc:
+            assert list(doc["data"]["tasks"]) == tasks, p.name
+            assert all(s["image_column"] == "image" for s in doc["data"]["tasks"].values()), p.name
+        assert "Published:" in p.read_text(), p.name
