@@ -158,6 +158,7 @@ class MergedModel(nn.Module):
         self.task_type = pool.task_type
         self.kind = get_kind(pool.task_type)
         self.tokenizer = pool.tokenizer  # the union tokenizer when fine-tunes added tokens, else None (the base's)
+        self.expert_buffers = pool.expert_buffers  # task -> buffers of its fine-tune that differ from the base's
         blocks: dict[str, list[str]] = {}
         for n in self.param_names:
             blocks.setdefault(block_of(n), []).append(n)
@@ -286,6 +287,14 @@ class MergedModel(nn.Module):
             total, per_task = total + loss.detach(), {**per_task, **{t: v.detach() for t, v in terms.items()}}
         surrogate = sum((params[n] * leaves[n].grad).sum() for n in params if leaves[n].grad is not None)
         return surrogate, total, per_task
+
+    def expert_params(self, task: str) -> dict[str, Tensor]:
+        """The weights (and buffers, e.g. BatchNorm statistics) of fine-tune ``task`` itself: its one-hot merge
+        with its own buffers where they differ from the base's."""
+        params = self.merged_params(self.one_hot(task), masks={})
+        device = next(iter(params.values())).device
+        params.update({n: b.to(device) for n, b in self.expert_buffers.get(task, {}).items()})
+        return params
 
     def one_hot(self, task: str) -> Tensor:
         """``[T, P]`` coefficients that select fine-tune ``task`` exactly."""

@@ -158,6 +158,7 @@ class TaskVectorPool:
     low_rank: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # name -> (B [T,out,r], A [T,r,in])
     task_type: str = "seq_cls"
     tokenizer: object = None  # the union tokenizer when fine-tunes added tokens (see adamerge.vocab)
+    expert_buffers: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # task -> its own float buffers
 
     @property
     def param_names(self) -> list[str]:
@@ -240,6 +241,8 @@ def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = 
     config = backbone.config
     backbone.requires_grad_(False).eval()
     base_params = dict(backbone.named_parameters())
+    base_buffers = dict(backbone.named_buffers())
+    expert_buffers: dict[str, dict[str, Tensor]] = {}
     base_state = {n: p.detach() for n, p in base_params.items()}
     _check_finite(base_state, f"base ({base})")
     tv_dtype = tv_dtype or dtype
@@ -308,6 +311,10 @@ def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = 
             log.warning("model %r (%s) is identical to the base: its task vector is zero", task, source)
         if head is not None and built_heads is None:
             task_heads[task] = _own_memory(head.requires_grad_(False).eval())
+        own = {n: b.detach().clone() for n, b in ft_backbone.named_buffers()
+               if n in base_buffers and b.is_floating_point() and not torch.equal(b, base_buffers[n])}
+        if own:  # e.g. BatchNorm running statistics: the expert (the fine-tune itself) runs with its own
+            expert_buffers[task] = own
         del ft, ft_backbone, ft_state
     with torch.no_grad():
         for n, rows in added_rows.items():  # an added token's row: the mean of the fine-tunes that have it
@@ -326,7 +333,8 @@ def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = 
              len(low_rank), n_el / 1e6)
     return TaskVectorPool(backbone=backbone, heads=task_heads, task_names=list(models), task_vectors=task_vectors,
                           config=config, base_source=base, sources=dict(models), hashes=hashes, low_rank=low_rank,
-                          task_type=task_type, tokenizer=plan.tokenizer if plan is not None else None)
+                          task_type=task_type, tokenizer=plan.tokenizer if plan is not None else None,
+                          expert_buffers=expert_buffers)
 
 
 def _vocab_plan(base: str, base_model: nn.Module, models: dict[str, str], trust_remote_code: bool):

@@ -369,3 +369,48 @@ def test_clip_paper_configs_name_the_same_tasks_everywhere():
             assert list(doc["data"]["tasks"]) == tasks, p.name
             assert all(s["image_column"] == "image" for s in doc["data"]["tasks"].values()), p.name
         assert "Published:" in p.read_text(), p.name
+
+
+def _reference_mobilenet_v2(sd, x):
+    """torchvision's MobileNetV2 forward written out with torch.nn.functional over its own state dict (eval mode):
+    the independent reference for the conversion."""
+    import torch.nn.functional as F
+
+    def cbn(x, prefix_conv, prefix_bn, stride=1, groups=1, act=True):
+        w = sd[prefix_conv + ".weight"]
+        x = F.conv2d(x, w, stride=stride, padding=w.shape[-1] // 2, groups=groups)
+        x = F.batch_norm(x, sd[prefix_bn + ".running_mean"], sd[prefix_bn + ".running_var"], sd[prefix_bn + ".weight"],
+                         sd[prefix_bn + ".bias"], training=False, eps=1e-5)
+        return F.relu6(x) if act else x
+
+    x = cbn(x, "features.0.0", "features.0.1", stride=2)
+    x = cbn(x, "features.1.conv.0.0", "features.1.conv.0.1", groups=x.shape[1])
+    x = cbn(x, "features.1.conv.1", "features.1.conv.2", act=False)
+    block = 2
+    for t, c, n, s in [(6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]:
+        for i in range(n):
+            p = f"features.{block}.conv"
+            y = cbn(x, p + ".0.0", p + ".0.1")
+            y = cbn(y, p + ".1.0", p + ".1.1", stride=s if i == 0 else 1, groups=y.shape[1])
+            y = cbn(y, p + ".2", p + ".3", act=False)
+            x = x + y if (i > 0 or s == 1) and y.shape == x.shape else y
+            block += 1
+    x = cbn(x, "features.18.0", "features.18.1")
+    return F.linear(x.mean(dim=(2, 3)), sd["classifier.1.weight"], sd["classifier.1.bias"])
+
+
+def test_mobilenet_v2_conversion_matches_an_independent_forward():
+    """The packaged torchvision ImageNet MobileNetV2, converted for transformers, gives the logits of a functional
+    re-implementation of torchvision's architecture over the original state dict."""
+    from pathlib import Path
+
+    from transformers import MobileNetV2ForImageClassification
+
+    from adamerge.bench.vision import convert_mobilenet_v2, mobilenet_config, torchvision_mobilenet_v2
+
+    sd = torchvision_mobilenet_v2(Path(__file__).parents[1] / ".cache" / "wheels")
+    model = MobileNetV2ForImageClassification(mobilenet_config()).eval()
+    model.load_state_dict(convert_mobilenet_v2(sd), strict=True)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=x).logits, _reference_mobilenet_v2(sd, x), atol=1e-4, rtol=1e-4)

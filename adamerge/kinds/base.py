@@ -111,6 +111,10 @@ class ModelKind:
                 return f
         raise MergeInputError(f"task_type {self.name!r}: backbone output has none of {self.feature_fields}")
 
+    def feature_dim(self, backbone: nn.Module) -> int:
+        """Width of the feature the heads read (Surgery's adapters)."""
+        return backbone.config.hidden_size
+
     def check_features(self) -> None:
         """Refuse feature-based objectives where the kind has no backbone features."""
 

@@ -10,6 +10,9 @@ base's; before export they are re-estimated on unlabeled data of every task (``e
 
 from __future__ import annotations
 
+import torch
+from torch import nn
+
 from adamerge.kinds.headed import HeadedKind
 
 
@@ -18,3 +21,13 @@ class ImageClassification(HeadedKind):
     modality = "image"
     auto_class_name = "AutoModelForImageClassification"
     pipeline_tag = "image-classification"
+
+    @torch.no_grad()
+    def feature_dim(self, backbone: nn.Module) -> int:
+        """CNNs have no ``hidden_size``: the width of the feature field on one blank image."""
+        cfg = backbone.config
+        size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
+        training = backbone.training
+        out = backbone.eval()(pixel_values=torch.zeros(1, getattr(cfg, "num_channels", 3), size, size))
+        backbone.train(training)
+        return getattr(out, self.feature_field(out)).shape[-1]

