@@ -414,3 +414,41 @@ def test_mobilenet_v2_conversion_matches_an_independent_forward():
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(pixel_values=x).logits, _reference_mobilenet_v2(sd, x), atol=1e-4, rtol=1e-4)
+
+
+def test_wemoe_on_clip_starts_as_task_arithmetic(clip_zoo):
+    """WEMoE routes the CLIP vision tower's MLPs (mlp.fc1/fc2); at initialisation its logits are Task
+    Arithmetic's, and only the routers train."""
+    from adamerge.methods import TaskArithmetic, WEMoE
+
+    kw = dict(task_type="clip", heads=_heads())
+    ta = TaskArithmetic(clip_zoo["base"], clip_zoo["models"], scale=0.3, **kw).eval()
+    moe = WEMoE(clip_zoo["base"], clip_zoo["models"], scale=0.3, **kw).eval()
+    assert len(moe.routing.routers) == 2  # two layers of the tiny tower
+    trainable = {n for n, p in moe.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("routing.") for n in trainable)
+    x = _pixels(clip_zoo["base"], seed=4)
+    for task in CLASSES:
+        with torch.no_grad():
+            torch.testing.assert_close(moe.predict(task, {"pixel_values": x}), ta.predict(task, {"pixel_values": x}),
+                                       atol=1e-5, rtol=1e-5)
+
+
+def test_benchmark_unpickler_reads_arrays_and_refuses_anything_else():
+    """The animal-mnist files are pickles: the benchmark's unpickler accepts numpy arrays and nothing else."""
+    import io
+    import pickle
+
+    from adamerge.bench.vision import _ArrayUnpickler
+
+    arr = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    assert np.array_equal(_ArrayUnpickler(io.BytesIO(pickle.dumps(arr))).load(), arr)
+
+    class Evil:
+        def __reduce__(self):
+            import os
+
+            return (os.system, ("echo pwned",))
+
+    with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle"):
+        _ArrayUnpickler(io.BytesIO(pickle.dumps(Evil()))).load()
