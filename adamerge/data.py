@@ -320,6 +320,10 @@ class UnlabeledDataModule(pl.LightningDataModule):
         rows = {task: builder.encode(load_texts(spec, task), spec) for task, spec in self.tasks.items()}
         if self.holdout:
             rows, self.held_out = self._split_holdout(rows)
+        for task, r in rows.items():
+            if len(r) < self.samples_per_task:
+                log.warning("task %r has %d rows, fewer than data.samples_per_task (%d): its rows repeat within each "
+                            "step", task, len(r), self.samples_per_task)
         length = self.steps_per_epoch or max(math.ceil(len(r) / self.samples_per_task) for r in rows.values())
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._has_trainer() else (0, 1)
         self.collate = builder

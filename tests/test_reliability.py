@@ -131,6 +131,28 @@ def test_data_errors_name_the_task_and_field(tmp_path, zoo):
         load_texts(TaskData(str(q)), "spam")
 
 
+def test_samples_per_task_above_a_tasks_rows_warns_naming_it(tmp_path, zoo, caplog):
+    """A task with fewer rows than samples_per_task: a warning names it, and each step still holds every row of it
+    (repeated), never a row twice before all were used."""
+    import logging
+
+    from adamerge.data import TaskData, UnlabeledDataModule
+
+    base, _ = zoo
+    small, big = tmp_path / "small.csv", tmp_path / "big.csv"
+    small.write_text("text\n" + "".join(f"tiny row {i}\n" for i in range(3)))
+    big.write_text("text\n" + "".join(f"row number {i}\n" for i in range(20)))
+    dm = UnlabeledDataModule({"small": TaskData(str(small)), "big": TaskData(str(big))}, tokenizer=base,
+                             samples_per_task=8, max_length=16)
+    with caplog.at_level(logging.WARNING, logger="adamerge.data"):
+        dm.setup("fit")
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("task 'small' has 3 rows, fewer than data.samples_per_task (8)" in m for m in msgs)
+    assert not any("'big'" in m for m in msgs)
+    picked = dm.dataset.indices(0, "small", 0)
+    assert len(picked) == 8 and set(picked) == {0, 1, 2} and set(picked[:3]) == {0, 1, 2}  # all three before a repeat
+
+
 def test_unknown_method_and_granularity(zoo):
     from adamerge.methods import AdaMerging, get_method
 
