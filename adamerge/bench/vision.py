@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from adamerge.bench.tasks import fetch_wheel, split_sizes
-from adamerge.bench.zoo import FineTuner, zoo_dir
+from adamerge.bench.zoo import FineTuner, finish_member, fit_head, zoo_dir
 
 log = logging.getLogger(__name__)
 
@@ -191,25 +191,10 @@ def _features(model, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tenso
                       for i in range(0, len(pixels), batch_size)])
 
 
-def fit_probe(model, pixels: torch.Tensor, labels: torch.Tensor, steps: int = 200, weight_decay: float = 1e-3) -> dict:
-    """Fit ``model.classifier`` by full-batch L-BFGS on the frozen base's pooled features (the frozen-head zoo)."""
-    feats = _features(model, pixels)
-    head = model.classifier
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
-    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(head(feats), labels) + weight_decay * head.weight.square().sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    with torch.no_grad():
-        acc = float((head(feats).argmax(-1) == labels).float().mean())
-    return {"train_accuracy": acc}
+def fit_probe(model, pixels: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Fit ``model.classifier`` on the frozen base's pooled features (the frozen-head zoo; see
+    :func:`adamerge.bench.zoo.fit_head`)."""
+    return fit_head(model.classifier, _features(model, pixels), labels)
 
 
 class _ImageFineTuner(FineTuner):
@@ -259,11 +244,4 @@ def finetune_vision(task: str, data_dir: Path, zoo: Path, base: Path, epochs: in
     info = {"task": task, "head": head, "train_rows": len(labels), "epochs": epochs, "batch_size": batch_size,
             "lr": lr, "seed": seed, "steps": steps, "seconds": round(time.time() - t0, 1),
             **({"linear_probe": probe} if probe else {})}
-    (tmp / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    if target.exists():
-        import shutil
-
-        shutil.rmtree(target)
-    tmp.rename(target)
-    log.info("fine-tuned %s in %.0fs", task, info["seconds"])
-    return target
+    return finish_member(tmp, target, info)

@@ -109,9 +109,13 @@ def _head_features(model, rows, pad: int, batch_size: int = 128) -> torch.Tensor
 def fit_linear_probe(model, rows, pad: int, steps: int = 200, weight_decay: float = 1e-3) -> dict[str, float]:
     """Fit ``model.classifier`` (a ``Linear``) by full-batch L-BFGS on the frozen base's features (softmax
     regression with L2), in place; returns its training accuracy and loss."""
-    feats = _head_features(model, rows, pad)
-    labels = torch.tensor([y for _, y in rows])
-    head = model.classifier
+    return fit_head(model.classifier, _head_features(model, rows, pad), torch.tensor([y for _, y in rows]), steps,
+                    weight_decay)
+
+
+def fit_head(head: torch.nn.Linear, feats: torch.Tensor, labels: torch.Tensor, steps: int = 200,
+             weight_decay: float = 1e-3) -> dict[str, float]:
+    """Softmax regression with L2 of ``head`` on fixed ``feats`` by full-batch L-BFGS (from zero), in place."""
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
     opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
@@ -194,11 +198,16 @@ def finetune(task: str, data_dir: Path, zoo: Path, epochs: int = 2, batch_size: 
 
         save_file(lp_head, str(tmp / "lp_head.safetensors"))
         info["linear_probe"] = probe
+    return finish_member(tmp, target, info)
+
+
+def finish_member(tmp: Path, target: Path, info: dict) -> Path:
+    """Write ``train_info.json`` (what marks a zoo member as built) into ``tmp`` and rename it to ``target``."""
     (tmp / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
     if target.exists():
         import shutil
 
         shutil.rmtree(target)
     tmp.rename(target)
-    log.info("fine-tuned %s in %.0fs", task, info["seconds"])
+    log.info("fine-tuned %s in %.0fs", info["task"], info["seconds"])
     return target

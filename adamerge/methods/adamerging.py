@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
-
 from adamerge.errors import MergeInputError
 from adamerge.kinds import get_kind
 from adamerge.methods.base import MergeModule, TaskVectorPrep
