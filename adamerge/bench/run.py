@@ -122,8 +122,8 @@ PRESETS = {
     "full": Preset(list(TASKS), steps=100),
     "vision": Preset(["mnist", "digits", "animals"], steps=100, task_type="image_cls", surgery_steps=100,
                      methods=["task_arithmetic", "ties", "tsv_m", "adamerging_task", "adamerging_layer",
-                              "adamerging_pp_layer", "concrete_ta", "concrete_adamerging", "surgery_ta",
-                              "surgery_adamerging"]),
+                              "adamerging_pp_layer", "adamerging_layer_kl", "tinting", "concrete_ta",
+                              "concrete_adamerging", "surgery_ta", "surgery_adamerging"]),
 }
 
 def peak_rss_mib() -> float:
