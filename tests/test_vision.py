@@ -482,3 +482,32 @@ def test_clip_ddp_two_processes_match_single_process(clip_zoo, tmp_path):
     # which a wrong share of the images or an unreduced gradient would break.
     assert (single - ddp)[moved > 1e-3].abs().max() < TOL, (single - ddp).abs().max()
     assert (moved > 1e-3).float().mean() > 0.9 and (single - ddp).abs().max() < 1e-4
+
+
+def test_image_data_from_an_imagefolder_and_parquet(tmp_path):
+    """Image tasks read from an ``imagefolder`` directory (class folders of PNGs) and from a parquet file keep
+    their pixels: the processed batch equals processing the source images directly."""
+    import datasets
+    from transformers import ViTImageProcessor
+
+    from adamerge.data import ImageInputs, TaskData, load_texts
+
+    images = _images(6, seed=11)
+    folder = tmp_path / "folder"
+    for i, im in enumerate(images):
+        d = folder / ("cat" if i % 2 else "dog")
+        d.mkdir(parents=True, exist_ok=True)
+        im.save(d / f"{i}.png")
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    datasets.Dataset.from_dict({"image": images, "label": [0, 1] * 3}, features=feats).to_parquet(
+        str(tmp_path / "d.parquet"))
+    proc = ViTImageProcessor(size={"height": 32, "width": 32})
+    inputs = ImageInputs(proc)
+    for path in (folder, tmp_path / "d.parquet"):
+        spec = TaskData(path=str(path), image_column="image")
+        rows = inputs.encode(load_texts(spec, "t"), spec)
+        assert len(rows) == 6
+        got = inputs([rows[i] for i in range(6)])["pixel_values"]
+        want = proc(images=[rows[i].convert("RGB") for i in range(6)], return_tensors="pt")["pixel_values"]
+        torch.testing.assert_close(got, want)
+        assert sorted(np.asarray(rows[i]).sum() for i in range(6)) == sorted(np.asarray(im).sum() for im in images)
