@@ -164,6 +164,35 @@ class CoefficientHeatmap(pl.Callback):
         self._log(trainer, pl_module)
 
 
+class BackboneMode(pl.Callback):
+    """The backbone's mode while the merge trains (``adamerge fit --backbone_mode``). adamerge keeps it in ``eval``
+    (dropout off: the gradient is that of the model that will be exported); ``train`` switches dropout on during
+    training, as FusionBench's AdaMerging does, and back to eval at the end. BatchNorm layers stay in eval mode either
+    way (in train mode they would overwrite the running statistics that the base and the experts share; a merge's
+    statistics are re-estimated before export, see ``export.bn_batches``).
+
+    Args:
+        mode: ``eval`` or ``train``.
+    """
+
+    def __init__(self, mode: str = "eval") -> None:
+        from adamerge.errors import MergeInputError
+
+        if mode not in ("eval", "train"):
+            raise MergeInputError(f"backbone_mode: unknown value {mode!r}; allowed: eval, train")
+        self.mode = mode
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        backbone = pl_module.merged.backbone
+        backbone.train(self.mode == "train")
+        for m in backbone.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        pl_module.merged.backbone.eval()
+
+
 @contextmanager
 def eval_mode(module: torch.nn.Module):
     """Every submodule in eval mode inside the block, then each one's own mode back. (``module.train(was_training)``

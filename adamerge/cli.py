@@ -13,11 +13,11 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
-from adamerge.callbacks import CoefficientHeatmap, ExportOnFitEnd
+from adamerge.callbacks import BackboneMode, CoefficientHeatmap, ExportOnFitEnd
 from adamerge.data import UnlabeledDataModule
 from adamerge.methods import MergeModule
 
@@ -66,11 +66,16 @@ class AdaMergeCLI(LightningCLI):
         # always-on callbacks, configured as top-level sections `export:` and `heatmap:`
         parser.add_lightning_class_args(ExportOnFitEnd, "export")
         parser.add_lightning_class_args(CoefficientHeatmap, "heatmap")
+        parser.add_argument("--backbone_mode", type=Literal["eval", "train"], default="eval",
+                            help="mode of the backbone while the merge trains: eval (dropout off, the gradient of the "
+                                 "model that is exported; default) or train (dropout on, as FusionBench)")
 
     def before_fit(self) -> None:
         from pytorch_lightning.callbacks import ModelCheckpoint
 
         config = self.config[self.subcommand]
+        if config.get("backbone_mode", "eval") != "eval":
+            self.trainer.callbacks.append(BackboneMode(config["backbone_mode"]))
         target = checkpoint_dir(config["export"]["output_dir"])
         for cb in self.trainer.callbacks:
             if isinstance(cb, ExportOnFitEnd):

@@ -161,3 +161,37 @@ def test_fit_with_label_free_selection_exports_the_chosen_step(zoo, task_data, t
     assert manifest["hparams"]["objective"] == "kl" and manifest["hparams"]["tune_heads"] is True
     exported = torch.tensor(manifest["coefficients"]["values"])
     assert torch.allclose(exported, cli.model.merged.coefficients.weight.detach())
+
+
+def test_backbone_mode_train_switches_dropout_on_only_while_training(zoo, task_data, tmp_path):
+    """`--backbone_mode train`: the backbone trains with dropout on (its modules in train mode at every step) and is
+    back in eval mode for the export; the default keeps it in eval mode throughout."""
+    import pytorch_lightning as pl
+
+    from adamerge.callbacks import BackboneMode
+    from adamerge.data import TaskData, UnlabeledDataModule
+    from adamerge.methods import AdaMerging
+
+    class Probe(pl.Callback):
+        def __init__(self):
+            self.modes = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.modes.append(pl_module.merged.backbone.training)
+
+    base, paths = zoo
+    for mode, expected in (("train", True), ("eval", False)):
+        module = AdaMerging(base, paths)
+        dm = UnlabeledDataModule({t: TaskData(p) for t, p in task_data.items()}, tokenizer=base, samples_per_task=4,
+                                 max_length=16)
+        probe = Probe()
+        pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, accelerator="cpu",
+                   callbacks=[BackboneMode(mode), probe]).fit(module, datamodule=dm)
+        assert probe.modes == [expected, expected]
+        assert not any(m.training for m in module.merged.backbone.modules())
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"backbone_mode": "train", "model": {"class_path": "adamerge.methods.AdaMerging",
+                                                                      "init_args": {"base": base, "models": paths}},
+                                   "data": {"tasks": {t: {"path": p} for t, p in task_data.items()}}}))
+    assert parse_only(cfg).backbone_mode == "train"
