@@ -96,6 +96,7 @@ class Preset:
     max_unlabeled: int = 1000
     max_test: int = 1000
     ft_epochs: int = 2
+    ft_lr: float | None = None  # fine-tuning learning rate of the zoo (None: the zoo builder's default)
     surgery_steps: int = 200
     holdout: int = 64  # unlabeled rows per task held back for label-free step selection (rows with ``select``)
     select_every: int = 10
@@ -120,7 +121,7 @@ PRESETS = {
                  methods=["task_arithmetic", "ties", "adamerging_layer", "tinting", "surgery_adamerging"]),
     "quick": Preset(["polarity", "question", "spam", "language"], steps=100, pairs=True, lora_rank=8),
     "full": Preset(list(TASKS), steps=100),
-    "vision": Preset(["mnist", "digits", "animals"], steps=100, task_type="image_cls", surgery_steps=100,
+    "vision": Preset(["mnist", "digits", "animals"], steps=100, task_type="image_cls", surgery_steps=100, ft_lr=1e-4,
                      methods=["task_arithmetic", "ties", "tsv_m", "adamerging_task", "adamerging_layer",
                               "adamerging_pp_layer", "adamerging_layer_kl", "tinting", "concrete_ta",
                               "concrete_adamerging", "surgery_ta", "surgery_adamerging"]),
@@ -353,8 +354,9 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
 
         card = prepare_vision(preset.tasks, data_dir, work / "wheels", **sizes)
         base = str(build_vision_base(zoo, work / "wheels"))
-        paths = {t: str(finetune_vision(t, data_dir, zoo, Path(base), epochs=preset.ft_epochs, head=zoo_protocol))
-                 for t in preset.tasks}
+        members = zoo / f"lr{preset.ft_lr:g}"  # zoos of other fine-tuning rates are kept apart
+        paths = {t: str(finetune_vision(t, data_dir, members, Path(base), epochs=preset.ft_epochs, lr=preset.ft_lr,
+                                        head=zoo_protocol)) for t in preset.tasks}
     else:
         card = prepare(preset.tasks, data_dir, work / "wheels", **sizes)
         base = str(build_base(zoo))
@@ -446,9 +448,9 @@ def render(result: dict) -> str:
     protocol = {"own": "own-head zoo (each head trained with its body)",
                 "frozen": "frozen-head zoo (linear-probe heads fixed before fine-tuning, LP-FT)"}[
         result.get("zoo_protocol", "own")]
-    inputs = ("images 32×32, BatchNorm statistics of every merge re-estimated on "
-              f"{c.get('bn_batches')} steps of its unlabeled rows" if c.get("task_type", "seq_cls") != "seq_cls"
-              else f"max length {c['max_length']}")
+    inputs = (f"images 32×32, zoo fine-tuned {c['ft_epochs']} epochs at lr {c.get('ft_lr') or 1e-3:g}, BatchNorm "
+              f"statistics of every merge re-estimated on {c.get('bn_batches')} steps of its unlabeled rows"
+              if c.get("task_type", "seq_cls") != "seq_cls" else f"max length {c['max_length']}")
     lines += ["", f"Zoo protocol: {protocol}. Preset `{result['preset']}`: {len(tasks)} tasks, {c['steps']} adaptation steps, "
                   f"{c['samples_per_task']} samples/task/step, {inputs}. "
                   f"Accuracy in % on each task's test split with its own head. Total {result['total_seconds']} s "
