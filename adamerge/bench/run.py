@@ -121,7 +121,7 @@ PRESETS = {
                  methods=["task_arithmetic", "ties", "adamerging_layer", "tinting", "surgery_adamerging"]),
     "quick": Preset(["polarity", "question", "spam", "language"], steps=100, pairs=True, lora_rank=8),
     "full": Preset(list(TASKS), steps=100),
-    "vision": Preset(["mnist", "digits", "animals"], steps=100, task_type="image_cls", surgery_steps=100, ft_lr=1e-4,
+    "vision": Preset(["mnist", "digits", "animals"], steps=100, task_type="image_cls", surgery_steps=100,
                      methods=["task_arithmetic", "ties", "tsv_m", "adamerging_task", "adamerging_layer",
                               "adamerging_pp_layer", "adamerging_layer_kl", "tinting", "concrete_ta",
                               "concrete_adamerging", "surgery_ta", "surgery_adamerging"]),
@@ -354,9 +354,9 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
 
         card = prepare_vision(preset.tasks, data_dir, work / "wheels", **sizes)
         base = str(build_vision_base(zoo, work / "wheels"))
-        members = zoo / f"lr{preset.ft_lr:g}"  # zoos of other fine-tuning rates are kept apart
-        paths = {t: str(finetune_vision(t, data_dir, members, Path(base), epochs=preset.ft_epochs, lr=preset.ft_lr,
-                                        head=zoo_protocol)) for t in preset.tasks}
+        members = zoo if preset.ft_lr is None else zoo / f"lr{preset.ft_lr:g}"  # other rates are kept apart
+        paths = {t: str(finetune_vision(t, data_dir, members, Path(base), epochs=preset.ft_epochs,
+                                        lr=preset.ft_lr or 1e-3, head=zoo_protocol)) for t in preset.tasks}
     else:
         card = prepare(preset.tasks, data_dir, work / "wheels", **sizes)
         base = str(build_base(zoo))
