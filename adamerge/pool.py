@@ -28,8 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from adamerge.errors import MergeInputError
-from adamerge.kinds import FeatureStub, apply_head, get_kind  # noqa: F401  (FeatureStub, apply_head: re-exported)
-from adamerge.kinds.headed import read_state_dict  # noqa: F401  (re-exported)
+from adamerge.kinds import get_kind
+from adamerge.kinds.headed import read_state_dict
 
 log = logging.getLogger(__name__)
 

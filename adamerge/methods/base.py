@@ -8,9 +8,9 @@ A method subclasses :class:`MergeModule`, chooses its coefficients, and — if i
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
 from collections import ChainMap
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
