@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import logging
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -13,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 
 from adamerge.card import heatmap_png
+from adamerge.merged import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +58,11 @@ class ExportOnFitEnd(pl.Callback):
         """Re-estimate the merge's BatchNorm statistics on the first ``bn_batches`` steps of ``datamodule``."""
         if not self.bn_batches or not module.has_batchnorm():
             return
-        dataset = getattr(datamodule, "dataset", None) if datamodule is not None else None
-        if dataset is None:
-            import logging
-
-            logging.getLogger(__name__).warning("the backbone has BatchNorm layers but no data was given: the export "
-                                                "keeps the base's running statistics")
+        if not hasattr(datamodule, "first_steps"):
+            log.warning("the backbone has BatchNorm layers but no data was given: the export keeps the base's running "
+                        "statistics")
             return
-        module.recalibrate_batchnorm([dataset[i] for i in range(min(self.bn_batches, len(dataset)))])
+        module.recalibrate_batchnorm(datamodule.first_steps(self.bn_batches))
 
     def export(self, module, write: bool = True):
         return module.export(self.output_dir, overwrite=self.overwrite, write=write, run_config=self.run_config,
@@ -191,19 +188,6 @@ class BackboneMode(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         pl_module.merged.backbone.eval()
-
-
-@contextmanager
-def eval_mode(module: torch.nn.Module):
-    """Every submodule in eval mode inside the block, then each one's own mode back. (``module.train(was_training)``
-    would switch on the dropout of a backbone that trains in eval mode.)"""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield module
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 class SelectStep(pl.Callback):

@@ -166,9 +166,7 @@ def merge_main(args: list[str] | None = None):
         model.select(dm)
     exporter = ExportOnFitEnd(**{k: cfg[k] for k in export_keys()})
     exporter.run_config = run_config_yaml(parser, cfg)
-    if dm is not None and exporter.bn_batches and model.has_batchnorm():
-        dm.setup("fit")
-        exporter.recalibrate(model, dm)
+    exporter.recalibrate(model, dm)
     return exporter.export(model)
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -215,8 +214,6 @@ class TaskStepDataset(Dataset):
         if samples_per_task % world_size:
             raise MergeInputError(f"data.samples_per_task ({samples_per_task}) must be divisible by the number of "
                                   f"processes ({world_size}): each rank takes an equal share of every step")
-        if isinstance(collate, int):  # a pad id: token rows
-            collate = partial(pad_batch, pad_id=collate)
         self.rows, self.n, self.seed, self.collate, self.length = rows, samples_per_task, seed, collate, length
         self.rank, self.world_size = rank, world_size
         self._perm_cache: dict[tuple[str, int], torch.Tensor] = {}
@@ -330,6 +327,11 @@ class UnlabeledDataModule(pl.LightningDataModule):
         self.dataset = TaskStepDataset(rows, self.samples_per_task, self.seed, builder, length,
                                        rank=rank, world_size=world)
         log.info("unlabeled data: %s", {t: len(r) for t, r in rows.items()})
+
+    def first_steps(self, n: int) -> list[dict]:
+        """The batches of steps ``0 … n-1`` (fewer when an epoch is shorter), set up first if needed."""
+        self.setup("fit")
+        return [self.dataset[i] for i in range(min(n, len(self.dataset)))]
 
     def _split_holdout(self, rows: dict[str, list]) -> tuple[dict[str, list], dict[str, list]]:
         """Hold back ``holdout`` rows of every task (a seeded choice, independent of the training permutations)."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from adamerge.data import TaskData, input_builder, load_texts, pad_batch
+from adamerge.data import TaskData, input_builder, load_texts
 from adamerge.errors import MergeInputError
 
 log = logging.getLogger(__name__)
@@ -35,13 +35,8 @@ def load_labeled(spec: LabeledTaskData, task: str, inputs):
 @torch.no_grad()
 def score(logits_fn: Callable[[dict], torch.Tensor], rows, labels: torch.Tensor, num_classes: int, collate,
           batch_size: int = 64) -> dict[str, float]:
-    """Accuracy and macro-F1 of ``logits_fn(inputs)`` over ``rows``, batched by ``collate`` (rows → inputs; an int:
-    the pad id of token rows)."""
-    if isinstance(collate, int):
-        pad_id = collate
-
-        def collate(rs):
-            return pad_batch(rs, pad_id)
+    """Accuracy and macro-F1 of ``logits_fn(inputs)`` over ``rows``, batched by ``collate`` (rows → inputs, e.g.
+    :class:`adamerge.data.TextInputs`)."""
     if int(labels.max()) >= num_classes or int(labels.min()) < 0:
         raise MergeInputError(f"labels outside [0, {num_classes}) for a head with {num_classes} classes")
     acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
@@ -116,6 +111,7 @@ def evaluate_checkpoint(checkpoint: str, tasks: dict[str, LabeledTaskData], batc
 def _predictor(checkpoint: str, manifest: dict | None, heads: dict[str, str] | None, tasks: list[str],
                modality: str = "text"):
     """``task -> (logits function, number of classes)`` for the three kinds of checkpoint."""
+    task_type = "seq_cls" if modality == "text" else "image_cls"
     if heads is not None:
         missing = sorted(set(tasks) - set(heads))
         if missing:
@@ -123,7 +119,7 @@ def _predictor(checkpoint: str, manifest: dict | None, heads: dict[str, str] | N
         from adamerge.methods import TaskArithmetic
 
         module = TaskArithmetic(checkpoint, {t: heads[t] for t in tasks}, scale=0.0,  # base encoder, their heads
-                                task_type="seq_cls" if modality == "text" else "image_cls").eval()
+                                task_type=task_type).eval()
         params = module.final_merged_params()
         return lambda task: (lambda b: module.predict(task, b, params),
                              module.merged.kind.head_info(module.merged.heads[task])["num_labels"])
@@ -140,5 +136,5 @@ def _predictor(checkpoint: str, manifest: dict | None, heads: dict[str, str] | N
         return from_export
     from adamerge.pool import load_model
 
-    model = load_model(checkpoint, "seq_cls" if modality == "text" else "image_cls").eval()
+    model = load_model(checkpoint, task_type).eval()
     return lambda task: (lambda b: model(**b).logits, model.config.num_labels)

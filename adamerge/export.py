@@ -348,7 +348,7 @@ def write_merged(output_dir: str | Path, backbone: torch.nn.Module, merged: Mapp
         files = write_weights(tmp, entries, produce, max_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        head_tensors, head_info = {}, {}
+        head_tensors, head_info, wrote_tasks = {}, {}, False
         root = WeightReader(tmp)
         for task, head in heads.items():
             hs = head_state(head)
@@ -356,6 +356,7 @@ def write_merged(output_dir: str | Path, backbone: torch.nn.Module, merged: Mapp
             head_info[task] = {**kind.head_info(head), "params": sorted(hs)}
             task_files = kind.task_model_files(head, config) if per_task_models else None
             if task_files is not None:
+                wrote_tasks = True
                 head_config, prefix = task_files
                 d = tmp / "tasks" / task
                 d.mkdir(parents=True)
@@ -367,8 +368,7 @@ def write_merged(output_dir: str | Path, backbone: torch.nn.Module, merged: Mapp
                               else root.get(k[len(prefix) + 1:]), max_bytes)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(str(d))
-        per_task_models = per_task_models and bool(heads) and kind.task_model_files(next(iter(heads.values())),
-                                                                                    config) is not None
+        per_task_models = wrote_tasks
         del root
         save_file(_contiguous(head_tensors, target_dtype), str(tmp / HEADS), metadata={"format": "pt"})
         for name, tensors in (extra_files or {}).items():
@@ -446,9 +446,6 @@ def load_task_model(path: str | Path, task: str, dtype: torch.dtype = torch.floa
     if task not in manifest["heads"]:
         raise MergeInputError(f"task {task!r} not in checkpoint {path}; tasks: {sorted(manifest['heads'])}")
     kind = get_kind(manifest_kind(manifest))
-    if not hasattr(kind, "task_model"):
-        raise MergeInputError(f"{path}: task_type {kind.name!r} has no stock per-task model class; use "
-                              "adamerge.load_merged(path).predict(task, ...)")
     heads = load_file(str(path / HEADS))
     head = {k.split("/", 1)[1]: v for k, v in heads.items() if k.startswith(task + "/")}
     return kind.task_model(path, task, manifest["heads"][task], read_weights(path), head, dtype)

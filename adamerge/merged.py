@@ -8,6 +8,7 @@ coefficients (and masks) only; the base weights and task vectors are frozen buff
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +36,19 @@ def slice_output(output, sl: slice):
     if isinstance(output, tuple) and not hasattr(output, "keys"):
         return tuple(slice_output(o, sl) for o in output)
     return type(output)(**{k: slice_output(v, sl) if isinstance(v, (Tensor, tuple)) else v for k, v in output.items()})
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module):
+    """Every submodule in eval mode inside the block, then each one's own mode back. (``module.train(was_training)``
+    would switch on the dropout of a backbone that trains in eval mode.)"""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def block_of(name: str) -> str:

@@ -103,7 +103,7 @@ def run(work: Path = Path(".cache"), out: Path = Path("runs/quickstart"), settin
     for task in s.tasks:  # the export as a user serves it: stock transformers, no adamerge module
         model = load_task_model(str(export), task)
         rows, labels, n_cls = evaluator.sets[task]
-        merged[task] = score(lambda b, m=model: m(**b).logits, rows, labels, n_cls, evaluator.pad, batch_size=128)
+        merged[task] = score(lambda b, m=model: m(**b).logits, rows, labels, n_cls, evaluator.inputs, batch_size=128)
     scores["adamerge"] = merged
     wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     result = {"settings": asdict(s), "scores": scores, "run_dir": str(run_dir), "export": str(export),

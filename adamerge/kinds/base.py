@@ -145,6 +145,12 @@ class ModelKind:
         has no stock per-task class."""
         return None
 
+    def task_model(self, root, task: str, info: Mapping[str, Any], backbone_state: Mapping[str, Tensor],
+                   head_tensors: Mapping[str, Tensor], dtype: torch.dtype) -> nn.Module:
+        """A stock per-task model for ``task`` from an export's root weights and the task's head tensors."""
+        raise MergeInputError(f"{root}: task_type {self.name!r} has no stock per-task model class; use "
+                              "adamerge.load_merged(path).predict(task, ...)")
+
 
 def num_labels_of(head_tensors: Mapping[str, Tensor], prefix: str, hidden_size: int | None, source: str) -> int:
     """Guess ``num_labels`` of a bare checkpoint from its head's output tensor (a 2-D tensor outside the backbone

@@ -25,9 +25,10 @@ class ImageClassification(HeadedKind):
     @torch.no_grad()
     def feature_dim(self, backbone: nn.Module) -> int:
         """CNNs have no ``hidden_size``: the width of the feature field on one blank image."""
+        from adamerge.merged import eval_mode  # merged imports the kinds
+
         cfg = backbone.config
         size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
-        training = backbone.training
-        out = backbone.eval()(pixel_values=torch.zeros(1, getattr(cfg, "num_channels", 3), size, size))
-        backbone.train(training)
+        with eval_mode(backbone):
+            out = backbone(pixel_values=torch.zeros(1, getattr(cfg, "num_channels", 3), size, size))
         return getattr(out, self.feature_field(out)).shape[-1]

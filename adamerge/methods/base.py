@@ -310,7 +310,6 @@ class MergeModule(pl.LightningModule):
         if not batches or not self.has_batchnorm():
             return
         device = next(self.merged.backbone.parameters()).device
-        self.bn_stats = {}
         buffers = set(dict(self.merged.backbone.named_buffers()))
         params = {n: t for n, t in self.final_merged_params().items() if n not in buffers}  # the module's own buffers
         inputs = [{k: v.to(device) for k, v in b["inputs"].items()} for b in batches]

@@ -233,8 +233,7 @@ class M3(MergeModule):
     @torch.no_grad()
     def select(self, datamodule) -> None:
         """Score every candidate by the summed entropy on ``eval_batches`` unlabeled steps; keep the lowest."""
-        datamodule.setup("fit")
-        batches = [datamodule.dataset[i] for i in range(min(self._eval_batches, len(datamodule.dataset)))]
+        batches = datamodule.first_steps(self._eval_batches)
         scores = []
         for k in range(self._k):
             self._use(k)
