@@ -20,20 +20,23 @@ import torch
 from torch import Tensor
 
 
-# Bytes of compute-dtype temporaries one merge step may hold while up-casting a low-precision stack (64 MiB).
-CAST_CHUNK_BYTES = 64 * 2**20
+# Bytes of compute-dtype temporaries one merge step may hold while up-casting a low-precision stack or copying an
+# offloaded one to the compute device (16 MiB).
+CAST_CHUNK_BYTES = 16 * 2**20
 
 
-def _cast_chunks(tv: Tensor, dtype: torch.dtype):
-    """Yield ``(start, tv[start:stop] in dtype)`` over the task axis; a same-dtype stack comes back whole, uncopied,
-    and a low-precision one in groups of tasks whose up-cast copy stays under :data:`CAST_CHUNK_BYTES`."""
-    if tv.dtype == dtype:
+def _cast_chunks(tv: Tensor, dtype: torch.dtype, device: torch.device | None = None):
+    """Yield ``(start, tv[start:stop] in dtype on device)`` over the task axis; a stack already in that dtype and on
+    that device comes back whole, uncopied; otherwise in groups of tasks whose copy stays under
+    :data:`CAST_CHUNK_BYTES` (from pinned CPU memory, the copies are asynchronous)."""
+    device = tv.device if device is None else device
+    if tv.dtype == dtype and tv.device == device:
         yield 0, tv
         return
     per_task = max(1, tv[0].numel() * torch.empty((), dtype=dtype).element_size())
     step = max(1, CAST_CHUNK_BYTES // per_task)
     for s in range(0, tv.shape[0], step):
-        yield s, tv[s:s + step].to(dtype)
+        yield s, tv[s:s + step].to(device=device, dtype=dtype, non_blocking=True)
 
 
 class _DenseMerge(torch.autograd.Function):
@@ -54,7 +57,7 @@ class _DenseMerge(torch.autograd.Function):
         outs = []
         for j, (base, tv) in enumerate(zip(bases, stacks)):
             out = base.reshape(-1)
-            for s, chunk in _cast_chunks(tv, base.dtype):
+            for s, chunk in _cast_chunks(tv, base.dtype, base.device):
                 out = torch.addmv(out, chunk.reshape(chunk.shape[0], -1).t(), lam[s:s + chunk.shape[0], j])
             outs.append(out.view(base.shape))
         return tuple(outs)
@@ -71,7 +74,7 @@ class _DenseMerge(torch.autograd.Function):
                     cols.append(lam.new_zeros(lam.shape[0]))
                     continue
                 g = g.reshape(-1)
-                parts = [chunk.reshape(chunk.shape[0], -1) @ g for _, chunk in _cast_chunks(tv, g.dtype)]
+                parts = [chunk.reshape(chunk.shape[0], -1) @ g for _, chunk in _cast_chunks(tv, g.dtype, g.device)]
                 cols.append(parts[0] if len(parts) == 1 else torch.cat(parts))
             grad_lam = torch.stack(cols, dim=1).to(lam.dtype)
         grad_bases = [g if ctx.needs_input_grad[1 + j] else None for j, g in enumerate(grads)]
@@ -89,6 +92,105 @@ def merge_dense(bases: list[Tensor], task_vectors: list[Tensor], coefficients: T
     return list(_DenseMerge.apply(coefficients.to(bases[0].dtype), *bases, *task_vectors))
 
 
+class _RowMerge(torch.autograd.Function):
+    """``(θ0 + Σ_t λ_t τ_t)[ids]``: the rows of a merged lookup table that ``ids`` reads, without merging (or
+    differentiating) the rest of the table. Each distinct row is merged with the arithmetic of :class:`_DenseMerge`
+    (the same ``addmv`` over the same groups of tasks), so the rows equal the whole table's bit for bit. The backward
+    gathers the same rows again and sums the incoming gradient per distinct row first, exactly as an embedding's
+    gradient does (rows at ``padding_idx`` get none)."""
+
+    @staticmethod
+    def forward(ctx, lam: Tensor, ids: Tensor, stack: Tensor, base: Tensor, padding_idx: int | None):
+        uniq, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+        out = base.index_select(0, uniq).reshape(-1)
+        for s, rows in _gather_chunks(stack, uniq, base.dtype, base.device):
+            out = torch.addmv(out, rows.reshape(rows.shape[0], -1).t(), lam[s:s + rows.shape[0]])
+        ctx.save_for_backward(lam, uniq, inverse, stack)
+        ctx.dtype, ctx.device, ctx.padding_idx = base.dtype, base.device, padding_idx
+        return out.view(len(uniq), -1)[inverse].view(*ids.shape, stack.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        lam, uniq, inverse, stack = ctx.saved_tensors
+        g = grad.reshape(-1, stack.shape[-1]).to(ctx.dtype)
+        if ctx.padding_idx is not None:
+            g = g.masked_fill((uniq[inverse] == ctx.padding_idx)[:, None], 0)
+        per_row = g.new_zeros(len(uniq), g.shape[1]).index_add_(0, inverse, g)
+        parts = [(rows * per_row).sum((1, 2)) for _, rows in _gather_chunks(stack, uniq, ctx.dtype, ctx.device)]
+        return torch.cat(parts).to(lam.dtype), None, None, None, None
+
+
+def _gather_chunks(stack: Tensor, rows: Tensor, dtype: torch.dtype, device: torch.device):
+    """Yield ``(start, stack[start:stop, rows] in dtype on device)`` over the task axis, in the groups of tasks that
+    :func:`_cast_chunks` uses for the whole stack (one group when it needs no copy)."""
+    whole = stack.dtype == dtype and stack.device == device
+    per_task = max(1, stack[0].numel() * torch.empty((), dtype=dtype).element_size())
+    step = stack.shape[0] if whole else max(1, CAST_CHUNK_BYTES // per_task)
+    rows = rows.to(stack.device)
+    for s in range(0, stack.shape[0], step):
+        yield s, stack[s:s + step].index_select(1, rows).to(device=device, dtype=dtype, non_blocking=True)
+
+
+def merge_rows(base: Tensor, stack: Tensor, coefficients: Tensor, ids: Tensor, padding_idx: int | None = None
+               ) -> Tensor:
+    """``(θ0 + Σ_t λ_t τ_t)[ids]`` for a 2-D lookup table (``stack``: ``[T, V, d]``, ``coefficients``: ``[T]``),
+    merging and differentiating only the rows that ``ids`` reads (see :class:`LookupWeight`)."""
+    if padding_idx is not None and padding_idx < 0:
+        padding_idx += base.shape[0]
+    return _RowMerge.apply(coefficients.to(base.dtype), ids, stack, base, padding_idx)
+
+
+# Tensor functions that only read metadata: a LookupWeight answers them as its base does, without merging.
+_METADATA = {Tensor.size, Tensor.dim, Tensor.numel, Tensor.element_size, Tensor.is_floating_point,
+             Tensor.is_complex, Tensor.is_contiguous, Tensor.stride, Tensor.data_ptr, Tensor.storage_offset,
+             Tensor.__len__, Tensor.get_device, Tensor.__hash__}
+
+
+class LookupWeight(Tensor):
+    """A merged lookup table (an embedding's weight) that is never merged whole when it is only looked up.
+
+    It shares the base table's storage; ``F.embedding`` on it returns ``θ0[ids] + Σ_t λ_t τ_t[ids]`` through
+    :func:`merge_rows`, so a step merges and differentiates only the rows its tokens read instead of the whole
+    vocabulary (BERT-like encoders: half the model). Any other use (a tied output layer, ``weight.T``, ...)
+    gets the whole merged table through ``full()``, so the result is the merged model's whatever the code does;
+    metadata (shape, dtype, device) reads the base's. ``coefficients`` (``[T]``) carry the graph to the merge's
+    coefficients; ``full()`` returns the whole merged table with that graph.
+    """
+
+    @staticmethod
+    def __new__(cls, base: Tensor, stack: Tensor, coefficients: Tensor, full):
+        t = Tensor._make_subclass(cls, base.detach(), False)
+        t._stack, t._lam, t._full = stack, coefficients, full
+        return t
+
+    def __init__(self, *args, **kwargs):  # everything happens in __new__
+        super().__init__()
+
+    def __repr__(self) -> str:
+        return f"LookupWeight(shape={tuple(self.shape)}, tasks={self._stack.shape[0]})"
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.embedding:
+            names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+            call = {**dict(zip(names, args)), **kwargs}
+            w = call.get("weight")
+            if (isinstance(w, LookupWeight) and not isinstance(call["input"], LookupWeight)
+                    and call.get("max_norm") is None and not call.get("scale_grad_by_freq") and not call.get("sparse")):
+                with torch._C.DisableTorchFunctionSubclass():
+                    base = w.as_subclass(Tensor)
+                return merge_rows(base, w._stack, w._lam, call["input"], call.get("padding_idx"))
+        if func in _METADATA or getattr(func, "__name__", "") == "__get__":  # shape, dtype, device, ...
+            with torch._C.DisableTorchFunctionSubclass():
+                out = func(*args, **kwargs)
+            if not isinstance(out, Tensor):  # tensor-valued attributes (.T, .data) read the merged table below
+                return out
+        args, kwargs = torch.utils._pytree.tree_map(
+            lambda a: a._full() if isinstance(a, LookupWeight) else a, (args, kwargs))
+        return func(*args, **kwargs)
+
+
 def merge_tensor(base: Tensor, task_vectors: Tensor, coefficients: Tensor, mask: Tensor | None = None) -> Tensor:
     """``θ0 + Σ_t λ_t (m ⊙ τ_t)``, computed in ``base.dtype`` whatever the storage dtype of ``task_vectors``.
 
@@ -97,7 +199,7 @@ def merge_tensor(base: Tensor, task_vectors: Tensor, coefficients: Tensor, mask:
     """
     if mask is None:
         return merge_dense([base], [task_vectors], coefficients[:, None])[0]
-    tv = task_vectors.to(base.dtype) * mask.to(base.dtype)  # same arithmetic as the unmasked path (an all-ones mask
+    tv = task_vectors.to(base.device, base.dtype) * mask.to(base.dtype)  # same arithmetic as the unmasked path (an all-ones mask
     return torch.addmv(base.reshape(-1), tv.reshape(tv.shape[0], -1).t(),  # gives bit-identical weights)
                        coefficients.to(base.dtype)).view(base.shape)
 

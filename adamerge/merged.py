@@ -7,7 +7,7 @@ coefficients (and masks) only; the base weights and task vectors are frozen buff
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -16,6 +16,7 @@ from torch.func import functional_call
 
 from adamerge.errors import MergeInputError
 from adamerge.functional import (
+    LookupWeight,
     SparseStack,
     merge_dense,
     merge_low_rank,
@@ -74,6 +75,7 @@ class TaskVectorStore(nn.Module):
     def __init__(self, names: list[str], dense: dict[str, Tensor], low_rank: dict[str, tuple[Tensor, Tensor]]):
         super().__init__()
         self.names = names
+        self.offloaded = False  # True: the stacks stay in CPU memory whatever device the model moves to
         self.dense_keys: dict[str, str] = {}
         self.lr_keys: dict[str, tuple[str, str]] = {}
         self.sparse_keys: dict[str, tuple[str, str]] = {}
@@ -87,6 +89,24 @@ class TaskVectorStore(nn.Module):
                 self.lr_keys[n] = (f"B_{i}", f"A_{i}")
                 self.register_parameter(f"B_{i}", nn.Parameter(B, requires_grad=False))
                 self.register_parameter(f"A_{i}", nn.Parameter(A, requires_grad=False))
+
+    def _apply(self, fn, recurse=True):
+        return self if self.offloaded else super()._apply(fn, recurse)
+
+    @torch.no_grad()
+    def offload(self) -> None:
+        """Keep the dense stacks in CPU memory (pinned when CUDA is present): ``.to(device)`` leaves them there and
+        the merge copies each one to the compute device in bounded chunks, in the forward and again in the
+        backward, so the device holds one block's stacks at a time instead of all of them."""
+        if self.lr_keys or self.sparse_keys:
+            kind = "low-rank (LoRA)" if self.lr_keys else "sparse (prep.sparse_storage)"
+            name = next(iter(self.lr_keys or self.sparse_keys))
+            raise MergeInputError(f"prep.offload: tensor {name!r} has a {kind} task vector; offloading streams dense "
+                                  "stacks only")
+        pin = torch.cuda.is_available()
+        for p in self.parameters():
+            p.data = p.data.cpu().pin_memory() if pin else p.data.cpu()
+        self.offloaded = True
 
     def sparse_stack(self, name: str) -> SparseStack:
         counts, shape = self.sparse_meta[name]
@@ -125,19 +145,24 @@ class TaskVectorStore(nn.Module):
             delattr(self, key)
             del self.dense_keys[name]
 
-    def forward(self, base: Mapping[str, Tensor], lam: Tensor, masks: Mapping[str, Tensor] | None = None
-                ) -> dict[str, Tensor]:
-        """``{name: θ0 + Σ_t lam[t, j] τ_t}`` for this block's tensors (``lam``: ``[T, len(names)]``)."""
-        masked = bool(masks) and any(n in masks for n in self.names)
+    def forward(self, base: Mapping[str, Tensor], lam: Tensor, masks: Mapping[str, Tensor] | None = None,
+                skip: Collection[str] = ()) -> dict[str, Tensor]:
+        """``{name: θ0 + Σ_t lam[t, j] τ_t}`` for this block's tensors (``lam``: ``[T, len(names)]``) but those in
+        ``skip``."""
+        if skip:
+            keep = [j for j, n in enumerate(self.names) if n not in skip]
+            names, lam = [self.names[j] for j in keep], lam[:, keep]
+        else:
+            names = self.names
+        masked = bool(masks) and any(n in masks for n in names)
         if not self.lr_keys and not masked and (not self.sparse_keys or not self.dense_keys):  # one autograd node
             if self.sparse_keys:
-                merged = merge_sparse([base[n] for n in self.names], [self.sparse_stack(n) for n in self.names], lam)
+                merged = merge_sparse([base[n] for n in names], [self.sparse_stack(n) for n in names], lam)
             else:
-                merged = merge_dense([base[n] for n in self.names],
-                                     [getattr(self, self.dense_keys[n]) for n in self.names], lam)
-            return dict(zip(self.names, merged))
+                merged = merge_dense([base[n] for n in names], [getattr(self, self.dense_keys[n]) for n in names], lam)
+            return dict(zip(names, merged))
         out = {}
-        for j, n in enumerate(self.names):
+        for j, n in enumerate(names):
             mask = None if masks is None else masks.get(n)
             if mask is not None and n not in self.dense_keys:
                 kind = "low-rank (LoRA)" if n in self.lr_keys else "sparse (prep.sparse_storage)"
@@ -190,6 +215,14 @@ class MergedModel(nn.Module):
                 self.register_buffer(f"_cols_{i}", torch.tensor(cols), persistent=False)
                 self._columns.append(f"_cols_{i}")
         self._store_of = {n: st for st in self.stores for n in st.names}
+        # weights of embedding layers (used by nothing else): a training step merges only the rows its tokens read
+        shared = {}
+        for n, p in self.backbone.named_parameters(remove_duplicate=False):
+            shared[id(p)] = shared.get(id(p), 0) + 1
+        self.lookup_tables = [f"{m}.weight" if m else "weight" for m, mod in self.backbone.named_modules()
+                              if isinstance(mod, nn.Embedding) and shared.get(id(mod.weight)) == 1
+                              and (f"{m}.weight" if m else "weight") in index]
+        self.row_lookup = True  # False: merge lookup tables whole like every other tensor
         self.eval()
 
     @property
@@ -215,6 +248,12 @@ class MergedModel(nn.Module):
                 if n not in st.lr_keys:
                     st.set_dense(n, task_vectors[n])
 
+    def offload_task_vectors(self) -> None:
+        """Keep every task-vector stack in (pinned) CPU memory, streamed to the device per block (see
+        :meth:`TaskVectorStore.offload`)."""
+        for st in self.stores:
+            st.offload()
+
     def to_sparse_storage(self) -> None:
         """Keep the dense task vectors as their non-zero entries (see :class:`~adamerge.functional.SparseStack`)."""
         for st in self.stores:
@@ -225,16 +264,39 @@ class MergedModel(nn.Module):
         return sum(t.numel() * t.element_size() for st in self.stores
                    for t in (*st.parameters(), *st.buffers()))
 
-    def merged_params(self, coefficients: Tensor | None = None, masks: Mapping[str, Tensor] | None = None
-                      ) -> dict[str, Tensor]:
-        """``{name: θ0 + Σ_t λ[t, p] (m ⊙ τ_t)}`` for every merged tensor; ``coefficients`` is ``[T, P]``."""
+    def merged_params(self, coefficients: Tensor | None = None, masks: Mapping[str, Tensor] | None = None,
+                      lookup: bool = False, lookup_coefficients: Tensor | None = None) -> dict[str, Tensor]:
+        """``{name: θ0 + Σ_t λ[t, p] (m ⊙ τ_t)}`` for every merged tensor; ``coefficients`` is ``[T, P]``.
+
+        ``lookup``: embedding tables come back as :class:`~adamerge.functional.LookupWeight` (only the rows a forward
+        reads are merged; whole where a mask, sparse or low-rank storage or sharding rules it out), their graph
+        going to ``lookup_coefficients`` (default: the same coefficients)."""
         lam = self.coefficients() if coefficients is None else coefficients
         masks = self.masks if masks is None else masks
         base = dict(self.backbone.named_parameters())
+        rows = self.row_lookup_names(masks) if lookup else []
         out = {}
         for store, cols in zip(self.stores, self._columns):
             sel = cols if isinstance(cols, slice) else getattr(self, cols).to(lam.device)
-            out.update(store(base, lam[:, sel], masks))
+            out.update(store(base, lam[:, sel], masks, skip=rows))
+        if rows:
+            index = {n: p for p, n in enumerate(self.param_names)}
+            lam_rows = lam if lookup_coefficients is None else lookup_coefficients
+            for n in rows:
+                stack, col = self._store_of[n].dense(n), lam_rows[:, index[n]]
+                out[n] = LookupWeight(base[n], stack, col,
+                                      lambda b=base[n], s=stack, c=col: merge_dense([b], [s], c[:, None])[0])
+        return out
+
+    def row_lookup_names(self, masks: Mapping[str, Tensor] | None = None) -> list[str]:
+        """The embedding tables that :meth:`merged_params` can merge row by row now (see ``lookup``)."""
+        if not self.row_lookup:
+            return []
+        out = []
+        for n in self.lookup_tables:
+            st = self._store_of[n]
+            if n in st.dense_keys and not (masks and n in masks) and not _is_sharded(getattr(st, st.dense_keys[n])):
+                out.append(n)
         return out
 
     def lazy_merged_params(self, coefficients: Tensor | None = None, masks: Mapping[str, Tensor] | None = None
@@ -247,7 +309,7 @@ class MergedModel(nn.Module):
     def features(self, inputs: Mapping[str, Tensor], coefficients: Tensor | None = None, masks=None,
                  params: Mapping[str, Tensor] | None = None):
         """Backbone output (a ModelOutput) of the merged model on ``inputs`` (``params``: already merged weights)."""
-        params = self.merged_params(coefficients, masks) if params is None else params
+        params = self.merged_params(coefficients, masks, lookup=True) if params is None else params
         return functional_call(self.backbone, dict(params), args=(), kwargs=dict(inputs))
 
     def head_logits(self, task: str, features, inputs: Mapping[str, Tensor], heads: Mapping[str, nn.Module] | None = None
@@ -282,12 +344,16 @@ class MergedModel(nn.Module):
         memory by one group's. Each group's backward stops at detached copies of the merged weights and accumulates
         ``dL/dW`` there; the returned surrogate ``Σ_p ⟨W_p, dL/dW_p⟩`` has the same gradient with respect to the
         coefficients (and masks) as the loss itself, so one ``backward()`` of it — Lightning's — finishes the step.
+        Embedding tables merged row by row (``lookup`` in :meth:`merged_params`) send their part of the gradient to a
+        detached copy of the coefficients instead, which enters the surrogate as ``⟨λ, dL/dλ⟩``.
 
         ``loss_fn(sub_batch, params) -> (loss, per_task)`` runs the forward of ``sub_batch`` with the merged weights
         ``params``. Returns ``(surrogate, loss, per_task)``.
         """
-        params = self.merged_params()
-        leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        lam = self.coefficients()
+        lam_rows = lam.detach().requires_grad_(True)  # the embedding rows' graph stops here, once per group
+        params = self.merged_params(lam, lookup=True, lookup_coefficients=lam_rows)
+        leaves = {n: p if isinstance(p, LookupWeight) else p.detach().requires_grad_(True) for n, p in params.items()}
         tasks, sizes = list(batch["tasks"]), list(batch["sizes"])
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         per = -(-len(tasks) // max(1, chunks))
@@ -299,7 +365,10 @@ class MergedModel(nn.Module):
             loss, terms = loss_fn(sub, leaves)
             loss.backward()
             total, per_task = total + loss.detach(), {**per_task, **{t: v.detach() for t, v in terms.items()}}
-        surrogate = sum((params[n] * leaves[n].grad).sum() for n in params if leaves[n].grad is not None)
+        surrogate = sum((params[n] * leaves[n].grad).sum() for n in params
+                        if not isinstance(leaves[n], LookupWeight) and leaves[n].grad is not None)
+        if lam_rows.grad is not None:
+            surrogate = surrogate + (lam * lam_rows.grad).sum()
         return surrogate, total, per_task
 
     def expert_params(self, task: str) -> dict[str, Tensor]:
@@ -348,6 +417,15 @@ class LazyMerge(Mapping):
 
     def __contains__(self, name: object) -> bool:
         return name in self._index
+
+
+def _is_sharded(t: Tensor) -> bool:
+    """True for a DTensor (FSDP2 shards), whose rows cannot be read outside its module's forward."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def batchnorm_layers(module: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:

@@ -42,6 +42,34 @@ def test_gpu_fit_matches_cpu(zoo, tv_dtype, chunks):
     torch.testing.assert_close(result["gpu"], result["cpu"], atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_gpu_offloaded_task_vectors_stream_and_match_cpu(zoo, chunks):
+    """prep.offload: on the GPU the task vectors stay in pinned CPU memory (coefficients and base on the GPU), are
+    streamed per block, and 3 steps give the CPU's coefficients."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    from adamerge.methods.base import TaskVectorPrep
+    from conftest import mixed_batch
+
+    data = [mixed_batch(zoo[0], rotate=i) for i in range(3)]
+    result = {}
+    for accelerator in ("cpu", "gpu"):
+        pl.seed_everything(0, verbose=False)
+        module = AdaMerging(*zoo, granularity="layer", lr=0.01, tv_dtype="bfloat16", task_chunks=chunks,
+                            prep=TaskVectorPrep(offload=accelerator == "gpu"))
+        trainer = pl.Trainer(max_steps=3, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
+        if accelerator == "gpu":
+            merged = module.merged
+            assert merged.coefficients.weight.device.type == "cuda"
+            assert all(p.device.type == "cpu" and p.is_pinned() for st in merged.stores for p in st.parameters())
+        result[accelerator] = module.merged.coefficients.weight.detach().cpu()
+    assert (result["cpu"] - 0.3).abs().max() > 1e-3
+    torch.testing.assert_close(result["gpu"], result["cpu"], atol=2e-5, rtol=0)
+
+
 def test_gpu_concrete_trains_and_exports_like_cpu(zoo):
     """Concrete's relaxed masks draw on the logits' device while training (no CPU generator reaches a CUDA tensor),
     and the exported ``continuous`` mask is one CPU-seeded draw: the same on either device for the same logits."""

@@ -59,6 +59,11 @@ class TaskVectorPrep:
             ``init: 1.0``. Applied after DARE/TIES.
         subspace_skip: matrices whose name contains one of these take the mean of the task vectors instead of the
             SVD (the references skip token embeddings / output projections).
+        offload: keep the (dense) task vectors in CPU memory, pinned where CUDA is present, while the model trains
+            on the accelerator; each block's stacks are copied to the device in bounded chunks when the merge needs
+            them, in the forward and again in the backward. The device then holds the base, one block's task
+            vectors and the activations: for T task vectors that do not fit beside the model (see docs/scaling.md).
+            Not with LoRA or sparse task vectors, nor with FSDP2 (which shards them instead).
     """
 
     dare_rate: float = 0.0
@@ -68,6 +73,7 @@ class TaskVectorPrep:
     sparse_storage: bool = False
     subspace: str | None = None
     subspace_skip: tuple[str, ...] = ("word_embeddings", "embed_tokens", "wte", "lm_head", "text_projection")
+    offload: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.dare_rate < 1.0:
@@ -136,6 +142,8 @@ class MergeModule(pl.LightningModule):
         self.post_init(pool)
         if self.prep.sparse_storage:
             self.merged.to_sparse_storage()
+        if self.prep.offload:
+            self.merged.offload_task_vectors()
 
     # -- hooks for subclasses ---------------------------------------------------------------------------------------
     def build_coefficients(self, pool: TaskVectorPool) -> Coefficients:
@@ -243,6 +251,9 @@ class MergeModule(pl.LightningModule):
             return
         from torch.distributed.fsdp import fully_shard
 
+        if self.prep.offload:
+            raise MergeInputError("prep.offload streams task vectors from CPU memory; ModelParallelStrategy (FSDP2) "
+                                  "shards them across devices instead: use one or the other")
         others = sorted(n for n, p in self.named_parameters() if p.requires_grad
                         and not n.startswith("merged.coefficients."))
         if others:

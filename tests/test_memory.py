@@ -1,0 +1,171 @@
+"""Memory paths (issue 18): embedding tables merged row by row, task vectors offloaded to CPU memory and streamed,
+FSDP2-sharded task vectors on a LLaMA-shaped model. Each one must give the plain path's logits, gradients and
+trained coefficients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import WORDS, make_tokenizer
+
+from adamerge.functional import LookupWeight, merge_dense
+from adamerge.merged import MergedModel
+from adamerge.methods import AdaMerging
+from adamerge.methods.base import TaskVectorPrep
+from adamerge.objectives import entropy_objective
+from adamerge.parametrize import Coefficients
+from adamerge.pool import load_pool
+
+VOCAB = len(WORDS) + 5
+
+
+def llama(tied: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        tie_word_embeddings=tied, pad_token_id=0, bos_token_id=2, eos_token_id=3))
+
+
+def llama_zoo(root, tied: bool):
+    torch.manual_seed(0)
+    base = llama(tied)
+    make_tokenizer(root / "base")
+    base.save_pretrained(str(root / "base"))
+    paths = {}
+    for i, task in enumerate(("chat", "code", "math")):
+        g = torch.Generator().manual_seed(10 + i)
+        ft = llama(tied)
+        ft.load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                            for k, v in base.state_dict().items()})
+        ft.save_pretrained(str(root / task))
+        make_tokenizer(root / task)
+        paths[task] = str(root / task)
+    return str(root / "base"), paths
+
+
+def lm_batch(T: int, rows: int = 3, length: int = 10):
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(5, VOCAB, (T * rows, length), generator=g)
+    mask = torch.ones_like(ids)
+    ids[::2, -3:], mask[::2, -3:] = 0, 0  # right padding with the pad id (the embedding's padding_idx for BERT)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def logits_and_grad(merged: MergedModel, inputs, tasks, sizes):
+    merged.coefficients.weight.grad = None
+    out = merged(inputs, tasks, sizes)
+    loss, _ = entropy_objective(out)
+    loss.backward()
+    return {t: v.detach() for t, v in out.items()}, merged.coefficients.weight.grad.clone()
+
+
+@pytest.fixture(scope="module")
+def bert(zoo):
+    base, paths = zoo
+    return load_pool(base, paths)
+
+
+def test_embedding_rows_merge_like_whole_tables_and_the_by_hand_reference(zoo, bert):
+    from conftest import mixed_batch
+    from test_core import slow_reference_grad  # a materialised model per task, merged by hand
+
+    b = mixed_batch(zoo[0])
+    inputs, tasks, sizes = b["inputs"], b["tasks"], b["sizes"]
+    assert (inputs["input_ids"] == 0).any()  # pad tokens: the embedding's padding_idx row gets no gradient
+    torch.manual_seed(0)
+    lam0 = 0.3 + 0.1 * torch.randn(3, len(bert.param_names))
+    merged = MergedModel(bert, Coefficients(3, len(bert.param_names), "layer", lam0))
+    assert set(merged.lookup_tables) == {f"embeddings.{k}_embeddings.weight" for k in ("word", "position", "token_type")}
+    params = merged.merged_params(lookup=True)
+    assert all(isinstance(params[n], LookupWeight) for n in merged.lookup_tables)
+    rows_logits, rows_grad = logits_and_grad(merged, inputs, tasks, sizes)
+    merged.row_lookup = False
+    assert not any(isinstance(v, LookupWeight) for v in merged.merged_params(lookup=True).values())
+    whole_logits, whole_grad = logits_and_grad(merged, inputs, tasks, sizes)
+    for t in tasks:
+        assert torch.equal(rows_logits[t], whole_logits[t])  # the same merged rows, bit for bit
+    emb_cols = [merged.param_names.index(n) for n in merged.lookup_tables]
+    assert rows_grad[:, emb_cols].abs().max() > 1e-5  # the embedding columns get a real gradient
+    torch.testing.assert_close(rows_grad, whole_grad, atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(rows_grad, slow_reference_grad(bert, lam0, inputs, tasks, sizes), atol=1e-5, rtol=1e-4)
+
+
+def test_a_lookup_table_used_otherwise_is_merged_whole():
+    torch.manual_seed(0)
+    base, stack = torch.randn(20, 6), torch.randn(3, 20, 6)
+    lam = torch.tensor([0.2, -0.5, 0.7], requires_grad=True)
+    w = LookupWeight(base, stack, lam, lambda: merge_dense([base], [stack], lam[:, None])[0])
+    assert w.shape == (20, 6) and w.dtype == torch.float32 and w.size(0) == 20
+    x = torch.randn(4, 6)
+    y = x @ w.T  # e.g. a tied output layer
+    ref_lam = lam.detach().clone().requires_grad_(True)
+    ref = x @ (base + (ref_lam[:, None, None] * stack).sum(0)).T
+    torch.testing.assert_close(y, ref)
+    (y ** 2).sum().backward()
+    (ref ** 2).sum().backward()
+    torch.testing.assert_close(lam.grad, ref_lam.grad)
+    ids = torch.tensor([[3, 0, 19], [0, 0, 5]])
+    lam.grad, ref_lam.grad = None, None
+    out = torch.nn.functional.embedding(ids, w, padding_idx=0)
+    ref = torch.nn.functional.embedding(ids, base + (ref_lam[:, None, None] * stack).sum(0), padding_idx=0)
+    torch.testing.assert_close(out, ref)
+    (out.sin()).sum().backward()
+    (ref.sin()).sum().backward()
+    torch.testing.assert_close(lam.grad, ref_lam.grad)  # padding_idx rows: no gradient, as the stock backward
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_llama_lookup_rows_only_where_untied(tmp_path, tied):
+    base, paths = llama_zoo(tmp_path, tied)
+    pool = load_pool(base, paths, task_type="causal_lm")
+    torch.manual_seed(1)
+    lam0 = 0.3 + 0.1 * torch.randn(3, len(pool.param_names))
+    merged = MergedModel(pool, Coefficients(3, len(pool.param_names), "layer", lam0))
+    # a tied table is also the output layer: merged whole (the LookupWeight would merge it anyway on that use)
+    assert merged.lookup_tables == ([] if tied else ["model.embed_tokens.weight"])
+    inputs, tasks, sizes = lm_batch(3), list(paths), [3, 3, 3]
+    rows_logits, rows_grad = logits_and_grad(merged, inputs, tasks, sizes)
+    merged.row_lookup = False
+    whole_logits, whole_grad = logits_and_grad(merged, inputs, tasks, sizes)
+    for t in tasks:
+        assert torch.equal(rows_logits[t], whole_logits[t])  # the same merged rows, bit for bit
+    assert whole_grad.abs().max() > 1e-5
+    torch.testing.assert_close(rows_grad, whole_grad, atol=1e-7, rtol=1e-5)
+
+
+def test_offloaded_task_vectors_stay_in_cpu_memory_and_train_like_resident_ones(tmp_path, monkeypatch):
+    """prep.offload on a LLaMA-shaped model: the stacks ignore device moves, reach the merge in chunks (small chunks
+    forced here so that every stack streams in several pieces) and 5 AdaMerging steps equal the resident path."""
+    import adamerge.functional as F
+
+    base, paths = llama_zoo(tmp_path, tied=False)
+    inputs, tasks, sizes = lm_batch(3), list(paths), [3, 3, 3]
+    batch = {"inputs": inputs, "tasks": tasks, "sizes": sizes}
+    ends = []
+    for offload in (False, True):
+        m = AdaMerging(base, paths, task_type="causal_lm", granularity="layer", tv_dtype="bfloat16",
+                       prep=TaskVectorPrep(offload=offload))
+        if offload:
+            monkeypatch.setattr(F, "CAST_CHUNK_BYTES", 2048)  # each stack copied in pieces of a few tasks' rows
+            assert all(st.offloaded for st in m.merged.stores)
+        opt = torch.optim.Adam([m.merged.coefficients.weight], lr=1e-2)
+        for _ in range(5):
+            loss, _ = m.objective(batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        ends.append(m.merged.coefficients.weight.detach().clone())
+        if offload:
+            m.merged.to("meta")  # a device move: the base goes, the offloaded stacks stay in CPU memory
+            assert all(p.device.type == "cpu" for st in m.merged.stores for p in st.parameters())
+            assert m.merged.backbone.get_parameter("model.norm.weight").device.type == "meta"
+    assert (ends[0] - 0.3).abs().max() > 1e-2
+    torch.testing.assert_close(ends[1], ends[0], atol=1e-6, rtol=0)
+
+
+def test_offload_refuses_what_it_cannot_stream(zoo):
+    from adamerge.errors import MergeInputError
+
+    with pytest.raises(MergeInputError, match=r"prep.offload: tensor '.+' has a sparse \(prep.sparse_storage\)"):
+        AdaMerging(*zoo, prep=TaskVectorPrep(ties_density=0.2, sparse_storage=True, offload=True))
