@@ -110,3 +110,81 @@ def test_wemoe_ddp_two_processes_match_single_process(zoo, task_data, tmp_path):
     routers = [k for k in single if k.startswith("routers.")]
     assert routers and max((single[k] - 0.3).abs().max() for k in routers if k.endswith("fc2.bias")) > 2e-3
     assert max((single[k] - ddp[k]).abs().max() for k in routers) < TOL
+
+
+def test_fsdp2_on_a_llama_shaped_causal_lm_matches_single_process(task_data, tmp_path):
+    """The sharded path on a small random LLaMA (untied embeddings, GQA): 2 FSDP2 ranks, each holding half of every
+    task-vector block, end where one process does (which merges the embedding table row by row; the sharded run
+    merges it whole)."""
+    from test_memory import llama_zoo
+
+    zoo = llama_zoo(tmp_path / "zoo", tied=False)
+    data = dict(zip(zoo[1], task_data.values()))
+
+    def cfg(name, devices):
+        c = _config(zoo, data, tmp_path / name, devices)
+        c["model"]["init_args"]["task_type"] = "causal_lm"
+        return c
+
+    single = _fit(tmp_path, cfg("lsingle", 1), "lsingle")
+    c = cfg("lfsdp", 2)
+    c["trainer"]["strategy"] = {"class_path": "pytorch_lightning.strategies.ModelParallelStrategy",
+                                "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}}
+    c["trainer"]["callbacks"] = [{"class_path": "shard_probe.ShardProbe"}]
+    c["trainer"]["default_root_dir"] = str(tmp_path / "lfsdp_root")
+    fsdp = _fit(tmp_path, c, "lfsdp")
+    assert (single - 0.3).abs().max() > 2e-3
+    assert (single - fsdp).abs().max() < TOL, (single - fsdp).abs().max()
+    probe = json.loads((tmp_path / "lfsdp_root" / "shard_probe.json").read_text())
+    assert probe["sharded_stores"] == probe["stores"] > 0
+    assert probe["local_elements"] * 2 == pytest.approx(probe["global_elements"], rel=0.01)
+
+
+def _batch_level_grads(rank, world, port, out_path):
+    import torch.distributed as dist
+
+    from adamerge.methods.base import all_sum
+    from adamerge.objectives import entropy_objective, infomax_objective, kl_to_experts, pseudo_label_objective
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    W = torch.randn(5, 3, requires_grad=True)  # a stand-in for the coefficients: logits = x @ W
+    x, x3 = torch.randn(8, 5), torch.randn(8, 6, 5)  # rows (classification), and [n, L] tokens (causal LM)
+    mask = torch.rand(8, 6) > 0.3  # uneven non-pad tokens per rank
+    expert, expert3 = torch.randn(8, 3), torch.randn(8, 6, 3)
+    objectives = {
+        "infomax": lambda s, r: infomax_objective({"a": x[r] @ W}, None, 1.0, s),
+        "infomax_tokens": lambda s, r: infomax_objective({"a": x3[r] @ W}, {"a": mask[r]}, 1.0, s),
+        "entropy_tokens": lambda s, r: entropy_objective({"a": x3[r] @ W}, {"a": mask[r]}, s),
+        "kl_tokens": lambda s, r: kl_to_experts({"a": x3[r] @ W}, {"a": expert3[r]}, {"a": mask[r]}, 2.0, s),
+        "pseudo_label": lambda s, r: pseudo_label_objective({"a": x[r] @ W}, {"a": expert[r]}, None, 0.4, s),
+    }
+    share = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    result = {}
+    for name, f in objectives.items():
+        W.grad = None
+        f(all_sum, share)[0].backward()
+        g = W.grad.clone()
+        dist.all_reduce(g)  # what DDP does with the ranks' gradients: their mean
+        g /= world
+        W.grad = None
+        f(None, slice(None))[0].backward()  # one process, the whole batch
+        result[name] = [float((g - W.grad).abs().max()), float(W.grad.abs().max())]
+    if rank == 0:
+        Path(out_path).write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def test_objectives_average_the_global_batch_under_data_parallelism(tmp_path):
+    """Token means (causal LMs), infomax's batch-mean prediction and pseudo-labels' confident rows are means over the
+    global batch, not each rank's: 2 gloo ranks, each on half the rows, averaged as DDP does, give the one-process
+    gradient (without the sums over ranks they do not: infomax 2.6e-2 off a gradient of 7.9e-2)."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "grads.json"
+    mp.spawn(_batch_level_grads, args=(2, 29600 + os.getpid() % 300, str(out)), nprocs=2)
+    result = json.loads(out.read_text())
+    for name, (diff, scale) in result.items():
+        assert scale > 1e-3, name
+        assert diff < 1e-6 * max(1.0, scale), (name, diff)

@@ -36,6 +36,31 @@ def full_tensor(t: Tensor) -> Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+class _AllSum(torch.autograd.Function):
+    """Sum over the ranks of ``group``; the backward sums the incoming gradients the same way, so that after DDP's
+    (or FSDP2's) average over the ranks each one's share gets exactly the one-process gradient."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group) -> Tensor:
+        import torch.distributed as dist
+
+        ctx.group = group
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _AllSum.apply(grad, ctx.group), None
+
+
+def all_sum(tensor: Tensor, group=None) -> Tensor:
+    """``tensor`` summed over the ranks of ``group`` (default: all), differentiably (see :class:`_AllSum`)."""
+    import torch.distributed as dist
+
+    return _AllSum.apply(tensor, dist.group.WORLD if group is None else group)
+
+
 def parse_dtype(name: str | None, field: str) -> torch.dtype | None:
     return None if name is None else store_dtype(name, field)
 
@@ -199,13 +224,29 @@ class MergeModule(pl.LightningModule):
         """The merged model's outputs on ``batch`` (``merge_kw``: coefficients, masks or merged params) and whatever
         else ``objective`` reads (the experts' outputs on the same rows)."""
         logits, feats = self.merged(batch["inputs"], batch["tasks"], batch["sizes"], return_features=True, **merge_kw)
-        out = StepOutputs(logits, masks=self.row_masks(batch))
+        out = StepOutputs(logits, masks=self.row_masks(batch), all_sum=self.data_parallel_sum())
         if "features" in objective.needs:
             full = self.merged.feature_tensor(feats)
             out.features = {t: full[sl] for t, sl in self.task_slices(batch)}
         if "expert_logits" in objective.needs or "expert_features" in objective.needs:
             out.expert_logits, out.expert_features = self.expert_outputs(batch, "expert_features" in objective.needs)
         return out
+
+    def data_parallel_sum(self):
+        """A sum over the data-parallel ranks that carries the gradient, for objectives' means over the global batch
+        (see :mod:`adamerge.objectives`); None in one process, and where no gradient is taken (evaluation and
+        label-free selection need not run on every rank)."""
+        import torch.distributed as dist
+
+        if not torch.is_grad_enabled() or not (dist.is_available() and dist.is_initialized()):
+            return None
+        mesh = self.device_mesh
+        group = dist.group.WORLD
+        if mesh is not None:
+            group = (mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh).get_group()
+        if dist.get_world_size(group) == 1:
+            return None
+        return lambda x: all_sum(x, group)
 
     SELECTION_CRITERIA = ("agreement", "objective")
 

@@ -121,14 +121,15 @@ class Surgery(MergeModule):
         with torch.no_grad():
             merged = functional_call(self.merged.backbone, self.merged_state(), args=(), kwargs=dict(inputs))
         field = feature_field(merged, self.hparams.feature)
-        losses, start = {}, 0
+        losses, start, all_sum = {}, 0, self.data_parallel_sum()
         for task, n in zip(batch["tasks"], batch["sizes"]):
             sl = slice(start, start + n)
             rows = {k: v[sl] for k, v in inputs.items()}
             with torch.no_grad():
                 teacher = functional_call(self.merged.backbone, self.merged.expert_params(task),
                                           args=(), kwargs=rows)[field]
-            losses[task] = l1_distance(self.adapters[task](merged[field][sl]), teacher, rows.get("attention_mask"))
+            losses[task] = l1_distance(self.adapters[task](merged[field][sl]), teacher, rows.get("attention_mask"),
+                                       all_sum)
             start += n
         return sum(losses.values()), losses
 
