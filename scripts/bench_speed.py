@@ -3,9 +3,13 @@
 
     python scripts/bench_speed.py                      # T = 2, 4, 8 on a MiniLM-sized BERT (CPU here; GPU if present)
     python scripts/bench_speed.py --tasks 2 4 --steps 4
+    python scripts/bench_speed.py --tasks 2 4 8 16 32 --columns a b b-lean c --plot   # the scaling curve
+    python scripts/bench_speed.py --shape bert-base --tasks 8 --steps 2                # model size
 
-For each T, fresh processes run the same model (all-MiniLM-L6-v2's architecture, random weights; fine-tunes are the
-base plus seeded noise) on the same batch (16 rows per task, 64 tokens):
+For each T, fresh processes run the same model (``--shape``: ``minilm`` = all-MiniLM-L6-v2's architecture, 22.7M
+parameters; ``bert-base`` = BERT-base's, 109M; random weights; fine-tunes are the base plus seeded noise, saved once
+under .cache/bench_speed/<shape>/ and loaded from disk by every process) on the same batch (16 rows per task, 64
+tokens):
 
   a        plain forward+backward of the model over the T*16 rows (all weights require grad), per-task heads
   b        adamerge layer-wise AdaMerging step: merge (one tensordot per tensor), one forward/backward, Adam step
@@ -17,10 +21,15 @@ base plus seeded noise) on the same batch (16 rows per task, 64 tokens):
   c        FusionBench 0.2.33 LayerWiseMergedModel, driven as its layer-wise AdaMerging does: merge_weights(), then
            per task a forward and backward(retain_graph=True), Adam step -- in its own venv (created on first use)
 
+  act      (not a column) plain forward+backward over one task's rows: the activations of one task's batch
+
 Reported: the median step time over the measured steps with the ratios b/a and c/b, and two memory figures per
 process: its peak during the training steps (CPU: peak RSS after resetting the kernel's high-water mark once
 everything is loaded; GPU: torch.cuda.max_memory_allocated over the steps, resident weights included) and its
-lifetime peak RSS (loading included). Nothing is hard-coded: every figure is measured in this run.
+lifetime peak RSS (loading included); and the floor of layer-wise merging, base + T task vectors + one task's
+activations, each measured here: process baseline (RSS after the imports; 0 on the GPU) + the base's bytes + T times
+the base's bytes at the task vectors' storage width + (the act process's step peak - its baseline - 2 x the base's
+bytes, its weights and their gradients). Nothing is hard-coded: every figure is measured in this run.
 
 Without network access, pass --fusionbench-python: an interpreter that imports fusion_bench (with PYTHONPATH set to a
 folder holding fusion_bench, omegaconf, antlr4 and dill, say) instead of letting the script create its venv.
@@ -35,7 +44,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,14 +51,36 @@ ROOT = Path(__file__).resolve().parents[1]
 FUSIONBENCH = "fusion-bench==0.2.33"
 MODES = {"a": "plain", "b": "adamerge", "b-bf16": "adamerge-bf16", "b-chunks": "adamerge-chunked",
          "b-lean": "adamerge-lean", "b-sparse": "adamerge-sparse", "c": "fusionbench"}  # column -> worker mode
+SHAPES = {"minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
+          "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)}
+SHAPE = os.environ.get("BENCH_SHAPE", "minilm")  # set by --shape for the workers
 
 
 def config():
     from transformers import BertConfig
 
-    return BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                      intermediate_size=1536, max_position_embeddings=512, hidden_dropout_prob=0.0,
-                      attention_probs_dropout_prob=0.0, num_labels=2)
+    return BertConfig(vocab_size=30522, max_position_embeddings=512, hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0, num_labels=2, **SHAPES[SHAPE])
+
+
+def zoo_dir() -> Path:
+    return ROOT / ".cache" / "bench_speed" / SHAPE
+
+
+def build_zoo(T: int) -> None:
+    """Save the base and T fine-tunes under :func:`zoo_dir` (kept between runs), in this process, so that every
+    measured process loads them from disk as a user would and none carries the heap of building them."""
+    root = zoo_dir()
+    for i, m in enumerate(models(T)):
+        if not (root / str(i) / "model.safetensors").exists():
+            m.save_pretrained(str(root / str(i)))
+        del m
+
+
+def load(i: int):
+    from transformers import BertForSequenceClassification
+
+    return BertForSequenceClassification.from_pretrained(str(zoo_dir() / str(i))).eval()
 
 
 def models(T: int):
@@ -67,6 +97,15 @@ def models(T: int):
         ft.load_state_dict({k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
                             for k, v in base.state_dict().items()})
         yield ft
+
+
+def weights_mib() -> float:
+    """The backbone's float32 bytes (built on the meta device: nothing allocated)."""
+    import torch
+    from transformers import BertModel
+
+    with torch.device("meta"):
+        return sum(p.numel() * 4 for p in BertModel(config(), add_pooling_layer=True).parameters()) / 2**20
 
 
 def batch(T: int, rows: int, length: int):
@@ -112,17 +151,28 @@ def step_peak_mib(device: str) -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+def current_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def worker(mode: str, T: int, steps: int, rows: int, length: int) -> dict:
     import torch
+    import transformers  # noqa: F401  (in the baseline, as every mode imports it)
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    baseline = 0.0 if device == "cuda" else current_rss_mib()
+    if mode == "act":  # one task's rows through the plain model
+        mode, T = "plain", 1
     inputs = {k: v.to(device) for k, v in batch(T, rows, length).items()}
     slices = [slice(t * rows, (t + 1) * rows) for t in range(T)]
+    hidden = SHAPES[SHAPE]["hidden_size"]
     if mode == "plain":
-        gen = models(T)
-        model = next(gen).to(device).train().requires_grad_(True)
-        heads = [torch.nn.Linear(384, 2).to(device).requires_grad_(False) for _ in range(T)]
+        model = load(0).to(device).train().requires_grad_(True)
+        heads = [torch.nn.Linear(hidden, 2).to(device).requires_grad_(False) for _ in range(T)]
 
         def step():
             pooled = model.bert(**inputs).pooler_output
@@ -135,12 +185,7 @@ def worker(mode: str, T: int, steps: int, rows: int, length: int) -> dict:
         from adamerge.parametrize import Coefficients
         from adamerge.pool import load_pool
 
-        tmp = Path(tempfile.mkdtemp(prefix="bench_speed_"))
-        paths = []
-        for i, m in enumerate(models(T)):
-            m.save_pretrained(str(tmp / str(i)))
-            paths.append(str(tmp / str(i)))
-            del m
+        paths = [str(zoo_dir() / str(i)) for i in range(T + 1)]
         pool = load_pool(paths[0], {f"t{i}": p for i, p in enumerate(paths[1:])},
                          tv_dtype=torch.bfloat16 if mode in ("adamerge-bf16", "adamerge-lean") else None)
         if mode == "adamerge-sparse":
@@ -169,10 +214,9 @@ def worker(mode: str, T: int, steps: int, rows: int, length: int) -> dict:
     else:  # fusionbench
         from fusion_bench.models.wrappers.layer_wise_fusion import LayerWiseMergedModel, get_layer_wise_weights
 
-        gen = models(T)
-        base = next(gen)
-        fts = [m.bert for m in gen]
-        heads = [torch.nn.Linear(384, 2).to(device).requires_grad_(False) for _ in range(T)]
+        base = load(0)
+        fts = [load(i).bert for i in range(1, T + 1)]
+        heads = [torch.nn.Linear(hidden, 2).to(device).requires_grad_(False) for _ in range(T)]
         n_layers = len(tuple(base.bert.parameters()))
         module = LayerWiseMergedModel(get_layer_wise_weights(T, n_layers, 0.3), base.bert, fts,
                                       clamp_weights=False, strict=False).to(device)  # transformers 5: non-persistent buffers
@@ -200,7 +244,9 @@ def worker(mode: str, T: int, steps: int, rows: int, length: int) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    out = {"mode": mode, "T": T, "step_ms": 1000 * statistics.median(times[1:]),
+    weights = weights_mib()
+    out = {"mode": mode, "T": T, "step_ms": 1000 * statistics.median(times[1:]), "baseline_mib": baseline,
+           "weights_mib": weights, "shape": SHAPE,
            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "device": device,
            "step_peak_mib": step_peak_mib(device) if windowed else None,
            "step_peak_kind": "torch.cuda.max_memory_allocated" if device == "cuda" else "RSS high-water mark"}
@@ -220,7 +266,7 @@ def fusionbench_python(venv: Path) -> str:
 
 def run_worker(python: str, mode: str, T: int, args) -> dict:
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false", "BENCH_SHAPE": args.shape}
     res = subprocess.run([python, __file__, "--worker", mode, "--tasks", str(T), "--steps", str(args.steps),
                           "--rows", str(args.rows), "--length", str(args.length)],
                          env=env, capture_output=True, text=True)
@@ -235,55 +281,116 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="measured steps (after one warm-up step)")
     p.add_argument("--rows", type=int, default=16, help="rows per task per step")
     p.add_argument("--length", type=int, default=64, help="tokens per row")
+    p.add_argument("--shape", choices=list(SHAPES), default="minilm", help="model size")
+    p.add_argument("--columns", nargs="+", choices=list(MODES), default=list(MODES))
+    p.add_argument("--plot", action="store_true", help="also write runs/bench_speed_<shape>.png (time, memory vs T)")
     p.add_argument("--fusionbench-venv", type=Path, default=ROOT / ".cache" / "fusionbench-venv")
     p.add_argument("--fusionbench-python", help="an interpreter that imports fusion_bench (no venv is created)")
-    p.add_argument("--worker", choices=list(MODES.values()), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=[*MODES.values(), "act"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.tasks[0], args.steps, args.rows, args.length)))
         return
-    fb = args.fusionbench_python or fusionbench_python(args.fusionbench_venv)
+    cols = [c for c in MODES if c in args.columns]
+    fb = (args.fusionbench_python or fusionbench_python(args.fusionbench_venv)) if "c" in cols else None
+    os.environ["BENCH_SHAPE"] = args.shape
+    global SHAPE
+    SHAPE = args.shape
+    build_zoo(max(args.tasks))
+    act = run_worker(sys.executable, "act", 1, args)
     results = []
     for T in args.tasks:
-        row = {k: run_worker(fb if k == "c" else sys.executable, mode, T, args) for k, mode in MODES.items()}
+        row = {k: run_worker(fb if k == "c" else sys.executable, MODES[k], T, args) for k in cols}
         results.append(row)
         print(json.dumps({"T": T, **{k: [round(v["step_ms"], 1), v["step_peak_mib"] and round(v["step_peak_mib"]),
                                          round(v["peak_rss_mib"])] for k, v in row.items()}}), flush=True)
     print()
-    print(tables(results, args))
-    out = ROOT / "runs" / "bench_speed.json"
+    print(tables(results, act, args))
+    out = ROOT / "runs" / f"bench_speed{'' if args.shape == 'minilm' else '_' + args.shape}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    out.write_text(json.dumps({"shape": args.shape, "act": act, "rows": results}, indent=2) + "\n")
+    if args.plot:
+        print(f"plot: {plot(results, act, args)}")
 
 
-def tables(results: list[dict], args) -> str:
-    """Markdown: step times with b/a and c/b; peak memory during the steps against FusionBench; lifetime peak RSS."""
-    cols = list(MODES)
-    first = results[0]["a"]
+def floor_mib(act: dict, T: int, tv_bytes: int, device_baseline: float | None = None) -> float:
+    """Base + T task vectors (``tv_bytes`` per element) + one task's activations, plus the process baseline."""
+    w = act["weights_mib"]
+    activations = act["step_peak_mib"] - act["baseline_mib"] - 2 * w
+    baseline = act["baseline_mib"] if device_baseline is None else device_baseline
+    return baseline + w + T * w * tv_bytes / 4 + activations
+
+
+def tables(results: list[dict], act: dict, args) -> str:
+    """Markdown: step times with b/a and c/b; peak memory during the steps against FusionBench and the floor;
+    lifetime peak RSS."""
+    cols = list(results[0])
+    first = results[0][cols[0]]
     where = first["device"] + (f" ({first['gpu']})" if "gpu" in first else "")
-    ours = ["b", "b-bf16", "b-chunks", "b-lean", "b-sparse"]
-    out = [f"Step time in ms (median of {args.steps} steps after one warm-up), {where}, {args.rows} rows/task, "
-           f"{args.length} tokens:", "",
-           "| T | " + " | ".join(cols) + " | b/a | c/b | c/b-lean |", "|" + "---|" * (len(cols) + 4)]
+    ours = [k for k in cols if k.startswith("b")]
+    ratios = [f"{k}/a" for k in ("b", "b-lean") if k in cols and "a" in cols]
+    ratios += [f"c/{k}" for k in ("b", "b-lean") if k in cols and "c" in cols]
+    out = [f"Step time in ms (median of {args.steps} steps after one warm-up), {where}, shape {args.shape} "
+           f"({act['weights_mib']:.0f} MiB of float32 weights), {args.rows} rows/task, {args.length} tokens:", "",
+           "| T | " + " | ".join(cols + ratios) + " |", "|" + "---|" * (len(cols) + len(ratios) + 1)]
     for row in results:
         ms = {k: row[k]["step_ms"] for k in cols}
-        out.append(f"| {row['a']['T']} | " + " | ".join(f"{ms[k]:.1f}" for k in cols)
-                   + f" | {ms['b'] / ms['a']:.2f} | {ms['c'] / ms['b']:.2f} | {ms['c'] / ms['b-lean']:.2f} |")
-    out += ["", f"Peak memory during the steps, MiB ({first['step_peak_kind']}), and ours relative to FusionBench (c):",
-            "", "| T | " + " | ".join(cols) + " | " + " | ".join(f"{k}/c" for k in ours) + " |",
-            "|" + "---|" * (len(cols) + len(ours) + 1)]
+        vals = [f"{ms[k]:.1f}" for k in cols] + [f"{ms[r.split('/')[0]] / ms[r.split('/')[1]]:.2f}" for r in ratios]
+        out.append(f"| {row[cols[0]]['T']} | " + " | ".join(vals) + " |")
+    fl = ["floor32", "floor16"]
+    rel = [f"{k}/c" for k in ours if "c" in cols] + [f"{k}/floor" for k in ours]
+    out += ["", f"Peak memory during the steps, MiB ({first['step_peak_kind']}); floor32/floor16 = base + T task "
+            f"vectors in float32/bfloat16 + one task's activations ({act['step_peak_mib'] - act['baseline_mib'] - 2 * act['weights_mib']:.0f} MiB"
+            f"{'' if first['device'] == 'cuda' else ', process baseline ' + format(act['baseline_mib'], '.0f') + ' MiB included'}); "
+            "x/floor against the floor of its own storage width:", "",
+            "| T | " + " | ".join(cols + fl + rel) + " |", "|" + "---|" * (len(cols) + len(fl) + len(rel) + 1)]
+    half = {"b-bf16", "b-lean"}
     for row in results:
         peak = {k: row[k]["step_peak_mib"] for k in cols}
+        T = row[cols[0]]["T"]
         if None in peak.values():
-            out.append(f"| {row['a']['T']} | not measurable on this platform |")
+            out.append(f"| {T} | not measurable on this platform |")
             continue
-        out.append(f"| {row['a']['T']} | " + " | ".join(f"{peak[k]:.0f}" for k in cols) + " | "
-                   + " | ".join(f"{peak[k] / peak['c']:.2f}" for k in ours) + " |")
+        f32, f16 = floor_mib(act, T, 4), floor_mib(act, T, 2)
+        vals = [f"{peak[k]:.0f}" for k in cols] + [f"{f32:.0f}", f"{f16:.0f}"]
+        vals += [f"{peak[k] / peak['c']:.2f}" for k in ours if "c" in cols]
+        vals += [f"{peak[k] / (f16 if k in half else f32):.2f}" for k in ours]
+        out.append(f"| {T} | " + " | ".join(vals) + " |")
     out += ["", "Lifetime peak RSS of each process, MiB (loading included):", "",
             "| T | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for row in results:
-        out.append(f"| {row['a']['T']} | " + " | ".join(f"{row[k]['peak_rss_mib']:.0f}" for k in cols) + " |")
+        out.append(f"| {row[cols[0]]['T']} | " + " | ".join(f"{row[k]['peak_rss_mib']:.0f}" for k in cols) + " |")
     return "\n".join(out)
+
+
+def plot(results: list[dict], act: dict, args) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = list(results[0])
+    Ts = [row[cols[0]]["T"] for row in results]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for k in cols:
+        ax1.plot(Ts, [row[k]["step_ms"] for row in results], marker="o", label=k)
+        ax2.plot(Ts, [row[k]["step_peak_mib"] for row in results], marker="o", label=k)
+    ax2.plot(Ts, [floor_mib(act, T, 2) for T in Ts], "k--", label="floor (bf16 task vectors)")
+    ax2.plot(Ts, [floor_mib(act, T, 4) for T in Ts], "k:", label="floor (fp32 task vectors)")
+    for ax, title in ((ax1, "step time, ms"), (ax2, "peak memory during the steps, MiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(Ts, [str(t) for t in Ts])
+        ax.set_xlabel("T (task vectors)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    ax2.legend(fontsize=8)
+    first = results[0][cols[0]]
+    fig.suptitle(f"layer-wise AdaMerging step, shape {args.shape}, {first['device']}"
+                 f"{' (' + first['gpu'] + ')' if 'gpu' in first else ''}, {args.rows} rows/task x {args.length} tokens")
+    fig.tight_layout()
+    path = ROOT / "runs" / f"bench_speed_{args.shape}.png"
+    fig.savefig(path, dpi=110)
+    return path
 
 
 if __name__ == "__main__":
