@@ -339,13 +339,17 @@ class MergedModel(nn.Module):
             start += n
         return (out, feats) if return_features else out
 
-    def chunked_surrogate(self, batch: Mapping, loss_fn, chunks: int):
+    def chunked_surrogate(self, batch: Mapping, loss_fn, chunks: int, pieces: int = 1):
         """Merge once, then run the tasks in ``chunks`` groups, each forward+backward on its own, to bound activation
         memory by one group's. Each group's backward stops at detached copies of the merged weights and accumulates
         ``dL/dW`` there; the returned surrogate ``Σ_p ⟨W_p, dL/dW_p⟩`` has the same gradient with respect to the
         coefficients (and masks) as the loss itself, so one ``backward()`` of it — Lightning's — finishes the step.
         Embedding tables merged row by row (``lookup`` in :meth:`merged_params`) send their part of the gradient to a
         detached copy of the coefficients instead, which enters the surrogate as ``⟨λ, dL/dλ⟩``.
+
+        ``pieces > 1`` splits each task's rows into that many contiguous pieces run one at a time (within its group),
+        each piece's loss and terms weighted by its share of the task's rows: exact for objectives whose per-task
+        term is a mean of per-row terms (the caller checks).
 
         ``loss_fn(sub_batch, params) -> (loss, per_task)`` runs the forward of ``sub_batch`` with the merged weights
         ``params``. Returns ``(surrogate, loss, per_task)``.
@@ -357,14 +361,25 @@ class MergedModel(nn.Module):
         tasks, sizes = list(batch["tasks"]), list(batch["sizes"])
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         per = -(-len(tasks) // max(1, chunks))
-        total, per_task = 0.0, {}
+        groups = []  # (tasks, row ranges, weight)
         for g in range(0, len(tasks), per):
-            rows = torch.cat([torch.arange(starts[i], starts[i] + sizes[i]) for i in range(g, min(g + per, len(tasks)))])
+            members = range(g, min(g + per, len(tasks)))
+            if pieces <= 1:
+                groups.append(([tasks[i] for i in members], [(starts[i], starts[i] + sizes[i]) for i in members], 1.0))
+                continue
+            for i in members:
+                bounds = [starts[i] + round(k * sizes[i] / pieces) for k in range(pieces + 1)]
+                groups += [([tasks[i]], [(a, b)], (b - a) / sizes[i]) for a, b in zip(bounds, bounds[1:]) if b > a]
+        total, per_task = 0.0, {}
+        for names, ranges, weight in groups:
+            rows = torch.cat([torch.arange(a, b) for a, b in ranges])
             sub = {"inputs": {k: v[rows.to(v.device)] for k, v in batch["inputs"].items()},
-                   "tasks": tasks[g:g + per], "sizes": sizes[g:g + per]}
+                   "tasks": names, "sizes": [b - a for a, b in ranges]}
             loss, terms = loss_fn(sub, leaves)
-            loss.backward()
-            total, per_task = total + loss.detach(), {**per_task, **{t: v.detach() for t, v in terms.items()}}
+            (loss * weight if weight != 1.0 else loss).backward()
+            total = total + weight * loss.detach()
+            for t, v in terms.items():
+                per_task[t] = per_task.get(t, 0.0) + weight * v.detach()
         surrogate = sum((params[n] * leaves[n].grad).sum() for n in params
                         if not isinstance(leaves[n], LookupWeight) and leaves[n].grad is not None)
         if lam_rows.grad is not None:

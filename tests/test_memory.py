@@ -169,3 +169,45 @@ def test_offload_refuses_what_it_cannot_stream(zoo):
 
     with pytest.raises(MergeInputError, match=r"prep.offload: tensor '.+' has a sparse \(prep.sparse_storage\)"):
         AdaMerging(*zoo, prep=TaskVectorPrep(ties_density=0.2, sparse_storage=True, offload=True))
+    module = AdaMerging(*zoo, prep=TaskVectorPrep(offload=True))
+    module._device_mesh = object()  # what ModelParallelStrategy sets before configure_model
+    with pytest.raises(MergeInputError, match=r"prep.offload streams task vectors from CPU memory; "
+                                              r"ModelParallelStrategy \(FSDP2\) shards them"):
+        module.configure_model()
+
+
+@pytest.mark.parametrize("objective", ["entropy", "kl", "pseudo_label"])
+def test_micro_batches_give_the_one_batch_gradient(zoo, objective):
+    """Each task's rows in pieces (run one at a time, weighted by their share): the gradient of one batch."""
+    from conftest import mixed_batch
+
+    b = mixed_batch(zoo[0])
+    b["inputs"] = {k: torch.cat([v, v.flip(0)]) for k, v in b["inputs"].items()}  # 4 rows per task, task-contiguous
+    b["inputs"] = {k: torch.cat([v[i::len(b['tasks'])] for i in range(len(b["tasks"]))]) for k, v in b["inputs"].items()}
+    b["sizes"] = [4] * len(b["tasks"])
+    grads = []
+    for chunks, pieces in ((1, 1), (3, 3), (1, 2)):
+        module = AdaMerging(*zoo, granularity="layer", objective=objective, task_chunks=chunks, micro_batches=pieces)
+        torch.manual_seed(0)
+        module.merged.coefficients.weight.data += 0.1 * torch.randn_like(module.merged.coefficients.weight)
+        if (chunks, pieces) == (1, 1):
+            loss, per_task = module.objective(b)
+        else:
+            loss, total, per_task = module.merged.chunked_surrogate(b, module.loss_with, chunks, pieces)
+        loss.backward()
+        grads.append((module.merged.coefficients.weight.grad.clone(), {t: float(v) for t, v in per_task.items()}))
+    assert grads[0][0].abs().max() > 1e-6
+    for g, terms in grads[1:]:
+        torch.testing.assert_close(g, grads[0][0], atol=1e-6, rtol=1e-5)
+        assert terms == pytest.approx(grads[0][1], rel=1e-5)  # the logged per-task terms too
+
+
+def test_micro_batches_refuse_objectives_that_need_a_tasks_rows_together(zoo, tmp_path):
+    from adamerge.errors import MergeInputError
+
+    with pytest.raises(MergeInputError, match="micro_batches: objective 'infomax' is not a mean of per-row terms"):
+        AdaMerging(*zoo, objective="infomax", micro_batches=2)
+    with pytest.raises(MergeInputError, match="with a confidence threshold is not a mean"):
+        AdaMerging(*zoo, objective="pseudo_label", confidence=0.5, micro_batches=2)
+    with pytest.raises(MergeInputError, match="micro_batches: needs per-row logits"):
+        AdaMerging(*llama_zoo(tmp_path, tied=True), task_type="causal_lm", micro_batches=2)

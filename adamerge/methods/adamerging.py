@@ -51,7 +51,13 @@ class AdaMerging(MergeModule):
         confidence: ``pseudo_label`` learns only from rows whose expert's top probability is at least this (0: all).
         similarity_penalty: weight of the mean pairwise cosine similarity between tasks' coefficient vectors.
         task_chunks: run the tasks of a step in this many groups under one merge (same gradient, activation memory
-            of one group; see :meth:`MergedModel.chunked_surrogate`). 1 = one forward over all tasks (fastest).
+            of one group; see :meth:`MergedModel.chunked_surrogate`). 1 = one forward over all tasks. ``auto``
+            (default): one group per task on CPU, where it costs no time (docs/results.md, speed and memory), and 1
+            on accelerators, where small groups leave the device idle; 1 with ``tune_heads``.
+        micro_batches: also split each task's rows into this many pieces, run one at a time under the same merge
+            (activation memory of one piece; the gradient is the same, each piece's term weighted by its share of
+            the task's rows). For objectives that are means over rows of per-row terms — ``entropy``, ``kl``,
+            ``pseudo_label`` without a confidence threshold — and kinds with per-row logits (not ``causal_lm``).
         tune_heads: also train each task's head (sequence classification; see the module docstring).
     """
 
@@ -63,11 +69,22 @@ class AdaMerging(MergeModule):
                  trust_remote_code: bool = False,
                  task_type: str = "seq_cls", heads: dict | None = None, objective: str = "entropy",
                  temperature: float = 2.0, diversity_weight: float = 1.0, confidence: float = 0.0,
-                 similarity_penalty: float = 0.0, task_chunks: int = 1, tune_heads: bool = False) -> None:
+                 similarity_penalty: float = 0.0, task_chunks: int | str = "auto", tune_heads: bool = False,
+                 micro_batches: int = 1) -> None:
         self.loss_fn = Objective(objective, temperature, diversity_weight, confidence)
-        if task_chunks < 1:
-            raise MergeInputError(f"task_chunks must be >= 1, got {task_chunks}")
-        if tune_heads and task_chunks > 1:
+        if micro_batches < 1:
+            raise MergeInputError(f"micro_batches must be >= 1, got {micro_batches}")
+        if micro_batches > 1:
+            if not (objective in ("entropy", "kl") or objective == "pseudo_label" and confidence == 0):
+                raise MergeInputError(f"micro_batches: objective {objective!r}"
+                                      f"{' with a confidence threshold' if objective == 'pseudo_label' else ''} is not "
+                                      "a mean of per-row terms (it needs a task's rows together); use micro_batches: 1")
+            if not get_kind(task_type).per_task_heads or tune_heads:
+                raise MergeInputError("micro_batches: needs per-row logits from frozen per-task heads (not task_type "
+                                      "causal_lm, whose means run over tokens, nor tune_heads); use micro_batches: 1")
+        if isinstance(task_chunks, str) and task_chunks != "auto" or not isinstance(task_chunks, str) and task_chunks < 1:
+            raise MergeInputError(f"task_chunks must be >= 1 or 'auto', got {task_chunks!r}")
+        if tune_heads and task_chunks != "auto" and task_chunks > 1:
             raise MergeInputError("tune_heads: heads are trained by the step's own backward, which task_chunks > 1 "
                                   "replaces by a surrogate of the merged weights; use task_chunks: 1")
         if tune_heads and not get_kind(task_type).per_task_heads:
@@ -93,6 +110,7 @@ class AdaMerging(MergeModule):
                             "diversity_weight": self.hparams.diversity_weight,
                             "confidence": self.hparams.confidence, "tune_heads": self.hparams.tune_heads,
                             "similarity_penalty": self.hparams.similarity_penalty,
+                            "task_chunks": self.task_chunk_count(),
                             "steps": int(self.global_step) if self._trainer is not None else None}}
 
     def loss_with(self, batch, params=None):
@@ -109,9 +127,18 @@ class AdaMerging(MergeModule):
         loss, per_task = self.loss_with(batch)
         return loss + self.penalty(), per_task
 
+    def task_chunk_count(self) -> int:
+        """The number of task groups per step (``task_chunks``, with ``auto`` resolved on the module's device)."""
+        chunks = self.hparams.task_chunks
+        if chunks == "auto":
+            chunks = len(self.task_names) if self.device.type == "cpu" and not self.hparams.tune_heads else 1
+        return chunks
+
     def training_step(self, batch, batch_idx):
-        if self.hparams.task_chunks > 1:
-            surrogate, loss, per_task = self.merged.chunked_surrogate(batch, self.loss_with, self.hparams.task_chunks)
+        chunks = self.task_chunk_count()
+        if chunks > 1 or self.hparams.micro_batches > 1:
+            surrogate, loss, per_task = self.merged.chunked_surrogate(batch, self.loss_with, chunks,
+                                                                      self.hparams.micro_batches)
             self._log_step(loss, per_task, batch)
             return surrogate + self.penalty()
         loss, per_task = self.objective(batch)
