@@ -16,6 +16,8 @@ tokens):
   b-bf16   b with the task vectors stored in bfloat16 (tv_dtype; the merge computes in float32, chunk by chunk)
   b-chunks b with task_chunks = T: one merge, then each task's forward+backward on its own (bounded activations)
   b-lean   bfloat16 task vectors and task_chunks = T together
+  b-micro  b-lean with each task's rows in 2 pieces run one at a time (micro_batches = 2: same gradient, half the
+           activations)
   b-sparse AdaMerging++ (TIES-trimmed task vectors, density 0.2) kept sparse (prep.sparse_storage), float32, with
            task_chunks = T -- a different (published) variant, shown for what sparse storage saves
   c        FusionBench 0.2.33 LayerWiseMergedModel, driven as its layer-wise AdaMerging does: merge_weights(), then
@@ -50,7 +52,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FUSIONBENCH = "fusion-bench==0.2.33"
 MODES = {"a": "plain", "b": "adamerge", "b-bf16": "adamerge-bf16", "b-chunks": "adamerge-chunked",
-         "b-lean": "adamerge-lean", "b-sparse": "adamerge-sparse", "c": "fusionbench"}  # column -> worker mode
+         "b-lean": "adamerge-lean", "b-micro": "adamerge-micro", "b-sparse": "adamerge-sparse",
+         "c": "fusionbench"}  # column -> worker mode
 SHAPES = {"minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
           "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)}
 SHAPE = os.environ.get("BENCH_SHAPE", "minilm")  # set by --shape for the workers
@@ -187,7 +190,7 @@ def worker(mode: str, T: int, steps: int, rows: int, length: int) -> dict:
 
         paths = [str(zoo_dir() / str(i)) for i in range(T + 1)]
         pool = load_pool(paths[0], {f"t{i}": p for i, p in enumerate(paths[1:])},
-                         tv_dtype=torch.bfloat16 if mode in ("adamerge-bf16", "adamerge-lean") else None)
+                         tv_dtype=torch.bfloat16 if mode in ("adamerge-bf16", "adamerge-lean", "adamerge-micro") else None)
         if mode == "adamerge-sparse":
             from adamerge.functional import ties_trim_elect
 
@@ -201,11 +204,12 @@ def worker(mode: str, T: int, steps: int, rows: int, length: int) -> dict:
         names = list(merged.task_names)
 
         def step():
-            if mode in ("adamerge-chunked", "adamerge-lean", "adamerge-sparse"):  # one task per group, as FusionBench
-                loss, _, _ = merged.chunked_surrogate(
+            if mode in ("adamerge-chunked", "adamerge-lean", "adamerge-micro", "adamerge-sparse"):  # one task per
+                loss, _, _ = merged.chunked_surrogate(                                                # group
                     {"inputs": inputs, "tasks": names, "sizes": [rows] * T},
                     lambda sub, params: entropy_objective(merged(sub["inputs"], sub["tasks"], sub["sizes"],
-                                                                 params=params)), T)
+                                                                 params=params)), T,
+                    2 if mode == "adamerge-micro" else 1)
             else:
                 loss, _ = entropy_objective(merged(inputs, names, [rows] * T))
             loss.backward()
@@ -328,8 +332,8 @@ def tables(results: list[dict], act: dict, args) -> str:
     first = results[0][cols[0]]
     where = first["device"] + (f" ({first['gpu']})" if "gpu" in first else "")
     ours = [k for k in cols if k.startswith("b")]
-    ratios = [f"{k}/a" for k in ("b", "b-lean") if k in cols and "a" in cols]
-    ratios += [f"c/{k}" for k in ("b", "b-lean") if k in cols and "c" in cols]
+    ratios = [f"{k}/a" for k in ("b", "b-lean", "b-micro") if k in cols and "a" in cols]
+    ratios += [f"c/{k}" for k in ("b", "b-lean", "b-micro") if k in cols and "c" in cols]
     out = [f"Step time in ms (median of {args.steps} steps after one warm-up), {where}, shape {args.shape} "
            f"({act['weights_mib']:.0f} MiB of float32 weights), {args.rows} rows/task, {args.length} tokens:", "",
            "| T | " + " | ".join(cols + ratios) + " |", "|" + "---|" * (len(cols) + len(ratios) + 1)]
@@ -344,7 +348,7 @@ def tables(results: list[dict], act: dict, args) -> str:
             f"{'' if first['device'] == 'cuda' else ', process baseline ' + format(act['baseline_mib'], '.0f') + ' MiB included'}); "
             "x/floor against the floor of its own storage width:", "",
             "| T | " + " | ".join(cols + fl + rel) + " |", "|" + "---|" * (len(cols) + len(fl) + len(rel) + 1)]
-    half = {"b-bf16", "b-lean"}
+    half = {"b-bf16", "b-lean", "b-micro"}
     for row in results:
         peak = {k: row[k]["step_peak_mib"] for k in cols}
         T = row[cols[0]]["T"]
