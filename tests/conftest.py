@@ -57,6 +57,25 @@ def build_zoo(root, tasks=TASKS, scale=0.05, seed=0):
     return str(root / "base"), paths
 
 
+def save_lm_zoo(root, make_model, tasks):
+    """Save ``make_model()`` as the base and, per task, the base plus seeded noise (0.05), each with the tokenizer:
+    ``(base path, {task: path})`` for causal-LM tests."""
+    torch.manual_seed(0)
+    base = make_model()
+    make_tokenizer(root / "base")
+    base.save_pretrained(str(root / "base"))
+    paths = {}
+    for i, task in enumerate(tasks):
+        g = torch.Generator().manual_seed(10 + i)
+        ft = make_model()
+        ft.load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                            for k, v in base.state_dict().items()})
+        ft.save_pretrained(str(root / task))
+        make_tokenizer(root / task)
+        paths[task] = str(root / task)
+    return str(root / "base"), paths
+
+
 def text_rows(n, seed=0):
     import random
 

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import WORDS, make_tokenizer, quick_fit
+from conftest import WORDS, make_tokenizer, quick_fit, save_lm_zoo
 
 from adamerge.data import TaskData, UnlabeledDataModule
 from adamerge.methods import AdaMerging, TaskArithmetic
@@ -34,21 +34,8 @@ def gpt2():
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def lm_zoo(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(request.param)
-    torch.manual_seed(0)
-    base = {"llama": llama, "gpt2": gpt2}[request.param]()
-    make_tokenizer(root / "base")
-    base.save_pretrained(str(root / "base"))
-    paths = {}
-    for i, task in enumerate(("chat", "code")):
-        g = torch.Generator().manual_seed(10 + i)
-        ft = {"llama": llama, "gpt2": gpt2}[request.param]()
-        ft.load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
-                            for k, v in base.state_dict().items()})
-        ft.save_pretrained(str(root / task))
-        make_tokenizer(root / task)
-        paths[task] = str(root / task)
-    return str(root / "base"), paths
+    return save_lm_zoo(tmp_path_factory.mktemp(request.param), {"llama": llama, "gpt2": gpt2}[request.param],
+                       ("chat", "code"))
 
 
 @pytest.fixture(scope="module")

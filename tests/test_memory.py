@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import WORDS, make_tokenizer
+from conftest import WORDS, save_lm_zoo
 
 from adamerge.functional import LookupWeight, merge_dense
 from adamerge.merged import MergedModel
@@ -28,20 +28,7 @@ def llama(tied: bool):
 
 
 def llama_zoo(root, tied: bool):
-    torch.manual_seed(0)
-    base = llama(tied)
-    make_tokenizer(root / "base")
-    base.save_pretrained(str(root / "base"))
-    paths = {}
-    for i, task in enumerate(("chat", "code", "math")):
-        g = torch.Generator().manual_seed(10 + i)
-        ft = llama(tied)
-        ft.load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
-                            for k, v in base.state_dict().items()})
-        ft.save_pretrained(str(root / task))
-        make_tokenizer(root / task)
-        paths[task] = str(root / task)
-    return str(root / "base"), paths
+    return save_lm_zoo(root, lambda: llama(tied), ("chat", "code", "math"))
 
 
 def lm_batch(T: int, rows: int = 3, length: int = 10):
