@@ -97,7 +97,7 @@ class TaskVectorStore(nn.Module):
     def offload(self) -> None:
         """Keep the dense stacks in CPU memory (pinned when CUDA is present): ``.to(device)`` leaves them there and
         the merge copies each one to the compute device in bounded chunks, in the forward and again in the
-        backward, so the device holds one block's stacks at a time instead of all of them."""
+        backward, so the device holds one piece of them (at most ``CAST_CHUNK_BYTES``) at a time instead of all."""
         if self.lr_keys or self.sparse_keys:
             kind = "low-rank (LoRA)" if self.lr_keys else "sparse (prep.sparse_storage)"
             name = next(iter(self.lr_keys or self.sparse_keys))

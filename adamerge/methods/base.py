@@ -86,8 +86,8 @@ class TaskVectorPrep:
             SVD (the references skip token embeddings / output projections).
         offload: keep the (dense) task vectors in CPU memory, pinned where CUDA is present, while the model trains
             on the accelerator; each block's stacks are copied to the device in bounded chunks when the merge needs
-            them, in the forward and again in the backward. The device then holds the base, one block's task
-            vectors and the activations: for T task vectors that do not fit beside the model (see docs/scaling.md).
+            them, in the forward and again in the backward. The device then holds the base, one ≤ 16 MiB piece of
+            task vectors and the activations: for T task vectors that do not fit beside the model (see docs/scaling.md).
             Not with LoRA or sparse task vectors, nor with FSDP2 (which shards them instead).
     """
 
