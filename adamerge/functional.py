@@ -31,17 +31,26 @@ def _cast_chunks(tv: Tensor, dtype: torch.dtype, device: torch.device | None = N
     that device comes back whole, uncopied; otherwise in groups of tasks whose copy stays under
     :data:`CAST_CHUNK_BYTES` (from pinned CPU memory, the copies are asynchronous)."""
     device = tv.device if device is None else device
-    if tv.dtype == dtype and tv.device == device:
+    step = _task_group(tv, dtype, device)
+    if step is None:
         yield 0, tv
         return
-    per_task = max(1, tv[0].numel() * torch.empty((), dtype=dtype).element_size())
-    step = max(1, CAST_CHUNK_BYTES // per_task)
     scratch = _scratch(dtype, device, min(tv.shape[0], step) * tv[0].numel())
     for s in range(0, tv.shape[0], step):
         part = tv[s:s + step]
         buf = scratch[:part.numel()].view(part.shape)
         buf.copy_(part, non_blocking=True)
         yield s, buf
+
+
+def _task_group(tv: Tensor, dtype: torch.dtype, device: torch.device) -> int | None:
+    """How many tasks of a ``[T, ...]`` stack one copy into ``dtype`` on ``device`` takes (its copy stays under
+    :data:`CAST_CHUNK_BYTES`); None when the stack is already there and needs no copy. Whole tables and their rows
+    (:func:`_gather_chunks`) are grouped alike, so both sum the tasks in the same order."""
+    if tv.dtype == dtype and tv.device == device:
+        return None
+    per_task = max(1, tv[0].numel() * torch.empty((), dtype=dtype).element_size())
+    return max(1, CAST_CHUNK_BYTES // per_task)
 
 
 _SCRATCH = threading.local()
@@ -144,9 +153,7 @@ class _RowMerge(torch.autograd.Function):
 def _gather_chunks(stack: Tensor, rows: Tensor, dtype: torch.dtype, device: torch.device):
     """Yield ``(start, stack[start:stop, rows] in dtype on device)`` over the task axis, in the groups of tasks that
     :func:`_cast_chunks` uses for the whole stack (one group when it needs no copy)."""
-    whole = stack.dtype == dtype and stack.device == device
-    per_task = max(1, stack[0].numel() * torch.empty((), dtype=dtype).element_size())
-    step = stack.shape[0] if whole else max(1, CAST_CHUNK_BYTES // per_task)
+    step = _task_group(stack, dtype, device) or stack.shape[0]
     rows = rows.to(stack.device)
     for s in range(0, stack.shape[0], step):
         yield s, stack[s:s + step].index_select(1, rows).to(device=device, dtype=dtype, non_blocking=True)
@@ -220,9 +227,9 @@ def merge_tensor(base: Tensor, task_vectors: Tensor, coefficients: Tensor, mask:
     """
     if mask is None:
         return merge_dense([base], [task_vectors], coefficients[:, None])[0]
-    tv = task_vectors.to(base.device, base.dtype) * mask.to(base.dtype)  # same arithmetic as the unmasked path (an all-ones mask
-    return torch.addmv(base.reshape(-1), tv.reshape(tv.shape[0], -1).t(),  # gives bit-identical weights)
-                       coefficients.to(base.dtype)).view(base.shape)
+    # same arithmetic as the unmasked path (an all-ones mask gives bit-identical weights)
+    tv = task_vectors.to(base.device, base.dtype) * mask.to(base.dtype)
+    return torch.addmv(base.reshape(-1), tv.reshape(tv.shape[0], -1).t(), coefficients.to(base.dtype)).view(base.shape)
 
 
 class SparseStack(NamedTuple):

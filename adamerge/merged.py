@@ -215,13 +215,14 @@ class MergedModel(nn.Module):
                 self.register_buffer(f"_cols_{i}", torch.tensor(cols), persistent=False)
                 self._columns.append(f"_cols_{i}")
         self._store_of = {n: st for st in self.stores for n in st.names}
+        self._index = index  # tensor name -> its column of the coefficients
         # weights of embedding layers (used by nothing else): a training step merges only the rows its tokens read
         shared = {}
         for n, p in self.backbone.named_parameters(remove_duplicate=False):
             shared[id(p)] = shared.get(id(p), 0) + 1
-        self.lookup_tables = [f"{m}.weight" if m else "weight" for m, mod in self.backbone.named_modules()
-                              if isinstance(mod, nn.Embedding) and shared.get(id(mod.weight)) == 1
-                              and (f"{m}.weight" if m else "weight") in index]
+        tables = {f"{m}.weight" if m else "weight": mod for m, mod in self.backbone.named_modules()
+                  if isinstance(mod, nn.Embedding)}
+        self.lookup_tables = [n for n, mod in tables.items() if n in index and shared.get(id(mod.weight)) == 1]
         self.row_lookup = True  # False: merge lookup tables whole like every other tensor
         self.eval()
 
@@ -280,10 +281,9 @@ class MergedModel(nn.Module):
             sel = cols if isinstance(cols, slice) else getattr(self, cols).to(lam.device)
             out.update(store(base, lam[:, sel], masks, skip=rows))
         if rows:
-            index = {n: p for p, n in enumerate(self.param_names)}
             lam_rows = lam if lookup_coefficients is None else lookup_coefficients
             for n in rows:
-                stack, col = self._store_of[n].dense(n), lam_rows[:, index[n]]
+                stack, col = self._store_of[n].dense(n), lam_rows[:, self._index[n]]
                 out[n] = LookupWeight(base[n], stack, col,
                                       lambda b=base[n], s=stack, c=col: merge_dense([b], [s], c[:, None])[0])
         return out

@@ -317,12 +317,11 @@ def main() -> None:
         print(f"plot: {plot(results, act, args)}")
 
 
-def floor_mib(act: dict, T: int, tv_bytes: int, device_baseline: float | None = None) -> float:
+def floor_mib(act: dict, T: int, tv_bytes: int) -> float:
     """Base + T task vectors (``tv_bytes`` per element) + one task's activations, plus the process baseline."""
     w = act["weights_mib"]
     activations = act["step_peak_mib"] - act["baseline_mib"] - 2 * w
-    baseline = act["baseline_mib"] if device_baseline is None else device_baseline
-    return baseline + w + T * w * tv_bytes / 4 + activations
+    return act["baseline_mib"] + w + T * w * tv_bytes / 4 + activations
 
 
 def tables(results: list[dict], act: dict, args) -> str:

@@ -82,7 +82,7 @@ class AdaMerging(MergeModule):
             if not get_kind(task_type).per_task_heads or tune_heads:
                 raise MergeInputError("micro_batches: needs per-row logits from frozen per-task heads (not task_type "
                                       "causal_lm, whose means run over tokens, nor tune_heads); use micro_batches: 1")
-        if isinstance(task_chunks, str) and task_chunks != "auto" or not isinstance(task_chunks, str) and task_chunks < 1:
+        if task_chunks != "auto" and (isinstance(task_chunks, str) or task_chunks < 1):
             raise MergeInputError(f"task_chunks must be >= 1 or 'auto', got {task_chunks!r}")
         if tune_heads and task_chunks != "auto" and task_chunks > 1:
             raise MergeInputError("tune_heads: heads are trained by the step's own backward, which task_chunks > 1 "

@@ -240,13 +240,19 @@ class MergeModule(pl.LightningModule):
 
         if not torch.is_grad_enabled() or not (dist.is_available() and dist.is_initialized()):
             return None
-        mesh = self.device_mesh
-        group = dist.group.WORLD
-        if mesh is not None:
-            group = (mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh).get_group()
+        mesh = self.data_parallel_mesh()
+        group = dist.group.WORLD if mesh is None else mesh.get_group()
         if dist.get_world_size(group) == 1:
             return None
         return lambda x: all_sum(x, group)
+
+    def data_parallel_mesh(self):
+        """The data-parallel dimension of the device mesh ``ModelParallelStrategy`` sets (the whole mesh when it has
+        no named one); None under other strategies."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return None
+        return mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
 
     SELECTION_CRITERIA = ("agreement", "objective")
 
@@ -287,8 +293,7 @@ class MergeModule(pl.LightningModule):
         """Under Lightning's ``ModelParallelStrategy``, shard every task-vector store and the coefficients with FSDP2
         (``fully_shard``) over the data-parallel mesh: each rank holds 1/N of the task vectors, gathered one block at
         a time for the merge and again for the backward; coefficient gradients are averaged by FSDP2."""
-        mesh = self.device_mesh
-        if mesh is None or getattr(self, "_sharded", False):
+        if self.device_mesh is None or getattr(self, "_sharded", False):
             return
         from torch.distributed.fsdp import fully_shard
 
@@ -302,7 +307,7 @@ class MergeModule(pl.LightningModule):
                                   f"{self.method!r} also trains {others[:3]}: use the DDP strategy")
         from torch.distributed.tensor import Shard
 
-        dp = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        dp = self.data_parallel_mesh()
         n = dp.size()
 
         def largest_dim(p: Tensor) -> Shard:
