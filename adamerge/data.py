@@ -248,21 +248,24 @@ class TaskStepDataset(Dataset):
 
 
 class StepSampler(Sampler[int]):
-    """Yields absolute step ids ``epoch·L … (epoch+1)·L − 1``, skipping those before ``start``.
+    """Yields absolute step ids from the trainer's step count at the start of each pass to the end of its epoch:
+    ``g, g+1, … ⌈(g+1)/L⌉·L − 1`` for ``g = position()``.
 
-    The dataset maps any step id to its rows, so starting at the restored ``global_step`` continues a killed run
-    exactly where it stopped (Lightning calls :meth:`set_epoch` each epoch).
+    The dataset maps any step id to its rows, so the rows of a step depend only on how many optimizer steps came
+    before it — not on Lightning's epoch counter, which a checkpoint written on the last batch of an epoch restores one
+    epoch ahead (Lightning issues 18060/19815): a resumed run trains on exactly the steps the uninterrupted one would,
+    mid-epoch or at an epoch boundary.
     """
 
-    def __init__(self, length: int, start: int = 0) -> None:
-        self.length, self.start, self.epoch = length, start, 0
+    def __init__(self, length: int, position=lambda: 0) -> None:
+        self.length, self.position = length, position
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls it; the position is the step count, not the epoch
+        pass
 
     def __iter__(self):
-        lo, hi = self.epoch * self.length, (self.epoch + 1) * self.length
-        return iter(range(max(lo, self.start), hi))
+        g = int(self.position())
+        return iter(range(g, (g // self.length + 1) * self.length))
 
     def __len__(self) -> int:
         # the full epoch length: on resume Lightning counts the restored batch index against it
@@ -366,8 +369,14 @@ class UnlabeledDataModule(pl.LightningDataModule):
             return False
 
     def train_dataloader(self) -> DataLoader:
-        start = self.trainer.global_step if self._has_trainer() else 0  # > 0 when resuming from a checkpoint
-        sampler = StepSampler(len(self.dataset), start)
+        position = lambda: 0  # noqa: E731
         if self._has_trainer():
-            sampler.set_epoch(self.trainer.current_epoch)
+            trainer = self.trainer
+            if trainer.accumulate_grad_batches != 1:
+                raise MergeInputError(
+                    f"trainer.accumulate_grad_batches must be 1 (got {trainer.accumulate_grad_batches}): a step's rows "
+                    "are data.samples_per_task of every task; to bound memory use the method's micro_batches or "
+                    "task_chunks, or fewer samples_per_task")
+            position = lambda: trainer.global_step  # noqa: E731  (> 0 when resuming from a checkpoint)
+        sampler = StepSampler(len(self.dataset), position)
         return DataLoader(self.dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers)

@@ -54,6 +54,8 @@ CASES = {
                    r"task 'spam': data file .*empty\.csv is empty \(0 bytes\)"),
     "negative max_steps": (lambda cfg, tmp, zoo: cfg["trainer"].update(max_steps=-5), r"max_steps"),
     "zero max_steps": (lambda cfg, tmp, zoo: cfg["trainer"].update(max_steps=0), r"max_steps is 0"),
+    "gradient accumulation": (lambda cfg, tmp, zoo: cfg["trainer"].update(accumulate_grad_batches=2),
+                              r"trainer.accumulate_grad_batches must be 1 \(got 2\)"),
     "unknown objective": (lambda cfg, tmp, zoo: cfg["model"]["init_args"].update(objective="entropyy"),
                           r"objective: unknown value 'entropyy'"),
 }

@@ -252,24 +252,44 @@ def _coefficients(out_dir: Path) -> torch.Tensor:
     return torch.tensor(json.loads((out_dir / "merge_manifest.json").read_text())["coefficients"]["values"])
 
 
-def test_sigkill_and_resume_gives_the_same_coefficients(zoo, task_data, tmp_path):
+@pytest.fixture(scope="module")
+def straight_run(zoo, task_data, tmp_path_factory):
+    """The uninterrupted run the resumed ones must equal: 8 steps, epochs of 3 steps."""
+    tmp_path = tmp_path_factory.mktemp("straight")
     cfg, _ = _fit_cfg(zoo, task_data, tmp_path, "straight")
     res = _run(tmp_path, cfg, "straight")
     assert res.returncode == 0, res.stderr[-3000:]
-    straight = _coefficients(tmp_path / "straight_out")
+    return _coefficients(tmp_path / "straight_out")
+
+
+@pytest.mark.parametrize("every,kill_at", [(2, 5), (3, 7)], ids=["mid-epoch", "epoch-boundary"])
+def test_sigkill_and_resume_gives_the_same_coefficients(zoo, task_data, tmp_path, straight_run, every, kill_at):
+    """SIGKILL after step ``kill_at``; resume from the last checkpoint (step 4: mid-epoch; step 6: the last batch of
+    the second epoch, which Lightning restores with its epoch counter one ahead): bit-identical coefficients."""
     cfg, ckpt_dir = _fit_cfg(zoo, task_data, tmp_path, "killed")
+    cfg["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = every
     killed = {**cfg, "trainer": {**cfg["trainer"], "callbacks": [
-        *cfg["trainer"]["callbacks"], {"class_path": "kill_callback.KillAt", "init_args": {"step": 5}}]}}
+        *cfg["trainer"]["callbacks"], {"class_path": "kill_callback.KillAt", "init_args": {"step": kill_at}}]}}
     res = _run(tmp_path, killed, "killed")
     assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
     assert not (tmp_path / "killed_out").exists()  # nothing half-written
     ckpt = torch.load(ckpt_dir / "last.ckpt", weights_only=False)  # our own file, written above
-    assert ckpt["global_step"] == 4 and list(ckpt["state_dict"]) == ["merged.coefficients.weight"]
+    assert ckpt["global_step"] == kill_at // every * every and list(ckpt["state_dict"]) == ["merged.coefficients.weight"]
     res = _run(tmp_path, cfg, "resumed", extra=["--ckpt_path", str(ckpt_dir / "last.ckpt")])
     assert res.returncode == 0, res.stderr[-3000:]
     resumed = _coefficients(tmp_path / "killed_out")
-    assert (straight - 0.3).abs().max() > 1e-3
-    assert torch.equal(straight, resumed)
+    assert (straight_run - 0.3).abs().max() > 1e-3
+    assert torch.equal(straight_run, resumed)
+
+
+def test_step_sampler_follows_the_step_count_not_the_epoch():
+    """Step ids are the trainer's step count onwards to the end of its epoch, whatever epoch Lightning reports."""
+    from adamerge.data import StepSampler
+
+    for g, expected in [(0, [0, 1, 2]), (4, [4, 5]), (6, [6, 7, 8]), (8, [8])]:
+        s = StepSampler(3, lambda g=g: g)
+        s.set_epoch(7)  # ignored
+        assert list(s) == expected and len(s) == 3
 
 
 def test_same_seed_gives_identical_coefficients(zoo, task_data, tmp_path):
