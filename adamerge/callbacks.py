@@ -122,10 +122,26 @@ class ExportOnFitEnd(pl.Callback):
                 ckpt.unlink(missing_ok=True)
 
 
+def run_directory(trainer) -> Path | None:
+    """This run's own directory (rank 0): the W&B run's folder (``<save_dir>/wandb/offline-run-<time>-<id>/``), a
+    versioned logger's ``log_dir`` (CSV, TensorBoard: ``<save_dir>/<name>/version_<n>/``), else None.
+    Its config and coefficient heatmap go there, so runs of one config never overwrite each other's."""
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger":
+            files = getattr(logger.experiment, "dir", None)  # <run>/files, where W&B keeps its own config.yaml
+            if files:
+                return Path(files).parent
+        directory = getattr(logger, "log_dir", None)
+        if directory:
+            return Path(directory)
+    return None
+
+
 class CoefficientHeatmap(pl.Callback):
     """Log the coefficient matrix as an image every ``every_n_steps`` and at the end of training.
 
-    Images go to any logger with ``log_image`` (W&B), and ``coefficients.png`` into the logger's directory.
+    Images go to any logger with ``log_image`` (W&B), and ``coefficients.png`` into the run's own directory
+    (:func:`run_directory`).
 
     Args:
         every_n_steps: logging interval (0 = only at the end).
@@ -148,10 +164,10 @@ class CoefficientHeatmap(pl.Callback):
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image("coefficients", [image], step=trainer.global_step)
-            directory = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
-            if directory:
-                Path(directory).mkdir(parents=True, exist_ok=True)
-                (Path(directory) / "coefficients.png").write_bytes(png)
+        directory = run_directory(trainer)
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / "coefficients.png").write_bytes(png)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 from typing import Literal, Optional
 
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from adamerge.callbacks import BackboneMode, CoefficientHeatmap, ExportOnFitEnd
+from adamerge.callbacks import BackboneMode, CoefficientHeatmap, ExportOnFitEnd, run_directory
 from adamerge.data import UnlabeledDataModule
 from adamerge.methods import MergeModule
 
@@ -56,6 +56,22 @@ def quiet_libraries() -> None:
         hf_logging.set_verbosity_error()
     except ImportError:
         pass
+
+
+class RunConfig(SaveConfigCallback):
+    """Saves the run's config as ``config.yaml`` in the run's own directory (:func:`run_directory`: the W&B run's
+    folder, a CSV/TensorBoard version folder) instead of the logger's shared ``save_dir``; without one, where
+    Lightning puts it (``trainer.default_root_dir``)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.already_saved:
+            return
+        if trainer.is_global_zero:
+            directory = run_directory(trainer) or Path(trainer.default_root_dir)
+            directory.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, str(directory / self.config_filename), skip_none=False,
+                             overwrite=True, multifile=self.multifile)
+        self.already_saved = True
 
 
 class AdaMergeCLI(LightningCLI):
@@ -107,7 +123,8 @@ def trainer_defaults() -> dict:
 
 def lightning_main(args: list[str] | None = None, run: bool = True) -> AdaMergeCLI:
     return AdaMergeCLI(MergeModule, UnlabeledDataModule, subclass_mode_model=True, args=args, run=run,
-                       trainer_defaults=trainer_defaults(), save_config_kwargs={"overwrite": True},
+                       trainer_defaults=trainer_defaults(), save_config_callback=RunConfig,
+                       save_config_kwargs={"overwrite": True},
                        parser_kwargs={"default_env": False}, auto_configure_optimizers=False)
 
 

@@ -45,6 +45,25 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", guarded)
 
 
+def test_each_run_keeps_its_own_config_and_heatmap(zoo, task_data, tmp_path):
+    """Two runs of one config with a versioned logger: each version folder has its own config.yaml (with that
+    run's max_steps) and coefficients.png; nothing lands in the shared save_dir."""
+    for i, steps in enumerate((1, 2)):
+        cfg = fit_config(zoo, task_data, tmp_path)
+        cfg["trainer"].update(max_steps=steps, logger={"class_path": "pytorch_lightning.loggers.CSVLogger",
+                                                       "init_args": {"save_dir": str(tmp_path / "logs")}})
+        cfg["export"] = {"output_dir": str(tmp_path / f"merged{i}")}
+        p = tmp_path / "fit.yaml"
+        p.write_text(yaml.safe_dump(cfg))
+        lightning_main(["fit", "--config", str(p)])
+    for i, steps in enumerate((1, 2)):
+        run = tmp_path / "logs" / f"version_{i}"
+        assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["max_steps"] == steps
+        assert (run / "coefficients.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["version_0", "version_1"]
+    assert not (tmp_path / "config.yaml").exists()
+
+
 def test_fit_trains_exports_and_logs_heatmap_offline(zoo, task_data, tmp_path, no_network, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = tmp_path / "fit.yaml"
@@ -60,7 +79,11 @@ def test_fit_trains_exports_and_logs_heatmap_offline(zoo, task_data, tmp_path, n
     assert len(runs) == 1
     images = list(runs[0].glob("files/media/images/coefficients_*.png"))
     assert images, "heatmap image missing from the offline W&B run"
-    assert (tmp_path / "wandb" / "coefficients.png").stat().st_size > 1000
+    # the run's config and heatmap in the run's own folder, not the logger's shared save_dir
+    assert (runs[0] / "coefficients.png").stat().st_size > 1000
+    saved = yaml.safe_load((runs[0] / "config.yaml").read_text())
+    assert saved["trainer"]["max_steps"] == 6 and saved["export"]["output_dir"] == str(tmp_path / "merged")
+    assert not (tmp_path / "wandb" / "coefficients.png").exists() and not (tmp_path / "wandb" / "config.yaml").exists()
     card = (tmp_path / "merged" / "README.md").read_text()  # the model card: the run's config and data, no rows
     config = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
     assert config["trainer"]["max_steps"] == 6 and config["model"]["init_args"]["granularity"] == "layer"

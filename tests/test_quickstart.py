@@ -20,9 +20,10 @@ def test_quickstart_trains_exports_and_compares(tmp_path):
                  extra_args=["--trainer.accelerator", "cpu", "--data.holdout", "8"])
     run_dir = Path(result["run_dir"])
     assert run_dir.parent == tmp_path / "runs"
-    # one directory holds the run: its config, heatmap, W&B offline run, export and scores
-    assert (run_dir / "config.yaml").is_file() and (run_dir / "coefficients.png").stat().st_size > 1000
-    assert Path(result["wandb_run"]).parent == run_dir / "wandb"
+    # one directory holds the run: its W&B offline run (with the run's config and heatmap), export and scores
+    wandb_run = Path(result["wandb_run"])
+    assert wandb_run.parent == run_dir / "wandb"
+    assert (wandb_run / "config.yaml").is_file() and (wandb_run / "coefficients.png").stat().st_size > 1000
     manifest = json.loads((run_dir / "export" / "merge_manifest.json").read_text())
     assert manifest["method"] == "adamerging" and manifest["selection"]["criterion"] == "agreement"
     assert 0 <= manifest["selection"]["selected_step"] <= 3

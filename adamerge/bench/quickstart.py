@@ -132,9 +132,9 @@ def report(result: dict) -> str:
               f"Time: {sec['total']:.0f} s (data + zoo {sec['data_and_zoo']:.0f} s, fit + export "
               f"{sec['fit_and_export']:.0f} s), {result['hardware']}.", "",
               f"  export (stock transformers loads it):  {result['export']}",
-              f"  run directory (config, heatmap):      {result['run_dir']}"]
+              f"  run directory (results.json):         {result['run_dir']}"]
     if result["wandb_run"]:
-        lines += [f"  W&B offline run:                      {result['wandb_run']}",
+        lines += [f"  W&B offline run (config, heatmap):    {result['wandb_run']}",
                   f"  upload it later with:                 wandb sync {result['wandb_run']}"]
     lines += ["  next: README.md 'Choosing a method and an objective'; the full benchmark is "
               "`python scripts/benchmark.py --preset quick`"]
