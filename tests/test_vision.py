@@ -454,6 +454,21 @@ def test_benchmark_unpickler_reads_arrays_and_refuses_anything_else():
         _ArrayUnpickler(io.BytesIO(pickle.dumps(Evil()))).load()
 
 
+def test_idx_reader_matches_a_handwritten_file():
+    """Fashion-MNIST ships as IDX files: bytes written by hand (magic, big-endian sizes, uint8 payload) read back."""
+    import struct
+
+    from adamerge.bench.vision import read_idx
+
+    images = bytes([0, 0, 8, 3]) + struct.pack(">III", 2, 2, 3) + bytes(range(12))
+    out = read_idx(images)
+    assert out.shape == (2, 2, 3) and out[1, 0, 2] == 8 and out.dtype == np.uint8
+    labels = bytes([0, 0, 8, 1]) + struct.pack(">I", 3) + bytes([9, 0, 4])
+    assert read_idx(labels).tolist() == [9, 0, 4]
+    with pytest.raises(ValueError, match="not an unsigned-byte IDX file"):
+        read_idx(bytes([0, 0, 13, 1]) + struct.pack(">I", 1) + bytes(4))  # float32 payload
+
+
 def test_clip_ddp_two_processes_match_single_process(clip_zoo, tmp_path):
     """Image data under DDP: each of 2 processes takes half of every task's images of a step, the gradients are
     all-reduced, and the coefficients equal a single process's with the same global batch."""

@@ -120,7 +120,7 @@ PRESETS = {
                  methods=["task_arithmetic", "ties", "adamerging_layer", "tinting", "surgery_adamerging"]),
     "quick": Preset(["polarity", "question", "spam", "language"], steps=100, pairs=True, lora_rank=8),
     "full": Preset(list(TASKS), steps=100),
-    "vision": Preset(["mnist", "digits", "animals"], steps=100, task_type="image_cls", surgery_steps=100,
+    "vision": Preset(["mnist", "digits", "animals", "fashion"], steps=100, task_type="image_cls", surgery_steps=100,
                      methods=["task_arithmetic", "ties", "tsv_m", "adamerging_task", "adamerging_layer",
                               "adamerging_pp_layer", "adamerging_layer_kl", "tinting", "concrete_ta",
                               "concrete_adamerging", "surgery_ta", "surgery_adamerging"]),

