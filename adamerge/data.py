@@ -252,9 +252,10 @@ class StepSampler(Sampler[int]):
     ``g, g+1, … ⌈(g+1)/L⌉·L − 1`` for ``g = position()``.
 
     The dataset maps any step id to its rows, so the rows of a step depend only on how many optimizer steps came
-    before it — not on Lightning's epoch counter, which a checkpoint written on the last batch of an epoch restores one
-    epoch ahead (Lightning issues 18060/19815): a resumed run trains on exactly the steps the uninterrupted one would,
-    mid-epoch or at an epoch boundary.
+    before it, not on Lightning's epoch counter: Lightning restores a checkpoint written on an epoch's last batch as a
+    mid-epoch restart of that epoch, for which an epoch-indexed sampler serves an empty pass, after which its epoch
+    and step ids ran one epoch ahead. A resumed run trains on exactly the steps the uninterrupted one would, mid-epoch
+    or at an epoch boundary.
     """
 
     def __init__(self, length: int, position=lambda: 0) -> None:
