@@ -265,7 +265,7 @@ def straight_run(zoo, task_data, tmp_path_factory):
 @pytest.mark.parametrize("every,kill_at", [(2, 5), (3, 7)], ids=["mid-epoch", "epoch-boundary"])
 def test_sigkill_and_resume_gives_the_same_coefficients(zoo, task_data, tmp_path, straight_run, every, kill_at):
     """SIGKILL after step ``kill_at``; resume from the last checkpoint (step 4: mid-epoch; step 6: the last batch of
-    the second epoch, which Lightning restores with its epoch counter one ahead): bit-identical coefficients."""
+    the second epoch, which Lightning restores as a mid-epoch restart of that epoch): bit-identical coefficients."""
     cfg, ckpt_dir = _fit_cfg(zoo, task_data, tmp_path, "killed")
     cfg["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = every
     killed = {**cfg, "trainer": {**cfg["trainer"], "callbacks": [
