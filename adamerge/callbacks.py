@@ -180,9 +180,11 @@ class CoefficientHeatmap(pl.Callback):
 class BackboneMode(pl.Callback):
     """The backbone's mode while the merge trains (``adamerge fit --backbone_mode``). adamerge keeps it in ``eval``
     (dropout off: the gradient is that of the model that will be exported); ``train`` switches dropout on during
-    training, as FusionBench's AdaMerging does, and back to eval at the end. BatchNorm layers stay in eval mode either
-    way (in train mode they would overwrite the running statistics that the base and the experts share; a merge's
-    statistics are re-estimated before export, see ``export.bn_batches``).
+    training, as FusionBench's AdaMerging does, and back to eval at the end. BatchNorm layers are not switched either
+    way (in train mode they would overwrite the running statistics that the base and the experts share): the
+    merge's training forward normalises with its batch's statistics (``--batchnorm_statistics``, see
+    :meth:`adamerge.methods.MergeModule.training_batchnorm`), and its running statistics are re-estimated before
+    export (``export.bn_batches``).
 
     Args:
         mode: ``eval`` or ``train``.

@@ -85,6 +85,11 @@ class AdaMergeCLI(LightningCLI):
         parser.add_argument("--backbone_mode", type=Literal["eval", "train"], default="eval",
                             help="mode of the backbone while the merge trains: eval (dropout off, the gradient of the "
                                  "model that is exported; default) or train (dropout on, as FusionBench)")
+        parser.add_argument("--batchnorm_statistics", type=Literal["batch", "running"], default="batch",
+                            help="BatchNorm backbones (image models): the statistics the merge is normalised with in a "
+                                 "training step: batch (the step's own rows, as the export with statistics "
+                                 "re-estimated on such rows; default) or running (the base's, which no longer fit the "
+                                 "merged weights)")
 
     def before_fit(self) -> None:
         from pytorch_lightning.callbacks import ModelCheckpoint
@@ -92,6 +97,7 @@ class AdaMergeCLI(LightningCLI):
         config = self.config[self.subcommand]
         if config.get("backbone_mode", "eval") != "eval":
             self.trainer.callbacks.append(BackboneMode(config["backbone_mode"]))
+        self.model.batchnorm_statistics = config.get("batchnorm_statistics", "batch")
         target = checkpoint_dir(config["export"]["output_dir"])
         for cb in self.trainer.callbacks:
             if isinstance(cb, ExportOnFitEnd):

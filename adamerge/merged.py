@@ -443,6 +443,21 @@ def _is_sharded(t: Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
+@contextmanager
+def batch_statistics(module: nn.Module):
+    """Inside the block every BatchNorm layer of ``module`` (that keeps running statistics) normalises with the
+    statistics of the batch it is given and updates no buffer; afterwards each layer is as it was."""
+    layers = batchnorm_layers(module)
+    saved = {n: (m.training, m.track_running_stats) for n, m in layers.items()}
+    try:
+        for m in layers.values():
+            m.training, m.track_running_stats = True, False
+        yield module
+    finally:
+        for n, m in layers.items():
+            m.training, m.track_running_stats = saved[n]
+
+
 def batchnorm_layers(module: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
     return {n: m for n, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
             and m.track_running_stats}

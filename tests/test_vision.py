@@ -292,33 +292,45 @@ def test_mixed_text_and_image_tasks_are_refused(vit_zoo):
         input_builder({"a": TaskData(path="x", image_column="image"), "b": TaskData(path="y")}, vit_zoo["base"], 32)
 
 
-def test_batchnorm_statistics_are_reestimated_under_the_merge(tmp_path):
-    """A MobileNetV2 merge (BatchNorm backbone): at the end of fit the export's running statistics are re-estimated
-    on the first bn_batches steps. Reference, for the first BatchNorm (whose input no other BatchNorm affects): the
-    per-batch mean and unbiased variance of its input in the stock exported model, averaged over the batches."""
-    import pytorch_lightning as pl
-    from transformers import AutoModelForImageClassification, MobileNetV2Config, MobileNetV2ForImageClassification
-    from transformers import MobileNetV2ImageProcessor
-
-    from adamerge import read_manifest
-    from adamerge.callbacks import ExportOnFitEnd
-    from adamerge.data import TaskData, UnlabeledDataModule
-    from adamerge.methods import AdaMerging
+def _mobilenet_zoo(root):
+    """A tiny random MobileNetV2 (BatchNorm backbone) base, two perturbed fine-tunes and their image data."""
+    from transformers import MobileNetV2Config, MobileNetV2ForImageClassification, MobileNetV2ImageProcessor
 
     torch.manual_seed(0)
     cfg = MobileNetV2Config(image_size=32, depth_multiplier=0.35, num_labels=3)
     base = MobileNetV2ForImageClassification(cfg).eval()
-    base.save_pretrained(str(tmp_path / "base"))
+    base.save_pretrained(str(root / "base"))
     MobileNetV2ImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-        str(tmp_path / "base"))
+        str(root / "base"))
     models, data = {}, {}
     for i, (task, names) in enumerate(CLASSES.items()):
         ft = MobileNetV2ForImageClassification(MobileNetV2Config(image_size=32, depth_multiplier=0.35,
                                                                  num_labels=len(names)))
         ft.mobilenet_v2.load_state_dict(base.mobilenet_v2.state_dict())
         _perturb(ft.mobilenet_v2, 0.05, seed=i + 1)
-        ft.save_pretrained(str(tmp_path / task))
-        models[task], data[task] = str(tmp_path / task), _image_data(tmp_path, task, seed=i)
+        with torch.no_grad():  # each fine-tune's own running statistics, as after fine-tuning in train mode
+            for m in ft.mobilenet_v2.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.add_(0.1 * (i + 1))
+                    m.running_var.mul_(1.0 + 0.2 * (i + 1))
+        ft.save_pretrained(str(root / task))
+        models[task], data[task] = str(root / task), _image_data(root, task, seed=i)
+    return base, models, data
+
+
+def test_batchnorm_statistics_are_reestimated_under_the_merge(tmp_path):
+    """A MobileNetV2 merge (BatchNorm backbone): at the end of fit the export's running statistics are re-estimated
+    on the first bn_batches steps. Reference, for the first BatchNorm (whose input no other BatchNorm affects): the
+    per-batch mean and unbiased variance of its input in the stock exported model, averaged over the batches."""
+    import pytorch_lightning as pl
+    from transformers import AutoModelForImageClassification
+
+    from adamerge import read_manifest
+    from adamerge.callbacks import ExportOnFitEnd
+    from adamerge.data import TaskData, UnlabeledDataModule
+    from adamerge.methods import AdaMerging
+
+    base, models, data = _mobilenet_zoo(tmp_path)
     module = AdaMerging(str(tmp_path / "base"), models, granularity="layer", init=0.3, lr=0.05, task_type="image_cls")
     dm = UnlabeledDataModule({t: TaskData(path=p, image_column="image") for t, p in data.items()},
                              tokenizer=str(tmp_path / "base"), samples_per_task=4)
@@ -346,6 +358,79 @@ def test_batchnorm_statistics_are_reestimated_under_the_merge(tmp_path):
     module.eval()
     with torch.no_grad():  # the wrapper serves the re-estimated statistics too
         torch.testing.assert_close(stock(**x).logits, module.predict("digits", x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("statistics", ["batch", "running"])
+def test_training_steps_normalise_the_merge_with_batch_statistics(tmp_path, statistics):
+    """In a training step the merge's forward normalises every BatchNorm layer with the step's batch statistics
+    (``batch``, the default: what the export will do with statistics re-estimated on such rows) or with the
+    base's running statistics (``running``); the experts (KL teachers here) always run with their own fine-tune's
+    running statistics, and no buffer changes. Reference: the first BatchNorm's output recomputed by hand from its
+    input, its affine weights and the statistics each case should use."""
+    import pytorch_lightning as pl
+    from safetensors.torch import load_file
+
+    from adamerge.data import TaskData, UnlabeledDataModule
+    from adamerge.methods import AdaMerging
+
+    base, models, data = _mobilenet_zoo(tmp_path)
+    module = AdaMerging(str(tmp_path / "base"), models, granularity="layer", init=0.3, lr=0.05, task_type="image_cls",
+                        objective="kl", task_chunks=1 if statistics == "running" else "auto")
+    module.batchnorm_statistics = statistics
+    assert module.task_chunk_count() == 1  # "auto" on a BatchNorm backbone on batch statistics: the whole step
+    bn = module.merged.backbone.conv_stem.first_conv.normalization
+    before = {n: b.clone() for n, b in module.merged.backbone.named_buffers()}
+    calls = []
+    handle = bn.register_forward_hook(lambda m, args, out: calls.append(
+        (args[0].detach(), out.detach(), m.weight.detach(), m.bias.detach(), m.running_mean.clone(),
+         m.running_var.clone())))
+    dm = UnlabeledDataModule({t: TaskData(path=p, image_column="image") for t, p in data.items()},
+                             tokenizer=str(tmp_path / "base"), samples_per_task=4)
+    pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, accelerator="cpu").fit(module, datamodule=dm)
+    handle.remove()
+    eps, rows = bn.eps, 4 * len(CLASSES)
+    merged = [c for c in calls if c[0].shape[0] == rows]
+    experts = [c for c in calls if c[0].shape[0] == 4]
+    assert len(merged) == 2 and len(experts) == 2 * len(CLASSES)
+    shape = (1, -1, 1, 1)
+    for x, y, w, b, mean, var in merged:
+        if statistics == "batch":
+            mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
+        else:
+            torch.testing.assert_close(mean, before["conv_stem.first_conv.normalization.running_mean"])
+        ref = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + eps) * w.view(shape) + b.view(shape)
+        torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+    for k, (x, y, w, b, mean, var) in enumerate(experts):  # step-major, tasks in order: each its own fine-tune's
+        task = list(CLASSES)[k % len(CLASSES)]
+        sd = load_file(str(tmp_path / task / "model.safetensors"))
+        own = sd["mobilenet_v2.conv_stem.first_conv.normalization.running_mean"]
+        torch.testing.assert_close(mean, own)
+        ref = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + eps) * w.view(shape) + b.view(shape)
+        torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+    after = dict(module.merged.backbone.named_buffers())
+    assert all(torch.equal(before[n], after[n]) for n in before)  # nothing tracked into the shared buffers
+    assert all(m.track_running_stats and not m.training for m in module.merged.backbone.modules()
+               if isinstance(m, torch.nn.BatchNorm2d))
+    # label-free selection scores the merge as exported: statistics re-estimated on the scored rows. Reference:
+    # agreement with the stock fine-tunes, the merge's statistics re-estimated on the same rows first.
+    from transformers import AutoModelForImageClassification
+
+    batches = dm.first_steps(2)
+    score = module.selection_score(batches, "agreement")
+    assert all(torch.equal(before[n], b) for n, b in module.merged.backbone.named_buffers())
+    module.recalibrate_batchnorm(batches)
+    stock = {t: AutoModelForImageClassification.from_pretrained(models[t]).eval() for t in CLASSES}
+    same = {t: [] for t in CLASSES}
+    with torch.no_grad():
+        for b in batches:
+            start = 0
+            for task, n in zip(b["tasks"], b["sizes"]):
+                x = b["inputs"]["pixel_values"][start:start + n]
+                same[task].append(module.predict(task, {"pixel_values": x}).argmax(-1)
+                                  == stock[task](pixel_values=x).logits.argmax(-1))
+                start += n
+    assert score == pytest.approx(sum(float(torch.cat(v).float().mean()) for v in same.values()) / len(same))
 
 
 def test_clip_paper_configs_name_the_same_tasks_everywhere():

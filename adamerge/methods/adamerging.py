@@ -53,10 +53,12 @@ class AdaMerging(MergeModule):
         task_chunks: run the tasks of a step in this many groups under one merge (same gradient, activation memory
             of one group; see :meth:`MergedModel.chunked_surrogate`). 1 = one forward over all tasks. ``auto``
             (default): one group per task on CPU, where it costs no time (docs/results.md, speed and memory), and 1
-            on accelerators, where small groups leave the device idle; 1 with ``tune_heads``.
+            on accelerators, where small groups leave the device idle; 1 with ``tune_heads``, and 1 for BatchNorm
+            backbones trained on batch statistics (``batchnorm_statistics``), whose groups would each be normalised
+            with their own statistics instead of the whole step's.
         micro_batches: also split each task's rows into this many pieces, run one at a time under the same merge
             (activation memory of one piece; the gradient is the same, each piece's term weighted by its share of
-            the task's rows). For objectives that are means over rows of per-row terms — ``entropy``, ``kl``,
+            the task's rows; BatchNorm backbones on batch statistics: each piece normalised by its own). For objectives that are means over rows of per-row terms — ``entropy``, ``kl``,
             ``pseudo_label`` without a confidence threshold — and kinds with per-row logits (not ``causal_lm``).
         tune_heads: also train each task's head (sequence classification; see the module docstring).
     """
@@ -130,8 +132,9 @@ class AdaMerging(MergeModule):
     def task_chunk_count(self) -> int:
         """The number of task groups per step (``task_chunks``, with ``auto`` resolved on the module's device)."""
         chunks = self.hparams.task_chunks
-        if chunks == "auto":
-            chunks = len(self.task_names) if self.device.type == "cpu" and not self.hparams.tune_heads else 1
+        if chunks == "auto":  # BatchNorm on batch statistics: one group, the whole step's rows as the export sees
+            chunks = (len(self.task_names) if self.device.type == "cpu" and not self.hparams.tune_heads
+                      and not (self.batchnorm_statistics == "batch" and self.has_batchnorm()) else 1)
         return chunks
 
     def training_step(self, batch, batch_idx):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections import ChainMap
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from torch.func import functional_call
 from adamerge.errors import MergeInputError
 from adamerge.export import ExportOptions, push_to_hub, store_dtype, write_merged
 from adamerge.functional import SUBSPACE_METHODS, dare, subspace_pieces, ties_trim_elect
-from adamerge.merged import MergedModel, batchnorm_layers, recalibrate_batchnorm
+from adamerge.merged import MergedModel, batch_statistics, batchnorm_layers, recalibrate_batchnorm
 from adamerge.objectives import Objective, StepOutputs
 from adamerge.parametrize import Coefficients
 from adamerge.pool import TaskVectorPool, load_pool
@@ -142,7 +143,8 @@ class MergeModule(pl.LightningModule):
 
     trainable: bool = True
     method: str = "base"
-    per_task_models_supported: bool = True  # False: the merge cannot be flattened into tasks/<task>/ checkpoints
+    per_task_models_supported: bool = True
+    batchnorm_statistics: str = "batch"  # BatchNorm in a training step's merged forward: "batch" or "running"  # False: the merge cannot be flattened into tasks/<task>/ checkpoints
 
     def __init__(self, base: str, models: dict[str, str], prep: TaskVectorPrep | None = None,
                  tv_dtype: str | None = None, trust_remote_code: bool = False,
@@ -163,6 +165,8 @@ class MergeModule(pl.LightningModule):
         self.expert_heads: torch.nn.ModuleDict | None = None  # the teachers' heads when a method tunes the heads
         self.bn_stats: dict[str, Tensor] = {}  # re-estimated BatchNorm buffers of the merge (recalibrate_batchnorm)
         self.bn_info: dict[str, Any] | None = None
+        self._has_batchnorm: bool | None = None
+        self._scoring = False  # selection_score runs: the merge as exported, running statistics
         self.merged = MergedModel(pool, self.build_coefficients(pool))
         self.post_init(pool)
         if self.prep.sparse_storage:
@@ -223,7 +227,9 @@ class MergeModule(pl.LightningModule):
     def step_outputs(self, batch, objective: Objective, **merge_kw) -> StepOutputs:
         """The merged model's outputs on ``batch`` (``merge_kw``: coefficients, masks or merged params) and whatever
         else ``objective`` reads (the experts' outputs on the same rows)."""
-        logits, feats = self.merged(batch["inputs"], batch["tasks"], batch["sizes"], return_features=True, **merge_kw)
+        with self.training_batchnorm():
+            logits, feats = self.merged(batch["inputs"], batch["tasks"], batch["sizes"], return_features=True,
+                                        **merge_kw)
         out = StepOutputs(logits, masks=self.row_masks(batch), all_sum=self.data_parallel_sum())
         if "features" in objective.needs:
             full = self.merged.feature_tensor(feats)
@@ -266,6 +272,18 @@ class MergeModule(pl.LightningModule):
         if criterion not in self.SELECTION_CRITERIA:
             raise MergeInputError(f"criterion: unknown value {criterion!r}; allowed: {', '.join(self.SELECTION_CRITERIA)}")
         params = self.final_merged_params()
+        if self.has_batchnorm():  # scored as it would be exported: statistics re-estimated under this merge
+            buffers = set(dict(self.merged.backbone.named_buffers()))
+            params = {**params, **recalibrate_batchnorm(
+                self.merged.backbone, {n: t for n, t in params.items() if n not in buffers},
+                [b["inputs"] for b in batches])}
+        self._scoring = True
+        try:
+            return self._selection_score(batches, criterion, params, expert_logits)
+        finally:
+            self._scoring = False
+
+    def _selection_score(self, batches, criterion, params, expert_logits) -> float:
         if criterion == "objective":
             loss_fn = getattr(self, "loss_fn", None)
             if loss_fn is None:
@@ -357,7 +375,20 @@ class MergeModule(pl.LightningModule):
         return ChainMap(self.bn_stats, lazy) if self.bn_stats else lazy
 
     def has_batchnorm(self) -> bool:
-        return bool(batchnorm_layers(self.merged.backbone))
+        if self._has_batchnorm is None:
+            self._has_batchnorm = bool(batchnorm_layers(self.merged.backbone))
+        return self._has_batchnorm
+
+    def training_batchnorm(self):
+        """The BatchNorm mode of the merge's forward in a training step: with ``batchnorm_statistics = "batch"``
+        (the default) every BatchNorm layer normalises with the step's own batch statistics, as the exported merge
+        will with statistics re-estimated on the same kind of rows (:meth:`recalibrate_batchnorm`); with
+        ``"running"`` it keeps the base's running statistics, which no longer fit the merged weights. Outside
+        training (evaluation, selection, the experts' forwards) the running statistics are used."""
+        if (self.batchnorm_statistics == "batch" and self._trainer is not None and self.trainer.training
+                and not self._scoring and self.has_batchnorm()):
+            return batch_statistics(self.merged.backbone)
+        return nullcontext()
 
     @torch.no_grad()
     def recalibrate_batchnorm(self, batches: list[dict]) -> None:
@@ -372,7 +403,8 @@ class MergeModule(pl.LightningModule):
         inputs = [{k: v.to(device) for k, v in b["inputs"].items()} for b in batches]
         self.bn_stats = recalibrate_batchnorm(self.merged.backbone, params, inputs)
         self.bn_info = {"recalibrated": True, "batches": len(batches),
-                        "rows": sum(int(sum(b["sizes"])) for b in batches), "layers": len(self.bn_stats) // 3}
+                        "rows": sum(int(sum(b["sizes"])) for b in batches), "layers": len(self.bn_stats) // 3,
+                        **({"training_statistics": self.batchnorm_statistics} if self.trainable else {})}
 
     def extra_export_files(self) -> dict[str, dict[str, Tensor]]:
         """More safetensors files to export next to the checkpoint (e.g. adapters)."""
