@@ -53,12 +53,17 @@ def test_each_run_keeps_its_own_config_and_heatmap(zoo, task_data, tmp_path):
         cfg["trainer"].update(max_steps=steps, logger={"class_path": "pytorch_lightning.loggers.CSVLogger",
                                                        "init_args": {"save_dir": str(tmp_path / "logs")}})
         cfg["export"] = {"output_dir": str(tmp_path / f"merged{i}")}
+        if i:
+            cfg["batchnorm_statistics"] = "running"
         p = tmp_path / "fit.yaml"
         p.write_text(yaml.safe_dump(cfg))
-        lightning_main(["fit", "--config", str(p)])
+        cli = lightning_main(["fit", "--config", str(p)])
+        assert cli.model.batchnorm_statistics == ("running" if i else "batch")  # the top-level option reaches the model
     for i, steps in enumerate((1, 2)):
         run = tmp_path / "logs" / f"version_{i}"
-        assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["max_steps"] == steps
+        saved = yaml.safe_load((run / "config.yaml").read_text())
+        assert saved["trainer"]["max_steps"] == steps
+        assert saved["batchnorm_statistics"] == ("running" if i else "batch")
         assert (run / "coefficients.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["version_0", "version_1"]
     assert not (tmp_path / "config.yaml").exists()
@@ -218,3 +223,6 @@ def test_backbone_mode_train_switches_dropout_on_only_while_training(zoo, task_d
                                                                       "init_args": {"base": base, "models": paths}},
                                    "data": {"tasks": {t: {"path": p} for t, p in task_data.items()}}}))
     assert parse_only(cfg).backbone_mode == "train"
+    cfg.write_text(cfg.read_text() + "batchnorm_statistics: mixed\n")
+    with pytest.raises(SystemExit):  # not one of batch, running
+        parse_only(cfg)
