@@ -58,8 +58,9 @@ class AdaMerging(MergeModule):
             with their own statistics instead of the whole step's.
         micro_batches: also split each task's rows into this many pieces, run one at a time under the same merge
             (activation memory of one piece; the gradient is the same, each piece's term weighted by its share of
-            the task's rows; BatchNorm backbones on batch statistics: each piece normalised by its own). For objectives that are means over rows of per-row terms — ``entropy``, ``kl``,
-            ``pseudo_label`` without a confidence threshold — and kinds with per-row logits (not ``causal_lm``).
+            the task's rows; BatchNorm backbones on batch statistics: each piece normalised by its own). For
+            objectives that are means over rows of per-row terms — ``entropy``, ``kl``, ``pseudo_label`` without a
+            confidence threshold — and kinds with per-row logits (not ``causal_lm``).
         tune_heads: also train each task's head (sequence classification; see the module docstring).
     """
 

@@ -143,8 +143,8 @@ class MergeModule(pl.LightningModule):
 
     trainable: bool = True
     method: str = "base"
-    per_task_models_supported: bool = True
-    batchnorm_statistics: str = "batch"  # BatchNorm in a training step's merged forward: "batch" or "running"  # False: the merge cannot be flattened into tasks/<task>/ checkpoints
+    per_task_models_supported: bool = True  # False: the merge cannot be flattened into tasks/<task>/ checkpoints
+    batchnorm_statistics: str = "batch"  # BatchNorm in a training step's merged forward (training_batchnorm)
 
     def __init__(self, base: str, models: dict[str, str], prep: TaskVectorPrep | None = None,
                  tv_dtype: str | None = None, trust_remote_code: bool = False,
