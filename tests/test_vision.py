@@ -433,6 +433,51 @@ def test_training_steps_normalise_the_merge_with_batch_statistics(tmp_path, stat
     assert score == pytest.approx(sum(float(torch.cat(v).float().mean()) for v in same.values()) / len(same))
 
 
+def test_m3_scores_batchnorm_candidates_with_batch_statistics(tmp_path):
+    """M3's best-of-K choice on a BatchNorm backbone scores each candidate with every step normalised on its own
+    statistics (the base's running ones do not describe a candidate). Reference: each candidate merged by hand from
+    the stock checkpoints' parameters (θ0 + s Σ w_t τ_t), BatchNorm on batch statistics, each fine-tune's own head,
+    the mean entropy of each task's rows summed over tasks and averaged over the steps."""
+    import copy
+
+    from transformers import MobileNetV2ForImageClassification
+
+    from adamerge.data import TaskData, UnlabeledDataModule
+    from adamerge.methods import M3
+
+    base, models, data = _mobilenet_zoo(tmp_path)
+    m3 = M3(str(tmp_path / "base"), models, candidates=3, eval_batches=2, task_type="image_cls")
+    dm = UnlabeledDataModule({t: TaskData(path=p, image_column="image") for t, p in data.items()},
+                             tokenizer=str(tmp_path / "base"), samples_per_task=4)
+    m3.select(dm)
+    fts = {t: MobileNetV2ForImageClassification.from_pretrained(models[t]).eval() for t in CLASSES}
+    theta0 = dict(base.mobilenet_v2.named_parameters())
+    batches = dm.first_steps(2)
+    expected = []
+    for w in m3.draws:
+        body = copy.deepcopy(base.mobilenet_v2)
+        with torch.no_grad():
+            for n, p in body.named_parameters():
+                p.copy_(theta0[n] + sum(float(w[i]) * (dict(fts[t].mobilenet_v2.named_parameters())[n] - theta0[n])
+                                        for i, t in enumerate(CLASSES)))
+        for m in body.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.train()
+                m.track_running_stats = False
+        total = 0.0
+        with torch.no_grad():
+            for b in batches:
+                pooled = body(pixel_values=b["inputs"]["pixel_values"]).pooler_output
+                start = 0
+                for task, n in zip(b["tasks"], b["sizes"]):
+                    p = fts[task].classifier(pooled[start:start + n]).softmax(-1)
+                    total += float(-(p * p.log()).sum(-1).mean())
+                    start += n
+        expected.append(total / len(batches))
+    assert m3.scores == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert m3.chosen == int(np.argmin(expected))
+
+
 def test_clip_paper_configs_name_the_same_tasks_everywhere():
     """Each CLIP ViT-B/32 config: the fine-tunes, the zero-shot heads and the data name the same 8 tasks, every head
     has a template set, and the published figure is stated."""

@@ -6,6 +6,8 @@
 BatchNorm: only parameters are merged. A backbone's BatchNorm running statistics are buffers, which would stay the
 base's; before export they are re-estimated on unlabeled data of every task (``export.bn_batches`` steps, see
 :func:`adamerge.merged.recalibrate_batchnorm`), since the merged weights change every layer's input statistics.
+For the same reason a training step normalises the merge with its batch's statistics
+(:meth:`adamerge.methods.MergeModule.training_batchnorm`), and the experts run with their own fine-tune's buffers.
 """
 
 from __future__ import annotations

@@ -19,12 +19,14 @@ with the same ``prep`` learns coefficients over them.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 
 from adamerge.errors import MergeInputError
 from adamerge.functional import disjoint_normalize
+from adamerge.merged import batch_statistics
 from adamerge.methods.base import MergeModule, TaskVectorPrep
 from adamerge.objectives import entropy_objective
 from adamerge.parametrize import Coefficients
@@ -232,13 +234,17 @@ class M3(MergeModule):
 
     @torch.no_grad()
     def select(self, datamodule) -> None:
-        """Score every candidate by the summed entropy on ``eval_batches`` unlabeled steps; keep the lowest."""
+        """Score every candidate by the summed entropy on ``eval_batches`` unlabeled steps; keep the lowest. A
+        BatchNorm backbone normalises each step with its own statistics (the base's running ones do not describe a
+        candidate's layers; the export's are re-estimated on such steps)."""
         batches = datamodule.first_steps(self._eval_batches)
+        bn = batch_statistics if self.has_batchnorm() else (lambda _: nullcontext())
         scores = []
         for k in range(self._k):
             self._use(k)
-            scores.append(float(sum(entropy_objective(self.merged(b["inputs"], b["tasks"], b["sizes"]))[0]
-                                    for b in batches) / len(batches)))
+            with bn(self.merged.backbone):
+                scores.append(float(sum(entropy_objective(self.merged(b["inputs"], b["tasks"], b["sizes"]))[0]
+                                        for b in batches) / len(batches)))
         self.scores = scores
         self._use(int(np.argmin(scores)))
         log.info("m3: candidate entropies %s, chose %d", [round(s, 4) for s in scores], self.chosen)
