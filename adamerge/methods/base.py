@@ -165,9 +165,9 @@ class MergeModule(pl.LightningModule):
         self.expert_heads: torch.nn.ModuleDict | None = None  # the teachers' heads when a method tunes the heads
         self.bn_stats: dict[str, Tensor] = {}  # re-estimated BatchNorm buffers of the merge (recalibrate_batchnorm)
         self.bn_info: dict[str, Any] | None = None
-        self._has_batchnorm: bool | None = None
         self._scoring = False  # selection_score runs: the merge as exported, running statistics
         self.merged = MergedModel(pool, self.build_coefficients(pool))
+        self._has_batchnorm = bool(batchnorm_layers(self.merged.backbone))
         self.post_init(pool)
         if self.prep.sparse_storage:
             self.merged.to_sparse_storage()
@@ -273,10 +273,7 @@ class MergeModule(pl.LightningModule):
             raise MergeInputError(f"criterion: unknown value {criterion!r}; allowed: {', '.join(self.SELECTION_CRITERIA)}")
         params = self.final_merged_params()
         if self.has_batchnorm():  # scored as it would be exported: statistics re-estimated under this merge
-            buffers = set(dict(self.merged.backbone.named_buffers()))
-            params = {**params, **recalibrate_batchnorm(
-                self.merged.backbone, {n: t for n, t in params.items() if n not in buffers},
-                [b["inputs"] for b in batches])}
+            params = {**params, **self._reestimated_buffers(params, batches)}
         self._scoring = True
         try:
             return self._selection_score(batches, criterion, params, expert_logits)
@@ -375,8 +372,6 @@ class MergeModule(pl.LightningModule):
         return ChainMap(self.bn_stats, lazy) if self.bn_stats else lazy
 
     def has_batchnorm(self) -> bool:
-        if self._has_batchnorm is None:
-            self._has_batchnorm = bool(batchnorm_layers(self.merged.backbone))
         return self._has_batchnorm
 
     def training_batchnorm(self):
@@ -390,6 +385,15 @@ class MergeModule(pl.LightningModule):
             return batch_statistics(self.merged.backbone)
         return nullcontext()
 
+    def _reestimated_buffers(self, params: Mapping[str, Tensor], batches: list[dict]) -> dict[str, Tensor]:
+        """BatchNorm running statistics re-estimated under the merged weights ``params`` (their buffers ignored:
+        the statistics start afresh) on the inputs of ``batches``."""
+        device = next(self.merged.backbone.parameters()).device
+        buffers = set(dict(self.merged.backbone.named_buffers()))
+        weights = {n: t for n, t in params.items() if n not in buffers}
+        inputs = [{k: v.to(device) for k, v in b["inputs"].items()} for b in batches]
+        return recalibrate_batchnorm(self.merged.backbone, weights, inputs)
+
     @torch.no_grad()
     def recalibrate_batchnorm(self, batches: list[dict]) -> None:
         """Re-estimate the backbone's BatchNorm running statistics under the final merge on ``batches`` (step-shaped
@@ -397,11 +401,7 @@ class MergeModule(pl.LightningModule):
         buffers no longer describe. Used by :meth:`predict` and the export from then on."""
         if not batches or not self.has_batchnorm():
             return
-        device = next(self.merged.backbone.parameters()).device
-        buffers = set(dict(self.merged.backbone.named_buffers()))
-        params = {n: t for n, t in self.final_merged_params().items() if n not in buffers}  # the module's own buffers
-        inputs = [{k: v.to(device) for k, v in b["inputs"].items()} for b in batches]
-        self.bn_stats = recalibrate_batchnorm(self.merged.backbone, params, inputs)
+        self.bn_stats = self._reestimated_buffers(self.final_merged_params(), batches)
         self.bn_info = {"recalibrated": True, "batches": len(batches),
                         "rows": sum(int(sum(b["sizes"])) for b in batches), "layers": len(self.bn_stats) // 3,
                         **({"training_statistics": self.batchnorm_statistics} if self.trainable else {})}

@@ -19,7 +19,6 @@ with the same ``prep`` learns coefficients over them.
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -238,11 +237,10 @@ class M3(MergeModule):
         BatchNorm backbone normalises each step with its own statistics (the base's running ones do not describe a
         candidate's layers; the export's are re-estimated on such steps)."""
         batches = datamodule.first_steps(self._eval_batches)
-        bn = batch_statistics if self.has_batchnorm() else (lambda _: nullcontext())
         scores = []
         for k in range(self._k):
             self._use(k)
-            with bn(self.merged.backbone):
+            with batch_statistics(self.merged.backbone):  # a no-op without BatchNorm layers
                 scores.append(float(sum(entropy_objective(self.merged(b["inputs"], b["tasks"], b["sizes"]))[0]
                                         for b in batches) / len(batches)))
         self.scores = scores
