@@ -7,12 +7,15 @@ coefficients (and masks) only; the base weights and task vectors are frozen buff
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Collection, Iterable, Mapping
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 from adamerge.errors import MergeInputError
 from adamerge.functional import (
@@ -224,7 +227,27 @@ class MergedModel(nn.Module):
                   if isinstance(mod, nn.Embedding)}
         self.lookup_tables = [n for n, mod in tables.items() if n in index and shared.get(id(mod.weight)) == 1]
         self.row_lookup = True  # False: merge lookup tables whole like every other tensor
+        # True: a forward that records gradients merges each repeated layer inside an activation checkpoint (see
+        # :meth:`features`); the layers it can do so for, as (store index, module path)
+        self.recompute = False
+        self.layer_stores = self._find_layer_stores(shared)
+        self._plain_calls: dict[str, _ClassForward] = {}
         self.eval()
+
+    def _find_layer_stores(self, shared: Mapping[int, int]) -> list[tuple[int, str]]:
+        """Stores whose tensors are exactly the parameters of one numbered submodule (``encoder.layer.3``) that no
+        other module shares: those a forward can merge inside the layer's own call."""
+        out = []
+        modules = dict(self.backbone.named_modules())
+        for i, st in enumerate(self.stores):
+            path = block_of(st.names[0])
+            layer = modules.get(path)
+            if layer is None or not path.split(".")[-1].isdigit() or any(n in self.lookup_tables for n in st.names):
+                continue
+            own = {f"{path}.{n}": p for n, p in layer.named_parameters()}
+            if set(st.names) <= set(own) and all(shared.get(id(own[n])) == 1 for n in st.names):
+                out.append((i, path))
+        return out
 
     @property
     def low_rank_names(self) -> list[str]:
@@ -266,20 +289,23 @@ class MergedModel(nn.Module):
                    for t in (*st.parameters(), *st.buffers()))
 
     def merged_params(self, coefficients: Tensor | None = None, masks: Mapping[str, Tensor] | None = None,
-                      lookup: bool = False, lookup_coefficients: Tensor | None = None) -> dict[str, Tensor]:
+                      lookup: bool = False, lookup_coefficients: Tensor | None = None,
+                      defer: Collection[int] = ()) -> dict[str, Tensor]:
         """``{name: θ0 + Σ_t λ[t, p] (m ⊙ τ_t)}`` for every merged tensor; ``coefficients`` is ``[T, P]``.
 
         ``lookup``: embedding tables come back as :class:`~adamerge.functional.LookupWeight` (only the rows a forward
         reads are merged; whole where a mask, sparse or low-rank storage or sharding rules it out), their graph
-        going to ``lookup_coefficients`` (default: the same coefficients)."""
+        going to ``lookup_coefficients`` (default: the same coefficients). ``defer``: indices of stores left out
+        (merged later, inside their layer's call)."""
         lam = self.coefficients() if coefficients is None else coefficients
         masks = self.masks if masks is None else masks
         base = dict(self.backbone.named_parameters())
         rows = self.row_lookup_names(masks) if lookup else []
         out = {}
-        for store, cols in zip(self.stores, self._columns):
-            sel = cols if isinstance(cols, slice) else getattr(self, cols).to(lam.device)
-            out.update(store(base, lam[:, sel], masks, skip=rows))
+        for i, (store, cols) in enumerate(zip(self.stores, self._columns)):
+            if i in defer:
+                continue
+            out.update(store(base, self._store_columns(lam, i), masks, skip=rows))
         if rows:
             lam_rows = lam if lookup_coefficients is None else lookup_coefficients
             for n in rows:
@@ -287,6 +313,11 @@ class MergedModel(nn.Module):
                 out[n] = LookupWeight(base[n], stack, col,
                                       lambda b=base[n], s=stack, c=col: merge_dense([b], [s], c[:, None])[0])
         return out
+
+    def _store_columns(self, lam: Tensor, i: int) -> Tensor:
+        """Store ``i``'s columns of the ``[T, P]`` coefficients."""
+        cols = self._columns[i]
+        return lam[:, cols if isinstance(cols, slice) else getattr(self, cols).to(lam.device)]
 
     def row_lookup_names(self, masks: Mapping[str, Tensor] | None = None) -> list[str]:
         """The embedding tables that :meth:`merged_params` can merge row by row now (see ``lookup``)."""
@@ -308,9 +339,46 @@ class MergedModel(nn.Module):
 
     def features(self, inputs: Mapping[str, Tensor], coefficients: Tensor | None = None, masks=None,
                  params: Mapping[str, Tensor] | None = None):
-        """Backbone output (a ModelOutput) of the merged model on ``inputs`` (``params``: already merged weights)."""
-        params = self.merged_params(coefficients, masks, lookup=True) if params is None else params
-        return functional_call(self.backbone, dict(params), args=(), kwargs=dict(inputs))
+        """Backbone output (a ModelOutput) of the merged model on ``inputs`` (``params``: already merged weights).
+
+        With :attr:`recompute` on, a forward that records gradients merges each repeated layer (:attr:`layer_stores`)
+        inside that layer's call, under a non-reentrant activation checkpoint: the backward merges the layer again
+        and re-runs it, so neither the merged weights nor the layer's activations are kept between the forward and
+        the backward — only each layer's input. The other tensors (embeddings, pooler) are merged up front."""
+        if params is not None:
+            return functional_call(self.backbone, dict(params), args=(), kwargs=dict(inputs))
+        if not (self.recompute and torch.is_grad_enabled() and self.layer_stores):
+            params = self.merged_params(coefficients, masks, lookup=True)
+            return functional_call(self.backbone, dict(params), args=(), kwargs=dict(inputs))
+        lam = self.coefficients() if coefficients is None else coefficients
+        masks = self.masks if masks is None else masks
+        params = self.merged_params(lam, masks, lookup=True, defer={i for i, _ in self.layer_stores})
+        kwargs = dict(inputs)
+        if "use_cache" in inspect.signature(self.backbone.forward).parameters:
+            kwargs["use_cache"] = False  # a key/value cache would be extended again by each layer's re-run
+        with self._merging_layers(lam, masks):
+            return functional_call(self.backbone, dict(params), args=(), kwargs=kwargs)
+
+    @contextmanager
+    def _merging_layers(self, lam: Tensor, masks: Mapping[str, Tensor] | None):
+        """Inside the block, each layer of :attr:`layer_stores` merges its own weights when called (see
+        :meth:`features`)."""
+        base = dict(self.backbone.named_parameters())
+        patched = []
+        try:
+            for i, path in self.layer_stores:
+                layer = self.backbone.get_submodule(path)
+                if path not in self._plain_calls:  # a module-free handle: not registered, so not in the state dict
+                    self._plain_calls[path] = _ClassForward(layer)
+                patched.append((layer, layer.__dict__.get("forward")))
+                layer.forward = partial(_checkpointed_layer, self._plain_calls[path], self.stores[i], base,
+                                        self._store_columns(lam, i), masks, len(path) + 1)
+            yield
+        finally:
+            for layer, previous in patched:
+                del layer.forward
+                if previous is not None:
+                    layer.forward = previous
 
     def head_logits(self, task: str, features, inputs: Mapping[str, Tensor], heads: Mapping[str, nn.Module] | None = None
                     ) -> Tensor:
@@ -351,13 +419,40 @@ class MergedModel(nn.Module):
         each piece's loss and terms weighted by its share of the task's rows: exact for objectives whose per-task
         term is a mean of per-row terms (the caller checks).
 
-        ``loss_fn(sub_batch, params) -> (loss, per_task)`` runs the forward of ``sub_batch`` with the merged weights
-        ``params``. Returns ``(surrogate, loss, per_task)``.
+        With :attr:`recompute` on, nothing is merged up front: each group merges what it reads from detached copies
+        of the coefficients (and of trained masks), layer by layer inside activation checkpoints (see
+        :meth:`features`), and the surrogate is ``⟨λ, dL/dλ⟩`` (+ ``⟨m, dL/dm⟩``): neither the merged weights nor
+        their gradients are kept, at the cost of merging the layers twice per group.
+
+        ``loss_fn(sub_batch, **merge_kw) -> (loss, per_task)`` runs the forward of ``sub_batch`` with the merge
+        given by ``merge_kw`` (``params``: merged weights; or ``coefficients`` and ``masks``). Returns
+        ``(surrogate, loss, per_task)``.
         """
         lam = self.coefficients()
+        if self.recompute and self.layer_stores:
+            leaves = {"coefficients": lam.detach().requires_grad_(True)}
+            trained_masks = {n: m for n, m in (self.masks or {}).items() if m.requires_grad}
+            if self.masks is not None:
+                leaves["masks"] = {**self.masks, **{n: m.detach().requires_grad_(True) for n, m in trained_masks.items()}}
+            total, per_task = self._run_groups(batch, loss_fn, leaves, chunks, pieces)
+            surrogate = (lam * leaves["coefficients"].grad).sum() if leaves["coefficients"].grad is not None else 0.0
+            for n, m in trained_masks.items():
+                if leaves["masks"][n].grad is not None:
+                    surrogate = surrogate + (m * leaves["masks"][n].grad).sum()
+            return surrogate, total, per_task
         lam_rows = lam.detach().requires_grad_(True)  # the embedding rows' graph stops here, once per group
         params = self.merged_params(lam, lookup=True, lookup_coefficients=lam_rows)
         leaves = {n: p if isinstance(p, LookupWeight) else p.detach().requires_grad_(True) for n, p in params.items()}
+        total, per_task = self._run_groups(batch, loss_fn, {"params": leaves}, chunks, pieces)
+        surrogate = sum((params[n] * leaves[n].grad).sum() for n in params
+                        if not isinstance(leaves[n], LookupWeight) and leaves[n].grad is not None)
+        if lam_rows.grad is not None:
+            surrogate = surrogate + (lam * lam_rows.grad).sum()
+        return surrogate, total, per_task
+
+    @staticmethod
+    def _run_groups(batch: Mapping, loss_fn, merge_kw: dict, chunks: int, pieces: int):
+        """Forward+backward of each group of :meth:`chunked_surrogate` under ``merge_kw``; ``(loss, per_task)``."""
         tasks, sizes = list(batch["tasks"]), list(batch["sizes"])
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         per = -(-len(tasks) // max(1, chunks))
@@ -375,16 +470,12 @@ class MergedModel(nn.Module):
             rows = torch.cat([torch.arange(a, b) for a, b in ranges])
             sub = {"inputs": {k: v[rows.to(v.device)] for k, v in batch["inputs"].items()},
                    "tasks": names, "sizes": [b - a for a, b in ranges]}
-            loss, terms = loss_fn(sub, leaves)
+            loss, terms = loss_fn(sub, **merge_kw)
             (loss * weight if weight != 1.0 else loss).backward()
             total = total + weight * loss.detach()
             for t, v in terms.items():
                 per_task[t] = per_task.get(t, 0.0) + weight * v.detach()
-        surrogate = sum((params[n] * leaves[n].grad).sum() for n in params
-                        if not isinstance(leaves[n], LookupWeight) and leaves[n].grad is not None)
-        if lam_rows.grad is not None:
-            surrogate = surrogate + (lam * lam_rows.grad).sum()
-        return surrogate, total, per_task
+        return total, per_task
 
     def expert_params(self, task: str) -> dict[str, Tensor]:
         """The weights (and buffers, e.g. BatchNorm statistics) of fine-tune ``task`` itself: its one-hot merge
@@ -399,6 +490,29 @@ class MergedModel(nn.Module):
         lam = torch.zeros(len(self.task_names), len(self.param_names), device=self.coefficients.weight.device)
         lam[self.task_names.index(task)] = 1.0
         return lam
+
+
+class _ClassForward(nn.Module):
+    """Calls its layer's class ``forward`` (not an instance attribute that :meth:`MergedModel._merging_layers` set),
+    under parameters that ``functional_call`` binds by the names ``layer.<name>``."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, *args, **kwargs):
+        return type(self.layer).forward(self.layer, *args, **kwargs)
+
+
+def _checkpointed_layer(call: _ClassForward, store: TaskVectorStore, base: Mapping[str, Tensor], lam: Tensor,
+                        masks: Mapping[str, Tensor] | None, cut: int, *args, **kwargs):
+    """One layer's call with its merged weights, merged inside a non-reentrant checkpoint (again in the backward)."""
+
+    def run(*a, **kw):
+        weights = {f"layer.{n[cut:]}": w for n, w in store(base, lam, masks).items()}
+        return functional_call(call, weights, args=a, kwargs=kw)
+
+    return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
 class LazyMerge(Mapping):
@@ -417,11 +531,9 @@ class LazyMerge(Mapping):
             raise KeyError(name)
         i = self._index[name]
         if self._block is None or self._block[0] != i:
-            cols = m._columns[i]
-            sel = cols if isinstance(cols, slice) else getattr(m, cols).to(self._lam.device)
             self._block = None  # drop the previous block before merging the next
             with torch.no_grad():
-                self._block = (i, m.stores[i](self._base, self._lam[:, sel], self._masks))
+                self._block = (i, m.stores[i](self._base, m._store_columns(self._lam, i), self._masks))
         return self._block[1][name]
 
     def __iter__(self):

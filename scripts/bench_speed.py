@@ -18,6 +18,9 @@ tokens):
   b-lean   bfloat16 task vectors and task_chunks = T together
   b-micro  b-lean with each task's rows in 2 pieces run one at a time (micro_batches = 2: same gradient, half the
            activations)
+  b-rc     b-lean with recompute (each layer merged inside an activation checkpoint and again in the backward): no
+           merged weights, no dL/dW and no layer activations kept, one group per task
+  b-rc1    bfloat16 task vectors and recompute, one forward over all tasks (task_chunks = 1): merges twice per step
   b-sparse AdaMerging++ (TIES-trimmed task vectors, density 0.2) kept sparse (prep.sparse_storage), float32, with
            task_chunks = T -- a different (published) variant, shown for what sparse storage saves
   c        FusionBench 0.2.33 LayerWiseMergedModel, driven as its layer-wise AdaMerging does: merge_weights(), then
@@ -52,8 +55,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FUSIONBENCH = "fusion-bench==0.2.33"
 MODES = {"a": "plain", "b": "adamerge", "b-bf16": "adamerge-bf16", "b-chunks": "adamerge-chunked",
-         "b-lean": "adamerge-lean", "b-micro": "adamerge-micro", "b-sparse": "adamerge-sparse",
+         "b-lean": "adamerge-lean", "b-micro": "adamerge-micro", "b-rc": "adamerge-recompute",
+         "b-rc1": "adamerge-recompute1", "b-sparse": "adamerge-sparse",
          "c": "fusionbench"}  # column -> worker mode
+BF16_MODES = ("adamerge-bf16", "adamerge-lean", "adamerge-micro", "adamerge-recompute", "adamerge-recompute1")
+CHUNKED_MODES = ("adamerge-chunked", "adamerge-lean", "adamerge-micro", "adamerge-recompute", "adamerge-sparse")
 SHAPES = {"minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
           "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)}
 SHAPE = os.environ.get("BENCH_SHAPE", "minilm")  # set by --shape for the workers
@@ -190,7 +196,7 @@ def worker(mode: str, T: int, steps: int, rows: int, length: int) -> dict:
 
         paths = [str(zoo_dir() / str(i)) for i in range(T + 1)]
         pool = load_pool(paths[0], {f"t{i}": p for i, p in enumerate(paths[1:])},
-                         tv_dtype=torch.bfloat16 if mode in ("adamerge-bf16", "adamerge-lean", "adamerge-micro") else None)
+                         tv_dtype=torch.bfloat16 if mode in BF16_MODES else None)
         if mode == "adamerge-sparse":
             from adamerge.functional import ties_trim_elect
 
@@ -200,15 +206,15 @@ def worker(mode: str, T: int, steps: int, rows: int, length: int) -> dict:
         if mode == "adamerge-sparse":
             merged.to_sparse_storage()
         merged = merged.to(device)
+        merged.recompute = mode in ("adamerge-recompute", "adamerge-recompute1")
         opt = torch.optim.Adam([merged.coefficients.weight], lr=1e-3)
         names = list(merged.task_names)
 
         def step():
-            if mode in ("adamerge-chunked", "adamerge-lean", "adamerge-micro", "adamerge-sparse"):  # one task per
-                loss, _, _ = merged.chunked_surrogate(                                                # group
+            if mode in CHUNKED_MODES:  # one task per group
+                loss, _, _ = merged.chunked_surrogate(
                     {"inputs": inputs, "tasks": names, "sizes": [rows] * T},
-                    lambda sub, params: entropy_objective(merged(sub["inputs"], sub["tasks"], sub["sizes"],
-                                                                 params=params)), T,
+                    lambda sub, **kw: entropy_objective(merged(sub["inputs"], sub["tasks"], sub["sizes"], **kw)), T,
                     2 if mode == "adamerge-micro" else 1)
             else:
                 loss, _ = entropy_objective(merged(inputs, names, [rows] * T))
@@ -331,8 +337,8 @@ def tables(results: list[dict], act: dict, args) -> str:
     first = results[0][cols[0]]
     where = first["device"] + (f" ({first['gpu']})" if "gpu" in first else "")
     ours = [k for k in cols if k.startswith("b")]
-    ratios = [f"{k}/a" for k in ("b", "b-lean", "b-micro") if k in cols and "a" in cols]
-    ratios += [f"c/{k}" for k in ("b", "b-lean", "b-micro") if k in cols and "c" in cols]
+    ratios = [f"{k}/a" for k in ("b", "b-lean", "b-micro", "b-rc", "b-rc1") if k in cols and "a" in cols]
+    ratios += [f"c/{k}" for k in ("b", "b-lean", "b-micro", "b-rc", "b-rc1") if k in cols and "c" in cols]
     out = [f"Step time in ms (median of {args.steps} steps after one warm-up), {where}, shape {args.shape} "
            f"({act['weights_mib']:.0f} MiB of float32 weights), {args.rows} rows/task, {args.length} tokens:", "",
            "| T | " + " | ".join(cols + ratios) + " |", "|" + "---|" * (len(cols) + len(ratios) + 1)]
@@ -347,7 +353,7 @@ def tables(results: list[dict], act: dict, args) -> str:
             f"{'' if first['device'] == 'cuda' else ', process baseline ' + format(act['baseline_mib'], '.0f') + ' MiB included'}); "
             "x/floor against the floor of its own storage width:", "",
             "| T | " + " | ".join(cols + fl + rel) + " |", "|" + "---|" * (len(cols) + len(fl) + len(rel) + 1)]
-    half = {"b-bf16", "b-lean", "b-micro"}
+    half = {k for k, mode in MODES.items() if mode in BF16_MODES}
     for row in results:
         peak = {k: row[k]["step_peak_mib"] for k in cols}
         T = row[cols[0]]["T"]

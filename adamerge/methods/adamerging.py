@@ -62,6 +62,11 @@ class AdaMerging(MergeModule):
             objectives that are means over rows of per-row terms — ``entropy``, ``kl``, ``pseudo_label`` without a
             confidence threshold — and kinds with per-row logits (not ``causal_lm``).
         tune_heads: also train each task's head (sequence classification; see the module docstring).
+        recompute: merge each repeated layer (``encoder.layer.3``, ``model.layers.3``) inside its own call under an
+            activation checkpoint, and again in the backward (:meth:`MergedModel.features`): the step keeps neither
+            merged weights (nor, with ``task_chunks``, their gradients) nor the layers' activations, only each
+            layer's input — the same gradient for one more forward and merge per step. Not for BatchNorm backbones
+            (their layers' state changes between the forward and the backward) nor under FSDP2.
     """
 
     method = "adamerging"
@@ -73,7 +78,7 @@ class AdaMerging(MergeModule):
                  task_type: str = "seq_cls", heads: dict | None = None, objective: str = "entropy",
                  temperature: float = 2.0, diversity_weight: float = 1.0, confidence: float = 0.0,
                  similarity_penalty: float = 0.0, task_chunks: int | str = "auto", tune_heads: bool = False,
-                 micro_batches: int = 1) -> None:
+                 micro_batches: int = 1, recompute: bool = False) -> None:
         self.loss_fn = Objective(objective, temperature, diversity_weight, confidence)
         if micro_batches < 1:
             raise MergeInputError(f"micro_batches must be >= 1, got {micro_batches}")
@@ -102,6 +107,15 @@ class AdaMerging(MergeModule):
         return Coefficients(len(pool.task_names), len(pool.param_names), self._granularity, self._init, self._clamp)
 
     def post_init(self, pool: TaskVectorPool) -> None:
+        if self.hparams.recompute:
+            if self._has_batchnorm:
+                raise MergeInputError(f"recompute: base {pool.base_source!r} has BatchNorm layers, whose training-mode "
+                                      "state a re-run in the backward would not see as the forward did; use "
+                                      "recompute: false")
+            if not self.merged.layer_stores:
+                raise MergeInputError(f"recompute: no numbered layer of base {pool.base_source!r} owns a block of "
+                                      "merged tensors (e.g. encoder.layer.N.*), so there is nothing to recompute")
+            self.merged.recompute = True
         if self.hparams.tune_heads:
             self.expert_heads = copy.deepcopy(self.merged.heads).requires_grad_(False)
             self.merged.heads.requires_grad_(True)
@@ -113,12 +127,13 @@ class AdaMerging(MergeModule):
                             "diversity_weight": self.hparams.diversity_weight,
                             "confidence": self.hparams.confidence, "tune_heads": self.hparams.tune_heads,
                             "similarity_penalty": self.hparams.similarity_penalty,
-                            "task_chunks": self.task_chunk_count(),
+                            "task_chunks": self.task_chunk_count(), "recompute": self.hparams.recompute,
                             "steps": int(self.global_step) if self._trainer is not None else None}}
 
-    def loss_with(self, batch, params=None):
-        """(loss, per-task terms) of the configured objective on ``batch`` (``params``: already merged weights)."""
-        return self.loss_fn(self.step_outputs(batch, self.loss_fn, params=params))
+    def loss_with(self, batch, **merge_kw):
+        """(loss, per-task terms) of the configured objective on ``batch`` (``merge_kw``: already merged ``params``,
+        or ``coefficients``/``masks`` to merge from)."""
+        return self.loss_fn(self.step_outputs(batch, self.loss_fn, **merge_kw))
 
     def penalty(self):
         if not self.hparams.similarity_penalty:
