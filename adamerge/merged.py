@@ -8,7 +8,7 @@ coefficients (and masks) only; the base weights and task vectors are frozen buff
 from __future__ import annotations
 
 import inspect
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from contextlib import contextmanager
 from functools import partial
 
@@ -31,6 +31,9 @@ from adamerge.functional import (
 from adamerge.parametrize import Coefficients
 from adamerge.kinds import get_kind
 from adamerge.pool import TaskVectorPool
+
+
+RECOMPUTE = (None, "activations", "merge")  # what the backward re-runs per layer (MergedModel.features)
 
 
 def slice_output(output, sl: slice):
@@ -227,9 +230,9 @@ class MergedModel(nn.Module):
                   if isinstance(mod, nn.Embedding)}
         self.lookup_tables = [n for n, mod in tables.items() if n in index and shared.get(id(mod.weight)) == 1]
         self.row_lookup = True  # False: merge lookup tables whole like every other tensor
-        # True: a forward that records gradients merges each repeated layer inside an activation checkpoint (see
-        # :meth:`features`); the layers it can do so for, as (store index, module path)
-        self.recompute = False
+        # what a forward that records gradients recomputes in the backward, layer by layer (None, "activations",
+        # "merge": see :meth:`features`); the layers it can do so for, as (store index, module path)
+        self.recompute: str | None = None
         self.layer_stores = self._find_layer_stores(shared)
         self._plain_calls: dict[str, _ClassForward] = {}
         self.eval()
@@ -341,29 +344,34 @@ class MergedModel(nn.Module):
                  params: Mapping[str, Tensor] | None = None):
         """Backbone output (a ModelOutput) of the merged model on ``inputs`` (``params``: already merged weights).
 
-        With :attr:`recompute` on, a forward that records gradients merges each repeated layer (:attr:`layer_stores`)
-        inside that layer's call, under a non-reentrant activation checkpoint: the backward merges the layer again
-        and re-runs it, so neither the merged weights nor the layer's activations are kept between the forward and
-        the backward — only each layer's input. The other tensors (embeddings, pooler) are merged up front."""
-        if params is not None:
-            return functional_call(self.backbone, dict(params), args=(), kwargs=dict(inputs))
-        if not (self.recompute and torch.is_grad_enabled() and self.layer_stores):
-            params = self.merged_params(coefficients, masks, lookup=True)
-            return functional_call(self.backbone, dict(params), args=(), kwargs=dict(inputs))
-        lam = self.coefficients() if coefficients is None else coefficients
-        masks = self.masks if masks is None else masks
-        params = self.merged_params(lam, masks, lookup=True, defer={i for i, _ in self.layer_stores})
+        :attr:`recompute`, in a forward that records gradients, for the repeated layers (:attr:`layer_stores`):
+        ``"activations"`` — each layer runs under a non-reentrant activation checkpoint and again in the backward,
+        so only its input is kept, not its activations; ``"merge"`` — each layer also merges its own weights inside
+        that checkpoint, again in the backward, so the merged weights are not kept either (given ``params`` are
+        bound as given, as with ``"activations"``). The other tensors (embeddings, pooler) are merged up front."""
         kwargs = dict(inputs)
+        if not (self.recompute and torch.is_grad_enabled() and self.layer_stores):
+            params = self.merged_params(coefficients, masks, lookup=True) if params is None else params
+            return functional_call(self.backbone, dict(params), args=(), kwargs=kwargs)
         if "use_cache" in inspect.signature(self.backbone.forward).parameters:
             kwargs["use_cache"] = False  # a key/value cache would be extended again by each layer's re-run
-        with self._merging_layers(lam, masks):
+        layers = dict(self.layer_stores)
+        if params is None and self.recompute == "merge":
+            lam = self.coefficients() if coefficients is None else coefficients
+            masks = self.masks if masks is None else masks
+            base = dict(self.backbone.named_parameters())
+            params = self.merged_params(lam, masks, lookup=True, defer=layers)
+            weights = {i: partial(self.stores[i], base, self._store_columns(lam, i), masks) for i in layers}
+        else:
+            params = self.merged_params(coefficients, masks, lookup=True) if params is None else params
+            weights = {i: partial(_select, params, self.stores[i].names) for i in layers}
+        with self._checkpointed_layers(weights):
             return functional_call(self.backbone, dict(params), args=(), kwargs=kwargs)
 
     @contextmanager
-    def _merging_layers(self, lam: Tensor, masks: Mapping[str, Tensor] | None):
-        """Inside the block, each layer of :attr:`layer_stores` merges its own weights when called (see
-        :meth:`features`)."""
-        base = dict(self.backbone.named_parameters())
+    def _checkpointed_layers(self, weights: Mapping[int, Callable[[], dict[str, Tensor]]]):
+        """Inside the block, each layer of :attr:`layer_stores` runs under an activation checkpoint with the
+        weights that ``weights[store index]()`` returns inside it (see :meth:`features`)."""
         patched = []
         try:
             for i, path in self.layer_stores:
@@ -371,8 +379,7 @@ class MergedModel(nn.Module):
                 if path not in self._plain_calls:  # a module-free handle: not registered, so not in the state dict
                     self._plain_calls[path] = _ClassForward(layer)
                 patched.append((layer, layer.__dict__.get("forward")))
-                layer.forward = partial(_checkpointed_layer, self._plain_calls[path], self.stores[i], base,
-                                        self._store_columns(lam, i), masks, len(path) + 1)
+                layer.forward = partial(_checkpointed_layer, self._plain_calls[path], weights[i], len(path) + 1)
             yield
         finally:
             for layer, previous in patched:
@@ -419,8 +426,8 @@ class MergedModel(nn.Module):
         each piece's loss and terms weighted by its share of the task's rows: exact for objectives whose per-task
         term is a mean of per-row terms (the caller checks).
 
-        With :attr:`recompute` on, nothing is merged up front: each group merges what it reads from detached copies
-        of the coefficients (and of trained masks), layer by layer inside activation checkpoints (see
+        With :attr:`recompute` ``"merge"``, nothing is merged up front: each group merges what it reads from detached
+        copies of the coefficients (and of trained masks), layer by layer inside activation checkpoints (see
         :meth:`features`), and the surrogate is ``⟨λ, dL/dλ⟩`` (+ ``⟨m, dL/dm⟩``): neither the merged weights nor
         their gradients are kept, at the cost of merging the layers twice per group.
 
@@ -429,7 +436,7 @@ class MergedModel(nn.Module):
         ``(surrogate, loss, per_task)``.
         """
         lam = self.coefficients()
-        if self.recompute and self.layer_stores:
+        if self.recompute == "merge" and self.layer_stores:
             leaves = {"coefficients": lam.detach().requires_grad_(True)}
             trained_masks = {n: m for n, m in (self.masks or {}).items() if m.requires_grad}
             if self.masks is not None:
@@ -504,13 +511,16 @@ class _ClassForward(nn.Module):
         return type(self.layer).forward(self.layer, *args, **kwargs)
 
 
-def _checkpointed_layer(call: _ClassForward, store: TaskVectorStore, base: Mapping[str, Tensor], lam: Tensor,
-                        masks: Mapping[str, Tensor] | None, cut: int, *args, **kwargs):
-    """One layer's call with its merged weights, merged inside a non-reentrant checkpoint (again in the backward)."""
+def _select(params: Mapping[str, Tensor], names: list[str]) -> dict[str, Tensor]:
+    return {n: params[n] for n in names}
+
+
+def _checkpointed_layer(call: _ClassForward, weights: Callable[[], dict[str, Tensor]], cut: int, *args, **kwargs):
+    """One layer's call under a non-reentrant activation checkpoint, with the weights ``weights()`` returns inside
+    it (again in the backward's re-run)."""
 
     def run(*a, **kw):
-        weights = {f"layer.{n[cut:]}": w for n, w in store(base, lam, masks).items()}
-        return functional_call(call, weights, args=a, kwargs=kw)
+        return functional_call(call, {f"layer.{n[cut:]}": w for n, w in weights().items()}, args=a, kwargs=kw)
 
     return checkpoint(run, *args, use_reentrant=False, **kwargs)
 

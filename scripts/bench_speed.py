@@ -18,9 +18,11 @@ tokens):
   b-lean   bfloat16 task vectors and task_chunks = T together
   b-micro  b-lean with each task's rows in 2 pieces run one at a time (micro_batches = 2: same gradient, half the
            activations)
-  b-rc     b-lean with recompute (each layer merged inside an activation checkpoint and again in the backward): no
-           merged weights, no dL/dW and no layer activations kept, one group per task
-  b-rc1    bfloat16 task vectors and recompute, one forward over all tasks (task_chunks = 1): merges twice per step
+  b-ckpt   b-lean with recompute = activations: each layer under an activation checkpoint, re-run in the backward
+           (no layer activations kept; the merged weights and dL/dW are), one group per task
+  b-rc     b-lean with recompute = merge: each layer also merged inside its checkpoint, again in the backward (no
+           merged weights, no dL/dW, no layer activations kept), one group per task
+  b-rc1    bfloat16 task vectors and recompute = merge, one forward over all tasks (task_chunks = 1)
   b-sparse AdaMerging++ (TIES-trimmed task vectors, density 0.2) kept sparse (prep.sparse_storage), float32, with
            task_chunks = T -- a different (published) variant, shown for what sparse storage saves
   c        FusionBench 0.2.33 LayerWiseMergedModel, driven as its layer-wise AdaMerging does: merge_weights(), then
@@ -55,11 +57,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FUSIONBENCH = "fusion-bench==0.2.33"
 MODES = {"a": "plain", "b": "adamerge", "b-bf16": "adamerge-bf16", "b-chunks": "adamerge-chunked",
-         "b-lean": "adamerge-lean", "b-micro": "adamerge-micro", "b-rc": "adamerge-recompute",
+         "b-lean": "adamerge-lean", "b-micro": "adamerge-micro", "b-ckpt": "adamerge-checkpoint",
+         "b-rc": "adamerge-recompute",
          "b-rc1": "adamerge-recompute1", "b-sparse": "adamerge-sparse",
          "c": "fusionbench"}  # column -> worker mode
-BF16_MODES = ("adamerge-bf16", "adamerge-lean", "adamerge-micro", "adamerge-recompute", "adamerge-recompute1")
-CHUNKED_MODES = ("adamerge-chunked", "adamerge-lean", "adamerge-micro", "adamerge-recompute", "adamerge-sparse")
+BF16_MODES = ("adamerge-bf16", "adamerge-lean", "adamerge-micro", "adamerge-checkpoint", "adamerge-recompute",
+              "adamerge-recompute1")
+CHUNKED_MODES = ("adamerge-chunked", "adamerge-lean", "adamerge-micro", "adamerge-checkpoint", "adamerge-recompute",
+                 "adamerge-sparse")
 SHAPES = {"minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
           "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)}
 SHAPE = os.environ.get("BENCH_SHAPE", "minilm")  # set by --shape for the workers
@@ -206,7 +211,8 @@ def worker(mode: str, T: int, steps: int, rows: int, length: int) -> dict:
         if mode == "adamerge-sparse":
             merged.to_sparse_storage()
         merged = merged.to(device)
-        merged.recompute = mode in ("adamerge-recompute", "adamerge-recompute1")
+        merged.recompute = {"adamerge-checkpoint": "activations", "adamerge-recompute": "merge",
+                            "adamerge-recompute1": "merge"}.get(mode)
         opt = torch.optim.Adam([merged.coefficients.weight], lr=1e-3)
         names = list(merged.task_names)
 
@@ -337,8 +343,8 @@ def tables(results: list[dict], act: dict, args) -> str:
     first = results[0][cols[0]]
     where = first["device"] + (f" ({first['gpu']})" if "gpu" in first else "")
     ours = [k for k in cols if k.startswith("b")]
-    ratios = [f"{k}/a" for k in ("b", "b-lean", "b-micro", "b-rc", "b-rc1") if k in cols and "a" in cols]
-    ratios += [f"c/{k}" for k in ("b", "b-lean", "b-micro", "b-rc", "b-rc1") if k in cols and "c" in cols]
+    ratios = [f"{k}/a" for k in ("b", "b-lean", "b-micro", "b-ckpt", "b-rc", "b-rc1") if k in cols and "a" in cols]
+    ratios += [f"c/{k}" for k in ("b", "b-lean", "b-micro", "b-ckpt", "b-rc", "b-rc1") if k in cols and "c" in cols]
     out = [f"Step time in ms (median of {args.steps} steps after one warm-up), {where}, shape {args.shape} "
            f"({act['weights_mib']:.0f} MiB of float32 weights), {args.rows} rows/task, {args.length} tokens:", "",
            "| T | " + " | ".join(cols + ratios) + " |", "|" + "---|" * (len(cols) + len(ratios) + 1)]

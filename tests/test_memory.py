@@ -9,7 +9,7 @@ import torch
 from conftest import WORDS, save_lm_zoo
 
 from adamerge.functional import LookupWeight, merge_dense
-from adamerge.merged import MergedModel
+from adamerge.merged import RECOMPUTE, MergedModel
 from adamerge.methods import AdaMerging
 from adamerge.methods.base import TaskVectorPrep
 from adamerge.objectives import entropy_objective
@@ -199,22 +199,23 @@ def test_recompute_merges_each_layer_again_in_the_backward_and_keeps_no_merged_l
     merged = MergedModel(bert, Coefficients(3, len(bert.param_names), "layer", lam0))
     assert [path for _, path in merged.layer_stores] == ["encoder.layer.0", "encoder.layer.1"]
     runs = {}
-    for recompute in (False, True):
+    for recompute in RECOMPUTE:
         merged.recompute = recompute
         runs[recompute] = saved_shapes_and_merges(merged, inputs, tasks, sizes)
     ffn = (64, 32)  # the intermediate dense weight [intermediate, hidden]: only inside the layers
-    assert ffn in runs[False][0]  # the plain path keeps merged layer weights for the backward ...
-    assert ffn not in runs[True][0]  # ... recompute keeps none
-    attention = [[s for s in run[0] if len(s) == 4 and s[1] == 2] for run in (runs[False], runs[True])]  # 2 heads
-    assert attention[0] and not attention[1]  # nor the layers' activations
-    assert runs[False][1] == [1, 1] and runs[True][1] == [2, 2]  # merged once; again in the backward
-    for t in tasks:
-        torch.testing.assert_close(runs[True][2][t], runs[False][2][t], atol=0, rtol=0)
-    grad = runs[True][3]
-    assert grad.abs().max() > 1e-5
-    torch.testing.assert_close(grad, runs[False][3], atol=1e-7, rtol=1e-5)
-    torch.testing.assert_close(grad, slow_reference_grad(bert, lam0, inputs, tasks, sizes), atol=1e-5, rtol=1e-4)
-    merged.recompute = False
+    assert ffn in runs[None][0]  # the plain path saves merged layer weights for the backward ...
+    assert ffn not in runs["merge"][0]  # ... "merge" keeps none ("activations" keeps them through the checkpoint)
+    attention = {r: [s for s in run[0] if len(s) == 4 and s[1] == 2] for r, run in runs.items()}  # 2 heads
+    assert attention[None] and not attention["activations"] and not attention["merge"]  # nor layer activations
+    assert runs[None][1] == runs["activations"][1] == [1, 1] and runs["merge"][1] == [2, 2]  # again in the backward
+    ref = slow_reference_grad(bert, lam0, inputs, tasks, sizes)
+    assert ref.abs().max() > 1e-5
+    for r in ("activations", "merge"):
+        for t in tasks:
+            torch.testing.assert_close(runs[r][2][t], runs[None][2][t], atol=0, rtol=0)
+        torch.testing.assert_close(runs[r][3], runs[None][3], atol=1e-7, rtol=1e-5)
+        torch.testing.assert_close(runs[r][3], ref, atol=1e-5, rtol=1e-4)
+    merged.recompute = None
 
 
 def test_recompute_on_a_llama_gives_the_plain_gradient(tmp_path):
@@ -226,7 +227,7 @@ def test_recompute_on_a_llama_gives_the_plain_gradient(tmp_path):
     assert [path for _, path in merged.layer_stores] == ["model.layers.0", "model.layers.1"]
     inputs, tasks, sizes = lm_batch(3), list(paths), [3, 3, 3]
     plain = saved_shapes_and_merges(merged, inputs, tasks, sizes)
-    merged.recompute = True
+    merged.recompute = "merge"
     lean = saved_shapes_and_merges(merged, inputs, tasks, sizes)
     assert (64, 32) in plain[0] and (64, 32) not in lean[0]  # gate/up projections [intermediate, hidden]
     assert lean[1] == [2, 2]
@@ -239,8 +240,10 @@ def test_recompute_on_a_llama_gives_the_plain_gradient(tmp_path):
 def test_recompute_refuses_fsdp2(zoo):
     from adamerge.errors import MergeInputError
 
-    module = AdaMerging(*zoo, recompute=True)
-    assert module.merged.recompute
+    with pytest.raises(MergeInputError, match="recompute: unknown value 'all'; allowed: null, activations, merge"):
+        AdaMerging(*zoo, recompute="all")
+    module = AdaMerging(*zoo, recompute="activations")
+    assert module.merged.recompute == "activations"
     module._device_mesh = object()  # what ModelParallelStrategy sets before configure_model
     with pytest.raises(MergeInputError, match=r"recompute: merging layers inside activation checkpoints is not "
                                               r"supported under ModelParallelStrategy \(FSDP2\)"):
@@ -258,8 +261,8 @@ def test_micro_batches_give_the_one_batch_gradient(zoo, objective):
     b["inputs"] = {k: torch.cat([v[i::len(b['tasks'])] for i in range(len(b["tasks"]))]) for k, v in b["inputs"].items()}
     b["sizes"] = [4] * len(b["tasks"])
     grads = []
-    for chunks, pieces, recompute in ((1, 1, False), (3, 3, False), (1, 2, False), (1, 1, True), (3, 1, True),
-                                      (3, 2, True)):
+    for chunks, pieces, recompute in ((1, 1, None), (3, 3, None), (1, 2, None), (1, 1, "merge"), (3, 1, "merge"),
+                                      (3, 2, "merge"), (3, 1, "activations"), (1, 1, "activations")):
         module = AdaMerging(*zoo, granularity="layer", objective=objective, task_chunks=chunks, micro_batches=pieces,
                             recompute=recompute)
         torch.manual_seed(0)

@@ -23,6 +23,7 @@ import copy
 from adamerge.errors import MergeInputError
 from adamerge.kinds import get_kind
 from adamerge.methods.base import MergeModule, TaskVectorPrep
+from adamerge.merged import RECOMPUTE
 from adamerge.objectives import Objective, coefficient_similarity
 from adamerge.parametrize import Coefficients
 from adamerge.pool import TaskVectorPool
@@ -62,11 +63,12 @@ class AdaMerging(MergeModule):
             objectives that are means over rows of per-row terms — ``entropy``, ``kl``, ``pseudo_label`` without a
             confidence threshold — and kinds with per-row logits (not ``causal_lm``).
         tune_heads: also train each task's head (sequence classification; see the module docstring).
-        recompute: merge each repeated layer (``encoder.layer.3``, ``model.layers.3``) inside its own call under an
-            activation checkpoint, and again in the backward (:meth:`MergedModel.features`): the step keeps neither
-            merged weights (nor, with ``task_chunks``, their gradients) nor the layers' activations, only each
-            layer's input — the same gradient for one more forward and merge per step. Not for BatchNorm backbones
-            (their layers' state changes between the forward and the backward) nor under FSDP2.
+        recompute: what the backward re-runs, layer by layer, for the repeated layers (``encoder.layer.3``,
+            ``model.layers.3``; :meth:`MergedModel.features`) — the same gradient for less memory: ``null`` (nothing);
+            ``activations`` (each layer under an activation checkpoint: only its input is kept, for one more forward
+            per step); ``merge`` (also each layer's merge inside it: no merged weights nor, with ``task_chunks``,
+            their gradients are kept, for one more merge per layer and group). Not for BatchNorm backbones (their
+            layers' state changes between the forward and the backward) nor under FSDP2.
     """
 
     method = "adamerging"
@@ -78,7 +80,10 @@ class AdaMerging(MergeModule):
                  task_type: str = "seq_cls", heads: dict | None = None, objective: str = "entropy",
                  temperature: float = 2.0, diversity_weight: float = 1.0, confidence: float = 0.0,
                  similarity_penalty: float = 0.0, task_chunks: int | str = "auto", tune_heads: bool = False,
-                 micro_batches: int = 1, recompute: bool = False) -> None:
+                 micro_batches: int = 1, recompute: str | None = None) -> None:
+        if recompute not in RECOMPUTE:
+            raise MergeInputError(f"recompute: unknown value {recompute!r}; allowed: null, "
+                                  f"{', '.join(r for r in RECOMPUTE if r)}")
         self.loss_fn = Objective(objective, temperature, diversity_weight, confidence)
         if micro_batches < 1:
             raise MergeInputError(f"micro_batches must be >= 1, got {micro_batches}")
@@ -109,13 +114,13 @@ class AdaMerging(MergeModule):
     def post_init(self, pool: TaskVectorPool) -> None:
         if self.hparams.recompute:
             if self._has_batchnorm:
-                raise MergeInputError(f"recompute: base {pool.base_source!r} has BatchNorm layers, whose training-mode "
-                                      "state a re-run in the backward would not see as the forward did; use "
-                                      "recompute: false")
+                raise MergeInputError(f"recompute: {self.hparams.recompute}: base {pool.base_source!r} has BatchNorm "
+                                      "layers, whose training-mode state a re-run in the backward would not see as "
+                                      "the forward did; use recompute: null")
             if not self.merged.layer_stores:
-                raise MergeInputError(f"recompute: no numbered layer of base {pool.base_source!r} owns a block of "
+                raise MergeInputError(f"recompute: {self.hparams.recompute}: no numbered layer of base {pool.base_source!r} owns a block of "
                                       "merged tensors (e.g. encoder.layer.N.*), so there is nothing to recompute")
-            self.merged.recompute = True
+            self.merged.recompute = self.hparams.recompute
         if self.hparams.tune_heads:
             self.expert_heads = copy.deepcopy(self.merged.heads).requires_grad_(False)
             self.merged.heads.requires_grad_(True)
