@@ -191,6 +191,25 @@ def test_fit_with_label_free_selection_exports_the_chosen_step(zoo, task_data, t
     assert torch.allclose(exported, cli.model.merged.coefficients.weight.detach())
 
 
+def test_fit_with_recompute_ends_where_the_plain_fit_does(zoo, task_data, tmp_path):
+    """`recompute` through the command (6 steps, one task at a time on CPU): the same trained coefficients as the
+    plain step to 1e-6, recorded in the manifest."""
+    ends = {}
+    for recompute in (None, "activations", "merge"):
+        root = tmp_path / str(recompute)
+        cfg = fit_config(zoo, task_data, root, recompute=recompute)  # Adam at 1e-3: moves of ~6e-3
+        cfg["trainer"]["logger"] = False
+        p = tmp_path / f"{recompute}.yaml"
+        p.write_text(yaml.safe_dump(cfg))
+        lightning_main(["fit", "--config", str(p)])
+        manifest = json.loads((root / "merged" / "merge_manifest.json").read_text())
+        assert manifest["hparams"]["recompute"] == recompute and manifest["hparams"]["task_chunks"] == 3
+        ends[recompute] = torch.tensor(manifest["coefficients"]["values"])
+    assert (ends[None] - 0.3).abs().max() > 1e-3
+    for recompute in ("activations", "merge"):
+        torch.testing.assert_close(ends[recompute], ends[None], atol=1e-6, rtol=0)
+
+
 def test_backbone_mode_train_switches_dropout_on_only_while_training(zoo, task_data, tmp_path):
     """`--backbone_mode train`: the backbone trains with dropout on (its modules in train mode at every step) and is
     back in eval mode for the export; the default keeps it in eval mode throughout."""

@@ -123,16 +123,17 @@ def test_llama_lookup_rows_only_where_untied(tmp_path, tied):
 
 def test_offloaded_task_vectors_stay_in_cpu_memory_and_train_like_resident_ones(tmp_path, monkeypatch):
     """prep.offload on a LLaMA-shaped model: the stacks ignore device moves, reach the merge in chunks (small chunks
-    forced here so that every stack streams in several pieces) and 5 AdaMerging steps equal the resident path."""
+    forced here so that every stack streams in several pieces) and 5 AdaMerging steps equal the resident path, also
+    with each layer's merge recomputed in the backward (``recompute: merge``: the stacks stream again there)."""
     import adamerge.functional as F
 
     base, paths = llama_zoo(tmp_path, tied=False)
     inputs, tasks, sizes = lm_batch(3), list(paths), [3, 3, 3]
     batch = {"inputs": inputs, "tasks": tasks, "sizes": sizes}
     ends = []
-    for offload in (False, True):
+    for offload, recompute in ((False, None), (True, None), (True, "merge")):
         m = AdaMerging(base, paths, task_type="causal_lm", granularity="layer", tv_dtype="bfloat16",
-                       prep=TaskVectorPrep(offload=offload))
+                       prep=TaskVectorPrep(offload=offload), recompute=recompute)
         if offload:
             monkeypatch.setattr(F, "CAST_CHUNK_BYTES", 2048)  # each stack copied in pieces of a few tasks' rows
             assert all(st.offloaded for st in m.merged.stores)
@@ -149,6 +150,7 @@ def test_offloaded_task_vectors_stay_in_cpu_memory_and_train_like_resident_ones(
             assert m.merged.backbone.get_parameter("model.norm.weight").device.type == "meta"
     assert (ends[0] - 0.3).abs().max() > 1e-2
     torch.testing.assert_close(ends[1], ends[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(ends[2], ends[0], atol=1e-6, rtol=0)
 
 
 def test_offload_refuses_what_it_cannot_stream(zoo):
