@@ -45,9 +45,12 @@ def _fit(tmp_path, cfg, name):
     return torch.tensor(json.loads((tmp_path / name / "merge_manifest.json").read_text())["coefficients"]["values"])
 
 
-def test_ddp_two_processes_match_single_process(zoo, task_data, tmp_path):
+@pytest.mark.parametrize("recompute", [None, "activations"])
+def test_ddp_two_processes_match_single_process(zoo, task_data, tmp_path, recompute):
     single = _fit(tmp_path, _config(zoo, task_data, tmp_path / "single", 1), "single")
-    ddp = _fit(tmp_path, _config(zoo, task_data, tmp_path / "ddp", 2), "ddp")
+    c = _config(zoo, task_data, tmp_path / "ddp", 2)
+    c["model"]["init_args"]["recompute"] = recompute  # the same gradient, layers re-run in the backward
+    ddp = _fit(tmp_path, c, "ddp")
     assert (single - 0.3).abs().max() > 2e-3  # 4 Adam steps of lr 1e-3 moved the coefficients
     assert (single - ddp).abs().max() < TOL, (single - ddp).abs().max()
 
@@ -112,7 +115,8 @@ def test_wemoe_ddp_two_processes_match_single_process(zoo, task_data, tmp_path):
     assert max((single[k] - ddp[k]).abs().max() for k in routers) < TOL
 
 
-def test_fsdp2_on_a_llama_shaped_causal_lm_matches_single_process(task_data, tmp_path):
+@pytest.mark.parametrize("recompute", [None, "merge"])
+def test_fsdp2_on_a_llama_shaped_causal_lm_matches_single_process(task_data, tmp_path, recompute):
     """The sharded path on a small random LLaMA (untied embeddings, GQA): 2 FSDP2 ranks, each holding half of every
     task-vector block, end where one process does (which merges the embedding table row by row; the sharded run
     merges it whole)."""
@@ -128,6 +132,7 @@ def test_fsdp2_on_a_llama_shaped_causal_lm_matches_single_process(task_data, tmp
 
     single = _fit(tmp_path, cfg("lsingle", 1), "lsingle")
     c = cfg("lfsdp", 2)
+    c["model"]["init_args"]["recompute"] = recompute
     c["trainer"]["strategy"] = {"class_path": "pytorch_lightning.strategies.ModelParallelStrategy",
                                 "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}}
     c["trainer"]["callbacks"] = [{"class_path": "shard_probe.ShardProbe"}]
@@ -138,6 +143,8 @@ def test_fsdp2_on_a_llama_shaped_causal_lm_matches_single_process(task_data, tmp
     probe = json.loads((tmp_path / "lfsdp_root" / "shard_probe.json").read_text())
     assert probe["sharded_stores"] == probe["stores"] > 0
     assert probe["local_elements"] * 2 == pytest.approx(probe["global_elements"], rel=0.01)
+    # one merge per step; with recompute, each of the 3 task groups merges the layer and again in its backward
+    assert probe["first_layer_merges"] == (1 if recompute is None else 6)
 
 
 def _batch_level_grads(rank, world, port, out_path):

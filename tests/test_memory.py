@@ -239,17 +239,21 @@ def test_recompute_on_a_llama_gives_the_plain_gradient(tmp_path):
     torch.testing.assert_close(lean[3], plain[3], atol=1e-7, rtol=1e-5)
 
 
-def test_recompute_refuses_fsdp2(zoo):
+def test_recompute_refuses_unknown_values_and_batchnorm_backbones(zoo, tmp_path):
+    from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
+
     from adamerge.errors import MergeInputError
 
     with pytest.raises(MergeInputError, match="recompute: unknown value 'all'; allowed: null, activations, merge"):
         AdaMerging(*zoo, recompute="all")
-    module = AdaMerging(*zoo, recompute="activations")
-    assert module.merged.recompute == "activations"
-    module._device_mesh = object()  # what ModelParallelStrategy sets before configure_model
-    with pytest.raises(MergeInputError, match=r"recompute: merging layers inside activation checkpoints is not "
-                                              r"supported under ModelParallelStrategy \(FSDP2\)"):
-        module.configure_model()
+    assert AdaMerging(*zoo, recompute="activations").merged.recompute == "activations"
+    torch.manual_seed(0)
+    cfg = MobileNetV2Config(image_size=32, depth_multiplier=0.35, num_labels=3)
+    for name in ("base", "a", "b"):
+        MobileNetV2ForImageClassification(cfg).save_pretrained(str(tmp_path / name))
+    with pytest.raises(MergeInputError, match=r"recompute: merge: base '.+' has BatchNorm layers"):
+        AdaMerging(str(tmp_path / "base"), {t: str(tmp_path / t) for t in "ab"}, task_type="image_cls",
+                   recompute="merge")
 
 
 @pytest.mark.parametrize("objective", ["entropy", "kl", "pseudo_label"])

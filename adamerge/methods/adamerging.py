@@ -67,8 +67,9 @@ class AdaMerging(MergeModule):
             ``model.layers.3``; :meth:`MergedModel.features`) — the same gradient for less memory: ``null`` (nothing);
             ``activations`` (each layer under an activation checkpoint: only its input is kept, for one more forward
             per step); ``merge`` (also each layer's merge inside it: no merged weights nor, with ``task_chunks``,
-            their gradients are kept, for one more merge per layer and group). Not for BatchNorm backbones (their
-            layers' state changes between the forward and the backward) nor under FSDP2.
+            their gradients are kept, for one more merge per layer and group; under FSDP2 each re-merge gathers the
+            layer's shards again). Not for BatchNorm backbones (their layers' state changes between the forward and
+            the backward).
     """
 
     method = "adamerging"

@@ -312,10 +312,6 @@ class MergeModule(pl.LightningModule):
             return
         from torch.distributed.fsdp import fully_shard
 
-        if self.merged.recompute:
-            raise MergeInputError("recompute: merging layers inside activation checkpoints is not supported under "
-                                  "ModelParallelStrategy (FSDP2), which gathers the sharded task vectors itself; use "
-                                  "recompute: null there, or the DDP strategy")
         if self.prep.offload:
             raise MergeInputError("prep.offload streams task vectors from CPU memory; ModelParallelStrategy (FSDP2) "
                                   "shards them across devices instead: use one or the other")
