@@ -108,3 +108,21 @@ def test_prep_on_lora_is_a_clear_error(adapters):
 
     with pytest.raises(MergeInputError, match="DARE/TIES/subspace/sparse_storage need dense task vectors"):
         Ties(*adapters)
+
+
+def test_recompute_merges_low_rank_layers_to_the_same_gradient(adapters, batch):
+    """LoRA factors merged inside each layer's checkpoint (``recompute: merge``), one task group at a time: the
+    plain step's coefficient gradient."""
+    base, paths = adapters
+    grads = []
+    for recompute, chunks in ((None, 1), ("merge", 1), ("merge", 2)):
+        module = AdaMerging(base, paths, granularity="layer", recompute=recompute, task_chunks=chunks)
+        assert [p for _, p in module.merged.layer_stores] == ["encoder.layer.0", "encoder.layer.1"]
+        torch.manual_seed(0)
+        module.merged.coefficients.weight.data += 0.1 * torch.randn_like(module.merged.coefficients.weight)
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        grads.append(module.merged.coefficients.weight.grad.clone())
+    assert grads[0].abs().max() > 1e-5
+    for g in grads[1:]:
+        torch.testing.assert_close(g, grads[0], atol=1e-7, rtol=1e-5)
