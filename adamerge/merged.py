@@ -440,7 +440,8 @@ class MergedModel(nn.Module):
             leaves = {"coefficients": lam.detach().requires_grad_(True)}
             trained_masks = {n: m for n, m in (self.masks or {}).items() if m.requires_grad}
             if self.masks is not None:
-                leaves["masks"] = {**self.masks, **{n: m.detach().requires_grad_(True) for n, m in trained_masks.items()}}
+                leaves["masks"] = {**self.masks,
+                                   **{n: m.detach().requires_grad_(True) for n, m in trained_masks.items()}}
             total, per_task = self._run_groups(batch, loss_fn, leaves, chunks, pieces)
             surrogate = (lam * leaves["coefficients"].grad).sum() if leaves["coefficients"].grad is not None else 0.0
             for n, m in trained_masks.items():
@@ -500,8 +501,8 @@ class MergedModel(nn.Module):
 
 
 class _ClassForward(nn.Module):
-    """Calls its layer's class ``forward`` (not an instance attribute that :meth:`MergedModel._merging_layers` set),
-    under parameters that ``functional_call`` binds by the names ``layer.<name>``."""
+    """Calls its layer's class ``forward`` (not the instance attribute that :meth:`MergedModel._checkpointed_layers`
+    sets), under parameters that ``functional_call`` binds by the names ``layer.<name>``."""
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()

@@ -119,8 +119,9 @@ class AdaMerging(MergeModule):
                                       "layers, whose training-mode state a re-run in the backward would not see as "
                                       "the forward did; use recompute: null")
             if not self.merged.layer_stores:
-                raise MergeInputError(f"recompute: {self.hparams.recompute}: no numbered layer of base {pool.base_source!r} owns a block of "
-                                      "merged tensors (e.g. encoder.layer.N.*), so there is nothing to recompute")
+                raise MergeInputError(f"recompute: {self.hparams.recompute}: no numbered layer of base "
+                                      f"{pool.base_source!r} owns a block of merged tensors (e.g. encoder.layer.N.*), "
+                                      "so there is nothing to recompute")
             self.merged.recompute = self.hparams.recompute
         if self.hparams.tune_heads:
             self.expert_heads = copy.deepcopy(self.merged.heads).requires_grad_(False)
