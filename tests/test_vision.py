@@ -546,6 +546,26 @@ def test_mobilenet_v2_conversion_matches_an_independent_forward():
         torch.testing.assert_close(model(pixel_values=x).logits, _reference_mobilenet_v2(sd, x), atol=1e-4, rtol=1e-4)
 
 
+def test_clip_recompute_gives_the_plain_gradient(clip_zoo):
+    """The CLIP vision tower's layers (encoder.layers.N) re-merged and re-run in the backward
+    (``recompute: merge``) and re-run only (``activations``): the plain step's entropy gradient."""
+    from adamerge.methods import AdaMerging
+
+    x = _pixels(clip_zoo["base"], n=8, seed=3)
+    batch = {"inputs": {"pixel_values": x}, "tasks": list(CLASSES), "sizes": [4, 4]}
+    grads = []
+    for recompute in (None, "activations", "merge"):
+        module = AdaMerging(clip_zoo["base"], clip_zoo["models"], task_type="clip", heads=_heads(), task_chunks=1,
+                            recompute=recompute)
+        if recompute:
+            assert [p for _, p in module.merged.layer_stores] == [f"encoder.layers.{i}" for i in (0, 1)]
+        module.objective(batch)[0].backward()
+        grads.append(module.merged.coefficients.weight.grad.clone())
+    assert grads[0].abs().max() > 1e-6
+    for g in grads[1:]:
+        torch.testing.assert_close(g, grads[0], atol=1e-7, rtol=1e-5)
+
+
 def test_wemoe_on_clip_starts_as_task_arithmetic(clip_zoo):
     """WEMoE routes the CLIP vision tower's MLPs (mlp.fc1/fc2); at initialisation its logits are Task
     Arithmetic's, and only the routers train."""
