@@ -1,7 +1,8 @@
 """On a CUDA device, coefficient training gives the CPU's coefficients (skipped where there is no GPU).
 
 The same three fixed batches drive a layer-wise AdaMerging fit on CPU and on the GPU, with float32 and bfloat16 task
-vector storage, in one batch and in task chunks.
+vector storage, in one batch and in task chunks, and on the GPU also with layers re-run (and re-merged) in the
+backward (``recompute``).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from adamerge.methods import AdaMerging
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.mark.parametrize("tv_dtype", [None, "bfloat16"])
+@pytest.mark.parametrize("tv_dtype, recompute", [(None, None), ("bfloat16", None), ("bfloat16", "activations"),
+                                                 ("bfloat16", "merge")])
 @pytest.mark.parametrize("chunks", [1, 3])
-def test_gpu_fit_matches_cpu(zoo, tv_dtype, chunks):
+def test_gpu_fit_matches_cpu(zoo, tv_dtype, recompute, chunks):
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader
 
@@ -32,7 +34,8 @@ def test_gpu_fit_matches_cpu(zoo, tv_dtype, chunks):
     for accelerator in ("cpu", "gpu"):
         devices: set = set()
         pl.seed_everything(0, verbose=False)
-        module = AdaMerging(*zoo, granularity="layer", lr=0.01, tv_dtype=tv_dtype, task_chunks=chunks)
+        module = AdaMerging(*zoo, granularity="layer", lr=0.01, tv_dtype=tv_dtype, task_chunks=chunks,
+                            recompute=recompute if accelerator == "gpu" else None)  # the CPU run is the plain step
         trainer = pl.Trainer(max_steps=3, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, callbacks=[WhereItRuns()])
         trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
