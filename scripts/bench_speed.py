@@ -58,8 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FUSIONBENCH = "fusion-bench==0.2.33"
 MODES = {"a": "plain", "b": "adamerge", "b-bf16": "adamerge-bf16", "b-chunks": "adamerge-chunked",
          "b-lean": "adamerge-lean", "b-micro": "adamerge-micro", "b-ckpt": "adamerge-checkpoint",
-         "b-rc": "adamerge-recompute",
-         "b-rc1": "adamerge-recompute1", "b-sparse": "adamerge-sparse",
+         "b-rc": "adamerge-recompute", "b-rc1": "adamerge-recompute1", "b-sparse": "adamerge-sparse",
          "c": "fusionbench"}  # column -> worker mode
 BF16_MODES = ("adamerge-bf16", "adamerge-lean", "adamerge-micro", "adamerge-checkpoint", "adamerge-recompute",
               "adamerge-recompute1")
