@@ -234,7 +234,10 @@ class MergedModel(nn.Module):
         # "merge": see :meth:`features`); the layers it can do so for, as (store index, module path)
         self.recompute: str | None = None
         self.layer_stores = self._find_layer_stores(shared)
-        self._plain_calls: dict[str, _ClassForward] = {}
+        # each such layer's class forward, for the call inside its checkpoint (a plain dict: not in the state dict)
+        self._plain_calls = {path: _ClassForward(self.backbone.get_submodule(path)) for _, path in self.layer_stores}
+        # a causal LM's key/value cache would be extended again by each layer's re-run: switched off then
+        self._takes_use_cache = "use_cache" in inspect.signature(self.backbone.forward).parameters
         self.eval()
 
     def _find_layer_stores(self, shared: Mapping[int, int]) -> list[tuple[int, str]]:
@@ -353,8 +356,8 @@ class MergedModel(nn.Module):
         if not (self.recompute and torch.is_grad_enabled() and self.layer_stores):
             params = self.merged_params(coefficients, masks, lookup=True) if params is None else params
             return functional_call(self.backbone, dict(params), args=(), kwargs=kwargs)
-        if "use_cache" in inspect.signature(self.backbone.forward).parameters:
-            kwargs["use_cache"] = False  # a key/value cache would be extended again by each layer's re-run
+        if self._takes_use_cache:
+            kwargs["use_cache"] = False
         layers = dict(self.layer_stores)
         if params is None and self.recompute == "merge":
             lam = self.coefficients() if coefficients is None else coefficients
@@ -375,11 +378,9 @@ class MergedModel(nn.Module):
         patched = []
         try:
             for i, path in self.layer_stores:
-                layer = self.backbone.get_submodule(path)
-                if path not in self._plain_calls:  # a module-free handle: not registered, so not in the state dict
-                    self._plain_calls[path] = _ClassForward(layer)
-                patched.append((layer, layer.__dict__.get("forward")))
-                layer.forward = partial(_checkpointed_layer, self._plain_calls[path], weights[i], len(path) + 1)
+                call = self._plain_calls[path]
+                patched.append((call.layer, call.layer.__dict__.get("forward")))
+                call.layer.forward = partial(_checkpointed_layer, call, weights[i], len(path) + 1)
             yield
         finally:
             for layer, previous in patched:

@@ -114,7 +114,7 @@ class AdaMerging(MergeModule):
 
     def post_init(self, pool: TaskVectorPool) -> None:
         if self.hparams.recompute:
-            if self._has_batchnorm:
+            if self.has_batchnorm():
                 raise MergeInputError(f"recompute: {self.hparams.recompute}: base {pool.base_source!r} has BatchNorm "
                                       "layers, whose training-mode state a re-run in the backward would not see as "
                                       "the forward did; use recompute: null")
