@@ -362,7 +362,8 @@ def write_merged(output_dir: str | Path, backbone: torch.nn.Module, merged: Mapp
                 d.mkdir(parents=True)
                 _set_dtype(head_config, target_dtype)
                 head_config.save_pretrained(str(d))
-                task_entries = [(f"{prefix}.{n}", s, dt) for n, s, dt in entries]
+                # a head that holds its own pooler (heads: {pooler: true}) replaces the merged one
+                task_entries = [(f"{prefix}.{n}", s, dt) for n, s, dt in entries if f"{prefix}.{n}" not in hs]
                 task_entries += [(k, tuple(v.shape), stored(v)) for k, v in hs.items()]
                 write_weights(d, task_entries, lambda k, hs=hs, prefix=prefix: hs[k] if k in hs
                               else root.get(k[len(prefix) + 1:]), max_bytes)

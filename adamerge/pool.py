@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,6 +258,11 @@ def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = 
 
     factors: dict[str, dict[int, tuple[Tensor, Tensor]]] = {}
     task_heads: dict[str, nn.Module] = dict(built_heads or {})
+    keep_pooler = kind.keeps_pooler(heads)
+    poolers: dict[str, dict[str, Tensor]] = {}  # heads: {pooler: true}: each fine-tune's pooler, exactly
+
+    def pooler_of(values: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {n[len("pooler."):]: v.detach().clone() for n, v in values.items() if n.startswith("pooler.")}
     for i, (task, source) in enumerate(models.items()):
         if is_lora_adapter(source):
             delta = read_lora(source, prefix, set(base_params))
@@ -271,6 +277,11 @@ def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = 
                 dense_slot(n)[i] = t.to(base_state[n].dtype) - base_state[n]
             if kind.per_task_heads and built_heads is None:
                 task_heads[task] = kind.lora_head(head_proto, delta.head, task, source, dtype)
+            if keep_pooler:
+                poolers[task] = pooler_of({n: delta.dense[n] if n in delta.dense else
+                                           base_state[n] + (delta.factors[n][0].float() @ delta.factors[n][1].float()
+                                                            ).to(base_state[n].dtype) if n in delta.factors else
+                                           base_state[n] for n in base_state})
             continue
         with _naming(f"fine-tune {task!r}"):
             ft = kind.load(source, base_config=config, trust_remote_code=trust_remote_code, dtype=dtype)
@@ -286,6 +297,8 @@ def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = 
             raise MergeInputError(f"model {task!r} ({source}): backbone keys differ from the base: "
                                   f"missing {missing[:5]}, extra {extra[:5]}")
         _check_finite(ft_state, f"{task!r} ({source})")
+        if keep_pooler:
+            poolers[task] = pooler_of(ft_state)
         zero = True
         for n, p in ft_state.items():
             if n in vocab_names and p.shape[1:] == base_state[n].shape[1:]:
@@ -316,6 +329,8 @@ def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = 
         if own:  # e.g. BatchNorm running statistics: the expert (the fine-tune itself) runs with its own
             expert_buffers[task] = own
         del ft, ft_backbone, ft_state
+    for task, values in poolers.items():
+        task_heads[task] = kind.with_pooler(task_heads[task], backbone, values)
     with torch.no_grad():
         for n, rows in added_rows.items():  # an added token's row: the mean of the fine-tunes that have it
             for u, rs in rows.items():

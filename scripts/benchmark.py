@@ -31,6 +31,9 @@ def main() -> None:
     p.add_argument("--zoo", choices=["own", "frozen"], default="own",
                    help="zoo protocol: heads trained with their bodies (own) or linear-probe heads fixed before "
                         "fine-tuning (frozen, the papers' setting)")
+    p.add_argument("--head-pooler", action="store_true",
+                   help="each task's head keeps its fine-tune's pooler (heads: {pooler: true}); every row, the "
+                        "reference rows too; a table of its own (<preset>...-pooler)")
     p.add_argument("--inductive-only", action="store_true", help="skip the transductive column (half the time)")
     p.add_argument("--work", type=Path, default=Path(".cache"), help="cache of wheels, data and zoo")
     p.add_argument("--out", type=Path, default=Path("runs/benchmark"))
@@ -39,8 +42,9 @@ def main() -> None:
     quiet_libraries()
     result = run(args.preset, work=args.work, out=args.out, methods=args.methods, steps=args.steps, fresh=args.fresh,
                  lora=not args.no_lora, zoo_protocol=args.zoo, transductive=not args.inductive_only,
-                 pairs=not args.no_pairs)
-    print((results_dir(args.out, args.preset, args.zoo) / "results.md").read_text())  # the table is this script's output
+                 pairs=not args.no_pairs, head_pooler=args.head_pooler)
+    target = results_dir(args.out, args.preset, args.zoo, args.head_pooler)
+    print((target / "results.md").read_text())  # the table is this script's output
     del result
 
 

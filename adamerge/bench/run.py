@@ -227,8 +227,8 @@ class Runner:
     """Runs rows of the grid for one preset, reusing the exported merges that Surgery rows start from."""
 
     def __init__(self, preset: Preset, base: str, paths: dict[str, str], data_dir: Path, ckpt_dir: Path,
-                 evaluator: Evaluator, seed: int, transductive: bool = True) -> None:
-        self.preset, self.base, self.paths, self.data_dir = preset, base, paths, data_dir
+                 evaluator: Evaluator, seed: int, transductive: bool = True, heads: dict | None = None) -> None:
+        self.preset, self.base, self.paths, self.data_dir, self.heads = preset, base, paths, data_dir, heads
         self.ckpt_dir, self.evaluator, self.seed, self.transductive = ckpt_dir, evaluator, seed, transductive
 
     def build(self, key: str, protocol: str) -> MergeModule:
@@ -237,7 +237,8 @@ class Runner:
         kwargs = dict(row.kwargs)
         if row.on is not None:
             kwargs["merged"] = str(self.export_of(row.on, protocol))
-        module = METHODS[row.method](self.base, self.paths, task_type=self.preset.task_type, **kwargs)
+        module = METHODS[row.method](self.base, self.paths, task_type=self.preset.task_type, heads=self.heads,
+                                     **kwargs)
         split = "unlabeled" if protocol == "inductive" else "test"
         adapt(module, self.data_dir, self.preset.tasks, split, self.preset, self.seed, steps_for(row, self.preset),
               row.select)
@@ -284,7 +285,7 @@ class Runner:
         for a, b in combinations(self.preset.tasks, 2):
             sub = {a: self.paths[a], b: self.paths[b]}
             for label, (name, kwargs) in grid.items():
-                module = METHODS[name](self.base, sub, task_type=self.preset.task_type, **kwargs)
+                module = METHODS[name](self.base, sub, task_type=self.preset.task_type, heads=self.heads, **kwargs)
                 sub_preset = Preset([a, b], **{k: v for k, v in vars(self.preset).items() if k != "tasks"})
                 adapt(module, self.data_dir, [a, b], "unlabeled", sub_preset, self.seed, 0)
                 scores = self.evaluator(module, tasks=[a, b])
@@ -317,14 +318,17 @@ def run_lora(preset: Preset, base: str, data_dir: Path, zoo: Path, evaluator: Ev
     return rows
 
 
-def results_dir(out: Path, preset_name: str, zoo_protocol: str = "own") -> Path:
-    """Where :func:`run` writes a preset's table: ``out/<preset>`` (own heads) or ``out/<preset>-<protocol>-head``."""
-    return out / (preset_name if zoo_protocol == "own" else f"{preset_name}-{zoo_protocol}-head")
+def results_dir(out: Path, preset_name: str, zoo_protocol: str = "own", head_pooler: bool = False) -> Path:
+    """Where :func:`run` writes a preset's table: ``out/<preset>`` (own heads) or ``out/<preset>-<protocol>-head``,
+    with ``-pooler`` appended when each head keeps its fine-tune's pooler."""
+    name = preset_name if zoo_protocol == "own" else f"{preset_name}-{zoo_protocol}-head"
+    return out / (name + ("-pooler" if head_pooler else ""))
 
 
 def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Path("runs/benchmark"),
         methods: list[str] | None = None, steps: int | None = None, seed: int = 0, fresh: bool = False,
-        lora: bool = True, zoo_protocol: str = "own", transductive: bool = True, pairs: bool = True) -> dict:
+        lora: bool = True, zoo_protocol: str = "own", transductive: bool = True, pairs: bool = True,
+        head_pooler: bool = False) -> dict:
     """Build everything the preset needs (skipping what exists) and write ``out/<preset>/results.{json,md}``
     (``out/<preset>-frozen-head/`` for the frozen-head zoo).
 
@@ -332,7 +336,9 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
     of the same setup are kept unless re-run (or ``fresh``). ``lora``: run the LoRA section if the preset has one
     (own-head zoo only). ``zoo_protocol``: ``own`` or ``frozen`` heads (see :mod:`adamerge.bench.zoo`).
     ``transductive``: also adapt on the test inputs (the papers' protocol) for the second column. ``pairs``: run the
-    two-task table if the preset has one (own-head zoo only).
+    two-task table if the preset has one (own-head zoo only). ``head_pooler``: every row (the reference rows too)
+    with each task's head holding its fine-tune's pooler (``heads: {pooler: true}``, BERT-style backbones); LoRA
+    section skipped.
     """
     preset = PRESETS[preset_name]
     if steps is not None:
@@ -343,7 +349,8 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
         raise ValueError(f"unknown methods {unknown}; known: {sorted(METHOD_GRID)}")
     root = work / ({"ci": "ci", "vision": "vision"}.get(preset_name, ""))
     data_dir, zoo = root / "data", root / "zoo"
-    target = results_dir(out, preset_name, zoo_protocol)
+    target = results_dir(out, preset_name, zoo_protocol, head_pooler)
+    heads = {"pooler": True} if head_pooler else None
     t0 = time.time()
     sizes = dict(seed=seed, max_train=preset.max_train, max_unlabeled=preset.max_unlabeled, max_test=preset.max_test)
     if preset.image:  # the vision benchmark: packaged ImageNet MobileNetV2 and image tasks
@@ -362,18 +369,18 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
     inputs = input_builder({t: preset.task_data(str(data_dir / t), "test") for t in preset.tasks}, base,
                            preset.max_length)
     evaluator = Evaluator(data_dir, preset.tasks, inputs, preset.max_test)
-    runner = Runner(preset, base, paths, data_dir, target / "checkpoints", evaluator, seed, transductive)
-    if zoo_protocol != "own":
+    runner = Runner(preset, base, paths, data_dir, target / "checkpoints", evaluator, seed, transductive, heads)
+    if zoo_protocol != "own" or head_pooler:
         lora = False
 
     previous = target / "results.json"
     old = json.loads(previous.read_text()) if previous.is_file() and not fresh else {}
     if old and (old.get("tasks") != preset.tasks or old["preset_config"]["steps"] != preset.steps):
         old = {}  # different setup: start a fresh table
-    ref = METHODS["task_arithmetic"](base, paths, task_type=preset.task_type)
+    ref = METHODS["task_arithmetic"](base, paths, task_type=preset.task_type, heads=heads)
     rows: dict[str, dict] = individual_rows(ref, evaluator, preset.tasks)
     del ref
-    result = {"preset": preset_name, "zoo_protocol": zoo_protocol,
+    result = {"preset": preset_name, "zoo_protocol": zoo_protocol, "head_pooler": head_pooler,
               "preset_config": {k: v for k, v in vars(preset).items() if k != "methods"},
               "tasks": preset.tasks, "rows": rows, "data_card": card, "zoo_seconds": round(zoo_seconds, 1),
               "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
@@ -449,6 +456,8 @@ def render(result: dict) -> str:
     inputs = (f"images {IMAGE_SIZE}×{IMAGE_SIZE}, zoo fine-tuned {c['ft_epochs']} epochs at lr {FT_LR:g}, BatchNorm "
               f"statistics of every merge re-estimated on {c.get('bn_batches')} steps of its unlabeled rows"
               if c.get("task_type", "seq_cls") != "seq_cls" else f"max length {c['max_length']}")
+    if result.get("head_pooler"):
+        protocol += "; every head, the reference rows' too, holds its fine-tune's pooler (`heads: {pooler: true}`)"
     lines += ["", f"Zoo protocol: {protocol}. Preset `{result['preset']}`: {len(tasks)} tasks, {c['steps']} adaptation steps, "
                   f"{c['samples_per_task']} samples/task/step, {inputs}. "
                   f"Accuracy in % on each task's test split with its own head. Total {result['total_seconds']} s "

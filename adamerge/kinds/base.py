@@ -92,6 +92,10 @@ class ModelKind:
                                   f"'heads' options apply to task_type clip")
         return None
 
+    def keeps_pooler(self, options: Mapping[str, Any] | None) -> bool:
+        """Whether ``options`` (the ``heads`` argument) give each task its fine-tune's own pooler (headed kinds)."""
+        return False
+
     def preprocessor(self, source: str, trust_remote_code: bool = False):
         """The tokenizer (text) or image processor (image) saved with ``source``."""
         from transformers import AutoImageProcessor, AutoTokenizer

@@ -33,10 +33,64 @@ def is_nonpersistent(key: str) -> bool:
     return key.endswith(("position_ids", "token_type_ids", "num_batches_tracked"))
 
 
+class PoolerStub(FeatureStub):
+    """A head's own copy of the backbone's pooler (``heads: {pooler: true}``): the head reads ``pooler`` applied to
+    the merged backbone's ``last_hidden_state`` instead of the merged pooler's output. Inside the head shell it sits
+    where the backbone was, so the shell's keys are the full model's (``bert.pooler.dense.weight``, ...) and a
+    per-task export is a stock checkpoint with the task's own pooler."""
+
+    def __init__(self, pooler: nn.Module) -> None:
+        super().__init__()
+        self.pooler = pooler
+
+    def forward(self, *args, **kwargs):  # noqa: D102
+        f = self.features
+        return type(f)(**{**f, "pooler_output": self.pooler(f.last_hidden_state)})
+
+
+def owns_pooler(head: nn.Module | None) -> bool:
+    """Whether ``head`` carries its own pooler (see :class:`PoolerStub`)."""
+    return head is not None and isinstance(getattr(head, getattr(head, "base_model_prefix", ""), None), PoolerStub)
+
+
+HEAD_OPTIONS = ("pooler",)
+
+
 class HeadedKind(ModelKind):
-    """A kind whose full model is ``auto_class_name`` (``AutoModelForSequenceClassification``, ...)."""
+    """A kind whose full model is ``auto_class_name`` (``AutoModelForSequenceClassification``, ...).
+
+    Head option ``pooler`` (``heads: {pooler: true}``): each task keeps its fine-tune's pooler (BERT's
+    ``pooler.dense``, which only the classification head reads) as part of its head instead of reading the merged
+    one, as RoBERTa, ELECTRA and DeBERTa classifiers keep their dense pooling layer in the head already. The merged
+    backbone (the export's root) still holds the merged pooler."""
 
     auto_class_name: ClassVar[str] = ""
+
+    def build_heads(self, base_model: nn.Module, base_source: str, tasks: list[str], options: Mapping[str, Any] | None,
+                    dtype: torch.dtype) -> dict[str, nn.Module] | None:
+        unknown = sorted(set(options or {}) - set(HEAD_OPTIONS))
+        if unknown:
+            raise MergeInputError(f"heads: unknown option(s) {unknown} for task_type {self.name!r} (each task's head "
+                                  f"comes from its fine-tune); allowed: {list(HEAD_OPTIONS)}")
+        if (options or {}).get("pooler"):
+            pooler = getattr(self.backbone_of(base_model), "pooler", None)
+            if pooler is None or not any(True for _ in pooler.parameters()):
+                raise MergeInputError(f"heads: pooler: {base_source} ({type(base_model).__name__}) has no pooler with "
+                                      "weights in its backbone; its classifier reads the backbone output directly "
+                                      "(or holds its pooling layer already): drop heads.pooler")
+        return None
+
+    def keeps_pooler(self, options: Mapping[str, Any] | None) -> bool:
+        return bool((options or {}).get("pooler"))
+
+    def with_pooler(self, head: nn.Module, backbone: nn.Module, values: Mapping[str, Tensor]) -> nn.Module:
+        """``head`` with its own copy of ``backbone``'s pooler, set to ``values`` (names relative to the pooler)."""
+        pooler = copy.deepcopy(backbone.pooler)
+        with torch.no_grad():
+            for n, p in pooler.named_parameters():
+                p.copy_(values[n])
+        setattr(head, head.base_model_prefix, PoolerStub(pooler.requires_grad_(False).eval()))
+        return head
 
     def auto_class(self):
         import transformers
@@ -90,10 +144,12 @@ class HeadedKind(ModelKind):
     def lora_prefix(self, model: nn.Module) -> str:
         return model.base_model_prefix
 
-    def shell(self, config, dtype: torch.dtype) -> nn.Module:
-        """An empty head shell of ``config``'s architecture (its backbone a stub)."""
+    def shell(self, config, dtype: torch.dtype, pooler: bool = False) -> nn.Module:
+        """An empty head shell of ``config``'s architecture (its backbone a stub; ``pooler``: one that holds its own
+        pooler, :class:`PoolerStub`)."""
         shell = self.auto_class().from_config(config, dtype=dtype)
-        setattr(shell, shell.base_model_prefix, FeatureStub())
+        backbone = getattr(shell, shell.base_model_prefix)
+        setattr(shell, shell.base_model_prefix, PoolerStub(backbone.pooler) if pooler else FeatureStub())
         return shell
 
     def lora_head(self, base_model: nn.Module, head_tensors: Mapping[str, Tensor], task: str, source: str,
@@ -118,7 +174,8 @@ class HeadedKind(ModelKind):
 
         config = AutoConfig.from_pretrained(str(root), num_labels=info["num_labels"],
                                             id2label={int(k): v for k, v in info["id2label"].items()})
-        shell = self.shell(config, dtype)
+        pooler = any(k.split(".")[1:2] == ["pooler"] for k in tensors)  # saved with heads: {pooler: true}
+        shell = self.shell(config, dtype, pooler=pooler)
         shell.load_state_dict(dict(tensors), strict=True)
         return shell
 

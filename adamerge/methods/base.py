@@ -350,6 +350,7 @@ class MergeModule(pl.LightningModule):
                              "params": self.merged.param_names,
                              "values": full_tensor(c.weight).detach().cpu(), "effective": self.coefficient_matrix()},
             **self.manifest_fields(),
+            **({"head_options": {"pooler": True}} if self.merged.kind.keeps_pooler(self.hparams.get("heads")) else {}),
             **({"selection": self.selection} if getattr(self, "selection", None) else {}),
             **({"data": self.data_info} if getattr(self, "data_info", None) else {}),
             **({"batchnorm": self.bn_info} if self.bn_info else {}),

@@ -8,7 +8,8 @@ copies are held). Only the adapters train (L1 loss, Adam). Both forwards need no
 costs about two inference passes of the batch; the transient memory is one materialised set of weights.
 
 The feature is the backbone output that the heads read: ``pooler_output`` where the backbone has a pooler (BERT),
-otherwise ``last_hidden_state`` (every non-pad token, L1 averaged over valid tokens).
+otherwise ``last_hidden_state`` (every non-pad token, L1 averaged over valid tokens) -- also when each head holds its
+own pooler (``heads: {pooler: true}``), which then runs on the corrected tokens.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch.func import functional_call
 
 from adamerge.errors import MergeInputError
 from adamerge.export import MANIFEST, read_weights
+from adamerge.kinds.headed import owns_pooler
 from adamerge.methods.base import MergeModule
 from adamerge.objectives import l1_distance
 from adamerge.parametrize.surgery import SurgeryAdapter
@@ -65,6 +67,13 @@ class Surgery(MergeModule):
         super().__init__(base, models, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code, task_type=task_type,
                          heads=heads)
         self.merged.coefficients.requires_grad_(False)
+        self.feature = feature
+        if any(owns_pooler(h) for h in self.merged.heads.values()):  # heads: {pooler: true}
+            if feature == "pooler_output":
+                raise MergeInputError("feature: pooler_output is computed by each task's own pooler here (heads: "
+                                      "{pooler: true}), after the adapter would act; use feature: auto or "
+                                      "last_hidden_state")
+            self.feature = "last_hidden_state"
         self.base_manifest = self._check_source(Path(merged))
         state = read_weights(merged)
         params = dict(self.merged.backbone.named_parameters())
@@ -111,7 +120,7 @@ class Surgery(MergeModule):
 
     def predict(self, task: str, inputs, params=None) -> Tensor:
         feats = functional_call(self.merged.backbone, params or self.merged_state(), args=(), kwargs=dict(inputs))
-        field = feature_field(feats, self.hparams.feature)
+        field = feature_field(feats, self.feature)
         feats = replace_field(feats, field, self.adapters[task](feats[field]))
         return self.merged.head_logits(task, feats, inputs)
 
@@ -120,7 +129,7 @@ class Surgery(MergeModule):
         inputs = batch["inputs"]
         with torch.no_grad():
             merged = functional_call(self.merged.backbone, self.merged_state(), args=(), kwargs=dict(inputs))
-        field = feature_field(merged, self.hparams.feature)
+        field = feature_field(merged, self.feature)
         losses, start, all_sum = {}, 0, self.data_parallel_sum()
         for task, n in zip(batch["tasks"], batch["sizes"]):
             sl = slice(start, start + n)
