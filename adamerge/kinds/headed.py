@@ -70,8 +70,9 @@ class HeadedKind(ModelKind):
                     dtype: torch.dtype) -> dict[str, nn.Module] | None:
         unknown = sorted(set(options or {}) - set(HEAD_OPTIONS))
         if unknown:
-            raise MergeInputError(f"heads: unknown option(s) {unknown} for task_type {self.name!r} (each task's head "
-                                  f"comes from its fine-tune); allowed: {list(HEAD_OPTIONS)}")
+            raise MergeInputError(f"heads: unknown option(s) {unknown}: task_type {self.name!r} takes each task's "
+                                  f"head from its fine-tune (class names and templates apply to task_type clip); "
+                                  f"allowed here: {list(HEAD_OPTIONS)}")
         if (options or {}).get("pooler"):
             pooler = getattr(self.backbone_of(base_model), "pooler", None)
             if pooler is None or not any(True for _ in pooler.parameters()):
