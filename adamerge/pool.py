@@ -277,11 +277,11 @@ def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = 
                 dense_slot(n)[i] = t.to(base_state[n].dtype) - base_state[n]
             if kind.per_task_heads and built_heads is None:
                 task_heads[task] = kind.lora_head(head_proto, delta.head, task, source, dtype)
-            if keep_pooler:
+            if keep_pooler:  # the adapter's pooler: saved whole, LoRA on it (B A), or the base's
                 poolers[task] = pooler_of({n: delta.dense[n] if n in delta.dense else
                                            base_state[n] + (delta.factors[n][0].float() @ delta.factors[n][1].float()
                                                             ).to(base_state[n].dtype) if n in delta.factors else
-                                           base_state[n] for n in base_state})
+                                           base_state[n] for n in base_state if n.startswith("pooler.")})
             continue
         with _naming(f"fine-tune {task!r}"):
             ft = kind.load(source, base_config=config, trust_remote_code=trust_remote_code, dtype=dtype)
