@@ -83,6 +83,7 @@ METHOD_GRID: dict[str, Row] = {
                           {"scale": 0.3, "export_mask": "expected", "objective": "kl"}, select="agreement"),
     "surgery_ta": Row("Surgery on Task Arithmetic", "surgery", {"rank": 16}, on="task_arithmetic"),
     "surgery_adamerging": Row("Surgery on AdaMerging layer-wise", "surgery", {"rank": 16}, on="adamerging_layer"),
+    "surgery_tsv": Row("Surgery on TSV-M", "surgery", {"rank": 16}, on="tsv_m"),
 }
 
 
