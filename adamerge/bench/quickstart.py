@@ -94,7 +94,9 @@ def run(work: Path = Path(".cache"), out: Path = Path("runs/quickstart"), settin
     log.info("4/4 scoring on %d labelled test rows per task", s.max_test)
     tok = AutoTokenizer.from_pretrained(str(base))
     evaluator = Evaluator(data_dir, list(s.tasks), TextInputs(tok, s.max_length), s.max_test)
-    ta = METHODS["task_arithmetic"](str(base), paths, scale=0.3)
+    # the reference rows read the heads as the merge does (the config's ``heads`` options, e.g. each head with its
+    # fine-tune's own pooler), so the table compares merges, not head settings
+    ta = METHODS["task_arithmetic"](str(base), paths, scale=0.3, heads=config_heads())
     ref = individual_rows(ta, evaluator, list(s.tasks))
     scores = {"individual": ref["individual"]["inductive"], "pretrained": ref["pretrained"]["inductive"],
               "task_arithmetic": evaluator(ta)}
@@ -114,6 +116,13 @@ def run(work: Path = Path(".cache"), out: Path = Path("runs/quickstart"), settin
                           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}"}
     (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def config_heads() -> dict | None:
+    """The ``model.init_args.heads`` options of ``configs/quickstart.yaml`` (None when it sets none)."""
+    import yaml
+
+    return (yaml.safe_load(CONFIG.read_text())["model"].get("init_args") or {}).get("heads")
 
 
 def report(result: dict) -> str:
