@@ -103,6 +103,11 @@ def render_card(manifest: dict[str, Any], eval_results: dict[str, Any] | None = 
     repo = (manifest.get("hub") or {}).get("repo_id") or "<this repo>"
     lines.append(get_kind(manifest_kind(manifest)).card_usage(repo, tasks[0] if tasks else "<task>",
                                                               bool(manifest.get("per_task_models"))))
+    if (manifest.get("head_options") or {}).get("pooler"):
+        lines.append("Each task's head keeps its fine-tune's own pooler (`heads: {pooler: true}`): classify with "
+                     "`tasks/<task>/`, which holds that task's pooler and classifier. The root's pooler is the "
+                     "merged one, which none of the heads was trained with: use the root for its features "
+                     "(`last_hidden_state`), not as the backbone of a task's classifier.\n")
     if manifest.get("heads"):
         if manifest.get("surgery"):
             lines.append("This export carries Representation Surgery adapters (`surgery_adapters.safetensors`), "

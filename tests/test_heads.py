@@ -154,3 +154,8 @@ def test_pooler_heads_recorded_in_the_manifest(zoo, tmp_path):
     manifest = json.loads((out / "merge_manifest.json").read_text())
     assert manifest["head_options"] == POOLER
     assert all("bert.pooler.dense.weight" in h["params"] for h in manifest["heads"].values())
+    card = (out / "README.md").read_text()  # the Hub card tells users to classify with tasks/<task>/, not the root
+    assert "keeps its fine-tune's own pooler" in card and "classify with `tasks/<task>/`" in card
+    plain = TaskArithmetic(*zoo, scale=0.3).export(tmp_path / "plain")
+    assert "own pooler" not in (plain / "README.md").read_text()
+    assert "head_options" not in json.loads((plain / "merge_manifest.json").read_text())
