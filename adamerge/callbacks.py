@@ -215,12 +215,15 @@ class SelectStep(pl.Callback):
     with the whole history) is that step's. No label is ever read: the data module drops label columns.
 
     Criteria (:meth:`adamerge.methods.MergeModule.selection_score`): ``agreement`` — how often the merge predicts
-    what each task's own expert predicts (robust to the collapse of entropy minimisation, which lowers the entropy
-    while moving away from the experts); ``objective`` — the method's own objective on the held-back rows.
+    what each task's own expert predicts, averaged over the tasks (robust to the collapse of entropy minimisation,
+    which lowers the entropy while moving away from the experts); ``worst_agreement`` — the same for the task that
+    agrees least (a step where one task drifts from its expert while the others gain is not chosen);
+    ``objective`` — the method's own objective on the held-back rows. With the agreement criteria the manifest's
+    ``selection.per_task`` holds every scored step's per-task agreement.
 
     Args:
         every_n_steps: scoring interval in optimizer steps.
-        criterion: ``agreement`` or ``objective``.
+        criterion: ``agreement``, ``worst_agreement`` or ``objective``.
     """
 
     def __init__(self, every_n_steps: int = 10, criterion: str = "agreement") -> None:
@@ -230,6 +233,7 @@ class SelectStep(pl.Callback):
             raise MergeInputError(f"every_n_steps must be >= 1, got {every_n_steps}")
         self.every_n_steps, self.criterion = every_n_steps, criterion
         self.history: list[tuple[int, float]] = []
+        self.per_task: list[tuple[int, dict[str, float]]] = []  # agreement criteria: each scored step's per task
         self.best: tuple[int, float] | None = None
         self.best_state: dict | None = None
         self._batches = self._experts = None
@@ -244,7 +248,7 @@ class SelectStep(pl.Callback):
         self._batches = [{**b, "inputs": {k: v.to(pl_module.device) for k, v in b["inputs"].items()}} for b in batches]
         # the experts are frozen: their predictions on the held-back rows are computed once
         self._experts = ([pl_module.expert_outputs(b)[0] for b in self._batches]
-                         if self.criterion == "agreement" else None)
+                         if self.criterion in ("agreement", "worst_agreement") else None)
 
     def _score(self, trainer, pl_module) -> None:
         step = int(trainer.global_step)
@@ -255,6 +259,8 @@ class SelectStep(pl.Callback):
         with eval_mode(pl_module):
             value = pl_module.selection_score(self._batches, self.criterion, self._experts)
         self.history.append((step, value))
+        if getattr(pl_module, "selection_detail", None):
+            self.per_task.append((step, dict(pl_module.selection_detail)))
         if self.best is None or value > self.best[1]:
             self.best = (step, value)
             keep = pl_module.trainable_state_keys()
@@ -274,15 +280,17 @@ class SelectStep(pl.Callback):
         pl_module.selection = {"criterion": self.criterion, "every_n_steps": self.every_n_steps,
                                "selected_step": self.best[0], "score": self.best[1],
                                "final_step": int(trainer.global_step),
-                               "history": [list(h) for h in self.history]}
+                               "history": [list(h) for h in self.history],
+                               **({"per_task": [list(h) for h in self.per_task]} if self.per_task else {})}
         log.info("selected step %d of %d by %s (%.4f)", self.best[0], trainer.global_step, self.criterion,
                  self.best[1])
 
     def state_dict(self) -> dict:
-        return {"history": self.history, "best": self.best, "best_state": self.best_state}
+        return {"history": self.history, "per_task": self.per_task, "best": self.best, "best_state": self.best_state}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = [tuple(h) for h in state["history"]]
+        self.per_task = [tuple(h) for h in state.get("per_task", [])]
         self.best, self.best_state = state["best"], state["best_state"]
 
 

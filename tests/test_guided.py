@@ -162,6 +162,39 @@ def test_select_step_restores_the_best_step_and_records_it(zoo, task_data, tmp_p
     assert manifest["selection"]["selected_step"] == best_step and manifest["selection"]["criterion"] == "agreement"
 
 
+def _agreement_by_hand(module, dm) -> dict[str, float]:
+    """Per-task fraction of held-back rows where the module's prediction equals its expert's (one-hot merge)."""
+    per_task = {}
+    for b in dm.holdout_batches():
+        start = 0
+        for task, size in zip(b["tasks"], b["sizes"]):
+            rows = {k: v[start:start + size] for k, v in b["inputs"].items()}
+            start += size
+            with torch.no_grad():
+                mine = module.predict(task, rows).argmax(-1)
+                expert = module.merged(rows, [task], [size], coefficients=module.merged.one_hot(task))[task].argmax(-1)
+            hit, tot = per_task.get(task, (0, 0))
+            per_task[task] = (hit + int((mine == expert).sum()), tot + size)
+    return {t: h / n for t, (h, n) in per_task.items()}
+
+
+def test_worst_agreement_selects_the_step_whose_weakest_task_agrees_most(zoo, task_data):
+    module, record, dm = _fit_selected(zoo, task_data, criterion="worst_agreement")
+    sel = module.selection
+    assert sel["criterion"] == "worst_agreement" and [h[0] for h in sel["per_task"]] == list(range(7))
+    # the score of every step is the minimum of its per-task agreements, and the chosen step has the best one
+    for (step, value), (step2, per_task) in zip(sel["history"], sel["per_task"]):
+        assert step == step2 and value == min(per_task.values()) and set(per_task) == set(task_data)
+    best_step, best = max(sel["history"], key=lambda h: h[1])
+    assert sel["selected_step"] == best_step and sel["score"] == best
+    assert torch.equal(module.merged.coefficients.weight, record.coefficients[best_step])
+    # the recorded per-task agreement of the chosen step, recomputed by hand on the restored coefficients
+    by_hand = _agreement_by_hand(module, dm)
+    recorded = dict(sel["per_task"])[best_step]
+    assert all(abs(by_hand[t] - recorded[t]) < 1e-9 for t in task_data)
+    assert abs(min(by_hand.values()) - best) < 1e-9
+
+
 def test_select_step_never_reads_labels(zoo, task_data, tmp_path):
     """Shuffling the label column changes nothing: neither the scores nor the chosen step."""
     runs = [_fit_selected(zoo, _labelled_copy(task_data, tmp_path, seed), steps=4)[0] for seed in (1, 2)]

@@ -11,7 +11,7 @@ import logging
 import platform
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -85,6 +85,10 @@ METHOD_GRID: dict[str, Row] = {
     "surgery_adamerging": Row("Surgery on AdaMerging layer-wise", "surgery", {"rank": 16}, on="adamerging_layer"),
     "surgery_tsv": Row("Surgery on TSV-M", "surgery", {"rank": 16}, on="tsv_m"),
 }
+# the same training as another row, only the exported step chosen by another label-free criterion
+METHOD_GRID["tinting_tsv_worst"] = replace(
+    METHOD_GRID["tinting_tsv"], kwargs=dict(METHOD_GRID["tinting_tsv"].kwargs), select="worst_agreement", label=(
+    "Layer-wise + tuned heads, expert KL, over TSV-M, step by worst-task agreement (ours)"))
 
 
 @dataclass
@@ -267,7 +271,9 @@ class Runner:
             if protocol == "inductive":
                 out["coefficients"] = module.coefficient_matrix().mean(dim=1).tolist()
             if getattr(module, "selection", None):
-                out[f"{protocol}_selection"] = {k: module.selection[k] for k in ("criterion", "selected_step", "score")}
+                out[f"{protocol}_selection"] = {k: module.selection[k] for k in ("criterion", "selected_step", "score",
+                                                                                 "history", "per_task")
+                                                if k in module.selection}
             if row.on is None and any(r.on == key for r in METHOD_GRID.values()):
                 module.export(self.ckpt_dir / f"{key}-{protocol}", overwrite=True, per_task_models=False)
             log.info("%s %s: %.4f (%.0fs)", row.label, protocol, _avg(out[protocol]), out[f"{protocol}_seconds"])

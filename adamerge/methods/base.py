@@ -260,17 +260,20 @@ class MergeModule(pl.LightningModule):
             return None
         return mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
 
-    SELECTION_CRITERIA = ("agreement", "objective")
+    SELECTION_CRITERIA = ("agreement", "worst_agreement", "objective")
 
     @torch.no_grad()
     def selection_score(self, batches: list[dict], criterion: str = "agreement",
                         expert_logits: list[dict[str, Tensor]] | None = None) -> float:
         """A label-free score of the model as it would be exported now (higher is better), on unlabeled batches:
         ``agreement`` — the mean over tasks of the fraction of rows (tokens) where the merge's prediction equals its
-        own expert's (``expert_logits``: the experts' logits per batch, computed here if not given); ``objective`` —
-        minus the method's training objective."""
+        own expert's (``expert_logits``: the experts' logits per batch, computed here if not given);
+        ``worst_agreement`` — the lowest of those per-task fractions (a step where one task drifts from its expert
+        scores low even when the others gain); ``objective`` — minus the method's training objective. The agreement
+        criteria leave each task's fraction in :attr:`selection_detail`."""
         if criterion not in self.SELECTION_CRITERIA:
             raise MergeInputError(f"criterion: unknown value {criterion!r}; allowed: {', '.join(self.SELECTION_CRITERIA)}")
+        self.selection_detail = None
         params = self.final_merged_params()
         if self.has_batchnorm():  # scored as it would be exported: statistics re-estimated under this merge
             params = {**params, **self._reestimated_buffers(params, batches)}
@@ -298,7 +301,9 @@ class MergeModule(pl.LightningModule):
                     hit = hit[masks[task]]
                 same[task] = same.get(task, 0) + int(hit.sum())
                 count[task] = count.get(task, 0) + hit.numel()
-        return sum(same[t] / max(1, count[t]) for t in same) / len(same)
+        self.selection_detail = {t: same[t] / max(1, count[t]) for t in same}
+        values = list(self.selection_detail.values())
+        return min(values) if criterion == "worst_agreement" else sum(values) / len(values)
 
     def coefficient_matrix(self) -> Tensor:
         """The ``[T, P]`` coefficients (a collective when FSDP2 shards them: call it on every rank)."""
