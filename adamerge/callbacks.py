@@ -229,8 +229,13 @@ class SelectStep(pl.Callback):
     def __init__(self, every_n_steps: int = 10, criterion: str = "agreement") -> None:
         from adamerge.errors import MergeInputError
 
+        from adamerge.methods.base import MergeModule
+
         if every_n_steps < 1:
             raise MergeInputError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        if criterion not in MergeModule.SELECTION_CRITERIA:  # before training, not at its first score
+            raise MergeInputError(f"SelectStep criterion: unknown value {criterion!r}; allowed: "
+                                  f"{', '.join(MergeModule.SELECTION_CRITERIA)}")
         self.every_n_steps, self.criterion = every_n_steps, criterion
         self.history: list[tuple[int, float]] = []
         self.per_task: list[tuple[int, dict[str, float]]] = []  # agreement criteria: each scored step's per task

@@ -222,6 +222,14 @@ def test_select_step_leaves_the_backbone_in_eval_mode(zoo, task_data):
     assert not any(m.training for m in module.merged.backbone.modules())
 
 
+def test_select_step_refuses_an_unknown_criterion_when_built():
+    from adamerge.callbacks import SelectStep
+
+    with pytest.raises(MergeInputError, match=r"criterion: unknown value 'worst'; allowed: agreement, "
+                                              r"worst_agreement, objective"):
+        SelectStep(criterion="worst")
+
+
 def test_select_step_needs_held_back_rows(zoo, task_data):
     import pytorch_lightning as pl
 
