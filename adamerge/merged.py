@@ -204,6 +204,7 @@ class MergedModel(nn.Module):
         self.kind = get_kind(pool.task_type)
         self.tokenizer = pool.tokenizer  # the union tokenizer when fine-tunes added tokens, else None (the base's)
         self.expert_buffers = pool.expert_buffers  # task -> buffers of its fine-tune that differ from the base's
+        self.expert_stores: nn.ModuleList | None = None  # the fine-tunes' own task vectors (set_expert_vectors)
         blocks: dict[str, list[str]] = {}
         for n in self.param_names:
             blocks.setdefault(block_of(n), []).append(n)
@@ -278,10 +279,15 @@ class MergedModel(nn.Module):
                 if n not in st.lr_keys:
                     st.set_dense(n, task_vectors[n])
 
+    def set_expert_vectors(self, task_vectors: Mapping[str, Tensor]) -> None:
+        """Keep the fine-tunes' own (dense) task vectors for :meth:`expert_params`, where the merge's stores hold
+        processed ones (TIES, DARE, a subspace decomposition): an expert is then its fine-tune exactly."""
+        self.expert_stores = nn.ModuleList(TaskVectorStore(st.names, dict(task_vectors), {}) for st in self.stores)
+
     def offload_task_vectors(self) -> None:
         """Keep every task-vector stack in (pinned) CPU memory, streamed to the device per block (see
         :meth:`TaskVectorStore.offload`)."""
-        for st in self.stores:
+        for st in (*self.stores, *(self.expert_stores or ())):
             st.offload()
 
     def to_sparse_storage(self) -> None:
@@ -488,8 +494,15 @@ class MergedModel(nn.Module):
 
     def expert_params(self, task: str) -> dict[str, Tensor]:
         """The weights (and buffers, e.g. BatchNorm statistics) of fine-tune ``task`` itself: its one-hot merge
-        with its own buffers where they differ from the base's."""
-        params = self.merged_params(self.one_hot(task), masks={})
+        (over its own task vector where the stores hold processed ones: :meth:`set_expert_vectors`) with its own
+        buffers where they differ from the base's."""
+        if self.expert_stores is None:
+            params = self.merged_params(self.one_hot(task), masks={})
+        else:
+            base, lam = dict(self.backbone.named_parameters()), self.one_hot(task)
+            params = {}
+            for i, store in enumerate(self.expert_stores):
+                params.update(store(base, self._store_columns(lam, i)))
         device = next(iter(params.values())).device
         params.update({n: b.to(device) for n, b in self.expert_buffers.get(task, {}).items()})
         return params

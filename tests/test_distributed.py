@@ -45,9 +45,16 @@ def _fit(tmp_path, cfg, name):
     return torch.tensor(json.loads((tmp_path / name / "merge_manifest.json").read_text())["coefficients"]["values"])
 
 
+@pytest.fixture(scope="module")
+def single(zoo, task_data, tmp_path_factory):
+    """One process's coefficients under the shared config: the reference of the DDP and FSDP2 runs below (fitted
+    once, in a process of its own like theirs)."""
+    tmp = tmp_path_factory.mktemp("single")
+    return _fit(tmp, _config(zoo, task_data, tmp / "single", 1), "single")
+
+
 @pytest.mark.parametrize("recompute", [None, "activations"])
-def test_ddp_two_processes_match_single_process(zoo, task_data, tmp_path, recompute):
-    single = _fit(tmp_path, _config(zoo, task_data, tmp_path / "single", 1), "single")
+def test_ddp_two_processes_match_single_process(zoo, task_data, tmp_path, recompute, single):
     c = _config(zoo, task_data, tmp_path / "ddp", 2)
     c["model"]["init_args"]["recompute"] = recompute  # the same gradient, layers re-run in the backward
     ddp = _fit(tmp_path, c, "ddp")
@@ -63,8 +70,7 @@ def test_indivisible_share_is_a_clear_error():
         TaskStepDataset({"a": [{"input_ids": [1]}]}, 3, 0, 0, 1, rank=0, world_size=2)
 
 
-def test_model_parallel_fsdp2_shards_task_vectors_and_matches_single_process(zoo, task_data, tmp_path):
-    single = _fit(tmp_path, _config(zoo, task_data, tmp_path / "single", 1), "single")
+def test_model_parallel_fsdp2_shards_task_vectors_and_matches_single_process(zoo, task_data, tmp_path, single):
     cfg = _config(zoo, task_data, tmp_path / "fsdp", 2)
     cfg["trainer"]["strategy"] = {"class_path": "pytorch_lightning.strategies.ModelParallelStrategy",
                                   "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}}

@@ -300,3 +300,26 @@ def test_frozen_head_zoo_keeps_the_probe_bit_identical(tmp_path):
     moved = max(float((a - b).abs().max()) for (n, a), (_, b) in
                 zip(tuned.bert.named_parameters(), base.bert.named_parameters()))
     assert moved > 1e-4
+
+
+@pytest.mark.parametrize("prep", [{"ties_density": 0.2}, {"subspace": "tsv"}, {"dare_rate": 0.5}])
+def test_guided_objectives_read_the_fine_tunes_themselves_under_prep(zoo, prep):
+    """With TIES/DARE/TSV prep the merge's stores hold processed task vectors; the experts that guide training
+    (and that label-free selection compares with) must still be the fine-tunes. Reference: each fine-tune's own
+    backbone weights, loaded with stock transformers."""
+    from transformers import AutoModel
+
+    from adamerge.methods.base import TaskVectorPrep
+
+    base, paths = zoo
+    guided = AdaMerging(base, paths, objective="kl", prep=TaskVectorPrep(**prep))
+    plain = AdaMerging(base, paths, prep=TaskVectorPrep(**prep))  # entropy reads no expert: nothing extra kept
+    assert plain.merged.expert_stores is None and guided.merged.expert_stores is not None
+    for task, path in paths.items():
+        own = AutoModel.from_pretrained(path).state_dict()
+        experts, processed = guided.merged.expert_params(task), plain.merged.expert_params(task)
+        names = [n for n in experts if n in own]
+        assert len(names) == len(guided.merged.param_names)
+        assert max((experts[n] - own[n]).abs().max().item() for n in names) < 1e-6
+        # what the experts were before the fix: base + the processed vector, visibly not the fine-tune
+        assert max((processed[n] - own[n]).abs().max().item() for n in names) > 1e-3

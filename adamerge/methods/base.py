@@ -24,7 +24,7 @@ from adamerge.errors import MergeInputError
 from adamerge.export import ExportOptions, push_to_hub, store_dtype, write_merged
 from adamerge.functional import SUBSPACE_METHODS, dare, subspace_pieces, ties_trim_elect
 from adamerge.merged import MergedModel, batch_statistics, batchnorm_layers, recalibrate_batchnorm
-from adamerge.objectives import Objective, StepOutputs
+from adamerge.objectives import OBJECTIVES, Objective, StepOutputs
 from adamerge.parametrize import Coefficients
 from adamerge.pool import TaskVectorPool, load_pool
 
@@ -113,6 +113,11 @@ class TaskVectorPrep:
                                   f"{', '.join(SUBSPACE_METHODS)}")
         self.subspace_skip = tuple(self.subspace_skip)
 
+    @property
+    def changes_vectors(self) -> bool:
+        """Whether :meth:`apply` changes the task vectors (DARE, TIES or a subspace decomposition)."""
+        return self.dare_rate > 0 or self.ties_density is not None or self.subspace is not None
+
     def apply(self, task_vectors: dict[str, Tensor]) -> dict[str, Tensor]:
         if self.dare_rate > 0:
             g = torch.Generator().manual_seed(self.seed)
@@ -160,6 +165,7 @@ class MergeModule(pl.LightningModule):
             raise MergeInputError("prep: DARE/TIES/subspace/sparse_storage need dense task vectors; the LoRA "
                                   f"adapters' tensors {next(iter(pool.low_rank))!r}, ... are low-rank (merge full "
                                   "fine-tunes instead)")
+        own_vectors = pool.task_vectors
         pool.task_vectors = self.prep.apply(pool.task_vectors)
         self.pool_task_names = pool.task_names
         self.expert_heads: torch.nn.ModuleDict | None = None  # the teachers' heads when a method tunes the heads
@@ -167,6 +173,11 @@ class MergeModule(pl.LightningModule):
         self.bn_info: dict[str, Any] | None = None
         self._scoring = False  # selection_score runs: the merge as exported, running statistics
         self.merged = MergedModel(pool, self.build_coefficients(pool))
+        if self.prep.changes_vectors and self.reads_experts():
+            # each task's expert is its fine-tune itself, not base + its processed (trimmed, dropped, decorrelated)
+            # task vector: the unprocessed vectors are kept for the experts (twice the task-vector memory)
+            self.merged.set_expert_vectors(own_vectors)
+        del own_vectors
         self._has_batchnorm = bool(batchnorm_layers(self.merged.backbone))
         self.post_init(pool)
         if self.prep.sparse_storage:
@@ -183,6 +194,11 @@ class MergeModule(pl.LightningModule):
 
     def post_init(self, pool: TaskVectorPool) -> None:
         """Called once the merged model exists (e.g. to rescale task vectors)."""
+
+    def reads_experts(self) -> bool:
+        """Whether training reads each task's own expert (objectives guided by the experts, tuned heads)."""
+        objective = self.hparams.get("objective")
+        return bool(self.hparams.get("tune_heads")) or bool(isinstance(objective, str) and OBJECTIVES.get(objective))
 
     def manifest_fields(self) -> dict[str, Any]:
         """Method-specific manifest entries (hyperparameters, drawn values)."""
@@ -336,7 +352,7 @@ class MergeModule(pl.LightningModule):
             even = [d for d in range(1, p.ndim) if p.shape[d] % n == 0]
             return Shard(max(even, key=lambda d: p.shape[d]) if even else 0)
 
-        for store in self.merged.stores:
+        for store in (*self.merged.stores, *(self.merged.expert_stores or ())):
             if not store.sparse_keys:  # sparse entries (uneven, integer positions) stay replicated
                 fully_shard(store, mesh=dp, shard_placement_fn=largest_dim)
         fully_shard(self.merged.coefficients, mesh=dp)
