@@ -323,3 +323,21 @@ def test_guided_objectives_read_the_fine_tunes_themselves_under_prep(zoo, prep):
         assert max((experts[n] - own[n]).abs().max().item() for n in names) < 1e-6
         # what the experts were before the fix: base + the processed vector, visibly not the fine-tune
         assert max((processed[n] - own[n]).abs().max().item() for n in names) > 1e-3
+
+
+def test_select_step_warns_when_its_experts_are_processed_vectors(zoo, task_data, caplog):
+    """Entropy reads no expert, so under prep only the processed vectors are kept: agreement would be measured
+    against base + those. Said once, at the first score; with a guided objective nothing is said."""
+    import pytorch_lightning as pl
+
+    from adamerge.callbacks import SelectStep
+    from adamerge.methods.base import TaskVectorPrep
+
+    for objective, warned in (("entropy", True), ("kl", False)):
+        caplog.clear()
+        module = AdaMerging(*zoo, objective=objective, prep=TaskVectorPrep(ties_density=0.2))
+        trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, accelerator="cpu", callbacks=[SelectStep()])
+        with caplog.at_level("WARNING", logger="adamerge.callbacks"):
+            trainer.fit(module, datamodule=datamodule(zoo, task_data, holdout=8))
+        assert any("processed task vectors" in r.getMessage() for r in caplog.records) is warned
