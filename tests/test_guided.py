@@ -145,18 +145,8 @@ def test_select_step_restores_the_best_step_and_records_it(zoo, task_data, tmp_p
     assert sel["selected_step"] == best_step and sel["score"] == best
     assert torch.equal(module.merged.coefficients.weight, record.coefficients[best_step])
     # the score is the agreement with the experts on the held-back rows, recomputed here by hand
-    per_task = {}
-    for b in dm.holdout_batches():
-        start = 0
-        for task, size in zip(b["tasks"], b["sizes"]):
-            rows = {k: v[start:start + size] for k, v in b["inputs"].items()}
-            start += size
-            with torch.no_grad():
-                mine = module.predict(task, rows).argmax(-1)
-                expert = module.merged(rows, [task], [size], coefficients=module.merged.one_hot(task))[task].argmax(-1)
-            hit, tot = per_task.get(task, (0, 0))
-            per_task[task] = (hit + int((mine == expert).sum()), tot + size)
-    assert abs(sum(h / t for h, t in per_task.values()) / len(per_task) - best) < 1e-9
+    per_task = _agreement_by_hand(module, dm)
+    assert abs(sum(per_task.values()) / len(per_task) - best) < 1e-9
     out = module.export(tmp_path / "m")
     manifest = json.loads((out / "merge_manifest.json").read_text())
     assert manifest["selection"]["selected_step"] == best_step and manifest["selection"]["criterion"] == "agreement"
