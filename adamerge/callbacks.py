@@ -251,13 +251,11 @@ class SelectStep(pl.Callback):
         if not batches:
             raise MergeInputError("SelectStep needs held-back unlabeled rows: set data.holdout (e.g. 64)")
         self._batches = [{**b, "inputs": {k: v.to(pl_module.device) for k, v in b["inputs"].items()}} for b in batches]
-        prep = getattr(pl_module, "prep", None)
-        if (self.criterion != "objective" and prep is not None and prep.changes_vectors
-                and pl_module.merged.expert_stores is None):
+        if self.criterion != "objective" and not pl_module.experts_are_fine_tunes:
             log.warning("SelectStep %s: the method reads no expert in training, so with prep %s its stores hold only "
                         "the processed task vectors, and the experts scored against are base + those; use an "
                         "objective that reads the experts (kl, pseudo_label, features) or criterion: objective",
-                        self.criterion, prep)
+                        self.criterion, pl_module.prep)
         # the experts are frozen: their predictions on the held-back rows are computed once
         self._experts = ([pl_module.expert_outputs(b)[0] for b in self._batches]
                          if self.criterion in ("agreement", "worst_agreement") else None)

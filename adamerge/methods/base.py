@@ -195,10 +195,19 @@ class MergeModule(pl.LightningModule):
     def post_init(self, pool: TaskVectorPool) -> None:
         """Called once the merged model exists (e.g. to rescale task vectors)."""
 
+    EXPERT_NEEDS = frozenset({"expert_logits", "expert_features"})  # what :meth:`step_outputs` runs the experts for
+
     def reads_experts(self) -> bool:
         """Whether training reads each task's own expert (objectives guided by the experts, tuned heads)."""
         objective = self.hparams.get("objective")
-        return bool(self.hparams.get("tune_heads")) or bool(isinstance(objective, str) and OBJECTIVES.get(objective))
+        needs = OBJECTIVES.get(objective, ()) if isinstance(objective, str) else ()
+        return bool(self.hparams.get("tune_heads")) or bool(self.EXPERT_NEEDS & set(needs))
+
+    @property
+    def experts_are_fine_tunes(self) -> bool:
+        """False where :meth:`expert_params` is base + a processed task vector: a ``prep`` changed the stored
+        vectors and training reads no expert, so the fine-tunes' own vectors were not kept."""
+        return not self.prep.changes_vectors or self.merged.expert_stores is not None
 
     def manifest_fields(self) -> dict[str, Any]:
         """Method-specific manifest entries (hyperparameters, drawn values)."""
@@ -250,7 +259,7 @@ class MergeModule(pl.LightningModule):
         if "features" in objective.needs:
             full = self.merged.feature_tensor(feats)
             out.features = {t: full[sl] for t, sl in self.task_slices(batch)}
-        if "expert_logits" in objective.needs or "expert_features" in objective.needs:
+        if self.EXPERT_NEEDS & set(objective.needs):
             out.expert_logits, out.expert_features = self.expert_outputs(batch, "expert_features" in objective.needs)
         return out
 
