@@ -267,10 +267,10 @@ class SelectStep(pl.Callback):
         if self._batches is None:
             self._setup(trainer, pl_module)
         with eval_mode(pl_module):
-            value = pl_module.selection_score(self._batches, self.criterion, self._experts)
+            value, per_task = pl_module.selection_scores(self._batches, self.criterion, self._experts)
         self.history.append((step, value))
-        if getattr(pl_module, "selection_detail", None):
-            self.per_task.append((step, dict(pl_module.selection_detail)))
+        if per_task:
+            self.per_task.append((step, per_task))
         if self.best is None or value > self.best[1]:
             self.best = (step, value)
             keep = pl_module.trainable_state_keys()

@@ -294,27 +294,38 @@ class MergeModule(pl.LightningModule):
         ``agreement`` — the mean over tasks of the fraction of rows (tokens) where the merge's prediction equals its
         own expert's (``expert_logits``: the experts' logits per batch, computed here if not given);
         ``worst_agreement`` — the lowest of those per-task fractions (a step where one task drifts from its expert
-        scores low even when the others gain); ``objective`` — minus the method's training objective. The agreement
-        criteria leave each task's fraction in :attr:`selection_detail`."""
+        scores low even when the others gain); ``objective`` — minus the method's training objective."""
+        return self.selection_scores(batches, criterion, expert_logits)[0]
+
+    @torch.no_grad()
+    def selection_scores(self, batches: list[dict], criterion: str = "agreement",
+                         expert_logits: list[dict[str, Tensor]] | None = None) -> tuple[float, dict[str, float] | None]:
+        """:meth:`selection_score` and, for the agreement criteria, each task's fraction (``None`` for
+        ``objective``)."""
         if criterion not in self.SELECTION_CRITERIA:
             raise MergeInputError(f"criterion: unknown value {criterion!r}; allowed: {', '.join(self.SELECTION_CRITERIA)}")
-        self.selection_detail = None
         params = self.final_merged_params()
         if self.has_batchnorm():  # scored as it would be exported: statistics re-estimated under this merge
             params = {**params, **self._reestimated_buffers(params, batches)}
         self._scoring = True
         try:
-            return self._selection_score(batches, criterion, params, expert_logits)
+            if criterion == "objective":
+                return self._objective_score(batches, params), None
+            per_task = self._agreement(batches, params, expert_logits)
         finally:
             self._scoring = False
+        values = list(per_task.values())
+        return (min(values) if criterion == "worst_agreement" else sum(values) / len(values)), per_task
 
-    def _selection_score(self, batches, criterion, params, expert_logits) -> float:
-        if criterion == "objective":
-            loss_fn = getattr(self, "loss_fn", None)
-            if loss_fn is None:
-                raise MergeInputError(f"criterion 'objective': method {self.method!r} has no unlabeled objective; "
-                                      "use criterion 'agreement'")
-            return -sum(float(loss_fn(self.step_outputs(b, loss_fn, params=params))[0]) for b in batches) / len(batches)
+    def _objective_score(self, batches, params) -> float:
+        loss_fn = getattr(self, "loss_fn", None)
+        if loss_fn is None:
+            raise MergeInputError(f"criterion 'objective': method {self.method!r} has no unlabeled objective; "
+                                  "use criterion 'agreement'")
+        return -sum(float(loss_fn(self.step_outputs(b, loss_fn, params=params))[0]) for b in batches) / len(batches)
+
+    def _agreement(self, batches, params, expert_logits) -> dict[str, float]:
+        """Per task, the fraction of rows (tokens) where the merge under ``params`` predicts what its expert does."""
         same, count = {}, {}
         for i, b in enumerate(batches):
             experts = expert_logits[i] if expert_logits is not None else self.expert_outputs(b)[0]
@@ -326,9 +337,7 @@ class MergeModule(pl.LightningModule):
                     hit = hit[masks[task]]
                 same[task] = same.get(task, 0) + int(hit.sum())
                 count[task] = count.get(task, 0) + hit.numel()
-        self.selection_detail = {t: same[t] / max(1, count[t]) for t in same}
-        values = list(self.selection_detail.values())
-        return min(values) if criterion == "worst_agreement" else sum(values) / len(values)
+        return {t: same[t] / max(1, count[t]) for t in same}
 
     def coefficient_matrix(self) -> Tensor:
         """The ``[T, P]`` coefficients (a collective when FSDP2 shards them: call it on every rank)."""
