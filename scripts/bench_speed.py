@@ -16,8 +16,8 @@ tokens):
   b-bf16   b with the task vectors stored in bfloat16 (tv_dtype; the merge computes in float32, chunk by chunk)
   b-chunks b with task_chunks = T: one merge, then each task's forward+backward on its own (bounded activations)
   b-lean   bfloat16 task vectors and task_chunks = T together
-  b-micro  b-lean with each task's rows in 2 pieces run one at a time (micro_batches = 2: same gradient, half the
-           activations)
+  b-micro  b-lean with each task's rows in --micro-batches pieces (default 2) run one at a time (micro_batches: same
+           gradient, that fraction of the activations)
   b-ckpt   b-lean with recompute = activations: each layer under an activation checkpoint, re-run in the backward
            (no layer activations kept; the merged weights and dL/dW are), one group per task
   b-rc     b-lean with recompute = merge: each layer also merged inside its checkpoint, again in the backward (no
@@ -67,6 +67,7 @@ CHUNKED_MODES = ("adamerge-chunked", "adamerge-lean", "adamerge-micro", "adamerg
 SHAPES = {"minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
           "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)}
 SHAPE = os.environ.get("BENCH_SHAPE", "minilm")  # set by --shape for the workers
+MICRO_BATCHES = int(os.environ.get("BENCH_MICRO_BATCHES", "2"))  # set by --micro-batches for the workers
 
 
 def config():
@@ -220,7 +221,7 @@ def worker(mode: str, T: int, steps: int, rows: int, length: int) -> dict:
                 loss, _, _ = merged.chunked_surrogate(
                     {"inputs": inputs, "tasks": names, "sizes": [rows] * T},
                     lambda sub, **kw: entropy_objective(merged(sub["inputs"], sub["tasks"], sub["sizes"], **kw)), T,
-                    2 if mode == "adamerge-micro" else 1)
+                    MICRO_BATCHES if mode == "adamerge-micro" else 1)
             else:
                 loss, _ = entropy_objective(merged(inputs, names, [rows] * T))
             loss.backward()
@@ -281,7 +282,8 @@ def fusionbench_python(venv: Path) -> str:
 
 def run_worker(python: str, mode: str, T: int, args) -> dict:
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false", "BENCH_SHAPE": args.shape}
+    env = {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false", "BENCH_SHAPE": args.shape,
+           "BENCH_MICRO_BATCHES": str(args.micro_batches)}
     res = subprocess.run([python, __file__, "--worker", mode, "--tasks", str(T), "--steps", str(args.steps),
                           "--rows", str(args.rows), "--length", str(args.length)],
                          env=env, capture_output=True, text=True)
@@ -298,6 +300,7 @@ def main() -> None:
     p.add_argument("--length", type=int, default=64, help="tokens per row")
     p.add_argument("--shape", choices=list(SHAPES), default="minilm", help="model size")
     p.add_argument("--columns", nargs="+", choices=list(MODES), default=list(MODES))
+    p.add_argument("--micro-batches", type=int, default=2, help="pieces per task of the b-micro column")
     p.add_argument("--plot", action="store_true", help="also write runs/bench_speed_<shape>.png (time, memory vs T)")
     p.add_argument("--fusionbench-venv", type=Path, default=ROOT / ".cache" / "fusionbench-venv")
     p.add_argument("--fusionbench-python", help="an interpreter that imports fusion_bench (no venv is created)")
@@ -323,7 +326,7 @@ def main() -> None:
     print(tables(results, act, args))
     out = ROOT / "runs" / f"bench_speed{'' if args.shape == 'minilm' else '_' + args.shape}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"shape": args.shape, "act": act, "rows": results}, indent=2) + "\n")
+    out.write_text(json.dumps({"shape": args.shape, "micro_batches": args.micro_batches, "act": act, "rows": results}, indent=2) + "\n")
     if args.plot:
         print(f"plot: {plot(results, act, args)}")
 
@@ -345,7 +348,8 @@ def tables(results: list[dict], act: dict, args) -> str:
     ratios = [f"{k}/a" for k in ("b", "b-lean", "b-micro", "b-ckpt", "b-rc", "b-rc1") if k in cols and "a" in cols]
     ratios += [f"c/{k}" for k in ("b", "b-lean", "b-micro", "b-ckpt", "b-rc", "b-rc1") if k in cols and "c" in cols]
     out = [f"Step time in ms (median of {args.steps} steps after one warm-up), {where}, shape {args.shape} "
-           f"({act['weights_mib']:.0f} MiB of float32 weights), {args.rows} rows/task, {args.length} tokens:", "",
+           f"({act['weights_mib']:.0f} MiB of float32 weights), {args.rows} rows/task, {args.length} tokens"
+           f"{f', b-micro in {args.micro_batches} pieces per task' if 'b-micro' in cols else ''}:", "",
            "| T | " + " | ".join(cols + ratios) + " |", "|" + "---|" * (len(cols) + len(ratios) + 1)]
     for row in results:
         ms = {k: row[k]["step_ms"] for k in cols}
