@@ -326,7 +326,8 @@ def main() -> None:
     print(tables(results, act, args))
     out = ROOT / "runs" / f"bench_speed{'' if args.shape == 'minilm' else '_' + args.shape}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"shape": args.shape, "micro_batches": args.micro_batches, "act": act, "rows": results}, indent=2) + "\n")
+    record = {"shape": args.shape, "micro_batches": args.micro_batches, "act": act, "rows": results}
+    out.write_text(json.dumps(record, indent=2) + "\n")
     if args.plot:
         print(f"plot: {plot(results, act, args)}")
 

@@ -3,8 +3,8 @@
 1. prepare four real text tasks from packages (cached in ``.cache/data``, shared with the benchmark);
 2. fine-tune a small zoo of the packaged all-MiniLM-L6-v2 (one quick fine-tune per task, cached);
 3. ``adamerge fit`` with ``configs/quickstart.yaml``: layer-wise coefficients over the tasks' TSV-M pieces and
-   tuned heads learned from the experts on *unlabeled* rows, progress in steps, W&B offline (per-task objective, coefficient heatmap), the step to
-   export chosen without labels, the flattened checkpoint exported;
+   tuned heads learned from the experts on *unlabeled* rows, progress in steps, W&B offline (per-task objective,
+   coefficient heatmap), the step to export chosen without labels, the flattened checkpoint exported;
 4. score the export (loaded with stock ``transformers``) against Task Arithmetic and the individual fine-tunes on
    each task's labelled test rows, print a table and where everything is.
 
