@@ -27,6 +27,8 @@ def test_quickstart_trains_exports_and_compares(tmp_path):
     manifest = json.loads((run_dir / "export" / "merge_manifest.json").read_text())
     assert manifest["method"] == "adamerging" and manifest["selection"]["criterion"] == "agreement"
     assert 0 <= manifest["selection"]["selected_step"] <= 3
+    # the config's merge ran: coefficients over TSV-M pieces, recorded as such
+    assert manifest["prep"]["subspace"] == "tsv" and manifest["hparams"]["init"] == 1.0
     assert json.loads((run_dir / "results.json").read_text())["scores"] == result["scores"]
     for column in ("individual", "pretrained", "task_arithmetic", "adamerge"):
         assert set(result["scores"][column]) == {"polarity", "spam"}
