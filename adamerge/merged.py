@@ -8,7 +8,7 @@ coefficients (and masks) only; the base weights and task vectors are frozen buff
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
 
@@ -302,19 +302,21 @@ class MergedModel(nn.Module):
 
     def merged_params(self, coefficients: Tensor | None = None, masks: Mapping[str, Tensor] | None = None,
                       lookup: bool = False, lookup_coefficients: Tensor | None = None,
-                      defer: Collection[int] = ()) -> dict[str, Tensor]:
+                      defer: Collection[int] = (), stores: Sequence[TaskVectorStore] | None = None
+                      ) -> dict[str, Tensor]:
         """``{name: θ0 + Σ_t λ[t, p] (m ⊙ τ_t)}`` for every merged tensor; ``coefficients`` is ``[T, P]``.
 
         ``lookup``: embedding tables come back as :class:`~adamerge.functional.LookupWeight` (only the rows a forward
         reads are merged; whole where a mask, sparse or low-rank storage or sharding rules it out), their graph
         going to ``lookup_coefficients`` (default: the same coefficients). ``defer``: indices of stores left out
-        (merged later, inside their layer's call)."""
+        (merged later, inside their layer's call). ``stores``: other task vectors laid out block by block like
+        :attr:`stores` (the experts' own: :meth:`expert_params`); no row lookup over them."""
         lam = self.coefficients() if coefficients is None else coefficients
         masks = self.masks if masks is None else masks
         base = dict(self.backbone.named_parameters())
-        rows = self.row_lookup_names(masks) if lookup else []
+        rows = self.row_lookup_names(masks) if lookup and stores is None else []
         out = {}
-        for i, (store, cols) in enumerate(zip(self.stores, self._columns)):
+        for i, store in enumerate(self.stores if stores is None else stores):
             if i in defer:
                 continue
             out.update(store(base, self._store_columns(lam, i), masks, skip=rows))
@@ -496,13 +498,7 @@ class MergedModel(nn.Module):
         """The weights (and buffers, e.g. BatchNorm statistics) of fine-tune ``task`` itself: its one-hot merge
         (over its own task vector where the stores hold processed ones: :meth:`set_expert_vectors`) with its own
         buffers where they differ from the base's."""
-        if self.expert_stores is None:
-            params = self.merged_params(self.one_hot(task), masks={})
-        else:
-            base, lam = dict(self.backbone.named_parameters()), self.one_hot(task)
-            params = {}
-            for i, store in enumerate(self.expert_stores):
-                params.update(store(base, self._store_columns(lam, i)))
+        params = self.merged_params(self.one_hot(task), masks={}, stores=self.expert_stores)
         device = next(iter(params.values())).device
         params.update({n: b.to(device) for n, b in self.expert_buffers.get(task, {}).items()})
         return params
