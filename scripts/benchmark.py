@@ -4,7 +4,8 @@
     python scripts/benchmark.py --preset quick          # 4 tasks (the README's main job)
     python scripts/benchmark.py --preset full           # all 8 tasks
     python scripts/benchmark.py --preset ci             # tiny end-to-end check (the test suite runs it)
-    python scripts/benchmark.py --preset vision         # packaged ImageNet MobileNetV2 on 4 image tasks
+    python scripts/benchmark.py --preset vision         # packaged ImageNet MobileNetV2 on 4 image tasks, 32×32
+    python scripts/benchmark.py --preset vision64       # the same at 64×64 (its own zoo)
     python scripts/benchmark.py --methods surgery_ta    # re-run one row, keep the rest of the table
 
 Writes runs/benchmark/<preset>/results.{md,json}. Everything is cached under .cache/ and reused.

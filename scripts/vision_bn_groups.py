@@ -1,0 +1,82 @@
+#!/usr/bin/env python
+"""Diagnostic for BatchNorm zoos: Task Arithmetic's accuracy when the merge's BatchNorm statistics are re-estimated
+on each task's own unlabeled rows (one set per task) against one set over all tasks' rows mixed (what an export of
+one merged model holds today).
+
+    python scripts/vision_bn_groups.py .cache/vision/zoo-64px      # the vision64 preset's own-head zoo
+    python scripts/vision_bn_groups.py .cache/vision/zoo           # the vision preset's (32×32)
+
+Rows: the first 512 of each task's ``unlabeled`` split (never ``test``; digits has 359); the first 256 re-estimate
+the statistics, the others are scored with their labels. It selects nothing: it says how much of Task Arithmetic's
+loss on a BatchNorm CNN is the mixed statistics.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+TASKS = ["mnist", "digits", "animals", "fashion"]
+
+
+def reestimate(model, batches) -> None:
+    """Cumulative running statistics of ``model``'s BatchNorm layers over ``batches`` (then eval mode)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for b in batches:
+            model(pixel_values=b)
+    model.eval()
+
+
+def main() -> None:
+    import datasets
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from adamerge.bench.vision import _pixels
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("zoo", type=Path)
+    p.add_argument("--data", type=Path, default=Path(".cache/vision/data"))
+    p.add_argument("--scales", type=float, nargs="*", default=[0.3, 0.5, 1.0])
+    args = p.parse_args()
+    proc = AutoImageProcessor.from_pretrained(str(args.zoo / "base"))
+    px, ys = {}, {}
+    for t in TASKS:
+        ds = datasets.load_from_disk(str(args.data / t))["unlabeled"]
+        ds = ds.select(range(min(512, len(ds))))
+        px[t], ys[t] = _pixels(proc, ds["image"]), torch.tensor(ds["label"])
+    base = AutoModelForImageClassification.from_pretrained(str(args.zoo / "base")).state_dict()
+    models = {t: AutoModelForImageClassification.from_pretrained(str(args.zoo / t)) for t in TASKS}
+    tuned = {t: {k: v.clone() for k, v in m.state_dict().items()} for t, m in models.items()}  # not the live tensors
+    keys = [k for k, v in base.items()
+            if not k.startswith("classifier") and v.is_floating_point() and "running" not in k]
+
+    def accuracy(model, t):
+        with torch.no_grad():
+            return (model(pixel_values=px[t][256:]).logits.argmax(-1) == ys[t][256:]).float().mean().item()
+
+    out = {"experts": {t: accuracy(models[t], t) for t in TASKS}}
+    for lam in args.scales:
+        merged = {k: base[k] + lam * sum(tuned[t][k] - base[k] for t in TASKS) for k in keys}
+        per_task, mixed = {}, {}
+        for t in TASKS:
+            model = models[t]
+            model.load_state_dict(merged, strict=False)  # the head and nothing else stays the expert's
+            reestimate(model, [px[t][i:i + 64] for i in range(0, 256, 64)])
+            per_task[t] = accuracy(model, t)
+            reestimate(model, [torch.cat([px[u][i:i + 16] for u in TASKS]) for i in range(0, 256, 16)])
+            mixed[t] = accuracy(model, t)
+            model.load_state_dict(tuned[t])
+        out[f"task_arithmetic_{lam:g}"] = {"per_task_statistics": per_task, "mixed_statistics": mixed}
+    avg = {k: ({s: sum(v[s].values()) / len(TASKS) for s in v} if "experts" != k else sum(v.values()) / len(TASKS))
+           for k, v in out.items()}
+    print(json.dumps({"zoo": str(args.zoo), "average": avg, "per_task": out}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
