@@ -19,7 +19,7 @@ import torch
 
 from adamerge.bench.tasks import TASKS, prepare
 from adamerge.bench.zoo import build_base, finetune
-from adamerge.callbacks import SelectStep
+from adamerge.callbacks import SelectStep, StepProgress
 from adamerge.data import TaskData, UnlabeledDataModule, input_builder
 from adamerge.evaluate import score
 from adamerge.methods import METHODS, MergeModule, TaskVectorPrep
@@ -211,7 +211,9 @@ def adapt(module: MergeModule, data_dir: Path, tasks: list[str], split: str, pre
         module.select(dm)
     if module.trainable:
         pl.seed_everything(seed, verbose=False)
-        callbacks = [SelectStep(preset.select_every, select)] if select else []
+        # progress in steps of the whole row (a 2,000-step row on a CPU runs for hours)
+        callbacks = [StepProgress(refresh_every=max(1, steps // 20))]
+        callbacks += [SelectStep(preset.select_every, select)] if select else []
         trainer = pl.Trainer(max_steps=steps, logger=False, use_distributed_sampler=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, accelerator="auto", devices=1,
                              callbacks=callbacks)
