@@ -16,21 +16,9 @@ import json
 from pathlib import Path
 
 import torch
+from torch.func import functional_call
 
 TASKS = ["mnist", "digits", "animals", "fashion"]
-
-
-def reestimate(model, batches) -> None:
-    """Cumulative running statistics of ``model``'s BatchNorm layers over ``batches`` (then eval mode)."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for b in batches:
-            model(pixel_values=b)
-    model.eval()
 
 
 def main() -> None:
@@ -38,6 +26,7 @@ def main() -> None:
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     from adamerge.bench.vision import _pixels
+    from adamerge.merged import recalibrate_batchnorm
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("zoo", type=Path)
@@ -52,26 +41,27 @@ def main() -> None:
         px[t], ys[t] = _pixels(proc, ds["image"]), torch.tensor(ds["label"])
     base = AutoModelForImageClassification.from_pretrained(str(args.zoo / "base")).state_dict()
     models = {t: AutoModelForImageClassification.from_pretrained(str(args.zoo / t)) for t in TASKS}
-    tuned = {t: {k: v.clone() for k, v in m.state_dict().items()} for t, m in models.items()}  # not the live tensors
+    tuned = {t: m.state_dict() for t, m in models.items()}
     keys = [k for k, v in base.items()
             if not k.startswith("classifier") and v.is_floating_point() and "running" not in k]
 
-    def accuracy(model, t):
+    def accuracy(model, t, params=None):
+        """On rows 256: of task ``t``, ``model`` run with ``params`` bound (merged weights, statistics) if given."""
         with torch.no_grad():
-            return (model(pixel_values=px[t][256:]).logits.argmax(-1) == ys[t][256:]).float().mean().item()
+            logits = functional_call(model, params or {}, args=(), kwargs={"pixel_values": px[t][256:]}).logits
+        return (logits.argmax(-1) == ys[t][256:]).float().mean().item()
 
     out = {"experts": {t: accuracy(models[t], t) for t in TASKS}}
     for lam in args.scales:
         merged = {k: base[k] + lam * sum(tuned[t][k] - base[k] for t in TASKS) for k in keys}
         per_task, mixed = {}, {}
-        for t in TASKS:
+        for t in TASKS:  # the merged body under task t's own head (the head and nothing else stays the expert's)
             model = models[t]
-            model.load_state_dict(merged, strict=False)  # the head and nothing else stays the expert's
-            reestimate(model, [px[t][i:i + 64] for i in range(0, 256, 64)])
-            per_task[t] = accuracy(model, t)
-            reestimate(model, [torch.cat([px[u][i:i + 16] for u in TASKS]) for i in range(0, 256, 16)])
-            mixed[t] = accuracy(model, t)
-            model.load_state_dict(tuned[t])
+            own = recalibrate_batchnorm(model, merged, [{"pixel_values": px[t][i:i + 64]} for i in range(0, 256, 64)])
+            per_task[t] = accuracy(model, t, {**merged, **own})
+            mix = recalibrate_batchnorm(model, merged, [{"pixel_values": torch.cat([px[u][i:i + 16] for u in TASKS])}
+                                                        for i in range(0, 256, 16)])
+            mixed[t] = accuracy(model, t, {**merged, **mix})
         out[f"task_arithmetic_{lam:g}"] = {"per_task_statistics": per_task, "mixed_statistics": mixed}
     avg = {k: ({s: sum(v[s].values()) / len(TASKS) for s in v} if "experts" != k else sum(v.values()) / len(TASKS))
            for k, v in out.items()}
