@@ -85,11 +85,13 @@ class AdaMergeCLI(LightningCLI):
         parser.add_argument("--backbone_mode", type=Literal["eval", "train"], default="eval",
                             help="mode of the backbone while the merge trains: eval (dropout off, the gradient of the "
                                  "model that is exported; default) or train (dropout on, as FusionBench)")
-        parser.add_argument("--batchnorm_statistics", type=Literal["batch", "running"], default="batch",
+        parser.add_argument("--batchnorm_statistics", type=Literal["batch", "task", "running"], default="batch",
                             help="BatchNorm backbones (image models): the statistics the merge is normalised with in a "
                                  "training step: batch (the step's own rows, as the export with statistics "
-                                 "re-estimated on such rows; default) or running (the base's, which no longer fit the "
-                                 "merged weights)")
+                                 "re-estimated on such rows; default), task (each task's rows with their own, as "
+                                 "each task's model in the export with statistics re-estimated on its rows alone: "
+                                 "task_buffers.safetensors, tasks/<task>/) or running (the base's, which no longer "
+                                 "fit the merged weights)")
 
     def before_fit(self) -> None:
         from pytorch_lightning.callbacks import ModelCheckpoint
@@ -164,6 +166,10 @@ def merge_parser() -> LightningArgumentParser:
     parser.add_class_arguments(ExportOnFitEnd, nested_key=None, as_group=True)
     parser.set_defaults(output_dir=None)  # required here: a data-free merge has no run directory to default to
     parser.add_argument("--seed_everything", type=int, default=0)
+    parser.add_argument("--batchnorm_statistics", type=Literal["batch", "task"], default="batch",
+                        help="BatchNorm backbones: re-estimate one set of statistics on every task's rows (batch; the "
+                             "default) or also each task's own on its rows alone (task: task_buffers.safetensors, "
+                             "tasks/<task>/)")
     return parser
 
 
@@ -178,6 +184,7 @@ def merge_main(args: list[str] | None = None):
     if os.path.exists(cfg.output_dir) and not cfg.overwrite:
         raise MergeInputError(f"output_dir {cfg.output_dir} already exists; pass --overwrite true to replace it")
     model = parser.instantiate_classes(cfg).model
+    model.batchnorm_statistics = cfg.batchnorm_statistics
     if model.trainable:
         raise MergeInputError(f"method {model.method!r} trains; run it with `adamerge fit`")
     dm = None

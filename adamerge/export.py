@@ -8,6 +8,9 @@ Layout of ``output_dir``::
                                      ``model.safetensors.index.json``, as ``save_pretrained`` writes them
     tokenizer files                  the base model's (the union vocabulary when fine-tunes added tokens)
     heads.safetensors                every task's head, keys ``<task>/<param>``
+    task_buffers.safetensors         (optional, ``batchnorm_statistics: task``) each task's own BatchNorm running
+                                     statistics, keys ``<task>/<buffer>``: they replace the root's for that task in
+                                     ``tasks/<task>/``, :func:`load_task_model` and ``adamerge.load_merged``
     adapters/<task>/                 (optional, merges of LoRA adapters) a PEFT LoRA adapter per task
     tasks/<task>/                    (optional) a complete ``*ForSequenceClassification`` checkpoint per task:
                                      ``AutoModelForSequenceClassification.from_pretrained(output_dir / "tasks" / task)``
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "merge_manifest.json"
 HEADS = "heads.safetensors"
+TASK_BUFFERS = "task_buffers.safetensors"
 
 
 def versions() -> dict[str, str]:
@@ -296,7 +300,7 @@ def write_merged(output_dir: str | Path, backbone: torch.nn.Module, merged: Mapp
                  extra_files: Mapping[str, Mapping[str, Tensor]] | None = None,
                  extra_writer: Callable[[Path], Any] | None = None, tokenizer: Any = None,
                  dtype: str = "float32", max_shard_size: int | str = "5GB", model_card: bool = True,
-                 kind=None) -> Path:
+                 kind=None, task_tensors: Mapping[str, Mapping[str, Tensor]] | None = None) -> Path:
     """Write the flattened checkpoint (see module docstring) and return its path.
 
     Args:
@@ -314,6 +318,8 @@ def write_merged(output_dir: str | Path, backbone: torch.nn.Module, merged: Mapp
         dtype, max_shard_size, model_card: see :class:`ExportOptions`.
         kind: the model kind (:mod:`adamerge.kinds`; default ``seq_cls``): what the heads are, how a per-task
             checkpoint is written.
+        task_tensors: task → backbone tensors of that task's own that replace the merged ones in its per-task
+            checkpoint (BatchNorm statistics per task), also written to ``task_buffers.safetensors``.
     """
     from adamerge.kinds import get_kind
 
@@ -338,6 +344,10 @@ def write_merged(output_dir: str | Path, backbone: torch.nn.Module, merged: Mapp
         return target_dtype if t.is_floating_point() else t.dtype
 
     entries = [(n, tuple(state[n].shape), stored(state[n])) for n in names]
+    for task, own in (task_tensors or {}).items():
+        unknown = sorted(set(own) - set(names))
+        if unknown:
+            raise MergeInputError(f"task_tensors[{task!r}]: {unknown[:3]} are not tensors of the backbone")
     config = copy.deepcopy(backbone.config)
     config.architectures = [type(backbone).__name__]  # the root is exactly this class: AutoModel(ForCausalLM) loads it
     _set_dtype(config, target_dtype)
@@ -365,13 +375,26 @@ def write_merged(output_dir: str | Path, backbone: torch.nn.Module, merged: Mapp
                 # a head that holds its own pooler (heads: {pooler: true}) replaces the merged one
                 task_entries = [(f"{prefix}.{n}", s, dt) for n, s, dt in entries if f"{prefix}.{n}" not in hs]
                 task_entries += [(k, tuple(v.shape), stored(v)) for k, v in hs.items()]
-                write_weights(d, task_entries, lambda k, hs=hs, prefix=prefix: hs[k] if k in hs
-                              else root.get(k[len(prefix) + 1:]), max_bytes)
+                own = (task_tensors or {}).get(task, {})
+
+                def task_tensor(k, hs=hs, prefix=prefix, own=own):
+                    if k in hs:
+                        return hs[k]
+                    name = k[len(prefix) + 1:]
+                    return own[name] if name in own else root.get(name)
+
+                write_weights(d, task_entries, task_tensor, max_bytes)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(str(d))
         per_task_models = wrote_tasks
         del root
         save_file(_contiguous(head_tensors, target_dtype), str(tmp / HEADS), metadata={"format": "pt"})
+        if task_tensors:
+            save_file(_contiguous({f"{t}/{n}": v for t, own in task_tensors.items() for n, v in own.items()},
+                                  target_dtype), str(tmp / TASK_BUFFERS), metadata={"format": "pt"})
+            manifest = {**manifest, "task_buffers": {"file": TASK_BUFFERS, "tasks": sorted(task_tensors),
+                                                     "tensors": sorted({n for own in task_tensors.values()
+                                                                        for n in own})}}
         for name, tensors in (extra_files or {}).items():
             save_file(_contiguous(tensors), str(tmp / name), metadata={"format": "pt"})
         extra = extra_writer(tmp) if extra_writer else None
@@ -449,7 +472,21 @@ def load_task_model(path: str | Path, task: str, dtype: torch.dtype = torch.floa
     kind = get_kind(manifest_kind(manifest))
     heads = load_file(str(path / HEADS))
     head = {k.split("/", 1)[1]: v for k, v in heads.items() if k.startswith(task + "/")}
-    return kind.task_model(path, task, manifest["heads"][task], read_weights(path), head, dtype)
+    return kind.task_model(path, task, manifest["heads"][task], {**read_weights(path), **task_buffers(path, task)},
+                           head, dtype)
+
+
+def task_buffers(path: str | Path, task: str, manifest: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
+    """The backbone tensors of ``task``'s own in an export (its BatchNorm statistics, ``task_buffers.safetensors``),
+    by backbone name; empty when the export has none."""
+    from safetensors.torch import load_file
+
+    manifest = read_manifest(path) if manifest is None else manifest
+    info = manifest.get("task_buffers")
+    if not info or task not in info["tasks"]:
+        return {}
+    tensors = load_file(str(Path(path) / info["file"]))
+    return {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(task + "/")}
 
 
 def manifest_kind(manifest: Mapping[str, Any]) -> str:

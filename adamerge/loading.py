@@ -3,7 +3,8 @@
 Works for every export and model kind: the merged backbone (``AutoModel``; the kind's class), each task's head from
 ``heads.safetensors`` (rebuilt by the kind: a classification head, a CLIP zero-shot head), and — when
 the merge was followed by Representation Surgery — the per-task adapters from ``surgery_adapters.safetensors``; for
-WEMoE, the routers and routed MLP task vectors from ``wemoe.safetensors`` (hooked into the encoder's MLPs).
+WEMoE, the routers and routed MLP task vectors from ``wemoe.safetensors`` (hooked into the encoder's MLPs); with
+per-task BatchNorm statistics (``task_buffers.safetensors``), each task's rows run with its own.
 Only ``transformers`` and ``safetensors`` are used to read the files; no pickle.
 """
 
@@ -14,9 +15,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from adamerge.errors import MergeInputError
-from adamerge.export import HEADS, manifest_kind, read_manifest
+from adamerge.export import HEADS, manifest_kind, read_manifest, task_buffers
 from adamerge.kinds import get_kind
 from adamerge.parametrize.surgery import SurgeryAdapter
 
@@ -25,13 +27,15 @@ class MergedCheckpoint(nn.Module):
     """An exported merge: one encoder, one head (and optional adapter) per task."""
 
     def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module], adapters: dict[str, SurgeryAdapter] | None,
-                 feature: str, manifest: dict, routing: nn.Module | None = None) -> None:
+                 feature: str, manifest: dict, routing: nn.Module | None = None,
+                 buffers: dict[str, dict[str, Tensor]] | None = None) -> None:
         super().__init__()
         self.kind = get_kind(manifest_kind(manifest))
         self.backbone, self.heads = backbone, nn.ModuleDict(heads)
         self.adapters = nn.ModuleDict(adapters or {})
         self.feature, self.manifest = feature, manifest
         self.routing = routing  # WEMoE: routers + routed MLP task vectors, hooked into the backbone
+        self.task_buffers = buffers or {}  # task → its own backbone buffers (BatchNorm statistics)
 
     @property
     def tasks(self) -> list[str]:
@@ -44,11 +48,19 @@ class MergedCheckpoint(nn.Module):
 
         if task not in self.heads:
             raise MergeInputError(f"task {task!r} not in this checkpoint; tasks: {self.tasks}")
+        own = self.task_buffers.get(task)
+        if own:  # plain tensors, not module buffers: moved to the backbone's device here
+            device = next(self.backbone.parameters()).device
+            own = {n: v.to(device) for n, v in own.items()}
+
+        def backbone(**kw):
+            return functional_call(self.backbone, own, args=(), kwargs=kw) if own else self.backbone(**kw)
+
         if self.routing is not None:
             with self.routing.context(inputs.get("attention_mask")):
-                feats = self.backbone(**inputs)
+                feats = backbone(**inputs)
         else:
-            feats = self.backbone(**inputs)
+            feats = backbone(**inputs)
         if task in self.adapters:
             field = feature_field(feats, self.feature)
             feats = replace_field(feats, field, self.adapters[task](feats[field]))
@@ -86,4 +98,7 @@ def load_merged(path: str | Path, dtype: torch.dtype = torch.float32) -> MergedC
         routing = RoutedMLPs.from_tensors(info, load_file(str(path / info["file"])),
                                           {n: modules[n].in_features for n in info["modules"]}).to(dtype)
         routing.attach(backbone)
-    return MergedCheckpoint(backbone, heads, adapters, feature, manifest, routing).eval()
+    buffers = {t: {n: v.to(dtype) if v.is_floating_point() else v for n, v in task_buffers(path, t, manifest).items()}
+               for t in manifest["heads"]}
+    return MergedCheckpoint(backbone, heads, adapters, feature, manifest, routing,
+                            {t: b for t, b in buffers.items() if b}).eval()

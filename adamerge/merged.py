@@ -45,6 +45,18 @@ def slice_output(output, sl: slice):
     return type(output)(**{k: slice_output(v, sl) if isinstance(v, (Tensor, tuple)) else v for k, v in output.items()})
 
 
+def cat_outputs(outputs: list):
+    """Concatenate the batch-first tensors of several ``transformers`` ModelOutputs (or tuples) of one structure along
+    dim 0 (the inverse of :func:`slice_output` over consecutive slices)."""
+    first = outputs[0]
+    if isinstance(first, Tensor):
+        return torch.cat(outputs)
+    if isinstance(first, tuple) and not hasattr(first, "keys"):
+        return tuple(cat_outputs([o[i] for o in outputs]) for i in range(len(first)))
+    return type(first)(**{k: cat_outputs([o[k] for o in outputs]) if isinstance(v, (Tensor, tuple)) else v
+                          for k, v in first.items()})
+
+
 @contextmanager
 def eval_mode(module: torch.nn.Module):
     """Every submodule in eval mode inside the block, then each one's own mode back. (``module.train(was_training)``
@@ -410,11 +422,19 @@ class MergedModel(nn.Module):
 
     def forward(self, inputs: Mapping[str, Tensor], tasks: list[str], sizes: list[int],
                 coefficients: Tensor | None = None, masks=None, return_features: bool = False,
-                params: Mapping[str, Tensor] | None = None):
+                params: Mapping[str, Tensor] | None = None, per_task: bool = False,
+                task_params: Mapping[str, Mapping[str, Tensor]] | None = None):
         """Per-task logits for a batch that concatenates ``sizes[i]`` rows of task ``tasks[i]``.
 
         Returns ``{task: logits}`` (and the backbone features if ``return_features``).
+
+        ``per_task``: run the backbone on each task's rows on their own (under one merge), so that BatchNorm layers
+        normalising with batch statistics see one task's rows at a time; ``task_params``: per task, tensors that
+        replace the merged ones for its rows (e.g. its own BatchNorm running statistics).
         """
+        if per_task or task_params:
+            return self._forward_per_task(inputs, tasks, sizes, coefficients, masks, return_features, params,
+                                          task_params or {})
         feats = self.features(inputs, coefficients, masks, params)
         out, start = {}, 0
         for task, n in zip(tasks, sizes):
@@ -422,6 +442,26 @@ class MergedModel(nn.Module):
             out[task] = self.head_logits(task, slice_output(feats, sl), {k: v[sl] for k, v in inputs.items()})
             start += n
         return (out, feats) if return_features else out
+
+    def _forward_per_task(self, inputs, tasks, sizes, coefficients, masks, return_features, params, task_params):
+        recomputed = self.recompute == "merge" and torch.is_grad_enabled() and self.layer_stores
+        if params is None and not recomputed:  # merged once for every task's rows
+            params = self.merged_params(coefficients, masks, lookup=True)
+        out, feats, start = {}, [], 0
+        for task, n in zip(tasks, sizes):
+            sl = slice(start, start + n)
+            rows = {k: v[sl] for k, v in inputs.items()}
+            own = params
+            if task in task_params:
+                if params is None:
+                    raise ValueError("task_params need merged weights: not with recompute='merge' in a forward "
+                                     "that records gradients")
+                own = {**params, **task_params[task]}
+            logits, f = self.forward(rows, [task], [n], coefficients, masks, return_features=True, params=own)
+            out.update(logits)
+            feats.append(f)
+            start += n
+        return (out, cat_outputs(feats)) if return_features else out
 
     def chunked_surrogate(self, batch: Mapping, loss_fn, chunks: int, pieces: int = 1):
         """Merge once, then run the tasks in ``chunks`` groups, each forward+backward on its own, to bound activation

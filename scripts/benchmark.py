@@ -35,6 +35,9 @@ def main() -> None:
     p.add_argument("--head-pooler", action="store_true",
                    help="each task's head keeps its fine-tune's pooler (heads: {pooler: true}); every row, the "
                         "reference rows too; a table of its own (<preset>...-pooler)")
+    p.add_argument("--batchnorm-statistics", choices=["batch", "task"],
+                   help="BatchNorm backbones (vision presets): one set of statistics for every task (batch, the "
+                        "default) or each task its own (task; a table of its own, <preset>...-bn-task)")
     p.add_argument("--inductive-only", action="store_true", help="skip the transductive column (half the time)")
     p.add_argument("--work", type=Path, default=Path(".cache"), help="cache of wheels, data and zoo")
     p.add_argument("--out", type=Path, default=Path("runs/benchmark"))
@@ -43,8 +46,9 @@ def main() -> None:
     quiet_libraries()
     result = run(args.preset, work=args.work, out=args.out, methods=args.methods, steps=args.steps, fresh=args.fresh,
                  lora=not args.no_lora, zoo_protocol=args.zoo, transductive=not args.inductive_only,
-                 pairs=not args.no_pairs, head_pooler=args.head_pooler)
-    target = results_dir(args.out, args.preset, args.zoo, args.head_pooler)
+                 pairs=not args.no_pairs, head_pooler=args.head_pooler, batchnorm_statistics=args.batchnorm_statistics)
+    target = results_dir(args.out, args.preset, args.zoo, args.head_pooler,
+                         args.batchnorm_statistics or PRESETS[args.preset].batchnorm_statistics)
     print((target / "results.md").read_text())  # the table is this script's output
     del result
 

@@ -433,6 +433,123 @@ def test_training_steps_normalise_the_merge_with_batch_statistics(tmp_path, stat
     assert score == pytest.approx(sum(float(torch.cat(v).float().mean()) for v in same.values()) / len(same))
 
 
+def _first_bn_inputs(backbone, batches):
+    """The inputs of a MobileNetV2 ``backbone``'s first BatchNorm (whose input no BatchNorm affects) on each of
+    ``batches``."""
+    bn = backbone.conv_stem.first_conv.normalization
+    seen = []
+    handle = bn.register_forward_hook(lambda m, args, output: seen.append(args[0].detach()))
+    with torch.no_grad():
+        for x in batches:
+            backbone(pixel_values=x)
+    handle.remove()
+    return seen
+
+
+def _cumulative_stats(seen):
+    """Running mean and variance as ``momentum=None`` accumulates them: the mean over batches of each batch's mean
+    and unbiased variance."""
+    mean = torch.stack([a.mean(dim=(0, 2, 3)) for a in seen]).mean(0)
+    var = torch.stack([a.transpose(0, 1).reshape(a.shape[1], -1).var(dim=1, unbiased=True) for a in seen]).mean(0)
+    return mean, var
+
+
+def test_per_task_batchnorm_statistics_train_export_and_serve(tmp_path):
+    """``batchnorm_statistics: task``: in a training step each task's rows are normalised with their own batch
+    statistics; at export each task gets running statistics re-estimated on its rows alone, served by the
+    wrapper, written into ``tasks/<task>/`` (stock transformers), ``task_buffers.safetensors`` (load_merged,
+    load_task_model) and carried by a Surgery started from that export; the root keeps statistics of all rows.
+    References: the first BatchNorm's output recomputed by hand from its input; running statistics as the mean of
+    per-batch statistics of the first BatchNorm's input in the stock exported model, on the rows they should see."""
+    import pytorch_lightning as pl
+    from transformers import AutoModel, AutoModelForImageClassification
+
+    from adamerge import load_merged, read_manifest
+    from adamerge.callbacks import ExportOnFitEnd
+    from adamerge.data import TaskData, UnlabeledDataModule
+    from adamerge.export import load_task_model
+    from adamerge.methods import AdaMerging, Surgery
+
+    base, models, data = _mobilenet_zoo(tmp_path)
+    # task_chunks 1 (the GPU default): the whole step under one forward call, which must group the rows by task
+    module = AdaMerging(str(tmp_path / "base"), models, granularity="layer", init=0.3, lr=0.05, task_type="image_cls",
+                        task_chunks=1)
+    module.batchnorm_statistics = "task"
+    bn = module.merged.backbone.conv_stem.first_conv.normalization
+    calls = []
+    handle = bn.register_forward_hook(lambda m, args, out: calls.append(
+        (args[0].detach(), out.detach(), m.weight.detach(), m.bias.detach())))
+    dm = UnlabeledDataModule({t: TaskData(path=p, image_column="image") for t, p in data.items()},
+                             tokenizer=str(tmp_path / "base"), samples_per_task=4)
+    out = tmp_path / "merged"
+    pl.seed_everything(0, verbose=False)
+    pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, accelerator="cpu",
+               callbacks=[ExportOnFitEnd(output_dir=str(out), bn_batches=3)]).fit(module, datamodule=dm)
+    handle.remove()
+    training = calls[:2 * len(CLASSES)]  # then the re-estimation's forwards
+    assert [c[0].shape[0] for c in training] == [4] * (2 * len(CLASSES))  # one task's rows per forward
+    shape = (1, -1, 1, 1)
+    for x, y, w, b in training:
+        mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
+        ref = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + bn.eps) * w.view(shape) + b.view(shape)
+        torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+
+    manifest = read_manifest(out)
+    assert manifest["batchnorm"]["per_task"] is True and manifest["task_buffers"]["tasks"] == sorted(CLASSES)
+    steps = dm.first_steps(3)
+    name = "conv_stem.first_conv.normalization"
+    root = AutoModel.from_pretrained(str(out)).eval()
+    rows = {t: [] for t in CLASSES}
+    for st in steps:
+        start = 0
+        for t, n in zip(st["tasks"], st["sizes"]):
+            rows[t].append(st["inputs"]["pixel_values"][start:start + n])
+            start += n
+    everything = [st["inputs"]["pixel_values"] for st in steps]
+    wrapper = load_merged(out)
+    for task in CLASSES:
+        stock = AutoModelForImageClassification.from_pretrained(str(out / "tasks" / task)).eval()
+        mean, var = _cumulative_stats(_first_bn_inputs(stock.mobilenet_v2, rows[task]))
+        own = stock.mobilenet_v2.conv_stem.first_conv.normalization
+        torch.testing.assert_close(own.running_mean, mean, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(own.running_var, var, atol=1e-5, rtol=1e-4)
+        x = {"pixel_values": rows[task][0]}
+        module.eval()
+        with torch.no_grad():
+            logits = stock(**x).logits
+            torch.testing.assert_close(module.predict(task, x), logits, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(wrapper.predict(task, **x), logits, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(load_task_model(out, task)(**x).logits, logits, atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(own.running_mean, root.get_submodule(name).running_mean)
+    # the root: one set of statistics, re-estimated on every task's rows
+    all_mean, all_var = _cumulative_stats(_first_bn_inputs(root, everything))
+    torch.testing.assert_close(root.get_submodule(name).running_mean, all_mean, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(root.get_submodule(name).running_var, all_var, atol=1e-5, rtol=1e-4)
+
+    # label-free selection scores the merge as exported: each task's statistics re-estimated on its scored rows.
+    # Reference: agreement with the stock fine-tunes after re-estimating on the same rows
+    batches = dm.first_steps(2)
+    score = module.selection_score(batches, "agreement")
+    module.recalibrate_batchnorm(batches)
+    experts = {t: AutoModelForImageClassification.from_pretrained(models[t]).eval() for t in CLASSES}
+    same = []
+    with torch.no_grad():
+        for task in CLASSES:
+            x = torch.cat([b["inputs"]["pixel_values"][i * 4:(i + 1) * 4] for b in batches
+                           for i, t in enumerate(b["tasks"]) if t == task])
+            same.append(float((module.predict(task, {"pixel_values": x}).argmax(-1)
+                               == experts[task](pixel_values=x).logits.argmax(-1)).float().mean()))
+    assert score == pytest.approx(sum(same) / len(same))
+
+    # Surgery from this export serves each task with its own statistics (adapters are the identity at init)
+    surgery = Surgery(str(tmp_path / "base"), models, merged=str(out), task_type="image_cls").eval()
+    for task in CLASSES:
+        x = {"pixel_values": rows[task][0]}
+        with torch.no_grad():
+            torch.testing.assert_close(surgery.predict(task, x), wrapper.predict(task, **x), atol=1e-5, rtol=1e-4)
+
+
 def test_m3_scores_batchnorm_candidates_with_batch_statistics(tmp_path):
     """M3's best-of-K choice on a BatchNorm backbone scores each candidate with every step normalised on its own
     statistics (the base's running ones do not describe a candidate). Reference: each candidate merged by hand from

@@ -111,6 +111,9 @@ class Preset:
     task_type: str = "seq_cls"  # image_cls: the vision benchmark (adamerge.bench.vision)
     bn_batches: int = 16  # BatchNorm backbones: steps of unlabeled rows to re-estimate a merge's statistics on
     image_size: int = 32  # image tasks: the side every image is resized to (a zoo per size, same data)
+    # BatchNorm backbones: one set of statistics for every task ("batch") or each task its own ("task"), in training
+    # and in the export (MergeModule.batchnorm_statistics)
+    batchnorm_statistics: str = "batch"
 
     @property
     def image(self) -> bool:
@@ -188,13 +191,14 @@ class Evaluator:
         when there is one (Lightning hands the module back on the CPU after fitting)."""
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         module.to(device).eval()  # dropout off, whatever mode training left the module in
-        params = module.final_merged_params() if params is None else {k: v.to(device) for k, v in params.items()}
+        own = params is None  # the module's merge: each task with its own BatchNorm statistics where it has them
+        params = module.final_merged_params() if own else {k: v.to(device) for k, v in params.items()}
         out = {}
         for task in tasks or list(self.sets):
             rows, labels, n_cls = self.sets[task]
-            out[task] = score(lambda b, task=task: module.predict(task, {k: v.to(device) for k, v in b.items()},
-                                                                  params),
-                              rows, labels, n_cls, self.inputs, batch_size=128)
+            task_params = module.task_params(task, params) if own else params
+            out[task] = score(lambda b, task=task, p=task_params: module.predict(
+                task, {k: v.to(device) for k, v in b.items()}, p), rows, labels, n_cls, self.inputs, batch_size=128)
         return out
 
 
@@ -203,7 +207,9 @@ def adapt(module: MergeModule, data_dir: Path, tasks: list[str], split: str, pre
     """Train a method's coefficients/masks on ``split`` of every task (no-op for data-free methods); ``select``: pick
     the exported step by this label-free criterion on ``preset.holdout`` held-back rows of the same split. A
     backbone with BatchNorm layers then gets its statistics re-estimated under the merge on the first
-    ``preset.bn_batches`` steps of the same rows (every method alike, data-free ones included)."""
+    ``preset.bn_batches`` steps of the same rows (every method alike, data-free ones included), one set for every
+    task or each task's own (``preset.batchnorm_statistics``)."""
+    module.batchnorm_statistics = preset.batchnorm_statistics
     dm = UnlabeledDataModule({t: preset.task_data(str(data_dir / t), split) for t in tasks},
                              tokenizer=module.hparams.base, samples_per_task=preset.samples_per_task,
                              max_length=preset.max_length, seed=seed, holdout=preset.holdout if select else 0)
@@ -330,17 +336,19 @@ def run_lora(preset: Preset, base: str, data_dir: Path, zoo: Path, evaluator: Ev
     return rows
 
 
-def results_dir(out: Path, preset_name: str, zoo_protocol: str = "own", head_pooler: bool = False) -> Path:
+def results_dir(out: Path, preset_name: str, zoo_protocol: str = "own", head_pooler: bool = False,
+                batchnorm_statistics: str = "batch") -> Path:
     """Where :func:`run` writes a preset's table: ``out/<preset>`` (own heads) or ``out/<preset>-<protocol>-head``,
-    with ``-pooler`` appended when each head keeps its fine-tune's pooler."""
+    with ``-pooler`` appended when each head keeps its fine-tune's pooler, ``-bn-task`` with per-task BatchNorm
+    statistics."""
     name = preset_name if zoo_protocol == "own" else f"{preset_name}-{zoo_protocol}-head"
-    return out / (name + ("-pooler" if head_pooler else ""))
+    return out / (name + ("-pooler" if head_pooler else "") + ("-bn-task" if batchnorm_statistics == "task" else ""))
 
 
 def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Path("runs/benchmark"),
         methods: list[str] | None = None, steps: int | None = None, seed: int = 0, fresh: bool = False,
         lora: bool = True, zoo_protocol: str = "own", transductive: bool = True, pairs: bool = True,
-        head_pooler: bool = False) -> dict:
+        head_pooler: bool = False, batchnorm_statistics: str | None = None) -> dict:
     """Build everything the preset needs (skipping what exists) and write ``out/<preset>/results.{json,md}``
     (``out/<preset>-frozen-head/`` for the frozen-head zoo).
 
@@ -350,9 +358,14 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
     ``transductive``: also adapt on the test inputs (the papers' protocol) for the second column. ``pairs``: run the
     two-task table if the preset has one (own-head zoo only). ``head_pooler``: every row (the reference rows too)
     with each task's head holding its fine-tune's pooler (``heads: {pooler: true}``, BERT-style backbones); LoRA
-    section skipped.
+    section skipped. ``batchnorm_statistics``: override the preset's (``task``: each task its own BatchNorm
+    statistics, a table of its own).
     """
     preset = PRESETS[preset_name]
+    if batchnorm_statistics is not None:
+        if batchnorm_statistics not in ("batch", "task"):
+            raise ValueError(f"batchnorm_statistics: {batchnorm_statistics!r}; allowed: batch, task")
+        preset = replace(preset, batchnorm_statistics=batchnorm_statistics)
     if steps is not None:
         preset.steps = steps
     methods = preset.methods if methods is None else methods
@@ -361,7 +374,7 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
         raise ValueError(f"unknown methods {unknown}; known: {sorted(METHOD_GRID)}")
     root = work / ("ci" if preset_name == "ci" else "vision" if preset.image else "")
     data_dir, zoo = root / "data", root / ("zoo" if preset.image_size == 32 else f"zoo-{preset.image_size}px")
-    target = results_dir(out, preset_name, zoo_protocol, head_pooler)
+    target = results_dir(out, preset_name, zoo_protocol, head_pooler, preset.batchnorm_statistics)
     heads = {"pooler": True} if head_pooler else None
     t0 = time.time()
     sizes = dict(seed=seed, max_train=preset.max_train, max_unlabeled=preset.max_unlabeled, max_test=preset.max_test)
@@ -393,6 +406,7 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
     rows: dict[str, dict] = individual_rows(ref, evaluator, preset.tasks)
     del ref
     result = {"preset": preset_name, "zoo_protocol": zoo_protocol, "head_pooler": head_pooler,
+              "batchnorm_statistics": preset.batchnorm_statistics,
               "preset_config": {k: v for k, v in vars(preset).items() if k != "methods"},
               "tasks": preset.tasks, "rows": rows, "data_card": card, "zoo_seconds": round(zoo_seconds, 1),
               "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
@@ -468,6 +482,8 @@ def render(result: dict) -> str:
     side = c.get("image_size", 32)
     inputs = (f"images {side}×{side}, zoo fine-tuned {c['ft_epochs']} epochs at lr {FT_LR:g}, BatchNorm "
               f"statistics of every merge re-estimated on {c.get('bn_batches')} steps of its unlabeled rows"
+              + (" — each task's own, on its rows alone, which training also normalises apart (per-task BatchNorm "
+                 "statistics)" if c.get("batchnorm_statistics") == "task" else "")
               if c.get("task_type", "seq_cls") != "seq_cls" else f"max length {c['max_length']}")
     if result.get("head_pooler"):
         protocol += "; every head, the reference rows' too, holds its fine-tune's pooler (`heads: {pooler: true}`)"

@@ -129,6 +129,19 @@ class TaskVectorPrep:
         return task_vectors
 
 
+def task_rows(batches: list[dict], task: str) -> list[dict]:
+    """The rows of ``task`` in each step-shaped batch that has any, as batches of that task alone."""
+    out = []
+    for b in batches:
+        start = 0
+        for t, n in zip(b["tasks"], b["sizes"]):
+            if t == task and n:
+                out.append({"inputs": {k: v[start:start + n] for k, v in b["inputs"].items()}, "tasks": [t],
+                            "sizes": [n]})
+            start += n
+    return out
+
+
 class MergeModule(pl.LightningModule):
     """Base of every merge method.
 
@@ -149,7 +162,8 @@ class MergeModule(pl.LightningModule):
     trainable: bool = True
     method: str = "base"
     per_task_models_supported: bool = True  # False: the merge cannot be flattened into tasks/<task>/ checkpoints
-    batchnorm_statistics: str = "batch"  # BatchNorm in a training step's merged forward (training_batchnorm)
+    # BatchNorm: "batch" / "task" / "running", see training_batchnorm and recalibrate_batchnorm
+    batchnorm_statistics: str = "batch"
 
     def __init__(self, base: str, models: dict[str, str], prep: TaskVectorPrep | None = None,
                  tv_dtype: str | None = None, trust_remote_code: bool = False,
@@ -170,6 +184,7 @@ class MergeModule(pl.LightningModule):
         self.pool_task_names = pool.task_names
         self.expert_heads: torch.nn.ModuleDict | None = None  # the teachers' heads when a method tunes the heads
         self.bn_stats: dict[str, Tensor] = {}  # re-estimated BatchNorm buffers of the merge (recalibrate_batchnorm)
+        self.bn_task_stats: dict[str, dict[str, Tensor]] = {}  # the same per task (batchnorm_statistics "task")
         self.bn_info: dict[str, Any] | None = None
         self._scoring = False  # selection_score runs: the merge as exported, running statistics
         self.merged = MergedModel(pool, self.build_coefficients(pool))
@@ -249,12 +264,14 @@ class MergeModule(pl.LightningModule):
                 feats[task] = self.merged.feature_tensor(out)
         return logits, feats
 
-    def step_outputs(self, batch, objective: Objective, **merge_kw) -> StepOutputs:
-        """The merged model's outputs on ``batch`` (``merge_kw``: coefficients, masks or merged params) and whatever
-        else ``objective`` reads (the experts' outputs on the same rows)."""
+    def step_outputs(self, batch, objective: Objective, task_params: Mapping[str, Mapping[str, Tensor]] | None = None,
+                     **merge_kw) -> StepOutputs:
+        """The merged model's outputs on ``batch`` (``merge_kw``: coefficients, masks or merged params;
+        ``task_params``: per task, tensors that replace merged ones for its rows) and whatever else ``objective``
+        reads (the experts' outputs on the same rows)."""
         with self.training_batchnorm():
             logits, feats = self.merged(batch["inputs"], batch["tasks"], batch["sizes"], return_features=True,
-                                        **merge_kw)
+                                        per_task=self.per_task_batchnorm(), task_params=task_params, **merge_kw)
         out = StepOutputs(logits, masks=self.row_masks(batch), all_sum=self.data_parallel_sum())
         if "features" in objective.needs:
             full = self.merged.feature_tensor(feats)
@@ -304,27 +321,30 @@ class MergeModule(pl.LightningModule):
         ``objective``)."""
         if criterion not in self.SELECTION_CRITERIA:
             raise MergeInputError(f"criterion: unknown value {criterion!r}; allowed: {', '.join(self.SELECTION_CRITERIA)}")
-        params = self.final_merged_params()
-        if self.has_batchnorm():  # scored as it would be exported: statistics re-estimated under this merge
+        params, task_params = self.final_merged_params(), None
+        if self.per_task_batchnorm():  # scored as it would be exported: each task's statistics under this merge
+            task_params = self._task_buffers(params, batches)
+        elif self.has_batchnorm():  # the same, one set of statistics for every task
             params = {**params, **self._reestimated_buffers(params, batches)}
         self._scoring = True
         try:
             if criterion == "objective":
-                return self._objective_score(batches, params), None
-            per_task = self._agreement(batches, params, expert_logits)
+                return self._objective_score(batches, params, task_params), None
+            per_task = self._agreement(batches, params, expert_logits, task_params)
         finally:
             self._scoring = False
         values = list(per_task.values())
         return (min(values) if criterion == "worst_agreement" else sum(values) / len(values)), per_task
 
-    def _objective_score(self, batches, params) -> float:
+    def _objective_score(self, batches, params, task_params=None) -> float:
         loss_fn = getattr(self, "loss_fn", None)
         if loss_fn is None:
             raise MergeInputError(f"criterion 'objective': method {self.method!r} has no unlabeled objective; "
                                   "use criterion 'agreement'")
-        return -sum(float(loss_fn(self.step_outputs(b, loss_fn, params=params))[0]) for b in batches) / len(batches)
+        return -sum(float(loss_fn(self.step_outputs(b, loss_fn, task_params=task_params, params=params))[0])
+                    for b in batches) / len(batches)
 
-    def _agreement(self, batches, params, expert_logits) -> dict[str, float]:
+    def _agreement(self, batches, params, expert_logits, task_params=None) -> dict[str, float]:
         """Per task, the fraction of rows (tokens) where the merge under ``params`` predicts what its expert does."""
         same, count = {}, {}
         for i, b in enumerate(batches):
@@ -332,7 +352,8 @@ class MergeModule(pl.LightningModule):
             masks = self.row_masks(b)
             for task, sl in self.task_slices(b):
                 rows = {k: v[sl] for k, v in b["inputs"].items()}
-                hit = self.predict(task, rows, params).argmax(-1) == experts[task].argmax(-1)
+                own = {**params, **task_params[task]} if task_params else params
+                hit = self.predict(task, rows, own).argmax(-1) == experts[task].argmax(-1)
                 if hit.ndim == 2 and masks is not None:
                     hit = hit[masks[task]]
                 same[task] = same.get(task, 0) + int(hit.sum())
@@ -414,13 +435,20 @@ class MergeModule(pl.LightningModule):
     def has_batchnorm(self) -> bool:
         return self._has_batchnorm
 
+    def per_task_batchnorm(self) -> bool:
+        """Whether each task gets BatchNorm statistics of its own (``batchnorm_statistics = "task"``, a backbone with
+        BatchNorm layers)."""
+        return self.batchnorm_statistics == "task" and self.has_batchnorm()
+
     def training_batchnorm(self):
         """The BatchNorm mode of the merge's forward in a training step: with ``batchnorm_statistics = "batch"``
         (the default) every BatchNorm layer normalises with the step's own batch statistics, as the exported merge
-        will with statistics re-estimated on the same kind of rows (:meth:`recalibrate_batchnorm`); with
+        will with statistics re-estimated on the same kind of rows (:meth:`recalibrate_batchnorm`); with ``"task"``
+        each task's rows are normalised with their own batch statistics (the backbone runs once per task under the
+        one merge), as each task's model in the export will with statistics re-estimated on that task's rows; with
         ``"running"`` it keeps the base's running statistics, which no longer fit the merged weights. Outside
         training (evaluation, selection, the experts' forwards) the running statistics are used."""
-        if (self.batchnorm_statistics == "batch" and self._trainer is not None and self.trainer.training
+        if (self.batchnorm_statistics in ("batch", "task") and self._trainer is not None and self.trainer.training
                 and not self._scoring and self.has_batchnorm()):
             return batch_statistics(self.merged.backbone)
         return nullcontext()
@@ -434,15 +462,33 @@ class MergeModule(pl.LightningModule):
         inputs = [{k: v.to(device) for k, v in b["inputs"].items()} for b in batches]
         return recalibrate_batchnorm(self.merged.backbone, weights, inputs)
 
+    def _task_buffers(self, params: Mapping[str, Tensor], batches: list[dict]) -> dict[str, dict[str, Tensor]]:
+        """Per task, BatchNorm statistics re-estimated under ``params`` on that task's rows of ``batches`` alone."""
+        out = {}
+        for task in self.task_names:
+            rows = task_rows(batches, task)
+            if not rows:
+                raise MergeInputError(f"batchnorm_statistics 'task': the data has no rows of task {task!r} to "
+                                      "re-estimate its BatchNorm statistics on")
+            out[task] = self._reestimated_buffers(params, rows)
+        return out
+
     @torch.no_grad()
     def recalibrate_batchnorm(self, batches: list[dict]) -> None:
         """Re-estimate the backbone's BatchNorm running statistics under the final merge on ``batches`` (step-shaped
         batches of unlabeled rows): the merged weights change every layer's input statistics, which the base's
-        buffers no longer describe. Used by :meth:`predict` and the export from then on."""
+        buffers no longer describe. Used by :meth:`predict` and the export from then on.
+
+        With ``batchnorm_statistics = "task"`` each task also gets statistics of its own, re-estimated on its rows
+        alone (:attr:`bn_task_stats`): :meth:`predict` uses them for that task, and the export writes them into
+        ``task_buffers.safetensors`` and each ``tasks/<task>/`` checkpoint; the root keeps the statistics of all the
+        rows, a single model for every task."""
         if not batches or not self.has_batchnorm():
             return
-        self.bn_stats = self._reestimated_buffers(self.final_merged_params(), batches)
-        self.bn_info = {"recalibrated": True, "batches": len(batches),
+        merged = self.final_merged_params()
+        self.bn_stats = self._reestimated_buffers(merged, batches)
+        self.bn_task_stats = self._task_buffers(merged, batches) if self.per_task_batchnorm() else {}
+        self.bn_info = {"recalibrated": True, "batches": len(batches), "per_task": bool(self.bn_task_stats),
                         "rows": sum(int(sum(b["sizes"])) for b in batches), "layers": len(self.bn_stats) // 3,
                         **({"training_statistics": self.batchnorm_statistics} if self.trainable else {})}
 
@@ -450,9 +496,20 @@ class MergeModule(pl.LightningModule):
         """More safetensors files to export next to the checkpoint (e.g. adapters)."""
         return {}
 
+    def task_params(self, task: str, params: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        """The backbone tensors ``task``'s rows run with: ``params`` (the merge), with the task's own BatchNorm
+        statistics in place of the shared ones where it has them (:attr:`bn_task_stats`)."""
+        own = self.bn_task_stats.get(task)
+        if not own:
+            return params
+        device = next(iter(params.values())).device
+        return {**params, **{n: v.to(device) for n, v in own.items()}}
+
     def predict(self, task: str, inputs, params: dict[str, Tensor] | None = None) -> Tensor:
-        """Logits of ``task``'s head on ``inputs`` with backbone ``params`` (default: the final merge)."""
-        params = self.final_merged_params() if params is None else params
+        """Logits of ``task``'s head on ``inputs`` with backbone ``params`` (default: the final merge, with the task's
+        own BatchNorm statistics where it has them)."""
+        if params is None:
+            params = self.task_params(task, self.final_merged_params())
         feats = functional_call(self.merged.backbone, params, args=(), kwargs=dict(inputs))
         return self.merged.head_logits(task, feats, inputs)
 
@@ -487,7 +544,8 @@ class MergeModule(pl.LightningModule):
                            kind=self.merged.kind,
                            per_task_models=opts.per_task_models and self.per_task_models_supported,
                            overwrite=overwrite, extra_files=self.extra_export_files(), extra_writer=writer,
-                           dtype=opts.dtype, max_shard_size=opts.max_shard_size, model_card=opts.model_card)
+                           dtype=opts.dtype, max_shard_size=opts.max_shard_size, model_card=opts.model_card,
+                           task_tensors=self.bn_task_stats)
         if opts.push_to_hub:
             push_to_hub(out, opts.push_to_hub, private=opts.hub_private, revision=opts.hub_revision,
                         commit_message=f"adamerge: {self.method} merge of {', '.join(self.task_names)}")

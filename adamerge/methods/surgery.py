@@ -22,8 +22,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from adamerge.errors import MergeInputError
-from adamerge.export import MANIFEST, read_weights
+from adamerge.export import MANIFEST, read_weights, task_buffers
 from adamerge.kinds.headed import owns_pooler
+from adamerge.merged import slice_output
 from adamerge.methods.base import MergeModule
 from adamerge.objectives import l1_distance
 from adamerge.parametrize.surgery import SurgeryAdapter
@@ -85,6 +86,8 @@ class Surgery(MergeModule):
         for name in self._held:
             ref = params[name] if name in params else buffers[name]
             self.register_buffer(f"merged_{name.replace('.', '__')}", state[name].to(ref.dtype), persistent=False)
+        # a merge exported with per-task BatchNorm statistics: each task's rows run with its own
+        self.bn_task_stats = {t: b for t in self.task_names if (b := task_buffers(merged, t, self.base_manifest))}
         dim = self.merged.kind.feature_dim(self.merged.backbone)
         self.adapters = nn.ModuleDict({t: SurgeryAdapter(dim, rank) for t in self.task_names})
 
@@ -109,6 +112,10 @@ class Surgery(MergeModule):
     def export_params(self) -> dict[str, Tensor]:
         return self.merged_state()  # already held (the frozen merged encoder)
 
+    def recalibrate_batchnorm(self, batches: list[dict]) -> None:
+        """Nothing to re-estimate: the frozen merge's BatchNorm statistics (one set, or each task's own) came with
+        its export, which re-estimated them under its weights."""
+
     def manifest_fields(self):
         return {"base_merge": {k: self.base_manifest.get(k) for k in ("method", "coefficients", "prep", "hparams",
                                                                        "mask", "m3")},
@@ -119,7 +126,8 @@ class Surgery(MergeModule):
         return {ADAPTERS: {f"{t}/{k}": v for t, a in self.adapters.items() for k, v in a.state_dict().items()}}
 
     def predict(self, task: str, inputs, params=None) -> Tensor:
-        feats = functional_call(self.merged.backbone, params or self.merged_state(), args=(), kwargs=dict(inputs))
+        params = params or self.task_params(task, self.merged_state())
+        feats = functional_call(self.merged.backbone, params, args=(), kwargs=dict(inputs))
         field = feature_field(feats, self.feature)
         feats = replace_field(feats, field, self.adapters[task](feats[field]))
         return self.merged.head_logits(task, feats, inputs)
@@ -127,18 +135,21 @@ class Surgery(MergeModule):
     def surgery_loss(self, batch) -> tuple[Tensor, dict[str, Tensor]]:
         """Σ_t L1(adapter_t(z_merged), z_t) over the step's rows, and the per-task terms."""
         inputs = batch["inputs"]
-        with torch.no_grad():
-            merged = functional_call(self.merged.backbone, self.merged_state(), args=(), kwargs=dict(inputs))
-        field = feature_field(merged, self.feature)
+        with torch.no_grad():  # per-task BatchNorm statistics: each task's rows through the merge with its own
+            whole = None if self.bn_task_stats else functional_call(self.merged.backbone, self.merged_state(),
+                                                                    args=(), kwargs=dict(inputs))
         losses, start, all_sum = {}, 0, self.data_parallel_sum()
         for task, n in zip(batch["tasks"], batch["sizes"]):
             sl = slice(start, start + n)
             rows = {k: v[sl] for k, v in inputs.items()}
             with torch.no_grad():
+                out = (slice_output(whole, sl) if whole is not None else functional_call(
+                    self.merged.backbone, self.task_params(task, self.merged_state()), args=(), kwargs=rows))
+                field = feature_field(out, self.feature)
+                z = out[field]
                 teacher = functional_call(self.merged.backbone, self.merged.expert_params(task),
                                           args=(), kwargs=rows)[field]
-            losses[task] = l1_distance(self.adapters[task](merged[field][sl]), teacher, rows.get("attention_mask"),
-                                       all_sum)
+            losses[task] = l1_distance(self.adapters[task](z), teacher, rows.get("attention_mask"), all_sum)
             start += n
         return sum(losses.values()), losses
 
