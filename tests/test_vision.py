@@ -550,6 +550,51 @@ def test_per_task_batchnorm_statistics_train_export_and_serve(tmp_path):
             torch.testing.assert_close(surgery.predict(task, x), wrapper.predict(task, **x), atol=1e-5, rtol=1e-4)
 
 
+def test_adamerge_merge_writes_per_task_batchnorm_statistics(tmp_path):
+    """``adamerge merge --batchnorm_statistics task`` (a data-free merge with a data section): each tasks/<task>/
+    holds its own statistics (those of task_buffers.safetensors), re-estimated on its rows alone — reference: the
+    first BatchNorm's input in the stock per-task model on the same steps' rows of that task — and the root another
+    set; without the option, no task_buffers file and every tasks/<task>/ holds the root's statistics."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoModelForImageClassification
+
+    from adamerge import read_manifest
+    from adamerge.cli import merge_main
+    from adamerge.data import TaskData, UnlabeledDataModule
+
+    base, models, data = _mobilenet_zoo(tmp_path)
+    name = "conv_stem.first_conv.normalization"
+    for option in ("task", "batch"):
+        out = tmp_path / f"merged-{option}"
+        args = ["--model", "adamerge.methods.TaskArithmetic", "--model.base", str(tmp_path / "base"),
+                "--model.models", json.dumps(models), "--model.task_type", "image_cls", "--output_dir", str(out),
+                "--bn_batches", "2", "--batchnorm_statistics", option,
+                "--data", json.dumps({"tasks": {t: {"path": p, "image_column": "image"} for t, p in data.items()},
+                                      "samples_per_task": 4})]
+        merge_main(args)
+        root = AutoModel.from_pretrained(str(out)).get_submodule(name)
+        manifest = read_manifest(out)
+        if option == "batch":
+            assert "task_buffers" not in manifest and not (out / "task_buffers.safetensors").exists()
+        dm = UnlabeledDataModule({t: TaskData(path=p, image_column="image") for t, p in data.items()},
+                                 tokenizer=str(tmp_path / "base"), samples_per_task=4)
+        steps = dm.first_steps(2)
+        for i, task in enumerate(CLASSES):
+            stock = AutoModelForImageClassification.from_pretrained(str(out / "tasks" / task)).eval()
+            own = stock.mobilenet_v2.get_submodule(name)
+            if option == "batch":
+                torch.testing.assert_close(own.running_mean, root.running_mean)
+                continue
+            assert manifest["batchnorm"]["per_task"] is True
+            stored = load_file(str(out / "task_buffers.safetensors"))[f"{task}/{name}.running_mean"]
+            torch.testing.assert_close(own.running_mean, stored)
+            rows = [st["inputs"]["pixel_values"][i * 4:(i + 1) * 4] for st in steps]
+            assert all(st["tasks"][i] == task for st in steps)
+            mean, _ = _cumulative_stats(_first_bn_inputs(stock.mobilenet_v2, rows))
+            torch.testing.assert_close(own.running_mean, mean, atol=1e-5, rtol=1e-4)
+            assert not torch.allclose(own.running_mean, root.running_mean)
+
+
 def test_m3_scores_batchnorm_candidates_with_batch_statistics(tmp_path):
     """M3's best-of-K choice on a BatchNorm backbone scores each candidate with every step normalised on its own
     statistics (the base's running ones do not describe a candidate). Reference: each candidate merged by hand from

@@ -8,6 +8,8 @@ base's; before export they are re-estimated on unlabeled data of every task (``e
 :func:`adamerge.merged.recalibrate_batchnorm`), since the merged weights change every layer's input statistics.
 For the same reason a training step normalises the merge with its batch's statistics
 (:meth:`adamerge.methods.MergeModule.training_batchnorm`), and the experts run with their own fine-tune's buffers.
+With ``batchnorm_statistics: task`` each task's rows are normalised apart and each task gets statistics of its own
+(``task_buffers.safetensors``, ``tasks/<task>/``; :meth:`adamerge.methods.MergeModule.recalibrate_batchnorm`).
 """
 
 from __future__ import annotations
