@@ -108,6 +108,11 @@ def render_card(manifest: dict[str, Any], eval_results: dict[str, Any] | None = 
                      "`tasks/<task>/`, which holds that task's pooler and classifier. The root's pooler is the "
                      "merged one, which none of the heads was trained with: use the root for its features "
                      "(`last_hidden_state`), not as the backbone of a task's classifier.\n")
+    if manifest.get("task_buffers"):
+        lines.append("Each task has BatchNorm statistics of its own (`task_buffers.safetensors`), re-estimated on its "
+                     "unlabeled rows under the merge: classify a task's rows with `tasks/<task>/` (which holds them) "
+                     "or `adamerge.load_merged(path).predict(task, ...)`. The root's statistics are those of every "
+                     "task's rows together: one model for rows of unknown task.\n")
     if manifest.get("heads"):
         if manifest.get("surgery"):
             lines.append("This export carries Representation Surgery adapters (`surgery_adapters.safetensors`), "

@@ -239,9 +239,15 @@ class TaskStepDataset(Dataset):
 
     def __getitem__(self, step: int):
         """Step ``step``'s rows of every task; under data parallelism, this rank's contiguous share of them."""
-        tasks = list(self.rows)
         share = self.n // self.world_size
-        lo, hi = self.rank * share, (self.rank + 1) * share
+        return self._rows(step, self.rank * share, (self.rank + 1) * share)
+
+    def whole(self, step: int):
+        """Step ``step``'s rows of every task, every rank's share together (what one process trains on)."""
+        return self._rows(step, 0, self.n)
+
+    def _rows(self, step: int, lo: int, hi: int):
+        tasks = list(self.rows)
         picked = [[self.rows[task][j] for j in self.indices(t, task, step)[lo:hi]] for t, task in enumerate(tasks)]
         return {"inputs": self.collate([r for rs in picked for r in rs]), "tasks": tasks,
                 "sizes": [len(rs) for rs in picked], "step": step}
@@ -333,9 +339,11 @@ class UnlabeledDataModule(pl.LightningDataModule):
         log.info("unlabeled data: %s", {t: len(r) for t, r in rows.items()})
 
     def first_steps(self, n: int) -> list[dict]:
-        """The batches of steps ``0 … n-1`` (fewer when an epoch is shorter), set up first if needed."""
+        """The batches of steps ``0 … n-1`` (fewer when an epoch is shorter), set up first if needed; whole steps,
+        the same on every rank under data parallelism (BatchNorm re-estimation, M3's scoring: every rank gets one
+        process's result)."""
         self.setup("fit")
-        return [self.dataset[i] for i in range(min(n, len(self.dataset)))]
+        return [self.dataset.whole(i) for i in range(min(n, len(self.dataset)))]
 
     def _split_holdout(self, rows: dict[str, list]) -> tuple[dict[str, list], dict[str, list]]:
         """Hold back ``holdout`` rows of every task (a seeded choice, independent of the training permutations)."""

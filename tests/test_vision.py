@@ -283,6 +283,19 @@ def test_image_steps_shard_across_ranks_like_text(vit_zoo):
     for t in range(2):  # task t's rows: rank 0's half, then rank 1's half
         joined = torch.cat([px[0][2 * t:2 * t + 2], px[1][2 * t:2 * t + 2]])
         torch.testing.assert_close(joined, one["inputs"]["pixel_values"][4 * t:4 * t + 4])
+    # BatchNorm re-estimation and M3's scoring read whole steps (first_steps): every rank the single-process batch
+    from adamerge.data import UnlabeledDataModule
+
+    dm = UnlabeledDataModule({t: TaskData(path=p, image_column="image") for t, p in vit_zoo["data"].items()},
+                             tokenizer=vit_zoo["base"], samples_per_task=4)
+    dm.setup("fit")
+    single = dm.first_steps(2)
+    d = dm.dataset
+    dm.dataset = TaskStepDataset(d.rows, 4, d.seed, d.collate, len(d), rank=1, world_size=2)  # as rank 1 of 2
+    assert dm.dataset[0]["sizes"] == [2, 2]
+    for a, b in zip(single, dm.first_steps(2)):
+        assert b["sizes"] == [4, 4]
+        torch.testing.assert_close(a["inputs"]["pixel_values"], b["inputs"]["pixel_values"])
 
 
 def test_mixed_text_and_image_tasks_are_refused(vit_zoo):
@@ -497,6 +510,7 @@ def test_per_task_batchnorm_statistics_train_export_and_serve(tmp_path):
 
     manifest = read_manifest(out)
     assert manifest["batchnorm"]["per_task"] is True and manifest["task_buffers"]["tasks"] == sorted(CLASSES)
+    assert "task_buffers.safetensors" in (out / "README.md").read_text()  # the model card says where they are
     steps = dm.first_steps(3)
     name = "conv_stem.first_conv.normalization"
     root = AutoModel.from_pretrained(str(out)).eval()
