@@ -331,27 +331,36 @@ def _mobilenet_zoo(root):
     return base, models, data
 
 
-def test_batchnorm_statistics_are_reestimated_under_the_merge(tmp_path):
-    """A MobileNetV2 merge (BatchNorm backbone): at the end of fit the export's running statistics are re-estimated
-    on the first bn_batches steps. Reference, for the first BatchNorm (whose input no other BatchNorm affects): the
-    per-batch mean and unbiased variance of its input in the stock exported model, averaged over the batches."""
+def _fit_and_export(module, data, tmp_path, steps=2, bn_batches=3):
+    """Two training steps of ``module`` on ``data`` (4 rows per task per step), exported to ``tmp_path/merged`` with
+    BatchNorm statistics re-estimated on ``bn_batches`` steps; returns (data module, export path)."""
     import pytorch_lightning as pl
-    from transformers import AutoModelForImageClassification
 
-    from adamerge import read_manifest
     from adamerge.callbacks import ExportOnFitEnd
     from adamerge.data import TaskData, UnlabeledDataModule
-    from adamerge.methods import AdaMerging
 
-    base, models, data = _mobilenet_zoo(tmp_path)
-    module = AdaMerging(str(tmp_path / "base"), models, granularity="layer", init=0.3, lr=0.05, task_type="image_cls")
     dm = UnlabeledDataModule({t: TaskData(path=p, image_column="image") for t, p in data.items()},
                              tokenizer=str(tmp_path / "base"), samples_per_task=4)
     out = tmp_path / "merged"
     pl.seed_everything(0, verbose=False)
-    pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                enable_model_summary=False, accelerator="cpu",
-               callbacks=[ExportOnFitEnd(output_dir=str(out), bn_batches=3)]).fit(module, datamodule=dm)
+               callbacks=[ExportOnFitEnd(output_dir=str(out), bn_batches=bn_batches)]).fit(module, datamodule=dm)
+    return dm, out
+
+
+def test_batchnorm_statistics_are_reestimated_under_the_merge(tmp_path):
+    """A MobileNetV2 merge (BatchNorm backbone): at the end of fit the export's running statistics are re-estimated
+    on the first bn_batches steps. Reference, for the first BatchNorm (whose input no other BatchNorm affects): the
+    per-batch mean and unbiased variance of its input in the stock exported model, averaged over the batches."""
+    from transformers import AutoModelForImageClassification
+
+    from adamerge import read_manifest
+    from adamerge.methods import AdaMerging
+
+    base, models, data = _mobilenet_zoo(tmp_path)
+    module = AdaMerging(str(tmp_path / "base"), models, granularity="layer", init=0.3, lr=0.05, task_type="image_cls")
+    dm, out = _fit_and_export(module, data, tmp_path)
     info = read_manifest(out)["batchnorm"]
     assert info["batches"] == 3 and info["rows"] == 3 * 4 * len(CLASSES)
     stock = AutoModelForImageClassification.from_pretrained(str(out / "tasks" / "digits")).eval()
@@ -474,12 +483,9 @@ def test_per_task_batchnorm_statistics_train_export_and_serve(tmp_path):
     load_task_model) and carried by a Surgery started from that export; the root keeps statistics of all rows.
     References: the first BatchNorm's output recomputed by hand from its input; running statistics as the mean of
     per-batch statistics of the first BatchNorm's input in the stock exported model, on the rows they should see."""
-    import pytorch_lightning as pl
     from transformers import AutoModel, AutoModelForImageClassification
 
     from adamerge import load_merged, read_manifest
-    from adamerge.callbacks import ExportOnFitEnd
-    from adamerge.data import TaskData, UnlabeledDataModule
     from adamerge.export import load_task_model
     from adamerge.methods import AdaMerging, Surgery
 
@@ -492,13 +498,7 @@ def test_per_task_batchnorm_statistics_train_export_and_serve(tmp_path):
     calls = []
     handle = bn.register_forward_hook(lambda m, args, out: calls.append(
         (args[0].detach(), out.detach(), m.weight.detach(), m.bias.detach())))
-    dm = UnlabeledDataModule({t: TaskData(path=p, image_column="image") for t, p in data.items()},
-                             tokenizer=str(tmp_path / "base"), samples_per_task=4)
-    out = tmp_path / "merged"
-    pl.seed_everything(0, verbose=False)
-    pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False, accelerator="cpu",
-               callbacks=[ExportOnFitEnd(output_dir=str(out), bn_batches=3)]).fit(module, datamodule=dm)
+    dm, out = _fit_and_export(module, data, tmp_path)
     handle.remove()
     training = calls[:2 * len(CLASSES)]  # then the re-estimation's forwards
     assert [c[0].shape[0] for c in training] == [4] * (2 * len(CLASSES))  # one task's rows per forward
