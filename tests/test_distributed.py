@@ -121,6 +121,50 @@ def test_wemoe_ddp_two_processes_match_single_process(zoo, task_data, tmp_path):
     assert max((single[k] - ddp[k]).abs().max() for k in routers) < TOL
 
 
+def test_batchnorm_reestimation_under_ddp_matches_single_process(tmp_path):
+    """A MobileNetV2 merge (BatchNorm backbone) trained with the base's running statistics (rows independent, so the
+    gradient is the one-process one) under 2 DDP processes: the exported coefficients and the BatchNorm statistics
+    re-estimated before export (one set and each task's own) equal one process's — every rank re-estimates on
+    whole steps, not its share."""
+    from safetensors.torch import load_file
+    from test_vision import _mobilenet_zoo
+
+    _, models, data = _mobilenet_zoo(tmp_path)
+
+    def cfg(name, devices, statistics):
+        c = {"seed_everything": 0, "batchnorm_statistics": statistics,
+             "model": {"class_path": "adamerge.methods.AdaMerging",
+                       "init_args": {"base": str(tmp_path / "base"), "models": models, "granularity": "layer",
+                                     "task_type": "image_cls", "lr": 0.01}},
+             "data": {"tasks": {t: {"path": p, "image_column": "image"} for t, p in data.items()},
+                      "samples_per_task": 4},
+             "trainer": {"max_steps": 2, "accelerator": "cpu", "devices": devices, "logger": False,
+                         "default_root_dir": str(tmp_path / f"{name}_root"), "enable_progress_bar": False,
+                         "enable_model_summary": False, "enable_checkpointing": False,
+                         **({"strategy": "ddp"} if devices > 1 else {})},
+             "export": {"output_dir": str(tmp_path / name), "per_task_models": False, "bn_batches": 2}}
+        return c
+
+    single = _fit(tmp_path, cfg("bn_single", 1, "running"), "bn_single")
+    ddp = _fit(tmp_path, cfg("bn_ddp", 2, "running"), "bn_ddp")
+    assert (single - 0.3).abs().max() > 2e-3 and (single - ddp).abs().max() < TOL
+    one, two = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("bn_single", "bn_ddp"))
+    stats = [k for k in one if k.endswith(("running_mean", "running_var"))]
+    assert stats and max((one[k] - two[k]).abs().max() for k in stats) < 1e-5
+    # each task's own statistics, re-estimated the same way (lr 0: a training step normalises each rank's share of a
+    # task's rows on its own, so trained merges would differ; here the merge is the same and only the re-estimation
+    # is compared)
+    runs = {}
+    for name, devices in (("bnt_single", 1), ("bnt_ddp", 2)):
+        c = cfg(name, devices, "task")
+        c["model"]["init_args"]["lr"] = 0.0
+        _fit(tmp_path, c, name)
+        runs[name] = load_file(str(tmp_path / name / "task_buffers.safetensors"))
+    one, two = runs.values()
+    assert sorted(one) == sorted(two) and any(k.startswith("digits/") for k in one)
+    assert max((one[k] - two[k]).abs().max() for k in one if k.endswith(("running_mean", "running_var"))) < 1e-5
+
+
 @pytest.mark.parametrize("recompute", [None, "merge"])
 def test_fsdp2_on_a_llama_shaped_causal_lm_matches_single_process(task_data, tmp_path, recompute):
     """The sharded path on a small random LLaMA (untied embeddings, GQA): 2 FSDP2 ranks, each holding half of every
