@@ -365,14 +365,8 @@ def test_batchnorm_statistics_are_reestimated_under_the_merge(tmp_path):
     assert info["batches"] == 3 and info["rows"] == 3 * 4 * len(CLASSES)
     stock = AutoModelForImageClassification.from_pretrained(str(out / "tasks" / "digits")).eval()
     bn = stock.mobilenet_v2.conv_stem.first_conv.normalization
-    seen = []
-    handle = bn.register_forward_hook(lambda m, args, output: seen.append(args[0].detach()))
-    with torch.no_grad():
-        for i in range(3):
-            stock(**dm.dataset[i]["inputs"])
-    handle.remove()
-    mean = torch.stack([a.mean(dim=(0, 2, 3)) for a in seen]).mean(0)
-    var = torch.stack([a.transpose(0, 1).reshape(a.shape[1], -1).var(dim=1, unbiased=True) for a in seen]).mean(0)
+    mean, var = _cumulative_stats(_first_bn_inputs(stock.mobilenet_v2,
+                                                   [dm.dataset[i]["inputs"]["pixel_values"] for i in range(3)]))
     torch.testing.assert_close(bn.running_mean, mean, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(bn.running_var, var, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(bn.running_var, base.mobilenet_v2.conv_stem.first_conv.normalization.running_var)

@@ -131,15 +131,8 @@ class TaskVectorPrep:
 
 def task_rows(batches: list[dict], task: str) -> list[dict]:
     """The rows of ``task`` in each step-shaped batch that has any, as batches of that task alone."""
-    out = []
-    for b in batches:
-        start = 0
-        for t, n in zip(b["tasks"], b["sizes"]):
-            if t == task and n:
-                out.append({"inputs": {k: v[start:start + n] for k, v in b["inputs"].items()}, "tasks": [t],
-                            "sizes": [n]})
-            start += n
-    return out
+    return [{"inputs": {k: v[sl] for k, v in b["inputs"].items()}, "tasks": [t], "sizes": [sl.stop - sl.start]}
+            for b in batches for t, sl in MergeModule.task_slices(b) if t == task and sl.stop > sl.start]
 
 
 class MergeModule(pl.LightningModule):
