@@ -26,6 +26,7 @@ from adamerge.functional import (
     merge_sparse,
     merge_tensor,
     sparse_to_dense,
+    summed_batch_norm,
     to_sparse_stack,
 )
 from adamerge.parametrize import Coefficients
@@ -617,18 +618,30 @@ def _is_sharded(t: Tensor) -> bool:
 
 
 @contextmanager
-def batch_statistics(module: nn.Module):
+def batch_statistics(module: nn.Module, total: Callable[[Tensor], Tensor] | None = None):
     """Inside the block every BatchNorm layer of ``module`` (that keeps running statistics) normalises with the
-    statistics of the batch it is given and updates no buffer; afterwards each layer is as it was."""
+    statistics of the batch it is given and updates no buffer; afterwards each layer is as it was.
+
+    ``total``: a differentiable sum over the data-parallel ranks (``MergeModule.data_parallel_sum``). With it the
+    statistics are those of every rank's rows together (:func:`adamerge.functional.summed_batch_norm`), so that a
+    step split over N processes normalises — and trains — as the whole step does in one."""
     layers = batchnorm_layers(module)
     saved = {n: (m.training, m.track_running_stats) for n, m in layers.items()}
     try:
         for m in layers.values():
             m.training, m.track_running_stats = True, False
+            if total is not None:  # an instance attribute, deleted below: the class's forward is untouched
+                m.forward = partial(_summed_batchnorm_forward, m, total)
         yield module
     finally:
         for n, m in layers.items():
             m.training, m.track_running_stats = saved[n]
+            m.__dict__.pop("forward", None)
+
+
+def _summed_batchnorm_forward(layer: nn.modules.batchnorm._BatchNorm, total, x: Tensor) -> Tensor:
+    layer._check_input_dim(x)
+    return summed_batch_norm(x, layer.weight, layer.bias, layer.eps, total)
 
 
 def batchnorm_layers(module: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:

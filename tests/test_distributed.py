@@ -121,11 +121,14 @@ def test_wemoe_ddp_two_processes_match_single_process(zoo, task_data, tmp_path):
     assert max((single[k] - ddp[k]).abs().max() for k in routers) < TOL
 
 
-def test_batchnorm_reestimation_under_ddp_matches_single_process(tmp_path):
-    """A MobileNetV2 merge (BatchNorm backbone) trained with the base's running statistics (rows independent, so the
-    gradient is the one-process one) under 2 DDP processes: the exported coefficients and the BatchNorm statistics
-    re-estimated before export (one set and each task's own) equal one process's — every rank re-estimates on
-    whole steps, not its share."""
+def test_batchnorm_merge_under_ddp_matches_single_process(tmp_path):
+    """A MobileNetV2 merge (BatchNorm backbone) trained on batch statistics — one set for the step, and each task's
+    own — under 2 DDP processes, each holding half of every task's rows: the statistics are those of both ranks' rows
+    together (a differentiable sum per layer), so the trained coefficients equal one process's (task-wise: layer-wise,
+    a projection layer's BatchNorm bias has a coefficient the loss does not depend on — the next convolution carries
+    it into a BatchNorm that removes it — whose rounding-noise gradient Adam turns into steps of ±lr); the BatchNorm
+    statistics re-estimated before export (one set and each task's own) do too — every rank re-estimates on whole
+    steps, not its share."""
     from safetensors.torch import load_file
     from test_vision import _mobilenet_zoo
 
@@ -134,10 +137,10 @@ def test_batchnorm_reestimation_under_ddp_matches_single_process(tmp_path):
     def cfg(name, devices, statistics):
         c = {"seed_everything": 0, "batchnorm_statistics": statistics,
              "model": {"class_path": "adamerge.methods.AdaMerging",
-                       "init_args": {"base": str(tmp_path / "base"), "models": models, "granularity": "layer",
+                       "init_args": {"base": str(tmp_path / "base"), "models": models, "granularity": "task",
                                      "task_type": "image_cls", "lr": 0.01}},
              "data": {"tasks": {t: {"path": p, "image_column": "image"} for t, p in data.items()},
-                      "samples_per_task": 4},
+                      "samples_per_task": 8},
              "trainer": {"max_steps": 2, "accelerator": "cpu", "devices": devices, "logger": False,
                          "default_root_dir": str(tmp_path / f"{name}_root"), "enable_progress_bar": False,
                          "enable_model_summary": False, "enable_checkpointing": False,
@@ -145,24 +148,20 @@ def test_batchnorm_reestimation_under_ddp_matches_single_process(tmp_path):
              "export": {"output_dir": str(tmp_path / name), "per_task_models": False, "bn_batches": 2}}
         return c
 
-    single = _fit(tmp_path, cfg("bn_single", 1, "running"), "bn_single")
-    ddp = _fit(tmp_path, cfg("bn_ddp", 2, "running"), "bn_ddp")
-    assert (single - 0.3).abs().max() > 2e-3 and (single - ddp).abs().max() < TOL
-    one, two = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("bn_single", "bn_ddp"))
-    stats = [k for k in one if k.endswith(("running_mean", "running_var"))]
-    assert stats and max((one[k] - two[k]).abs().max() for k in stats) < 1e-5
-    # each task's own statistics, re-estimated the same way (lr 0: a training step normalises each rank's share of a
-    # task's rows on its own, so trained merges would differ; here the merge is the same and only the re-estimation
-    # is compared)
-    runs = {}
-    for name, devices in (("bnt_single", 1), ("bnt_ddp", 2)):
-        c = cfg(name, devices, "task")
-        c["model"]["init_args"]["lr"] = 0.0
-        _fit(tmp_path, c, name)
-        runs[name] = load_file(str(tmp_path / name / "task_buffers.safetensors"))
-    one, two = runs.values()
-    assert sorted(one) == sorted(two) and any(k.startswith("digits/") for k in one)
-    assert max((one[k] - two[k]).abs().max() for k in one if k.endswith(("running_mean", "running_var"))) < 1e-5
+    for statistics in ("batch", "task"):
+        single = _fit(tmp_path, cfg(f"{statistics}_single", 1, statistics), f"{statistics}_single")
+        ddp = _fit(tmp_path, cfg(f"{statistics}_ddp", 2, statistics), f"{statistics}_ddp")
+        assert (single - 0.3).abs().max() > 2e-3
+        assert (single - ddp).abs().max() < TOL, (statistics, (single - ddp).abs().max())
+        files = ["model.safetensors"] + (["task_buffers.safetensors"] if statistics == "task" else [])
+        for f in files:
+            one, two = (load_file(str(tmp_path / f"{statistics}_{n}" / f)) for n in ("single", "ddp"))
+            stats = [k for k in one if k.endswith(("running_mean", "running_var"))]
+            assert stats and sorted(one) == sorted(two)
+            assert f == "model.safetensors" or any(k.startswith("digits/") for k in stats)
+            # relative: the coefficients agree to float32 rounding (~1e-7), which ~50 BatchNorm layers turn into
+            # ~3e-5 of the last layers' variances; unsynchronised training moves the coefficients by 2e-2
+            assert max(((one[k] - two[k]).abs().max() / one[k].abs().max()) for k in stats) < 1e-4, (statistics, f)
 
 
 @pytest.mark.parametrize("recompute", [None, "merge"])

@@ -1,4 +1,4 @@
-"""Hand-computed checks of the merge math: TIES, DARE, disjoint mean, M3 draws."""
+"""Hand-computed checks of the merge math: TIES, DARE, disjoint mean, M3 draws, BatchNorm over summed statistics."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from adamerge.functional import (
     disjoint_normalize,
     merge_dense,
     merge_tensor,
+    summed_batch_norm,
     ties_trim_elect,
     topk_mask,
 )
@@ -145,3 +146,31 @@ def test_m3_draws_are_seeded_beta_for_two_and_dirichlet_for_more():
     assert d.shape == (5, 4)
     np.testing.assert_allclose(d.sum(1), 1.0)
     assert not np.array_equal(d, draw_mixing_weights(4, 0.5, seed=3, k=5))
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (4, 3, 2, 5)])
+def test_summed_batch_norm_is_batch_normalisation_over_all_rows(shape):
+    """One process (the sum over ranks is the identity): per channel (axis 1), (x − mean) / sqrt(biased var + eps)
+    scaled and shifted, computed in float64 by hand; the gradients (input, weight, bias) equal torch's own
+    training-mode batch_norm's.
+    Rows held twice over (a sum that doubles: two ranks with the same rows) give the same statistics."""
+    torch.manual_seed(0)
+    x = (torch.randn(shape, dtype=torch.float64) * 3 + 5).float().requires_grad_(True)
+    w = torch.tensor([1.5, -0.5, 2.0], requires_grad=True)
+    b = torch.tensor([0.1, 0.2, -0.3], requires_grad=True)
+    c = shape[1]
+    xd = x.detach().double().transpose(0, 1).reshape(c, -1).numpy()
+    mean, var = xd.mean(1), ((xd - xd.mean(1, keepdims=True)) ** 2).mean(1)
+    view = (1, c) + (1,) * (len(shape) - 2)
+    ref = (x.detach().double() - torch.tensor(mean).view(view)) / torch.sqrt(torch.tensor(var).view(view) + 1e-5)
+    ref = ref * w.detach().double().view(view) + b.detach().double().view(view)
+    out = summed_batch_norm(x, w, b, 1e-5, lambda t: t)
+    assert out.dtype == torch.float32 and torch.allclose(out.double(), ref, atol=1e-5)
+    assert torch.allclose(summed_batch_norm(x, w, b, 1e-5, lambda t: 2 * t), out, atol=1e-6)
+    g = torch.randn(shape)
+    grads = torch.autograd.grad((out * g).sum(), (x, w, b))
+    y = torch.nn.functional.batch_norm(x, None, None, w, b, training=True, eps=1e-5)
+    want = torch.autograd.grad((y * g).sum(), (x, w, b))
+    for got, ref_grad in zip(grads, want):
+        assert torch.allclose(got, ref_grad, atol=1e-5)
+    assert summed_batch_norm(x.bfloat16(), w, b, 1e-5, lambda t: t).dtype == torch.bfloat16

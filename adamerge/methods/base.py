@@ -439,11 +439,13 @@ class MergeModule(pl.LightningModule):
         will with statistics re-estimated on the same kind of rows (:meth:`recalibrate_batchnorm`); with ``"task"``
         each task's rows are normalised with their own batch statistics (the backbone runs once per task under the
         one merge), as each task's model in the export will with statistics re-estimated on that task's rows; with
-        ``"running"`` it keeps the base's running statistics, which no longer fit the merged weights. Outside
-        training (evaluation, selection, the experts' forwards) the running statistics are used."""
+        ``"running"`` it keeps the base's running statistics, which no longer fit the merged weights. Under data
+        parallelism the batch statistics are those of every rank's rows together (a differentiable sum over the
+        ranks per layer), so N processes train as one does. Outside training (evaluation, selection, the experts'
+        forwards) the running statistics are used."""
         if (self.batchnorm_statistics in ("batch", "task") and self._trainer is not None and self.trainer.training
                 and not self._scoring and self.has_batchnorm()):
-            return batch_statistics(self.merged.backbone)
+            return batch_statistics(self.merged.backbone, total=self.data_parallel_sum())
         return nullcontext()
 
     def _reestimated_buffers(self, params: Mapping[str, Tensor], batches: list[dict]) -> dict[str, Tensor]:
