@@ -626,17 +626,20 @@ def batch_statistics(module: nn.Module, total: Callable[[Tensor], Tensor] | None
     statistics are those of every rank's rows together (:func:`adamerge.functional.summed_batch_norm`), so that a
     step split over N processes normalises — and trains — as the whole step does in one."""
     layers = batchnorm_layers(module)
-    saved = {n: (m.training, m.track_running_stats) for n, m in layers.items()}
+    saved = {n: (m.training, m.track_running_stats, m.__dict__.get("forward")) for n, m in layers.items()}
     try:
         for m in layers.values():
             m.training, m.track_running_stats = True, False
-            if total is not None:  # an instance attribute, deleted below: the class's forward is untouched
+            if total is not None:  # an instance attribute, removed below: the class's forward is untouched
                 m.forward = partial(_summed_batchnorm_forward, m, total)
         yield module
     finally:
         for n, m in layers.items():
-            m.training, m.track_running_stats = saved[n]
-            m.__dict__.pop("forward", None)
+            m.training, m.track_running_stats, forward = saved[n]
+            if forward is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = forward
 
 
 def _summed_batchnorm_forward(layer: nn.modules.batchnorm._BatchNorm, total, x: Tensor) -> Tensor:

@@ -376,6 +376,42 @@ def test_batchnorm_statistics_are_reestimated_under_the_merge(tmp_path):
         torch.testing.assert_close(stock(**x).logits, module.predict("digits", x), atol=1e-5, rtol=1e-4)
 
 
+def test_batch_statistics_summed_over_ranks_normalise_and_leave_the_layers_as_they_were():
+    """``batch_statistics(total=...)`` (what a training step under data parallelism uses): every BatchNorm layer
+    normalises with statistics that go through ``total`` — two sums in the forward, one in the backward — equal here
+    (one process: ``total`` is the identity) to the batch's own mean and biased variance by hand; afterwards each
+    layer is in eval mode with its running statistics, its own forward and unchanged buffers."""
+    from adamerge.merged import batch_statistics
+
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(3).eval()
+    with torch.no_grad():
+        bn.running_mean.fill_(1.0), bn.weight.copy_(torch.tensor([1.5, -0.5, 2.0]))
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1), bn)
+    x = torch.randn(5, 2, 4, 4)
+    calls = []
+
+    def total(t):
+        calls.append(tuple(t.shape))
+        return t
+
+    with batch_statistics(net, total=total):
+        y = net(x)
+        assert calls == [(4,), (3,)]  # per channel: sums + row count, then the squared deviations
+    y.square().sum().backward()
+    assert calls[2:] == [(6,)]  # Σ dy and Σ dy·x̂ per channel
+    h = net[0](x).detach()
+    mean, var = h.mean(dim=(0, 2, 3)), h.var(dim=(0, 2, 3), unbiased=False)
+    shape = (1, -1, 1, 1)
+    ref = (h - mean.view(shape)) / torch.sqrt(var.view(shape) + bn.eps) * bn.weight.view(shape) + bn.bias.view(shape)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    assert "forward" not in bn.__dict__ and not bn.training and bn.track_running_stats
+    assert torch.equal(bn.running_mean, torch.ones(3)) and torch.equal(bn.running_var, torch.ones(3))
+    with torch.no_grad():  # eval again: the running statistics
+        torch.testing.assert_close(net(x), (h - 1.0) / torch.sqrt(torch.tensor(1.0 + bn.eps)) * bn.weight.view(shape)
+                                   + bn.bias.view(shape))
+
+
 @pytest.mark.parametrize("statistics", ["batch", "running"])
 def test_training_steps_normalise_the_merge_with_batch_statistics(tmp_path, statistics):
     """In a training step the merge's forward normalises every BatchNorm layer with the step's batch statistics
