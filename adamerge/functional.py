@@ -413,34 +413,35 @@ def summed_batch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps
     normalised as one batch would be in one process — the mean, then the biased variance around it — and the backward
     sums its per-channel reductions the same way, so that each rank's gradient, averaged over the ranks as DDP does,
     is the one-process gradient. This is what ``torch.nn.SyncBatchNorm`` does on GPUs; it runs on any device and
-    backend (gloo included). Per-channel sums accumulate in float64 on CPU (float32 elsewhere, as torch's CUDA
-    kernels do): the input gradient is a small difference of such sums, and through a deep BatchNorm network plain
-    float32 autograd sums moved a merge coefficient's gradient by 0.6% from its float64 value (a 16-row MobileNetV2
-    step on CPU), torch's kernel by 0.02%, these by 0.01%."""
+    backend (gloo included). Per-channel sums accumulate in float64 on CPU, as torch's CPU kernel does (float32
+    elsewhere, as its CUDA kernels do): the input gradient is a small difference of such sums, and through a deep
+    BatchNorm network plain float32 autograd sums moved a merge coefficient's gradient by 0.6% from its float64 value
+    (a 16-row MobileNetV2 step on CPU), torch's kernel and this one by 0.02%."""
     return _SummedBatchNorm.apply(x, weight, bias, eps, total)
 
 
-def _bn_layout(x: Tensor) -> tuple[list[int], tuple[int, ...], torch.dtype]:
-    """(reduced axes, per-channel broadcast shape, accumulation dtype) of a batch norm over ``x``."""
+def _bn_layout(x: Tensor) -> tuple[list[int], tuple[int, ...], torch.dtype, torch.dtype]:
+    """(reduced axes, per-channel broadcast shape, elementwise dtype, sum dtype) of a batch norm over ``x``:
+    elementwise in float32 at least, per-channel sums in float64 on CPU (as torch's CPU kernel accumulates)."""
     return ([0, *range(2, x.dim())], (1, x.shape[1]) + (1,) * (x.dim() - 2),
-            torch.float64 if x.device.type == "cpu" else torch.float32)
+            torch.promote_types(x.dtype, torch.float32), torch.float64 if x.device.type == "cpu" else torch.float32)
 
 
 class _SummedBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, total):
-        dims, shape, acc = _bn_layout(x)
+        dims, shape, dtype, acc = _bn_layout(x)
         c = x.shape[1]
         sums = total(torch.cat([x.sum(dims, dtype=acc), x.new_full((1,), x.numel() // c, dtype=acc)]))
         count = sums[c]
         mean = sums[:c] / count
-        centred = x.to(acc) - mean.view(shape)
-        invstd = torch.rsqrt(total(centred.pow(2).sum(dims)) / count + eps)
-        out = centred * invstd.view(shape)
+        centred = x.to(dtype) - mean.to(dtype).view(shape)
+        invstd = torch.rsqrt(total(centred.square().sum(dims, dtype=acc)) / count + eps).to(dtype)
+        out = centred.mul_(invstd.view(shape))
         if weight is not None:
-            out = out * weight.to(acc).view(shape)
+            out = out * weight.to(dtype).view(shape)
         if bias is not None:
-            out = out + bias.to(acc).view(shape)
+            out = out + bias.to(dtype).view(shape)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.total, ctx.count, ctx.bias_dtype = total, count, None if bias is None else bias.dtype
         return out.to(x.dtype)
@@ -449,20 +450,19 @@ class _SummedBatchNorm(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, weight, mean, invstd = ctx.saved_tensors
-        dims, shape, acc = _bn_layout(x)
+        dims, shape, dtype, acc = _bn_layout(x)
         c = x.shape[1]
-        xhat = (x.to(acc) - mean.view(shape)) * invstd.view(shape)
-        dy = grad.to(acc)
-        local = torch.cat([dy.sum(dims), (dy * xhat).sum(dims)])  # this rank's Σ dy and Σ dy·x̂ per channel
+        xhat = (x.to(dtype) - mean.to(dtype).view(shape)).mul_(invstd.view(shape))
+        dy = grad.to(dtype)
+        local = torch.cat([dy.sum(dims, dtype=acc), (dy * xhat).sum(dims, dtype=acc)])  # Σ dy, Σ dy·x̂ per channel
         dweight = local[c:].to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         dbias = local[:c].to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
         dx = None
         if ctx.needs_input_grad[0]:
-            every = ctx.total(local) / ctx.count  # every rank's rows: the mean of dy and of dy·x̂
-            scale = invstd if weight is None else invstd * weight.to(acc)
-            dx = ((dy - every[:c].view(shape) - xhat * every[c:].view(shape)) * scale.view(shape)).to(x.dtype)
+            every = (ctx.total(local) / ctx.count).to(dtype)  # every rank's rows: the mean of dy and of dy·x̂
+            scale = invstd if weight is None else invstd * weight.to(dtype)
+            dx = (dy - every[:c].view(shape) - xhat * every[c:].view(shape)).mul_(scale.view(shape)).to(x.dtype)
         return dx, dweight, dbias, None, None
-
 
 # -- subspace merges: TSV-M and Iso-C, as per-task pieces whose sum is the published merge --------------------------
 def _svd(m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
