@@ -96,3 +96,28 @@ def test_gpu_concrete_trains_and_exports_like_cpu(zoo):
     for name in on_cpu:
         assert on_gpu[name].device.type == "cuda"
         torch.testing.assert_close(on_gpu[name].cpu(), on_cpu[name], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_summed_batch_norm_matches_torch_and_cpu(dtype):
+    """The rank-summed batch norm that data-parallel BatchNorm training uses (one process here: the sum is the
+    identity) on CUDA, float32 sums: outputs and gradients equal torch's own training-mode batch_norm on the GPU and
+    the same function on CPU (float64 sums)."""
+    from adamerge.functional import summed_batch_norm
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 16, 8, 8) * 3 + 2
+    w, b, g = torch.randn(16), torch.randn(16), torch.randn(32, 16, 8, 8)
+    results = {}
+    for device, fn in (("cuda", "summed"), ("cuda", "torch"), ("cpu", "summed")):
+        xs, ws, bs = (t.to(device, dtype).requires_grad_(True) for t in (x, w, b))
+        if fn == "summed":
+            y = summed_batch_norm(xs, ws, bs, 1e-3, lambda t: t)
+        else:
+            y = torch.nn.functional.batch_norm(xs, None, None, ws, bs, True, 0.0, 1e-3)
+        grads = torch.autograd.grad((y.float() * g.to(device)).sum(), (xs, ws, bs))
+        results[device, fn] = [t.detach().float().cpu() for t in (y, *grads)]
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.02)
+    for other in (("cuda", "torch"), ("cpu", "summed")):
+        for got, want in zip(results["cuda", "summed"], results[other]):
+            torch.testing.assert_close(got, want, **tol)
