@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 
 from adamerge.bench.tasks import TASKS, prepare
+from adamerge.bench.vision import IMAGE_SIZE
 from adamerge.bench.zoo import build_base, finetune
 from adamerge.callbacks import SelectStep, StepProgress
 from adamerge.data import TaskData, UnlabeledDataModule, input_builder
@@ -110,7 +111,7 @@ class Preset:
     methods: list[str] = field(default_factory=lambda: list(METHOD_GRID))
     task_type: str = "seq_cls"  # image_cls: the vision benchmark (adamerge.bench.vision)
     bn_batches: int = 16  # BatchNorm backbones: steps of unlabeled rows to re-estimate a merge's statistics on
-    image_size: int = 32  # image tasks: the side every image is resized to (a zoo per size, same data)
+    image_size: int = IMAGE_SIZE  # image tasks: the side every image is resized to (a zoo per size, same data)
     # BatchNorm backbones: one set of statistics for every task ("batch") or each task its own ("task"), in training
     # and in the export (MergeModule.batchnorm_statistics)
     batchnorm_statistics: str = "batch"
@@ -373,7 +374,7 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
     if unknown:
         raise ValueError(f"unknown methods {unknown}; known: {sorted(METHOD_GRID)}")
     root = work / ("ci" if preset_name == "ci" else "vision" if preset.image else "")
-    data_dir, zoo = root / "data", root / ("zoo" if preset.image_size == 32 else f"zoo-{preset.image_size}px")
+    data_dir, zoo = root / "data", root / ("zoo" if preset.image_size == IMAGE_SIZE else f"zoo-{preset.image_size}px")
     target = results_dir(out, preset_name, zoo_protocol, head_pooler, preset.batchnorm_statistics)
     heads = {"pooler": True} if head_pooler else None
     t0 = time.time()
@@ -479,7 +480,7 @@ def render(result: dict) -> str:
         result.get("zoo_protocol", "own")]
     from adamerge.bench.vision import FT_LR
 
-    side = c.get("image_size", 32)
+    side = c.get("image_size", IMAGE_SIZE)
     inputs = (f"images {side}×{side}, zoo fine-tuned {c['ft_epochs']} epochs at lr {FT_LR:g}, BatchNorm "
               f"statistics of every merge re-estimated on {c.get('bn_batches')} steps of its unlabeled rows"
               + (" — each task's own, on its rows alone, which training also normalises apart (per-task BatchNorm "
