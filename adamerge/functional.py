@@ -464,6 +464,7 @@ class _SummedBatchNorm(torch.autograd.Function):
             dx = (dy - every[:c].view(shape) - xhat * every[c:].view(shape)).mul_(scale.view(shape)).to(x.dtype)
         return dx, dweight, dbias, None, None
 
+
 # -- subspace merges: TSV-M and Iso-C, as per-task pieces whose sum is the published merge --------------------------
 def _svd(m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return torch.linalg.svd(m, full_matrices=False)
