@@ -124,11 +124,11 @@ def test_wemoe_ddp_two_processes_match_single_process(zoo, task_data, tmp_path):
 def test_batchnorm_merge_under_ddp_matches_single_process(tmp_path):
     """A MobileNetV2 merge (BatchNorm backbone) trained on batch statistics — one set for the step, and each task's
     own — under 2 DDP processes, each holding half of every task's rows: the statistics are those of both ranks' rows
-    together (a differentiable sum per layer), so the trained coefficients equal one process's (task-wise: layer-wise,
-    a projection layer's BatchNorm bias has a coefficient the loss does not depend on — the next convolution carries
-    it into a BatchNorm that removes it — whose rounding-noise gradient Adam turns into steps of ±lr); the BatchNorm
+    together (a differentiable sum per layer), so the trained coefficients equal one process's; the BatchNorm
     statistics re-estimated before export (one set and each task's own) do too — every rank re-estimates on whole
-    steps, not its share."""
+    steps, not its share. Task-wise coefficients: with layer-wise ones, a projection layer's BatchNorm bias has a
+    coefficient the loss does not depend on (the next convolution carries the shift into a BatchNorm that removes
+    it), whose rounding-noise gradient Adam turns into steps of ±lr, different in any two runs."""
     from safetensors.torch import load_file
     from test_vision import _mobilenet_zoo
 

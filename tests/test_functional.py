@@ -152,8 +152,8 @@ def test_m3_draws_are_seeded_beta_for_two_and_dirichlet_for_more():
 def test_summed_batch_norm_is_batch_normalisation_over_all_rows(shape):
     """One process (the sum over ranks is the identity): per channel (axis 1), (x − mean) / sqrt(biased var + eps)
     scaled and shifted, computed in float64 by hand; the gradients (input, weight, bias) equal torch's own
-    training-mode batch_norm's.
-    Rows held twice over (a sum that doubles: two ranks with the same rows) give the same statistics."""
+    training-mode batch_norm's. Rows held twice over (a sum that doubles: two ranks with the same rows) give the same
+    statistics."""
     torch.manual_seed(0)
     x = (torch.randn(shape, dtype=torch.float64) * 3 + 5).float().requires_grad_(True)
     w = torch.tensor([1.5, -0.5, 2.0], requires_grad=True)
