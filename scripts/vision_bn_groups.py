@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 from torch.func import functional_call
 
-TASKS = ["mnist", "digits", "animals", "fashion"]
+from adamerge.bench.vision import VISION_TASKS
+
+TASKS = list(VISION_TASKS)  # the vision benchmark's tasks, in its order
 
 
 def main() -> None:
