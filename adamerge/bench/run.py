@@ -81,6 +81,8 @@ METHOD_GRID: dict[str, Row] = {
     "adamerging_layer_pl_lr1e-2": Row("Layer-wise, expert pseudo-labels, lr 1e-2", "adamerging",
                                       {"granularity": "layer", "objective": "pseudo_label", "lr": 1e-2},
                                       select="agreement"),
+    "tinting_lr1e-2": Row("Layer-wise + tuned heads, expert KL, lr 1e-2 (ours)", "adamerging",
+                          {"granularity": "layer", "objective": "kl", "tune_heads": True, "lr": 1e-2}, select="agreement"),
     "tinting": Row("Layer-wise + tuned heads, expert KL (ours)", "adamerging",
                    {"granularity": "layer", "objective": "kl", "tune_heads": True}, select="agreement"),
     "wemoe": Row("WEMoE (MLP routers, entropy, lr 1e-3)", "wemoe", {"lr": 1e-3}),
@@ -100,6 +102,9 @@ METHOD_GRID: dict[str, Row] = {
 METHOD_GRID["tinting_tsv_worst"] = replace(
     METHOD_GRID["tinting_tsv"], kwargs=dict(METHOD_GRID["tinting_tsv"].kwargs), select="worst_agreement", label=(
     "Layer-wise + tuned heads, expert KL, over TSV-M, step by worst-task agreement (ours)"))
+METHOD_GRID["adamerging_layer_lr1e-2_worst"] = replace(
+    METHOD_GRID["adamerging_layer_lr1e-2"], kwargs=dict(METHOD_GRID["adamerging_layer_lr1e-2"].kwargs),
+    select="worst_agreement", label="AdaMerging layer-wise, lr 1e-2, step by worst-task agreement")
 
 
 @dataclass
