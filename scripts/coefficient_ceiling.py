@@ -11,8 +11,9 @@ over the zoo's checkpoints; it calls no adamerge merge code), so the two differ 
 The merge is AdaMerging's: ``θ = θ_0 + Σ_t λ_t,p τ_t,p`` over every floating tensor of the backbone (BatchNorm
 affine parameters included, running statistics not), λ from 0.3, clamped to [0, 1], Adam at 1e-3, ``--rows`` rows
 per task per step. ``--statistics task`` (default) normalises each task's rows on their own in training and scores
-each task with statistics re-estimated on 256 of its own unlabeled rows in batches of 16, as ``--batchnorm-statistics task`` does;
-``mixed`` puts every task's rows in one batch and one set of statistics, as an exported single model holds.
+each task with statistics re-estimated on 256 of its own unlabeled rows in batches of 16, as
+``--batchnorm-statistics task`` does; ``mixed`` puts every task's rows in one batch and one set of statistics, as an
+exported single model holds.
 Scored on the ``test`` split at the ``--report`` steps (a curve, read only after the run: nothing is selected on it;
 the figure is the last step). Test labels are read only to score.
 """
@@ -132,8 +133,8 @@ def main() -> None:
         out["avg"] = round(sum(out[t] for t in TASKS) / len(TASKS), 2)
         return out
 
-    results = {"zoo": str(args.zoo), "base": str(base_dir), "statistics": args.statistics, "steps": args.steps, "rows": args.rows,
-               "lr": args.lr, "init": args.init, "tensors": len(keys)}
+    results = {"zoo": str(args.zoo), "base": str(base_dir), "statistics": args.statistics, "steps": args.steps,
+               "rows": args.rows, "lr": args.lr, "init": args.init, "tensors": len(keys)}
     start = torch.full((len(TASKS), len(keys)), args.init)
     results["task_arithmetic"] = score(start)
     print(json.dumps({"task_arithmetic": results["task_arithmetic"]}), flush=True)

@@ -72,7 +72,8 @@ METHOD_GRID: dict[str, Row] = {
     "adamerging_layer_features": Row("Layer-wise, feature alignment to experts", "adamerging",
                                      {"granularity": "layer", "objective": "features"}, select="agreement"),
     # the same objectives at lr 1e-2 (Adam; the default is AdaMerging's 1e-3): on the vision zoo, coefficients trained
-    # on the experts' own training labels need it to leave Task Arithmetic's neighbourhood (scripts/coefficient_ceiling.py)
+    # on the experts' own training labels need it to leave Task Arithmetic's neighbourhood
+    # (scripts/coefficient_ceiling.py)
     "adamerging_layer_lr1e-2": Row("AdaMerging layer-wise, lr 1e-2, step chosen by expert agreement", "adamerging",
                                    {"granularity": "layer", "lr": 1e-2}, select="agreement"),
     "adamerging_layer_kl_lr1e-2": Row("Layer-wise, KL to experts (τ=2), lr 1e-2", "adamerging",
@@ -82,7 +83,8 @@ METHOD_GRID: dict[str, Row] = {
                                       {"granularity": "layer", "objective": "pseudo_label", "lr": 1e-2},
                                       select="agreement"),
     "tinting_lr1e-2": Row("Layer-wise + tuned heads, expert KL, lr 1e-2 (ours)", "adamerging",
-                          {"granularity": "layer", "objective": "kl", "tune_heads": True, "lr": 1e-2}, select="agreement"),
+                          {"granularity": "layer", "objective": "kl", "tune_heads": True, "lr": 1e-2},
+                          select="agreement"),
     "tinting": Row("Layer-wise + tuned heads, expert KL (ours)", "adamerging",
                    {"granularity": "layer", "objective": "kl", "tune_heads": True}, select="agreement"),
     "wemoe": Row("WEMoE (MLP routers, entropy, lr 1e-3)", "wemoe", {"lr": 1e-3}),
