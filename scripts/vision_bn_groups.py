@@ -24,10 +24,9 @@ TASKS = list(VISION_TASKS)  # the vision benchmark's tasks, in its order
 
 
 def main() -> None:
-    import datasets
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    from adamerge.bench.vision import _pixels
+    from adamerge.bench.vision import split_pixels
     from adamerge.merged import recalibrate_batchnorm
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,9 +37,7 @@ def main() -> None:
     proc = AutoImageProcessor.from_pretrained(str(args.zoo / "base"))
     px, ys = {}, {}
     for t in TASKS:
-        ds = datasets.load_from_disk(str(args.data / t))["unlabeled"]
-        ds = ds.select(range(min(512, len(ds))))
-        px[t], ys[t] = _pixels(proc, ds["image"]), torch.tensor(ds["label"])
+        px[t], ys[t] = split_pixels(args.data / t, "unlabeled", proc, limit=512)
     base = AutoModelForImageClassification.from_pretrained(str(args.zoo / "base")).state_dict()
     models = {t: AutoModelForImageClassification.from_pretrained(str(args.zoo / t)) for t in TASKS}
     tuned = {t: m.state_dict() for t, m in models.items()}

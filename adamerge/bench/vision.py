@@ -211,6 +211,17 @@ def _pixels(processor, images) -> torch.Tensor:
     return processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
 
 
+def split_pixels(task_dir: Path, split: str, processor, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixel values, labels) of the first ``limit`` rows (all by default) of one split of a task written by
+    :func:`prepare_vision` — for the diagnostic scripts, which score with labels or read the ``train`` split."""
+    import datasets
+
+    ds = datasets.load_from_disk(str(task_dir))[split]
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    return _pixels(processor, ds["image"]), torch.tensor(ds["label"])
+
+
 @torch.no_grad()
 def _features(model, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     model.eval()
