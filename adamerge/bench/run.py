@@ -38,6 +38,10 @@ class Row:
     kwargs: dict = field(default_factory=dict)
     on: str | None = None
     select: str | None = None  # label-free step selection criterion (SelectStep on held-back unlabeled rows)
+    # label-free hyperparameter choice: one training per value (e.g. {"lr": [1e-3, 1e-2]}; several keys: every
+    # combination), the row keeps the run whose selected step scores best by ``select`` on the same held-back rows —
+    # the step selection over the union of the runs' scored steps (ties: the earlier value)
+    sweep: dict[str, list] | None = None
 
 
 # A new method joins the table with one line here.
@@ -104,6 +108,17 @@ METHOD_GRID: dict[str, Row] = {
 METHOD_GRID["tinting_tsv_worst"] = replace(
     METHOD_GRID["tinting_tsv"], kwargs=dict(METHOD_GRID["tinting_tsv"].kwargs), select="worst_agreement", label=(
     "Layer-wise + tuned heads, expert KL, over TSV-M, step by worst-task agreement (ours)"))
+# the learning rate chosen without labels: both rates trained, the run whose selected step agrees best with the
+# experts on the held-back rows is the row (the lr 1e-2 rows above were picked after a test-scored diagnostic)
+for _key in ("adamerging_layer_pl", "adamerging_layer_kl", "tinting"):
+    _base = METHOD_GRID[_key]
+    METHOD_GRID[f"{_key}_lrsel"] = replace(
+        _base, kwargs={k: v for k, v in _base.kwargs.items() if k != "lr"}, select="agreement",
+        sweep={"lr": [1e-3, 1e-2]}, label=f"{_base.label.removesuffix(' (ours)')}, lr (1e-3 or 1e-2) and step by "
+        "expert agreement" + (" (ours)" if _base.label.endswith("(ours)") else ""))
+METHOD_GRID["adamerging_layer_lrsel"] = replace(
+    METHOD_GRID["adamerging_layer_select"], kwargs=dict(METHOD_GRID["adamerging_layer_select"].kwargs),
+    sweep={"lr": [1e-3, 1e-2]}, label="AdaMerging layer-wise, lr (1e-3 or 1e-2) and step by expert agreement")
 METHOD_GRID["adamerging_layer_lr1e-2_worst"] = replace(
     METHOD_GRID["adamerging_layer_lr1e-2"], kwargs=dict(METHOD_GRID["adamerging_layer_lr1e-2"].kwargs),
     select="worst_agreement", label="AdaMerging layer-wise, lr 1e-2, step by worst-task agreement")
@@ -246,6 +261,20 @@ def adapt(module: MergeModule, data_dir: Path, tasks: list[str], split: str, pre
         module.recalibrate_batchnorm(dm.first_steps(preset.bn_batches))
 
 
+def sweep_candidates(row: Row) -> list[dict]:
+    """The argument sets a row trains with: ``[{}]`` without a sweep, else every combination of its values."""
+    from itertools import product
+
+    if not row.sweep:
+        return [{}]
+    if row.select is None:
+        raise ValueError(f"row {row.label!r}: a sweep is chosen by the selection score; set select")
+    clash = sorted(set(row.sweep) & set(row.kwargs))
+    if clash:
+        raise ValueError(f"row {row.label!r}: {clash} both fixed in kwargs and swept")
+    return [dict(zip(row.sweep, values)) for values in product(*row.sweep.values())]
+
+
 def adapts(row: Row) -> bool:
     cls = METHODS[row.method]
     return cls.trainable or row.kwargs.get("candidates", 1) > 1
@@ -266,17 +295,31 @@ class Runner:
         self.ckpt_dir, self.evaluator, self.seed, self.transductive = ckpt_dir, evaluator, seed, transductive
 
     def build(self, key: str, protocol: str) -> MergeModule:
-        """Instantiate and adapt row ``key`` under ``protocol`` (``inductive``/``transductive``)."""
+        """Instantiate and adapt row ``key`` under ``protocol`` (``inductive``/``transductive``); a row with a
+        ``sweep`` trains once per candidate and returns the one whose selected step scores best (its ``sweep``
+        attribute lists every candidate's selected step and score)."""
         row = METHOD_GRID[key]
         kwargs = dict(row.kwargs)
         if row.on is not None:
             kwargs["merged"] = str(self.export_of(row.on, protocol))
-        module = METHODS[row.method](self.base, self.paths, task_type=self.preset.task_type, heads=self.heads,
-                                     **kwargs)
         split = "unlabeled" if protocol == "inductive" else "test"
-        adapt(module, self.data_dir, self.preset.tasks, split, self.preset, self.seed, steps_for(row, self.preset),
-              row.select)
-        return module
+        best, tried = None, []
+        for values in sweep_candidates(row):
+            module = METHODS[row.method](self.base, self.paths, task_type=self.preset.task_type, heads=self.heads,
+                                         **kwargs, **values)
+            adapt(module, self.data_dir, self.preset.tasks, split, self.preset, self.seed,
+                  steps_for(row, self.preset), row.select)
+            if not row.sweep:
+                return module
+            sel = module.selection
+            tried.append({**values, "selected_step": sel["selected_step"], "score": sel["score"]})
+            log.info("%s %s, %s: %s %.4f at step %d", row.label, protocol, values, sel["criterion"], sel["score"],
+                     sel["selected_step"])
+            if best is None or sel["score"] > best.selection["score"]:
+                best = module
+            del module
+        best.sweep = tried
+        return best
 
     def export_of(self, key: str, protocol: str) -> Path:
         protocol = protocol if adapts(METHOD_GRID[key]) else "inductive"
@@ -303,6 +346,8 @@ class Runner:
                 out[f"{protocol}_selection"] = {k: module.selection[k] for k in ("criterion", "selected_step", "score",
                                                                                  "history", "per_task")
                                                 if k in module.selection}
+            if getattr(module, "sweep", None):
+                out[f"{protocol}_sweep"] = module.sweep
             if row.on is None and any(r.on == key for r in METHOD_GRID.values()):
                 module.export(self.ckpt_dir / f"{key}-{protocol}", overwrite=True, per_task_models=False)
             log.info("%s %s: %.4f (%.0fs)", row.label, protocol, _avg(out[protocol]), out[f"{protocol}_seconds"])
