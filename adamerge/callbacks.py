@@ -90,6 +90,7 @@ class ExportOnFitEnd(pl.Callback):
         dm = trainer.datamodule
         if dm is not None and hasattr(dm, "tasks") and hasattr(dm, "max_length"):  # what it adapted on (no rows)
             pl_module.data_info = {"max_length": dm.max_length, "samples_per_task": dm.samples_per_task,
+                                   "seed": getattr(dm, "seed", None), "holdout": getattr(dm, "holdout", 0),
                                    "tasks": {t: {"path": str(spec.path), "split": spec.split}
                                              for t, spec in dm.tasks.items()}}
         ckpt = self.trained_state_path

@@ -224,6 +224,22 @@ def evaluate_main(args: list[str] | None = None):
     return CLI(evaluate_checkpoint, args=args, as_positional=False)
 
 
+def pick_main(args: list[str] | None = None):
+    """``adamerge pick A B ... [--into DIR]``: the export whose label-free selection score is best (see
+    :mod:`adamerge.pick`)."""
+    import argparse
+
+    from adamerge.pick import pick
+
+    parser = argparse.ArgumentParser(prog="adamerge pick", description="choose among exports by their label-free "
+                                     "selection score (agreement with the experts on the same held-back rows)")
+    parser.add_argument("exports", nargs="+", help="exported checkpoints trained with SelectStep")
+    parser.add_argument("--into", default=None, help="copy the chosen export here (manifest: a `pick` entry)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --into directory")
+    a = parser.parse_args(args)
+    return pick(a.exports, into=a.into, overwrite=a.overwrite)
+
+
 def check_install(package=None) -> None:
     """Refuse to run on an ``adamerge`` that is not this package — e.g. a folder named ``adamerge`` (a clone's root)
     in the working directory, which Python imports as a namespace package: training would run and the export fail.
@@ -268,8 +284,8 @@ def main(argv: list[str] | None = None) -> None:
         check_install()
         if argv and argv[0] == "merge":
             merge_main(argv[1:])
-        elif argv and argv[0] == "evaluate":
-            result = evaluate_main(argv[1:])
+        elif argv and argv[0] in ("evaluate", "pick"):
+            result = (evaluate_main if argv[0] == "evaluate" else pick_main)(argv[1:])
             import json
 
             print(json.dumps(result, indent=2))  # the command's output, not logging

@@ -191,6 +191,57 @@ def test_fit_with_label_free_selection_exports_the_chosen_step(zoo, task_data, t
     assert torch.allclose(exported, cli.model.merged.coefficients.weight.detach())
 
 
+def test_pick_chooses_the_export_with_the_best_selection_score(zoo, task_data, tmp_path, capsys, caplog):
+    """Two learning rates through `adamerge fit` with SelectStep, then `adamerge pick`: it names the export whose
+    recorded score is highest, copies it whole with a `pick` entry, and refuses exports whose scores are not
+    comparable (another criterion, other held-back rows, no selection)."""
+    outs = {}
+    for name, lr, extra in (("a", 0.001, {}), ("b", 0.2, {}), ("worst", 0.2, {"criterion": "worst_agreement"}),
+                            ("seed", 0.2, {"seed": 1})):
+        cfg = fit_config(zoo, task_data, tmp_path / name, objective="kl", lr=lr)
+        cfg["trainer"]["max_steps"] = 4
+        cfg["trainer"]["logger"] = False
+        cfg["trainer"]["callbacks"] = [{"class_path": "adamerge.callbacks.SelectStep",
+                                        "init_args": {"every_n_steps": 2,
+                                                      "criterion": extra.get("criterion", "agreement")}}]
+        cfg["data"]["holdout"] = 8
+        cfg["data"]["seed"] = extra.get("seed", 0)
+        (tmp_path / name).mkdir()
+        p = tmp_path / name / "fit.yaml"
+        p.write_text(yaml.safe_dump(cfg))
+        lightning_main(["fit", "--config", str(p)])
+        outs[name] = tmp_path / name / "merged"
+    scores = {n: json.loads((outs[n] / "merge_manifest.json").read_text())["selection"]["score"] for n in ("a", "b")}
+    assert json.loads((outs["a"] / "merge_manifest.json").read_text())["data"]["holdout"] == 8
+    capsys.readouterr()
+    main(["pick", str(outs["a"]), str(outs["b"]), "--into", str(tmp_path / "best")])
+    record = json.loads(capsys.readouterr().out)
+    winner = "b" if scores["b"] > scores["a"] else "a"  # ties: the first
+    assert record["chosen"] == str(outs[winner])
+    assert [c["score"] for c in record["candidates"]] == [scores["a"], scores["b"]]
+    picked = json.loads((tmp_path / "best" / "merge_manifest.json").read_text())
+    assert picked["pick"] == record
+    own = json.loads((outs[winner] / "merge_manifest.json").read_text())
+    assert {k: v for k, v in picked.items() if k != "pick"} == own
+    for f in (outs[winner]).iterdir():
+        if f.name != "merge_manifest.json" and f.is_file():
+            assert (tmp_path / "best" / f.name).read_bytes() == f.read_bytes(), f.name
+    # not comparable: nothing written
+    for other, what in (("worst", "selection criterion"), ("seed", "held-back rows")):
+        caplog.clear()
+        with pytest.raises(SystemExit):
+            main(["pick", str(outs["a"]), str(outs[other]), "--into", str(tmp_path / other / "x")])
+        assert f"differ in {what}" in caplog.text, other
+        assert not (tmp_path / other / "x").exists()
+    from adamerge.errors import MergeInputError
+    from adamerge.pick import pick
+
+    with pytest.raises(MergeInputError, match="at least two"):
+        pick([outs["a"]])
+    with pytest.raises(MergeInputError, match="is one of the candidates"):
+        pick([outs["a"], outs["b"]], into=outs["a"], overwrite=True)
+
+
 def test_fit_with_recompute_ends_where_the_plain_fit_does(zoo, task_data, tmp_path):
     """`recompute` through the command (6 steps, one task at a time on CPU): the same trained coefficients as the
     plain step to 1e-6, recorded in the manifest."""

@@ -1,0 +1,68 @@
+"""Choose among finished exports without labels: ``adamerge pick A B ... [--into DIR]``.
+
+Each export trained with :class:`adamerge.callbacks.SelectStep` records in its manifest the label-free score of the
+step it exported (agreement with the experts on held-back unlabeled rows). Exports of the same base and fine-tunes,
+scored by the same criterion on the same held-back rows, are comparable by that score: picking the best is the step
+selection carried over several runs (another learning rate, objective or initialisation) — a hyperparameter choice
+that reads no label. ``--into`` copies the chosen export, its manifest extended by a ``pick`` entry listing every
+candidate.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from adamerge.errors import MergeInputError
+from adamerge.export import MANIFEST, atomic_directory, read_manifest
+
+# what makes two selection scores comparable: the same models, criterion and held-back rows
+_SAME = {"base": lambda m: m["base"]["sha256"],
+         "sources": lambda m: [(s["task"], s["sha256"]) for s in m["sources"]],
+         "selection criterion": lambda m: m["selection"]["criterion"],
+         "held-back rows (data: tasks, splits, seed, holdout)": lambda m: {
+             k: m.get("data", {}).get(k) for k in ("tasks", "seed", "holdout", "max_length")}}
+
+
+def candidates(paths: list[str | Path]) -> list[dict[str, Any]]:
+    """Every export's selection (path, method, criterion, selected step, score), checked to be comparable."""
+    if len(paths) < 2:
+        raise MergeInputError(f"pick: give at least two exports, got {len(paths)}")
+    manifests = []
+    for path in paths:
+        m = read_manifest(path)
+        if "selection" not in m:
+            raise MergeInputError(f"pick: export {path} records no label-free selection score; train it with the "
+                                  "SelectStep callback and data.holdout")
+        if "holdout" not in m.get("data", {}):
+            raise MergeInputError(f"pick: export {path} does not record which rows were held back (data.holdout); "
+                                  "export it again with this version")
+        manifests.append(m)
+    for what, key in _SAME.items():
+        first = key(manifests[0])
+        for path, m in zip(paths[1:], manifests[1:]):
+            if key(m) != first:
+                raise MergeInputError(f"pick: {paths[0]} and {path} differ in {what}: their scores are not "
+                                      "comparable")
+    return [{"path": str(path), "method": m["method"], "criterion": m["selection"]["criterion"],
+             "selected_step": m["selection"]["selected_step"], "score": m["selection"]["score"]}
+            for path, m in zip(paths, manifests)]
+
+
+def pick(paths: list[str | Path], into: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """The export whose selected step scores best (ties: the earlier one); with ``into``, a copy of it there whose
+    manifest adds ``pick: {criterion, chosen, candidates}``. Returns that record."""
+    found = candidates(paths)
+    best = max(range(len(found)), key=lambda i: (found[i]["score"], -i))
+    record = {"criterion": found[best]["criterion"], "chosen": found[best]["path"], "candidates": found}
+    if into is not None:
+        if Path(into).resolve() in {Path(p).resolve() for p in paths}:
+            raise MergeInputError(f"pick: --into {into} is one of the candidates")
+        with atomic_directory(into, overwrite=overwrite) as tmp:
+            shutil.copytree(found[best]["path"], tmp, dirs_exist_ok=True)
+            manifest = json.loads((tmp / MANIFEST).read_text())
+            manifest["pick"] = record
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return record
