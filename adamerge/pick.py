@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from adamerge.card import CARD, write_card
 from adamerge.errors import MergeInputError
 from adamerge.export import MANIFEST, atomic_directory, read_manifest
 
@@ -65,4 +66,6 @@ def pick(paths: list[str | Path], into: str | Path | None = None, overwrite: boo
             manifest = json.loads((tmp / MANIFEST).read_text())
             manifest["pick"] = record
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            if (tmp / CARD).is_file():  # the model card says how it was chosen
+                write_card(tmp)
     return record

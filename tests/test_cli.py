@@ -223,8 +223,9 @@ def test_pick_chooses_the_export_with_the_best_selection_score(zoo, task_data, t
     assert picked["pick"] == record
     own = json.loads((outs[winner] / "merge_manifest.json").read_text())
     assert {k: v for k, v in picked.items() if k != "pick"} == own
+    assert '"pick"' in (tmp_path / "best" / "README.md").read_text()  # the card says how it was chosen
     for f in (outs[winner]).iterdir():
-        if f.name != "merge_manifest.json" and f.is_file():
+        if f.name not in ("merge_manifest.json", "README.md") and f.is_file():
             assert (tmp_path / "best" / f.name).read_bytes() == f.read_bytes(), f.name
     # not comparable: nothing written
     for other, what in (("worst", "selection criterion"), ("seed", "held-back rows")):
