@@ -188,3 +188,8 @@ def test_ci_learning_rate_sweep_equals_its_separate_runs(tmp_path):
     chosen = single[1] if single[1]["inductive_selection"]["score"] > single[0]["inductive_selection"]["score"] \
         else single[0]
     assert swept["inductive"] == chosen["inductive"] and swept["coefficients"] == chosen["coefficients"]
+    # the table says which rate was kept and what each candidate scored
+    md = (tmp_path / "ci" / "results.md").read_text()
+    lr = "0.01" if chosen is single[1] else "0.001"
+    assert f"{chosen['inductive_selection']['selected_step']} (lr {lr})" in md
+    assert f"lr 0.001: {single[0]['inductive_selection']['score']:.4f}" in md and f"→ kept lr {lr}." in md

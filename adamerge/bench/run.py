@@ -527,9 +527,37 @@ def table(rows: dict, tasks: list[str]) -> list[str]:
         cells = [row["label"], *(f"{100 * ind[t]['accuracy']:.1f}" for t in tasks), f"**{100 * _avg(ind):.1f}**",
                  f"{100 * _avg(ind, 'macro_f1'):.1f}",
                  f"{100 * _avg(tr):.1f}" if tr else ("not run" if "transductive" in row else "(same)"),
-                 str(sel["selected_step"]) if sel else "–",
+                 _selected(sel, row.get("inductive_sweep")),
                  str(row.get("inductive_seconds", "–")), str(row.get("inductive_peak_rss_mib", "–"))]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _chosen(sel: dict, sweep: list[dict]) -> dict:
+    """The swept candidate a row kept: the first with the row's selected step and score."""
+    return next(c for c in sweep if c["score"] == sel["score"] and c["selected_step"] == sel["selected_step"])
+
+
+def _values(candidate: dict) -> str:
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in candidate.items()
+                     if k not in ("selected_step", "score"))
+
+
+def _selected(sel: dict | None, sweep: list[dict] | None) -> str:
+    if not sel:
+        return "–"
+    return f"{sel['selected_step']} ({_values(_chosen(sel, sweep))})" if sweep else str(sel["selected_step"])
+
+
+def sweep_lines(rows: dict) -> list[str]:
+    """One line per swept row: every candidate's selected step and label-free score, and the one kept."""
+    lines = []
+    for row in rows.values():
+        sweep, sel = row.get("inductive_sweep"), row.get("inductive_selection")
+        if sweep:
+            tried = "; ".join(f"{_values(c)}: {c['score']:.4f} at step {c['selected_step']}" for c in sweep)
+            lines.append(f"- {row['label']} — {sel['criterion']} on the held-back rows, {tried} → kept "
+                         f"{_values(_chosen(sel, sweep))}.")
     return lines
 
 
@@ -554,6 +582,9 @@ def render(result: dict) -> str:
                   f"{c['samples_per_task']} samples/task/step, {inputs}. "
                   f"Accuracy in % on each task's test split with its own head. Total {result['total_seconds']} s "
                   f"(data + zoo {result['zoo_seconds']} s), peak RSS {result['peak_rss_mib']} MiB, {result['hardware']}."]
+    swept = sweep_lines(result["rows"])
+    if swept:
+        lines += ["", "Swept rows (label-free choice among the runs):", "", *swept]
     gap = _gap_closed(result["rows"])
     if gap:
         lines += ["", gap]
