@@ -144,6 +144,8 @@ def test_sweep_keeps_the_candidate_whose_selected_step_scores_best(monkeypatch):
     built = []
 
     class Fake:
+        trainable = True
+
         def __init__(self, base, paths, task_type=None, heads=None, **kwargs):
             self.kwargs = kwargs
             built.append(self)
@@ -170,6 +172,8 @@ def test_sweep_keeps_the_candidate_whose_selected_step_scores_best(monkeypatch):
         {"a": 1, "b": 3}, {"a": 2, "b": 3}]
     with pytest.raises(ValueError, match="set select"):
         bench.sweep_candidates(bench.Row("x", "fake", sweep={"lr": [1, 2]}))
+    with pytest.raises(ValueError, match="set select"):  # a data-free method has no selection to compare
+        bench.sweep_candidates(bench.Row("x", "task_arithmetic", select="agreement", sweep={"scale": [0.3, 1.0]}))
     with pytest.raises(ValueError, match=r"\['lr'\] both fixed"):
         bench.sweep_candidates(bench.Row("x", "fake", {"lr": 1}, select="agreement", sweep={"lr": [1, 2]}))
 

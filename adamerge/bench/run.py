@@ -267,8 +267,9 @@ def sweep_candidates(row: Row) -> list[dict]:
 
     if not row.sweep:
         return [{}]
-    if row.select is None:
-        raise ValueError(f"row {row.label!r}: a sweep is chosen by the selection score; set select")
+    if row.select is None or not METHODS[row.method].trainable:
+        raise ValueError(f"row {row.label!r}: a sweep is chosen by the selection score of a trained method; "
+                         "set select, on a method that trains")
     clash = sorted(set(row.sweep) & set(row.kwargs))
     if clash:
         raise ValueError(f"row {row.label!r}: {clash} both fixed in kwargs and swept")
