@@ -23,7 +23,7 @@ from adamerge.export import MANIFEST, atomic_directory, read_manifest
 _SAME = {"base": lambda m: m["base"]["sha256"],
          "sources": lambda m: [(s["task"], s["sha256"]) for s in m["sources"]],
          "selection criterion": lambda m: m["selection"]["criterion"],
-         "held-back rows (data: tasks, splits, seed, holdout)": lambda m: {
+         "held-back rows (data: tasks, splits, seed, holdout, max_length)": lambda m: {
              k: m.get("data", {}).get(k) for k in ("tasks", "seed", "holdout", "max_length")}}
 
 

@@ -241,6 +241,18 @@ def test_pick_chooses_the_export_with_the_best_selection_score(zoo, task_data, t
         pick([outs["a"]])
     with pytest.raises(MergeInputError, match="is one of the candidates"):
         pick([outs["a"], outs["b"]], into=outs["a"], overwrite=True)
+    # an export without a recorded selection, or without the held-back rows it was scored on, is refused
+    import shutil
+
+    for drop, message in (("selection", "records no label-free selection score"),
+                          ("data", "does not record which rows were held back")):
+        bare = tmp_path / f"no-{drop}"
+        shutil.copytree(outs["a"], bare)
+        manifest = json.loads((bare / "merge_manifest.json").read_text())
+        del manifest[drop]
+        (bare / "merge_manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(MergeInputError, match=message):
+            pick([outs["a"], bare])
 
 
 def test_fit_with_recompute_ends_where_the_plain_fit_does(zoo, task_data, tmp_path):
