@@ -176,6 +176,18 @@ def test_sweep_keeps_the_candidate_whose_selected_step_scores_best(monkeypatch):
         bench.sweep_candidates(bench.Row("x", "task_arithmetic", select="agreement", sweep={"scale": [0.3, 1.0]}))
     with pytest.raises(ValueError, match=r"\['lr'\] both fixed"):
         bench.sweep_candidates(bench.Row("x", "fake", {"lr": 1}, select="agreement", sweep={"lr": [1, 2]}))
+    # diagnosed: every candidate is scored on test after the choice, and the test scores change nothing -- here
+    # the first candidate is the best on test and the second is still kept
+    tests = {1: 0.9, 2: 0.4, 3: 0.6}
+    runner.evaluator = lambda module: {"t": {"accuracy": tests[module.kwargs["lr"]], "macro_f1": 0.0}}
+    built.clear()
+    best = runner.build("fake_sweep", "inductive", diagnose=True)
+    assert best is built[1] and best.test_scores == {"t": {"accuracy": 0.4, "macro_f1": 0.0}}
+    assert [c["test"]["t"]["accuracy"] for c in best.sweep] == [0.9, 0.4, 0.6]
+    lines = bench.sweep_lines({"r": {"label": "x", "inductive_sweep": best.sweep, "inductive_selection": best.selection}})
+    assert lines[0] == ("- x — agreement on the held-back rows, lr 1: 0.5000 at step 10 (test avg 90.0); "
+                        "lr 2: 0.7000 at step 20 (test avg 40.0); lr 3: 0.7000 at step 30 (test avg 60.0) → kept lr 2.")
+    assert "no test label entered the choice" in lines[1]
 
 
 def test_ci_learning_rate_sweep_equals_its_separate_runs(tmp_path):
@@ -192,6 +204,8 @@ def test_ci_learning_rate_sweep_equals_its_separate_runs(tmp_path):
     chosen = single[1] if single[1]["inductive_selection"]["score"] > single[0]["inductive_selection"]["score"] \
         else single[0]
     assert swept["inductive"] == chosen["inductive"] and swept["coefficients"] == chosen["coefficients"]
+    # the diagnostic: each candidate's test scores are those of its fixed-lr row
+    assert [c["test"] for c in swept["inductive_sweep"]] == [r["inductive"] for r in single]
     # the table says which rate was kept and what each candidate scored
     md = (tmp_path / "ci" / "results.md").read_text()
     lr = "0.01" if chosen is single[1] else "0.001"
