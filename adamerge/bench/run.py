@@ -116,6 +116,11 @@ for _key in ("adamerging_layer_pl", "adamerging_layer_kl", "tinting"):
         _base, kwargs={k: v for k, v in _base.kwargs.items() if k != "lr"}, select="agreement",
         sweep={"lr": [1e-3, 1e-2]}, label=f"{_base.label.removesuffix(' (ours)')}, lr (1e-3 or 1e-2) and step by "
         "expert agreement" + (" (ours)" if _base.label.endswith("(ours)") else ""))
+# a wider candidate set, log-spaced over two decades around AdaMerging's 1e-3 (not suggested by any test score)
+for _key in ("adamerging_layer_pl", "adamerging_layer_kl"):
+    METHOD_GRID[f"{_key}_lrgrid"] = replace(
+        METHOD_GRID[f"{_key}_lrsel"], sweep={"lr": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]},
+        label=METHOD_GRID[_key].label + ", lr (3e-4 … 3e-2) and step by expert agreement")
 METHOD_GRID["adamerging_layer_lrsel"] = replace(
     METHOD_GRID["adamerging_layer_select"], kwargs=dict(METHOD_GRID["adamerging_layer_select"].kwargs),
     sweep={"lr": [1e-3, 1e-2]}, label="AdaMerging layer-wise, lr (1e-3 or 1e-2) and step by expert agreement")
