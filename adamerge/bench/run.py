@@ -313,7 +313,7 @@ class Runner:
         if row.on is not None:
             kwargs["merged"] = str(self.export_of(row.on, protocol))
         split = "unlabeled" if protocol == "inductive" else "test"
-        best, tried, tests, spent = None, [], [], 0.0
+        best, tried, spent = None, [], 0.0
         for values in sweep_candidates(row):
             module = METHODS[row.method](self.base, self.paths, task_type=self.preset.task_type, heads=self.heads,
                                          **kwargs, **values)
@@ -326,17 +326,15 @@ class Runner:
             log.info("%s %s, %s: %s %.4f at step %d", row.label, protocol, values, sel["criterion"], sel["score"],
                      sel["selected_step"])
             if best is None or sel["score"] > best.selection["score"]:
-                best, kept = module, len(tried) - 1
-            if diagnose:  # after the choice above; `tests` is only written into the record below
+                best = module
+            if diagnose:  # after the choice above, which reads the selection scores only
                 t0 = time.time()
-                tests.append(self.evaluator(module))
+                tried[-1]["test"] = self.evaluator(module)
                 spent += time.time() - t0
             del module
         best.sweep = tried
         if diagnose:
-            for entry, scores in zip(tried, tests):
-                entry["test"] = scores
-            best.test_scores, best.diagnose_seconds = tests[kept], spent
+            best.test_scores, best.diagnose_seconds = _chosen(best.selection, tried)["test"], spent
         return best
 
     def export_of(self, key: str, protocol: str) -> Path:
