@@ -5,12 +5,14 @@ step it exported (agreement with the experts on held-back unlabeled rows). Expor
 scored by the same criterion on the same held-back rows, are comparable by that score: picking the best is the step
 selection carried over several runs (another learning rate, objective or initialisation) — a hyperparameter choice
 that reads no label. ``--into`` copies the chosen export, its manifest extended by a ``pick`` entry listing every
-candidate.
+candidate. When the chosen value of a numeric hyperparameter that the candidates vary (the learning rate, say) is the
+largest or the smallest tried, the record says so (``at_edge``): the best value may lie beyond the candidates.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,8 @@ from typing import Any
 from adamerge.card import CARD, write_card
 from adamerge.errors import MergeInputError
 from adamerge.export import MANIFEST, atomic_directory, read_manifest
+
+log = logging.getLogger(__name__)
 
 # what makes two selection scores comparable: the same models, criterion and held-back rows
 _SAME = {"base": lambda m: m["base"]["sha256"],
@@ -48,16 +52,37 @@ def candidates(paths: list[str | Path]) -> list[dict[str, Any]]:
                 raise MergeInputError(f"pick: {paths[0]} and {path} differ in {what}: their scores are not "
                                       "comparable")
     return [{"path": str(path), "method": m["method"], "criterion": m["selection"]["criterion"],
-             "selected_step": m["selection"]["selected_step"], "score": m["selection"]["score"]}
+             "selected_step": m["selection"]["selected_step"], "score": m["selection"]["score"],
+             "hparams": m.get("hparams", {})}
             for path, m in zip(paths, manifests)]
+
+
+def at_edge(settings: list[dict[str, Any]], chosen: int) -> dict[str, str]:
+    """Each numeric hyperparameter that the candidates' ``settings`` vary (two or more distinct values, every
+    candidate giving a number) whose chosen value is the largest or the smallest of them: ``{name: "largest" |
+    "smallest"}``. A kept value at the edge of the candidates says the best one may lie beyond them."""
+    edges = {}
+    for name in settings[chosen]:
+        values = [s.get(name) for s in settings]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) or len(set(values)) < 2:
+            continue
+        if values[chosen] == max(values):
+            edges[name] = "largest"
+        elif values[chosen] == min(values):
+            edges[name] = "smallest"
+    return edges
 
 
 def pick(paths: list[str | Path], into: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
     """The export whose selected step scores best (ties: the earlier one); with ``into``, a copy of it there whose
-    manifest adds ``pick: {criterion, chosen, candidates}``. Returns that record."""
+    manifest adds ``pick: {criterion, chosen, at_edge, candidates}``. Returns that record."""
     found = candidates(paths)
     best = max(range(len(found)), key=lambda i: (found[i]["score"], -i))
-    record = {"criterion": found[best]["criterion"], "chosen": found[best]["path"], "candidates": found}
+    record = {"criterion": found[best]["criterion"], "chosen": found[best]["path"],
+              "at_edge": at_edge([c["hparams"] for c in found], best), "candidates": found}
+    for name, side in record["at_edge"].items():
+        log.warning("pick: the chosen %s (%s) is the %s of the candidates' values: the best may lie beyond them; "
+                    "try further values", name, found[best]["hparams"][name], side)
     if into is not None:
         if Path(into).resolve() in {Path(p).resolve() for p in paths}:
             raise MergeInputError(f"pick: --into {into} is one of the candidates")

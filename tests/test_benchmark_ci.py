@@ -188,6 +188,11 @@ def test_sweep_keeps_the_candidate_whose_selected_step_scores_best(monkeypatch):
     assert lines[0] == ("- x — agreement on the held-back rows, lr 1: 0.5000 at step 10 (test avg 90.0); "
                         "lr 2: 0.7000 at step 20 (test avg 40.0); lr 3: 0.7000 at step 30 (test avg 60.0) → kept lr 2.")
     assert "no test label entered the choice" in lines[1]
+    # a kept value at the edge of the candidates is flagged: the best may lie beyond them
+    edge = [dict(c, score=v) for c, v in zip(best.sweep, (0.5, 0.6, 0.8))]
+    lines = bench.sweep_lines({"r": {"label": "x", "inductive_sweep": edge, "inductive_selection": {
+        "criterion": "agreement", "selected_step": 30, "score": 0.8}}})
+    assert lines[0].endswith("→ kept lr 3 (lr: the largest tried; the best may lie beyond).")
 
 
 def test_ci_learning_rate_sweep_equals_its_separate_runs(tmp_path):
@@ -210,7 +215,9 @@ def test_ci_learning_rate_sweep_equals_its_separate_runs(tmp_path):
     md = (tmp_path / "ci" / "results.md").read_text()
     lr = "0.01" if chosen is single[1] else "0.001"
     assert f"{chosen['inductive_selection']['selected_step']} (lr {lr})" in md
-    assert f"lr 0.001: {single[0]['inductive_selection']['score']:.4f}" in md and f"→ kept lr {lr}." in md
+    side = "largest" if lr == "0.01" else "smallest"  # two candidates: the kept one is always at an edge
+    assert f"lr 0.001: {single[0]['inductive_selection']['score']:.4f}" in md
+    assert f"→ kept lr {lr} (lr: the {side} tried; the best may lie beyond)." in md
 
 
 def test_every_grid_row_names_a_method_and_a_valid_sweep():

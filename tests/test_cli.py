@@ -219,6 +219,10 @@ def test_pick_chooses_the_export_with_the_best_selection_score(zoo, task_data, t
     winner = "b" if scores["b"] > scores["a"] else "a"  # ties: the first
     assert record["chosen"] == str(outs[winner])
     assert [c["score"] for c in record["candidates"]] == [scores["a"], scores["b"]]
+    assert [c["hparams"]["lr"] for c in record["candidates"]] == [0.001, 0.2]
+    # two rates: the kept one is the larger or the smaller, and the record (and a warning) say so
+    assert record["at_edge"] == {"lr": "largest" if winner == "b" else "smallest"}
+    assert f"the chosen lr ({0.2 if winner == 'b' else 0.001}) is the {record['at_edge']['lr']}" in caplog.text
     picked = json.loads((tmp_path / "best" / "merge_manifest.json").read_text())
     assert picked["pick"] == record
     own = json.loads((outs[winner] / "merge_manifest.json").read_text())
@@ -253,6 +257,24 @@ def test_pick_chooses_the_export_with_the_best_selection_score(zoo, task_data, t
         (bare / "merge_manifest.json").write_text(json.dumps(manifest))
         with pytest.raises(MergeInputError, match=message):
             pick([outs["a"], bare])
+
+
+def test_pick_flags_a_chosen_value_at_the_edge_of_the_candidates():
+    """Only numeric hyperparameters the candidates vary count; the chosen value is flagged when it is the largest
+    or the smallest tried, not when candidates lie on both sides of it."""
+    from adamerge.pick import at_edge
+
+    grid = [{"lr": 3e-4, "init": 0.3, "objective": "kl", "clamp": True, "betas": [0.9, 0.999]},
+            {"lr": 1e-3, "init": 0.3, "objective": "pseudo_label", "clamp": False, "betas": [0.9, 0.99]},
+            {"lr": 1e-2, "init": 0.3, "objective": "kl", "clamp": True, "betas": [0.9, 0.999]}]
+    assert at_edge(grid, 0) == {"lr": "smallest"}
+    assert at_edge(grid, 1) == {}  # inside the grid; strings, booleans, lists and a fixed init do not count
+    assert at_edge(grid, 2) == {"lr": "largest"}
+    two = [{"lr": 1e-3, "init": 0.3}, {"lr": 1e-3, "init": 1.0}, {"lr": 1e-2, "init": 0.6}]
+    assert at_edge(two, 2) == {"lr": "largest"}  # init 0.6 lies between
+    assert at_edge(two, 0) == {"lr": "smallest", "init": "smallest"}
+    assert at_edge([{"lr": 1e-3}, {"lr": None}], 0) == {}  # not every candidate gives a number
+    assert at_edge([{"lr": 1e-3}, {}], 0) == {}
 
 
 def test_fit_with_recompute_ends_where_the_plain_fit_does(zoo, task_data, tmp_path):

@@ -24,6 +24,7 @@ from adamerge.callbacks import SelectStep, StepProgress
 from adamerge.data import TaskData, UnlabeledDataModule, input_builder
 from adamerge.evaluate import score
 from adamerge.methods import METHODS, MergeModule, TaskVectorPrep
+from adamerge.pick import at_edge
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ METHOD_GRID["tinting_tsv_worst"] = replace(
     "Layer-wise + tuned heads, expert KL, over TSV-M, step by worst-task agreement (ours)"))
 # the learning rate chosen without labels: both rates trained, the run whose selected step agrees best with the
 # experts on the held-back rows is the row (the lr 1e-2 rows above were picked after a test-scored diagnostic)
-for _key in ("adamerging_layer_pl", "adamerging_layer_kl", "tinting"):
+for _key in ("adamerging_layer_pl", "adamerging_layer_kl", "tinting", "adamerging_layer_infomax", "concrete_ta_kl"):
     _base = METHOD_GRID[_key]
     METHOD_GRID[f"{_key}_lrsel"] = replace(
         _base, kwargs={k: v for k, v in _base.kwargs.items() if k != "lr"}, select="agreement",
@@ -554,9 +555,13 @@ def _chosen(sel: dict, sweep: list[dict]) -> dict:
     return next(c for c in sweep if c["score"] == sel["score"] and c["selected_step"] == sel["selected_step"])
 
 
+def _setting(candidate: dict) -> dict:
+    """The swept values of a candidate (its record also holds its selected step, score and test diagnostic)."""
+    return {k: v for k, v in candidate.items() if k not in ("selected_step", "score", "test")}
+
+
 def _values(candidate: dict) -> str:
-    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in candidate.items()
-                     if k not in ("selected_step", "score", "test"))
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in _setting(candidate).items())
 
 
 def _selected(sel: dict | None, sweep: list[dict] | None) -> str:
@@ -574,8 +579,11 @@ def sweep_lines(rows: dict) -> list[str]:
         if sweep:
             tried = "; ".join(f"{_values(c)}: {c['score']:.4f} at step {c['selected_step']}"
                               + (f" (test avg {100 * _avg(c['test']):.1f})" if "test" in c else "") for c in sweep)
+            kept = _chosen(sel, sweep)
+            edges = at_edge([_setting(c) for c in sweep], sweep.index(kept))
+            edge = "".join(f" ({k}: the {side} tried; the best may lie beyond)" for k, side in edges.items())
             lines.append(f"- {row['label']} — {sel['criterion']} on the held-back rows, {tried} → kept "
-                         f"{_values(_chosen(sel, sweep))}.")
+                         f"{_values(kept)}{edge}.")
     if any("test" in c for row in rows.values() for c in row.get("inductive_sweep") or []):
         lines.append("- The test averages are scored after the choice, as a diagnostic of it; no test label "
                      "entered the choice.")
