@@ -57,10 +57,13 @@ def candidates(paths: list[str | Path]) -> list[dict[str, Any]]:
             for path, m in zip(paths, manifests)]
 
 
-def at_edge(settings: list[dict[str, Any]], chosen: int) -> dict[str, str]:
+def at_edge(settings: list[dict[str, Any]], chosen: int, scores: list[float] | None = None) -> dict[str, str]:
     """Each numeric hyperparameter that the candidates' ``settings`` vary (two or more distinct values, every
     candidate giving a number) whose chosen value is the largest or the smallest of them: ``{name: "largest" |
-    "smallest"}``. A kept value at the edge of the candidates says the best one may lie beyond them."""
+    "smallest"}``. A kept value at the edge of the candidates says the best one may lie beyond them — unless another
+    candidate scored the same (``scores``): a tie shows no trend to follow."""
+    if scores is not None and sum(v == scores[chosen] for v in scores) > 1:
+        return {}
     edges = {}
     for name in settings[chosen]:
         values = [s.get(name) for s in settings]
@@ -79,7 +82,7 @@ def pick(paths: list[str | Path], into: str | Path | None = None, overwrite: boo
     found = candidates(paths)
     best = max(range(len(found)), key=lambda i: (found[i]["score"], -i))
     record = {"criterion": found[best]["criterion"], "chosen": found[best]["path"],
-              "at_edge": at_edge([c["hparams"] for c in found], best), "candidates": found}
+              "at_edge": at_edge([c["hparams"] for c in found], best, [c["score"] for c in found]), "candidates": found}
     for name, side in record["at_edge"].items():
         log.warning("pick: the chosen %s (%s) is the %s of the candidates' values: the best may lie beyond them; "
                     "try further values", name, found[best]["hparams"][name], side)

@@ -193,6 +193,9 @@ def test_sweep_keeps_the_candidate_whose_selected_step_scores_best(monkeypatch):
     lines = bench.sweep_lines({"r": {"label": "x", "inductive_sweep": edge, "inductive_selection": {
         "criterion": "agreement", "selected_step": 30, "score": 0.8}}})
     assert lines[0].endswith("→ kept lr 3 (lr: the largest tried; the best may lie beyond).")
+    tie = [dict(c, score=0.8) for c in best.sweep]  # every rate scored the same: no trend, no note
+    assert bench.sweep_lines({"r": {"label": "x", "inductive_sweep": tie, "inductive_selection": {
+        "criterion": "agreement", "selected_step": 10, "score": 0.8}}})[0].endswith("→ kept lr 1.")
 
 
 def test_ci_learning_rate_sweep_equals_its_separate_runs(tmp_path):
@@ -215,9 +218,11 @@ def test_ci_learning_rate_sweep_equals_its_separate_runs(tmp_path):
     md = (tmp_path / "ci" / "results.md").read_text()
     lr = "0.01" if chosen is single[1] else "0.001"
     assert f"{chosen['inductive_selection']['selected_step']} (lr {lr})" in md
-    side = "largest" if lr == "0.01" else "smallest"  # two candidates: the kept one is always at an edge
+    # two candidates: the kept one is at an edge, flagged unless both scored the same
+    side = "largest" if lr == "0.01" else "smallest"
+    tie = single[0]["inductive_selection"]["score"] == single[1]["inductive_selection"]["score"]
     assert f"lr 0.001: {single[0]['inductive_selection']['score']:.4f}" in md
-    assert f"→ kept lr {lr} (lr: the {side} tried; the best may lie beyond)." in md
+    assert (f"→ kept lr {lr}." if tie else f"→ kept lr {lr} (lr: the {side} tried; the best may lie beyond).") in md
 
 
 def test_every_grid_row_names_a_method_and_a_valid_sweep():

@@ -275,6 +275,8 @@ def test_pick_flags_a_chosen_value_at_the_edge_of_the_candidates():
     assert at_edge(two, 0) == {"lr": "smallest", "init": "smallest"}
     assert at_edge([{"lr": 1e-3}, {"lr": None}], 0) == {}  # not every candidate gives a number
     assert at_edge([{"lr": 1e-3}, {}], 0) == {}
+    # a tie at the top shows no trend: nothing flagged; a lower score elsewhere does not matter
+    assert at_edge(grid, 2, [0.5, 0.7, 0.7]) == {} and at_edge(grid, 2, [0.7, 0.5, 0.8]) == {"lr": "largest"}
 
 
 def test_fit_with_recompute_ends_where_the_plain_fit_does(zoo, task_data, tmp_path):

@@ -585,7 +585,7 @@ def sweep_lines(rows: dict) -> list[str]:
             tried = "; ".join(f"{_values(c)}: {c['score']:.4f} at step {c['selected_step']}"
                               + (f" (test avg {100 * _avg(c['test']):.1f})" if "test" in c else "") for c in sweep)
             kept = _chosen(sel, sweep)
-            edges = at_edge([_setting(c) for c in sweep], sweep.index(kept))
+            edges = at_edge([_setting(c) for c in sweep], sweep.index(kept), [c["score"] for c in sweep])
             edge = "".join(f" ({k}: the {side} tried; the best may lie beyond)" for k, side in edges.items())
             lines.append(f"- {row['label']} — {sel['criterion']} on the held-back rows, {tried} → kept "
                          f"{_values(kept)}{edge}.")
