@@ -226,6 +226,21 @@ def test_pick_chooses_the_export_with_the_best_selection_score(zoo, task_data, t
     assert record["at_edge"] == side
     assert (f"the chosen lr ({0.2 if winner == 'b' else 0.001}) is the {side['lr']}" in caplog.text) if side \
         else "the chosen lr" not in caplog.text
+    # a candidate that scored lower (its recorded score lowered by hand): the kept rate is now the edge of two
+    # distinct scores, read from the manifests' hparams, recorded and warned about
+    import shutil
+
+    low = tmp_path / "low"
+    shutil.copytree(outs["b"], low)
+    manifest = json.loads((low / "merge_manifest.json").read_text())
+    manifest["selection"]["score"] = scores["a"] - 0.25
+    (low / "merge_manifest.json").write_text(json.dumps(manifest))
+    caplog.clear()
+    capsys.readouterr()
+    main(["pick", str(outs["a"]), str(low)])
+    edge = json.loads(capsys.readouterr().out)
+    assert edge["chosen"] == str(outs["a"]) and edge["at_edge"] == {"lr": "smallest"}
+    assert "the chosen lr (0.001) is the smallest of the candidates' values" in caplog.text
     picked = json.loads((tmp_path / "best" / "merge_manifest.json").read_text())
     assert picked["pick"] == record
     own = json.loads((outs[winner] / "merge_manifest.json").read_text())
@@ -249,7 +264,6 @@ def test_pick_chooses_the_export_with_the_best_selection_score(zoo, task_data, t
     with pytest.raises(MergeInputError, match="is one of the candidates"):
         pick([outs["a"], outs["b"]], into=outs["a"], overwrite=True)
     # an export without a recorded selection, or without the held-back rows it was scored on, is refused
-    import shutil
 
     for drop, message in (("selection", "records no label-free selection score"),
                           ("data", "does not record which rows were held back")):
