@@ -278,7 +278,7 @@ def test_pick_chooses_the_export_with_the_best_selection_score(zoo, task_data, t
 
 def test_pick_flags_a_chosen_value_at_the_edge_of_the_candidates():
     """Only numeric hyperparameters the candidates vary count; the chosen value is flagged when it is the largest
-    or the smallest tried, not when candidates lie on both sides of it."""
+    or the smallest tried, not when candidates lie on both sides of it nor when another candidate ties its score."""
     from adamerge.pick import at_edge
 
     grid = [{"lr": 3e-4, "init": 0.3, "objective": "kl", "clamp": True, "betas": [0.9, 0.999]},
