@@ -240,6 +240,37 @@ def pick_main(args: list[str] | None = None):
     return pick(a.exports, into=a.into, overwrite=a.overwrite)
 
 
+def sweep_main(args: list[str] | None = None):
+    """``adamerge sweep --config C --grid KEY=V1,V2 --out DIR [--extend N] [-- FIT ARGS]``: one ``adamerge fit``
+    per value, the best label-free selection score kept (see :mod:`adamerge.sweep`)."""
+    import argparse
+
+    from adamerge.errors import MergeInputError
+    from adamerge.sweep import parse_grid, sweep
+
+    args = list(sys.argv[2:] if args is None else args)
+    fit_args = args[args.index("--") + 1:] if "--" in args else []
+    args = args[:args.index("--")] if "--" in args else args
+    parser = argparse.ArgumentParser(
+        prog="adamerge sweep", description="train one merge at several settings, each exported with its label-free "
+        "selection score, and keep the best (adamerge pick); arguments after -- go to every adamerge fit")
+    parser.add_argument("--config", required=True, help="an adamerge fit config using SelectStep and data.holdout")
+    parser.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
+                        help="a fit setting and its values, e.g. model.init_args.lr=1e-3,1e-2 (repeatable: every "
+                             "combination is trained)")
+    parser.add_argument("--out", required=True, help="where each candidate is exported (<out>/<name>=<value>)")
+    parser.add_argument("--extend", type=int, default=0, metavar="N",
+                        help="while the kept value is the grid's largest or smallest, train the next value beyond it "
+                             "on the grid's spacing, at most N more (one numeric setting)")
+    parser.add_argument("--into", default=None, help="where the kept export is copied (default <out>/best)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --into directory")
+    a = parser.parse_args(args)
+    if a.extend < 0:
+        raise MergeInputError(f"sweep: --extend must be >= 0, got {a.extend}")
+    return sweep(a.config, parse_grid(a.grid), a.out, extend=a.extend, into=a.into, extra=fit_args,
+                 overwrite=a.overwrite)
+
+
 def check_install(package=None) -> None:
     """Refuse to run on an ``adamerge`` that is not this package — e.g. a folder named ``adamerge`` (a clone's root)
     in the working directory, which Python imports as a namespace package: training would run and the export fail.
@@ -284,8 +315,8 @@ def main(argv: list[str] | None = None) -> None:
         check_install()
         if argv and argv[0] == "merge":
             merge_main(argv[1:])
-        elif argv and argv[0] in ("evaluate", "pick"):
-            result = (evaluate_main if argv[0] == "evaluate" else pick_main)(argv[1:])
+        elif argv and argv[0] in ("evaluate", "pick", "sweep"):
+            result = {"evaluate": evaluate_main, "pick": pick_main, "sweep": sweep_main}[argv[0]](argv[1:])
             import json
 
             print(json.dumps(result, indent=2))  # the command's output, not logging

@@ -76,13 +76,15 @@ def at_edge(settings: list[dict[str, Any]], chosen: int, scores: list[float] | N
     return edges
 
 
-def pick(paths: list[str | Path], into: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
+def pick(paths: list[str | Path], into: str | Path | None = None, overwrite: bool = False,
+         extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The export whose selected step scores best (ties: the earlier one); with ``into``, a copy of it there whose
-    manifest adds ``pick: {criterion, chosen, at_edge, candidates}``. Returns that record."""
+    manifest adds ``pick: {criterion, chosen, at_edge, candidates, **extra}``. Returns that record."""
     found = candidates(paths)
     best = max(range(len(found)), key=lambda i: (found[i]["score"], -i))
     record = {"criterion": found[best]["criterion"], "chosen": found[best]["path"],
-              "at_edge": at_edge([c["hparams"] for c in found], best, [c["score"] for c in found]), "candidates": found}
+              "at_edge": at_edge([c["hparams"] for c in found], best, [c["score"] for c in found]), "candidates": found,
+              **(extra or {})}
     for name, side in record["at_edge"].items():
         log.warning("pick: the chosen %s (%s) is the %s of the candidates' values: the best may lie beyond them; "
                     "try further values", name, found[best]["hparams"][name], side)

@@ -276,6 +276,126 @@ def test_pick_chooses_the_export_with_the_best_selection_score(zoo, task_data, t
             pick([outs["a"], bare])
 
 
+def test_sweep_trains_each_value_keeps_the_best_score_and_extends_past_a_kept_edge(zoo, task_data, tmp_path, caplog):
+    """`adamerge sweep`: one `adamerge fit` process per learning rate, each export carrying its value; the kept one is
+    the best recorded selection score (read back from the manifests here); a kept value at the grid's edge adds the
+    next value on the grid's log spacing (0.01, 0.1 -> 1.0 or 0.001) once (`--extend 1`); a second call trains
+    nothing again; a config without SelectStep is refused before anything is trained."""
+    cfg = fit_config(zoo, task_data, tmp_path, objective="kl")
+    cfg["trainer"].update(max_steps=4, logger=False, enable_checkpointing=False, callbacks=[
+        {"class_path": "adamerge.callbacks.SelectStep", "init_args": {"every_n_steps": 2, "criterion": "agreement"}}])
+    cfg["data"]["holdout"] = 8
+    del cfg["export"]
+    p = tmp_path / "fit.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "sweep"
+    caplog.set_level("INFO")
+    main(["sweep", "--config", str(p), "--grid", "model.init_args.lr=0.01,0.1", "--out", str(out), "--extend", "1",
+          "--", "--trainer.max_steps=4"])
+    made = sorted(d.name for d in out.iterdir() if (d / "merge_manifest.json").is_file() and d.name != "best")
+    manifests = {d: json.loads((out / d / "merge_manifest.json").read_text()) for d in made}
+    for d, m in manifests.items():  # each process trained with its own value
+        assert m["hparams"]["lr"] == float(d.removeprefix("lr=")) and m["hparams"]["objective"] == "kl"
+    score = {d: m["selection"]["score"] for d, m in manifests.items()}
+    first = {d: score[d] for d in ("lr=0.01", "lr=0.1")}
+    top = max(first.values())
+    if list(first.values()).count(top) > 1:  # a tie shows no trend: nothing added
+        expect_extra = None
+    else:
+        expect_extra = "lr=1.0" if first["lr=0.1"] > first["lr=0.01"] else "lr=0.001"
+    assert made == sorted(["lr=0.01", "lr=0.1"] + ([expect_extra] if expect_extra else []))
+    picked = json.loads((out / "best" / "merge_manifest.json").read_text())
+    order = ["lr=0.01", "lr=0.1"] + ([expect_extra] if expect_extra else [])
+    winner = max(order, key=lambda d: (score[d], -order.index(d)))
+    assert picked["pick"]["chosen"] == str(out / winner)
+    assert picked["selection"] == manifests[winner]["selection"]
+    assert picked["pick"]["sweep"] == {"grid": {"model.init_args.lr": [float(d[3:]) for d in order]},
+                                       "extended": int(expect_extra is not None)}
+    before = {d: (out / d / "merge_manifest.json").stat().st_mtime_ns for d in made}
+    caplog.clear()
+    main(["sweep", "--config", str(p), "--grid", "model.init_args.lr=0.01,0.1", "--out", str(out),
+          "--into", str(tmp_path / "again"), "--", "--trainer.max_steps=4"])
+    assert {d: (out / d / "merge_manifest.json").stat().st_mtime_ns for d in made} == before  # nothing retrained
+    assert caplog.text.count("not trained again") == 2
+    # the same --out with other fit arguments: its candidates are another sweep's, refused
+    caplog.clear()
+    with pytest.raises(SystemExit):
+        main(["sweep", "--config", str(p), "--grid", "model.init_args.lr=0.01,0.1", "--out", str(out),
+              "--into", str(tmp_path / "other"), "--", "--trainer.max_steps=2"])
+    assert "holds the candidates of another sweep" in caplog.text and not (tmp_path / "other").exists()
+    # refused before training: no SelectStep, no held-back rows, a bad grid, --extend over two settings
+    bare = dict(cfg, trainer={**cfg["trainer"], "callbacks": []})
+    (tmp_path / "bare.yaml").write_text(yaml.safe_dump(bare))
+    unheld = dict(cfg, data={**cfg["data"], "holdout": 0})
+    (tmp_path / "unheld.yaml").write_text(yaml.safe_dump(unheld))
+    for config, grid, extra, message in (
+            ("bare.yaml", ["model.init_args.lr=0.01,0.1"], [], "without the SelectStep callback"),
+            ("unheld.yaml", ["model.init_args.lr=0.01,0.1"], [], "holds no rows back"),
+            ("fit.yaml", ["model.init_args.lr"], [], "expected KEY=V1,V2"),
+            ("fit.yaml", ["model.init_args.lr=0.01"], [], "one candidate"),
+            ("fit.yaml", ["model.init_args.lr=0.01,0.01"], [], "a value is repeated"),
+            ("fit.yaml", ["model.init_args.lr=0.01,0.1", "model.init_args.init=0.3,0.5"], ["--extend", "1"],
+             "follows one setting")):
+        caplog.clear()
+        args = ["sweep", "--config", str(tmp_path / config), "--out", str(tmp_path / "refused"), *extra]
+        for g in grid:
+            args += ["--grid", g]
+        with pytest.raises(SystemExit):
+            main(args)
+        assert message in caplog.text, config
+        assert not (tmp_path / "refused").exists()
+
+
+def test_sweep_follows_a_kept_edge_until_the_score_turns(tmp_path, monkeypatch):
+    """The extension loop, each candidate's training replaced by an export whose score peaks at lr 1 on a log scale
+    (the real training path is the test above, whose tiny zoo scores every rate alike): 0.01, 0.1 keeps 0.1 (the
+    largest) → 1.0 is trained, kept, still the largest → 10 is trained, scores lower, and the loop stops with 1.0 kept
+    (3 extensions allowed, 2 used); with `extend=1` it stops after 1.0, still at the edge."""
+    import math
+
+    import adamerge.sweep as sweep_module
+
+    trained = []
+
+    def fake_train(config, extra, values, out):
+        lr = values["model.init_args.lr"]
+        trained.append(lr)
+        out.mkdir(parents=True)
+        (out / "merge_manifest.json").write_text(json.dumps({
+            "method": "adamerging", "base": {"sha256": "b"}, "sources": [{"task": "t", "sha256": "s"}],
+            "selection": {"criterion": "agreement", "selected_step": 10, "score": -abs(math.log10(lr))},
+            "data": {"tasks": ["t"], "seed": 0, "holdout": 8, "max_length": 16}, "hparams": {"lr": lr}}))
+        return out
+
+    monkeypatch.setattr(sweep_module, "train", fake_train)
+    monkeypatch.setattr(sweep_module, "check_config", lambda *a: None)
+    config = tmp_path / "fit.yaml"
+    config.write_text("model: {}\n")
+    record = sweep_module.sweep(config, {"model.init_args.lr": [0.01, 0.1]}, tmp_path / "a", extend=3)
+    assert trained == [0.01, 0.1, 1.0, 10.0]
+    assert record["chosen"] == str(tmp_path / "a" / "lr=1.0") and record["at_edge"] == {}
+    assert record["sweep"] == {"grid": {"model.init_args.lr": [0.01, 0.1, 1.0, 10.0]}, "extended": 2}
+    assert json.loads((tmp_path / "a" / "best" / "merge_manifest.json").read_text())["pick"] == record
+    trained.clear()
+    record = sweep_module.sweep(config, {"model.init_args.lr": [0.01, 0.1]}, tmp_path / "b", extend=1)
+    assert trained == [0.01, 0.1, 1.0] and record["at_edge"] == {"lr": "largest"}
+    trained.clear()  # from below: 100, 10 keeps 10 (the smallest) → 1.0
+    record = sweep_module.sweep(config, {"model.init_args.lr": [100.0, 10.0]}, tmp_path / "c", extend=4)
+    assert trained == [100.0, 10.0, 1.0, 0.1] and record["chosen"] == str(tmp_path / "c" / "lr=1.0")
+
+
+def test_sweep_extends_on_the_grids_own_spacing():
+    from adamerge.sweep import next_value, parse_grid
+
+    assert next_value([1e-3, 1e-2], "largest") == 0.1 and next_value([1e-3, 1e-2], "smallest") == 1e-4
+    assert next_value([3e-4, 1e-3, 3e-3, 1e-2, 3e-2], "largest") == 0.09  # ratio of the two outermost values
+    assert next_value([0.0, 0.5], "largest") == 1.0 and next_value([0.0, 0.5], "smallest") == -0.5  # not all > 0
+    assert next_value([100, 200], "largest") == 400 and next_value([1, 2], "smallest") == 0  # integers stay integers
+    assert isinstance(next_value([100, 200], "largest"), int)
+    assert parse_grid(["model.init_args.lr=1e-3,1e-2", "--model.init_args.objective=kl,pseudo_label"]) == {
+        "model.init_args.lr": [1e-3, 1e-2], "model.init_args.objective": ["kl", "pseudo_label"]}
+
+
 def test_pick_flags_a_chosen_value_at_the_edge_of_the_candidates():
     """Only numeric hyperparameters the candidates vary count; the chosen value is flagged when it is the largest
     or the smallest tried, not when candidates lie on both sides of it nor when another candidate ties its score."""

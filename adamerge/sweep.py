@@ -1,0 +1,189 @@
+"""Train one merge at several settings and keep the best without labels: ``adamerge sweep``.
+
+``adamerge sweep --config fit.yaml --grid model.init_args.lr=0.001,0.01 --out runs/lr [--extend 2] [-- FIT ARGS]``
+runs ``adamerge fit`` once per value (each in its own process, so that a DDP run launches as it would alone), every
+export written to ``<out>/<name>=<value>``, then :func:`adamerge.pick.pick` keeps the one whose selected step agrees
+best with the experts on the held-back rows and copies it to ``<out>/best`` (``--into`` elsewhere). With
+``--extend N``, while the kept value is the largest or the smallest tried, the next value beyond it on the grid's
+own spacing (geometric for positive values: ``0.001, 0.01`` → ``0.1``) is trained too, at most N more times: the
+rule "extend the grid past its kept edge" that a user would otherwise follow by hand. A candidate whose export is
+already complete is not trained again, so a sweep stopped part-way resumes where it was (``<out>/sweep.json``
+records the config's hash and the fit arguments, and another sweep into the same ``out`` is refused).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+from adamerge.errors import MergeInputError
+from adamerge.export import MANIFEST
+from adamerge.pick import at_edge, pick
+
+log = logging.getLogger(__name__)
+
+
+def parse_grid(specs: list[str]) -> dict[str, list]:
+    """``["model.init_args.lr=0.001,0.01"]`` → ``{"model.init_args.lr": [0.001, 0.01]}``; values are numbers where
+    they read as one (``1e-3`` too), else YAML scalars (booleans, strings)."""
+    grid: dict[str, list] = {}
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        key = key.strip().removeprefix("--")
+        if not sep or not key or not values.strip():
+            raise MergeInputError(f"sweep: --grid {spec!r}: expected KEY=V1,V2,... (e.g. model.init_args.lr=1e-3,1e-2)")
+        if key in grid:
+            raise MergeInputError(f"sweep: --grid names {key} twice")
+        parsed = [_scalar(v.strip()) for v in values.split(",")]
+        if len(set(map(repr, parsed))) != len(parsed):
+            raise MergeInputError(f"sweep: --grid {key}: a value is repeated ({values})")
+        grid[key] = parsed
+    if not grid:
+        raise MergeInputError("sweep: give at least one --grid KEY=V1,V2,...")
+    if len(list(product(*grid.values()))) < 2:
+        raise MergeInputError("sweep: the grid has one candidate; give at least two values")
+    return grid
+
+
+def _scalar(text: str) -> Any:
+    import yaml
+
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
+def short(key: str) -> str:
+    """The name a setting goes by in directory names and records: the key's last part (``lr``)."""
+    return key.rsplit(".", 1)[-1]
+
+
+def candidate_name(values: dict[str, Any]) -> str:
+    return ",".join(f"{short(k)}={v}" for k, v in values.items())
+
+
+def next_value(values: list, side: str) -> float | int:
+    """The value one step beyond the ``side`` ("largest" / "smallest") of ``values`` on their own spacing: the ratio
+    of the two outermost values where both are positive (a log grid: 1e-3, 1e-2 → 1e-1), else their difference;
+    integers stay integers (and move by at least 1)."""
+    ordered = sorted(set(values))
+    if len(ordered) < 2:
+        raise MergeInputError("sweep: extending needs at least two distinct values")
+    inner, outer = (ordered[-2], ordered[-1]) if side == "largest" else (ordered[1], ordered[0])
+    nxt = outer * (outer / inner) if inner > 0 and outer > 0 else outer + (outer - inner)
+    if all(isinstance(v, int) for v in values):
+        step = 1 if side == "largest" else -1
+        nxt = int(round(nxt))
+        return nxt if nxt != outer else outer + step
+    return float(f"{nxt:.6g}")
+
+
+def _arg(key: str, value: Any) -> str:
+    return f"--{key}={value if isinstance(value, str) else json.dumps(value)}"
+
+
+def check_config(config: str, extra: list[str], first: dict[str, Any]) -> None:
+    """Refuse before training anything when the runs could not be compared: the config (with the first candidate's
+    values) must parse, use ``SelectStep`` and hold rows back (``data.holdout``)."""
+    from adamerge.cli import _ParseOnly, trainer_defaults
+    from adamerge.data import UnlabeledDataModule
+    from adamerge.methods import MergeModule
+
+    args = ["--config", config, *extra, *[_arg(k, v) for k, v in first.items()]]
+    cfg = _ParseOnly(MergeModule, UnlabeledDataModule, subclass_mode_model=True, run=False, args=args,
+                     trainer_defaults=trainer_defaults(), save_config_callback=None,
+                     auto_configure_optimizers=False).config
+    callbacks = cfg.get("trainer", {}).get("callbacks") or []
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    if not any(str(getattr(c, "class_path", "")).endswith("SelectStep") for c in callbacks):
+        raise MergeInputError(f"sweep: {config} trains without the SelectStep callback: its exports would record no "
+                              "label-free score to choose by (add adamerge.callbacks.SelectStep to trainer.callbacks)")
+    if not (cfg.get("data", {}) or {}).get("holdout"):
+        raise MergeInputError(f"sweep: {config} holds no rows back (data.holdout): SelectStep has nothing to score on")
+
+
+def same_sweep(out: Path, config: str, extra: list[str]) -> None:
+    """Candidates are reused only by a sweep of the same config file (its content) and fit arguments: the first
+    sweep into ``out`` records them in ``out/sweep.json``; another refuses to mix its runs with those."""
+    import hashlib
+
+    this = {"config_sha256": hashlib.sha256(Path(config).read_bytes()).hexdigest(), "fit_args": extra}
+    record = out / "sweep.json"
+    if record.is_file():
+        before = json.loads(record.read_text())
+        if {k: before.get(k) for k in this} != this:
+            raise MergeInputError(f"sweep: {out} holds the candidates of another sweep (its config {before.get('config')}"
+                                  f" or fit arguments {before.get('fit_args')} differ from this one's); use another "
+                                  "--out")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"config": str(Path(config).resolve()), **this}, indent=2) + "\n")
+
+
+def train(config: str, extra: list[str], values: dict[str, Any], out: Path) -> Path:
+    """One candidate's ``adamerge fit`` in its own process, exported to ``out``; an export already complete there
+    (a manifest with a selection) is kept as it is."""
+    manifest = out / MANIFEST
+    if manifest.is_file() and "selection" in json.loads(manifest.read_text()):
+        log.info("sweep: %s is already exported at %s; not trained again", candidate_name(values), out)
+        return out
+    cmd = [sys.executable, "-m", "adamerge", "fit", "--config", config, *extra,
+           *[_arg(k, v) for k, v in values.items()], f"--export.output_dir={out}"]
+    log.info("sweep: training %s: %s", candidate_name(values), " ".join(cmd[2:]))
+    code = subprocess.run(cmd).returncode
+    if code != 0:
+        kind = MergeInputError if code == 2 else RuntimeError
+        raise kind(f"sweep: candidate {candidate_name(values)} failed (adamerge fit exit status {code}; its error is "
+                   f"above); the candidates exported so far stay under {out.parent}")
+    return out
+
+
+def sweep(config: str, grid: dict[str, list], out: str | Path, extend: int = 0, into: str | Path | None = None,
+          extra: list[str] | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Train every combination of ``grid`` (and up to ``extend`` further values past a kept edge), keep the export
+    with the best label-free selection score, copy it to ``into`` (default ``<out>/best``). Returns the pick record
+    with a ``sweep`` entry: the grid as finally tried and how many values the extension added."""
+    extra = list(extra or [])
+    if extend and len(grid) != 1:
+        raise MergeInputError(f"sweep: --extend follows one setting past its kept edge; the grid varies {len(grid)} "
+                              f"({', '.join(grid)})")
+    if extend and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in next(iter(grid.values()))):
+        raise MergeInputError(f"sweep: --extend needs numeric values of {next(iter(grid))}")
+    out = Path(out)
+    into = Path(into) if into is not None else out / "best"
+    if into.exists() and not overwrite:
+        raise MergeInputError(f"sweep: {into} already exists; pass --overwrite to replace it")
+    grid = {k: list(v) for k, v in grid.items()}
+    check_config(config, extra, {k: v[0] for k, v in grid.items()})
+    same_sweep(out, config, extra)
+    done: dict[str, tuple[dict, Path]] = {}
+    added = 0
+    while True:
+        for combo in product(*grid.values()):
+            values = dict(zip(grid, combo))
+            name = candidate_name(values)
+            if name not in done:
+                done[name] = (values, train(config, extra, values, out / name))
+        settings = [{short(k): v for k, v in vals.items()} for vals, _ in done.values()]
+        scores = [json.loads((path / MANIFEST).read_text())["selection"]["score"] for _, path in done.values()]
+        best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+        edges = at_edge(settings, best, scores)
+        key = next(iter(grid))
+        if added >= extend or short(key) not in edges:
+            break
+        grid[key].append(next_value(grid[key], edges[short(key)]))
+        added += 1
+        log.info("sweep: the kept %s is the %s tried; training %s next", short(key), edges[short(key)], grid[key][-1])
+    record = pick([path for _, path in done.values()], into=into, overwrite=overwrite,
+                  extra={"sweep": {"grid": grid, "extended": added}})
+    if record["at_edge"] and extend:
+        log.warning("sweep: after %d extension(s) the kept value is still at the edge of the grid", added)
+    return record
