@@ -127,6 +127,12 @@ for _key in ("adamerging_layer_pl", "adamerging_layer_kl"):
 METHOD_GRID["adamerging_layer_pl_lrwide"] = replace(
     METHOD_GRID["adamerging_layer_pl_lrsel"], sweep={"lr": [3e-2, 1e-1, 3e-1]},
     label=METHOD_GRID["adamerging_layer_pl"].label + ", lr (3e-2 … 3e-1) and step by expert agreement")
+# on the text zoo the two-rate choice kept 1e-2, the larger candidate, for every guided row: the same extension by the
+# same rule, the kept rate and the next two half-decades
+for _key in ("adamerging_layer_pl", "adamerging_layer_kl", "adamerging_layer_infomax", "concrete_ta_kl"):
+    METHOD_GRID[f"{_key}_lr1e-2to1e-1"] = replace(
+        METHOD_GRID[f"{_key}_lrsel"], sweep={"lr": [1e-2, 3e-2, 1e-1]},
+        label=METHOD_GRID[_key].label + ", lr (1e-2 … 1e-1) and step by expert agreement")
 METHOD_GRID["adamerging_layer_lrsel"] = replace(
     METHOD_GRID["adamerging_layer_select"], kwargs=dict(METHOD_GRID["adamerging_layer_select"].kwargs),
     sweep={"lr": [1e-3, 1e-2]}, label="AdaMerging layer-wise, lr (1e-3 or 1e-2) and step by expert agreement")
