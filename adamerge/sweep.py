@@ -152,6 +152,12 @@ def sweep(config: str, grid: dict[str, list], out: str | Path, extend: int = 0, 
     with the best label-free selection score, copy it to ``into`` (default ``<out>/best``). Returns the pick record
     with a ``sweep`` entry: the grid as finally tried and how many values the extension added."""
     extra = list(extra or [])
+    if not Path(config).is_file():
+        raise MergeInputError(f"sweep: --config {config} is not a file")
+    names = [short(k) for k in grid]
+    if len(set(names)) != len(names):
+        raise MergeInputError(f"sweep: --grid keys {', '.join(grid)} end in the same name; the candidates' names "
+                              "would not tell them apart")
     if extend and len(grid) != 1:
         raise MergeInputError(f"sweep: --extend follows one setting past its kept edge; the grid varies {len(grid)} "
                               f"({', '.join(grid)})")

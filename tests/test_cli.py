@@ -334,6 +334,8 @@ def test_sweep_trains_each_value_keeps_the_best_score_and_extends_past_a_kept_ed
             ("fit.yaml", ["model.init_args.lr"], [], "expected KEY=V1,V2"),
             ("fit.yaml", ["model.init_args.lr=0.01"], [], "one candidate"),
             ("fit.yaml", ["model.init_args.lr=0.01,0.01"], [], "a value is repeated"),
+            ("missing.yaml", ["model.init_args.lr=0.01,0.1"], [], "is not a file"),
+            ("fit.yaml", ["model.init_args.lr=0.01,0.1", "optimizer.lr=0.1,1"], [], "end in the same name"),
             ("fit.yaml", ["model.init_args.lr=0.01,0.1", "model.init_args.init=0.3,0.5"], ["--extend", "1"],
              "follows one setting")):
         caplog.clear()
