@@ -133,10 +133,11 @@ for _key in ("adamerging_layer_pl", "adamerging_layer_kl", "adamerging_layer_inf
     METHOD_GRID[f"{_key}_lr1e-2to1e-1"] = replace(
         METHOD_GRID[f"{_key}_lrsel"], sweep={"lr": [1e-2, 3e-2, 1e-1]},
         label=METHOD_GRID[_key].label + ", lr (1e-2 … 1e-1) and step by expert agreement")
-# pseudo-labels kept 1e-1 there, the largest again: the same rule once more
-METHOD_GRID["adamerging_layer_pl_lr1e-1to1"] = replace(
-    METHOD_GRID["adamerging_layer_pl_lrsel"], sweep={"lr": [1e-1, 3e-1, 1.0]},
-    label=METHOD_GRID["adamerging_layer_pl"].label + ", lr (1e-1 … 1) and step by expert agreement")
+# pseudo-labels and Concrete with KL kept 1e-1 there, the largest again: the same rule once more
+for _key in ("adamerging_layer_pl", "concrete_ta_kl"):
+    METHOD_GRID[f"{_key}_lr1e-1to1"] = replace(
+        METHOD_GRID[f"{_key}_lrsel"], sweep={"lr": [1e-1, 3e-1, 1.0]},
+        label=METHOD_GRID[_key].label + ", lr (1e-1 … 1) and step by expert agreement")
 METHOD_GRID["adamerging_layer_lrsel"] = replace(
     METHOD_GRID["adamerging_layer_select"], kwargs=dict(METHOD_GRID["adamerging_layer_select"].kwargs),
     sweep={"lr": [1e-3, 1e-2]}, label="AdaMerging layer-wise, lr (1e-3 or 1e-2) and step by expert agreement")
