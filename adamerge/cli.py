@@ -141,15 +141,16 @@ class _ParseOnly(AdaMergeCLI):
         pass
 
 
-def parse_only(config: str | os.PathLike):
-    """Parse and type-check a config file (``fit`` or ``merge`` style) without loading any model."""
+def parse_only(config: str | os.PathLike, overrides: list[str] | tuple = ()):
+    """Parse and type-check a config file (``fit`` or ``merge`` style), with command-line ``overrides`` after it,
+    without loading any model."""
     import yaml
 
     doc = yaml.safe_load(open(config))
     if "output_dir" in doc and "trainer" not in doc:
-        return merge_parser().parse_args(["--config", str(config)])
+        return merge_parser().parse_args(["--config", str(config), *overrides])
     return _ParseOnly(MergeModule, UnlabeledDataModule, subclass_mode_model=True, run=False,
-                      args=["--config", str(config)], trainer_defaults=trainer_defaults(),
+                      args=["--config", str(config), *overrides], trainer_defaults=trainer_defaults(),
                       save_config_callback=None, auto_configure_optimizers=False).config
 
 

@@ -76,12 +76,17 @@ def at_edge(settings: list[dict[str, Any]], chosen: int, scores: list[float] | N
     return edges
 
 
+def best_of(scores: list[float]) -> int:
+    """The index of the best score; ties go to the earlier candidate."""
+    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+
 def pick(paths: list[str | Path], into: str | Path | None = None, overwrite: bool = False,
          extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The export whose selected step scores best (ties: the earlier one); with ``into``, a copy of it there whose
     manifest adds ``pick: {criterion, chosen, at_edge, candidates, **extra}``. Returns that record."""
     found = candidates(paths)
-    best = max(range(len(found)), key=lambda i: (found[i]["score"], -i))
+    best = best_of([c["score"] for c in found])
     record = {"criterion": found[best]["criterion"], "chosen": found[best]["path"],
               "at_edge": at_edge([c["hparams"] for c in found], best, [c["score"] for c in found]), "candidates": found,
               **(extra or {})}

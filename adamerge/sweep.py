@@ -23,7 +23,7 @@ from typing import Any
 
 from adamerge.errors import MergeInputError
 from adamerge.export import MANIFEST
-from adamerge.pick import at_edge, pick
+from adamerge.pick import at_edge, best_of, pick
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +93,9 @@ def _arg(key: str, value: Any) -> str:
 def check_config(config: str, extra: list[str], first: dict[str, Any]) -> None:
     """Refuse before training anything when the runs could not be compared: the config (with the first candidate's
     values) must parse, use ``SelectStep`` and hold rows back (``data.holdout``)."""
-    from adamerge.cli import _ParseOnly, trainer_defaults
-    from adamerge.data import UnlabeledDataModule
-    from adamerge.methods import MergeModule
+    from adamerge.cli import parse_only
 
-    args = ["--config", config, *extra, *[_arg(k, v) for k, v in first.items()]]
-    cfg = _ParseOnly(MergeModule, UnlabeledDataModule, subclass_mode_model=True, run=False, args=args,
-                     trainer_defaults=trainer_defaults(), save_config_callback=None,
-                     auto_configure_optimizers=False).config
+    cfg = parse_only(config, [*extra, *[_arg(k, v) for k, v in first.items()]])
     callbacks = cfg.get("trainer", {}).get("callbacks") or []
     callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
     if not any(str(getattr(c, "class_path", "")).endswith("SelectStep") for c in callbacks):
@@ -170,25 +165,24 @@ def sweep(config: str, grid: dict[str, list], out: str | Path, extend: int = 0, 
     grid = {k: list(v) for k, v in grid.items()}
     check_config(config, extra, {k: v[0] for k, v in grid.items()})
     same_sweep(out, config, extra)
-    done: dict[str, tuple[dict, Path]] = {}
-    added = 0
+    done: dict[str, tuple[dict, Path, float]] = {}  # name -> values, export, its selection score
+    key, added = next(iter(grid)), 0
     while True:
         for combo in product(*grid.values()):
             values = dict(zip(grid, combo))
             name = candidate_name(values)
             if name not in done:
-                done[name] = (values, train(config, extra, values, out / name))
-        settings = [{short(k): v for k, v in vals.items()} for vals, _ in done.values()]
-        scores = [json.loads((path / MANIFEST).read_text())["selection"]["score"] for _, path in done.values()]
-        best = max(range(len(scores)), key=lambda i: (scores[i], -i))
-        edges = at_edge(settings, best, scores)
-        key = next(iter(grid))
-        if added >= extend or short(key) not in edges:
+                path = train(config, extra, values, out / name)
+                done[name] = (values, path, json.loads((path / MANIFEST).read_text())["selection"]["score"])
+        settings = [{short(k): v for k, v in vals.items()} for vals, _, _ in done.values()]
+        scores = [score for _, _, score in done.values()]
+        side = at_edge(settings, best_of(scores), scores).get(short(key))
+        if added >= extend or side is None:
             break
-        grid[key].append(next_value(grid[key], edges[short(key)]))
+        grid[key].append(next_value(grid[key], side))
         added += 1
-        log.info("sweep: the kept %s is the %s tried; training %s next", short(key), edges[short(key)], grid[key][-1])
-    record = pick([path for _, path in done.values()], into=into, overwrite=overwrite,
+        log.info("sweep: the kept %s is the %s tried; training %s next", short(key), side, grid[key][-1])
+    record = pick([path for _, path, _ in done.values()], into=into, overwrite=overwrite,
                   extra={"sweep": {"grid": grid, "extended": added}})
     if record["at_edge"] and extend:
         log.warning("sweep: after %d extension(s) the kept value is still at the edge of the grid", added)
