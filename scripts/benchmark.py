@@ -7,6 +7,9 @@
     python scripts/benchmark.py --preset vision         # packaged ImageNet MobileNetV2 on 4 image tasks, 32×32
     python scripts/benchmark.py --preset vision64       # the same at 64×64 (its own zoo)
     python scripts/benchmark.py --methods surgery_ta    # re-run one row, keep the rest of the table
+    python scripts/benchmark.py --methods concrete_ta_kl_lrsel --grid lr=0.01,0.1 --extend 3
+                                                        # a row's rate chosen without labels over this grid,
+                                                        # followed past a kept edge (as `adamerge sweep` does)
 
 Writes runs/benchmark/<preset>/results.{md,json}. Everything is cached under .cache/ and reused.
 """
@@ -15,7 +18,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from adamerge.bench.run import METHOD_GRID, PRESETS, results_dir, run
+from adamerge.bench.run import METHOD_GRID, PRESETS, regrid, results_dir, run
 from adamerge.cli import quiet_libraries
 
 
@@ -38,15 +41,35 @@ def main() -> None:
     p.add_argument("--batchnorm-statistics", choices=["batch", "task"],
                    help="BatchNorm backbones (vision presets): one set of statistics for every task (batch, the "
                         "default) or each task its own (task; a table of its own, <preset>...-bn-task)")
+    p.add_argument("--grid", action="append", metavar="KEY=V1,V2",
+                   help="every re-run row that trains with a label-free selector sweeps these values instead of its "
+                        "own (one training per value, the best selection score kept; repeatable: every combination)")
+    p.add_argument("--extend", type=int, metavar="N",
+                   help="while such a row's kept value is the largest or smallest tried, train the next one on the "
+                        "grid's own spacing, at most N more (one swept setting)")
     p.add_argument("--inductive-only", action="store_true", help="skip the transductive column (half the time)")
     p.add_argument("--work", type=Path, default=Path(".cache"), help="cache of wheels, data and zoo")
     p.add_argument("--out", type=Path, default=Path("runs/benchmark"))
     args = p.parse_args()
+    grid = None
+    if args.grid:
+        from adamerge.errors import MergeInputError
+        from adamerge.sweep import parse_grid
+
+        try:
+            grid = parse_grid(args.grid)
+        except MergeInputError as err:
+            p.error(str(err).removeprefix("sweep: "))
+    try:  # a row the grid cannot apply to is refused here, before any data or zoo is made
+        regrid(PRESETS[args.preset].methods if args.methods is None else args.methods, grid, args.extend)
+    except ValueError as err:
+        p.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_libraries()
     result = run(args.preset, work=args.work, out=args.out, methods=args.methods, steps=args.steps, fresh=args.fresh,
                  lora=not args.no_lora, zoo_protocol=args.zoo, transductive=not args.inductive_only,
-                 pairs=not args.no_pairs, head_pooler=args.head_pooler, batchnorm_statistics=args.batchnorm_statistics)
+                 pairs=not args.no_pairs, head_pooler=args.head_pooler, batchnorm_statistics=args.batchnorm_statistics,
+                 grid=grid, extend=args.extend)
     target = results_dir(args.out, args.preset, args.zoo, args.head_pooler,
                          args.batchnorm_statistics or PRESETS[args.preset].batchnorm_statistics)
     print((target / "results.md").read_text())  # the table is this script's output

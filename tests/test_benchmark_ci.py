@@ -198,6 +198,70 @@ def test_sweep_keeps_the_candidate_whose_selected_step_scores_best(monkeypatch):
         "criterion": "agreement", "selected_step": 10, "score": 0.8}}})[0].endswith("→ kept lr 1.")
 
 
+def test_benchmark_grid_is_followed_past_a_kept_edge_until_the_score_turns(monkeypatch, tmp_path):
+    """`--grid` / `--extend` on a row: the rate is re-swept over the given values and, while the kept one is at an
+    edge, the next one on the grid's own (log) spacing is trained; here the score peaks at lr 1 on a log scale, so
+    0.01, 0.1 → 1 → 10 and the search stops with 1 kept (no longer at the edge)."""
+    import math
+
+    from adamerge.bench import run as bench
+
+    built = []
+
+    class Fake:
+        trainable = True
+
+        def __init__(self, base, paths, task_type=None, heads=None, **kwargs):
+            self.kwargs = kwargs
+            built.append(self)
+
+    def adapt(module, data_dir, tasks, split, preset, seed, steps, select):
+        lr = module.kwargs["lr"]
+        module.selection = {"criterion": select, "selected_step": 5, "score": 1 - abs(math.log10(lr)) / 10}
+
+    monkeypatch.setitem(bench.METHODS, "fake", Fake)
+    monkeypatch.setattr(bench, "adapt", adapt)
+    base = bench.Row("Fake, lr (1e-3 or 1e-2) and step by expert agreement (ours)", "fake",
+                     {"granularity": "layer", "lr": 5.0}, select="agreement")
+    row = bench.with_grid(base, {"lr": [0.01, 0.1]}, 3)
+    assert row.kwargs == {"granularity": "layer"} and row.sweep == {"lr": [0.01, 0.1]} and row.extend == 3
+    assert row.label == "Fake, lr (0.01, 0.1; up to 3 more past a kept edge) and step by expert agreement (ours)"
+    assert base.sweep is None and base.kwargs["lr"] == 5.0  # the grid's own row is left as it was
+    runner = bench.Runner(bench.PRESETS["ci"], "base", {}, Path("."), Path("."), None, 0, rows={"r": row})
+    best = runner.build("r", "inductive")
+    assert [m.kwargs["lr"] for m in built] == [0.01, 0.1, 1.0, 10.0]
+    assert best is built[2] and best.sweep_extended == 2
+    lines = bench.sweep_lines({"r": {"label": "x", "inductive_sweep": best.sweep, "inductive_selection": best.selection,
+                                     "inductive_sweep_extended": 2}})
+    assert lines[0].endswith("→ kept lr 1. The last 2 values extended the grid past a kept edge.")
+    # from above, one extension allowed: 100, 10 → 1, still the smallest tried, and the budget is spent
+    built.clear()
+    best = bench.Runner(bench.PRESETS["ci"], "base", {}, Path("."), Path("."), None, 0,
+                        rows={"r": bench.with_grid(base, {"lr": [100.0, 10.0]}, 1)}).build("r", "inductive")
+    assert [m.kwargs["lr"] for m in built] == [100.0, 10.0, 1.0] and best is built[2] and best.sweep_extended == 1
+    # no extension budget: the grid as given, nothing more
+    built.clear()
+    bench.Runner(bench.PRESETS["ci"], "base", {}, Path("."), Path("."), None, 0,
+                 rows={"r": bench.with_grid(base, {"lr": [0.01, 0.1]})}).build("r", "inductive")
+    assert [m.kwargs["lr"] for m in built] == [0.01, 0.1]
+    # refusals, each naming the row or the grid
+    with pytest.raises(ValueError, match="sweeps nothing"):
+        bench.with_grid(base, None, 2)
+    with pytest.raises(ValueError, match="one candidate"):
+        bench.with_grid(base, {"lr": [0.1]})
+    with pytest.raises(ValueError, match="varies 2"):
+        bench.with_grid(base, {"lr": [0.1, 1.0], "temperature": [1, 2]}, 1)
+    with pytest.raises(ValueError, match="numeric"):
+        bench.with_grid(base, {"lr": ["a", "b"]}, 1)
+    with pytest.raises(ValueError, match="set select"):
+        bench.with_grid(bench.Row("Plain", "fake"), {"lr": [0.1, 1.0]})
+    # refused by run() before any data, zoo or table is made: a trained row of the call that has no selector
+    with pytest.raises(ValueError, match="'AdaMerging layer-wise'.*set select"):
+        run("ci", work=tmp_path / "work", out=tmp_path / "out", methods=["task_arithmetic", "adamerging_layer"],
+            grid={"lr": [0.01, 0.1]})
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
+
+
 def test_ci_learning_rate_sweep_equals_its_separate_runs(tmp_path):
     """The lr-swept pseudo-label row on real data: its candidates are exactly the fixed-lr rows run on their own
     (same selected steps and scores), and the row is the one of them that scores best (the earlier on a tie)."""

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import platform
+import re
 import resource
 import time
 from dataclasses import dataclass, field, replace
@@ -24,7 +26,7 @@ from adamerge.callbacks import SelectStep, StepProgress
 from adamerge.data import TaskData, UnlabeledDataModule, input_builder
 from adamerge.evaluate import score
 from adamerge.methods import METHODS, MergeModule, TaskVectorPrep
-from adamerge.pick import at_edge
+from adamerge.pick import at_edge, best_of
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,9 @@ class Row:
     # combination), the row keeps the run whose selected step scores best by ``select`` on the same held-back rows —
     # the step selection over the union of the runs' scored steps (ties: the earlier value)
     sweep: dict[str, list] | None = None
+    # while the kept value of a one-key sweep is the largest or smallest tried (and no other scored the same), train
+    # the next value on the grid's own spacing, at most this many more times (``adamerge sweep --extend``'s rule)
+    extend: int = 0
 
 
 # A new method joins the table with one line here.
@@ -298,6 +303,48 @@ def sweep_candidates(row: Row) -> list[dict]:
     return [dict(zip(row.sweep, values)) for values in product(*row.sweep.values())]
 
 
+_SWEPT = re.compile(r", \w+ \([^)]*\) and step by [\w -]+")
+_CRITERIA = {"agreement": "expert agreement", "worst_agreement": "worst-task agreement"}
+
+
+def with_grid(row: Row, grid: dict[str, list] | None = None, extend: int | None = None) -> Row:
+    """``row`` with its sweep replaced by ``grid`` and/or its extension budget by ``extend`` (the benchmark's
+    ``--grid`` / ``--extend``); the label says what is tried. A row that cannot be swept is refused by name."""
+    if not grid and extend is None:
+        return row
+    sweep = {k: list(v) for k, v in (grid or row.sweep or {}).items()}
+    if not sweep:
+        raise ValueError(f"row {row.label!r}: --extend follows a sweep, and this row sweeps nothing; give --grid")
+    if math.prod(len(v) for v in sweep.values()) < 2:
+        raise ValueError(f"--grid {grid}: one candidate; give at least two values")
+    extend = row.extend if extend is None else extend
+    if extend and len(sweep) != 1:
+        raise ValueError(f"row {row.label!r}: --extend follows one setting past its kept edge; the grid varies "
+                         f"{len(sweep)} ({', '.join(sweep)})")
+    if extend and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in next(iter(sweep.values()))):
+        raise ValueError(f"row {row.label!r}: --extend needs numeric values of {next(iter(sweep))}")
+    kwargs = {k: v for k, v in row.kwargs.items() if k not in sweep}
+    out = replace(row, kwargs=kwargs, sweep=sweep, extend=extend)
+    sweep_candidates(out)  # refuses a row without a selector or a method that does not train
+    ours = row.label.endswith(" (ours)")
+    plain = _SWEPT.sub("", row.label.removesuffix(" (ours)"))
+    tried = ", ".join(f"{k} ({_span(vs)}{f'; up to {extend} more past a kept edge' if extend else ''})"
+                      for k, vs in sweep.items())
+    return replace(out, label=f"{plain}, {tried} and step by {_CRITERIA.get(row.select, row.select)}"
+                              + (" (ours)" if ours else ""))
+
+
+def regrid(methods: list[str], grid: dict[str, list] | None = None, extend: int | None = None) -> dict[str, Row]:
+    """The grid with each trained row of ``methods`` re-swept by :func:`with_grid` (data-free rows unchanged)."""
+    return {k: with_grid(r, grid, extend) if k in methods and METHODS[r.method].trainable else r
+            for k, r in METHOD_GRID.items()}
+
+
+def _span(values: list) -> str:
+    return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values) if len(values) <= 3 \
+        else f"{values[0]:g} … {values[-1]:g}"
+
+
 def adapts(row: Row) -> bool:
     cls = METHODS[row.method]
     return cls.trainable or row.kwargs.get("candidates", 1) > 1
@@ -313,56 +360,75 @@ class Runner:
     """Runs rows of the grid for one preset, reusing the exported merges that Surgery rows start from."""
 
     def __init__(self, preset: Preset, base: str, paths: dict[str, str], data_dir: Path, ckpt_dir: Path,
-                 evaluator: Evaluator, seed: int, transductive: bool = True, heads: dict | None = None) -> None:
+                 evaluator: Evaluator, seed: int, transductive: bool = True, heads: dict | None = None,
+                 rows: dict[str, Row] | None = None) -> None:
         self.preset, self.base, self.paths, self.data_dir, self.heads = preset, base, paths, data_dir, heads
         self.ckpt_dir, self.evaluator, self.seed, self.transductive = ckpt_dir, evaluator, seed, transductive
+        self.rows = METHOD_GRID if rows is None else rows  # the grid, some rows re-swept (``with_grid``)
 
     def build(self, key: str, protocol: str, diagnose: bool = False) -> MergeModule:
         """Instantiate and adapt row ``key`` under ``protocol`` (``inductive``/``transductive``); a row with a
         ``sweep`` trains once per candidate and returns the one whose selected step scores best (its ``sweep``
-        attribute lists every candidate's selected step and score).
+        attribute lists every candidate's selected step and score, in the order trained). With ``extend``, while
+        the kept value is the largest or smallest tried (no other candidate scoring the same), the next value on
+        the grid's own spacing is trained too, at most ``extend`` more times (:func:`adamerge.sweep.next_value`).
 
         ``diagnose``: also score every swept candidate on the test split (``sweep[i]["test"]``; the kept one's
         scores in ``module.test_scores``, seconds spent in ``module.diagnose_seconds``). A diagnostic of the
         label-free choice, made from the selection scores alone before any test score is read."""
-        row = METHOD_GRID[key]
+        from adamerge.sweep import next_value
+
+        row = self.rows[key]
         kwargs = dict(row.kwargs)
         if row.on is not None:
             kwargs["merged"] = str(self.export_of(row.on, protocol))
         split = "unlabeled" if protocol == "inductive" else "test"
-        best, tried, spent = None, [], 0.0
-        for values in sweep_candidates(row):
-            module = METHODS[row.method](self.base, self.paths, task_type=self.preset.task_type, heads=self.heads,
-                                         **kwargs, **values)
-            adapt(module, self.data_dir, self.preset.tasks, split, self.preset, self.seed,
-                  steps_for(row, self.preset), row.select)
-            if not row.sweep:
-                return module
-            sel = module.selection
-            tried.append({**values, "selected_step": sel["selected_step"], "score": sel["score"]})
-            log.info("%s %s, %s: %s %.4f at step %d", row.label, protocol, values, sel["criterion"], sel["score"],
-                     sel["selected_step"])
-            if best is None or sel["score"] > best.selection["score"]:
-                best = module
-            if diagnose:  # after the choice above, which reads the selection scores only
-                t0 = time.time()
-                tried[-1]["test"] = self.evaluator(module)
-                spent += time.time() - t0
-            del module
-        best.sweep = tried
+        best, tried, spent, added = None, [], 0.0, 0
+        grid = {k: list(v) for k, v in (row.sweep or {}).items()}
+        while True:
+            for values in sweep_candidates(replace(row, sweep=grid or None)):
+                if any(all(c[k] == v for k, v in values.items()) for c in tried):
+                    continue
+                module = METHODS[row.method](self.base, self.paths, task_type=self.preset.task_type,
+                                             heads=self.heads, **kwargs, **values)
+                adapt(module, self.data_dir, self.preset.tasks, split, self.preset, self.seed,
+                      steps_for(row, self.preset), row.select)
+                if not row.sweep:
+                    return module
+                sel = module.selection
+                tried.append({**values, "selected_step": sel["selected_step"], "score": sel["score"]})
+                log.info("%s %s, %s: %s %.4f at step %d", row.label, protocol, values, sel["criterion"],
+                         sel["score"], sel["selected_step"])
+                if best is None or sel["score"] > best.selection["score"]:
+                    best = module
+                if diagnose:  # after the choice above, which reads the selection scores only
+                    t0 = time.time()
+                    tried[-1]["test"] = self.evaluator(module)
+                    spent += time.time() - t0
+                del module
+            scores = [c["score"] for c in tried]
+            side = at_edge([_setting(c) for c in tried], best_of(scores), scores).get(next(iter(grid)))
+            if added >= row.extend or side is None:
+                break
+            key_ = next(iter(grid))
+            grid[key_].append(next_value(grid[key_], side))
+            added += 1
+            log.info("%s %s: the kept %s is the %s tried; training %s=%s next", row.label, protocol, key_, side,
+                     key_, grid[key_][-1])
+        best.sweep, best.sweep_extended = tried, added
         if diagnose:
             best.test_scores, best.diagnose_seconds = _chosen(best.selection, tried)["test"], spent
         return best
 
     def export_of(self, key: str, protocol: str) -> Path:
-        protocol = protocol if adapts(METHOD_GRID[key]) else "inductive"
+        protocol = protocol if adapts(self.rows[key]) else "inductive"
         target = self.ckpt_dir / f"{key}-{protocol}"
         if not (target / "merge_manifest.json").is_file():
             self.build(key, protocol).export(target, overwrite=True, per_task_models=False)
         return target
 
     def row(self, key: str) -> dict:
-        row = METHOD_GRID[key]
+        row = self.rows[key]
         out = {"label": row.label}
         if adapts(row) and not self.transductive:
             out["transductive"] = None  # adaptive, but the transductive column was not run
@@ -381,6 +447,8 @@ class Runner:
                                                 if k in module.selection}
             if getattr(module, "sweep", None):
                 out[f"{protocol}_sweep"] = module.sweep
+                if row.extend:
+                    out[f"{protocol}_sweep_extended"] = module.sweep_extended
             if row.on is None and any(r.on == key for r in METHOD_GRID.values()):
                 module.export(self.ckpt_dir / f"{key}-{protocol}", overwrite=True, per_task_models=False)
             log.info("%s %s: %.4f (%.0fs)", row.label, protocol, _avg(out[protocol]), out[f"{protocol}_seconds"])
@@ -444,7 +512,8 @@ def results_dir(out: Path, preset_name: str, zoo_protocol: str = "own", head_poo
 def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Path("runs/benchmark"),
         methods: list[str] | None = None, steps: int | None = None, seed: int = 0, fresh: bool = False,
         lora: bool = True, zoo_protocol: str = "own", transductive: bool = True, pairs: bool = True,
-        head_pooler: bool = False, batchnorm_statistics: str | None = None) -> dict:
+        head_pooler: bool = False, batchnorm_statistics: str | None = None, grid: dict[str, list] | None = None,
+        extend: int | None = None) -> dict:
     """Build everything the preset needs (skipping what exists) and write ``out/<preset>/results.{json,md}``
     (``out/<preset>-frozen-head/`` for the frozen-head zoo).
 
@@ -455,7 +524,10 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
     two-task table if the preset has one (own-head zoo only). ``head_pooler``: every row (the reference rows too)
     with each task's head holding its fine-tune's pooler (``heads: {pooler: true}``, BERT-style backbones); LoRA
     section skipped. ``batchnorm_statistics``: override the preset's (``task``: each task its own BatchNorm
-    statistics, a table of its own).
+    statistics, a table of its own). ``grid`` / ``extend``: every re-run row that trains with a label-free selector
+    sweeps ``grid`` (e.g. ``{"lr": [0.1, 0.3]}``) instead of its own values and/or follows a kept edge up to
+    ``extend`` more values (:func:`with_grid`); data-free rows are left as they are, a trained row without a
+    selector is refused.
     """
     preset = PRESETS[preset_name]
     if batchnorm_statistics is not None:
@@ -468,6 +540,7 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
     unknown = sorted(set(methods) - set(METHOD_GRID))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; known: {sorted(METHOD_GRID)}")
+    grid_rows = regrid(methods, grid, extend)
     root = work / ("ci" if preset_name == "ci" else "vision" if preset.image else "")
     data_dir, zoo = root / "data", root / ("zoo" if preset.image_size == IMAGE_SIZE else f"zoo-{preset.image_size}px")
     target = results_dir(out, preset_name, zoo_protocol, head_pooler, preset.batchnorm_statistics)
@@ -490,7 +563,8 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
     inputs = input_builder({t: preset.task_data(str(data_dir / t), "test") for t in preset.tasks}, base,
                            preset.max_length)
     evaluator = Evaluator(data_dir, preset.tasks, inputs, preset.max_test)
-    runner = Runner(preset, base, paths, data_dir, target / "checkpoints", evaluator, seed, transductive, heads)
+    runner = Runner(preset, base, paths, data_dir, target / "checkpoints", evaluator, seed, transductive, heads,
+                    grid_rows)
     if zoo_protocol != "own" or head_pooler:
         lora = False
 
@@ -508,6 +582,9 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
               "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                           f"torch {torch.__version__}, "
                           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}"}
+    if grid or extend is not None:  # how this call's rows were re-swept (the labels say it too)
+        result["sweep_override"] = {"grid": grid, "extend": extend,
+                                    "rows": [k for k in methods if grid_rows[k] is not METHOD_GRID[k]]}
     rows.update({k: v for k, v in old.get("rows", {}).items() if k in METHOD_GRID and k not in methods})
     for key in METHOD_GRID:
         if key in methods:
@@ -598,8 +675,11 @@ def sweep_lines(rows: dict) -> list[str]:
             kept = _chosen(sel, sweep)
             edges = at_edge([_setting(c) for c in sweep], sweep.index(kept), [c["score"] for c in sweep])
             edge = "".join(f" ({k}: the {side} tried; the best may lie beyond)" for k, side in edges.items())
+            added = row.get("inductive_sweep_extended")
+            extended = (f" The last {added} value{'s' if added > 1 else ''} extended the grid past a kept edge."
+                        if added else "")
             lines.append(f"- {row['label']} — {sel['criterion']} on the held-back rows, {tried} → kept "
-                         f"{_values(kept)}{edge}.")
+                         f"{_values(kept)}{edge}.{extended}")
     if any("test" in c for row in rows.values() for c in row.get("inductive_sweep") or []):
         lines.append("- The test averages are scored after the choice, as a diagnostic of it; no test label "
                      "entered the choice.")
