@@ -406,15 +406,16 @@ class Runner:
                     tried[-1]["test"] = self.evaluator(module)
                     spent += time.time() - t0
                 del module
-            scores = [c["score"] for c in tried]
-            side = at_edge([_setting(c) for c in tried], best_of(scores), scores).get(next(iter(grid)))
-            if added >= row.extend or side is None:
+            if added >= row.extend:
                 break
-            key_ = next(iter(grid))
-            grid[key_].append(next_value(grid[key_], side))
+            name, scores = next(iter(grid)), [c["score"] for c in tried]  # extend: one swept setting
+            side = at_edge([_setting(c) for c in tried], best_of(scores), scores).get(name)
+            if side is None:
+                break
+            grid[name].append(next_value(grid[name], side))
             added += 1
-            log.info("%s %s: the kept %s is the %s tried; training %s=%s next", row.label, protocol, key_, side,
-                     key_, grid[key_][-1])
+            log.info("%s %s: the kept %s is the %s tried; training %s=%s next", row.label, protocol, name, side,
+                     name, grid[name][-1])
         best.sweep, best.sweep_extended = tried, added
         if diagnose:
             best.test_scores, best.diagnose_seconds = _chosen(best.selection, tried)["test"], spent
