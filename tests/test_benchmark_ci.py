@@ -233,7 +233,7 @@ def test_benchmark_grid_is_followed_past_a_kept_edge_until_the_score_turns(monke
     assert best is built[2] and best.sweep_extended == 2
     lines = bench.sweep_lines({"r": {"label": "x", "inductive_sweep": best.sweep, "inductive_selection": best.selection,
                                      "inductive_sweep_extended": 2}})
-    assert lines[0].endswith("→ kept lr 1. The last 2 values extended the grid past a kept edge.")
+    assert lines[0].endswith("→ kept lr 1. The last 2 values tried extended the grid past a kept edge.")
     # from above, one extension allowed: 100, 10 → 1, still the smallest tried, and the budget is spent
     built.clear()
     best = bench.Runner(bench.PRESETS["ci"], "base", {}, Path("."), Path("."), None, 0,

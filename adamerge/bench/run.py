@@ -677,8 +677,8 @@ def sweep_lines(rows: dict) -> list[str]:
             edges = at_edge([_setting(c) for c in sweep], sweep.index(kept), [c["score"] for c in sweep])
             edge = "".join(f" ({k}: the {side} tried; the best may lie beyond)" for k, side in edges.items())
             added = row.get("inductive_sweep_extended")
-            extended = (f" The last {added} value{'s' if added > 1 else ''} extended the grid past a kept edge."
-                        if added else "")
+            extended = (f" The last {f'{added} values' if added > 1 else 'value'} tried extended the grid past a "
+                        "kept edge." if added else "")
             lines.append(f"- {row['label']} — {sel['criterion']} on the held-back rows, {tried} → kept "
                          f"{_values(kept)}{edge}.{extended}")
     if any("test" in c for row in rows.values() for c in row.get("inductive_sweep") or []):
