@@ -136,11 +136,8 @@ def test_combine_results_replaces_rows_of_the_same_zoo_only(tmp_path):
     assert refused.returncode != 0 and "different zoos" in refused.stderr and not (tmp_path / "d").exists()
 
 
-def test_sweep_keeps_the_candidate_whose_selected_step_scores_best(monkeypatch):
-    """A row with a sweep trains once per value and keeps the run with the highest label-free selection score
-    (ties: the earlier value); every candidate's selected step and score are recorded."""
-    from adamerge.bench import run as bench
-
+def fake_method(monkeypatch, bench) -> list:
+    """Register a trained method ``fake`` that records its arguments; returns the list its instances join."""
     built = []
 
     class Fake:
@@ -150,6 +147,16 @@ def test_sweep_keeps_the_candidate_whose_selected_step_scores_best(monkeypatch):
             self.kwargs = kwargs
             built.append(self)
 
+    monkeypatch.setitem(bench.METHODS, "fake", Fake)
+    return built
+
+
+def test_sweep_keeps_the_candidate_whose_selected_step_scores_best(monkeypatch):
+    """A row with a sweep trains once per value and keeps the run with the highest label-free selection score
+    (ties: the earlier value); every candidate's selected step and score are recorded."""
+    from adamerge.bench import run as bench
+
+    built = fake_method(monkeypatch, bench)
     scores = {1: 0.5, 2: 0.7, 3: 0.7}
 
     def adapt(module, data_dir, tasks, split, preset, seed, steps, select):
@@ -157,7 +164,6 @@ def test_sweep_keeps_the_candidate_whose_selected_step_scores_best(monkeypatch):
         lr = module.kwargs["lr"]
         module.selection = {"criterion": select, "selected_step": 10 * lr, "score": scores[lr]}
 
-    monkeypatch.setitem(bench.METHODS, "fake", Fake)
     monkeypatch.setattr(bench, "adapt", adapt)
     monkeypatch.setitem(bench.METHOD_GRID, "fake_sweep", bench.Row("x", "fake", {"granularity": "layer"},
                                                                      select="agreement", sweep={"lr": [1, 2, 3]}))
@@ -206,20 +212,11 @@ def test_benchmark_grid_is_followed_past_a_kept_edge_until_the_score_turns(monke
 
     from adamerge.bench import run as bench
 
-    built = []
-
-    class Fake:
-        trainable = True
-
-        def __init__(self, base, paths, task_type=None, heads=None, **kwargs):
-            self.kwargs = kwargs
-            built.append(self)
-
+    built = fake_method(monkeypatch, bench)
     def adapt(module, data_dir, tasks, split, preset, seed, steps, select):
         lr = module.kwargs["lr"]
         module.selection = {"criterion": select, "selected_step": 5, "score": 1 - abs(math.log10(lr)) / 10}
 
-    monkeypatch.setitem(bench.METHODS, "fake", Fake)
     monkeypatch.setattr(bench, "adapt", adapt)
     base = bench.Row("Fake, lr (1e-3 or 1e-2) and step by expert agreement (ours)", "fake",
                      {"granularity": "layer", "lr": 5.0}, select="agreement")

@@ -525,10 +525,10 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
     two-task table if the preset has one (own-head zoo only). ``head_pooler``: every row (the reference rows too)
     with each task's head holding its fine-tune's pooler (``heads: {pooler: true}``, BERT-style backbones); LoRA
     section skipped. ``batchnorm_statistics``: override the preset's (``task``: each task its own BatchNorm
-    statistics, a table of its own). ``grid`` / ``extend``: every re-run row that trains with a label-free selector
+    statistics, a table of its own). ``grid`` / ``extend``: every row of ``methods`` that trains with a label-free selector
     sweeps ``grid`` (e.g. ``{"lr": [0.1, 0.3]}``) instead of its own values and/or follows a kept edge up to
-    ``extend`` more values (:func:`with_grid`); data-free rows are left as they are, a trained row without a
-    selector is refused.
+    ``extend`` more values (:func:`with_grid`); data-free rows (and the LoRA section's) are left as they are, a
+    trained row without a selector is refused.
     """
     preset = PRESETS[preset_name]
     if batchnorm_statistics is not None:
