@@ -59,7 +59,7 @@ def main() -> None:
         try:
             grid = parse_grid(args.grid)
         except MergeInputError as err:
-            p.error(str(err).removeprefix("sweep: "))
+            p.error(str(err).removeprefix("sweep: ").replace("model.init_args.lr", "lr"))  # rows take method args
     try:  # a row the grid cannot apply to is refused here, before any data or zoo is made
         regrid(PRESETS[args.preset].methods if args.methods is None else args.methods, grid, args.extend)
     except ValueError as err:
