@@ -19,7 +19,7 @@ import subprocess
 import sys
 from itertools import product
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from adamerge.errors import MergeInputError
 from adamerge.export import MANIFEST
@@ -84,6 +84,32 @@ def next_value(values: list, side: str) -> float | int:
         nxt = int(round(nxt))
         return nxt if nxt != outer else outer + step
     return float(f"{nxt:.6g}")
+
+
+def search(grid: dict[str, list], score: Callable[[dict[str, Any]], float], extend: int = 0,
+           label: str = "sweep") -> tuple[list[tuple[dict[str, Any], float]], int]:
+    """Score every combination of ``grid`` in order (``score(values)`` trains one candidate), then, while fewer than
+    ``extend`` values were added and the best (ties: the earlier) holds the largest or smallest value of the first
+    setting with no other candidate scoring the same, append :func:`next_value` to that setting in ``grid`` (in
+    place) and score the new combinations. Returns every ``(values, score)`` in the order scored, and how many
+    values were added. ``adamerge sweep`` and the benchmark's swept rows both search this way."""
+    tried: list[tuple[dict[str, Any], float]] = []
+    key, added = next(iter(grid)), 0
+    while True:
+        for combo in product(*grid.values()):
+            values = dict(zip(grid, combo))
+            if all(values != done for done, _ in tried):
+                tried.append((values, score(values)))
+        if added >= extend:
+            return tried, added
+        scores = [s for _, s in tried]
+        side = at_edge([{short(k): v for k, v in values.items()} for values, _ in tried], best_of(scores),
+                       scores).get(short(key))
+        if side is None:
+            return tried, added
+        grid[key].append(next_value(grid[key], side))
+        added += 1
+        log.info("%s: the kept %s is the %s tried; training %s next", label, short(key), side, grid[key][-1])
 
 
 def _arg(key: str, value: Any) -> str:
@@ -165,24 +191,13 @@ def sweep(config: str, grid: dict[str, list], out: str | Path, extend: int = 0, 
     grid = {k: list(v) for k, v in grid.items()}
     check_config(config, extra, {k: v[0] for k, v in grid.items()})
     same_sweep(out, config, extra)
-    done: dict[str, tuple[dict, Path, float]] = {}  # name -> values, export, its selection score
-    key, added = next(iter(grid)), 0
-    while True:
-        for combo in product(*grid.values()):
-            values = dict(zip(grid, combo))
-            name = candidate_name(values)
-            if name not in done:
-                path = train(config, extra, values, out / name)
-                done[name] = (values, path, json.loads((path / MANIFEST).read_text())["selection"]["score"])
-        settings = [{short(k): v for k, v in vals.items()} for vals, _, _ in done.values()]
-        scores = [score for _, _, score in done.values()]
-        side = at_edge(settings, best_of(scores), scores).get(short(key))
-        if added >= extend or side is None:
-            break
-        grid[key].append(next_value(grid[key], side))
-        added += 1
-        log.info("sweep: the kept %s is the %s tried; training %s next", short(key), side, grid[key][-1])
-    record = pick([path for _, path, _ in done.values()], into=into, overwrite=overwrite,
+
+    def score(values: dict[str, Any]) -> float:
+        path = train(config, extra, values, out / candidate_name(values))
+        return json.loads((path / MANIFEST).read_text())["selection"]["score"]
+
+    tried, added = search(grid, score, extend, "sweep")
+    record = pick([out / candidate_name(values) for values, _ in tried], into=into, overwrite=overwrite,
                   extra={"sweep": {"grid": grid, "extended": added}})
     if record["at_edge"] and extend:
         log.warning("sweep: after %d extension(s) the kept value is still at the edge of the grid", added)

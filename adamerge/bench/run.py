@@ -26,7 +26,7 @@ from adamerge.callbacks import SelectStep, StepProgress
 from adamerge.data import TaskData, UnlabeledDataModule, input_builder
 from adamerge.evaluate import score
 from adamerge.methods import METHODS, MergeModule, TaskVectorPrep
-from adamerge.pick import at_edge, best_of
+from adamerge.pick import at_edge
 
 log = logging.getLogger(__name__)
 
@@ -376,46 +376,42 @@ class Runner:
         ``diagnose``: also score every swept candidate on the test split (``sweep[i]["test"]``; the kept one's
         scores in ``module.test_scores``, seconds spent in ``module.diagnose_seconds``). A diagnostic of the
         label-free choice, made from the selection scores alone before any test score is read."""
-        from adamerge.sweep import next_value
+        from adamerge.sweep import search
 
         row = self.rows[key]
         kwargs = dict(row.kwargs)
         if row.on is not None:
             kwargs["merged"] = str(self.export_of(row.on, protocol))
         split = "unlabeled" if protocol == "inductive" else "test"
-        best, tried, spent, added = None, [], 0.0, 0
-        grid = {k: list(v) for k, v in (row.sweep or {}).items()}
-        while True:
-            for values in sweep_candidates(replace(row, sweep=grid or None)):
-                if any(all(c[k] == v for k, v in values.items()) for c in tried):
-                    continue
-                module = METHODS[row.method](self.base, self.paths, task_type=self.preset.task_type,
-                                             heads=self.heads, **kwargs, **values)
-                adapt(module, self.data_dir, self.preset.tasks, split, self.preset, self.seed,
-                      steps_for(row, self.preset), row.select)
-                if not row.sweep:
-                    return module
-                sel = module.selection
-                tried.append({**values, "selected_step": sel["selected_step"], "score": sel["score"]})
-                log.info("%s %s, %s: %s %.4f at step %d", row.label, protocol, values, sel["criterion"],
-                         sel["score"], sel["selected_step"])
-                if best is None or sel["score"] > best.selection["score"]:
-                    best = module
-                if diagnose:  # after the choice above, which reads the selection scores only
-                    t0 = time.time()
-                    tried[-1]["test"] = self.evaluator(module)
-                    spent += time.time() - t0
-                del module
-            if added >= row.extend:
-                break
-            name, scores = next(iter(grid)), [c["score"] for c in tried]  # extend: one swept setting
-            side = at_edge([_setting(c) for c in tried], best_of(scores), scores).get(name)
-            if side is None:
-                break
-            grid[name].append(next_value(grid[name], side))
-            added += 1
-            log.info("%s %s: the kept %s is the %s tried; training %s=%s next", row.label, protocol, name, side,
-                     name, grid[name][-1])
+
+        def train(values: dict) -> MergeModule:
+            module = METHODS[row.method](self.base, self.paths, task_type=self.preset.task_type, heads=self.heads,
+                                         **kwargs, **values)
+            adapt(module, self.data_dir, self.preset.tasks, split, self.preset, self.seed,
+                  steps_for(row, self.preset), row.select)
+            return module
+
+        if not row.sweep:
+            return train({})
+        sweep_candidates(row)  # refuses a sweep without a selector, or one that clashes with the row's kwargs
+        best, tried, spent = None, [], 0.0
+
+        def score(values: dict) -> float:
+            nonlocal best, spent
+            module = train(values)
+            sel = module.selection
+            tried.append({**values, "selected_step": sel["selected_step"], "score": sel["score"]})
+            log.info("%s %s, %s: %s %.4f at step %d", row.label, protocol, values, sel["criterion"], sel["score"],
+                     sel["selected_step"])
+            if best is None or sel["score"] > best.selection["score"]:
+                best = module
+            if diagnose:  # after the choice above, which reads the selection scores only
+                t0 = time.time()
+                tried[-1]["test"] = self.evaluator(module)
+                spent += time.time() - t0
+            return sel["score"]
+
+        _, added = search({k: list(v) for k, v in row.sweep.items()}, score, row.extend, f"{row.label} {protocol}")
         best.sweep, best.sweep_extended = tried, added
         if diagnose:
             best.test_scores, best.diagnose_seconds = _chosen(best.selection, tried)["test"], spent
