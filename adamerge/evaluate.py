@@ -36,17 +36,22 @@ def load_labeled(spec: LabeledTaskData, task: str, inputs):
 def score(logits_fn: Callable[[dict], torch.Tensor], rows, labels: torch.Tensor, num_classes: int, collate,
           batch_size: int = 64) -> dict[str, float]:
     """Accuracy and macro-F1 of ``logits_fn(inputs)`` over ``rows``, batched by ``collate`` (rows → inputs, e.g.
-    :class:`adamerge.data.TextInputs`)."""
+    :class:`adamerge.data.TextInputs`), and the histograms behind them: ``predicted`` (rows per predicted class)
+    and ``labels`` (rows per true class) — an accuracy at the majority class's share reads differently from one
+    spread over the classes."""
     if int(labels.max()) >= num_classes or int(labels.min()) < 0:
         raise MergeInputError(f"labels outside [0, {num_classes}) for a head with {num_classes} classes")
     acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
     f1 = MulticlassF1Score(num_classes=num_classes, average="macro")
+    predicted = torch.zeros(num_classes, dtype=torch.long)
     for i in range(0, len(rows), batch_size):
         logits = logits_fn(collate([rows[j] for j in range(i, min(i + batch_size, len(rows)))])).float().cpu()
         y = labels[i:i + batch_size]
         acc.update(logits, y)
         f1.update(logits, y)
-    return {"accuracy": float(acc.compute()), "macro_f1": float(f1.compute()), "n": len(rows)}
+        predicted += torch.bincount(logits.argmax(-1), minlength=num_classes)
+    return {"accuracy": float(acc.compute()), "macro_f1": float(f1.compute()), "n": len(rows),
+            "predicted": predicted.tolist(), "labels": torch.bincount(labels, minlength=num_classes).tolist()}
 
 
 def evaluate_checkpoint(checkpoint: str, tasks: dict[str, LabeledTaskData], batch_size: int = 64,

@@ -43,6 +43,15 @@ def test_ci_benchmark_builds_data_zoo_and_table(ci_result):
     card = {c["task"]: c for c in result["data_card"]}
     majority = max(card["spam"]["class_counts"]["test"].values()) / card["spam"]["splits"]["test"]
     assert rows["individual"]["inductive"]["spam"]["accuracy"] >= majority
+    # every score carries its histograms: the test labels' equal the data card's counts, and no accuracy exceeds
+    # what its predicted-class histogram allows (Σ_c min(predicted_c, labels_c) / n)
+    for key, row in rows.items():
+        for task, m in row["inductive"].items():
+            counts = card[task]["class_counts"]["test"]
+            assert m["labels"] == [counts[name] for name in card[task]["labels"]], (key, task)
+            assert sum(m["predicted"]) == m["n"] and len(m["predicted"]) == len(m["labels"]), (key, task)
+            bound = sum(min(p, y) for p, y in zip(m["predicted"], m["labels"])) / m["n"]
+            assert m["accuracy"] <= bound + 1e-6, (key, task)
     splits = card["polarity"]["splits"]
     assert splits == {"test": 48, "unlabeled": 24, "train": 96}
     table = (out / "ci" / "results.md").read_text()

@@ -71,6 +71,9 @@ METHOD_GRID: dict[str, Row] = {
     "tinting_tsv": Row("Layer-wise + tuned heads, expert KL, over TSV-M (ours)", "adamerging",
                        {"granularity": "layer", "init": 1.0, "prep": TaskVectorPrep(subspace="tsv"), "objective": "kl",
                         "tune_heads": True}, select="agreement"),
+    "adamerging_tsv_kl": Row("Layer-wise over TSV-M (init 1 = TSV-M), KL to experts (τ=2)", "adamerging",
+                             {"granularity": "layer", "init": 1.0, "prep": TaskVectorPrep(subspace="tsv"),
+                              "objective": "kl", "temperature": 2.0}, select="agreement"),
     "adamerging_layer_kl": Row("Layer-wise, KL to experts (DAM-style, τ=2)", "adamerging",
                                {"granularity": "layer", "objective": "kl", "temperature": 2.0}),
     "adamerging_layer_select": Row("AdaMerging layer-wise, step chosen by expert agreement", "adamerging",
@@ -106,6 +109,9 @@ METHOD_GRID: dict[str, Row] = {
                                {"granularity": "layer", "meta_steps": 50, "export_mask": "continuous"}),
     "concrete_ta_kl": Row("Concrete Task Arithmetic, expert KL, expected mask", "concrete_task_arithmetic",
                           {"scale": 0.3, "export_mask": "expected", "objective": "kl"}, select="agreement"),
+    "concrete_tsv_kl": Row("Concrete over TSV-M (λ=1), expert KL, expected mask", "concrete_task_arithmetic",
+                           {"scale": 1.0, "export_mask": "expected", "objective": "kl",
+                            "prep": TaskVectorPrep(subspace="tsv")}, select="agreement"),
     "surgery_ta": Row("Surgery on Task Arithmetic", "surgery", {"rank": 16}, on="task_arithmetic"),
     "surgery_adamerging": Row("Surgery on AdaMerging layer-wise", "surgery", {"rank": 16}, on="adamerging_layer"),
     "surgery_tsv": Row("Surgery on TSV-M", "surgery", {"rank": 16}, on="tsv_m"),
@@ -683,6 +689,35 @@ def sweep_lines(rows: dict) -> list[str]:
     return lines
 
 
+def below_pretrained_lines(rows: dict, tasks: list[str]) -> list[str]:
+    """One line per task where a merge scores below the pretrained row (issue 14: no adaptive row may): each such
+    row's accuracy and, where recorded, its predicted-class histogram beside the pretrained row's and the test
+    labels' — an accuracy near the majority class's share reads differently from one spread over the classes."""
+    ref = rows.get("pretrained")
+    if not ref:
+        return []
+    lines = []
+    for task in tasks:
+        base = ref["inductive"][task]
+        below = [r for k, r in rows.items() if k not in ("individual", "pretrained")
+                 and r["inductive"][task]["accuracy"] < base["accuracy"]]
+        if not below:
+            continue
+
+        def cell(row: dict) -> str:
+            m = row["inductive"][task]
+            hist = f" {m['predicted']}" if "predicted" in m else ""
+            return f"{row['label']} {100 * m['accuracy']:.1f}{hist}"
+
+        labels = f" (test rows per class {base['labels']})" if "labels" in base else ""
+        lines.append(f"- {task}{labels}: {cell(ref)}; below it: " + "; ".join(cell(r) for r in below) + ".")
+    if lines:
+        lines.insert(0, "Merges below the pretrained row, by task (accuracy in %, and rows predicted per class where "
+                        "recorded):")
+        lines.insert(1, "")
+    return lines
+
+
 def render(result: dict) -> str:
     tasks = result["tasks"]
     lines = table(result["rows"], tasks)
@@ -707,6 +742,9 @@ def render(result: dict) -> str:
     swept = sweep_lines(result["rows"])
     if swept:
         lines += ["", "Swept rows (label-free choice among the runs):", "", *swept]
+    below = below_pretrained_lines(result["rows"], tasks)
+    if below:
+        lines += ["", *below]
     gap = _gap_closed(result["rows"])
     if gap:
         lines += ["", gap]

@@ -1,0 +1,37 @@
+"""Scoring: accuracy, macro-F1 and the histograms behind them, against closed forms; the below-pretrained report."""
+
+from __future__ import annotations
+
+import torch
+
+from adamerge.bench.run import below_pretrained_lines
+from adamerge.evaluate import score
+
+
+def test_score_histograms_and_metrics_by_hand():
+    # 7 rows, 3 classes; row i predicts preds[i] (a one-hot logit), its label is labels[i]
+    preds = [0, 0, 0, 1, 2, 2, 0]
+    labels = torch.tensor([0, 1, 0, 1, 2, 0, 0])
+    logits = torch.nn.functional.one_hot(torch.tensor(preds), 3).float() * 5.0
+    out = score(lambda idx: logits[idx], list(range(7)), labels, 3, torch.tensor, batch_size=3)
+    assert out["predicted"] == [4, 1, 2] and out["labels"] == [4, 2, 1] and out["n"] == 7
+    assert abs(out["accuracy"] - 5 / 7) < 1e-6  # rows 0, 2, 3, 4, 6
+    # per class: precision 3/4, 1/1, 1/2; recall 3/4, 1/2, 1/1 → F1 3/4, 2/3, 2/3
+    assert abs(out["macro_f1"] - (3 / 4 + 2 / 3 + 2 / 3) / 3) < 1e-6
+
+
+def _row(label, acc, predicted=None):
+    m = {"accuracy": acc, "macro_f1": acc, "n": 10}
+    if predicted is not None:
+        m["predicted"], m["labels"] = predicted, [8, 2]
+    return {"label": label, "inductive": {"spam": m, "ham": {"accuracy": 0.9, "macro_f1": 0.9, "n": 10}}}
+
+
+def test_below_pretrained_lines_name_each_row_below_with_its_histogram():
+    rows = {"individual": _row("Individual", 1.0, [8, 2]), "pretrained": _row("Pretrained", 0.8, [10, 0]),
+            "task_arithmetic": _row("TA", 0.6, [4, 6]), "kl": _row("KL", 0.9, [7, 3]), "pl": _row("PL", 0.7)}
+    lines = below_pretrained_lines(rows, ["spam", "ham"])
+    assert lines[2:] == ["- spam (test rows per class [8, 2]): Pretrained 80.0 [10, 0]; below it: TA 60.0 [4, 6]; "
+                         "PL 70.0."]
+    rows["pretrained"] = _row("Pretrained", 0.5)
+    assert below_pretrained_lines(rows, ["spam", "ham"]) == []
