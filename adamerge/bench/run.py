@@ -657,7 +657,7 @@ def _setting(candidate: dict) -> dict:
 
 
 def _values(candidate: dict) -> str:
-    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in _setting(candidate).items())
+    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in _setting(candidate).items())
 
 
 def _selected(sel: dict | None, sweep: list[dict] | None) -> str:
