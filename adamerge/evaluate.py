@@ -34,7 +34,7 @@ def load_labeled(spec: LabeledTaskData, task: str, inputs):
 
 @torch.no_grad()
 def score(logits_fn: Callable[[dict], torch.Tensor], rows, labels: torch.Tensor, num_classes: int, collate,
-          batch_size: int = 64) -> dict[str, float]:
+          batch_size: int = 64) -> dict:
     """Accuracy and macro-F1 of ``logits_fn(inputs)`` over ``rows``, batched by ``collate`` (rows → inputs, e.g.
     :class:`adamerge.data.TextInputs`), and the histograms behind them: ``predicted`` (rows per predicted class)
     and ``labels`` (rows per true class) — an accuracy at the majority class's share reads differently from one
