@@ -28,25 +28,27 @@ from adamerge.pick import at_edge, best_of, pick
 log = logging.getLogger(__name__)
 
 
-def parse_grid(specs: list[str]) -> dict[str, list]:
+def parse_grid(specs: list[str], example: str = "model.init_args.lr=1e-3,1e-2", prefix: str = "sweep: "
+               ) -> dict[str, list]:
     """``["model.init_args.lr=0.001,0.01"]`` → ``{"model.init_args.lr": [0.001, 0.01]}``; values are numbers where
-    they read as one (``1e-3`` too), else YAML scalars (booleans, strings)."""
+    they read as one (``1e-3`` too), else YAML scalars (booleans, strings). Errors start with ``prefix`` and show
+    ``example`` (the benchmark's keys are method arguments: ``lr=…``)."""
     grid: dict[str, list] = {}
     for spec in specs:
         key, sep, values = spec.partition("=")
         key = key.strip().removeprefix("--")
         if not sep or not key or not values.strip():
-            raise MergeInputError(f"sweep: --grid {spec!r}: expected KEY=V1,V2,... (e.g. model.init_args.lr=1e-3,1e-2)")
+            raise MergeInputError(f"{prefix}--grid {spec!r}: expected KEY=V1,V2,... (e.g. {example})")
         if key in grid:
-            raise MergeInputError(f"sweep: --grid names {key} twice")
+            raise MergeInputError(f"{prefix}--grid names {key} twice")
         parsed = [_scalar(v.strip()) for v in values.split(",")]
         if len(set(map(repr, parsed))) != len(parsed):
-            raise MergeInputError(f"sweep: --grid {key}: a value is repeated ({values})")
+            raise MergeInputError(f"{prefix}--grid {key}: a value is repeated ({values})")
         grid[key] = parsed
     if not grid:
-        raise MergeInputError("sweep: give at least one --grid KEY=V1,V2,...")
+        raise MergeInputError(f"{prefix}give at least one --grid KEY=V1,V2,...")
     if len(list(product(*grid.values()))) < 2:
-        raise MergeInputError("sweep: the grid has one candidate; give at least two values")
+        raise MergeInputError(f"{prefix}the grid has one candidate; give at least two values")
     return grid
 
 

@@ -57,9 +57,9 @@ def main() -> None:
         from adamerge.sweep import parse_grid
 
         try:
-            grid = parse_grid(args.grid)
+            grid = parse_grid(args.grid, example="lr=1e-3,1e-2", prefix="")  # rows take method arguments
         except MergeInputError as err:
-            p.error(str(err).removeprefix("sweep: ").replace("model.init_args.lr", "lr"))  # rows take method args
+            p.error(str(err))
     try:  # a row the grid cannot apply to is refused here, before any data or zoo is made
         regrid(PRESETS[args.preset].methods if args.methods is None else args.methods, grid, args.extend)
     except ValueError as err:
