@@ -222,6 +222,7 @@ def test_benchmark_grid_is_followed_past_a_kept_edge_until_the_score_turns(monke
     from adamerge.bench import run as bench
 
     built = fake_method(monkeypatch, bench)
+
     def adapt(module, data_dir, tasks, split, preset, seed, steps, select):
         lr = module.kwargs["lr"]
         module.selection = {"criterion": select, "selected_step": 5, "score": 1 - abs(math.log10(lr)) / 10}

@@ -689,6 +689,12 @@ def sweep_lines(rows: dict) -> list[str]:
     return lines
 
 
+def _scored(row: dict, task: str) -> str:
+    """A row's label, its accuracy on ``task`` in % and, where recorded, its predicted-class histogram."""
+    m = row["inductive"][task]
+    return f"{row['label']} {100 * m['accuracy']:.1f}" + (f" {m['predicted']}" if "predicted" in m else "")
+
+
 def below_pretrained_lines(rows: dict, tasks: list[str]) -> list[str]:
     """One line per task where a merge scores below the pretrained row (issue 14: no adaptive row may): each such
     row's accuracy and, where recorded, its predicted-class histogram beside the pretrained row's and the test
@@ -703,14 +709,9 @@ def below_pretrained_lines(rows: dict, tasks: list[str]) -> list[str]:
                  and r["inductive"][task]["accuracy"] < base["accuracy"]]
         if not below:
             continue
-
-        def cell(row: dict) -> str:
-            m = row["inductive"][task]
-            hist = f" {m['predicted']}" if "predicted" in m else ""
-            return f"{row['label']} {100 * m['accuracy']:.1f}{hist}"
-
         labels = f" (test rows per class {base['labels']})" if "labels" in base else ""
-        lines.append(f"- {task}{labels}: {cell(ref)}; below it: " + "; ".join(cell(r) for r in below) + ".")
+        lines.append(f"- {task}{labels}: {_scored(ref, task)}; below it: "
+                     + "; ".join(_scored(r, task) for r in below) + ".")
     if lines:
         lines.insert(0, "Merges below the pretrained row, by task (accuracy in %, and rows predicted per class where "
                         "recorded):")
