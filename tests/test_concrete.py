@@ -107,3 +107,47 @@ def test_concrete_adamerging_meta_then_adamerging_and_export(zoo, task_data, tmp
     manifest = json.loads((tmp_path / "out" / "merge_manifest.json").read_text())
     assert manifest["method"] == "concrete_adamerging" and manifest["mask"]["export"] == "threshold"
     assert 0.0 < manifest["mask"]["kept_fraction"] <= 1.0
+
+
+def test_concrete_with_trained_coefficients_exports_mask_times_coefficients(zoo, task_data, tmp_path):
+    """``coefficients: layer`` trains λ with the mask; the export stock ``transformers`` loads is
+    θ0 + Σ_t λ_tp · m_p · (θ_t − θ0), with m_p = sigmoid(s_p) / mean(sigmoid(s_p)) computed here from the
+    logits and the task vectors from the checkpoints themselves."""
+    from transformers import AutoModel
+
+    base, paths = zoo
+    module = ConcreteTaskArithmetic(base, paths, scale=0.3, coefficients="layer", export_mask="expected", lr=0.05)
+    assert {n for n, p in module.named_parameters() if p.requires_grad} == (
+        {"merged.coefficients.weight"} | {f"mask.{n}" for n, _ in module.mask.named_parameters()})
+    dm = UnlabeledDataModule({t: TaskData(p) for t, p in task_data.items()}, samples_per_task=4, max_length=16,
+                             tokenizer=base)
+    quick_fit(module, dm, 3)
+    lam = module.merged.coefficients.weight.detach()
+    names = module.merged.param_names
+    moved = {n for j, n in enumerate(names) if float((lam[:, j] - 0.3).abs().min()) > 1e-3}
+    # λ trained (a key bias shifts every attention score of a query equally: softmax gives it no gradient)
+    assert lam.shape == (len(paths), len(names))
+    assert {n for n in names if "encoder." in n and "key.bias" not in n} <= moved
+    assert max(float(p.detach().abs().max()) for p in module.mask.parameters()) > 1e-3  # so did the mask
+    out = module.export(tmp_path / "out", per_task_models=False)
+    root = AutoModel.from_pretrained(str(out)).state_dict()
+    theta0 = AutoModel.from_pretrained(base).state_dict()
+    fts = [AutoModel.from_pretrained(p).state_dict() for p in paths.values()]
+    masked = set(module.mask.names)
+    for j, name in enumerate(names):
+        m = torch.ones(()).double()
+        if name in masked:
+            e = torch.sigmoid(module.mask.logit(name).detach().double())
+            m = e / e.mean()
+        want = theta0[name].double() + sum(float(lam[i, j]) * m * (ft[name].double() - theta0[name].double())
+                                           for i, ft in enumerate(fts))
+        assert (root[name].double() - want).abs().max() < 1e-5, name
+    manifest = json.loads((out / "merge_manifest.json").read_text())
+    assert manifest["hparams"]["coefficients"] == "layer" and manifest["coefficients"]["granularity"] == "layer"
+
+
+def test_concrete_rejects_unknown_coefficients(zoo):
+    from adamerge.errors import MergeInputError
+
+    with pytest.raises(MergeInputError, match="coefficients: 'model'"):
+        ConcreteTaskArithmetic(*zoo, coefficients="model")

@@ -3,7 +3,10 @@
 The objective is entropy by default (the paper's) and any of :mod:`adamerge.objectives` by argument (``objective``,
 ``diversity_weight``, ``confidence``; the ``kl`` temperature is 2 here, as ``temperature`` is the Concrete one).
 
-*Concrete Task Arithmetic*: λ fixed (0.3), train the mask logits (Adam 1e-3).
+*Concrete Task Arithmetic*: λ fixed (0.3), train the mask logits (Adam 1e-3). With ``coefficients: task`` or
+``layer`` (ours, not in the paper) λ is trained too, from ``scale``, jointly with the mask by the same optimizer: the
+mask is rescaled by its mean per tensor, so it can only redistribute a tensor's update; the coefficients give each
+task and tensor its own size. Both fold into one merged model at export, at no extra serving cost.
 
 *Concrete AdaMerging*: first-order meta-learning for ``meta_steps`` steps — each step resets λ to its init, takes one
 inner SGD step on λ (lr ``inner_lr``) with the entropy of the first half of every task's rows, then the entropy of the
@@ -60,7 +63,9 @@ class ConcreteTaskArithmetic(_ConcreteMixin, MergeModule):
 
     Args:
         base: pretrained model. models: task name → fine-tuned model.
-        scale: the fixed λ (0.3).
+        scale: the fixed λ (0.3), or the coefficients' initial value when they are trained.
+        coefficients: ``fixed`` (the paper: λ = ``scale``, not trained), ``task`` or ``layer`` (trained with the
+            mask: one per task, or one per task and parameter tensor).
         temperature: Concrete temperature (0.5).
         include: regex of tensor names to mask (``None``: all).
         mask_dtype: logits dtype (``float32``/``bfloat16``).
@@ -81,20 +86,26 @@ class ConcreteTaskArithmetic(_ConcreteMixin, MergeModule):
                  mask_seed: int = 0, lr: float = 1e-3, prep: TaskVectorPrep | None = None,
                  tv_dtype: str | None = None, trust_remote_code: bool = False, objective: str = "entropy",
                  diversity_weight: float = 1.0, confidence: float = 0.0, task_type: str = "seq_cls",
-                 heads: dict | None = None) -> None:
+                 heads: dict | None = None, coefficients: str = "fixed") -> None:
         ConcreteMask.check_mode(export_mask)
+        if coefficients not in ("fixed", "task", "layer"):
+            raise MergeInputError(f"coefficients: {coefficients!r} is not one of 'fixed' (λ = scale, the paper), "
+                                  "'task' or 'layer' (trained with the mask)")
         self.loss_fn = Objective(objective, diversity_weight=diversity_weight, confidence=confidence)
         self._scale, self._export_mask, self._mask_seed = scale, export_mask, mask_seed
+        self._coefficient_mode = coefficients
         super().__init__(base, models, prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code,
                          task_type=task_type, heads=heads)
         self._build_mask(temperature, include, mask_dtype)
 
     def build_coefficients(self, pool):
-        c = Coefficients(len(pool.task_names), len(pool.param_names), "task", self._scale)
-        return c.requires_grad_(False)
+        mode = self._coefficient_mode
+        c = Coefficients(len(pool.task_names), len(pool.param_names), "task" if mode == "fixed" else mode, self._scale)
+        return c.requires_grad_(mode != "fixed")
 
     def manifest_fields(self):
-        return {"hparams": {"scale": self._scale, "lr": self.hparams.lr}, **self.mask_manifest()}
+        return {"hparams": {"scale": self._scale, "lr": self.hparams.lr, "coefficients": self._coefficient_mode},
+                **self.mask_manifest()}
 
     def training_step(self, batch, batch_idx):
         loss, per_task = self._sampled_objective(batch)
