@@ -149,5 +149,5 @@ def test_concrete_with_trained_coefficients_exports_mask_times_coefficients(zoo,
 def test_concrete_rejects_unknown_coefficients(zoo):
     from adamerge.errors import MergeInputError
 
-    with pytest.raises(MergeInputError, match="coefficients: 'model'"):
+    with pytest.raises(MergeInputError, match="coefficients: unknown value 'model'; allowed: fixed"):
         ConcreteTaskArithmetic(*zoo, coefficients="model")

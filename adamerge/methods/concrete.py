@@ -89,8 +89,8 @@ class ConcreteTaskArithmetic(_ConcreteMixin, MergeModule):
                  heads: dict | None = None, coefficients: str = "fixed") -> None:
         ConcreteMask.check_mode(export_mask)
         if coefficients not in ("fixed", "task", "layer"):
-            raise MergeInputError(f"coefficients: {coefficients!r} is not one of 'fixed' (λ = scale, the paper), "
-                                  "'task' or 'layer' (trained with the mask)")
+            raise MergeInputError(f"coefficients: unknown value {coefficients!r}; allowed: fixed (λ = scale, the "
+                                  "paper), task, layer (trained with the mask)")
         self.loss_fn = Objective(objective, diversity_weight=diversity_weight, confidence=confidence)
         self._scale, self._export_mask, self._mask_seed = scale, export_mask, mask_seed
         self._coefficient_mode = coefficients
