@@ -107,6 +107,10 @@ METHOD_GRID: dict[str, Row] = {
                        {"scale": 0.3, "export_mask": "continuous"}),
     "concrete_adamerging": Row("Concrete AdaMerging layer-wise", "concrete_adamerging",
                                {"granularity": "layer", "meta_steps": 50, "export_mask": "continuous"}),
+    # the paper's objective (entropy) with the expected mask (logits 0: exactly Task Arithmetic) and the exported step
+    # chosen by expert agreement, so that a run that drifts from the experts can keep its start
+    "concrete_ta_select": Row("Concrete Task Arithmetic (entropy), expected mask", "concrete_task_arithmetic",
+                              {"scale": 0.3, "export_mask": "expected"}, select="agreement"),
     "concrete_ta_kl": Row("Concrete Task Arithmetic, expert KL, expected mask", "concrete_task_arithmetic",
                           {"scale": 0.3, "export_mask": "expected", "objective": "kl"}, select="agreement"),
     "concrete_tsv_kl": Row("Concrete over TSV-M (λ=1), expert KL, expected mask", "concrete_task_arithmetic",
