@@ -116,14 +116,14 @@ METHOD_GRID: dict[str, Row] = {
     "concrete_tsv_kl": Row("Concrete over TSV-M (λ=1), expert KL, expected mask", "concrete_task_arithmetic",
                            {"scale": 1.0, "export_mask": "expected", "objective": "kl",
                             "prep": TaskVectorPrep(subspace="tsv")}, select="agreement"),
-    "concrete_tsv_kl_layer": Row("Concrete over TSV-M + layer-wise coefficients (init 1), expert KL, expected mask "
-                                 "(ours)", "concrete_task_arithmetic",
-                                 {"scale": 1.0, "export_mask": "expected", "objective": "kl", "coefficients": "layer",
-                                  "prep": TaskVectorPrep(subspace="tsv")}, select="agreement"),
     "surgery_ta": Row("Surgery on Task Arithmetic", "surgery", {"rank": 16}, on="task_arithmetic"),
     "surgery_adamerging": Row("Surgery on AdaMerging layer-wise", "surgery", {"rank": 16}, on="adamerging_layer"),
     "surgery_tsv": Row("Surgery on TSV-M", "surgery", {"rank": 16}, on="tsv_m"),
 }
+# the same row with layer-wise coefficients trained beside the mask
+METHOD_GRID["concrete_tsv_kl_layer"] = replace(
+    METHOD_GRID["concrete_tsv_kl"], kwargs={**METHOD_GRID["concrete_tsv_kl"].kwargs, "coefficients": "layer"},
+    label="Concrete over TSV-M + layer-wise coefficients (init 1), expert KL, expected mask (ours)")
 # the same training as another row, only the exported step chosen by another label-free criterion
 METHOD_GRID["tinting_tsv_worst"] = replace(
     METHOD_GRID["tinting_tsv"], kwargs=dict(METHOD_GRID["tinting_tsv"].kwargs), select="worst_agreement", label=(

@@ -23,6 +23,7 @@ from adamerge.methods.adamerging import AdaMerging
 from adamerge.methods.base import MergeModule, TaskVectorPrep, parse_dtype
 from adamerge.objectives import Objective
 from adamerge.parametrize import Coefficients, ConcreteMask
+from adamerge.parametrize.coefficients import GRANULARITIES
 
 
 class _ConcreteMixin:
@@ -88,9 +89,9 @@ class ConcreteTaskArithmetic(_ConcreteMixin, MergeModule):
                  diversity_weight: float = 1.0, confidence: float = 0.0, task_type: str = "seq_cls",
                  heads: dict | None = None, coefficients: str = "fixed") -> None:
         ConcreteMask.check_mode(export_mask)
-        if coefficients not in ("fixed", "task", "layer"):
+        if coefficients != "fixed" and coefficients not in GRANULARITIES:
             raise MergeInputError(f"coefficients: unknown value {coefficients!r}; allowed: fixed (λ = scale, the "
-                                  "paper), task, layer (trained with the mask)")
+                                  f"paper), {', '.join(GRANULARITIES)} (trained with the mask)")
         self.loss_fn = Objective(objective, diversity_weight=diversity_weight, confidence=confidence)
         self._scale, self._export_mask, self._mask_seed = scale, export_mask, mask_seed
         self._coefficient_mode = coefficients
