@@ -182,15 +182,20 @@ def test_sweep_keeps_the_candidate_whose_selected_step_scores_best(monkeypatch):
     assert best is built[1]
     assert best.sweep == [{"lr": 1, "selected_step": 10, "score": 0.5}, {"lr": 2, "selected_step": 20, "score": 0.7},
                           {"lr": 3, "selected_step": 30, "score": 0.7}]
-    # two keys: every combination, in order
-    assert bench.sweep_candidates(bench.Row("x", "fake", select="agreement", sweep={"a": [1, 2], "b": [3]})) == [
-        {"a": 1, "b": 3}, {"a": 2, "b": 3}]
+    # two keys: every combination, in order (the search the benchmark and `adamerge sweep` share)
+    from adamerge.sweep import search
+
+    seen = []
+    tried, added = search({"a": [1, 2], "b": [3, 4]}, lambda v: seen.append(dict(v)) or 0.0)
+    assert seen == [{"a": 1, "b": 3}, {"a": 1, "b": 4}, {"a": 2, "b": 3}, {"a": 2, "b": 4}] == [v for v, _ in tried]
+    assert added == 0
+    assert bench.check_sweep(bench.Row("x", "fake", select="agreement", sweep={"a": [1, 2], "b": [3]})) is None
     with pytest.raises(ValueError, match="set select"):
-        bench.sweep_candidates(bench.Row("x", "fake", sweep={"lr": [1, 2]}))
+        bench.check_sweep(bench.Row("x", "fake", sweep={"lr": [1, 2]}))
     with pytest.raises(ValueError, match="set select"):  # a data-free method has no selection to compare
-        bench.sweep_candidates(bench.Row("x", "task_arithmetic", select="agreement", sweep={"scale": [0.3, 1.0]}))
+        bench.check_sweep(bench.Row("x", "task_arithmetic", select="agreement", sweep={"scale": [0.3, 1.0]}))
     with pytest.raises(ValueError, match=r"\['lr'\] both fixed"):
-        bench.sweep_candidates(bench.Row("x", "fake", {"lr": 1}, select="agreement", sweep={"lr": [1, 2]}))
+        bench.check_sweep(bench.Row("x", "fake", {"lr": 1}, select="agreement", sweep={"lr": [1, 2]}))
     # diagnosed: every candidate is scored on test after the choice, and the test scores change nothing -- here
     # the first candidate is the best on test and the second is still kept
     tests = {1: 0.9, 2: 0.4, 3: 0.6}
@@ -298,7 +303,7 @@ def test_ci_learning_rate_sweep_equals_its_separate_runs(tmp_path):
 
 def test_every_grid_row_names_a_method_and_a_valid_sweep():
     """Each benchmark row builds: a registered method, a base row that exists for Surgery-like rows, sweeps that
-    `sweep_candidates` accepts, and no two rows under one label (a table names its rows by label)."""
+    `check_sweep` accepts, and no two rows under one label (a table names its rows by label)."""
     from adamerge.bench import run as bench
 
     labels = [row.label for row in bench.METHOD_GRID.values()]
@@ -306,6 +311,5 @@ def test_every_grid_row_names_a_method_and_a_valid_sweep():
     for key, row in bench.METHOD_GRID.items():
         assert row.method in bench.METHODS, key
         assert row.on is None or row.on in bench.METHOD_GRID, key
-        assert bench.sweep_candidates(row), key  # raises on a sweep without selection or clashing with kwargs
-    assert [c["lr"] for c in bench.sweep_candidates(bench.METHOD_GRID["adamerging_layer_pl_lrgrid"])] == [
-        3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
+        bench.check_sweep(row)  # raises on a sweep without selection or clashing with kwargs
+    assert bench.METHOD_GRID["adamerging_layer_pl_lrgrid"].sweep == {"lr": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]}

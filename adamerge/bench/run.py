@@ -302,19 +302,18 @@ def adapt(module: MergeModule, data_dir: Path, tasks: list[str], split: str, pre
         module.recalibrate_batchnorm(dm.first_steps(preset.bn_batches))
 
 
-def sweep_candidates(row: Row) -> list[dict]:
-    """The argument sets a row trains with: ``[{}]`` without a sweep, else every combination of its values."""
-    from itertools import product
-
+def check_sweep(row: Row) -> None:
+    """Refuse a row whose sweep could not be chosen without labels: one without a selector, on a method that does
+    not train, or with a swept setting also fixed in its kwargs (the candidates themselves are enumerated by
+    :func:`adamerge.sweep.search`)."""
     if not row.sweep:
-        return [{}]
+        return
     if row.select is None or not METHODS[row.method].trainable:
         raise ValueError(f"row {row.label!r}: a sweep is chosen by the selection score of a trained method; "
                          "set select, on a method that trains")
     clash = sorted(set(row.sweep) & set(row.kwargs))
     if clash:
         raise ValueError(f"row {row.label!r}: {clash} both fixed in kwargs and swept")
-    return [dict(zip(row.sweep, values)) for values in product(*row.sweep.values())]
 
 
 _SWEPT = re.compile(r", \w+ \([^)]*\) and step by [\w -]+")
@@ -339,7 +338,7 @@ def with_grid(row: Row, grid: dict[str, list] | None = None, extend: int | None 
         raise ValueError(f"row {row.label!r}: --extend needs numeric values of {next(iter(sweep))}")
     kwargs = {k: v for k, v in row.kwargs.items() if k not in sweep}
     out = replace(row, kwargs=kwargs, sweep=sweep, extend=extend)
-    sweep_candidates(out)  # refuses a row without a selector or a method that does not train
+    check_sweep(out)
     ours = row.label.endswith(" (ours)")
     plain = _SWEPT.sub("", row.label.removesuffix(" (ours)"))
     tried = ", ".join(f"{k} ({_span(vs)}{f'; up to {extend} more past a kept edge' if extend else ''})"
@@ -407,7 +406,7 @@ class Runner:
 
         if not row.sweep:
             return train({})
-        sweep_candidates(row)  # refuses a sweep without a selector, or one that clashes with the row's kwargs
+        check_sweep(row)
         best, tried, spent = None, [], 0.0
 
         def score(values: dict) -> float:
