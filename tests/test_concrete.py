@@ -109,14 +109,16 @@ def test_concrete_adamerging_meta_then_adamerging_and_export(zoo, task_data, tmp
     assert 0.0 < manifest["mask"]["kept_fraction"] <= 1.0
 
 
-def test_concrete_with_trained_coefficients_exports_mask_times_coefficients(zoo, task_data, tmp_path):
+@pytest.mark.parametrize("sharing", ["shared", "task"])
+def test_concrete_with_trained_coefficients_exports_mask_times_coefficients(zoo, task_data, tmp_path, sharing):
     """``coefficients: layer`` trains λ with the mask; the export stock ``transformers`` loads is
-    θ0 + Σ_t λ_tp · m_p · (θ_t − θ0), with m_p = sigmoid(s_p) / mean(sigmoid(s_p)) computed here from the
-    logits and the task vectors from the checkpoints themselves."""
+    θ0 + Σ_t λ_tp · m_tp · (θ_t − θ0), with m_tp = sigmoid(s_p) / mean(sigmoid(s_p)) computed here from the
+    logits (``mask: task``: each task's own logits s_tp and mean) and the task vectors from the checkpoints."""
     from transformers import AutoModel
 
     base, paths = zoo
-    module = ConcreteTaskArithmetic(base, paths, scale=0.3, coefficients="layer", export_mask="expected", lr=0.05)
+    module = ConcreteTaskArithmetic(base, paths, scale=0.3, coefficients="layer", export_mask="expected", lr=0.05,
+                                    mask=sharing)
     assert {n for n, p in module.named_parameters() if p.requires_grad} == (
         {"merged.coefficients.weight"} | {f"mask.{n}" for n, _ in module.mask.named_parameters()})
     dm = UnlabeledDataModule({t: TaskData(p) for t, p in task_data.items()}, samples_per_task=4, max_length=16,
@@ -124,7 +126,7 @@ def test_concrete_with_trained_coefficients_exports_mask_times_coefficients(zoo,
     quick_fit(module, dm, 3)
     lam = module.merged.coefficients.weight.detach()
     names = module.merged.param_names
-    moved = {n for j, n in enumerate(names) if float((lam[:, j] - 0.3).abs().min()) > 1e-3}
+    moved = {n for j, n in enumerate(names) if float((lam[:, j] - 0.3).abs().max()) > 1e-3}
     # λ trained (a key bias shifts every attention score of a query equally: softmax gives it no gradient)
     assert lam.shape == (len(paths), len(names))
     assert {n for n in names if "encoder." in n and "key.bias" not in n} <= moved
@@ -134,16 +136,22 @@ def test_concrete_with_trained_coefficients_exports_mask_times_coefficients(zoo,
     theta0 = AutoModel.from_pretrained(base).state_dict()
     fts = [AutoModel.from_pretrained(p).state_dict() for p in paths.values()]
     masked = set(module.mask.names)
+    if sharing == "task":  # one mask per task, and training moved them apart
+        w = module.mask.logit(names[-1]).detach()
+        assert w.shape[0] == len(paths) and float((w[0] - w[1]).abs().max()) > 1e-4
     for j, name in enumerate(names):
-        m = torch.ones(()).double()
+        ms = [torch.ones(()).double()] * len(fts)
         if name in masked:
-            e = torch.sigmoid(module.mask.logit(name).detach().double())
-            m = e / e.mean()
-        want = theta0[name].double() + sum(float(lam[i, j]) * m * (ft[name].double() - theta0[name].double())
+            s = module.mask.logit(name).detach().double()
+            for i in range(len(fts)):
+                e = torch.sigmoid(s[i] if sharing == "task" else s)
+                ms[i] = e / e.mean()
+        want = theta0[name].double() + sum(float(lam[i, j]) * ms[i] * (ft[name].double() - theta0[name].double())
                                            for i, ft in enumerate(fts))
         assert (root[name].double() - want).abs().max() < 1e-5, name
     manifest = json.loads((out / "merge_manifest.json").read_text())
     assert manifest["hparams"]["coefficients"] == "layer" and manifest["coefficients"]["granularity"] == "layer"
+    assert manifest["mask"]["sharing"] == sharing
 
 
 def test_concrete_rejects_unknown_coefficients(zoo):
@@ -151,3 +159,30 @@ def test_concrete_rejects_unknown_coefficients(zoo):
 
     with pytest.raises(MergeInputError, match="coefficients: unknown value 'model'; allowed: fixed"):
         ConcreteTaskArithmetic(*zoo, coefficients="model")
+    with pytest.raises(MergeInputError, match="mask: unknown value 'layer'; allowed: shared"):
+        ConcreteAdaMerging(*zoo, mask="layer")
+
+
+def test_per_task_mask_rescales_each_task_and_equals_the_shared_mask_when_alike():
+    """Per-task logits ``[T, *shape]``: every task's sample and hard mask has mean 1 on its own slice; with the
+    same logits in every task the exported masks are the shared mask's, row for row."""
+    shapes = {"w": torch.Size([6, 50])}
+    per = ConcreteMask(shapes, tasks=3)
+    assert per.logit("w").shape == (3, 6, 50)
+    s = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    per.logit("w").data = torch.stack([s, s - 1.0, s + 1.0])
+    sample = per.sample(torch.Generator().manual_seed(1))["w"]
+    for t in range(3):
+        assert float(sample[t].mean()) == pytest.approx(1.0, abs=1e-5)
+    shared = ConcreteMask(shapes)
+    shared.logit("w").data = s.clone()
+    for mode in ("threshold", "expected"):
+        hard = per.hard(mode)["w"]
+        assert [float(hard[t].mean()) for t in range(3)] == pytest.approx([1.0] * 3, abs=1e-5)
+        e = torch.sigmoid(s) if mode == "expected" else (s >= 0).float()
+        torch.testing.assert_close(hard[0], e / e.mean())  # task 0 has the shared logits
+        torch.testing.assert_close(shared.hard(mode)["w"], hard[0])
+    e = (s - 1.0 >= 0).float()
+    torch.testing.assert_close(per.hard("threshold")["w"][1], e / e.mean())  # each task its own
+    with pytest.raises(ValueError, match="tasks must be >= 0"):
+        ConcreteMask(shapes, tasks=-1)

@@ -124,6 +124,10 @@ METHOD_GRID: dict[str, Row] = {
 METHOD_GRID["concrete_tsv_kl_layer"] = replace(
     METHOD_GRID["concrete_tsv_kl"], kwargs={**METHOD_GRID["concrete_tsv_kl"].kwargs, "coefficients": "layer"},
     label="Concrete over TSV-M + layer-wise coefficients (init 1), expert KL, expected mask (ours)")
+# ... and with one mask per task instead of one shared by every task
+METHOD_GRID["concrete_tsv_kl_layer_task"] = replace(
+    METHOD_GRID["concrete_tsv_kl_layer"], kwargs={**METHOD_GRID["concrete_tsv_kl_layer"].kwargs, "mask": "task"},
+    label="Concrete over TSV-M, one mask per task + layer-wise coefficients (init 1), expert KL, expected mask (ours)")
 # the same training as another row, only the exported step chosen by another label-free criterion
 METHOD_GRID["tinting_tsv_worst"] = replace(
     METHOD_GRID["tinting_tsv"], kwargs=dict(METHOD_GRID["tinting_tsv"].kwargs), select="worst_agreement", label=(

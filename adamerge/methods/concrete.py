@@ -6,7 +6,9 @@ The objective is entropy by default (the paper's) and any of :mod:`adamerge.obje
 *Concrete Task Arithmetic*: λ fixed (0.3), train the mask logits (Adam 1e-3). With ``coefficients: task`` or
 ``layer`` (ours, not in the paper) λ is trained too, from ``scale``, jointly with the mask by the same optimizer: the
 mask is rescaled by its mean per tensor, so it can only redistribute a tensor's update; the coefficients give each
-task and tensor its own size. Both fold into one merged model at export, at no extra serving cost.
+task and tensor its own size. Both fold into one merged model at export, at no extra serving cost. With ``mask:
+task`` (ours) each task has its own mask (T times the logits): where two tasks' updates conflict on an entry, one can
+be kept and the other dropped; the export is still one merged model, ``θ0 + Σ_t λ_t m_t ⊙ τ_t``.
 
 *Concrete AdaMerging*: first-order meta-learning for ``meta_steps`` steps — each step resets λ to its init, takes one
 inner SGD step on λ (lr ``inner_lr``) with the entropy of the first half of every task's rows, then the entropy of the
@@ -29,12 +31,22 @@ from adamerge.parametrize.coefficients import GRANULARITIES
 class _ConcreteMixin:
     """Mask construction, hard-mask export and manifest fields shared by both Concrete methods."""
 
-    def _build_mask(self, temperature, include, mask_dtype) -> None:
+    MASK_SHARING = ("shared", "task")
+
+    @classmethod
+    def _check_sharing(cls, mask: str) -> None:
+        if mask not in cls.MASK_SHARING:
+            raise MergeInputError(f"mask: unknown value {mask!r}; allowed: shared (one mask for every task, the "
+                                  "paper), task (one mask per task, ours)")
+
+    def _build_mask(self, temperature, include, mask_dtype, sharing: str = "shared") -> None:
         if self.prep.sparse_storage:
             raise MergeInputError("prep.sparse_storage: Concrete masks are learned over every entry of the task "
                                   "vectors and need them dense; leave sparse_storage false")
-        shapes = {n: tv.shape[1:] for n, tv in self.merged.task_vectors().items()}
-        self.mask = ConcreteMask(shapes, temperature, 0.0, include, parse_dtype(mask_dtype, "mask_dtype"))
+        tvs = self.merged.task_vectors()
+        shapes = {n: tv.shape[1:] for n, tv in tvs.items()}
+        tasks = next(iter(tvs.values())).shape[0] if sharing == "task" else 0
+        self.mask = ConcreteMask(shapes, temperature, 0.0, include, parse_dtype(mask_dtype, "mask_dtype"), tasks)
 
     def _mask_gen(self, draw: int = 0) -> torch.Generator:
         """The relaxed-sample generator of this step: a function of (seed, step), so resumed runs repeat exactly."""
@@ -49,7 +61,8 @@ class _ConcreteMixin:
     def mask_manifest(self):
         hard = self.mask.hard(self._export_mask, self._mask_seed)
         kept = sum(int((m > 0).sum()) for m in hard.values()) / sum(m.numel() for m in hard.values())
-        return {"mask": {"export": self._export_mask, "seed": self._mask_seed, "temperature": self.mask.temperature,
+        return {"mask": {"sharing": "task" if self.mask.tasks else "shared",
+                         "export": self._export_mask, "seed": self._mask_seed, "temperature": self.mask.temperature,
                          "masked_tensors": len(self.mask.names), "kept_fraction": kept,
                          "threshold": "logit >= 0" if self._export_mask == "threshold" else None}}
 
@@ -67,6 +80,8 @@ class ConcreteTaskArithmetic(_ConcreteMixin, MergeModule):
         scale: the fixed λ (0.3), or the coefficients' initial value when they are trained.
         coefficients: ``fixed`` (the paper: λ = ``scale``, not trained), ``task`` or ``layer`` (trained with the
             mask: one per task, or one per task and parameter tensor).
+        mask: ``shared`` (one mask for every task, the paper) or ``task`` (one mask per task, each rescaled by its
+            own mean; ours: T times the logits).
         temperature: Concrete temperature (0.5).
         include: regex of tensor names to mask (``None``: all).
         mask_dtype: logits dtype (``float32``/``bfloat16``).
@@ -87,8 +102,9 @@ class ConcreteTaskArithmetic(_ConcreteMixin, MergeModule):
                  mask_seed: int = 0, lr: float = 1e-3, prep: TaskVectorPrep | None = None,
                  tv_dtype: str | None = None, trust_remote_code: bool = False, objective: str = "entropy",
                  diversity_weight: float = 1.0, confidence: float = 0.0, task_type: str = "seq_cls",
-                 heads: dict | None = None, coefficients: str = "fixed") -> None:
+                 heads: dict | None = None, coefficients: str = "fixed", mask: str = "shared") -> None:
         ConcreteMask.check_mode(export_mask)
+        self._check_sharing(mask)
         if coefficients != "fixed" and coefficients not in GRANULARITIES:
             raise MergeInputError(f"coefficients: unknown value {coefficients!r}; allowed: fixed (λ = scale, the "
                                   f"paper), {', '.join(GRANULARITIES)} (trained with the mask)")
@@ -97,7 +113,7 @@ class ConcreteTaskArithmetic(_ConcreteMixin, MergeModule):
         self._coefficient_mode = coefficients
         super().__init__(base, models, prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code,
                          task_type=task_type, heads=heads)
-        self._build_mask(temperature, include, mask_dtype)
+        self._build_mask(temperature, include, mask_dtype, mask)
 
     def build_coefficients(self, pool):
         mode = self._coefficient_mode
@@ -144,7 +160,7 @@ class ConcreteAdaMerging(_ConcreteMixin, AdaMerging):
         inner_lr: SGD learning rate of the inner λ step (1.0).
         mask_lr: Adam learning rate of the mask logits.
         lr: Adam learning rate of λ in the AdaMerging phase.
-        temperature, include, mask_dtype, export_mask, mask_seed: as :class:`ConcreteTaskArithmetic`.
+        mask, temperature, include, mask_dtype, export_mask, mask_seed: as :class:`ConcreteTaskArithmetic`.
         objective, diversity_weight, confidence: the objective of both phases (see
             :class:`adamerge.objectives.Objective`).
         clamp, betas, prep, tv_dtype, trust_remote_code, task_type, heads: as :class:`AdaMerging`.
@@ -159,15 +175,16 @@ class ConcreteAdaMerging(_ConcreteMixin, AdaMerging):
                  betas: tuple[float, float] = (0.9, 0.999), prep: TaskVectorPrep | None = None,
                  tv_dtype: str | None = None, trust_remote_code: bool = False, objective: str = "entropy",
                  diversity_weight: float = 1.0, confidence: float = 0.0, task_type: str = "seq_cls",
-                 heads: dict | None = None) -> None:
+                 heads: dict | None = None, mask: str = "shared") -> None:
         if meta_steps < 0:
             raise MergeInputError(f"meta_steps must be >= 0, got {meta_steps}")
         ConcreteMask.check_mode(export_mask)
+        self._check_sharing(mask)
         self._export_mask, self._mask_seed = export_mask, mask_seed
         super().__init__(base, models, granularity=granularity, init=init, clamp=clamp, lr=lr, betas=betas,
                          prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code, objective=objective,
                          diversity_weight=diversity_weight, confidence=confidence, task_type=task_type, heads=heads)
-        self._build_mask(temperature, include, mask_dtype)
+        self._build_mask(temperature, include, mask_dtype, mask)
         self.automatic_optimization = False
         self._frozen_mask = None
 

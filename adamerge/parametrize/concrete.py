@@ -5,13 +5,17 @@ One logit ``s`` per task-vector element, shared by all tasks, initialised to 0. 
     u ~ U(0, 1),   m = sigmoid((s + log u − log(1 − u)) / τ)
 
 and each masked task vector is rescaled per tensor by ``1 / mean(m)``, so the merge uses ``m ⊙ τ_t / mean(m)``.
+With ``tasks=T`` (ours, not in the paper) every task has its own logits ``s_t`` and mask ``m_t``, rescaled by its own
+mean: the merge uses ``m_t ⊙ τ_t / mean(m_t)``, one body still, but an entry can keep one task's update and drop
+another's (a shared mask can only keep or drop all of them).
 At export the mask is made deterministic: ``m = 1[s ≥ 0]`` (threshold; elements training never touched stay in), a
 seeded Bernoulli draw with ``p = sigmoid(s)``, one seeded relaxed sample (``continuous``, FusionBench's evaluation) or
 ``sigmoid(s)`` itself (``expected``); the manifest records which. As ``s → +∞`` the mask is all ones and the method reduces exactly to
 plain Task Arithmetic / AdaMerging.
 
-Memory: the logits are as large as one model's masked tensors (plus Adam's two moments); ``dtype="bfloat16"`` halves
-them, and ``include`` (a regular expression on tensor names) masks only the selected tensors.
+Memory: the logits are as large as one model's masked tensors (T times that with ``tasks``; plus Adam's two
+moments); ``dtype="bfloat16"`` halves them, and ``include`` (a regular expression on tensor names) masks only the
+selected tensors.
 """
 
 from __future__ import annotations
@@ -37,10 +41,12 @@ class ConcreteMask(nn.Module):
         init: initial logit value.
         include: regular expression; only matching tensor names get a mask (``None``: all).
         dtype: storage dtype of the logits.
+        tasks: 0 for one mask shared by every task (the paper); T for one mask per task (logits ``[T, *shape]``,
+            each task's mask rescaled by its own mean).
     """
 
     def __init__(self, shapes: dict[str, torch.Size], temperature: float = 0.5, init: float = 0.0,
-                 include: str | None = None, dtype: torch.dtype = torch.float32) -> None:
+                 include: str | None = None, dtype: torch.dtype = torch.float32, tasks: int = 0) -> None:
         super().__init__()
         if temperature <= 0:
             raise MergeInputError(f"temperature must be > 0, got {temperature}")
@@ -48,8 +54,12 @@ class ConcreteMask(nn.Module):
         self.names = [n for n in shapes if pattern is None or pattern.search(n)]
         if not self.names:
             raise MergeInputError(f"include: pattern {include!r} matches no tensor")
-        self.temperature = temperature
-        self.logits = nn.ParameterDict({_key(n): nn.Parameter(torch.full(tuple(shapes[n]), float(init), dtype=dtype))
+        if tasks < 0:
+            raise MergeInputError(f"tasks must be >= 0 (0: one shared mask), got {tasks}")
+        self.temperature, self.tasks = temperature, tasks
+        lead = (tasks,) if tasks else ()
+        self.logits = nn.ParameterDict({_key(n): nn.Parameter(torch.full(lead + tuple(shapes[n]), float(init),
+                                                                         dtype=dtype))
                                         for n in self.names})
 
     def logit(self, name: str) -> Tensor:
@@ -59,9 +69,13 @@ class ConcreteMask(nn.Module):
         """A seeded generator on the logits' device (training draws; the export draws on the CPU)."""
         return torch.Generator(device=next(iter(self.logits.values())).device).manual_seed(seed)
 
-    @staticmethod
-    def rescale(mask: Tensor) -> Tensor:
-        return mask / mask.mean().clamp_min(1e-12)
+    def rescale(self, mask: Tensor) -> Tensor:
+        """``mask / mean(mask)``: over the whole tensor, or over each task's slice with per-task masks (a slice
+        that is all zeros stays zeros)."""
+        if not self.tasks:
+            return mask / mask.mean().clamp_min(1e-12)
+        mean = mask.reshape(mask.shape[0], -1).mean(1).clamp_min(1e-12)
+        return mask / mean.view(-1, *[1] * (mask.dim() - 1))
 
     def sample(self, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """A relaxed, rescaled mask per tensor (differentiable in the logits)."""
@@ -99,7 +113,7 @@ class ConcreteMask(nn.Module):
                 m = torch.sigmoid(s)
             else:
                 m = (torch.rand(s.shape, generator=g).to(s.device) < torch.sigmoid(s)).float()
-            out[n] = self.rescale(m) if m.any() else m
+            out[n] = self.rescale(m)
         return out
 
 
