@@ -36,8 +36,9 @@ def test_gradient_reaches_mask_logits(zoo, batch):
     assert all(not p.requires_grad for n, p in module.named_parameters() if not n.startswith("mask."))
 
 
-def test_infinite_logits_reduce_to_task_arithmetic_and_adamerging_exactly(zoo, batch):
-    concrete = ConcreteTaskArithmetic(*zoo, scale=0.3)
+@pytest.mark.parametrize("sharing", ["shared", "task"])
+def test_infinite_logits_reduce_to_task_arithmetic_and_adamerging_exactly(zoo, batch, sharing):
+    concrete = ConcreteTaskArithmetic(*zoo, scale=0.3, mask=sharing)
     for p in concrete.mask.parameters():
         p.data.fill_(float("inf"))
     ta = TaskArithmetic(*zoo, scale=0.3)
@@ -48,7 +49,10 @@ def test_infinite_logits_reduce_to_task_arithmetic_and_adamerging_exactly(zoo, b
     exported, plain = concrete.final_merged_params(), ta.final_merged_params()
     assert all(torch.equal(exported[n], plain[n]) for n in plain)
 
-    cada = ConcreteAdaMerging(*zoo, granularity="layer", meta_steps=0)
+    cada = ConcreteAdaMerging(*zoo, granularity="layer", meta_steps=0, mask=sharing)
+    name = cada.mask.names[0]
+    tv_shape = cada.merged.task_vectors()[name].shape  # [T, *shape]: per-task masks have the task axis too
+    assert cada.hard_mask()[name].shape == (tv_shape if sharing == "task" else tv_shape[1:])
     ada = AdaMerging(*zoo, granularity="layer")
     for p in cada.mask.parameters():
         p.data.fill_(float("inf"))
