@@ -43,9 +43,8 @@ class _ConcreteMixin:
         if self.prep.sparse_storage:
             raise MergeInputError("prep.sparse_storage: Concrete masks are learned over every entry of the task "
                                   "vectors and need them dense; leave sparse_storage false")
-        tvs = self.merged.task_vectors()
-        shapes = {n: tv.shape[1:] for n, tv in tvs.items()}
-        tasks = next(iter(tvs.values())).shape[0] if sharing == "task" else 0
+        shapes = {n: tv.shape[1:] for n, tv in self.merged.task_vectors().items()}
+        tasks = len(self.task_names) if sharing == "task" else 0
         self.mask = ConcreteMask(shapes, temperature, 0.0, include, parse_dtype(mask_dtype, "mask_dtype"), tasks)
 
     def _mask_gen(self, draw: int = 0) -> torch.Generator:
