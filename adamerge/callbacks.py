@@ -1,9 +1,10 @@
-"""Lightning callbacks: export on fit end, coefficient heatmaps, label-free step selection."""
+"""Lightning callbacks: export on fit end, coefficient heatmaps, label-free step selection, learning-rate schedule."""
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -303,6 +304,70 @@ class SelectStep(pl.Callback):
         self.history = [tuple(h) for h in state["history"]]
         self.per_task = [tuple(h) for h in state.get("per_task", [])]
         self.best, self.best_state = state["best"], state["best_state"]
+
+
+class LRSchedule(pl.Callback):
+    """The learning rate of every optimizer of the run as a function of the step, for any method (one optimizer or
+    several, automatic or manual optimization): before optimizer step ``k`` (0-based, of ``K`` =
+    ``trainer.max_steps``) each parameter group's rate is its configured rate times
+
+    - ``constant``: 1 (what the references ran);
+    - ``cosine``: ``f + (1 - f) · (1 + cos(π p)) / 2``, ``p = (k - w) / (K - w)``;
+    - ``linear``: ``f + (1 - f) · (1 - p)``;
+
+    after ``w`` = ``warmup_steps`` steps of linear warm-up (``(k + 1) / w``), with ``f`` = ``final_fraction``. The
+    factor is a function of the step alone and the configured rate is kept in each parameter group (saved with the
+    optimizer's state), so a resumed run continues the same schedule. The manifest records it (``lr_schedule``).
+
+    Args:
+        kind: ``constant``, ``cosine`` or ``linear``.
+        warmup_steps: steps of linear warm-up from ``lr / w`` (0: none).
+        final_fraction: the rate the decay ends at, as a fraction of the configured rate (0 … 1).
+    """
+
+    KINDS = ("constant", "cosine", "linear")
+    _BASE = "adamerge_base_lr"  # the configured rate, kept in each parameter group
+
+    def __init__(self, kind: str = "cosine", warmup_steps: int = 0, final_fraction: float = 0.0) -> None:
+        from adamerge.errors import MergeInputError
+
+        if kind not in self.KINDS:
+            raise MergeInputError(f"LRSchedule kind: unknown value {kind!r}; allowed: {', '.join(self.KINDS)}")
+        if warmup_steps < 0:
+            raise MergeInputError(f"LRSchedule warmup_steps must be >= 0, got {warmup_steps}")
+        if not 0.0 <= final_fraction <= 1.0:
+            raise MergeInputError(f"LRSchedule final_fraction must be in [0, 1], got {final_fraction}")
+        self.kind, self.warmup_steps, self.final_fraction = kind, warmup_steps, final_fraction
+
+    def factor(self, step: int, total: int) -> float:
+        """The multiplier of the configured rate before optimizer step ``step`` of ``total``."""
+        w, f = self.warmup_steps, self.final_fraction
+        if step < w:
+            return (step + 1) / w
+        if self.kind == "constant":
+            return 1.0
+        p = min(1.0, (step - w) / max(1, total - w))
+        decay = (1 + math.cos(math.pi * p)) / 2 if self.kind == "cosine" else 1 - p
+        return f + (1 - f) * decay
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from adamerge.errors import MergeInputError
+
+        if not trainer.max_steps or trainer.max_steps < 1:
+            raise MergeInputError("LRSchedule needs trainer.max_steps (the schedule's length), got "
+                                  f"{trainer.max_steps}")
+        if self.warmup_steps >= trainer.max_steps and self.kind != "constant":
+            raise MergeInputError(f"LRSchedule warmup_steps ({self.warmup_steps}) leaves no step to decay over in "
+                                  f"trainer.max_steps ({trainer.max_steps})")
+        pl_module.lr_schedule = {"kind": self.kind, "warmup_steps": self.warmup_steps,
+                                 "final_fraction": self.final_fraction, "total_steps": int(trainer.max_steps)}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        scale = self.factor(int(trainer.global_step), int(trainer.max_steps))
+        for opt in trainer.optimizers:
+            for group in opt.param_groups:
+                group.setdefault(self._BASE, group["lr"])
+                group["lr"] = group[self._BASE] * scale
 
 
 class StepProgress(pl.Callback):

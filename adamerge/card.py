@@ -145,7 +145,8 @@ def render_card(manifest: dict[str, Any], eval_results: dict[str, Any] | None = 
         for task, row in zip(c["tasks"], rows):
             lines.append(f"| {task} | " + " | ".join(_fmt(v) for v in row) + " |")
         lines.append("")
-    extra = {k: manifest[k] for k in ("prep", "hparams", "mask", "m3", "selection", "pick", "surgery") if manifest.get(k)}
+    extra = {k: manifest[k] for k in ("prep", "hparams", "mask", "m3", "selection", "lr_schedule", "pick", "surgery")
+             if manifest.get(k)}
     if extra:
         lines.append("## Method settings\n")
         lines.append("```json\n" + json.dumps(_compact(extra), indent=2) + "\n```\n")

@@ -22,7 +22,7 @@ import torch
 from adamerge.bench.tasks import TASKS, prepare
 from adamerge.bench.vision import IMAGE_SIZE
 from adamerge.bench.zoo import build_base, finetune
-from adamerge.callbacks import SelectStep, StepProgress
+from adamerge.callbacks import LRSchedule, SelectStep, StepProgress
 from adamerge.data import TaskData, UnlabeledDataModule, input_builder
 from adamerge.evaluate import score
 from adamerge.methods import METHODS, MergeModule, TaskVectorPrep
@@ -48,6 +48,7 @@ class Row:
     # while the kept value of a one-key sweep is the largest or smallest tried (and no other scored the same), train
     # the next value on the grid's own spacing, at most this many more times (``adamerge sweep --extend``'s rule)
     extend: int = 0
+    schedule: dict | None = None  # the learning-rate schedule of training (LRSchedule's arguments; None: constant)
 
 
 # A new method joins the table with one line here.
@@ -124,6 +125,11 @@ METHOD_GRID: dict[str, Row] = {
 METHOD_GRID["concrete_tsv_kl_layer"] = replace(
     METHOD_GRID["concrete_tsv_kl"], kwargs={**METHOD_GRID["concrete_tsv_kl"].kwargs, "coefficients": "layer"},
     label="Concrete over TSV-M + layer-wise coefficients (init 1), expert KL, expected mask (ours)")
+# ... with the rate decayed to 0 by a cosine over the run instead of constant
+METHOD_GRID["concrete_tsv_kl_layer_cos"] = replace(
+    METHOD_GRID["concrete_tsv_kl_layer"], kwargs=dict(METHOD_GRID["concrete_tsv_kl_layer"].kwargs),
+    schedule={"kind": "cosine"},
+    label="Concrete over TSV-M + layer-wise coefficients (init 1), expert KL, expected mask, cosine schedule (ours)")
 # ... and with one mask per task instead of one shared by every task
 METHOD_GRID["concrete_tsv_kl_layer_task"] = replace(
     METHOD_GRID["concrete_tsv_kl_layer"], kwargs={**METHOD_GRID["concrete_tsv_kl_layer"].kwargs, "mask": "task"},
@@ -281,9 +287,10 @@ class Evaluator:
 
 
 def adapt(module: MergeModule, data_dir: Path, tasks: list[str], split: str, preset: Preset, seed: int,
-          steps: int, select: str | None = None) -> None:
+          steps: int, select: str | None = None, schedule: dict | None = None) -> None:
     """Train a method's coefficients/masks on ``split`` of every task (no-op for data-free methods); ``select``: pick
-    the exported step by this label-free criterion on ``preset.holdout`` held-back rows of the same split. A
+    the exported step by this label-free criterion on ``preset.holdout`` held-back rows of the same split;
+    ``schedule``: the learning rate's over the steps (:class:`LRSchedule`'s arguments; None: constant). A
     backbone with BatchNorm layers then gets its statistics re-estimated under the merge on the first
     ``preset.bn_batches`` steps of the same rows (every method alike, data-free ones included), one set for every
     task or each task's own (``preset.batchnorm_statistics``)."""
@@ -298,6 +305,7 @@ def adapt(module: MergeModule, data_dir: Path, tasks: list[str], split: str, pre
         # progress in steps of the whole row (a 2,000-step row on a CPU runs for hours)
         callbacks = [StepProgress(refresh_every=max(1, steps // 20))]
         callbacks += [SelectStep(preset.select_every, select)] if select else []
+        callbacks += [LRSchedule(**schedule)] if schedule else []
         trainer = pl.Trainer(max_steps=steps, logger=False, use_distributed_sampler=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, accelerator="auto", devices=1,
                              callbacks=callbacks)
@@ -405,7 +413,7 @@ class Runner:
             module = METHODS[row.method](self.base, self.paths, task_type=self.preset.task_type, heads=self.heads,
                                          **kwargs, **values)
             adapt(module, self.data_dir, self.preset.tasks, split, self.preset, self.seed,
-                  steps_for(row, self.preset), row.select)
+                  steps_for(row, self.preset), row.select, row.schedule)
             return module
 
         if not row.sweep:

@@ -405,6 +405,7 @@ class MergeModule(pl.LightningModule):
             **self.manifest_fields(),
             **({"head_options": {"pooler": True}} if self.merged.kind.keeps_pooler(self.hparams.get("heads")) else {}),
             **({"selection": self.selection} if getattr(self, "selection", None) else {}),
+            **({"lr_schedule": self.lr_schedule} if getattr(self, "lr_schedule", None) else {}),
             **({"data": self.data_info} if getattr(self, "data_info", None) else {}),
             **({"batchnorm": self.bn_info} if self.bn_info else {}),
         }
