@@ -313,3 +313,15 @@ def test_every_grid_row_names_a_method_and_a_valid_sweep():
         assert row.on is None or row.on in bench.METHOD_GRID, key
         bench.check_sweep(row)  # raises on a sweep without selection or clashing with kwargs
     assert bench.METHOD_GRID["adamerging_layer_pl_lrgrid"].sweep == {"lr": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]}
+    # variant rows: their own kwargs dict (editing one row never edits another), the base's kwargs merged in
+    ids = [id(row.kwargs) for row in bench.METHOD_GRID.values()]
+    assert len(ids) == len(set(ids))
+    layer, shared = bench.METHOD_GRID["concrete_tsv_kl_layer_task"].kwargs, bench.METHOD_GRID["concrete_tsv_kl"].kwargs
+    assert layer == {**shared, "coefficients": "layer", "mask": "task"}
+    lrsel, base = bench.METHOD_GRID["tinting_lrsel"], bench.METHOD_GRID["tinting"]
+    assert "lr" not in lrsel.kwargs and lrsel.kwargs == base.kwargs and lrsel.label.endswith(" (ours)")
+    dropped = bench.variant("adamerging_layer_lr1e-2", "x", {"init": 1.0}, drop=("lr",), select="worst_agreement")
+    assert dropped.kwargs == {"granularity": "layer", "init": 1.0} and dropped.select == "worst_agreement"
+    assert bench.METHOD_GRID["adamerging_layer_lr1e-2"].kwargs["lr"] == 1e-2  # the base row untouched
+    assert bench.METHOD_GRID["concrete_tsv_kl_layer_cos"].schedule == {"kind": "cosine"}
+    assert bench.METHOD_GRID["concrete_tsv_kl_layer"].schedule is None

@@ -121,59 +121,75 @@ METHOD_GRID: dict[str, Row] = {
     "surgery_adamerging": Row("Surgery on AdaMerging layer-wise", "surgery", {"rank": 16}, on="adamerging_layer"),
     "surgery_tsv": Row("Surgery on TSV-M", "surgery", {"rank": 16}, on="tsv_m"),
 }
+
+def variant(key: str, label: str, kwargs: dict | None = None, drop: tuple[str, ...] = (), **fields) -> Row:
+    """Row ``key`` of the grid with ``kwargs`` merged into its own (``drop``: keys taken out), other fields
+    (``select``, ``sweep``, ``schedule``, ...) replaced; the copy never shares a kwargs dict with the row it came
+    from."""
+    base = METHOD_GRID[key]
+    own = {k: v for k, v in base.kwargs.items() if k not in drop}
+    return replace(base, kwargs={**own, **(kwargs or {})}, label=label, **fields)
+
+
+def _plain(key: str) -> str:
+    return METHOD_GRID[key].label.removesuffix(" (ours)")
+
+
+def _ours(key: str) -> str:
+    return " (ours)" if METHOD_GRID[key].label.endswith("(ours)") else ""
+
+
 # the same row with layer-wise coefficients trained beside the mask
-METHOD_GRID["concrete_tsv_kl_layer"] = replace(
-    METHOD_GRID["concrete_tsv_kl"], kwargs={**METHOD_GRID["concrete_tsv_kl"].kwargs, "coefficients": "layer"},
-    label="Concrete over TSV-M + layer-wise coefficients (init 1), expert KL, expected mask (ours)")
+METHOD_GRID["concrete_tsv_kl_layer"] = variant(
+    "concrete_tsv_kl", "Concrete over TSV-M + layer-wise coefficients (init 1), expert KL, expected mask (ours)",
+    {"coefficients": "layer"})
 # ... with the rate decayed to 0 by a cosine over the run instead of constant
-METHOD_GRID["concrete_tsv_kl_layer_cos"] = replace(
-    METHOD_GRID["concrete_tsv_kl_layer"], kwargs=dict(METHOD_GRID["concrete_tsv_kl_layer"].kwargs),
-    schedule={"kind": "cosine"},
-    label="Concrete over TSV-M + layer-wise coefficients (init 1), expert KL, expected mask, cosine schedule (ours)")
+METHOD_GRID["concrete_tsv_kl_layer_cos"] = variant(
+    "concrete_tsv_kl_layer",
+    "Concrete over TSV-M + layer-wise coefficients (init 1), expert KL, expected mask, cosine schedule (ours)",
+    schedule={"kind": "cosine"})
 # ... and with one mask per task instead of one shared by every task
-METHOD_GRID["concrete_tsv_kl_layer_task"] = replace(
-    METHOD_GRID["concrete_tsv_kl_layer"], kwargs={**METHOD_GRID["concrete_tsv_kl_layer"].kwargs, "mask": "task"},
-    label="Concrete over TSV-M, one mask per task + layer-wise coefficients (init 1), expert KL, expected mask (ours)")
+METHOD_GRID["concrete_tsv_kl_layer_task"] = variant(
+    "concrete_tsv_kl_layer",
+    "Concrete over TSV-M, one mask per task + layer-wise coefficients (init 1), expert KL, expected mask (ours)",
+    {"mask": "task"})
 # the same training as another row, only the exported step chosen by another label-free criterion
-METHOD_GRID["tinting_tsv_worst"] = replace(
-    METHOD_GRID["tinting_tsv"], kwargs=dict(METHOD_GRID["tinting_tsv"].kwargs), select="worst_agreement", label=(
-    "Layer-wise + tuned heads, expert KL, over TSV-M, step by worst-task agreement (ours)"))
+METHOD_GRID["tinting_tsv_worst"] = variant(
+    "tinting_tsv", "Layer-wise + tuned heads, expert KL, over TSV-M, step by worst-task agreement (ours)",
+    select="worst_agreement")
 # the learning rate chosen without labels: both rates trained, the run whose selected step agrees best with the
 # experts on the held-back rows is the row (the lr 1e-2 rows above were picked after a test-scored diagnostic)
 for _key in ("adamerging_layer_pl", "adamerging_layer_kl", "tinting", "adamerging_layer_infomax", "concrete_ta_kl"):
-    _base = METHOD_GRID[_key]
-    METHOD_GRID[f"{_key}_lrsel"] = replace(
-        _base, kwargs={k: v for k, v in _base.kwargs.items() if k != "lr"}, select="agreement",
-        sweep={"lr": [1e-3, 1e-2]}, label=f"{_base.label.removesuffix(' (ours)')}, lr (1e-3 or 1e-2) and step by "
-        "expert agreement" + (" (ours)" if _base.label.endswith("(ours)") else ""))
+    METHOD_GRID[f"{_key}_lrsel"] = variant(
+        _key, f"{_plain(_key)}, lr (1e-3 or 1e-2) and step by expert agreement{_ours(_key)}", drop=("lr",),
+        select="agreement", sweep={"lr": [1e-3, 1e-2]})
 # a wider candidate set, log-spaced over two decades around AdaMerging's 1e-3 (not suggested by any test score)
 for _key in ("adamerging_layer_pl", "adamerging_layer_kl"):
-    METHOD_GRID[f"{_key}_lrgrid"] = replace(
-        METHOD_GRID[f"{_key}_lrsel"], sweep={"lr": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]},
-        label=METHOD_GRID[_key].label + ", lr (3e-4 … 3e-2) and step by expert agreement")
+    METHOD_GRID[f"{_key}_lrgrid"] = variant(
+        f"{_key}_lrsel", METHOD_GRID[_key].label + ", lr (3e-4 … 3e-2) and step by expert agreement",
+        sweep={"lr": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]})
 # the five-rate grid extended past its kept edge (3e-2 on the vision zoo): the kept rate and the next two half-decades;
 # every rate below 3e-2 agreed less there, so this row's choice is the choice over all seven rates
-METHOD_GRID["adamerging_layer_pl_lrwide"] = replace(
-    METHOD_GRID["adamerging_layer_pl_lrsel"], sweep={"lr": [3e-2, 1e-1, 3e-1]},
-    label=METHOD_GRID["adamerging_layer_pl"].label + ", lr (3e-2 … 3e-1) and step by expert agreement")
+METHOD_GRID["adamerging_layer_pl_lrwide"] = variant(
+    "adamerging_layer_pl_lrsel", METHOD_GRID["adamerging_layer_pl"].label + ", lr (3e-2 … 3e-1) and step by expert "
+    "agreement", sweep={"lr": [3e-2, 1e-1, 3e-1]})
 # on the text zoo the two-rate choice kept 1e-2, the larger candidate, for every guided row: the same extension by the
 # same rule, the kept rate and the next two half-decades
 for _key in ("adamerging_layer_pl", "adamerging_layer_kl", "adamerging_layer_infomax", "concrete_ta_kl"):
-    METHOD_GRID[f"{_key}_lr1e-2to1e-1"] = replace(
-        METHOD_GRID[f"{_key}_lrsel"], sweep={"lr": [1e-2, 3e-2, 1e-1]},
-        label=METHOD_GRID[_key].label + ", lr (1e-2 … 1e-1) and step by expert agreement")
+    METHOD_GRID[f"{_key}_lr1e-2to1e-1"] = variant(
+        f"{_key}_lrsel", METHOD_GRID[_key].label + ", lr (1e-2 … 1e-1) and step by expert agreement",
+        sweep={"lr": [1e-2, 3e-2, 1e-1]})
 # pseudo-labels and Concrete with KL kept 1e-1 there, the largest again: the same rule once more
 for _key in ("adamerging_layer_pl", "concrete_ta_kl"):
-    METHOD_GRID[f"{_key}_lr1e-1to1"] = replace(
-        METHOD_GRID[f"{_key}_lrsel"], sweep={"lr": [1e-1, 3e-1, 1.0]},
-        label=METHOD_GRID[_key].label + ", lr (1e-1 … 1) and step by expert agreement")
-METHOD_GRID["adamerging_layer_lrsel"] = replace(
-    METHOD_GRID["adamerging_layer_select"], kwargs=dict(METHOD_GRID["adamerging_layer_select"].kwargs),
-    sweep={"lr": [1e-3, 1e-2]}, label="AdaMerging layer-wise, lr (1e-3 or 1e-2) and step by expert agreement")
-METHOD_GRID["adamerging_layer_lr1e-2_worst"] = replace(
-    METHOD_GRID["adamerging_layer_lr1e-2"], kwargs=dict(METHOD_GRID["adamerging_layer_lr1e-2"].kwargs),
-    select="worst_agreement", label="AdaMerging layer-wise, lr 1e-2, step by worst-task agreement")
-
+    METHOD_GRID[f"{_key}_lr1e-1to1"] = variant(
+        f"{_key}_lrsel", METHOD_GRID[_key].label + ", lr (1e-1 … 1) and step by expert agreement",
+        sweep={"lr": [1e-1, 3e-1, 1.0]})
+METHOD_GRID["adamerging_layer_lrsel"] = variant(
+    "adamerging_layer_select", "AdaMerging layer-wise, lr (1e-3 or 1e-2) and step by expert agreement",
+    sweep={"lr": [1e-3, 1e-2]})
+METHOD_GRID["adamerging_layer_lr1e-2_worst"] = variant(
+    "adamerging_layer_lr1e-2", "AdaMerging layer-wise, lr 1e-2, step by worst-task agreement",
+    select="worst_agreement")
 
 @dataclass
 class Preset:
