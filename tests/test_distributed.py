@@ -103,6 +103,34 @@ def test_sparse_storage_under_ddp_and_fsdp2_matches_dense_single_process(zoo, ta
     assert (single - fsdp).abs().max() < 1e-6, (single - fsdp).abs().max()
 
 
+@pytest.mark.parametrize("method", ["ConcreteTaskArithmetic", "ConcreteAdaMerging"])
+def test_concrete_ddp_two_processes_match_single_process(zoo, task_data, tmp_path, method):
+    """Concrete masks under DDP: every rank draws the same relaxed mask (seeded by step), the mask's and the
+    coefficients' gradients are averaged; Concrete AdaMerging's inner λ step reads the whole global batch's inner
+    half. Coefficients and the exported merged weights (mask folded in) end where one process's do."""
+    from safetensors.torch import load_file
+
+    args = ({"coefficients": "layer", "scale": 0.3, "export_mask": "expected", "objective": "kl", "lr": 0.05}
+            if method == "ConcreteTaskArithmetic" else
+            {"granularity": "layer", "meta_steps": 2, "mask_lr": 0.05, "lr": 0.01, "export_mask": "expected",
+             "objective": "kl", "inner_lr": 30.0})
+
+    def cfg(name, devices):
+        c = _config(zoo, task_data, tmp_path / name, devices)
+        init = {k: v for k, v in c["model"]["init_args"].items() if k != "granularity"}
+        c["model"] = {"class_path": f"adamerge.methods.{method}", "init_args": {**init, **args}}
+        if devices > 1 and method == "ConcreteAdaMerging":  # the mask trains first, then λ: each phase leaves one unused
+            c["trainer"]["strategy"] = "ddp_find_unused_parameters_true"
+        return c
+
+    single, ddp = _fit(tmp_path, cfg("one", 1), "one"), _fit(tmp_path, cfg("two", 2), "two")
+    assert (single - 0.3).abs().max() > 2e-3  # the coefficients trained
+    assert (single - ddp).abs().max() < TOL, (single - ddp).abs().max()
+    w1, w2 = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("one", "two"))
+    assert w1.keys() == w2.keys()
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < TOL
+
+
 def test_wemoe_ddp_two_processes_match_single_process(zoo, task_data, tmp_path):
     """WEMoE's routers train under DDP like the coefficients: 2 processes equal one with the same global batch."""
     from safetensors.torch import load_file

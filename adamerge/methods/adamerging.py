@@ -106,6 +106,10 @@ class AdaMerging(MergeModule):
         if objective == "features":
             get_kind(task_type).check_features()  # before any model is loaded
         self._granularity, self._init, self._clamp = granularity, init, clamp
+        # this class's own settings, read from here and not from ``hparams``: a subclass built by LightningCLI
+        # (ConcreteAdaMerging) records only its own signature's arguments there
+        self._recompute, self._tune_heads, self._task_chunks = recompute, tune_heads, task_chunks
+        self._micro_batches, self._similarity_penalty, self._temperature = micro_batches, similarity_penalty, temperature
         super().__init__(base, models, prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code,
                          task_type=task_type, heads=heads)
 
@@ -113,28 +117,28 @@ class AdaMerging(MergeModule):
         return Coefficients(len(pool.task_names), len(pool.param_names), self._granularity, self._init, self._clamp)
 
     def post_init(self, pool: TaskVectorPool) -> None:
-        if self.hparams.recompute:
+        if self._recompute:
             if self.has_batchnorm():
-                raise MergeInputError(f"recompute: {self.hparams.recompute}: base {pool.base_source!r} has BatchNorm "
+                raise MergeInputError(f"recompute: {self._recompute}: base {pool.base_source!r} has BatchNorm "
                                       "layers, whose training-mode state a re-run in the backward would not see as "
                                       "the forward did; use recompute: null")
             if not self.merged.layer_stores:
-                raise MergeInputError(f"recompute: {self.hparams.recompute}: no numbered layer of base "
+                raise MergeInputError(f"recompute: {self._recompute}: no numbered layer of base "
                                       f"{pool.base_source!r} owns a block of merged tensors (e.g. encoder.layer.N.*), "
                                       "so there is nothing to recompute")
-            self.merged.recompute = self.hparams.recompute
-        if self.hparams.tune_heads:
+            self.merged.recompute = self._recompute
+        if self._tune_heads:
             self.expert_heads = copy.deepcopy(self.merged.heads).requires_grad_(False)
             self.merged.heads.requires_grad_(True)
 
     def manifest_fields(self):
         return {"variant": "adamerging++" if self.prep.ties_density is not None else "adamerging",
                 "hparams": {"init": self._init, "lr": self.hparams.lr, "betas": list(self.hparams.betas),
-                            "objective": self.hparams.objective, "temperature": self.hparams.temperature,
-                            "diversity_weight": self.hparams.diversity_weight,
-                            "confidence": self.hparams.confidence, "tune_heads": self.hparams.tune_heads,
-                            "similarity_penalty": self.hparams.similarity_penalty,
-                            "task_chunks": self.task_chunk_count(), "recompute": self.hparams.recompute,
+                            "objective": self.loss_fn.name, "temperature": self._temperature,
+                            "diversity_weight": self.loss_fn.diversity_weight,
+                            "confidence": self.loss_fn.confidence, "tune_heads": self._tune_heads,
+                            "similarity_penalty": self._similarity_penalty,
+                            "task_chunks": self.task_chunk_count(), "recompute": self._recompute,
                             "steps": int(self.global_step) if self._trainer is not None else None}}
 
     def loss_with(self, batch, **merge_kw):
@@ -143,9 +147,9 @@ class AdaMerging(MergeModule):
         return self.loss_fn(self.step_outputs(batch, self.loss_fn, **merge_kw))
 
     def penalty(self):
-        if not self.hparams.similarity_penalty:
+        if not self._similarity_penalty:
             return 0.0
-        return self.hparams.similarity_penalty * coefficient_similarity(self.merged.coefficients.matrix())
+        return self._similarity_penalty * coefficient_similarity(self.merged.coefficients.matrix())
 
     def objective(self, batch):
         """(loss, per-task terms) of the configured objective on one step's batch."""
@@ -154,17 +158,17 @@ class AdaMerging(MergeModule):
 
     def task_chunk_count(self) -> int:
         """The number of task groups per step (``task_chunks``, with ``auto`` resolved on the module's device)."""
-        chunks = self.hparams.task_chunks
+        chunks = self._task_chunks
         if chunks == "auto":  # BatchNorm on batch statistics: one group, the whole step's rows as the export sees
-            chunks = (len(self.task_names) if self.device.type == "cpu" and not self.hparams.tune_heads
+            chunks = (len(self.task_names) if self.device.type == "cpu" and not self._tune_heads
                       and not (self.batchnorm_statistics == "batch" and self.has_batchnorm()) else 1)
         return chunks
 
     def training_step(self, batch, batch_idx):
         chunks = self.task_chunk_count()
-        if chunks > 1 or self.hparams.micro_batches > 1:
+        if chunks > 1 or self._micro_batches > 1:
             surrogate, loss, per_task = self.merged.chunked_surrogate(batch, self.loss_with, chunks,
-                                                                      self.hparams.micro_batches)
+                                                                      self._micro_batches)
             self._log_step(loss, per_task, batch)
             return surrogate + self.penalty()
         loss, per_task = self.objective(batch)
@@ -172,5 +176,5 @@ class AdaMerging(MergeModule):
         return loss
 
     def _log_step(self, loss, per_task, batch) -> None:
-        self.log_dict({f"{self.hparams.objective}/{t}": v.detach() for t, v in per_task.items()}, batch_size=sum(batch["sizes"]))
+        self.log_dict({f"{self.loss_fn.name}/{t}": v.detach() for t, v in per_task.items()}, batch_size=sum(batch["sizes"]))
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=sum(batch["sizes"]))

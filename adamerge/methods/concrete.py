@@ -11,8 +11,9 @@ task`` (ours) each task has its own mask (T times the logits): where two tasks' 
 be kept and the other dropped; the export is still one merged model, ``θ0 + Σ_t λ_t m_t ⊙ τ_t``.
 
 *Concrete AdaMerging*: first-order meta-learning for ``meta_steps`` steps — each step resets λ to its init, takes one
-inner SGD step on λ (lr ``inner_lr``) with the entropy of the first half of every task's rows, then the entropy of the
-second half at the updated λ trains the mask logits (λ's update treated as a constant: first order). Then a hard mask
+inner SGD step on λ (lr ``inner_lr``) with the entropy of half of every task's rows (alternate rows: the split is the
+same in one process and under DDP), then the entropy of the other half at the updated λ trains the mask logits (λ's
+update treated as a constant: first order; under DDP every rank takes the same inner step, on the global gradient). Then a hard mask
 is drawn and frozen, and ordinary AdaMerging trains λ for the remaining steps (``trainer.max_steps`` − ``meta_steps``).
 """
 
@@ -131,21 +132,25 @@ class ConcreteTaskArithmetic(_ConcreteMixin, MergeModule):
 
 
 def _halves(batch):
-    """Split every task's rows of a step into two batches (inner / outer)."""
-    firsts, seconds, sizes1, sizes2, start = [], [], [], [], 0
+    """Split every task's rows of a step into two batches (inner / outer), alternating: rows 0, 2, 4, ... inner,
+    1, 3, 5, ... outer (a task with one row: that row in both). Under data parallelism each rank holds a contiguous
+    share of every task's rows; with an even share the ranks' inner rows together are one process's inner rows, so
+    the split does not depend on how many processes run."""
+    inner, outer, sizes1, sizes2, start = [], [], [], [], 0
     for n in batch["sizes"]:
-        h = max(1, n // 2)
-        firsts.append(slice(start, start + h))
-        seconds.append(slice(start + h, start + n) if n > 1 else slice(start, start + n))
-        sizes1.append(h)
-        sizes2.append(n - h if n > 1 else n)
+        rows = torch.arange(start, start + n)
+        first, second = (rows[0::2], rows[1::2]) if n > 1 else (rows, rows)
+        inner.append(first)
+        outer.append(second)
+        sizes1.append(len(first))
+        sizes2.append(len(second))
         start += n
 
-    def take(slices, sizes):
-        idx = torch.cat([torch.arange(s.start, s.stop) for s in slices])
+    def take(pieces, sizes):
+        idx = torch.cat(pieces)
         return {"inputs": {k: v[idx] for k, v in batch["inputs"].items()}, "tasks": batch["tasks"], "sizes": sizes}
 
-    return take(firsts, sizes1), take(seconds, sizes2)
+    return take(inner, sizes1), take(outer, sizes2)
 
 
 class ConcreteAdaMerging(_ConcreteMixin, AdaMerging):
@@ -201,6 +206,9 @@ class ConcreteAdaMerging(_ConcreteMixin, AdaMerging):
         lam0 = torch.full_like(self.merged.coefficients.matrix(), self.hparams.init).requires_grad_(True)
         loss_in, _ = self._sampled_objective(inner, self._lam_view(lam0), 0)
         (g,) = torch.autograd.grad(loss_in, lam0, retain_graph=False)
+        total = self.data_parallel_sum()
+        if total is not None:  # every rank takes the same inner step, on the ranks' mean gradient (DDP's average)
+            g = total(g) / total(torch.ones((), device=g.device))
         lam1 = (lam0 - self.hparams.inner_lr * g).detach()
         loss_out, per_task = self._sampled_objective(outer, self._lam_view(lam1), 1)
         return loss_out, per_task
