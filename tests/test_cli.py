@@ -177,7 +177,9 @@ def test_fit_with_label_free_selection_exports_the_chosen_step(zoo, task_data, t
     cfg = fit_config(zoo, task_data, tmp_path, objective="kl", tune_heads=True, lr=0.05)
     cfg["trainer"]["logger"] = False
     cfg["trainer"]["callbacks"] = [{"class_path": "adamerge.callbacks.SelectStep",
-                                    "init_args": {"every_n_steps": 2, "criterion": "agreement"}}]
+                                    "init_args": {"every_n_steps": 2, "criterion": "agreement"}},
+                                   {"class_path": "adamerge.callbacks.LRSchedule",
+                                    "init_args": {"kind": "cosine", "warmup_steps": 1}}]
     cfg["data"]["holdout"] = 8
     p = tmp_path / "fit.yaml"
     p.write_text(yaml.safe_dump(cfg))
@@ -187,6 +189,8 @@ def test_fit_with_label_free_selection_exports_the_chosen_step(zoo, task_data, t
     assert [h[0] for h in sel["history"]] == [0, 2, 4, 6]
     assert sel["selected_step"] == max(sel["history"], key=lambda h: h[1])[0]
     assert manifest["hparams"]["objective"] == "kl" and manifest["hparams"]["tune_heads"] is True
+    assert manifest["lr_schedule"] == {"kind": "cosine", "warmup_steps": 1, "final_fraction": 0.0,
+                                       "total_steps": cfg["trainer"]["max_steps"]}
     exported = torch.tensor(manifest["coefficients"]["values"])
     assert torch.allclose(exported, cli.model.merged.coefficients.weight.detach())
 
