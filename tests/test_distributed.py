@@ -119,7 +119,7 @@ def test_concrete_ddp_two_processes_match_single_process(zoo, task_data, tmp_pat
         c = _config(zoo, task_data, tmp_path / name, devices)
         init = {k: v for k, v in c["model"]["init_args"].items() if k != "granularity"}
         c["model"] = {"class_path": f"adamerge.methods.{method}", "init_args": {**init, **args}}
-        if devices > 1 and method == "ConcreteAdaMerging":  # the mask trains first, then λ: each phase leaves one unused
+        if devices > 1 and method == "ConcreteAdaMerging":  # mask first, then λ: each phase leaves one unused
             c["trainer"]["strategy"] = "ddp_find_unused_parameters_true"
         return c
 

@@ -109,7 +109,8 @@ class AdaMerging(MergeModule):
         # this class's own settings, read from here and not from ``hparams``: a subclass built by LightningCLI
         # (ConcreteAdaMerging) records only its own signature's arguments there
         self._recompute, self._tune_heads, self._task_chunks = recompute, tune_heads, task_chunks
-        self._micro_batches, self._similarity_penalty, self._temperature = micro_batches, similarity_penalty, temperature
+        self._micro_batches, self._similarity_penalty = micro_batches, similarity_penalty
+        self._temperature = temperature
         super().__init__(base, models, prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code,
                          task_type=task_type, heads=heads)
 
@@ -176,5 +177,6 @@ class AdaMerging(MergeModule):
         return loss
 
     def _log_step(self, loss, per_task, batch) -> None:
-        self.log_dict({f"{self.loss_fn.name}/{t}": v.detach() for t, v in per_task.items()}, batch_size=sum(batch["sizes"]))
+        self.log_dict({f"{self.loss_fn.name}/{t}": v.detach() for t, v in per_task.items()},
+                      batch_size=sum(batch["sizes"]))
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=sum(batch["sizes"]))

@@ -13,8 +13,9 @@ be kept and the other dropped; the export is still one merged model, ``θ0 + Σ_
 *Concrete AdaMerging*: first-order meta-learning for ``meta_steps`` steps — each step resets λ to its init, takes one
 inner SGD step on λ (lr ``inner_lr``) with the entropy of half of every task's rows (alternate rows: the split is the
 same in one process and under DDP), then the entropy of the other half at the updated λ trains the mask logits (λ's
-update treated as a constant: first order; under DDP every rank takes the same inner step, on the global gradient). Then a hard mask
-is drawn and frozen, and ordinary AdaMerging trains λ for the remaining steps (``trainer.max_steps`` − ``meta_steps``).
+update treated as a constant: first order; under DDP every rank takes the same inner step, on the global gradient).
+Then a hard mask is drawn and frozen, and ordinary AdaMerging trains λ for the remaining steps (``trainer.max_steps``
+− ``meta_steps``).
 """
 
 from __future__ import annotations
