@@ -32,6 +32,8 @@ def main() -> None:
     p.add_argument("--no-pairs", action="store_true", help="skip (keep) the two-task table")
     p.add_argument("--fresh", action="store_true", help="start a new table instead of updating an earlier one")
     p.add_argument("--steps", type=int, help="override the preset's adaptation steps")
+    p.add_argument("--samples-per-task", type=int, metavar="N",
+                   help="override the preset's unlabeled rows per task in each adaptation step")
     p.add_argument("--zoo", choices=["own", "frozen"], default="own",
                    help="zoo protocol: heads trained with their bodies (own) or linear-probe heads fixed before "
                         "fine-tuning (frozen, the papers' setting)")
@@ -66,7 +68,10 @@ def main() -> None:
         p.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_libraries()
+    if args.samples_per_task is not None and args.samples_per_task < 1:
+        p.error(f"--samples-per-task must be >= 1, got {args.samples_per_task}")
     result = run(args.preset, work=args.work, out=args.out, methods=args.methods, steps=args.steps, fresh=args.fresh,
+                 samples_per_task=args.samples_per_task,
                  lora=not args.no_lora, zoo_protocol=args.zoo, transductive=not args.inductive_only,
                  pairs=not args.no_pairs, head_pooler=args.head_pooler, batchnorm_statistics=args.batchnorm_statistics,
                  grid=grid, extend=args.extend)

@@ -87,6 +87,28 @@ def test_ci_benchmark_frozen_head_zoo(ci_result, tmp_path):
     assert result["rows"]["pretrained"] != ci_result[0]["rows"]["pretrained"]
 
 
+def test_steps_and_rows_per_step_overrides_reach_training_and_leave_the_preset(ci_result, tmp_path, monkeypatch):
+    """``--steps`` / ``--samples-per-task``: the trained row adapts with them, the table says them, and the preset
+    itself is left as it was (a later run in the same process gets the preset's own)."""
+    from adamerge.bench import run as bench
+
+    seen, real = [], bench.adapt
+
+    def adapt(module, data_dir, tasks, split, preset, seed, steps, *args, **kwargs):
+        seen.append((preset.samples_per_task, steps))
+        return real(module, data_dir, tasks, split, preset, seed, steps, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "adapt", adapt)
+    own = (bench.PRESETS["ci"].steps, bench.PRESETS["ci"].samples_per_task)
+    assert own == (3, 4)
+    result = run("ci", work=ROOT / ".cache", out=tmp_path, methods=["adamerging_layer"], transductive=False, steps=2,
+                 samples_per_task=2)
+    assert seen == [(2, 2)]
+    assert (result["preset_config"]["steps"], result["preset_config"]["samples_per_task"]) == (2, 2)
+    assert "2 adaptation steps, 2 samples/task/step" in (tmp_path / "ci" / "results.md").read_text()
+    assert (bench.PRESETS["ci"].steps, bench.PRESETS["ci"].samples_per_task) == own
+
+
 def test_finished_rows_survive_a_failing_row(tmp_path, monkeypatch):
     """Each finished row is written at once: a row that fails later loses nothing, rows kept from an earlier table
     stay, and the table keeps the grid's order."""

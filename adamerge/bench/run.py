@@ -551,7 +551,7 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
         methods: list[str] | None = None, steps: int | None = None, seed: int = 0, fresh: bool = False,
         lora: bool = True, zoo_protocol: str = "own", transductive: bool = True, pairs: bool = True,
         head_pooler: bool = False, batchnorm_statistics: str | None = None, grid: dict[str, list] | None = None,
-        extend: int | None = None) -> dict:
+        extend: int | None = None, samples_per_task: int | None = None) -> dict:
     """Build everything the preset needs (skipping what exists) and write ``out/<preset>/results.{json,md}``
     (``out/<preset>-frozen-head/`` for the frozen-head zoo).
 
@@ -565,7 +565,8 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
     statistics, a table of its own). ``grid`` / ``extend``: every row of ``methods`` that trains with a label-free selector
     sweeps ``grid`` (e.g. ``{"lr": [0.1, 0.3]}``) instead of its own values and/or follows a kept edge up to
     ``extend`` more values (:func:`with_grid`); data-free rows (and the LoRA section's) are left as they are, a
-    trained row without a selector is refused.
+    trained row without a selector is refused. ``steps`` / ``samples_per_task``: override the preset's adaptation
+    steps / unlabeled rows per task in each step.
     """
     preset = PRESETS[preset_name]
     if batchnorm_statistics is not None:
@@ -573,7 +574,9 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
             raise ValueError(f"batchnorm_statistics: {batchnorm_statistics!r}; allowed: batch, task")
         preset = replace(preset, batchnorm_statistics=batchnorm_statistics)
     if steps is not None:
-        preset.steps = steps
+        preset = replace(preset, steps=steps)
+    if samples_per_task is not None:
+        preset = replace(preset, samples_per_task=samples_per_task)
     methods = preset.methods if methods is None else methods
     unknown = sorted(set(methods) - set(METHOD_GRID))
     if unknown:
@@ -608,7 +611,8 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
 
     previous = target / "results.json"
     old = json.loads(previous.read_text()) if previous.is_file() and not fresh else {}
-    if old and (old.get("tasks") != preset.tasks or old["preset_config"]["steps"] != preset.steps):
+    if old and (old.get("tasks") != preset.tasks or any(old["preset_config"].get(k) != getattr(preset, k)
+                                                          for k in ("steps", "samples_per_task"))):
         old = {}  # different setup: start a fresh table
     ref = METHODS["task_arithmetic"](base, paths, task_type=preset.task_type, heads=heads)
     rows: dict[str, dict] = individual_rows(ref, evaluator, preset.tasks)
