@@ -190,14 +190,15 @@ def test_sweep_keeps_the_candidate_whose_selected_step_scores_best(monkeypatch):
     built = fake_method(monkeypatch, bench)
     scores = {1: 0.5, 2: 0.7, 3: 0.7}
 
-    def adapt(module, data_dir, tasks, split, preset, seed, steps, select):
-        assert select == "agreement"
+    def adapt(module, data_dir, tasks, split, preset, seed, steps, select, schedule=None):
+        assert select == "agreement" and schedule == {"kind": "cosine"}  # the row's own, to every candidate
         lr = module.kwargs["lr"]
         module.selection = {"criterion": select, "selected_step": 10 * lr, "score": scores[lr]}
 
     monkeypatch.setattr(bench, "adapt", adapt)
     monkeypatch.setitem(bench.METHOD_GRID, "fake_sweep", bench.Row("x", "fake", {"granularity": "layer"},
-                                                                     select="agreement", sweep={"lr": [1, 2, 3]}))
+                                                                     select="agreement", sweep={"lr": [1, 2, 3]},
+                                                                     schedule={"kind": "cosine"}))
     runner = bench.Runner(bench.PRESETS["ci"], "base", {}, Path("."), Path("."), None, 0)
     best = runner.build("fake_sweep", "inductive")
     assert [m.kwargs for m in built] == [{"granularity": "layer", "lr": v} for v in (1, 2, 3)]
@@ -250,7 +251,7 @@ def test_benchmark_grid_is_followed_past_a_kept_edge_until_the_score_turns(monke
 
     built = fake_method(monkeypatch, bench)
 
-    def adapt(module, data_dir, tasks, split, preset, seed, steps, select):
+    def adapt(module, data_dir, tasks, split, preset, seed, steps, select, schedule=None):
         lr = module.kwargs["lr"]
         module.selection = {"criterion": select, "selected_step": 5, "score": 1 - abs(math.log10(lr)) / 10}
 

@@ -429,7 +429,7 @@ class Runner:
             module = METHODS[row.method](self.base, self.paths, task_type=self.preset.task_type, heads=self.heads,
                                          **kwargs, **values)
             adapt(module, self.data_dir, self.preset.tasks, split, self.preset, self.seed,
-                  steps_for(row, self.preset), row.select, row.schedule)
+                  steps_for(row, self.preset), row.select, schedule=row.schedule)
             return module
 
         if not row.sweep:
