@@ -122,6 +122,7 @@ METHOD_GRID: dict[str, Row] = {
     "surgery_tsv": Row("Surgery on TSV-M", "surgery", {"rank": 16}, on="tsv_m"),
 }
 
+
 def variant(key: str, label: str, kwargs: dict | None = None, drop: tuple[str, ...] = (), **fields) -> Row:
     """Row ``key`` of the grid with ``kwargs`` merged into its own (``drop``: keys taken out), other fields
     (``select``, ``sweep``, ``schedule``, ...) replaced; the copy never shares a kwargs dict with the row it came
@@ -190,6 +191,7 @@ METHOD_GRID["adamerging_layer_lrsel"] = variant(
 METHOD_GRID["adamerging_layer_lr1e-2_worst"] = variant(
     "adamerging_layer_lr1e-2", "AdaMerging layer-wise, lr 1e-2, step by worst-task agreement",
     select="worst_agreement")
+
 
 @dataclass
 class Preset:
