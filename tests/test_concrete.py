@@ -192,3 +192,20 @@ def test_per_task_mask_rescales_each_task_and_equals_the_shared_mask_when_alike(
     torch.testing.assert_close(per.hard("threshold")["w"][1], e / e.mean())  # each task its own
     with pytest.raises(ValueError, match="tasks must be >= 0"):
         ConcreteMask(shapes, tasks=-1)
+
+
+def test_concrete_adamerging_halves_alternate_rows_within_each_task():
+    """Inner rows 0, 2, ... and outer rows 1, 3, ... of every task (a one-row task: that row in both), written out:
+    the split a rank's contiguous share of an even size reproduces under DDP."""
+    from adamerge.methods.concrete import _halves
+
+    batch = {"inputs": {"input_ids": torch.arange(7)}, "tasks": ["a", "b", "c"], "sizes": [4, 1, 2]}
+    inner, outer = _halves(batch)
+    assert inner["inputs"]["input_ids"].tolist() == [0, 2, 4, 5]
+    assert outer["inputs"]["input_ids"].tolist() == [1, 3, 4, 6]
+    assert (inner["sizes"], outer["sizes"]) == ([2, 1, 1], [2, 1, 1]) and inner["tasks"] == ["a", "b", "c"]
+    # two ranks, each holding its contiguous half of a task's 4 rows: together the one-process halves
+    ranks = [_halves({"inputs": {"input_ids": torch.arange(r * 2, r * 2 + 2)}, "tasks": ["a"], "sizes": [2]})
+             for r in (0, 1)]
+    assert [i for r in ranks for i in r[0]["inputs"]["input_ids"].tolist()] == [0, 2]
+    assert [i for r in ranks for i in r[1]["inputs"]["input_ids"].tolist()] == [1, 3]
