@@ -110,7 +110,6 @@ class AdaMerging(MergeModule):
         # (ConcreteAdaMerging) records only its own signature's arguments there
         self._recompute, self._tune_heads, self._task_chunks = recompute, tune_heads, task_chunks
         self._micro_batches, self._similarity_penalty = micro_batches, similarity_penalty
-        self._temperature = temperature
         super().__init__(base, models, prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code,
                          task_type=task_type, heads=heads)
 
@@ -135,7 +134,7 @@ class AdaMerging(MergeModule):
     def manifest_fields(self):
         return {"variant": "adamerging++" if self.prep.ties_density is not None else "adamerging",
                 "hparams": {"init": self._init, "lr": self.hparams.lr, "betas": list(self.hparams.betas),
-                            "objective": self.loss_fn.name, "temperature": self._temperature,
+                            "objective": self.loss_fn.name, "temperature": self.loss_fn.temperature,
                             "diversity_weight": self.loss_fn.diversity_weight,
                             "confidence": self.loss_fn.confidence, "tune_heads": self._tune_heads,
                             "similarity_penalty": self._similarity_penalty,

@@ -273,19 +273,22 @@ class MergeModule(pl.LightningModule):
             out.expert_logits, out.expert_features = self.expert_outputs(batch, "expert_features" in objective.needs)
         return out
 
-    def data_parallel_sum(self):
-        """A sum over the data-parallel ranks that carries the gradient, for objectives' means over the global batch
-        (see :mod:`adamerge.objectives`); None in one process, and where no gradient is taken (evaluation and
-        label-free selection need not run on every rank)."""
+    def data_parallel_group(self):
+        """The process group of the data-parallel ranks while a gradient is taken; None in one process, and where no
+        gradient is taken (evaluation and label-free selection need not run on every rank)."""
         import torch.distributed as dist
 
         if not torch.is_grad_enabled() or not (dist.is_available() and dist.is_initialized()):
             return None
         mesh = self.data_parallel_mesh()
         group = dist.group.WORLD if mesh is None else mesh.get_group()
-        if dist.get_world_size(group) == 1:
-            return None
-        return lambda x: all_sum(x, group)
+        return None if dist.get_world_size(group) == 1 else group
+
+    def data_parallel_sum(self):
+        """A sum over the data-parallel ranks that carries the gradient, for objectives' means over the global batch
+        (see :mod:`adamerge.objectives`); None where :meth:`data_parallel_group` is."""
+        group = self.data_parallel_group()
+        return None if group is None else (lambda x: all_sum(x, group))
 
     def data_parallel_mesh(self):
         """The data-parallel dimension of the device mesh ``ModelParallelStrategy`` sets (the whole mesh when it has

@@ -24,7 +24,7 @@ import torch
 
 from adamerge.errors import MergeInputError
 from adamerge.methods.adamerging import AdaMerging
-from adamerge.methods.base import MergeModule, TaskVectorPrep, parse_dtype
+from adamerge.methods.base import MergeModule, TaskVectorPrep, all_sum, parse_dtype
 from adamerge.objectives import Objective
 from adamerge.parametrize import Coefficients, ConcreteMask
 from adamerge.parametrize.coefficients import GRANULARITIES
@@ -137,21 +137,19 @@ def _halves(batch):
     1, 3, 5, ... outer (a task with one row: that row in both). Under data parallelism each rank holds a contiguous
     share of every task's rows; with an even share the ranks' inner rows together are one process's inner rows, so
     the split does not depend on how many processes run."""
-    inner, outer, sizes1, sizes2, start = [], [], [], [], 0
+    inner, outer, start = [], [], 0
     for n in batch["sizes"]:
         rows = torch.arange(start, start + n)
-        first, second = (rows[0::2], rows[1::2]) if n > 1 else (rows, rows)
-        inner.append(first)
-        outer.append(second)
-        sizes1.append(len(first))
-        sizes2.append(len(second))
+        inner.append(rows[0::2])
+        outer.append(rows[1::2] if n > 1 else rows)
         start += n
 
-    def take(pieces, sizes):
+    def take(pieces):
         idx = torch.cat(pieces)
-        return {"inputs": {k: v[idx] for k, v in batch["inputs"].items()}, "tasks": batch["tasks"], "sizes": sizes}
+        return {"inputs": {k: v[idx] for k, v in batch["inputs"].items()}, "tasks": batch["tasks"],
+                "sizes": [len(p) for p in pieces]}
 
-    return take(inner, sizes1), take(outer, sizes2)
+    return take(inner), take(outer)
 
 
 class ConcreteAdaMerging(_ConcreteMixin, AdaMerging):
@@ -207,9 +205,11 @@ class ConcreteAdaMerging(_ConcreteMixin, AdaMerging):
         lam0 = torch.full_like(self.merged.coefficients.matrix(), self.hparams.init).requires_grad_(True)
         loss_in, _ = self._sampled_objective(inner, self._lam_view(lam0), 0)
         (g,) = torch.autograd.grad(loss_in, lam0, retain_graph=False)
-        total = self.data_parallel_sum()
-        if total is not None:  # every rank takes the same inner step, on the ranks' mean gradient (DDP's average)
-            g = total(g) / total(torch.ones((), device=g.device))
+        group = self.data_parallel_group()
+        if group is not None:  # every rank takes the same inner step, on the ranks' mean gradient (DDP's average)
+            import torch.distributed as dist
+
+            g = all_sum(g, group) / dist.get_world_size(group)
         lam1 = (lam0 - self.hparams.inner_lr * g).detach()
         loss_out, per_task = self._sampled_objective(outer, self._lam_view(lam1), 1)
         return loss_out, per_task
