@@ -35,12 +35,16 @@ def _config(zoo, task_data, out, devices):
     }
 
 
-def _fit(tmp_path, cfg, name):
+def _cli_fit(tmp_path, cfg, name):
     p = tmp_path / f"{name}.yaml"
     p.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29500 + os.getpid() % 1000)}
-    res = subprocess.run([sys.executable, "-m", "adamerge.cli", "fit", "--config", str(p)], env=env,
-                         capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "adamerge.cli", "fit", "--config", str(p)], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _fit(tmp_path, cfg, name):
+    res = _cli_fit(tmp_path, cfg, name)
     assert res.returncode == 0, res.stderr[-4000:]
     return torch.tensor(json.loads((tmp_path / name / "merge_manifest.json").read_text())["coefficients"]["values"])
 
@@ -129,6 +133,20 @@ def test_concrete_ddp_two_processes_match_single_process(zoo, task_data, tmp_pat
     w1, w2 = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("one", "two"))
     assert w1.keys() == w2.keys()
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < TOL
+
+
+def test_concrete_adamerging_refuses_plain_ddp_before_training(zoo, task_data, tmp_path):
+    """Plain DDP (no search for unused parameters) cannot train Concrete AdaMerging's phases, each of which leaves the
+    other's tensors unused; the run stops with the strategy to use before any step and writes nothing."""
+    c = _config(zoo, task_data, tmp_path / "out", 2)
+    c["model"] = {"class_path": "adamerge.methods.ConcreteAdaMerging",
+                  "init_args": {**c["model"]["init_args"], "meta_steps": 2}}
+    res = _cli_fit(tmp_path, c, "out")
+    assert res.returncode != 0
+    assert "ConcreteAdaMerging trains the mask (meta_steps) and then the coefficients" in res.stderr, res.stderr[-4000:]
+    assert "--trainer.strategy ddp_find_unused_parameters_true" in res.stderr
+    assert "Expected to have finished reduction" not in res.stderr  # torch's own error after a step: not reached
+    assert not (tmp_path / "out").exists()
 
 
 def test_wemoe_ddp_two_processes_match_single_process(zoo, task_data, tmp_path):

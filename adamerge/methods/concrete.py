@@ -214,6 +214,19 @@ class ConcreteAdaMerging(_ConcreteMixin, AdaMerging):
         loss_out, per_task = self._sampled_objective(outer, self._lam_view(lam1), 1)
         return loss_out, per_task
 
+    def on_fit_start(self) -> None:
+        """Refuse plain DDP before the first step: the mask trains alone for ``meta_steps``, then λ alone, so every
+        step leaves one of them without a gradient, which DDP only accepts when told to look for unused parameters
+        (otherwise torch fails at the second step, after a step's work)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = self.trainer.model
+        if isinstance(wrapped, DistributedDataParallel) and not wrapped.find_unused_parameters:
+            raise MergeInputError(
+                "ConcreteAdaMerging trains the mask (meta_steps) and then the coefficients, each step leaving the "
+                "other unused, which DDP refuses unless told: use --trainer.strategy ddp_find_unused_parameters_true "
+                "(or DDPStrategy(find_unused_parameters=True))")
+
     def _lam_view(self, lam):
         return lam.clamp(0, 1) if self._clamp else lam
 
