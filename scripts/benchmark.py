@@ -18,7 +18,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from adamerge.bench.run import METHOD_GRID, PRESETS, regrid, results_dir, run
+from adamerge.bench.run import METHOD_GRID, PRESETS, check_overrides, regrid, results_dir, run
 from adamerge.cli import quiet_libraries
 
 
@@ -62,14 +62,13 @@ def main() -> None:
             grid = parse_grid(args.grid, example="lr=1e-3,1e-2", prefix="")  # rows take method arguments
         except MergeInputError as err:
             p.error(str(err))
-    try:  # a row the grid cannot apply to is refused here, before any data or zoo is made
+    try:  # a row the grid cannot apply to, or an override below 1, is refused here, before any data or zoo is made
+        check_overrides(args.steps, args.samples_per_task)
         regrid(PRESETS[args.preset].methods if args.methods is None else args.methods, grid, args.extend)
     except ValueError as err:
         p.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_libraries()
-    if args.samples_per_task is not None and args.samples_per_task < 1:
-        p.error(f"--samples-per-task must be >= 1, got {args.samples_per_task}")
     result = run(args.preset, work=args.work, out=args.out, methods=args.methods, steps=args.steps, fresh=args.fresh,
                  samples_per_task=args.samples_per_task,
                  lora=not args.no_lora, zoo_protocol=args.zoo, transductive=not args.inductive_only,

@@ -109,6 +109,16 @@ def test_steps_and_rows_per_step_overrides_reach_training_and_leave_the_preset(c
     assert (bench.PRESETS["ci"].steps, bench.PRESETS["ci"].samples_per_task) == own
 
 
+@pytest.mark.parametrize("field, value", [("steps", 0), ("samples_per_task", 0), ("steps", -3),
+                                          ("samples_per_task", 2.5)])
+def test_overrides_below_one_are_refused_before_anything_is_made(tmp_path, field, value):
+    """``run(steps=0)`` (or rows per step below 1, or not an integer) names the field and makes no data, zoo or
+    table: the library call refuses it as the script does."""
+    with pytest.raises(ValueError, match=rf"^{field} must be an integer >= 1, got {value!r}$"):
+        run("ci", work=tmp_path / "work", out=tmp_path / "out", methods=["adamerging_layer"], **{field: value})
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_finished_rows_survive_a_failing_row(tmp_path, monkeypatch):
     """Each finished row is written at once: a row that fails later loses nothing, rows kept from an earlier table
     stay, and the table keeps the grid's order."""

@@ -549,6 +549,14 @@ def results_dir(out: Path, preset_name: str, zoo_protocol: str = "own", head_poo
     return out / (name + ("-pooler" if head_pooler else "") + ("-bn-task" if batchnorm_statistics == "task" else ""))
 
 
+def check_overrides(steps: int | None = None, samples_per_task: int | None = None) -> None:
+    """Refuse an override of the preset's adaptation steps or rows per task below 1, naming it (before any data or
+    zoo is made)."""
+    for name, value in (("steps", steps), ("samples_per_task", samples_per_task)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
 def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Path("runs/benchmark"),
         methods: list[str] | None = None, steps: int | None = None, seed: int = 0, fresh: bool = False,
         lora: bool = True, zoo_protocol: str = "own", transductive: bool = True, pairs: bool = True,
@@ -570,6 +578,7 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
     trained row without a selector is refused. ``steps`` / ``samples_per_task``: override the preset's adaptation
     steps / unlabeled rows per task in each step.
     """
+    check_overrides(steps, samples_per_task)
     preset = PRESETS[preset_name]
     if batchnorm_statistics is not None:
         if batchnorm_statistics not in ("batch", "task"):
