@@ -550,8 +550,8 @@ def results_dir(out: Path, preset_name: str, zoo_protocol: str = "own", head_poo
 
 
 def check_overrides(steps: int | None = None, samples_per_task: int | None = None) -> None:
-    """Refuse an override of the preset's adaptation steps or rows per task below 1, naming it (before any data or
-    zoo is made)."""
+    """Refuse an override of the preset's adaptation steps or rows per task that is not an integer >= 1, naming
+    it (:func:`run` calls this before any data or zoo is made)."""
     for name, value in (("steps", steps), ("samples_per_task", samples_per_task)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
