@@ -39,14 +39,16 @@ class MergedCheckpoint(nn.Module):
 
     @property
     def tasks(self) -> list[str]:
-        return list(self.heads)
+        if self.kind.per_task_heads:
+            return list(self.heads)
+        return [s["task"] for s in self.manifest["sources"]]  # one merged model (its own logits) serves them all
 
     @torch.no_grad()
     def predict(self, task: str, **inputs: Tensor) -> Tensor:
         """Logits of ``task`` on its ``inputs`` (tokenized text, or ``pixel_values`` for image kinds)."""
         from adamerge.methods.surgery import feature_field, replace_field
 
-        if task not in self.heads:
+        if task not in self.tasks:
             raise MergeInputError(f"task {task!r} not in this checkpoint; tasks: {self.tasks}")
         own = self.task_buffers.get(task)
         if own:  # plain tensors, not module buffers: moved to the backbone's device here
@@ -64,7 +66,7 @@ class MergedCheckpoint(nn.Module):
         if task in self.adapters:
             field = feature_field(feats, self.feature)
             feats = replace_field(feats, field, self.adapters[task](feats[field]))
-        return self.kind.head_logits(self.heads[task], feats, inputs)
+        return self.kind.head_logits(self.heads[task] if task in self.heads else None, feats, inputs)
 
 
 def load_merged(path: str | Path, dtype: torch.dtype = torch.float32) -> MergedCheckpoint:

@@ -124,6 +124,16 @@ def test_export_loads_in_stock_transformers(lm_zoo, lm_data, tmp_path):
     """)
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert float(res.stdout.strip().splitlines()[-1]) < 1e-5
+    # adamerge.load_merged serves the same model for every source task (there are no per-task heads)
+    from adamerge import load_merged
+    from adamerge.errors import MergeInputError
+
+    served = load_merged(tmp_path / "out")
+    assert served.tasks == list(paths)
+    for task in paths:
+        torch.testing.assert_close(served.predict(task, **b["inputs"]), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(MergeInputError, match="task 'other' not in this checkpoint"):
+        served.predict("other", **b["inputs"])
 
 
 def test_vocab_mismatch_is_a_clear_error(lm_zoo, tmp_path):
