@@ -192,7 +192,12 @@ class ConcreteAdaMerging(_ConcreteMixin, AdaMerging):
         self._frozen_mask = None
 
     def manifest_fields(self):
-        return {**super().manifest_fields(), "meta_steps": self.hparams.meta_steps, **self.mask_manifest()}
+        fields = super().manifest_fields()
+        # `temperature` in this class's arguments (and the user's config) is the Concrete one, recorded under `mask`;
+        # the objective's KL temperature (fixed) is recorded under its own name, so the two cannot be read as one
+        hparams = {("kl_temperature" if k == "temperature" else k): v for k, v in fields["hparams"].items()}
+        hparams.update(mask_lr=self.hparams.mask_lr, inner_lr=self.hparams.inner_lr)
+        return {**fields, "hparams": hparams, "meta_steps": self.hparams.meta_steps, **self.mask_manifest()}
 
     def configure_optimizers(self):
         mask_opt = torch.optim.Adam(self.mask.parameters(), lr=self.hparams.mask_lr)
