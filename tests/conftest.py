@@ -76,6 +76,71 @@ def save_lm_zoo(root, make_model, tasks):
     return str(root / "base"), paths
 
 
+def image_rows(n, seed):
+    """``n`` random 28x28 grayscale PIL images (as MNIST's)."""
+    import numpy as np
+    import PIL.Image
+
+    rng = np.random.default_rng(seed)
+    return [PIL.Image.fromarray((rng.random((28, 28)) * 255).astype("uint8")) for _ in range(n)]
+
+
+def save_image_data(path, classnames, n=24, seed=0, splits=None):
+    """Save ``n`` random images with a ``label`` ClassLabel of ``classnames`` at ``path`` (``save_to_disk``; a
+    ``DatasetDict`` with those rows under each of ``splits`` when given); the path as a string."""
+    import datasets
+
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(classnames))})
+    ds = datasets.Dataset.from_dict({"image": image_rows(n, seed), "label": [i % len(classnames) for i in range(n)]},
+                                    features=feats)
+    (datasets.DatasetDict({s: ds for s in splits}) if splits else ds).save_to_disk(str(path))
+    return str(path)
+
+
+def perturb(module, scale, seed):
+    """Add seeded Gaussian noise of std ``scale`` to every parameter of ``module`` (a tiny 'fine-tune')."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def build_clip_zoo(root, classes, splits=None):
+    """A tiny random CLIPModel base (with tokenizer and image processor) and one CLIPVisionModel fine-tune and one
+    image dataset per task of ``classes`` ({task: class names}): {"base", "models", "data", "root"}."""
+    import json
+
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer, CLIPVisionModel
+
+    base = root / "base"
+    base.mkdir(parents=True)
+    chars = [chr(i) for i in range(33, 127)]  # printable ASCII: byte-level BPE maps these bytes to themselves
+    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    (base / "vocab.json").write_text(json.dumps({w: i for i, w in enumerate(vocab)}))
+    (base / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(base / "vocab.json"), str(base / "merges.txt"))
+    eos = len(vocab) - 1
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, max_position_embeddings=40, eos_token_id=eos,
+                                      bos_token_id=eos - 1, pad_token_id=eos),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
+    torch.manual_seed(0)
+    model = CLIPModel(cfg).eval()
+    model.save_pretrained(str(base))
+    tok.save_pretrained(str(base))
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(str(base))
+    models, data = {}, {}
+    for i, (task, names) in enumerate(classes.items()):
+        ft = CLIPVisionModel(cfg.vision_config)
+        ft.load_state_dict(model.vision_model.state_dict())
+        perturb(ft, 0.05, seed=i + 1)
+        ft.save_pretrained(str(root / task))
+        models[task] = str(root / task)
+        data[task] = save_image_data(root / f"data_{task}", names, seed=i, splits=splits)
+    return {"base": str(base), "models": models, "data": data, "root": root}
+
+
 def text_rows(n, seed=0):
     import random
 

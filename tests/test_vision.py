@@ -10,67 +10,19 @@ import pytest
 import torch
 
 from adamerge.errors import MergeInputError
+from tests.conftest import build_clip_zoo, image_rows, perturb, save_image_data
 
 CLASSES = {"digits": ["zero", "one", "two"], "shapes": ["circle", "square", "triangle", "star"]}
 
 
-def _images(n, seed):
-    import PIL.Image
-
-    rng = np.random.default_rng(seed)
-    return [PIL.Image.fromarray((rng.random((28, 28)) * 255).astype("uint8")) for _ in range(n)]  # grayscale, as MNIST
-
-
 def _image_data(root, task, n=24, seed=0):
-    import datasets
-
-    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES[task])})
-    labels = [i % len(CLASSES[task]) for i in range(n)]
-    path = root / f"data_{task}"
-    datasets.Dataset.from_dict({"image": _images(n, seed), "label": labels}, features=feats).save_to_disk(str(path))
-    return str(path)
-
-
-def _perturb(module, scale, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return save_image_data(root / f"data_{task}", CLASSES[task], n=n, seed=seed)
 
 
 @pytest.fixture(scope="module")
 def clip_zoo(tmp_path_factory):
     """A tiny random CLIPModel base (with tokenizer and image processor) and two CLIPVisionModel fine-tunes."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer, CLIPVisionModel
-
-    root = tmp_path_factory.mktemp("clip")
-    base = root / "base"
-    base.mkdir()
-    chars = [chr(i) for i in range(33, 127)]  # printable ASCII: byte-level BPE maps these bytes to themselves
-    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    (base / "vocab.json").write_text(json.dumps({w: i for i, w in enumerate(vocab)}))
-    (base / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(base / "vocab.json"), str(base / "merges.txt"))
-    eos = len(vocab) - 1
-    cfg = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, max_position_embeddings=40, eos_token_id=eos,
-                                      bos_token_id=eos - 1, pad_token_id=eos),
-                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
-    torch.manual_seed(0)
-    model = CLIPModel(cfg).eval()
-    model.save_pretrained(str(base))
-    tok.save_pretrained(str(base))
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(str(base))
-    models, data = {}, {}
-    for i, task in enumerate(CLASSES):
-        ft = CLIPVisionModel(cfg.vision_config)
-        ft.load_state_dict(model.vision_model.state_dict())
-        _perturb(ft, 0.05, seed=i + 1)
-        ft.save_pretrained(str(root / task))
-        models[task] = str(root / task)
-        data[task] = _image_data(root, task, seed=i)
-    return {"base": str(base), "models": models, "data": data, "root": root}
+    return build_clip_zoo(tmp_path_factory.mktemp("clip"), CLASSES)
 
 
 def _heads(templates=None):
@@ -81,7 +33,7 @@ def _pixels(base, n=6, seed=5):
     from transformers import AutoImageProcessor
 
     proc = AutoImageProcessor.from_pretrained(base)
-    return proc(images=[im.convert("RGB") for im in _images(n, seed)], return_tensors="pt")["pixel_values"]
+    return proc(images=[im.convert("RGB") for im in image_rows(n, seed)], return_tensors="pt")["pixel_values"]
 
 
 def test_clip_zero_shot_head_equals_stock_clip_logits(clip_zoo):
@@ -208,7 +160,7 @@ def vit_zoo(tmp_path_factory):
                                  "id2label": dict(enumerate(names)), "label2id": {n: j for j, n in enumerate(names)}})
         ft = ViTForImageClassification(c)
         ft.vit.load_state_dict(base.vit.state_dict())
-        _perturb(ft.vit, 0.05, seed=i + 1)
+        perturb(ft.vit, 0.05, seed=i + 1)
         ft.save_pretrained(str(root / task))
         models[task] = str(root / task)
         data[task] = _image_data(root, task, seed=i)
@@ -320,7 +272,7 @@ def _mobilenet_zoo(root):
         ft = MobileNetV2ForImageClassification(MobileNetV2Config(image_size=32, depth_multiplier=0.35,
                                                                  num_labels=len(names)))
         ft.mobilenet_v2.load_state_dict(base.mobilenet_v2.state_dict())
-        _perturb(ft.mobilenet_v2, 0.05, seed=i + 1)
+        perturb(ft.mobilenet_v2, 0.05, seed=i + 1)
         with torch.no_grad():  # each fine-tune's own running statistics, as after fine-tuning in train mode
             for m in ft.mobilenet_v2.modules():
                 if isinstance(m, torch.nn.BatchNorm2d):
@@ -863,7 +815,7 @@ def test_image_data_from_an_imagefolder_and_parquet(tmp_path):
 
     from adamerge.data import ImageInputs, TaskData, load_texts
 
-    images = _images(6, seed=11)
+    images = image_rows(6, seed=11)
     folder = tmp_path / "folder"
     for i, im in enumerate(images):
         d = folder / ("cat" if i % 2 else "dog")
