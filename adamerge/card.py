@@ -162,10 +162,17 @@ def render_card(manifest: dict[str, Any], eval_results: dict[str, Any] | None = 
     if eval_results:
         scores = eval_results.get("scores", {})
         lines.append("## Evaluation\n")
-        lines.append(f"`adamerge evaluate` on labelled data (max_length {eval_results.get('max_length')}):\n")
-        lines.append("| task | accuracy | macro-F1 |\n| --- | --- | --- |")
-        for task, s in scores.items():
-            lines.append(f"| {task} | {_fmt(s['accuracy'])} | {_fmt(s['macro_f1'])} |")
+        if all("perplexity" in s for s in scores.values()):  # a causal LM: each task's text scored token by token
+            lines.append(f"`adamerge evaluate` on each task's text (max_length {eval_results.get('max_length')}; "
+                         "mean next-token negative log-likelihood in nats, and its perplexity):\n")
+            lines.append("| task | NLL | perplexity |\n| --- | --- | --- |")
+            for task, s in scores.items():
+                lines.append(f"| {task} | {s['nll']:.4f} | {s['perplexity']:.2f} |")
+        else:
+            lines.append(f"`adamerge evaluate` on labelled data (max_length {eval_results.get('max_length')}):\n")
+            lines.append("| task | accuracy | macro-F1 |\n| --- | --- | --- |")
+            for task, s in scores.items():
+                lines.append(f"| {task} | {_fmt(s['accuracy'])} | {_fmt(s['macro_f1'])} |")
         lines.append("")
     lines.append("## Reproduce\n")
     if manifest.get("config"):

@@ -1,4 +1,5 @@
-"""Per-task accuracy and macro-F1 (torchmetrics) of exported checkpoints or in-memory models."""
+"""Per-task accuracy and macro-F1 (torchmetrics) of exported checkpoints or in-memory models; for causal LMs (no
+class heads), the mean next-token negative log-likelihood and perplexity of each task's text."""
 
 from __future__ import annotations
 
@@ -54,6 +55,25 @@ def score(logits_fn: Callable[[dict], torch.Tensor], rows, labels: torch.Tensor,
             "predicted": predicted.tolist(), "labels": torch.bincount(labels, minlength=num_classes).tolist()}
 
 
+@torch.no_grad()
+def score_tokens(logits_fn: Callable[[dict], torch.Tensor], rows, collate, batch_size: int = 64) -> dict:
+    """Mean next-token negative log-likelihood (nats per predicted token, padding excluded) of ``logits_fn(inputs)``
+    over ``rows``, its perplexity ``exp(nll)``, the tokens predicted and the rows read."""
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        batch = collate([rows[j] for j in range(i, min(i + batch_size, len(rows)))])
+        logits = logits_fn(batch).float()[:, :-1]
+        target = batch["input_ids"][:, 1:].to(logits.device)
+        keep = batch["attention_mask"][:, 1:].to(logits.device).bool()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+        total += float(nll[keep].sum())
+        count += int(keep.sum())
+    if count == 0:
+        raise MergeInputError("no row has two tokens or more: there is no next token to score")
+    mean = total / count
+    return {"nll": mean, "perplexity": float(torch.tensor(mean).exp()), "tokens": count, "n": len(rows)}
+
+
 def evaluate_checkpoint(checkpoint: str, tasks: dict[str, LabeledTaskData], batch_size: int = 64,
                         max_length: int | None = None, heads: dict[str, str] | None = None,
                         write: bool = False) -> dict[str, dict[str, float]]:
@@ -64,6 +84,9 @@ def evaluate_checkpoint(checkpoint: str, tasks: dict[str, LabeledTaskData], batc
     - any sequence- or image-classification model directory or hub id (a plain fine-tune, scored on every task);
     - ``checkpoint`` = the pretrained base with ``heads`` = task → fine-tune: the base's encoder with each fine-tune's
       head (the "pretrained + heads" reference).
+
+    A causal LM (an export of kind ``causal_lm``, or a plain model whose architecture is a causal LM) is scored on
+    each task's text instead: ``nll``, ``perplexity``, ``tokens`` (:func:`score_tokens`); no label is read.
 
     Args:
         checkpoint: export, model directory or hub id.
@@ -96,14 +119,22 @@ def evaluate_checkpoint(checkpoint: str, tasks: dict[str, LabeledTaskData], batc
         max_length = int((manifest or {}).get("data", {}).get("max_length") or 128)
     tasks = {t: s if isinstance(s, LabeledTaskData) else LabeledTaskData(**s) for t, s in tasks.items()}
     inputs = input_builder(tasks, str(checkpoint), max_length)  # the export's tokenizer or image processor
-    predict = _predictor(str(checkpoint), manifest, heads, list(tasks), inputs.modality)
+    tokens = _scores_tokens(str(checkpoint), manifest)
+    if tokens and heads is not None:
+        raise MergeInputError(f"heads: {checkpoint} is a causal LM, which has no class heads to borrow; evaluate the "
+                              "base model's own directory for the pretrained reference")
+    predict = _predictor(str(checkpoint), manifest, heads, list(tasks), inputs.modality, tokens)
     out = {}
     for task, spec in tasks.items():
         fn, num_labels = predict(task)
-        rows, labels = load_labeled(spec, task, inputs)
-        out[task] = score(fn, rows, labels, num_labels, inputs, batch_size)
+        if tokens:  # a causal LM: each task's text scored token by token; no label is read
+            out[task] = score_tokens(fn, inputs.encode(load_texts(spec, task), spec), inputs, batch_size)
+        else:
+            rows, labels = load_labeled(spec, task, inputs)
+            out[task] = score(fn, rows, labels, num_labels, inputs, batch_size)
         log.info("%s: %s", task, out[task])
-    out["average"] = {k: sum(v[k] for v in out.values()) / len(out) for k in ("accuracy", "macro_f1")}
+    keys = ("nll", "perplexity") if tokens else ("accuracy", "macro_f1")
+    out["average"] = {k: sum(v[k] for v in out.values()) / len(out) for k in keys}
     if write:
         from adamerge.card import EVAL_RESULTS, write_card
 
@@ -113,10 +144,31 @@ def evaluate_checkpoint(checkpoint: str, tasks: dict[str, LabeledTaskData], batc
     return out
 
 
+def _scores_tokens(checkpoint: str, manifest: dict | None) -> bool:
+    """Whether ``checkpoint`` is scored on tokens: a model kind without class heads (causal LMs), read from an
+    export's manifest or, for a plain model, from its config's architecture."""
+    from adamerge.export import manifest_kind
+    from adamerge.kinds import get_kind
+
+    if manifest is not None:
+        return not get_kind(manifest_kind(manifest)).per_task_heads
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        architectures = AutoConfig.from_pretrained(checkpoint).architectures or []
+    except (OSError, ValueError):
+        return False  # loading the model itself reports what is wrong with it
+    causal = {a for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+              for a in ((names,) if isinstance(names, str) else names)}
+    return any(a in causal for a in architectures)
+
+
 def _predictor(checkpoint: str, manifest: dict | None, heads: dict[str, str] | None, tasks: list[str],
-               modality: str = "text"):
-    """``task -> (logits function, number of classes)`` for the three kinds of checkpoint."""
-    task_type = "seq_cls" if modality == "text" else "image_cls"
+               modality: str = "text", tokens: bool = False):
+    """``task -> (logits function, number of classes)`` for the three kinds of checkpoint (``tokens``: a causal LM,
+    whose logits are over its vocabulary: no class count)."""
+    task_type = "causal_lm" if tokens else "seq_cls" if modality == "text" else "image_cls"
     if heads is not None:
         missing = sorted(set(tasks) - set(heads))
         if missing:
@@ -136,10 +188,11 @@ def _predictor(checkpoint: str, manifest: dict | None, heads: dict[str, str] | N
         def from_export(task):
             if task not in merged.tasks:
                 raise MergeInputError(f"task {task!r} is not in {checkpoint}; its tasks: {merged.tasks}")
-            return (lambda b: merged.predict(task, **b), int(merged.manifest["heads"][task]["num_labels"]))
+            classes = None if tokens else int(merged.manifest["heads"][task]["num_labels"])
+            return (lambda b: merged.predict(task, **b), classes)
 
         return from_export
     from adamerge.pool import load_model
 
     model = load_model(checkpoint, task_type).eval()
-    return lambda task: (lambda b: model(**b).logits, model.config.num_labels)
+    return lambda task: (lambda b: model(**b).logits, None if tokens else model.config.num_labels)

@@ -183,3 +183,61 @@ def test_union_vocabulary_of_a_causal_lm_reproduces_the_fine_tune(tmp_path, tied
     reference = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ft")).eval()
     with torch.no_grad():
         assert (merged(ids).logits - reference(ids).logits).abs().max() < 1e-5
+
+
+def test_evaluate_scores_each_tasks_text_by_next_token_likelihood(lm_zoo, task_data, tmp_path):
+    """`adamerge evaluate` on a causal LM export, and on a plain fine-tune directory: each task's mean next-token NLL
+    (padding excluded) and its perplexity, against stock transformers' own loss on one unpadded row at a time; no
+    label is read; --write puts the table in the card; borrowing heads is refused."""
+    import csv
+    import json
+    import math
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adamerge.cli import main
+    from adamerge.errors import MergeInputError
+    from adamerge.evaluate import evaluate_checkpoint
+
+    base, paths = lm_zoo
+    out = tmp_path / "out"
+    TaskArithmetic(base, paths, scale=0.4, task_type="causal_lm").export(out)
+    files = {}
+    for task, source in (("chat", "sentiment"), ("code", "spam")):
+        files[task] = tmp_path / f"{task}.csv"
+        with open(task_data[source]) as f, files[task].open("w", newline="") as g:
+            w = csv.writer(g)
+            w.writerow(["text"])  # no label column at all
+            w.writerows([r["text"]] for r in csv.DictReader(f))
+    tasks = {t: {"path": str(p)} for t, p in files.items()}
+
+    def reference(model_dir, task):
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+        tok = AutoTokenizer.from_pretrained(str(out))
+        total, count = 0.0, 0
+        for text in (r["text"] for r in csv.DictReader(files[task].open())):
+            enc = tok(text, truncation=True, max_length=20, return_tensors="pt")  # all it returns, as served
+            ids = enc["input_ids"]
+            if ids.shape[1] < 2:
+                continue
+            with torch.no_grad():
+                total += model(**enc, labels=ids).loss.item() * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+        return total / count, count
+
+    main(["evaluate", "--checkpoint", str(out), "--tasks", json.dumps(tasks), "--max_length", "20",
+          "--batch_size", "7", "--write", "true"])
+    scores = json.loads((out / "eval_results.json").read_text())["scores"]
+    for task in tasks:
+        nll, count = reference(out, task)
+        assert scores[task]["tokens"] == count and scores[task]["n"] == 40
+        assert scores[task]["nll"] == pytest.approx(nll, rel=1e-5)
+        assert scores[task]["perplexity"] == pytest.approx(math.exp(nll), rel=1e-5)
+    assert scores["average"]["nll"] == pytest.approx((scores["chat"]["nll"] + scores["code"]["nll"]) / 2)
+    card = (out / "README.md").read_text()
+    assert "| task | NLL | perplexity |" in card and f"| chat | {scores['chat']['nll']:.4f} |" in card
+    # a plain fine-tune (no manifest) is scored the same way: the reference row of a comparison
+    plain = evaluate_checkpoint(paths["chat"], tasks, max_length=20)
+    assert plain["chat"]["nll"] == pytest.approx(reference(paths["chat"], "chat")[0], rel=1e-5)
+    with pytest.raises(MergeInputError, match="causal LM, which has no class heads"):
+        evaluate_checkpoint(str(out), tasks, heads=paths)
