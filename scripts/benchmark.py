@@ -34,9 +34,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="override the preset's adaptation steps")
     p.add_argument("--samples-per-task", type=int, metavar="N",
                    help="override the preset's unlabeled rows per task in each adaptation step")
-    p.add_argument("--zoo", choices=["own", "frozen"], default="own",
+    p.add_argument("--zoo", choices=["own", "frozen", "frozen-adabn"], default="own",
                    help="zoo protocol: heads trained with their bodies (own) or linear-probe heads fixed before "
-                        "fine-tuning (frozen, the papers' setting)")
+                        "fine-tuning (frozen, the papers' setting; frozen-adabn, vision presets: each probe fitted "
+                        "under its task's own BatchNorm statistics)")
     p.add_argument("--head-pooler", action="store_true",
                    help="each task's head keeps its fine-tune's pooler (heads: {pooler: true}); every row, the "
                         "reference rows too; a table of its own (<preset>...-pooler)")

@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from adamerge.bench.run import write_results
+from adamerge.bench.run import REFERENCE_ROWS, write_results
 
 
 def combine(base: dict, update: dict, drop: list[str]) -> dict:
@@ -34,7 +34,7 @@ def combine(base: dict, update: dict, drop: list[str]) -> dict:
     out = {**base, "rows": rows}
     out["sources"] = {"base": {k: base[k] for k in ("hardware", "total_seconds")},
                       "update": {k: update[k] for k in ("hardware", "total_seconds")},
-                      "rows_from_update": sorted(set(update["rows"]) - {"individual", "pretrained"}),
+                      "rows_from_update": sorted(set(update["rows"]) - set(REFERENCE_ROWS)),
                       "dropped": sorted(drop)}
     return out
 

@@ -119,6 +119,22 @@ def test_overrides_below_one_are_refused_before_anything_is_made(tmp_path, field
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_batchnorm_zoo_protocol_is_refused_for_text_before_anything_is_made(tmp_path):
+    """``frozen-adabn`` re-estimates BatchNorm statistics before fitting each probe: a text preset (no BatchNorm)
+    is refused by the benchmark and by the text zoo builder, naming the protocol, with nothing made; its zoo folder
+    is its own, beside the ``frozen`` one."""
+    from adamerge.bench.zoo import finetune, zoo_dir
+
+    with pytest.raises(ValueError, match="zoo_protocol 'frozen-adabn' re-estimates BatchNorm statistics: vision "
+                                         "presets only \\('ci' is a text preset\\)"):
+        run("ci", work=tmp_path / "work", out=tmp_path / "out", zoo_protocol="frozen-adabn")
+    with pytest.raises(ValueError, match="head: 'frozen-adabn' re-estimates BatchNorm statistics"):
+        finetune("spam", tmp_path / "data", tmp_path / "zoo", head="frozen-adabn")
+    assert list(tmp_path.iterdir()) == []
+    assert zoo_dir(Path("z"), "frozen-adabn") == Path("z/frozen-head-adabn")
+    assert zoo_dir(Path("z"), "frozen") == Path("z/frozen-head") and zoo_dir(Path("z")) == Path("z")
+
+
 def test_finished_rows_survive_a_failing_row(tmp_path, monkeypatch):
     """Each finished row is written at once: a row that fails later loses nothing, rows kept from an earlier table
     stay, and the table keeps the grid's order."""

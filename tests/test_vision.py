@@ -856,3 +856,46 @@ def test_vision_base_resizes_to_the_presets_image_size(tmp_path, side):
     image = PIL.Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).convert("RGB")
     pixels = AutoImageProcessor.from_pretrained(str(base))(images=[image], return_tensors="pt")["pixel_values"]
     assert tuple(pixels.shape) == (1, 3, side, side)
+
+
+def test_adapt_batchnorm_gives_each_layer_the_tasks_own_statistics():
+    """The frozen-head vision zoo's `probe_statistics: task`: after `adapt_batchnorm`, every BatchNorm's running mean
+    and variance are the average over the batches of its training-mode input's per-batch mean and unbiased variance
+    (read here from hooks on a copy, not from BatchNorm's own bookkeeping); momenta are restored, the model is left
+    in eval mode and its weights untouched."""
+    import copy
+
+    from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
+
+    from adamerge.bench.vision import adapt_batchnorm
+
+    torch.manual_seed(0)
+    model = MobileNetV2ForImageClassification(MobileNetV2Config(image_size=32, depth_multiplier=0.35, num_labels=3))
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 0.1
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    pixels = torch.randn(12, 3, 32, 32) * 2 + 0.5
+    reference, seen = copy.deepcopy(model).train(), {}
+    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: seen.setdefault(name, []).append(args[0]))
+             for name, m in reference.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        for i in range(0, 12, 4):
+            reference.mobilenet_v2(pixel_values=pixels[i:i + 4])
+    for h in hooks:
+        h.remove()
+    adapt_batchnorm(model, pixels, batch_size=4)
+    assert not model.training
+    norms = dict((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert len(norms) == len(seen) > 10
+    for name, m in norms.items():
+        x = seen[name]
+        assert len(x) == 3
+        mean = torch.stack([b.mean(dim=(0, 2, 3)) for b in x]).mean(0)
+        var = torch.stack([b.transpose(0, 1).flatten(1).var(dim=1, unbiased=True) for b in x]).mean(0)
+        torch.testing.assert_close(m.running_mean, mean, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(m.running_var, var, atol=1e-5, rtol=1e-4)
+        assert m.momentum == 0.1
+    for k, v in model.state_dict().items():
+        if k in weights:
+            assert torch.equal(v, weights[k]), k

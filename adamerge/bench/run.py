@@ -21,7 +21,7 @@ import torch
 
 from adamerge.bench.tasks import TASKS, prepare
 from adamerge.bench.vision import IMAGE_SIZE
-from adamerge.bench.zoo import build_base, finetune
+from adamerge.bench.zoo import BATCHNORM_PROTOCOLS, build_base, finetune
 from adamerge.callbacks import LRSchedule, SelectStep, StepProgress
 from adamerge.data import TaskData, UnlabeledDataModule, input_builder
 from adamerge.evaluate import score
@@ -515,6 +515,9 @@ class Runner:
         return results
 
 
+REFERENCE_ROWS = ("individual", "pretrained", "pretrained_bn")  # every call recomputes them; never a merge
+
+
 def individual_rows(module: MergeModule, evaluator: Evaluator, tasks: list[str]) -> dict[str, dict]:
     """Each fine-tune on its own task (one-hot coefficients), and the pretrained backbone with each task's head."""
     one_hot = {t: evaluator(module, module.merged.expert_params(t), [t])[t] for t in tasks}
@@ -522,6 +525,18 @@ def individual_rows(module: MergeModule, evaluator: Evaluator, tasks: list[str])
     return {"individual": {"label": "Individual fine-tuned models", "inductive": one_hot},
             "pretrained": {"label": "Pretrained encoder + task heads",
                            "inductive": evaluator(module, module.merged.merged_params(zero))}}
+
+
+def pretrained_recalibrated_row(base: str, paths: dict[str, str], preset: Preset, data_dir: Path,
+                                evaluator: Evaluator, seed: int, heads: dict | None) -> dict:
+    """BatchNorm backbones: the pretrained backbone with each task's head, its BatchNorm statistics re-estimated on
+    the unlabeled rows as every merge's are (the merge with all coefficients 0). The plain pretrained row keeps the
+    base's own (ImageNet) statistics, which is how heads fitted on them read it; heads fitted under the tasks' own
+    statistics (the ``frozen-adabn`` zoo) read it this way."""
+    module = METHODS["task_arithmetic"](base, paths, task_type=preset.task_type, heads=heads, scale=0.0)
+    adapt(module, data_dir, preset.tasks, "unlabeled", preset, seed, 0)
+    return {"label": "Pretrained encoder + task heads, BatchNorm statistics re-estimated as every merge's",
+            "inductive": evaluator(module)}
 
 
 def run_lora(preset: Preset, base: str, data_dir: Path, zoo: Path, evaluator: Evaluator, ckpt_dir: Path,
@@ -580,6 +595,9 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
     """
     check_overrides(steps, samples_per_task)
     preset = PRESETS[preset_name]
+    if zoo_protocol in BATCHNORM_PROTOCOLS and not preset.image:
+        raise ValueError(f"zoo_protocol {zoo_protocol!r} re-estimates BatchNorm statistics: vision presets only "
+                         f"({preset_name!r} is a text preset)")
     if batchnorm_statistics is not None:
         if batchnorm_statistics not in ("batch", "task"):
             raise ValueError(f"batchnorm_statistics: {batchnorm_statistics!r}; allowed: batch, task")
@@ -627,6 +645,8 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
         old = {}  # different setup: start a fresh table
     ref = METHODS["task_arithmetic"](base, paths, task_type=preset.task_type, heads=heads)
     rows: dict[str, dict] = individual_rows(ref, evaluator, preset.tasks)
+    if ref.has_batchnorm():
+        rows["pretrained_bn"] = pretrained_recalibrated_row(base, paths, preset, data_dir, evaluator, seed, heads)
     del ref
     result = {"preset": preset_name, "zoo_protocol": zoo_protocol, "head_pooler": head_pooler,
               "batchnorm_statistics": preset.batchnorm_statistics,
@@ -664,7 +684,7 @@ def _save(result: dict, target: Path, t0: float) -> None:
 
 def write_results(result: dict, target: Path) -> None:
     """``target``/results.json and results.md, rows in the grid's order, each file replaced whole."""
-    order = ["individual", "pretrained", *METHOD_GRID]
+    order = [*REFERENCE_ROWS, *METHOD_GRID]
     rows = sorted(result["rows"].items(), key=lambda kv: order.index(kv[0]))
     result["rows"].clear()
     result["rows"].update(rows)  # in place: the caller keeps adding to the same dict
@@ -755,7 +775,7 @@ def below_pretrained_lines(rows: dict, tasks: list[str]) -> list[str]:
     lines = []
     for task in tasks:
         base = ref["inductive"][task]
-        below = [r for k, r in rows.items() if k not in ("individual", "pretrained")
+        below = [r for k, r in rows.items() if k not in REFERENCE_ROWS
                  and r["inductive"][task]["accuracy"] < base["accuracy"]]
         if not below:
             continue
@@ -774,7 +794,9 @@ def render(result: dict) -> str:
     lines = table(result["rows"], tasks)
     c = result["preset_config"]
     protocol = {"own": "own-head zoo (each head trained with its body)",
-                "frozen": "frozen-head zoo (linear-probe heads fixed before fine-tuning, LP-FT)"}[
+                "frozen": "frozen-head zoo (linear-probe heads fixed before fine-tuning, LP-FT)",
+                "frozen-adabn": "frozen-head zoo, probes fitted under each task's own BatchNorm statistics (AdaBN, "
+                                "then LP-FT)"}[
         result.get("zoo_protocol", "own")]
     from adamerge.bench.vision import FT_LR
 

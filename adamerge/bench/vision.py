@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from adamerge.bench.tasks import fetch_wheel, split_sizes
-from adamerge.bench.zoo import FineTuner, finish_member, fit_head, zoo_dir
+from adamerge.bench.zoo import BATCHNORM_PROTOCOLS, FROZEN_PROTOCOLS, FineTuner, finish_member, fit_head, zoo_dir
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +230,25 @@ def _features(model, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tenso
                       for i in range(0, len(pixels), batch_size)])
 
 
+@torch.no_grad()
+def adapt_batchnorm(model, pixels: torch.Tensor, batch_size: int = 256) -> None:
+    """Replace every BatchNorm's running statistics by those of ``pixels`` (a cumulative average over its batches in
+    training mode; AdaBN, Li et al. 2016), so the frozen base's eval-mode features are normalised as the task's own
+    training batches will be once fine-tuning starts."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch weighs the same
+    model.train()
+    backbone = getattr(model, model.base_model_prefix)
+    for i in range(0, len(pixels), batch_size):
+        backbone(pixel_values=pixels[i:i + batch_size])
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.eval()
+
+
 def fit_probe(model, pixels: torch.Tensor, labels: torch.Tensor) -> dict:
     """Fit ``model.classifier`` on the frozen base's pooled features (the frozen-head zoo; see
     :func:`adamerge.bench.zoo.fit_head`)."""
@@ -247,7 +266,8 @@ class _ImageFineTuner(FineTuner):
 def finetune_vision(task: str, data_dir: Path, zoo: Path, base: Path, epochs: int = 2, batch_size: int = 32,
                     lr: float = FT_LR, seed: int = 0, head: str = "own") -> Path:
     """Fine-tune the MobileNetV2 base on ``data_dir/task``'s train split (all weights; ``head="frozen"``: a linear
-    probe first, kept fixed); BatchNorm momentum 0.1 (torchvision's). Saved once to ``zoo_dir(zoo, head)/task``."""
+    probe first, kept fixed; ``head="frozen-adabn"``: the probe fitted under the task's own BatchNorm statistics,
+    :func:`adapt_batchnorm`); BatchNorm momentum 0.1 (torchvision's). Saved once to ``zoo_dir(zoo, head)/task``."""
     import datasets
     from transformers import AutoImageProcessor, MobileNetV2ForImageClassification
 
@@ -266,7 +286,9 @@ def finetune_vision(task: str, data_dir: Path, zoo: Path, base: Path, epochs: in
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = 0.1  # transformers' port keeps TF's 0.997 (which here would mean "the last batch")
     probe = None
-    if head == "frozen":
+    if head in FROZEN_PROTOCOLS:
+        if head in BATCHNORM_PROTOCOLS:
+            adapt_batchnorm(model, pixels)
         probe = fit_probe(model, pixels, labels)
         model.classifier.requires_grad_(False)
     model.train()

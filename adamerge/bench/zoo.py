@@ -9,6 +9,11 @@ Two zoo protocols (``head``):
   al. 2022) — and never trained; only the body is fine-tuned, so all task vectors move features towards heads that
   read the base's feature space. The head is saved next to the model (``lp_head.safetensors``) before the body is
   fine-tuned.
+* ``frozen-adabn`` — BatchNorm backbones (the vision presets): as ``frozen``, but the probe is fitted on the base's
+  features under the task's *own* BatchNorm statistics (re-estimated on its training images first, AdaBN), the
+  statistics its training-mode body normalises with when fine-tuning starts. Under ``frozen`` the probe reads
+  ImageNet-normalised features that the first training step replaces, and the fine-tunes end below the probes they
+  started from; see :func:`adamerge.bench.vision.adapt_batchnorm`.
 """
 
 from __future__ import annotations
@@ -81,16 +86,19 @@ def _rows(tokenizer, texts, labels, max_length):
 
 
 LORA_TARGETS = ["query", "key", "value", "dense"]
-HEAD_PROTOCOLS = ("own", "frozen")
+HEAD_PROTOCOLS = ("own", "frozen", "frozen-adabn")
+FROZEN_PROTOCOLS = ("frozen", "frozen-adabn")  # a linear probe fitted on the base, then fixed while the body trains
+BATCHNORM_PROTOCOLS = ("frozen-adabn",)  # for BatchNorm backbones only (the vision presets)
 
 
 def zoo_dir(zoo: Path, head: str = "own", lora_rank: int = 0) -> Path:
-    """Where the fine-tunes of one protocol live: ``zoo/`` (own heads), ``zoo/frozen-head/``, ``zoo/lora/``."""
+    """Where the fine-tunes of one protocol live: ``zoo/`` (own heads), ``zoo/frozen-head/``,
+    ``zoo/frozen-head-adabn/``, ``zoo/lora/``."""
     if head not in HEAD_PROTOCOLS:
         raise ValueError(f"head: unknown protocol {head!r}; allowed: {', '.join(HEAD_PROTOCOLS)}")
     if lora_rank:
-        return zoo / "lora" if head == "own" else zoo / "frozen-head" / "lora"
-    return zoo if head == "own" else zoo / "frozen-head"
+        return zoo / "lora" if head == "own" else zoo / f"{head}-head" / "lora"
+    return zoo if head == "own" else zoo / ("frozen-head" if head == "frozen" else "frozen-head-adabn")
 
 
 @torch.no_grad()
@@ -146,6 +154,9 @@ def finetune(task: str, data_dir: Path, zoo: Path, epochs: int = 2, batch_size: 
     import datasets
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    if head in BATCHNORM_PROTOCOLS:
+        raise ValueError(f"head: {head!r} re-estimates BatchNorm statistics, which the text models have none of; "
+                         "allowed here: own, frozen")
     target = zoo_dir(zoo, head, lora_rank) / task
     if (target / "train_info.json").is_file():
         return target
