@@ -96,9 +96,8 @@ def zoo_dir(zoo: Path, head: str = "own", lora_rank: int = 0) -> Path:
     ``zoo/frozen-head-adabn/``, ``zoo/lora/``."""
     if head not in HEAD_PROTOCOLS:
         raise ValueError(f"head: unknown protocol {head!r}; allowed: {', '.join(HEAD_PROTOCOLS)}")
-    if lora_rank:
-        return zoo / "lora" if head == "own" else zoo / f"{head}-head" / "lora"
-    return zoo if head == "own" else zoo / ("frozen-head" if head == "frozen" else "frozen-head-adabn")
+    folder = zoo if head == "own" else zoo / {"frozen": "frozen-head", "frozen-adabn": "frozen-head-adabn"}[head]
+    return folder / "lora" if lora_rank else folder
 
 
 @torch.no_grad()
