@@ -859,7 +859,7 @@ def test_vision_base_resizes_to_the_presets_image_size(tmp_path, side):
 
 
 def test_adapt_batchnorm_gives_each_layer_the_tasks_own_statistics():
-    """The frozen-head vision zoo's `probe_statistics: task`: after `adapt_batchnorm`, every BatchNorm's running mean
+    """The `frozen-adabn` vision zoo protocol: after `adapt_batchnorm`, every BatchNorm's running mean
     and variance are the average over the batches of its training-mode input's per-batch mean and unbiased variance
     (read here from hooks on a copy, not from BatchNorm's own bookkeeping); momenta are restored, the model is left
     in eval mode and its weights untouched."""
