@@ -233,19 +233,14 @@ def _features(model, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tenso
 @torch.no_grad()
 def adapt_batchnorm(model, pixels: torch.Tensor, batch_size: int = 256) -> None:
     """Replace every BatchNorm's running statistics by those of ``pixels`` (a cumulative average over its batches in
-    training mode; AdaBN, Li et al. 2016), so the frozen base's eval-mode features are normalised as the task's own
-    training batches will be once fine-tuning starts."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average: every batch weighs the same
-    model.train()
+    training mode, :func:`adamerge.merged.recalibrate_batchnorm`; AdaBN, Li et al. 2016), so the frozen base's
+    eval-mode features are normalised as the task's own training batches will be once fine-tuning starts. The model
+    is left in eval mode."""
+    from adamerge.merged import recalibrate_batchnorm
+
     backbone = getattr(model, model.base_model_prefix)
-    for i in range(0, len(pixels), batch_size):
-        backbone(pixel_values=pixels[i:i + batch_size])
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
+    batches = [{"pixel_values": pixels[i:i + batch_size]} for i in range(0, len(pixels), batch_size)]
+    backbone.load_state_dict(recalibrate_batchnorm(backbone, {}, batches), strict=False)
     model.eval()
 
 
