@@ -57,6 +57,16 @@ def build_zoo(root, tasks=TASKS, scale=0.05, seed=0):
     return str(root / "base"), paths
 
 
+def tiny_llama(tied: bool = True):
+    """A tiny random LlamaForCausalLM over :data:`WORDS`' vocabulary (``tied``: input and output embeddings shared)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=len(WORDS) + 5, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=64, tie_word_embeddings=tied, pad_token_id=0,
+                                        bos_token_id=2, eos_token_id=3))
+
+
 def save_lm_zoo(root, make_model, tasks):
     """Save ``make_model()`` as the base and, per task, the base plus seeded noise (0.05), each with the tokenizer:
     ``(base path, {task: path})`` for causal-LM tests."""

@@ -9,20 +9,12 @@ import textwrap
 
 import pytest
 import torch
-from conftest import WORDS, make_tokenizer, quick_fit, save_lm_zoo
+from conftest import WORDS, make_tokenizer, quick_fit, save_lm_zoo, tiny_llama
 
 from adamerge.data import TaskData, UnlabeledDataModule
 from adamerge.methods import AdaMerging, TaskArithmetic
 
 VOCAB = len(WORDS) + 5
-
-
-def llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                        tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=3))
 
 
 def gpt2():
@@ -34,7 +26,7 @@ def gpt2():
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def lm_zoo(request, tmp_path_factory):
-    return save_lm_zoo(tmp_path_factory.mktemp(request.param), {"llama": llama, "gpt2": gpt2}[request.param],
+    return save_lm_zoo(tmp_path_factory.mktemp(request.param), {"llama": tiny_llama, "gpt2": gpt2}[request.param],
                        ("chat", "code"))
 
 

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from adamerge.cli import main
-from tests.conftest import build_clip_zoo, build_zoo, save_lm_zoo, text_rows
+from tests.conftest import build_clip_zoo, build_zoo, save_lm_zoo, text_rows, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -46,17 +46,6 @@ def _text_data(path: Path, spec: dict, rows: int, seed: int) -> str:
     return str(path)
 
 
-def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tests.conftest import WORDS
-
-    return LlamaForCausalLM(LlamaConfig(vocab_size=len(WORDS) + 5, hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                        max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0,
-                                        bos_token_id=2, eos_token_id=3))
-
-
 def _lora_zoo(root: Path, tasks: list[str]):
     from tests.test_lora import make_adapter
 
@@ -79,7 +68,7 @@ def localise(cfg: dict, root: Path) -> tuple[dict, dict]:
             if isinstance(head, dict) and "dataset" in head:
                 head["dataset"]["path"] = images[t]
     elif kind == "causal_lm":
-        base, models = save_lm_zoo(root / "zoo", _llama, tasks)
+        base, models = save_lm_zoo(root / "zoo", lambda: tiny_llama(tied=False), tasks)
         images = {}
     elif kind == "lora":
         base, models = _lora_zoo(root / "zoo", tasks)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import WORDS, save_lm_zoo
+from conftest import WORDS, save_lm_zoo, tiny_llama
 
 from adamerge.functional import LookupWeight, merge_dense
 from adamerge.merged import RECOMPUTE, MergedModel
@@ -19,16 +19,8 @@ from adamerge.pool import load_pool
 VOCAB = len(WORDS) + 5
 
 
-def llama(tied: bool):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                        tie_word_embeddings=tied, pad_token_id=0, bos_token_id=2, eos_token_id=3))
-
-
 def llama_zoo(root, tied: bool):
-    return save_lm_zoo(root, lambda: llama(tied), ("chat", "code", "math"))
+    return save_lm_zoo(root, lambda: tiny_llama(tied), ("chat", "code", "math"))
 
 
 def lm_batch(T: int, rows: int = 3, length: int = 10):
