@@ -257,6 +257,102 @@ def test_mixed_text_and_image_tasks_are_refused(vit_zoo):
         input_builder({"a": TaskData(path="x", image_column="image"), "b": TaskData(path="y")}, vit_zoo["base"], 32)
 
 
+# Tiny random configs of image families beyond ViT and MobileNetV2 (which have their own tests): BatchNorm CNNs with
+# a Sequential head (ResNet) and dropout (EfficientNet), a LayerNorm CNN (ConvNeXt), windowed attention (Swin),
+# layer scale (BEiT), convolutions with transformer blocks (MobileViT), a head over CLS and mean patch tokens (DINOv2).
+IMAGE_FAMILIES = {
+    "resnet": ("ResNetConfig", dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")),
+    "convnext": ("ConvNextConfig", dict(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], image_size=32)),
+    "swin": ("SwinConfig", dict(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2],
+                                window_size=4)),
+    "efficientnet": ("EfficientNetConfig", dict(image_size=32, width_coefficient=0.1, depth_coefficient=0.1,
+                                                hidden_dim=128)),
+    "beit": ("BeitConfig", dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=32, patch_size=8, use_relative_position_bias=True,
+                                layer_scale_init_value=0.1)),
+    "mobilevit": ("MobileViTConfig", dict(image_size=32, hidden_sizes=[16, 20, 24],
+                                          neck_hidden_sizes=[8, 8, 12, 12, 16, 16, 32])),
+    "dinov2": ("Dinov2Config", dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                    image_size=32, patch_size=8)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(IMAGE_FAMILIES))
+def test_image_families_merge_export_and_load_with_stock_transformers(family, tmp_path):
+    """``image_cls`` on each family of IMAGE_FAMILIES: the one-hot merge is each fine-tune (its stock logits); after 2
+    AdaMerging steps the export's ``tasks/<task>/`` loads with stock ``AutoModelForImageClassification``, its backbone
+    parameters equal θ0 + Σ_t λ_t,p τ_t,p computed here from the saved checkpoints and the manifest's coefficients,
+    its head is the fine-tune's own, and its logits equal the wrapper's."""
+    import transformers
+    from transformers import AutoModelForImageClassification, ViTImageProcessor
+
+    from adamerge.data import TaskData, UnlabeledDataModule
+    from adamerge.methods import AdaMerging
+    from tests.conftest import quick_fit
+
+    config_name, kwargs = IMAGE_FAMILIES[family]
+
+    def model(names):
+        cfg = getattr(transformers, config_name)(**kwargs, num_labels=len(names), id2label=dict(enumerate(names)),
+                                                 label2id={n: j for j, n in enumerate(names)})
+        return transformers.AutoModelForImageClassification.from_config(cfg)
+
+    torch.manual_seed(0)
+    base = model(["a", "b"]).eval()
+    prefix = base.base_model_prefix
+    base.save_pretrained(str(tmp_path / "base"))
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(str(tmp_path / "base"))
+    models, data = {}, {}
+    for i, (task, names) in enumerate(CLASSES.items()):
+        ft = model(names)
+        getattr(ft, prefix).load_state_dict(getattr(base, prefix).state_dict())
+        perturb(getattr(ft, prefix), 0.02, seed=i + 1)
+        ft.save_pretrained(str(tmp_path / task))
+        models[task] = str(tmp_path / task)
+        data[task] = _image_data(tmp_path, task, n=16, seed=i)
+
+    module = AdaMerging(str(tmp_path / "base"), models, granularity="layer", init=0.3, lr=0.05, task_type="image_cls")
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    for task in CLASSES:
+        ft = AutoModelForImageClassification.from_pretrained(models[task]).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(
+                module.predict(task, {"pixel_values": x}, module.merged.merged_params(module.merged.one_hot(task))),
+                ft(pixel_values=x).logits, atol=1e-5, rtol=1e-5)
+    dm = UnlabeledDataModule({t: TaskData(path=p, image_column="image") for t, p in data.items()},
+                             tokenizer=str(tmp_path / "base"), samples_per_task=4, holdout=4)
+    quick_fit(module, dm, steps=2)
+    out = module.export(tmp_path / "merged")
+    module.eval()
+
+    coef = json.loads((out / "merge_manifest.json").read_text())["coefficients"]
+    lam = torch.tensor(coef["effective"], dtype=torch.float64)
+    assert coef["tasks"] == list(CLASSES) and lam.shape == (len(CLASSES), len(coef["params"]))
+    assert sorted(coef["params"]) == sorted(n[len(prefix) + 1:] for n, _ in base.named_parameters()
+                                            if n.startswith(prefix + "."))  # every backbone parameter merged
+    assert (lam - 0.3).abs().max() > 1e-4  # the two steps moved the coefficients: the hand merge below is not θ0+0.3Στ
+    # module names, as stock transformers loads each checkpoint (BEiT's on-disk keys are converted on load)
+    def weights(path):
+        return AutoModelForImageClassification.from_pretrained(str(path)).state_dict()
+
+    theta0 = weights(tmp_path / "base")
+    fts = {t: weights(models[t]) for t in CLASSES}
+    for task in CLASSES:
+        exported = weights(out / "tasks" / task)
+        for j, name in enumerate(coef["params"]):
+            key = f"{prefix}.{name}"
+            ref = theta0[key].double() + sum(lam[i, j] * (fts[t][key].double() - theta0[key].double())
+                                             for i, t in enumerate(CLASSES))
+            torch.testing.assert_close(exported[key].double(), ref, atol=1e-6, rtol=1e-6)
+        heads = [k for k in fts[task] if not k.startswith(prefix + ".")]
+        assert heads and all(torch.equal(exported[k], fts[task][k]) for k in heads)
+        stock = AutoModelForImageClassification.from_pretrained(str(out / "tasks" / task)).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(stock(pixel_values=x).logits, module.predict(task, {"pixel_values": x}),
+                                       atol=1e-5, rtol=1e-5)
+        assert stock.config.id2label[1] == CLASSES[task][1]
+
+
 def _mobilenet_zoo(root):
     """A tiny random MobileNetV2 (BatchNorm backbone) base, two perturbed fine-tunes and their image data."""
     from transformers import MobileNetV2Config, MobileNetV2ForImageClassification, MobileNetV2ImageProcessor

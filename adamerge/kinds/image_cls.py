@@ -1,4 +1,5 @@
-"""``image_cls``: any ``AutoModelForImageClassification`` fine-tune (ViT, ConvNeXt, MobileNetV2, ...). The backbone
+"""``image_cls``: any ``AutoModelForImageClassification`` fine-tune (tested: ViT, MobileNetV2, ResNet, ConvNeXt, Swin,
+EfficientNet, BEiT, MobileViT, DINOv2). The backbone
 (``base_model_prefix``) is merged; each task keeps its own frozen classifier, as for text. Inputs are
 ``pixel_values`` from the base's image processor. Exports: the merged backbone loads with ``AutoModel``, and
 ``tasks/<task>/`` with ``AutoModelForImageClassification``.
