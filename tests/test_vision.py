@@ -353,6 +353,56 @@ def test_image_families_merge_export_and_load_with_stock_transformers(family, tm
         assert stock.config.id2label[1] == CLASSES[task][1]
 
 
+def test_surgery_corrects_a_resnets_channels_and_serves_its_export(tmp_path):
+    """ResNet's config has no ``image_size`` and its pooled feature is ``[n, C, 1, 1]``: Surgery's adapters are C wide
+    and correct along the channels. After 3 steps, ``load_merged`` serves the export as computed here by hand: the
+    stock merged backbone's pooled feature z, z − U ReLU(D z) over the channels with the saved adapter, then the
+    fine-tune's own classifier."""
+    import transformers
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoModelForImageClassification, ViTImageProcessor
+
+    from adamerge import load_merged
+    from adamerge.methods import AdaMerging, Surgery
+    from tests.conftest import quick_fit
+
+    def model(names):
+        return transformers.ResNetForImageClassification(transformers.ResNetConfig(
+            embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=len(names)))
+
+    torch.manual_seed(0)
+    base = model(["a", "b"]).eval()
+    base.save_pretrained(str(tmp_path / "base"))
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(str(tmp_path / "base"))
+    models, data = {}, {}
+    for i, (task, names) in enumerate(CLASSES.items()):
+        ft = model(names)
+        ft.resnet.load_state_dict(base.resnet.state_dict())
+        perturb(ft.resnet, 0.05, seed=i + 1)
+        ft.save_pretrained(str(tmp_path / task))
+        models[task], data[task] = str(tmp_path / task), _image_data(tmp_path, task, n=16, seed=i)
+    # the merge under Surgery: 2 AdaMerging steps, BatchNorm statistics re-estimated at export
+    dm, merged = _fit_and_export(AdaMerging(str(tmp_path / "base"), models, granularity="layer", init=0.3, lr=0.05,
+                                            task_type="image_cls"), data, tmp_path)
+    surgery = Surgery(str(tmp_path / "base"), models, merged=str(merged), rank=4, lr=0.05, task_type="image_cls")
+    assert all(a.down.weight.shape == (4, 16) and a.up.weight.shape == (16, 4) for a in surgery.adapters.values())
+    quick_fit(surgery, dm, steps=3)
+    out = surgery.export(tmp_path / "surgery")
+    adapters = load_file(str(out / "surgery_adapters.safetensors"))
+    backbone = AutoModel.from_pretrained(str(out)).eval()
+    served = load_merged(out)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    for task in CLASSES:
+        down, up = adapters[f"{task}/down.weight"], adapters[f"{task}/up.weight"]
+        assert up.abs().max() > 0  # trained away from its zero init: the correction below is not the identity
+        head = AutoModelForImageClassification.from_pretrained(models[task]).classifier[1]
+        with torch.no_grad():
+            z = backbone(pixel_values=x).pooler_output.flatten(1)  # [n, 16]
+            ref = head(z - torch.relu(z @ down.T) @ up.T)
+            torch.testing.assert_close(served.predict(task, pixel_values=x), ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(surgery.eval().predict(task, {"pixel_values": x}), ref, atol=1e-5, rtol=1e-5)
+
+
 def _mobilenet_zoo(root):
     """A tiny random MobileNetV2 (BatchNorm backbone) base, two perturbed fine-tunes and their image data."""
     from transformers import MobileNetV2Config, MobileNetV2ForImageClassification, MobileNetV2ImageProcessor

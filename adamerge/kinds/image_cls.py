@@ -28,11 +28,15 @@ class ImageClassification(HeadedKind):
 
     @torch.no_grad()
     def feature_dim(self, backbone: nn.Module) -> int:
-        """CNNs have no ``hidden_size``: the width of the feature field on one blank image."""
+        """CNNs have no ``hidden_size``: the width of the feature field on one blank image (of the config's
+        ``image_size``; 224 where the config has none, as ResNet's and RegNet's); the channels of a ``[n, C, H, W]``
+        feature (ResNet's pooled ``[n, C, 1, 1]``), else its last axis."""
         from adamerge.merged import eval_mode  # merged imports the kinds
 
         cfg = backbone.config
-        size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
+        size = getattr(cfg, "image_size", 224)
+        size = size if isinstance(size, int) else size[0]
         with eval_mode(backbone):
             out = backbone(pixel_values=torch.zeros(1, getattr(cfg, "num_channels", 3), size, size))
-        return getattr(out, self.feature_field(out)).shape[-1]
+        feats = getattr(out, self.feature_field(out))
+        return feats.shape[1] if feats.ndim == 4 else feats.shape[-1]

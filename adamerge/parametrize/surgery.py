@@ -26,4 +26,6 @@ class SurgeryAdapter(nn.Module):
         nn.init.zeros_(self.up.weight)
 
     def forward(self, z: Tensor) -> Tensor:
+        if z.ndim == 4:  # a CNN's [n, C, H, W] feature map (ResNet's pooled one is [n, C, 1, 1]): along the channels
+            return z - self.up(torch.relu(self.down(z.movedim(1, -1)))).movedim(-1, 1)
         return z - self.up(torch.relu(self.down(z)))
