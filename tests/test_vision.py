@@ -277,18 +277,11 @@ IMAGE_FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("family", sorted(IMAGE_FAMILIES))
-def test_image_families_merge_export_and_load_with_stock_transformers(family, tmp_path):
-    """``image_cls`` on each family of IMAGE_FAMILIES: the one-hot merge is each fine-tune (its stock logits); after 2
-    AdaMerging steps the export's ``tasks/<task>/`` loads with stock ``AutoModelForImageClassification``, its backbone
-    parameters equal θ0 + Σ_t λ_t,p τ_t,p computed here from the saved checkpoints and the manifest's coefficients,
-    its head is the fine-tune's own, and its logits equal the wrapper's."""
+def _family_zoo(family, root):
+    """A tiny random base of ``family`` (IMAGE_FAMILIES) saved with a 32×32 image processor, one perturbed fine-tune
+    per task of CLASSES with its own labels, and their image data: (base model, {task: path}, {task: data path})."""
     import transformers
-    from transformers import AutoModelForImageClassification, ViTImageProcessor
-
-    from adamerge.data import TaskData, UnlabeledDataModule
-    from adamerge.methods import AdaMerging
-    from tests.conftest import quick_fit
+    from transformers import ViTImageProcessor
 
     config_name, kwargs = IMAGE_FAMILIES[family]
 
@@ -300,17 +293,33 @@ def test_image_families_merge_export_and_load_with_stock_transformers(family, tm
     torch.manual_seed(0)
     base = model(["a", "b"]).eval()
     prefix = base.base_model_prefix
-    base.save_pretrained(str(tmp_path / "base"))
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(str(tmp_path / "base"))
+    base.save_pretrained(str(root / "base"))
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(str(root / "base"))
     models, data = {}, {}
     for i, (task, names) in enumerate(CLASSES.items()):
         ft = model(names)
         getattr(ft, prefix).load_state_dict(getattr(base, prefix).state_dict())
         perturb(getattr(ft, prefix), 0.02, seed=i + 1)
-        ft.save_pretrained(str(tmp_path / task))
-        models[task] = str(tmp_path / task)
-        data[task] = _image_data(tmp_path, task, n=16, seed=i)
+        ft.save_pretrained(str(root / task))
+        models[task] = str(root / task)
+        data[task] = _image_data(root, task, n=16, seed=i)
+    return base, models, data
 
+
+@pytest.mark.parametrize("family", sorted(IMAGE_FAMILIES))
+def test_image_families_merge_export_and_load_with_stock_transformers(family, tmp_path):
+    """``image_cls`` on each family of IMAGE_FAMILIES: the one-hot merge is each fine-tune (its stock logits); after 2
+    AdaMerging steps the export's ``tasks/<task>/`` loads with stock ``AutoModelForImageClassification``, its backbone
+    parameters equal θ0 + Σ_t λ_t,p τ_t,p computed here from the saved checkpoints and the manifest's coefficients,
+    its head is the fine-tune's own, and its logits equal the wrapper's."""
+    from transformers import AutoModelForImageClassification
+
+    from adamerge.data import TaskData, UnlabeledDataModule
+    from adamerge.methods import AdaMerging
+    from tests.conftest import quick_fit
+
+    base, models, data = _family_zoo(family, tmp_path)
+    prefix = base.base_model_prefix
     module = AdaMerging(str(tmp_path / "base"), models, granularity="layer", init=0.3, lr=0.05, task_type="image_cls")
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(7))
     for task in CLASSES:
@@ -351,6 +360,33 @@ def test_image_families_merge_export_and_load_with_stock_transformers(family, tm
             torch.testing.assert_close(stock(pixel_values=x).logits, module.predict(task, {"pixel_values": x}),
                                        atol=1e-5, rtol=1e-5)
         assert stock.config.id2label[1] == CLASSES[task][1]
+
+
+def test_wemoe_on_swin_serves_routers_as_wide_as_their_stage(tmp_path):
+    """Swin doubles its width per stage, so WEMoE's routers (hidden width = their block's by default) differ in width;
+    ``load_merged`` rebuilds each from its saved weights and serves the export as the wrapper computes it, each head
+    with its own labels both ways (id2label and label2id)."""
+    from adamerge import load_merged
+    from adamerge.data import TaskData, UnlabeledDataModule
+    from adamerge.methods import WEMoE
+    from tests.conftest import quick_fit
+
+    _, models, data = _family_zoo("swin", tmp_path)
+    module = WEMoE(str(tmp_path / "base"), models, lr=0.05, task_type="image_cls")
+    assert sorted({r.fc1.out_features for r in module.routing.routers.values()}) == [8, 16]
+    dm = UnlabeledDataModule({t: TaskData(path=p, image_column="image") for t, p in data.items()},
+                             tokenizer=str(tmp_path / "base"), samples_per_task=4)
+    quick_fit(module, dm, steps=2)
+    out = module.export(tmp_path / "merged")
+    module.eval()
+    served = load_merged(out)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    for task, names in CLASSES.items():
+        with torch.no_grad():
+            torch.testing.assert_close(served.predict(task, pixel_values=x), module.predict(task, {"pixel_values": x}),
+                                       atol=1e-5, rtol=1e-5)
+        config = served.heads[task].config
+        assert config.id2label == dict(enumerate(names)) and config.label2id == {n: j for j, n in enumerate(names)}
 
 
 def test_surgery_corrects_a_resnets_channels_and_serves_its_export(tmp_path):

@@ -173,8 +173,11 @@ class HeadedKind(ModelKind):
                           dtype: torch.dtype) -> nn.Module:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(str(root), num_labels=info["num_labels"],
-                                            id2label={int(k): v for k, v in info["id2label"].items()})
+        id2label = {int(k): v for k, v in info["id2label"].items()}  # num_labels follows; label2id is its inverse
+        config = AutoConfig.from_pretrained(str(root), id2label=id2label, label2id={v: k for k, v in id2label.items()})
+        if config.num_labels != info["num_labels"]:
+            raise MergeInputError(f"{root}: a head's id2label has {config.num_labels} labels, its num_labels is "
+                                  f"{info['num_labels']}")
         pooler = any(k.split(".")[1:2] == ["pooler"] for k in tensors)  # saved with heads: {pooler: true}
         shell = self.shell(config, dtype, pooler=pooler)
         shell.load_state_dict(dict(tensors), strict=True)
@@ -202,8 +205,11 @@ class HeadedKind(ModelKind):
         """A stock ``AutoModelFor<Task>`` for ``task`` from an export's root weights and the task's head tensors."""
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(str(root), num_labels=info["num_labels"],
-                                            id2label={int(k): v for k, v in info["id2label"].items()})
+        id2label = {int(k): v for k, v in info["id2label"].items()}  # num_labels follows; label2id is its inverse
+        config = AutoConfig.from_pretrained(str(root), id2label=id2label, label2id={v: k for k, v in id2label.items()})
+        if config.num_labels != info["num_labels"]:
+            raise MergeInputError(f"{root}: a head's id2label has {config.num_labels} labels, its num_labels is "
+                                  f"{info['num_labels']}")
         model = self.auto_class().from_config(config, dtype=dtype)
         prefix = model.base_model_prefix
         state = {f"{prefix}.{k}": v for k, v in backbone_state.items()}

@@ -198,8 +198,11 @@ class RoutedMLPs(nn.Module):
         routed.blocks = {}
         for n in routed.names:
             routed.blocks.setdefault(block_name(n), []).append(n)
-        routed.routers = nn.ModuleDict({_key(b): Router(dims[mods[0]], routed.num_tasks, 0.0, info["hidden"])
-                                        for b, mods in routed.blocks.items()})
+        # each router's hidden width from its saved weights: by default a block's own width, which differs between
+        # the stages of hierarchical models (Swin); ``info["hidden"]`` is the first router's
+        routed.routers = nn.ModuleDict({
+            _key(b): Router(dims[mods[0]], routed.num_tasks, 0.0, tensors[f"routers.{_key(b)}.fc1.weight"].shape[0])
+            for b, mods in routed.blocks.items()})
         routed.routers.load_state_dict({k[len("routers."):]: v for k, v in tensors.items() if k.startswith("routers.")})
         for key, t in tensors.items():
             if not key.startswith("routers."):
