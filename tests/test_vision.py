@@ -314,6 +314,7 @@ def test_image_families_merge_export_and_load_with_stock_transformers(family, tm
     its head is the fine-tune's own, and its logits equal the wrapper's."""
     from transformers import AutoModelForImageClassification
 
+    from adamerge import load_task_model
     from adamerge.data import TaskData, UnlabeledDataModule
     from adamerge.methods import AdaMerging
     from tests.conftest import quick_fit
@@ -356,10 +357,13 @@ def test_image_families_merge_export_and_load_with_stock_transformers(family, tm
         heads = [k for k in fts[task] if not k.startswith(prefix + ".")]
         assert heads and all(torch.equal(exported[k], fts[task][k]) for k in heads)
         stock = AutoModelForImageClassification.from_pretrained(str(out / "tasks" / task)).eval()
-        with torch.no_grad():
-            torch.testing.assert_close(stock(pixel_values=x).logits, module.predict(task, {"pixel_values": x}),
-                                       atol=1e-5, rtol=1e-5)
-        assert stock.config.id2label[1] == CLASSES[task][1]
+        rebuilt = load_task_model(out, task)  # from the root weights and heads.safetensors
+        for served in (stock, rebuilt):
+            with torch.no_grad():
+                torch.testing.assert_close(served(pixel_values=x).logits, module.predict(task, {"pixel_values": x}),
+                                           atol=1e-5, rtol=1e-5)
+            assert served.config.id2label == dict(enumerate(CLASSES[task]))
+            assert served.config.label2id == {n: j for j, n in enumerate(CLASSES[task])}
 
 
 def test_wemoe_on_swin_serves_routers_as_wide_as_their_stage(tmp_path):

@@ -56,6 +56,19 @@ def owns_pooler(head: nn.Module | None) -> bool:
 HEAD_OPTIONS = ("pooler",)
 
 
+def head_config(root, info: Mapping[str, Any]):
+    """The export's root config with a head's labels (:meth:`HeadedKind.head_info`): its ``id2label``, the inverse
+    ``label2id`` and the ``num_labels`` that follows (a mismatch with the recorded ``num_labels`` is refused)."""
+    from transformers import AutoConfig
+
+    id2label = {int(k): v for k, v in info["id2label"].items()}
+    config = AutoConfig.from_pretrained(str(root), id2label=id2label, label2id={v: k for k, v in id2label.items()})
+    if config.num_labels != info["num_labels"]:
+        raise MergeInputError(f"{root}: a head's id2label has {config.num_labels} labels, its num_labels is "
+                              f"{info['num_labels']}")
+    return config
+
+
 class HeadedKind(ModelKind):
     """A kind whose full model is ``auto_class_name`` (``AutoModelForSequenceClassification``, ...).
 
@@ -171,13 +184,7 @@ class HeadedKind(ModelKind):
 
     def head_from_tensors(self, root, info: Mapping[str, Any], tensors: Mapping[str, Tensor],
                           dtype: torch.dtype) -> nn.Module:
-        from transformers import AutoConfig
-
-        id2label = {int(k): v for k, v in info["id2label"].items()}  # num_labels follows; label2id is its inverse
-        config = AutoConfig.from_pretrained(str(root), id2label=id2label, label2id={v: k for k, v in id2label.items()})
-        if config.num_labels != info["num_labels"]:
-            raise MergeInputError(f"{root}: a head's id2label has {config.num_labels} labels, its num_labels is "
-                                  f"{info['num_labels']}")
+        config = head_config(root, info)
         pooler = any(k.split(".")[1:2] == ["pooler"] for k in tensors)  # saved with heads: {pooler: true}
         shell = self.shell(config, dtype, pooler=pooler)
         shell.load_state_dict(dict(tensors), strict=True)
@@ -203,13 +210,7 @@ class HeadedKind(ModelKind):
     def task_model(self, root, task: str, info: Mapping[str, Any], backbone_state: Mapping[str, Tensor],
                    head_tensors: Mapping[str, Tensor], dtype: torch.dtype) -> nn.Module:
         """A stock ``AutoModelFor<Task>`` for ``task`` from an export's root weights and the task's head tensors."""
-        from transformers import AutoConfig
-
-        id2label = {int(k): v for k, v in info["id2label"].items()}  # num_labels follows; label2id is its inverse
-        config = AutoConfig.from_pretrained(str(root), id2label=id2label, label2id={v: k for k, v in id2label.items()})
-        if config.num_labels != info["num_labels"]:
-            raise MergeInputError(f"{root}: a head's id2label has {config.num_labels} labels, its num_labels is "
-                                  f"{info['num_labels']}")
+        config = head_config(root, info)
         model = self.auto_class().from_config(config, dtype=dtype)
         prefix = model.base_model_prefix
         state = {f"{prefix}.{k}": v for k, v in backbone_state.items()}
