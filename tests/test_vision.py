@@ -366,25 +366,43 @@ def test_image_families_merge_export_and_load_with_stock_transformers(family, tm
             assert served.config.label2id == {n: j for j, n in enumerate(CLASSES[task])}
 
 
-def test_wemoe_on_swin_serves_routers_as_wide_as_their_stage(tmp_path):
-    """Swin doubles its width per stage, so WEMoE's routers (hidden width = their block's by default) differ in width;
-    ``load_merged`` rebuilds each from its saved weights and serves the export as the wrapper computes it, each head
-    with its own labels both ways (id2label and label2id)."""
+@pytest.mark.parametrize("family, modules", [("swin", None), ("convnext", [r"\.pwconv[12]$"])])
+def test_wemoe_on_hierarchical_image_models(family, modules, tmp_path):
+    """WEMoE on models whose stages differ in width (Swin: token MLPs, the default modules; ConvNeXt: pointwise
+    layers on channels-last [B, H, W, C] maps, named by ``modules``). At initialisation it is Task Arithmetic: the
+    logits of the stock fine-tune with θ0 + 0.3 Σ_t τ_t loaded in by hand. After 2 steps ``load_merged`` rebuilds
+    each router at its own width and serves the export as the wrapper computes it, each head with its own labels
+    both ways (id2label and label2id)."""
+    from transformers import AutoModelForImageClassification
+
     from adamerge import load_merged
     from adamerge.data import TaskData, UnlabeledDataModule
     from adamerge.methods import WEMoE
     from tests.conftest import quick_fit
 
-    _, models, data = _family_zoo("swin", tmp_path)
-    module = WEMoE(str(tmp_path / "base"), models, lr=0.05, task_type="image_cls")
+    base, models, data = _family_zoo(family, tmp_path)
+    prefix = base.base_model_prefix
+    module = WEMoE(str(tmp_path / "base"), models, lr=0.05, task_type="image_cls",
+                   **({"modules": modules} if modules else {}))
     assert sorted({r.fc1.out_features for r in module.routing.routers.values()}) == [8, 16]
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    theta0 = dict(base.named_parameters())
+    fts = {t: dict(AutoModelForImageClassification.from_pretrained(p).named_parameters()) for t, p in models.items()}
+    module.eval()
+    for task in CLASSES:
+        ref = AutoModelForImageClassification.from_pretrained(models[task]).eval()
+        with torch.no_grad():
+            for n, p in ref.named_parameters():
+                if n.startswith(prefix + "."):
+                    p.copy_(theta0[n] + sum(0.3 * (fts[t][n] - theta0[n]) for t in CLASSES))
+            torch.testing.assert_close(module.predict(task, {"pixel_values": x}), ref(pixel_values=x).logits,
+                                       atol=1e-5, rtol=1e-5)
     dm = UnlabeledDataModule({t: TaskData(path=p, image_column="image") for t, p in data.items()},
                              tokenizer=str(tmp_path / "base"), samples_per_task=4)
     quick_fit(module, dm, steps=2)
     out = module.export(tmp_path / "merged")
     module.eval()
     served = load_merged(out)
-    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     for task, names in CLASSES.items():
         with torch.no_grad():
             torch.testing.assert_close(served.predict(task, pixel_values=x), module.predict(task, {"pixel_values": x}),

@@ -69,6 +69,8 @@ class Router(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         x = x.to(self.fc1.weight.dtype)
+        if x.ndim > 3:  # a channels-last feature map [B, H, W, C] (ConvNeXt's pointwise layers): positions as tokens
+            x = x.flatten(1, -2)
         if x.ndim == 3:
             if mask is not None and mask.shape == x.shape[:2]:
                 w = mask.to(x.dtype)[..., None]
@@ -162,11 +164,11 @@ class RoutedMLPs(nn.Module):
         return hook
 
     def delta(self, name: str, x: Tensor, r: Tensor) -> Tensor:
-        """``Σ_t r[b, t] (τW_t x_b + τb_t)`` for input ``x`` ``[B, (L,) in]`` and routing ``r`` ``[B, T]``."""
+        """``Σ_t r[b, t] (τW_t x_b + τb_t)`` for input ``x`` ``[B, ..., in]`` (``[B, in]``, tokens ``[B, L, in]``, a
+        channels-last feature map ``[B, H, W, in]``) and routing ``r`` ``[B, T]``."""
         k = _key(name)
         r = r.to(x.dtype)
-        squeeze = x.ndim == 2
-        xs = x[:, None] if squeeze else x
+        xs = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, L, in]
         if self.rank is None:
             W = getattr(self, f"W_{k}").to(x.dtype)
             out = torch.einsum("bli,boi->blo", xs, torch.einsum("bt,toi->boi", r, W))
@@ -177,7 +179,7 @@ class RoutedMLPs(nn.Module):
         b = getattr(self, f"b_{k}", None)
         if b is not None:
             out = out + (r @ b.to(x.dtype))[:, None]
-        return out[:, 0] if squeeze else out
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
     # -- export ---------------------------------------------------------------------------------------------------
     def tensors(self) -> dict[str, Tensor]:
