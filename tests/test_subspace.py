@@ -131,3 +131,23 @@ def test_subspace_prep_errors():
 
     with pytest.raises(MergeInputError, match="prep.subspace: unknown value 'svd'"):
         TaskVectorPrep(subspace="svd")
+
+
+def test_prep_from_python_may_be_a_dict_of_its_fields(zoo):
+    """``prep={"ties_density": 0.2}`` (a config's mapping, written in Python) merges as ``TaskVectorPrep(...)`` does,
+    and is recorded the same; an unknown field or a wrong type is refused, naming it."""
+    from adamerge.errors import MergeInputError
+
+    base, paths = zoo
+    as_dict = AdaMerging(base, paths, granularity="layer", prep={"ties_density": 0.2, "subspace": "tsv"})
+    as_prep = AdaMerging(base, paths, granularity="layer",
+                         prep=TaskVectorPrep(ties_density=0.2, subspace="tsv"))
+    assert as_dict.prep == as_prep.prep and as_dict.prep.ties_density == 0.2
+    a, b = as_dict.merged.merged_params(), as_prep.merged.merged_params()
+    plain = AdaMerging(base, paths, granularity="layer").merged.merged_params()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], plain[k]) for k in a)  # the prep changed the merge
+    with pytest.raises(MergeInputError, match="prep: unknown field 'ties_k'"):
+        AdaMerging(base, paths, prep={"ties_k": 0.2})
+    with pytest.raises(MergeInputError, match="prep: expected a mapping"):
+        AdaMerging(base, paths, prep=0.2)

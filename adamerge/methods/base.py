@@ -113,6 +113,22 @@ class TaskVectorPrep:
                                   f"{', '.join(SUBSPACE_METHODS)}")
         self.subspace_skip = tuple(self.subspace_skip)
 
+    @classmethod
+    def of(cls, prep: TaskVectorPrep | Mapping[str, Any] | None) -> TaskVectorPrep:
+        """``prep`` as given to a method: an instance, a mapping of its fields (as a config writes it; an unknown
+        field is refused, naming it) or None (no pre-processing)."""
+        if prep is None:
+            return cls()
+        if isinstance(prep, cls):
+            return prep
+        if not isinstance(prep, Mapping):
+            raise MergeInputError(f"prep: expected a mapping of {', '.join(cls.__dataclass_fields__)} or a "
+                                  f"TaskVectorPrep, got {type(prep).__name__}")
+        unknown = sorted(set(prep) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise MergeInputError(f"prep: unknown field {unknown[0]!r}; allowed: {', '.join(cls.__dataclass_fields__)}")
+        return cls(**prep)
+
     @property
     def changes_vectors(self) -> bool:
         """Whether :meth:`apply` changes the task vectors (DARE, TIES or a subspace decomposition)."""
@@ -141,7 +157,8 @@ class MergeModule(pl.LightningModule):
     Args:
         base: the pretrained model (hub id, directory or ``.safetensors``).
         models: task name → fine-tuned model started from ``base`` (or a PEFT LoRA adapter of it).
-        prep: task-vector pre-processing (DARE, TIES).
+        prep: task-vector pre-processing (DARE, TIES, subspaces): a :class:`TaskVectorPrep` or, from Python, a dict
+            of its fields (``{"ties_density": 0.2}``, as a config writes it).
         tv_dtype: storage dtype of the stacked task vectors (``float32``, ``bfloat16``, ``float16``); ``None`` keeps
             the model dtype.
         trust_remote_code: allow model code from the hub (off by default).
@@ -164,7 +181,7 @@ class MergeModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.strict_loading = False  # checkpoints hold only the trainable state (see on_save_checkpoint)
-        self.prep = prep or TaskVectorPrep()
+        self.prep = TaskVectorPrep.of(prep)
         pool = load_pool(base, models, tv_dtype=parse_dtype(tv_dtype, "tv_dtype"),
                          trust_remote_code=trust_remote_code, task_type=task_type, heads=heads)
         if pool.low_rank and (self.prep.dare_rate > 0 or self.prep.ties_density is not None

@@ -127,7 +127,7 @@ class _SubspaceMerge(TaskArithmetic):
                  task_type: str = "seq_cls", heads: dict | None = None) -> None:
         import dataclasses
 
-        prep = prep or TaskVectorPrep()
+        prep = TaskVectorPrep.of(prep)
         if prep.subspace not in (None, self.subspace):
             raise MergeInputError(f"prep.subspace: {self.method} sets it to {self.subspace!r}, got {prep.subspace!r}")
         super().__init__(base, models, scale=scale, prep=dataclasses.replace(prep, subspace=self.subspace),
