@@ -274,6 +274,10 @@ IMAGE_FAMILIES = {
                                           neck_hidden_sizes=[8, 8, 12, 12, 16, 16, 32])),
     "dinov2": ("Dinov2Config", dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                     image_size=32, patch_size=8)),
+    # distilled DeiT: two heads (class and distillation token), not the Auto class's default DeiT classifier
+    "deit_with_teacher": ("DeiTConfig", dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=32, patch_size=8),
+                          "DeiTForImageClassificationWithTeacher"),
 }
 
 
@@ -283,11 +287,13 @@ def _family_zoo(family, root):
     import transformers
     from transformers import ViTImageProcessor
 
-    config_name, kwargs = IMAGE_FAMILIES[family]
+    config_name, kwargs, *model_class = IMAGE_FAMILIES[family]
 
     def model(names):
         cfg = getattr(transformers, config_name)(**kwargs, num_labels=len(names), id2label=dict(enumerate(names)),
                                                  label2id={n: j for j, n in enumerate(names)})
+        if model_class:
+            return getattr(transformers, model_class[0])(cfg)
         return transformers.AutoModelForImageClassification.from_config(cfg)
 
     torch.manual_seed(0)
@@ -314,7 +320,7 @@ def test_image_families_merge_export_and_load_with_stock_transformers(family, tm
     its head is the fine-tune's own, and its logits equal the wrapper's."""
     from transformers import AutoModelForImageClassification
 
-    from adamerge import load_task_model
+    from adamerge import load_merged, load_task_model
     from adamerge.data import TaskData, UnlabeledDataModule
     from adamerge.methods import AdaMerging
     from tests.conftest import quick_fit
@@ -358,10 +364,13 @@ def test_image_families_merge_export_and_load_with_stock_transformers(family, tm
         assert heads and all(torch.equal(exported[k], fts[task][k]) for k in heads)
         stock = AutoModelForImageClassification.from_pretrained(str(out / "tasks" / task)).eval()
         rebuilt = load_task_model(out, task)  # from the root weights and heads.safetensors
+        with torch.no_grad():
+            wrapper = module.predict(task, {"pixel_values": x})
+            torch.testing.assert_close(load_merged(out).predict(task, pixel_values=x), wrapper, atol=1e-5, rtol=1e-5)
         for served in (stock, rebuilt):
+            assert type(served) is type(base)  # the fine-tunes' class (DeiT's …WithTeacher is not Auto's default)
             with torch.no_grad():
-                torch.testing.assert_close(served(pixel_values=x).logits, module.predict(task, {"pixel_values": x}),
-                                           atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(served(pixel_values=x).logits, wrapper, atol=1e-5, rtol=1e-5)
             assert served.config.id2label == dict(enumerate(CLASSES[task]))
             assert served.config.label2id == {n: j for j, n in enumerate(CLASSES[task])}
 

@@ -158,10 +158,21 @@ class HeadedKind(ModelKind):
     def lora_prefix(self, model: nn.Module) -> str:
         return model.base_model_prefix
 
-    def shell(self, config, dtype: torch.dtype, pooler: bool = False) -> nn.Module:
+    def from_config(self, config, dtype: torch.dtype, architecture: str | None = None) -> nn.Module:
+        """A model of ``config`` of the class a head recorded (:meth:`head_info`'s ``architecture``) where
+        ``transformers`` has it — the Auto class's default can be another one (DeiT's ``…WithTeacher`` fine-tunes
+        have two heads) — else of the Auto class's."""
+        import transformers
+
+        cls = getattr(transformers, architecture, None) if architecture else None
+        if cls is not None and hasattr(cls, "_from_config"):
+            return cls._from_config(config, dtype=dtype)
+        return self.auto_class().from_config(config, dtype=dtype)
+
+    def shell(self, config, dtype: torch.dtype, pooler: bool = False, architecture: str | None = None) -> nn.Module:
         """An empty head shell of ``config``'s architecture (its backbone a stub; ``pooler``: one that holds its own
-        pooler, :class:`PoolerStub`)."""
-        shell = self.auto_class().from_config(config, dtype=dtype)
+        pooler, :class:`PoolerStub`); ``architecture``: the class a head recorded (:meth:`from_config`)."""
+        shell = self.from_config(config, dtype, architecture)
         backbone = getattr(shell, shell.base_model_prefix)
         setattr(shell, shell.base_model_prefix, PoolerStub(backbone.pooler) if pooler else FeatureStub())
         return shell
@@ -186,7 +197,7 @@ class HeadedKind(ModelKind):
                           dtype: torch.dtype) -> nn.Module:
         config = head_config(root, info)
         pooler = any(k.split(".")[1:2] == ["pooler"] for k in tensors)  # saved with heads: {pooler: true}
-        shell = self.shell(config, dtype, pooler=pooler)
+        shell = self.shell(config, dtype, pooler=pooler, architecture=info.get("architecture"))
         shell.load_state_dict(dict(tensors), strict=True)
         return shell
 
@@ -211,7 +222,7 @@ class HeadedKind(ModelKind):
                    head_tensors: Mapping[str, Tensor], dtype: torch.dtype) -> nn.Module:
         """A stock ``AutoModelFor<Task>`` for ``task`` from an export's root weights and the task's head tensors."""
         config = head_config(root, info)
-        model = self.auto_class().from_config(config, dtype=dtype)
+        model = self.from_config(config, dtype, info.get("architecture"))
         prefix = model.base_model_prefix
         state = {f"{prefix}.{k}": v for k, v in backbone_state.items()}
         state.update(head_tensors)
