@@ -1,0 +1,109 @@
+"""Text model families beyond BERT and Llama (which the other tests use), end to end on tiny random configs: sequence
+classifiers (``seq_cls``) and causal LMs (``causal_lm``) as users bring them from the Hub. Per family: the one-hot
+merge is each stock fine-tune; after 2 AdaMerging steps the export, loaded with stock ``transformers``, holds
+θ0 + Σ_t λ_t,p τ_t,p computed here from stock-loaded checkpoints and the manifest's coefficients, and gives the
+wrapper's logits, as ``adamerge.load_merged`` does."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from tests.conftest import WORDS, make_tokenizer, quick_fit, text_rows
+
+V = len(WORDS) + 5
+LAYERS = dict(num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+DECODER = dict(hidden_size=32, num_key_value_heads=2, **LAYERS)
+FAMILIES = {  # name: (task_type, config class, config fields)
+    "roberta": ("seq_cls", "RobertaConfig", dict(hidden_size=32, **{**LAYERS, "max_position_embeddings": 80})),
+    "distilbert": ("seq_cls", "DistilBertConfig", dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                                        max_position_embeddings=64)),
+    "deberta_v2": ("seq_cls", "DebertaV2Config", dict(hidden_size=32, **LAYERS)),
+    "electra": ("seq_cls", "ElectraConfig", dict(embedding_size=16, hidden_size=32, **LAYERS)),
+    "albert": ("seq_cls", "AlbertConfig", dict(embedding_size=16, hidden_size=32, **LAYERS)),  # layers shared
+    "modernbert": ("seq_cls", "ModernBertConfig", dict(hidden_size=32, global_attn_every_n_layers=1,
+                                                        local_attention=16, **LAYERS)),
+    "gpt2": ("causal_lm", "GPT2Config", dict(n_embd=32, n_layer=2, n_head=2, n_positions=64)),  # Conv1D weights
+    "qwen2": ("causal_lm", "Qwen2Config", dict(**DECODER, vocab_size=V + 8)),  # its tokenizer adds one token
+    "mistral": ("causal_lm", "MistralConfig", DECODER),
+    "phi3": ("causal_lm", "Phi3Config", DECODER),
+    "gemma2": ("causal_lm", "Gemma2Config", dict(**DECODER, head_dim=8)),
+    "gpt_neox": ("causal_lm", "GPTNeoXConfig", dict(hidden_size=32, **LAYERS)),
+    "opt": ("causal_lm", "OPTConfig", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                                           max_position_embeddings=64, word_embed_proj_dim=32)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_text_families_merge_export_and_load_with_stock_transformers(family, tmp_path):
+    import transformers
+
+    from adamerge import load_merged
+    from adamerge.data import TaskData, UnlabeledDataModule
+    from adamerge.methods import AdaMerging
+
+    task_type, config_name, fields = FAMILIES[family]
+    auto = transformers.AutoModelForCausalLM if task_type == "causal_lm" else \
+        transformers.AutoModelForSequenceClassification
+
+    def model():
+        return auto.from_config(getattr(transformers, config_name)(**{"vocab_size": V, "pad_token_id": 0, **fields}))
+
+    torch.manual_seed(0)
+    base = model().eval()
+    base.save_pretrained(str(tmp_path / "base"))
+    make_tokenizer(tmp_path / "base")
+    models, data = {}, {}
+    for i, task in enumerate(("a", "b")):
+        g = torch.Generator().manual_seed(i + 1)
+        ft = model()
+        ft.load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                            for k, v in base.state_dict().items()})
+        ft.save_pretrained(str(tmp_path / task))
+        make_tokenizer(tmp_path / task)
+        models[task] = str(tmp_path / task)
+        data[task] = str(tmp_path / f"{task}.csv")
+        with open(data[task], "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["text", "label"])
+            w.writerows([t, j % 2] for j, t in enumerate(text_rows(16, seed=i)))
+
+    module = AdaMerging(str(tmp_path / "base"), models, granularity="layer", init=0.3, lr=0.05,
+                        task_type=task_type, **({"objective": "kl"} if task_type == "causal_lm" else {}))
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "base"))
+    x = {k: v for k, v in tok([" ".join(WORDS[:7]), " ".join(WORDS[5:9])], return_tensors="pt",
+                              padding=True).items() if k in ("input_ids", "attention_mask")}
+    for task in models:
+        ft = auto.from_pretrained(models[task]).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(
+                module.predict(task, x, module.merged.merged_params(module.merged.one_hot(task))),
+                ft(**x).logits, atol=1e-5, rtol=1e-5)
+    dm = UnlabeledDataModule({t: TaskData(p) for t, p in data.items()}, tokenizer=str(tmp_path / "base"),
+                             samples_per_task=4, max_length=16)
+    quick_fit(module, dm, steps=2)
+    out = module.export(tmp_path / "merged")
+    module.eval()
+
+    coef = json.loads((out / "merge_manifest.json").read_text())["coefficients"]
+    lam = torch.tensor(coef["effective"], dtype=torch.float64)
+    assert coef["tasks"] == list(models) and (lam - 0.3).abs().max() > 1e-4  # trained: not θ0 + 0.3 Σ τ
+    theta0 = dict(base.named_parameters())
+    prefix = "" if task_type == "causal_lm" else base.base_model_prefix + "."  # causal LMs: the whole model merges
+    assert sorted(coef["params"]) == sorted(n[len(prefix):] for n in theta0 if n.startswith(prefix))
+    fts = {t: dict(auto.from_pretrained(p).named_parameters()) for t, p in models.items()}
+    for task in models:
+        stock = auto.from_pretrained(str(out if task_type == "causal_lm" else out / "tasks" / task)).eval()
+        exported = dict(stock.named_parameters())
+        for j, name in enumerate(coef["params"]):
+            key = name if name in exported else f"{stock.base_model_prefix}.{name}"
+            ref = theta0[key].double() + sum(lam[i, j] * (fts[t][key].double() - theta0[key].double())
+                                             for i, t in enumerate(models))
+            torch.testing.assert_close(exported[key].double(), ref, atol=1e-6, rtol=1e-6)
+        with torch.no_grad():
+            wrapper = module.predict(task, x)
+            torch.testing.assert_close(stock(**x).logits, wrapper, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(load_merged(out).predict(task, **x), wrapper, atol=1e-5, rtol=1e-5)
