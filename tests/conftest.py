@@ -69,7 +69,7 @@ def tiny_llama(tied: bool = True):
 
 def save_lm_zoo(root, make_model, tasks):
     """Save ``make_model()`` as the base and, per task, the base plus seeded noise (0.05), each with the tokenizer:
-    ``(base path, {task: path})`` for causal-LM tests."""
+    ``(base path, {task: path})`` for tests over a text model (causal LMs, sequence classifiers)."""
     torch.manual_seed(0)
     base = make_model()
     make_tokenizer(root / "base")

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import WORDS, make_tokenizer, quick_fit, text_rows
+from tests.conftest import WORDS, quick_fit, save_lm_zoo, text_rows
 
 V = len(WORDS) + 5
 LAYERS = dict(num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
@@ -52,28 +52,19 @@ def test_text_families_merge_export_and_load_with_stock_transformers(family, tmp
     def model():
         return auto.from_config(getattr(transformers, config_name)(**{"vocab_size": V, "pad_token_id": 0, **fields}))
 
-    torch.manual_seed(0)
-    base = model().eval()
-    base.save_pretrained(str(tmp_path / "base"))
-    make_tokenizer(tmp_path / "base")
-    models, data = {}, {}
-    for i, task in enumerate(("a", "b")):
-        g = torch.Generator().manual_seed(i + 1)
-        ft = model()
-        ft.load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
-                            for k, v in base.state_dict().items()})
-        ft.save_pretrained(str(tmp_path / task))
-        make_tokenizer(tmp_path / task)
-        models[task] = str(tmp_path / task)
+    base_path, models = save_lm_zoo(tmp_path, model, ("a", "b"))
+    base = auto.from_pretrained(base_path).eval()
+    data = {}
+    for i, task in enumerate(models):
         data[task] = str(tmp_path / f"{task}.csv")
         with open(data[task], "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["text", "label"])
             w.writerows([t, j % 2] for j, t in enumerate(text_rows(16, seed=i)))
 
-    module = AdaMerging(str(tmp_path / "base"), models, granularity="layer", init=0.3, lr=0.05,
+    module = AdaMerging(base_path, models, granularity="layer", init=0.3, lr=0.05,
                         task_type=task_type, **({"objective": "kl"} if task_type == "causal_lm" else {}))
-    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "base"))
+    tok = transformers.AutoTokenizer.from_pretrained(base_path)
     x = {k: v for k, v in tok([" ".join(WORDS[:7]), " ".join(WORDS[5:9])], return_tensors="pt",
                               padding=True).items() if k in ("input_ids", "attention_mask")}
     for task in models:
@@ -82,7 +73,7 @@ def test_text_families_merge_export_and_load_with_stock_transformers(family, tmp
             torch.testing.assert_close(
                 module.predict(task, x, module.merged.merged_params(module.merged.one_hot(task))),
                 ft(**x).logits, atol=1e-5, rtol=1e-5)
-    dm = UnlabeledDataModule({t: TaskData(p) for t, p in data.items()}, tokenizer=str(tmp_path / "base"),
+    dm = UnlabeledDataModule({t: TaskData(p) for t, p in data.items()}, tokenizer=base_path,
                              samples_per_task=4, max_length=16)
     quick_fit(module, dm, steps=2)
     out = module.export(tmp_path / "merged")
