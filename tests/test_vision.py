@@ -316,8 +316,9 @@ def _family_zoo(family, root):
 def test_image_families_merge_export_and_load_with_stock_transformers(family, tmp_path):
     """``image_cls`` on each family of IMAGE_FAMILIES: the one-hot merge is each fine-tune (its stock logits); after 2
     AdaMerging steps the export's ``tasks/<task>/`` loads with stock ``AutoModelForImageClassification``, its backbone
-    parameters equal θ0 + Σ_t λ_t,p τ_t,p computed here from the saved checkpoints and the manifest's coefficients,
-    its head is the fine-tune's own, and its logits equal the wrapper's."""
+    parameters equal θ0 + Σ_t λ_t,p τ_t,p computed here from stock-loaded checkpoints and the manifest's
+    coefficients, its head is the fine-tune's own, its class the fine-tune's, and its logits (as ``load_task_model``'s
+    and ``load_merged``'s) equal the wrapper's, with the task's labels both ways."""
     from transformers import AutoModelForImageClassification
 
     from adamerge import load_merged, load_task_model
@@ -346,7 +347,7 @@ def test_image_families_merge_export_and_load_with_stock_transformers(family, tm
     assert coef["tasks"] == list(CLASSES) and lam.shape == (len(CLASSES), len(coef["params"]))
     assert sorted(coef["params"]) == sorted(n[len(prefix) + 1:] for n, _ in base.named_parameters()
                                             if n.startswith(prefix + "."))  # every backbone parameter merged
-    assert (lam - 0.3).abs().max() > 1e-4  # the two steps moved the coefficients: the hand merge below is not θ0+0.3Στ
+    assert (lam - 0.3).abs().max() > 1e-4  # the steps moved the coefficients: the hand merge below is not θ0+0.3Στ
     # module names, as stock transformers loads each checkpoint (BEiT's on-disk keys are converted on load)
     def weights(path):
         return AutoModelForImageClassification.from_pretrained(str(path)).state_dict()
