@@ -426,29 +426,14 @@ def test_surgery_corrects_a_resnets_channels_and_serves_its_export(tmp_path):
     and correct along the channels. After 3 steps, ``load_merged`` serves the export as computed here by hand: the
     stock merged backbone's pooled feature z, z − U ReLU(D z) over the channels with the saved adapter, then the
     fine-tune's own classifier."""
-    import transformers
     from safetensors.torch import load_file
-    from transformers import AutoModel, AutoModelForImageClassification, ViTImageProcessor
+    from transformers import AutoModel, AutoModelForImageClassification
 
     from adamerge import load_merged
     from adamerge.methods import AdaMerging, Surgery
     from tests.conftest import quick_fit
 
-    def model(names):
-        return transformers.ResNetForImageClassification(transformers.ResNetConfig(
-            embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=len(names)))
-
-    torch.manual_seed(0)
-    base = model(["a", "b"]).eval()
-    base.save_pretrained(str(tmp_path / "base"))
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(str(tmp_path / "base"))
-    models, data = {}, {}
-    for i, (task, names) in enumerate(CLASSES.items()):
-        ft = model(names)
-        ft.resnet.load_state_dict(base.resnet.state_dict())
-        perturb(ft.resnet, 0.05, seed=i + 1)
-        ft.save_pretrained(str(tmp_path / task))
-        models[task], data[task] = str(tmp_path / task), _image_data(tmp_path, task, n=16, seed=i)
+    _, models, data = _family_zoo("resnet", tmp_path)  # its last stage is 16 channels wide
     # the merge under Surgery: 2 AdaMerging steps, BatchNorm statistics re-estimated at export
     dm, merged = _fit_and_export(AdaMerging(str(tmp_path / "base"), models, granularity="layer", init=0.3, lr=0.05,
                                             task_type="image_cls"), data, tmp_path)
