@@ -26,12 +26,26 @@ FAMILIES = {  # name: (task_type, config class, config fields)
     "albert": ("seq_cls", "AlbertConfig", dict(embedding_size=16, hidden_size=32, **LAYERS)),  # layers shared
     "modernbert": ("seq_cls", "ModernBertConfig", dict(hidden_size=32, global_attn_every_n_layers=1,
                                                         local_attention=16, **LAYERS)),
+    "mpnet": ("seq_cls", "MPNetConfig", dict(hidden_size=32, **LAYERS)),
+    "xlnet": ("seq_cls", "XLNetConfig", dict(d_model=32, n_layer=2, n_head=4, d_inner=64)),
+    "funnel": ("seq_cls", "FunnelConfig", dict(d_model=32, n_head=4, d_head=8, d_inner=64, block_sizes=[1, 1])),
+    # encoder-decoders: the classifier reads the decoder's state at the last eos ([CLS] = 2 / [SEP] = 3 here)
+    "bart": ("seq_cls", "BartConfig", dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                           decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                           max_position_embeddings=64, bos_token_id=2, eos_token_id=3,
+                                           decoder_start_token_id=3)),
+    "t5": ("seq_cls", "T5Config", dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, eos_token_id=3,
+                                       decoder_start_token_id=0)),  # T5Model needs decoder_input_ids
     "gpt2": ("causal_lm", "GPT2Config", dict(n_embd=32, n_layer=2, n_head=2, n_positions=64)),  # Conv1D weights
     "qwen2": ("causal_lm", "Qwen2Config", dict(**DECODER, vocab_size=V + 8)),  # its tokenizer adds one token
     "mistral": ("causal_lm", "MistralConfig", DECODER),
     "phi3": ("causal_lm", "Phi3Config", DECODER),
     "gemma2": ("causal_lm", "Gemma2Config", dict(**DECODER, head_dim=8)),
     "gpt_neox": ("causal_lm", "GPTNeoXConfig", dict(hidden_size=32, **LAYERS)),
+    "qwen3": ("causal_lm", "Qwen3Config", dict(**DECODER, head_dim=8, vocab_size=V + 8)),
+    "falcon": ("causal_lm", "FalconConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)),
+    "bloom": ("causal_lm", "BloomConfig", dict(hidden_size=32, n_layer=2, n_head=4)),  # ALiBi, no positions
+    "gptj": ("causal_lm", "GPTJConfig", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, rotary_dim=4)),
     "opt": ("causal_lm", "OPTConfig", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
                                            max_position_embeddings=64, word_embed_proj_dim=32)),
 }

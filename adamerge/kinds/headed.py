@@ -56,6 +56,24 @@ def owns_pooler(head: nn.Module | None) -> bool:
 HEAD_OPTIONS = ("pooler",)
 
 
+def _shift_decoder_inputs(backbone: nn.Module, args, kwargs):
+    """Forward pre-hook of a T5-style encoder-decoder backbone (see :func:`decoder_inputs_from_input_ids`)."""
+    if kwargs.get("decoder_input_ids") is None and kwargs.get("decoder_inputs_embeds") is None \
+            and kwargs.get("input_ids") is not None:
+        return args, {**kwargs, "decoder_input_ids": backbone._shift_right(kwargs["input_ids"])}
+    return None
+
+
+def decoder_inputs_from_input_ids(backbone: nn.Module) -> nn.Module:
+    """``backbone`` (in place), run without ``decoder_input_ids``, derives them from ``input_ids`` as its
+    ``*ForSequenceClassification`` model does before calling it. ``T5Model`` (T5, mT5, UMT5) requires them, while
+    ``T5ForSequenceClassification`` passes ``_shift_right(input_ids)``; BART's backbone shifts by itself. Every call of
+    the merged backbone (training, export checks, ``load_merged``) then gets the fine-tune's own decoder inputs."""
+    if getattr(backbone.config, "is_encoder_decoder", False) and hasattr(backbone, "_shift_right"):
+        backbone.register_forward_pre_hook(_shift_decoder_inputs, with_kwargs=True)
+    return backbone
+
+
 def head_config(root, info: Mapping[str, Any]):
     """The export's root config with a head's labels (:meth:`HeadedKind.head_info`): its ``id2label``, the inverse
     ``label2id`` and the ``num_labels`` that follows (a mismatch with the recorded ``num_labels`` is refused)."""
@@ -153,7 +171,10 @@ class HeadedKind(ModelKind):
     def split(self, model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
         backbone = self.backbone_of(model)
         setattr(model, model.base_model_prefix, FeatureStub())
-        return backbone, model
+        return decoder_inputs_from_input_ids(backbone), model
+
+    def load_backbone(self, root, dtype: torch.dtype) -> nn.Module:
+        return decoder_inputs_from_input_ids(super().load_backbone(root, dtype))
 
     def lora_prefix(self, model: nn.Module) -> str:
         return model.base_model_prefix
