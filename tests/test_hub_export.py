@@ -388,3 +388,21 @@ def test_merge_command_push_failure_is_one_line_exit_2(zoo, tmp_path, hub, capsy
         main(["merge", "--config", str(tmp_path / "merge.yaml")])
     assert e.value.code == 2
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_load_merged_refuses_a_root_tensor_its_backbone_has_no_place_for(ta, tmp_path):
+    """A root tensor the backbone class cannot hold is an error naming it (transformers would drop it with a warning
+    and serve a model without it); a root that holds what the class can is loaded as before."""
+    from safetensors.torch import save_file
+
+    from adamerge import load_merged
+
+    out = ta.export(tmp_path / "merged")
+    before = load_merged(out).predict("sentiment", input_ids=torch.tensor([[2, 5, 6, 3]]))
+    weights = load_file(str(out / "model.safetensors"))
+    save_file({**weights, "encoder.stray.weight": torch.zeros(2)}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(MergeInputError, match=r"encoder\.stray\.weight"):
+        load_merged(out)
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    torch.testing.assert_close(load_merged(out).predict("sentiment", input_ids=torch.tensor([[2, 5, 6, 3]])), before)

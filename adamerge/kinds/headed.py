@@ -174,7 +174,21 @@ class HeadedKind(ModelKind):
         return decoder_inputs_from_input_ids(backbone), model
 
     def load_backbone(self, root, dtype: torch.dtype) -> nn.Module:
-        return decoder_inputs_from_input_ids(super().load_backbone(root, dtype))
+        """The export's root with stock ``AutoModel``. Some backbones leave their pooler out by default
+        (``Data2VecVisionModel(add_pooling_layer=False)``) while their classifier builds it and reads it: a root
+        holding pooler weights the default class would drop is loaded with ``add_pooling_layer=True``."""
+        import inspect
+
+        from transformers import AutoModel
+
+        model, info = AutoModel.from_pretrained(str(root), dtype=dtype, output_loading_info=True)
+        if info.get("unexpected_keys") and "add_pooling_layer" in inspect.signature(type(model).__init__).parameters:
+            model, info = AutoModel.from_pretrained(str(root), dtype=dtype, output_loading_info=True,
+                                                    add_pooling_layer=True)
+        if info.get("unexpected_keys"):
+            raise MergeInputError(f"{root}: {type(model).__name__} has no place for the export's tensors "
+                                  f"{sorted(info['unexpected_keys'])[:5]}")
+        return decoder_inputs_from_input_ids(model)
 
     def lora_prefix(self, model: nn.Module) -> str:
         return model.base_model_prefix
