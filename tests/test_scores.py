@@ -35,3 +35,30 @@ def test_below_pretrained_lines_name_each_row_below_with_its_histogram():
                          "PL 70.0."]
     rows["pretrained"] = _row("Pretrained", 0.5)
     assert below_pretrained_lines(rows, ["spam", "ham"]) == []
+
+
+def test_plot_coefficients_prints_each_blocks_mean_and_writes_a_png(tmp_path, capsys):
+    """scripts/plot_coefficients.py on a hand-written manifest: the printed block means are the means over each
+    layer's tensors computed here by hand (embeddings 0.1 and 0.3 → 0.2; layer 0: 0.5; layer 1: 0.7 and 0.9 → 0.8)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    export = tmp_path / "merged"
+    export.mkdir()
+    params = ["embeddings.word_embeddings.weight", "embeddings.LayerNorm.weight",
+              "encoder.layer.0.attention.self.query.weight", "encoder.layer.1.output.dense.weight",
+              "encoder.layer.1.output.dense.bias"]
+    effective = [[0.1, 0.3, 0.5, 0.7, 0.9], [1.0, 1.0, 0.0, 0.2, 0.4]]
+    (export / "merge_manifest.json").write_text(json.dumps({"coefficients": {
+        "tasks": ["a", "b"], "params": params, "effective": effective, "granularity": "layer"}}))
+    path = Path(__file__).resolve().parents[1] / "scripts" / "plot_coefficients.py"
+    spec = importlib.util.spec_from_file_location("plot_coefficients", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main([str(export), "--out", str(tmp_path / "c.png")])
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines if line.startswith("  a ")
+            or line.startswith("  b ")}
+    assert rows["a"] == [0.2, 0.5, 0.8] and rows["b"] == [1.0, 0.0, 0.3]
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

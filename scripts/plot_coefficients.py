@@ -1,0 +1,64 @@
+"""Layer-wise merge coefficients of one or more exports, block by block (embeddings, each layer, ...): one panel per
+export, one line per task, read from each export's ``merge_manifest.json`` (``coefficients.effective``, the mean over
+each block's tensors as the model card's table). Prints the same numbers as text.
+
+    python scripts/plot_coefficients.py runs/x/checkpoints/adamerging_layer-inductive \\
+        runs/x/checkpoints/adamerging_layer_pl_lrsel-inductive --out coefficients.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def block_means(export: Path) -> tuple[list[str], list[str], list[list[float]]]:
+    """(tasks, block names, [task][block] mean coefficient) of an export."""
+    from adamerge.card import coefficient_table
+
+    manifest_path = export / "merge_manifest.json"
+    if not manifest_path.is_file():
+        raise SystemExit(f"{export}: no merge_manifest.json (not an adamerge export)")
+    coefficients = json.loads(manifest_path.read_text())["coefficients"]
+    cols, rows = coefficient_table(coefficients)
+    return list(coefficients["tasks"]), cols, rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("exports", nargs="+", type=Path)
+    ap.add_argument("--labels", nargs="*", help="a panel title per export (default: the folder names)")
+    ap.add_argument("--out", type=Path, required=True, help="PNG to write")
+    args = ap.parse_args(argv)
+    labels = args.labels or [p.name for p in args.exports]
+    if len(labels) != len(args.exports):
+        raise SystemExit(f"--labels: {len(labels)} given for {len(args.exports)} exports")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(args.exports), figsize=(5.5 * len(args.exports), 3.6), sharey=True, squeeze=False)
+    for ax, export, label in zip(axes[0], args.exports, labels):
+        tasks, cols, rows = block_means(export)
+        print(f"{label} ({export}):")
+        print("  block        " + " ".join(f"{c[:10]:>10}" for c in cols))
+        for task, row in zip(tasks, rows):
+            ax.plot(range(len(cols)), row, marker="o", ms=3, label=task)
+            print(f"  {task:<12} " + " ".join(f"{v:10.3f}" for v in row))
+        ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7)
+        ax.set_title(label, fontsize=9)
+        ax.axhline(0.3, color="grey", lw=0.6, ls="--")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean coefficient λ in the block")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=90)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
