@@ -126,3 +126,47 @@ def test_recompute_merges_low_rank_layers_to_the_same_gradient(adapters, batch):
     assert grads[0].abs().max() > 1e-5
     for g in grads[1:]:
         torch.testing.assert_close(g, grads[0], atol=1e-7, rtol=1e-5)
+
+
+def test_adapter_heads_keep_the_bases_modules_peft_did_not_save(tmp_path):
+    """DeBERTa-v2's classifier reads a ``pooler`` outside its backbone that peft's SEQ_CLS adapters do not save
+    (modules_to_save is ``classifier``): it stayed the base's while the adapter trained, so the merge takes it from
+    the base (one-hot = peft's merge_and_unload); a base without it (a bare encoder: transformers initialises the
+    pooler at random) is refused, naming the tensors."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, DebertaV2Config
+
+    from adamerge.errors import MergeInputError
+    from tests.conftest import WORDS, save_lm_zoo
+
+    config = DebertaV2Config(vocab_size=len(WORDS) + 5, pad_token_id=0, hidden_size=32, num_hidden_layers=2,
+                             num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+    base, _ = save_lm_zoo(tmp_path, lambda: AutoModelForSequenceClassification.from_config(config), ())
+    paths = {}
+    for i, task in enumerate(("a", "b")):
+        torch.manual_seed(i)
+        model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(base),
+                               LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, init_lora_weights=False,
+                                          target_modules=["query_proj", "value_proj"]))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "modules_to_save" in n:
+                    p.normal_(0, 0.5)
+        assert not any("pooler" in n for n, p in model.named_parameters() if p.requires_grad)
+        model.save_pretrained(str(tmp_path / task))
+        paths[task] = str(tmp_path / task)
+    module = TaskArithmetic(base, paths, scale=1.0)
+    x = dict(AutoTokenizer.from_pretrained(base)(["good movie great plot", "free prize"], return_tensors="pt",
+                                                 padding=True))
+    for task in paths:
+        ref = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base),
+                                        paths[task]).merge_and_unload().eval()
+        with torch.no_grad():
+            got = module.predict(task, x, module.merged.merged_params(module.merged.one_hot(task)))
+            torch.testing.assert_close(got, ref(**x).logits, atol=1e-5, rtol=1e-5)
+
+    bare = tmp_path / "bare"
+    AutoModel.from_pretrained(base).save_pretrained(str(bare))  # the encoder alone: no pooler, no classifier
+    AutoTokenizer.from_pretrained(base).save_pretrained(str(bare))
+    with pytest.raises(MergeInputError, match=r"adapter 'a' .* does not save the head tensors \['pooler\.dense\.bias'"):
+        TaskArithmetic(str(bare), paths, scale=1.0)

@@ -161,9 +161,12 @@ class HeadedKind(ModelKind):
             probe.load_state_dict(state, strict=False)
             return probe.to(dtype)
         try:
-            return cls.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+            model, info = cls.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
+                                              output_loading_info=True)
         except Exception as e:  # transformers/safetensors raise many types (OSError, ValueError, SafetensorError, ...)
             raise MergeInputError(f"cannot load model {source!r}: {type(e).__name__}: {e}") from e
+        model._adamerge_initialized = frozenset(info.get("missing_keys") or ())  # not in the checkpoint: fresh
+        return model
 
     def backbone_of(self, model: nn.Module) -> nn.Module:
         return getattr(model, model.base_model_prefix)
@@ -221,8 +224,19 @@ class HeadedKind(ModelKind):
         config.num_labels = num_labels_of(head_tensors, base_model.base_model_prefix,
                                           getattr(config, "hidden_size", None), source)
         shell = self.shell(config, dtype)
+        # Head modules the adapter does not save (DeBERTa's pooler, ModernBERT's head: outside peft's default
+        # modules_to_save) stayed the base's while it trained: they are taken from the base, as peft serves them —
+        # unless the base checkpoint lacks them too (transformers initialised them at random when loading it).
+        base_head = base_model.state_dict()  # the backbone is a stub here: head tensors only
+        kept = [k for k in shell.state_dict() if k not in head_tensors and k in base_head]
+        fresh = sorted(k for k in kept if k in getattr(base_model, "_adamerge_initialized", ()))
+        if fresh:
+            raise MergeInputError(f"adapter {task!r} ({source}) does not save the head tensors {fresh[:5]} and the "
+                                  f"base does not hold them either (transformers initialised them at random when "
+                                  f"loading it), so this head cannot be rebuilt: save those modules with the "
+                                  f"adapter (peft modules_to_save)")
         try:
-            shell.load_state_dict(dict(head_tensors), strict=True)
+            shell.load_state_dict({**{k: base_head[k] for k in kept}, **head_tensors}, strict=True)
         except RuntimeError as e:
             raise MergeInputError(f"adapter {task!r} ({source}): classifier tensors do not fit the base's head: "
                                   f"{e}") from e
