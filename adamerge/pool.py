@@ -269,6 +269,17 @@ def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = 
             hashes[task] = state_hash(delta.state)
             _check_finite(delta.state, f"{task!r} ({source})")
             for n, (B, A) in delta.factors.items():
+                if A.dim() > 2:  # a convolution's LoRA (peft: A a conv with the layer's kernel, B a 1×1 conv)
+                    shape = (B.shape[0], *A.shape[1:])
+                    if shape != tuple(base_state[n].shape):
+                        grouped = shape[0] == base_state[n].shape[0] and shape[2:] == tuple(base_state[n].shape[2:])
+                        raise MergeInputError(
+                            f"adapter {task!r} ({source}): LoRA factors of {n!r} give shape {shape}, base has "
+                            f"{tuple(base_state[n].shape)}" + (" (a grouped convolution: peft cannot merge LoRA on "
+                                                               "it either)" if grouped else ""))
+                    # ΔW[o, i, k…] = Σ_r B[o, r] A[r, i, k…], as peft's merge: a dense task vector here
+                    dense_slot(n)[i] = (B.flatten(1).float() @ A.flatten(1).float()).view(shape)
+                    continue
                 if (B.shape[0], A.shape[1]) != tuple(base_state[n].shape):
                     raise MergeInputError(f"adapter {task!r} ({source}): LoRA factors of {n!r} give shape "
                                           f"{(B.shape[0], A.shape[1])}, base has {tuple(base_state[n].shape)}")

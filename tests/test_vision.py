@@ -1122,3 +1122,44 @@ def test_adapt_batchnorm_gives_each_layer_the_tasks_own_statistics():
     for k, v in model.state_dict().items():
         if k in weights:
             assert torch.equal(v, weights[k]), k
+
+
+def test_lora_on_convolutions_merges_as_peft_does_and_grouped_ones_are_refused(tmp_path):
+    """peft's LoRA on a Conv2d (A: a conv with the layer's kernel, B: a 1×1 conv) is the dense task vector
+    ΔW[o, i, k…] = Σ_r B[o, r] A[r, i, k…]: the one-hot merge of ResNet adapters (every convolution targeted, a 7×7
+    stem included) gives peft's merge_and_unload; LoRA on a depthwise convolution (ConvNeXt's dwconv, which peft
+    cannot merge either) is refused naming the tensor."""
+    import transformers
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from adamerge.methods import TaskArithmetic
+
+    def adapter(base, path, seed, **lora):
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForImageClassification.from_pretrained(base)
+        get_peft_model(model, LoraConfig(init_lora_weights=False, modules_to_save=["classifier"], **lora)
+                       ).save_pretrained(str(path))
+        return str(path)
+
+    _family_zoo("resnet", tmp_path / "resnet")
+    base = str(tmp_path / "resnet" / "base")
+    paths = {t: adapter(base, tmp_path / t, i, r=4, lora_alpha=8, target_modules=["convolution"])
+             for i, t in enumerate(("a", "b"))}
+    module = TaskArithmetic(base, paths, scale=1.0, task_type="image_cls").eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    plain = transformers.AutoModelForImageClassification.from_pretrained(base).eval()
+    for task in paths:
+        ref = PeftModel.from_pretrained(transformers.AutoModelForImageClassification.from_pretrained(base),
+                                        paths[task]).merge_and_unload().eval()
+        with torch.no_grad():
+            expected = ref(pixel_values=x).logits
+            assert (expected - plain(pixel_values=x).logits).abs().max() > 1e-2  # the adapter changes the model
+            got = module.predict(task, {"pixel_values": x}, module.merged.merged_params(module.merged.one_hot(task)))
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+    _family_zoo("convnext", tmp_path / "convnext")
+    base = str(tmp_path / "convnext" / "base")
+    grouped = adapter(base, tmp_path / "dw", 0, r=16, lora_alpha=16, target_modules=["dwconv"])
+    with pytest.raises(MergeInputError, match=r"'encoder\.stages\.0\.layers\.0\.dwconv\.weight' give shape .* "
+                                              r"\(a grouped convolution"):
+        TaskArithmetic(base, {"dw": grouped}, task_type="image_cls")
