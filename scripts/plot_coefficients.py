@@ -1,9 +1,10 @@
-"""Layer-wise merge coefficients of one or more exports, block by block (embeddings, each layer, ...): one panel per
-export, one line per task, read from each export's ``merge_manifest.json`` (``coefficients.effective``, the mean over
-each block's tensors as the model card's table). Prints the same numbers as text.
+"""Layer-wise merge coefficients, block by block (embeddings, each layer, ...): one panel per source, one line per
+task. A source is an export (its ``merge_manifest.json``: ``coefficients.effective``, the mean over each block's
+tensors as the model card's table) or a benchmark row, ``RESULTS.json#row`` (the row's ``coefficient_blocks``, the
+same means, recorded by ``scripts/benchmark.py``). Prints the same numbers as text.
 
     python scripts/plot_coefficients.py runs/x/checkpoints/adamerging_layer-inductive \\
-        runs/x/checkpoints/adamerging_layer_pl_lrsel-inductive --out coefficients.png
+        runs/x/quick/results.json#adamerging_layer_pl_lrsel --out coefficients.png
 """
 
 from __future__ import annotations
@@ -13,10 +14,18 @@ import json
 from pathlib import Path
 
 
-def block_means(export: Path) -> tuple[list[str], list[str], list[list[float]]]:
-    """(tasks, block names, [task][block] mean coefficient) of an export."""
+def block_means(source: str) -> tuple[list[str], list[str], list[list[float]]]:
+    """(tasks, block names, [task][block] mean coefficient) of an export or a benchmark row (``RESULTS.json#row``)."""
     from adamerge.card import coefficient_table
 
+    if "#" in source:
+        path, key = source.rsplit("#", 1)
+        rows = json.loads(Path(path).read_text())["rows"]
+        if key not in rows or "coefficient_blocks" not in rows[key]:
+            raise SystemExit(f"{path}: no row {key!r} with coefficient_blocks (rows: {sorted(rows)})")
+        blocks = rows[key]["coefficient_blocks"]
+        return blocks["tasks"], blocks["blocks"], blocks["values"]
+    export = Path(source)
     manifest_path = export / "merge_manifest.json"
     if not manifest_path.is_file():
         raise SystemExit(f"{export}: no merge_manifest.json (not an adamerge export)")
@@ -27,11 +36,11 @@ def block_means(export: Path) -> tuple[list[str], list[str], list[list[float]]]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("exports", nargs="+", type=Path)
-    ap.add_argument("--labels", nargs="*", help="a panel title per export (default: the folder names)")
+    ap.add_argument("exports", nargs="+", help="export directories or RESULTS.json#row")
+    ap.add_argument("--labels", nargs="*", help="a panel title per source (default: the folder or row names)")
     ap.add_argument("--out", type=Path, required=True, help="PNG to write")
     args = ap.parse_args(argv)
-    labels = args.labels or [p.name for p in args.exports]
+    labels = args.labels or [p.rsplit("#", 1)[-1] if "#" in p else Path(p).name for p in args.exports]
     if len(labels) != len(args.exports):
         raise SystemExit(f"--labels: {len(labels)} given for {len(args.exports)} exports")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,23 @@ def test_ci_benchmark_builds_data_zoo_and_table(ci_result):
         assert sel["criterion"] == "agreement" and 0 <= sel["selected_step"] <= 3 and 0.0 <= sel["score"] <= 1.0
     # Surgery starts from the exported layer-wise AdaMerging of the same protocol
     assert (out / "ci" / "checkpoints" / "adamerging_layer-inductive" / "merge_manifest.json").is_file()
+    # each row records its coefficients' block means (scripts/plot_coefficients.py): Task Arithmetic's one task-wise
+    # λ = 0.3; AdaMerging's are the means over each block's tensors of its export's coefficients, grouped here by name
+    ta = rows["task_arithmetic"]["coefficient_blocks"]
+    assert ta["tasks"] == ["polarity", "spam"] and ta["blocks"] == ["λ"]
+    assert ta["values"] == [[pytest.approx(0.3)], [pytest.approx(0.3)]]
+    coef = json.loads((out / "ci" / "checkpoints" / "adamerging_layer-inductive" / "merge_manifest.json").read_text()
+                      )["coefficients"]
+    groups = {}
+    for j, name in enumerate(coef["params"]):
+        layer = re.search(r"encoder\.layer\.(\d+)\.", name)
+        groups.setdefault(f"layer {layer.group(1)}" if layer else name.split(".")[0], []).append(j)
+    blocks = rows["adamerging_layer"]["coefficient_blocks"]
+    for t, task_row in enumerate(blocks["values"]):
+        by_hand = [sum(coef["effective"][t][j] for j in groups[g]) / len(groups[g]) for g in groups]
+        assert len(blocks["blocks"]) == len(groups) == 8  # embeddings, 6 layers, pooler
+        assert task_row == pytest.approx(by_hand, abs=1e-6)
+    assert max(abs(v - 0.3) for row in blocks["values"] for v in row) > 1e-4  # trained: moved from its start
     assert (out / "ci" / "checkpoints" / "adamerging_layer-transductive" / "merge_manifest.json").is_file()
     # even 96 training rows and one epoch give a spam detector clearly above the majority class
     card = {c["task"]: c for c in result["data_card"]}

@@ -62,3 +62,10 @@ def test_plot_coefficients_prints_each_blocks_mean_and_writes_a_png(tmp_path, ca
             or line.startswith("  b ")}
     assert rows["a"] == [0.2, 0.5, 0.8] and rows["b"] == [1.0, 0.0, 0.3]
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a benchmark row's recorded block means print as they are
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"rows": {"x": {"coefficient_blocks": {
+        "tasks": ["a"], "blocks": ["embeddings", "layer 0"], "values": [[0.25, 0.75]]}}}}))
+    module.main([f"{results}#x", "--out", str(tmp_path / "d.png")])
+    printed = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("  a ")]
+    assert printed == [["a", "0.250", "0.750"]] and (tmp_path / "d.png").is_file()

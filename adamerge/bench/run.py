@@ -480,7 +480,9 @@ class Runner:
             out[f"{protocol}_peak_rss_mib"] = round(mem.peak)
             out[protocol] = getattr(module, "test_scores", None) or self.evaluator(module)
             if protocol == "inductive":
-                out["coefficients"] = module.coefficient_matrix().mean(dim=1).tolist()
+                matrix = module.coefficient_matrix()
+                out["coefficients"] = matrix.mean(dim=1).tolist()
+                out["coefficient_blocks"] = coefficient_blocks(module, matrix)
             if getattr(module, "selection", None):
                 out[f"{protocol}_selection"] = {k: module.selection[k] for k in ("criterion", "selected_step", "score",
                                                                                  "history", "per_task")
@@ -693,6 +695,17 @@ def write_results(result: dict, target: Path) -> None:
         tmp = target / f".{name}.tmp"
         tmp.write_text(text)
         tmp.replace(target / name)
+
+
+def coefficient_blocks(module: MergeModule, matrix: torch.Tensor) -> dict:
+    """The ``[T, P]`` coefficients of a row as the model card tabulates them: per task the mean over each block's
+    tensors (embeddings, each layer, ...), for ``scripts/plot_coefficients.py``."""
+    from adamerge.card import coefficient_table
+
+    granularity = module.merged.coefficients.granularity
+    blocks, values = coefficient_table({"effective": matrix.tolist(), "params": module.merged.param_names,
+                                        "tasks": module.task_names, "granularity": granularity})
+    return {"tasks": list(module.task_names), "blocks": blocks, "values": values}
 
 
 def _avg(per_task: dict, key: str = "accuracy") -> float:
