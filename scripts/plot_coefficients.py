@@ -34,6 +34,12 @@ def block_means(source: str) -> tuple[list[str], list[str], list[list[float]]]:
     return list(coefficients["tasks"]), cols, rows
 
 
+def short(block: str) -> str:
+    """``encoder.layer.3`` → ``layer.3``: a column title of the printed table."""
+    parts = block.split(".")
+    return ".".join(parts[-2:])[:10] if parts[-1].isdigit() else block[:10]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("exports", nargs="+", help="export directories or RESULTS.json#row")
@@ -53,7 +59,7 @@ def main(argv=None) -> None:
     for ax, export, label in zip(axes[0], args.exports, labels):
         tasks, cols, rows = block_means(export)
         print(f"{label} ({export}):")
-        print("  block        " + " ".join(f"{c[:10]:>10}" for c in cols))
+        print("  block        " + " ".join(f"{short(c):>10}" for c in cols))
         for task, row in zip(tasks, rows):
             ax.plot(range(len(cols)), row, marker="o", ms=3, label=task)
             print(f"  {task:<12} " + " ".join(f"{v:10.3f}" for v in row))
