@@ -115,12 +115,14 @@ def perturb(module, scale, seed):
             p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
-def build_clip_zoo(root, classes, splits=None):
+def build_clip_zoo(root, classes, splits=None, family="clip"):
     """A tiny random CLIPModel base (with tokenizer and image processor) and one CLIPVisionModel fine-tune and one
-    image dataset per task of ``classes`` ({task: class names}): {"base", "models", "data", "root"}."""
+    image dataset per task of ``classes`` ({task: class names}): {"base", "models", "data", "root"}.
+    ``family="siglip"``: a SiglipModel base and SiglipVisionModel fine-tunes."""
     import json
 
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer, CLIPVisionModel
+    import transformers
+    from transformers import CLIPImageProcessor, CLIPTokenizer
 
     base = root / "base"
     base.mkdir(parents=True)
@@ -130,19 +132,26 @@ def build_clip_zoo(root, classes, splits=None):
     (base / "merges.txt").write_text("#version: 0.2\n")
     tok = CLIPTokenizer(str(base / "vocab.json"), str(base / "merges.txt"))
     eos = len(vocab) - 1
-    cfg = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, max_position_embeddings=40, eos_token_id=eos,
-                                      bos_token_id=eos - 1, pad_token_id=eos),
-                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=40, eos_token_id=eos, bos_token_id=eos - 1, pad_token_id=eos)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    if family == "siglip":
+        cfg = transformers.SiglipConfig(text_config=text, vision_config=vision)
+        model_cls, vision_cls = transformers.SiglipModel, transformers.SiglipVisionModel
+        processor = transformers.SiglipImageProcessor(size={"height": 32, "width": 32})
+    else:
+        cfg = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+        model_cls, vision_cls = transformers.CLIPModel, transformers.CLIPVisionModel
+        processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     torch.manual_seed(0)
-    model = CLIPModel(cfg).eval()
+    model = model_cls(cfg).eval()
     model.save_pretrained(str(base))
     tok.save_pretrained(str(base))
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(str(base))
+    processor.save_pretrained(str(base))
     models, data = {}, {}
     for i, (task, names) in enumerate(classes.items()):
-        ft = CLIPVisionModel(cfg.vision_config)
+        ft = vision_cls(cfg.vision_config)
         ft.load_state_dict(model.vision_model.state_dict())
         perturb(ft, 0.05, seed=i + 1)
         ft.save_pretrained(str(root / task))

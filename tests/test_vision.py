@@ -128,6 +128,58 @@ def test_clip_fit_export_load_and_stock_recipe_agree(clip_zoo, tmp_path):
         torch.testing.assert_close(stock, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_siglip_zero_shot_heads_fit_export_and_stock_recipe_agree(tmp_path):
+    """SigLIP under task_type clip: at λ = 0 with one template the wrapper's logits are stock SiglipModel's
+    logits_per_image for the prompts padded to the text tower's length (no projection, plus logit_bias); after 3
+    AdaMerging steps the export — a stock SiglipVisionModel + heads.safetensors with the bias — and load_merged give
+    the wrapper's logits."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer, SiglipModel, SiglipVisionModel
+
+    from adamerge import load_merged
+    from adamerge.data import TaskData, UnlabeledDataModule
+    from adamerge.methods import AdaMerging, TaskArithmetic
+    from tests.conftest import quick_fit
+
+    zoo = build_clip_zoo(tmp_path / "zoo", CLASSES, family="siglip")
+    x = _pixels(zoo["base"])
+    siglip = SiglipModel.from_pretrained(zoo["base"]).eval()
+    with torch.no_grad():
+        siglip.logit_bias.fill_(0.7)  # a bias that matters (SigLIP's init is 0): saved as the base
+    siglip.save_pretrained(zoo["base"])
+    tok = AutoTokenizer.from_pretrained(zoo["base"])
+    module = TaskArithmetic(zoo["base"], zoo["models"], scale=0.0, task_type="clip",
+                            heads=_heads(["a photo of a {}."])).eval()
+    for task, names in CLASSES.items():
+        prompts = tok([f"a photo of a {c}." for c in names], padding="max_length", max_length=40,
+                      return_tensors="pt")  # the text tower's length, as SigLIP was trained
+        with torch.no_grad():
+            ref = siglip(input_ids=prompts["input_ids"], pixel_values=x).logits_per_image
+            got = module.predict(task, {"pixel_values": x})
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        assert module.merged.heads[task].logit_bias.item() == pytest.approx(0.7)
+
+    module = AdaMerging(zoo["base"], zoo["models"], granularity="layer", init=0.3, lr=0.05, task_type="clip",
+                        heads=_heads())
+    dm = UnlabeledDataModule({t: TaskData(path=p, image_column="image") for t, p in zoo["data"].items()},
+                             tokenizer=zoo["base"], samples_per_task=4)
+    quick_fit(module, dm, steps=3)
+    out = module.export(tmp_path / "merged")
+    module.eval()
+    vision = AutoModel.from_pretrained(str(out)).eval()
+    assert isinstance(vision, SiglipVisionModel)
+    tensors = load_file(str(out / "heads.safetensors"))
+    served = load_merged(out)
+    for task in CLASSES:
+        with torch.no_grad():
+            wrapper = module.predict(task, {"pixel_values": x})
+            emb = vision(pixel_values=x).pooler_output @ tensors[f"{task}/visual_projection.weight"].T
+            stock = tensors[f"{task}/logit_scale"] * torch.nn.functional.normalize(emb, dim=-1) \
+                @ tensors[f"{task}/weight"].T + tensors[f"{task}/logit_bias"]
+            torch.testing.assert_close(stock, wrapper, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(served.predict(task, pixel_values=x), wrapper, atol=1e-5, rtol=1e-5)
+
+
 def test_clip_input_errors_name_the_problem(clip_zoo):
     from adamerge.methods import TaskArithmetic
 

@@ -1,12 +1,14 @@
-"""``clip``: CLIP image classification as AdaMerging, Surgery and Concrete were published on.
+"""``clip``: CLIP image classification as AdaMerging, Surgery and Concrete were published on, and SigLIP.
 
-The merged backbone is the CLIP **vision tower** (a ``CLIPVisionModel``). The base must be the
-full ``CLIPModel`` (e.g. ``openai/clip-vit-base-patch32``): its text tower builds each task's **zero-shot head** once,
-as the papers do — for every class, the text embeddings of the class name in each prompt template are L2-normalised,
-averaged and normalised again; logits are ``exp(logit_scale) · normalize(visual_projection(pooled)) @ Wᵀ``. The heads
-(with the base's ``visual_projection`` and logit scale) are frozen. Fine-tunes may be ``CLIPVisionModel`` (as
-FusionBench publishes them), ``CLIPVisionModelWithProjection`` or ``CLIPModel`` checkpoints; only their vision tower
-is read (a fine-tuned projection or text tower is ignored: the heads come from the base).
+The merged backbone is the **vision tower** (a ``CLIPVisionModel``; ``SiglipVisionModel``). The base must be the full
+dual encoder (``CLIPModel``, e.g. ``openai/clip-vit-base-patch32``; ``SiglipModel``, e.g.
+``google/siglip-base-patch16-224``): its text tower builds each task's **zero-shot head** once, as the papers do — for
+every class, the text embeddings of the class name in each prompt template are L2-normalised, averaged and normalised
+again; logits are ``exp(logit_scale) · normalize(visual_projection(pooled)) @ Wᵀ`` (SigLIP: no projection, plus its
+``logit_bias``; prompts padded to the text tower's length, as SigLIP was trained). The heads (with the base's
+projection, logit scale and bias) are frozen. Fine-tunes may be vision towers (``CLIPVisionModel``, as FusionBench
+publishes them; ``CLIPVisionModelWithProjection``; ``SiglipVisionModel``) or full dual-encoder checkpoints; only their
+vision tower is read (a fine-tuned projection or text tower is ignored: the heads come from the base).
 
 Class names and templates come from the ``heads`` option, per task::
 
@@ -17,14 +19,15 @@ Class names and templates come from the ``heads`` option, per task::
 ``templates`` is a list of strings with one ``{}`` or the name of a set in :data:`TEMPLATES`; by default the set of
 the task's name when there is one (the eight tasks of the benchmark), else ``["a photo of a {}."]``.
 
-Export: the root is the merged ``CLIPVisionModel`` (``AutoModel.from_pretrained`` loads it); ``heads.safetensors``
-holds per task ``<task>/visual_projection.weight``, ``<task>/weight`` (the ``[C, d]`` zero-shot matrix) and
-``<task>/logit_scale``. Classify with stock ``transformers``::
+Export: the root is the merged vision tower (``AutoModel.from_pretrained`` loads it); ``heads.safetensors``
+holds per task ``<task>/visual_projection.weight`` (SigLIP: the identity), ``<task>/weight`` (the ``[C, d]`` zero-shot
+matrix), ``<task>/logit_scale`` and, for SigLIP, ``<task>/logit_bias``. Classify with stock ``transformers``::
 
-    vision = CLIPVisionModel.from_pretrained(out)
+    vision = AutoModel.from_pretrained(out)
     heads = safetensors.torch.load_file(f"{out}/heads.safetensors")
     emb = vision(pixel_values=x).pooler_output @ heads["mnist/visual_projection.weight"].T
     logits = heads["mnist/logit_scale"] * (emb / emb.norm(dim=-1, keepdim=True)) @ heads["mnist/weight"].T
+    logits = logits + heads.get("mnist/logit_bias", 0)
 
 or with ``adamerge.load_merged(out).predict("mnist", pixel_values=x)``.
 """
@@ -32,6 +35,7 @@ or with ``adamerge.load_merged(out).predict("mnist", pixel_values=x)``.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -67,19 +71,58 @@ TEMPLATES["stanford_cars"] = TEMPLATES["cars"]
 
 
 class ZeroShotHead(nn.Module):
-    """Frozen zero-shot classifier on a CLIP vision tower's pooled output: project, normalise, scaled cosine with
-    the class embeddings ``weight`` ``[C, d]``."""
+    """Frozen zero-shot classifier on a vision tower's pooled output: project, normalise, scaled cosine with the
+    class embeddings ``weight`` ``[C, d]`` (``bias``: plus SigLIP's ``logit_bias``)."""
 
-    def __init__(self, hidden_size: int, projection_dim: int, num_classes: int) -> None:
+    def __init__(self, hidden_size: int, projection_dim: int, num_classes: int, bias: bool = False) -> None:
         super().__init__()
         self.visual_projection = nn.Linear(hidden_size, projection_dim, bias=False)
         self.weight = nn.Parameter(torch.zeros(num_classes, projection_dim))
-        self.logit_scale = nn.Parameter(torch.ones(()))  # exp of CLIP's logit_scale
+        self.logit_scale = nn.Parameter(torch.ones(()))  # exp of the model's logit_scale
+        self.logit_bias = nn.Parameter(torch.zeros(())) if bias else None
 
     def forward(self, pooled: Tensor) -> Tensor:
         emb = self.visual_projection(pooled)
         emb = emb / emb.norm(dim=-1, keepdim=True)
-        return self.logit_scale * emb @ self.weight.T
+        logits = self.logit_scale * emb @ self.weight.T
+        return logits if self.logit_bias is None else logits + self.logit_bias
+
+
+@dataclass(frozen=True)
+class DualEncoder:
+    """A family of zero-shot dual encoders this kind merges: its ``transformers`` classes and how its zero-shot
+    logits are formed."""
+
+    full: str  # the dual encoder (the base)
+    vision: str  # its vision tower (the merged backbone; fine-tunes)
+    vision_config: str
+    projection: bool  # a visual_projection after the tower's pooled output (CLIP), else none (SigLIP)
+    bias: bool  # a logit_bias added to the scaled cosine (SigLIP)
+    pad_to_max_length: bool  # prompts padded to the text tower's length, input_ids only (as SigLIP was trained)
+
+
+FAMILIES = {
+    "clip": DualEncoder("CLIPModel", "CLIPVisionModel", "CLIPVisionConfig", projection=True, bias=False,
+                        pad_to_max_length=False),
+    "siglip": DualEncoder("SiglipModel", "SiglipVisionModel", "SiglipVisionConfig", projection=False, bias=True,
+                          pad_to_max_length=True),
+}
+MODEL_TYPES = {"clip": "clip", "clip_vision_model": "clip", "siglip": "siglip", "siglip_vision_model": "siglip"}
+
+
+def family_of(config, source: str) -> DualEncoder:
+    """The :class:`DualEncoder` of a (dual-encoder or vision-tower) config, or an error naming the model type."""
+    family = MODEL_TYPES.get(getattr(config, "model_type", None))
+    if family is None:
+        raise MergeInputError(f"{source} is a {getattr(config, 'model_type', type(config).__name__)!r} model, not a "
+                              f"zero-shot dual encoder (task_type clip takes {', '.join(sorted(FAMILIES))})")
+    return FAMILIES[family]
+
+
+def _cls(name: str):
+    import transformers
+
+    return getattr(transformers, name)
 
 
 def resolve_templates(task: str, templates) -> list[str]:
@@ -122,11 +165,18 @@ def class_names(task: str, spec: Mapping[str, Any]) -> list[str]:
 
 
 @torch.no_grad()
-def zero_shot_weights(clip_model: nn.Module, tokenizer, classnames: list[str], templates: list[str]) -> Tensor:
-    """``[C, d]``: per class, the mean of the L2-normalised text embeddings of its prompts, normalised again."""
+def zero_shot_weights(clip_model: nn.Module, tokenizer, classnames: list[str], templates: list[str],
+                      max_length: int | None = None) -> Tensor:
+    """``[C, d]``: per class, the mean of the L2-normalised text embeddings of its prompts, normalised again.
+    ``max_length``: prompts padded to it and read by ``input_ids`` alone (SigLIP's text tower, trained so)."""
     rows = []
     for name in classnames:
-        enc = tokenizer([t.format(name) for t in templates], padding=True, truncation=True, return_tensors="pt")
+        prompts = [t.format(name) for t in templates]
+        if max_length is None:
+            enc = tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
+        else:
+            enc = {"input_ids": tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                                          return_tensors="pt")["input_ids"]}
         emb = clip_model.get_text_features(**enc)
         emb = getattr(emb, "pooler_output", emb)  # transformers 5 may return a ModelOutput
         emb = emb / emb.norm(dim=-1, keepdim=True)
@@ -143,16 +193,16 @@ class CLIP(ModelKind):
 
     def load(self, source: str, base_config=None, trust_remote_code: bool = False,
              dtype: torch.dtype = torch.float32, role: str = "fine-tune") -> nn.Module:
-        from transformers import AutoConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+        from transformers import AutoConfig
 
         if is_safetensors_file(source):
             if role == "base" or base_config is None:
                 raise MergeInputError(f"{source}: a bare safetensors file can only be a fine-tune (the base must be a "
-                                      "CLIPModel directory or hub id)")
-            model = CLIPVisionModel(base_config)
+                                      "CLIPModel or SiglipModel directory or hub id)")
+            model = _cls(family_of(base_config, source).vision)(base_config)
             expected = set(model.state_dict())
             state = {}
-            for k, v in read_state_dict(source).items():  # a CLIPVisionModel's or a CLIPModel's names, any version
+            for k, v in read_state_dict(source).items():  # a vision tower's or a dual encoder's names, any version
                 for cand in (k, k.removeprefix("vision_model."), "vision_model." + k):
                     if cand in expected:
                         state[cand] = v
@@ -160,23 +210,22 @@ class CLIP(ModelKind):
             missing, _ = model.load_state_dict(state, strict=False)
             missing = [k for k in missing if not k.endswith("position_ids")]
             if missing:
-                raise MergeInputError(f"{source}: no CLIP vision tower (missing {missing[:3]})")
+                raise MergeInputError(f"{source}: no {type(model).__name__} vision tower (missing {missing[:3]})")
             return model.to(dtype)
         try:
             config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         except Exception as e:  # see HeadedKind.load
             raise MergeInputError(f"cannot load model {source!r}: {type(e).__name__}: {e}") from e
-        is_vision = isinstance(config, CLIPVisionConfig)
+        family = family_of(config, source)
+        is_vision = isinstance(config, _cls(family.vision_config))
         if role == "base" and is_vision:
-            raise MergeInputError(f"{source} is a CLIP vision tower only: task_type clip builds the zero-shot heads "
-                                  "with the base's text tower, so the base must be the full CLIPModel (e.g. "
-                                  "openai/clip-vit-base-patch32)")
-        if not is_vision and config.model_type != "clip":
-            raise MergeInputError(f"{source} is a {config.model_type!r} model, not CLIP (task_type clip)")
+            raise MergeInputError(f"{source} is a vision tower only: task_type clip builds the zero-shot heads with "
+                                  f"the base's text tower, so the base must be the full {family.full} (e.g. "
+                                  "openai/clip-vit-base-patch32 or google/siglip-base-patch16-224)")
         try:
-            if is_vision:
-                return CLIPVisionModel.from_pretrained(source, dtype=dtype)  # also reads ...WithProjection files
-            model = CLIPModel.from_pretrained(source, dtype=dtype)
+            if is_vision:  # also reads CLIPVisionModelWithProjection files
+                return _cls(family.vision).from_pretrained(source, dtype=dtype)
+            model = _cls(family.full).from_pretrained(source, dtype=dtype)
         except Exception as e:
             raise MergeInputError(f"cannot load model {source!r}: {type(e).__name__}: {e}") from e
         if role == "base":
@@ -184,13 +233,12 @@ class CLIP(ModelKind):
         return self.backbone_of(model)
 
     def backbone_of(self, model: nn.Module) -> nn.Module:
-        from transformers import CLIPModel, CLIPVisionModel
-
-        if not isinstance(model, CLIPModel):
+        family = FAMILIES[MODEL_TYPES[model.config.model_type]]
+        if not isinstance(model, _cls(family.full)):
             return model
-        if isinstance(model.vision_model, CLIPVisionModel):  # transformers 5: the tower is a CLIPVisionModel
+        if isinstance(model.vision_model, _cls(family.vision)):  # transformers 5: the tower is a *VisionModel
             return model.vision_model
-        vision = CLIPVisionModel(model.config.vision_config)  # transformers 4: wrap the shared transformer
+        vision = _cls(family.vision)(model.config.vision_config)  # transformers 4: wrap the shared transformer
         vision.vision_model = model.vision_model
         return vision.to(next(model.parameters()).dtype)
 
@@ -208,17 +256,23 @@ class CLIP(ModelKind):
             raise MergeInputError(f"heads: task_type clip needs each task's class names; missing for {missing} "
                                   "(heads: {task: {classnames: [...]}})")
         tokenizer = self.tokenizer(base_source)
+        family = family_of(base_model.config, base_source)
+        hidden = base_model.config.vision_config.hidden_size
+        max_length = base_model.config.text_config.max_position_embeddings if family.pad_to_max_length else None
         heads = {}
         for task in tasks:
             spec = options[task] or {}
             names = class_names(task, spec)
             templates = resolve_templates(task, spec.get("templates"))
-            head = ZeroShotHead(base_model.config.vision_config.hidden_size, base_model.config.projection_dim,
-                                len(names))
+            head = ZeroShotHead(hidden, base_model.config.projection_dim if family.projection else hidden, len(names),
+                                bias=family.bias)
             with torch.no_grad():
-                head.visual_projection.weight.copy_(base_model.visual_projection.weight)
-                head.weight.copy_(zero_shot_weights(base_model, tokenizer, names, templates))
-                head.logit_scale.copy_(base_model.logit_scale.exp())
+                head.visual_projection.weight.copy_(base_model.visual_projection.weight if family.projection
+                                                    else torch.eye(hidden))
+                head.weight.copy_(zero_shot_weights(base_model, tokenizer, names, templates, max_length))
+                head.logit_scale.copy_(base_model.logit_scale.exp().reshape(()))
+                if family.bias:
+                    head.logit_bias.copy_(base_model.logit_bias.reshape(()))
             head.classnames, head.templates = names, templates
             heads[task] = head.to(dtype).requires_grad_(False).eval()
         return heads
@@ -236,15 +290,16 @@ class CLIP(ModelKind):
         return head(features.pooler_output)
 
     def card_usage(self, repo: str, task: str, per_task_models: bool) -> str:
-        return ("The merged CLIP vision tower loads with stock `transformers`; each task's zero-shot head (the base's "
-                "visual projection, the class-name embeddings and the logit scale) is in `heads.safetensors`:\n\n"
+        return ("The merged vision tower loads with stock `transformers`; each task's zero-shot head (the base's "
+                "visual projection, the class-name embeddings, the logit scale and, for SigLIP, the logit bias) is in "
+                "`heads.safetensors`:\n\n"
                 "```python\nimport torch\nfrom huggingface_hub import hf_hub_download\n"
-                "from safetensors.torch import load_file\nfrom transformers import CLIPVisionModel\n"
-                f"vision = CLIPVisionModel.from_pretrained(\"{repo}\")\n"
+                "from safetensors.torch import load_file\nfrom transformers import AutoModel\n"
+                f"vision = AutoModel.from_pretrained(\"{repo}\")\n"
                 f"heads = load_file(hf_hub_download(\"{repo}\", \"heads.safetensors\"))\n"
                 f"emb = vision(pixel_values=x).pooler_output @ heads[\"{task}/visual_projection.weight\"].T\n"
                 f"logits = heads[\"{task}/logit_scale\"] * torch.nn.functional.normalize(emb, dim=-1) "
-                f"@ heads[\"{task}/weight\"].T\n```\n")
+                f"@ heads[\"{task}/weight\"].T + heads.get(\"{task}/logit_bias\", 0)\n```\n")
 
     def head_info(self, head: nn.Module) -> dict[str, Any]:
         names = list(getattr(head, "classnames", [str(i) for i in range(head.weight.shape[0])]))
@@ -253,7 +308,7 @@ class CLIP(ModelKind):
 
     def head_from_tensors(self, root, info, tensors, dtype):
         proj, weight = tensors["visual_projection.weight"], tensors["weight"]
-        head = ZeroShotHead(proj.shape[1], proj.shape[0], weight.shape[0])
+        head = ZeroShotHead(proj.shape[1], proj.shape[0], weight.shape[0], bias="logit_bias" in tensors)
         head.load_state_dict(dict(tensors), strict=True)
         head.classnames = [info["id2label"][k] for k in sorted(info["id2label"], key=int)]
         head.templates = info.get("templates", [])
