@@ -178,6 +178,11 @@ def test_siglip_zero_shot_heads_fit_export_and_stock_recipe_agree(tmp_path):
                 @ tensors[f"{task}/weight"].T + tensors[f"{task}/logit_bias"]
             torch.testing.assert_close(stock, wrapper, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(served.predict(task, pixel_values=x), wrapper, atol=1e-5, rtol=1e-5)
+    # WEMoE's default modules route the encoder layers' MLPs, not the MLP of SigLIP's attention-pooling head
+    from adamerge.methods import WEMoE
+
+    routed = WEMoE(zoo["base"], zoo["models"], task_type="clip", heads=_heads()).routing.names
+    assert sorted(routed) == [f"encoder.layers.{i}.mlp.fc{j}" for i in (0, 1) for j in (1, 2)]
 
 
 def test_clip_input_errors_name_the_problem(clip_zoo):

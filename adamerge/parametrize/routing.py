@@ -44,9 +44,15 @@ def block_name(module: str) -> str:
 
 
 def routed_modules(backbone: nn.Module, patterns: Sequence[str] = DEFAULT_MODULES) -> list[str]:
-    """Names of the ``nn.Linear`` modules of ``backbone`` matching any of ``patterns`` (regular expressions)."""
+    """Names of the ``nn.Linear`` modules of ``backbone`` matching any of ``patterns`` (regular expressions). The
+    default patterns route the MLPs of the numbered transformer layers only, as WEMoE does: an MLP outside them
+    (SigLIP's attention-pooling head) stays merged by Task Arithmetic; a pattern given by name routes what it names."""
+    from adamerge.merged import block_of  # merged imports this package: resolved at call time
+
     compiled = [re.compile(p) for p in patterns]
     names = [n for n, m in backbone.named_modules() if isinstance(m, nn.Linear) and any(c.search(n) for c in compiled)]
+    if tuple(patterns) == DEFAULT_MODULES:
+        names = [n for n in names if block_of(n).split(".")[-1].isdigit()]
     if not names:
         raise MergeInputError(f"modules: no nn.Linear of {type(backbone).__name__} matches {list(patterns)}; name "
                               "the MLP layers to route with regular expressions")
