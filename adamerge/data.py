@@ -169,9 +169,15 @@ class TextInputs:
         return pad_batch(rows, self.pad_id)
 
 
+# what an image processor returns beside pixel_values that the vision tower reads: SigLIP 2's NaFlex patches (each
+# image's valid patches and their grid); other processor outputs are not model inputs of the supported kinds
+IMAGE_INPUTS = ("pixel_values", "pixel_attention_mask", "spatial_shapes")
+
+
 class ImageInputs:
     """Keeps a task's images lazily (:meth:`encode`) and runs the image processor over a step's rows
-    (``__call__``): ``{"pixel_values": [n, 3, H, W]}``. Images are converted to RGB (grayscale digits included)."""
+    (``__call__``): ``{"pixel_values": [n, 3, H, W]}`` (SigLIP 2: ``[n, patches, 3·p·p]`` with its
+    ``pixel_attention_mask`` and ``spatial_shapes``). Images are converted to RGB (grayscale digits included)."""
 
     modality = "image"
 
@@ -183,7 +189,8 @@ class ImageInputs:
 
     def __call__(self, rows) -> dict[str, torch.Tensor]:
         images = [r.convert("RGB") if hasattr(r, "convert") else r for r in rows]
-        return {"pixel_values": self.processor(images=images, return_tensors="pt")["pixel_values"]}
+        out = self.processor(images=images, return_tensors="pt")
+        return {k: out[k] for k in IMAGE_INPUTS if k in out}
 
 
 def input_builder(specs, source: str, max_length: int, trust_remote_code: bool = False):

@@ -118,7 +118,7 @@ def perturb(module, scale, seed):
 def build_clip_zoo(root, classes, splits=None, family="clip"):
     """A tiny random CLIPModel base (with tokenizer and image processor) and one CLIPVisionModel fine-tune and one
     image dataset per task of ``classes`` ({task: class names}): {"base", "models", "data", "root"}.
-    ``family="siglip"``: a SiglipModel base and SiglipVisionModel fine-tunes."""
+    ``family="siglip"`` / ``"siglip2"``: a SiglipModel / Siglip2Model base and its vision-tower fine-tunes."""
     import json
 
     import transformers
@@ -140,6 +140,11 @@ def build_clip_zoo(root, classes, splits=None, family="clip"):
         cfg = transformers.SiglipConfig(text_config=text, vision_config=vision)
         model_cls, vision_cls = transformers.SiglipModel, transformers.SiglipVisionModel
         processor = transformers.SiglipImageProcessor(size={"height": 32, "width": 32})
+    elif family == "siglip2":  # NaFlex: 16 patches of 8×8 per image, their mask and grid
+        cfg = transformers.Siglip2Config(text_config=text, vision_config={**vision, "num_patches": 16})
+        model_cls, vision_cls = transformers.Siglip2Model, transformers.Siglip2VisionModel
+        pil = getattr(transformers, "Siglip2ImageProcessorPil", None)  # without torchvision, the processor it uses
+        processor = (pil or transformers.Siglip2ImageProcessor)(patch_size=8, max_num_patches=16)
     else:
         cfg = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
         model_cls, vision_cls = transformers.CLIPModel, transformers.CLIPVisionModel

@@ -185,6 +185,49 @@ def test_siglip_zero_shot_heads_fit_export_and_stock_recipe_agree(tmp_path):
     assert sorted(routed) == [f"encoder.layers.{i}.mlp.fc{j}" for i in (0, 1) for j in (1, 2)]
 
 
+def test_siglip2_naflex_inputs_reach_the_merged_tower_in_training_and_serving(tmp_path):
+    """SigLIP 2's vision tower reads the processor's pixel_attention_mask and spatial_shapes beside its patches: at
+    λ = 0 the wrapper's logits on the processor's output are stock Siglip2Model's logits_per_image; the unlabeled data
+    module hands the tower all three (2 AdaMerging steps train) and load_merged serves the export on them."""
+    from transformers import AutoImageProcessor, AutoTokenizer, Siglip2Model
+
+    from adamerge import load_merged
+    from adamerge.data import TaskData, UnlabeledDataModule
+    from adamerge.methods import AdaMerging, TaskArithmetic
+    from tests.conftest import quick_fit
+
+    zoo = build_clip_zoo(tmp_path / "zoo", CLASSES, family="siglip2")
+    proc = AutoImageProcessor.from_pretrained(zoo["base"])
+    x = dict(proc(images=[im.convert("RGB") for im in image_rows(4, 5)], return_tensors="pt"))
+    assert set(x) == {"pixel_values", "pixel_attention_mask", "spatial_shapes"}
+    siglip = Siglip2Model.from_pretrained(zoo["base"]).eval()
+    tok = AutoTokenizer.from_pretrained(zoo["base"])
+    module = TaskArithmetic(zoo["base"], zoo["models"], scale=0.0, task_type="clip",
+                            heads=_heads(["a photo of a {}."])).eval()
+    for task, names in CLASSES.items():
+        prompts = tok([f"a photo of a {c}." for c in names], padding="max_length", max_length=40,
+                      return_tensors="pt")
+        with torch.no_grad():
+            ref = siglip(input_ids=prompts["input_ids"], **x).logits_per_image
+            torch.testing.assert_close(module.predict(task, x), ref, atol=1e-5, rtol=1e-5)
+
+    module = AdaMerging(zoo["base"], zoo["models"], granularity="layer", init=0.3, lr=0.05, task_type="clip",
+                        heads=_heads())
+    dm = UnlabeledDataModule({t: TaskData(path=p, image_column="image") for t, p in zoo["data"].items()},
+                             tokenizer=zoo["base"], samples_per_task=4)
+    dm.setup()
+    assert set(dm.dataset[0]["inputs"]) == {"pixel_values", "pixel_attention_mask", "spatial_shapes"}
+    before = module.merged.coefficients.matrix().detach().clone()
+    quick_fit(module, dm, steps=2)
+    assert not torch.allclose(module.merged.coefficients.matrix().detach(), before)
+    out = module.export(tmp_path / "merged")
+    module.eval()
+    served = load_merged(out)
+    for task in CLASSES:
+        with torch.no_grad():
+            torch.testing.assert_close(served.predict(task, **x), module.predict(task, x), atol=1e-5, rtol=1e-5)
+
+
 def test_clip_input_errors_name_the_problem(clip_zoo):
     from adamerge.methods import TaskArithmetic
 

@@ -1,14 +1,16 @@
-"""``clip``: CLIP image classification as AdaMerging, Surgery and Concrete were published on, and SigLIP.
+"""``clip``: CLIP image classification as AdaMerging, Surgery and Concrete were published on; SigLIP and SigLIP 2.
 
-The merged backbone is the **vision tower** (a ``CLIPVisionModel``; ``SiglipVisionModel``). The base must be the full
-dual encoder (``CLIPModel``, e.g. ``openai/clip-vit-base-patch32``; ``SiglipModel``, e.g.
-``google/siglip-base-patch16-224``): its text tower builds each task's **zero-shot head** once, as the papers do — for
-every class, the text embeddings of the class name in each prompt template are L2-normalised, averaged and normalised
-again; logits are ``exp(logit_scale) · normalize(visual_projection(pooled)) @ Wᵀ`` (SigLIP: no projection, plus its
-``logit_bias``; prompts padded to the text tower's length, as SigLIP was trained). The heads (with the base's
-projection, logit scale and bias) are frozen. Fine-tunes may be vision towers (``CLIPVisionModel``, as FusionBench
-publishes them; ``CLIPVisionModelWithProjection``; ``SiglipVisionModel``) or full dual-encoder checkpoints; only their
-vision tower is read (a fine-tuned projection or text tower is ignored: the heads come from the base).
+The merged backbone is the **vision tower** (a ``CLIPVisionModel``; ``SiglipVisionModel``, ``Siglip2VisionModel``).
+The base must be the full dual encoder (``CLIPModel``, e.g. ``openai/clip-vit-base-patch32``; ``SiglipModel``, e.g.
+``google/siglip-base-patch16-224``; ``Siglip2Model``, whose tower also reads the processor's NaFlex
+``pixel_attention_mask`` and ``spatial_shapes``): its text tower builds each task's **zero-shot head** once, as the
+papers do — for every class, the text embeddings of the class name in each prompt template are L2-normalised,
+averaged and normalised again; logits are ``exp(logit_scale) · normalize(visual_projection(pooled)) @ Wᵀ`` (SigLIP:
+no projection, plus its ``logit_bias``; prompts padded to the text tower's length, as SigLIP was trained). The heads
+(with the base's projection, logit scale and bias) are frozen. Fine-tunes may be vision towers (``CLIPVisionModel``,
+as FusionBench publishes them; ``CLIPVisionModelWithProjection``; the SigLIP towers) or full dual-encoder
+checkpoints; only their vision tower is read (a fine-tuned projection or text tower is ignored: the heads come from
+the base).
 
 Class names and templates come from the ``heads`` option, per task::
 
@@ -24,8 +26,9 @@ holds per task ``<task>/visual_projection.weight`` (SigLIP: the identity), ``<ta
 matrix), ``<task>/logit_scale`` and, for SigLIP, ``<task>/logit_bias``. Classify with stock ``transformers``::
 
     vision = AutoModel.from_pretrained(out)
+    inputs = AutoImageProcessor.from_pretrained(out)(images=images, return_tensors="pt")  # SigLIP 2: 3 tensors
     heads = safetensors.torch.load_file(f"{out}/heads.safetensors")
-    emb = vision(pixel_values=x).pooler_output @ heads["mnist/visual_projection.weight"].T
+    emb = vision(**inputs).pooler_output @ heads["mnist/visual_projection.weight"].T
     logits = heads["mnist/logit_scale"] * (emb / emb.norm(dim=-1, keepdim=True)) @ heads["mnist/weight"].T
     logits = logits + heads.get("mnist/logit_bias", 0)
 
@@ -106,8 +109,12 @@ FAMILIES = {
                         pad_to_max_length=False),
     "siglip": DualEncoder("SiglipModel", "SiglipVisionModel", "SiglipVisionConfig", projection=False, bias=True,
                           pad_to_max_length=True),
+    # SigLIP 2 (NaFlex): the tower also reads the processor's pixel_attention_mask and spatial_shapes
+    "siglip2": DualEncoder("Siglip2Model", "Siglip2VisionModel", "Siglip2VisionConfig", projection=False, bias=True,
+                           pad_to_max_length=True),
 }
-MODEL_TYPES = {"clip": "clip", "clip_vision_model": "clip", "siglip": "siglip", "siglip_vision_model": "siglip"}
+MODEL_TYPES = {"clip": "clip", "clip_vision_model": "clip", "siglip": "siglip", "siglip_vision_model": "siglip",
+               "siglip2": "siglip2", "siglip2_vision_model": "siglip2"}
 
 
 def family_of(config, source: str) -> DualEncoder:
@@ -294,10 +301,11 @@ class CLIP(ModelKind):
                 "visual projection, the class-name embeddings, the logit scale and, for SigLIP, the logit bias) is in "
                 "`heads.safetensors`:\n\n"
                 "```python\nimport torch\nfrom huggingface_hub import hf_hub_download\n"
-                "from safetensors.torch import load_file\nfrom transformers import AutoModel\n"
+                "from safetensors.torch import load_file\nfrom transformers import AutoImageProcessor, AutoModel\n"
                 f"vision = AutoModel.from_pretrained(\"{repo}\")\n"
+                f"inputs = AutoImageProcessor.from_pretrained(\"{repo}\")(images=images, return_tensors=\"pt\")\n"
                 f"heads = load_file(hf_hub_download(\"{repo}\", \"heads.safetensors\"))\n"
-                f"emb = vision(pixel_values=x).pooler_output @ heads[\"{task}/visual_projection.weight\"].T\n"
+                f"emb = vision(**inputs).pooler_output @ heads[\"{task}/visual_projection.weight\"].T\n"
                 f"logits = heads[\"{task}/logit_scale\"] * torch.nn.functional.normalize(emb, dim=-1) "
                 f"@ heads[\"{task}/weight\"].T + heads.get(\"{task}/logit_bias\", 0)\n```\n")
 
