@@ -59,7 +59,7 @@ class MergedCheckpoint(nn.Module):
             return functional_call(self.backbone, own, args=(), kwargs=kw) if own else self.backbone(**kw)
 
         if self.routing is not None:
-            with self.routing.context(inputs.get("attention_mask")):
+            with self.routing.context(inputs):
                 feats = backbone(**inputs)
         else:
             feats = backbone(**inputs)

@@ -227,6 +227,29 @@ def test_siglip2_naflex_inputs_reach_the_merged_tower_in_training_and_serving(tm
         with torch.no_grad():
             torch.testing.assert_close(served.predict(task, **x), module.predict(task, x), atol=1e-5, rtol=1e-5)
 
+    # WEMoE's routers average over the valid patches only: a wide image leaves half of the 16 patches padding, and
+    # whatever those hold changes nothing (the tower's attention and pooling mask them too); the valid ones do
+    from PIL import Image
+
+    from adamerge.methods import WEMoE
+
+    wemoe = WEMoE(zoo["base"], zoo["models"], task_type="clip", heads=_heads()).eval()
+    with torch.no_grad():
+        for router in wemoe.routing.routers.values():  # input-dependent routing (fc2 starts at 0)
+            router.fc2.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+    wide = dict(proc(images=[Image.new("RGB", (48, 16), (200, 30, 90))], return_tensors="pt"))
+    pad = wide["pixel_attention_mask"][0] == 0
+    assert 0 < int(pad.sum()) < 16
+    noisy, moved = dict(wide), dict(wide)
+    noisy["pixel_values"] = wide["pixel_values"].clone()
+    noisy["pixel_values"][0, pad] = torch.randn(int(pad.sum()), wide["pixel_values"].shape[-1])
+    moved["pixel_values"] = wide["pixel_values"].clone()
+    moved["pixel_values"][0, ~pad] += 1.0
+    with torch.no_grad():
+        ref = wemoe.predict("digits", wide)
+        torch.testing.assert_close(wemoe.predict("digits", noisy), ref, atol=1e-5, rtol=1e-5)
+        assert (wemoe.predict("digits", moved) - ref).abs().max() > 1e-3
+
 
 def test_clip_input_errors_name_the_problem(clip_zoo):
     from adamerge.methods import TaskArithmetic

@@ -98,7 +98,7 @@ class WEMoE(MergeModule):
 
     # -- forward passes: routed for the merge, plain for the experts --------------------------------------------
     def step_outputs(self, batch, objective, **merge_kw):
-        with self.routing.context(batch["inputs"].get("attention_mask")):
+        with self.routing.context(batch["inputs"]):
             return super().step_outputs(batch, objective, **merge_kw)
 
     def expert_outputs(self, batch, features: bool = False):
@@ -106,11 +106,11 @@ class WEMoE(MergeModule):
             return super().expert_outputs(batch, features)
 
     def predict(self, task: str, inputs, params=None):
-        with self.routing.context(inputs.get("attention_mask")):
+        with self.routing.context(inputs):
             return super().predict(task, inputs, params)
 
     def forward(self, inputs, tasks, sizes, **kw):
-        with self.routing.context(inputs.get("attention_mask")):
+        with self.routing.context(inputs):
             return super().forward(inputs, tasks, sizes, **kw)
 
     def training_step(self, batch, batch_idx):

@@ -15,7 +15,7 @@ average); outside it the backbone is its plain self (the experts, for instance).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -136,10 +136,13 @@ class RoutedMLPs(nn.Module):
         self._handles = []
 
     @contextmanager
-    def context(self, attention_mask: Tensor | None = None) -> Iterator[None]:
-        """Route inside the block (``attention_mask``: the non-pad tokens the router averages over)."""
+    def context(self, inputs: Mapping[str, Tensor] | None = None) -> Iterator[None]:
+        """Route inside the block, for a batch of ``inputs``: the router averages over their non-pad tokens (text's
+        ``attention_mask``; SigLIP 2's ``pixel_attention_mask``, its patches being its tokens), or over all."""
+        inputs = inputs or {}
+        mask = inputs.get("attention_mask", inputs.get("pixel_attention_mask"))
         prev = (self._active, self._mask)
-        self._active, self._mask = True, attention_mask
+        self._active, self._mask = True, mask
         try:
             yield
         finally:
