@@ -151,7 +151,12 @@ def _scores_tokens(checkpoint: str, manifest: dict | None) -> bool:
     from adamerge.kinds import get_kind
 
     if manifest is not None:
-        return not get_kind(manifest_kind(manifest)).per_task_heads
+        kind = get_kind(manifest_kind(manifest))
+        if kind.evaluated_on is None:
+            raise MergeInputError(f"{checkpoint} is a {kind.name} export: evaluate scores classifiers (labels) and "
+                                  "causal LMs (token NLL); generate with AutoModelForSeq2SeqLM and score the answers "
+                                  "with your task's metric")
+        return kind.evaluated_on == "tokens"
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 

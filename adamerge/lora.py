@@ -19,12 +19,12 @@ from adamerge.errors import MergeInputError
 def write_lora_adapters(module, root: Path) -> list[str]:
     """Write ``root/adapters/<task>/`` for every task of ``module`` (a MergeModule over LoRA adapters)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     merged = module.merged
     if merged.kind.peft_task_type is None:
-        raise MergeInputError(f"lora_adapters: PEFT adapters are written for task_type seq_cls and causal_lm, not "
-                              f"{merged.kind.name!r}; export the full merged model (lora_adapters: false)")
+        raise MergeInputError(f"lora_adapters: PEFT adapters are written for task_type seq_cls, causal_lm and "
+                              f"seq2seq_lm, not {merged.kind.name!r}; export the full merged model "
+                              "(lora_adapters: false)")
     if not merged.low_rank_names or merged.task_vectors():
         raise MergeInputError("export_lora: every merged tensor must have a low-rank (LoRA) task vector; "
                               f"dense ones: {list(merged.task_vectors())[:5]}")
@@ -46,7 +46,7 @@ def write_lora_adapters(module, root: Path) -> list[str]:
     for task in merged.task_names:
         peft_task, save = merged.kind.peft_task_type, None
         if not merged.kind.per_task_heads:  # the whole model is the backbone
-            model = AutoModelForCausalLM.from_config(merged.backbone.config)
+            model = type(merged.backbone)._from_config(merged.backbone.config)  # its own class: causal or seq2seq
             model.load_state_dict(merged.backbone.state_dict(), strict=False)
             prefix = ""
         else:

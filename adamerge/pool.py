@@ -213,7 +213,8 @@ def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = 
             defaults to the model dtype. Merging always computes in the model dtype.
         trust_remote_code: passed to ``transformers``; off unless the user sets it.
         dtype: dtype the models are loaded in.
-        task_type: the model kind (:mod:`adamerge.kinds`): ``seq_cls``, ``causal_lm``, ``image_cls``, ``clip``.
+        task_type: the model kind (:mod:`adamerge.kinds`): ``seq_cls``, ``causal_lm``, ``seq2seq_lm``, ``image_cls``,
+            ``clip``.
         heads: per-task head options of kinds that build heads from the base (``clip``: class names, templates).
     """
     if not models:

@@ -68,8 +68,9 @@ def tiny_llama(tied: bool = True):
 
 
 def save_lm_zoo(root, make_model, tasks):
-    """Save ``make_model()`` as the base and, per task, the base plus seeded noise (0.05), each with the tokenizer:
-    ``(base path, {task: path})`` for tests over a text model (causal LMs, sequence classifiers)."""
+    """Save ``make_model()`` as the base and, per task, the base plus seeded noise (0.05) on its parameters (buffers
+    such as BART's ``final_logits_bias`` are not trained), each with the tokenizer: ``(base path, {task: path})`` for
+    tests over a text model (causal LMs, sequence classifiers, seq2seq LMs)."""
     torch.manual_seed(0)
     base = make_model()
     make_tokenizer(root / "base")
@@ -78,7 +79,8 @@ def save_lm_zoo(root, make_model, tasks):
     for i, task in enumerate(tasks):
         g = torch.Generator().manual_seed(10 + i)
         ft = make_model()
-        ft.load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+        params = {n for n, _ in base.named_parameters(remove_duplicate=False)}
+        ft.load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=g) if k in params else v
                             for k, v in base.state_dict().items()})
         ft.save_pretrained(str(root / task))
         make_tokenizer(root / task)

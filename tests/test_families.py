@@ -1,6 +1,6 @@
 """Text model families beyond BERT and Llama (which the other tests use), end to end on tiny random configs: sequence
-classifiers (``seq_cls``) and causal LMs (``causal_lm``) as users bring them from the Hub. Per family: the one-hot
-merge is each stock fine-tune; after 2 AdaMerging steps the export, loaded with stock ``transformers``, holds
+classifiers (``seq_cls``), causal LMs (``causal_lm``) and text-to-text encoder-decoders (``seq2seq_lm``) as users
+bring them from the Hub. Per family: the one-hot merge is each stock fine-tune; after 2 AdaMerging steps the export, loaded with stock ``transformers``, holds
 θ0 + Σ_t λ_t,p τ_t,p computed here from stock-loaded checkpoints and the manifest's coefficients, and gives the
 wrapper's logits, as ``adamerge.load_merged`` does."""
 
@@ -15,6 +15,7 @@ import torch
 from tests.conftest import WORDS, quick_fit, save_lm_zoo, text_rows
 
 V = len(WORDS) + 5
+WHOLE = {"causal_lm": "AutoModelForCausalLM", "seq2seq_lm": "AutoModelForSeq2SeqLM"}  # kinds merged whole
 LAYERS = dict(num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
 DECODER = dict(hidden_size=32, num_key_value_heads=2, **LAYERS)
 FAMILIES = {  # name: (task_type, config class, config fields)
@@ -36,6 +37,13 @@ FAMILIES = {  # name: (task_type, config class, config fields)
                                            decoder_start_token_id=3)),
     "t5": ("seq_cls", "T5Config", dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, eos_token_id=3,
                                        decoder_start_token_id=0)),  # T5Model needs decoder_input_ids
+    # the same encoder-decoders as text-to-text models (seq2seq_lm): the logits are the first output token's
+    "t5_lm": ("seq2seq_lm", "T5Config", dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, eos_token_id=3,
+                                             decoder_start_token_id=0)),
+    "bart_lm": ("seq2seq_lm", "BartConfig", dict(d_model=32, encoder_layers=2, decoder_layers=2,
+                                                 encoder_attention_heads=4, decoder_attention_heads=4,
+                                                 encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                                                 bos_token_id=2, eos_token_id=3, decoder_start_token_id=3)),
     "gpt2": ("causal_lm", "GPT2Config", dict(n_embd=32, n_layer=2, n_head=2, n_positions=64)),  # Conv1D weights
     "qwen2": ("causal_lm", "Qwen2Config", dict(**DECODER, vocab_size=V + 8)),  # its tokenizer adds one token
     "mistral": ("causal_lm", "MistralConfig", DECODER),
@@ -60,8 +68,8 @@ def test_text_families_merge_export_and_load_with_stock_transformers(family, tmp
     from adamerge.methods import AdaMerging
 
     task_type, config_name, fields = FAMILIES[family]
-    auto = transformers.AutoModelForCausalLM if task_type == "causal_lm" else \
-        transformers.AutoModelForSequenceClassification
+    whole = task_type in WHOLE  # the whole model is merged: no per-task heads, the export's root is every task's
+    auto = getattr(transformers, WHOLE.get(task_type, "AutoModelForSequenceClassification"))
 
     def model():
         return auto.from_config(getattr(transformers, config_name)(**{"vocab_size": V, "pad_token_id": 0, **fields}))
@@ -77,16 +85,19 @@ def test_text_families_merge_export_and_load_with_stock_transformers(family, tmp
             w.writerows([t, j % 2] for j, t in enumerate(text_rows(16, seed=i)))
 
     module = AdaMerging(base_path, models, granularity="layer", init=0.3, lr=0.05,
-                        task_type=task_type, **({"objective": "kl"} if task_type == "causal_lm" else {}))
+                        task_type=task_type, **({"objective": "kl"} if whole else {}))
     tok = transformers.AutoTokenizer.from_pretrained(base_path)
     x = {k: v for k, v in tok([" ".join(WORDS[:7]), " ".join(WORDS[5:9])], return_tensors="pt",
                               padding=True).items() if k in ("input_ids", "attention_mask")}
+    # stock seq2seq models are handed the decoder's start token here: logits of the first output token, [2, 1, V]
+    xs = {**x, "decoder_input_ids": torch.full((2, 1), fields["decoder_start_token_id"])} \
+        if task_type == "seq2seq_lm" else x
     for task in models:
         ft = auto.from_pretrained(models[task]).eval()
         with torch.no_grad():
             torch.testing.assert_close(
                 module.predict(task, x, module.merged.merged_params(module.merged.one_hot(task))),
-                ft(**x).logits, atol=1e-5, rtol=1e-5)
+                ft(**xs).logits, atol=1e-5, rtol=1e-5)
     dm = UnlabeledDataModule({t: TaskData(p) for t, p in data.items()}, tokenizer=base_path,
                              samples_per_task=4, max_length=16)
     quick_fit(module, dm, steps=2)
@@ -97,11 +108,11 @@ def test_text_families_merge_export_and_load_with_stock_transformers(family, tmp
     lam = torch.tensor(coef["effective"], dtype=torch.float64)
     assert coef["tasks"] == list(models) and (lam - 0.3).abs().max() > 1e-4  # trained: not θ0 + 0.3 Σ τ
     theta0 = dict(base.named_parameters())
-    prefix = "" if task_type == "causal_lm" else base.base_model_prefix + "."  # causal LMs: the whole model merges
+    prefix = "" if whole else base.base_model_prefix + "."
     assert sorted(coef["params"]) == sorted(n[len(prefix):] for n in theta0 if n.startswith(prefix))
     fts = {t: dict(auto.from_pretrained(p).named_parameters()) for t, p in models.items()}
     for task in models:
-        stock = auto.from_pretrained(str(out if task_type == "causal_lm" else out / "tasks" / task)).eval()
+        stock = auto.from_pretrained(str(out if whole else out / "tasks" / task)).eval()
         exported = dict(stock.named_parameters())
         for j, name in enumerate(coef["params"]):
             key = name if name in exported else f"{stock.base_model_prefix}.{name}"
@@ -110,5 +121,5 @@ def test_text_families_merge_export_and_load_with_stock_transformers(family, tmp
             torch.testing.assert_close(exported[key].double(), ref, atol=1e-6, rtol=1e-6)
         with torch.no_grad():
             wrapper = module.predict(task, x)
-            torch.testing.assert_close(stock(**x).logits, wrapper, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(stock(**xs).logits, wrapper, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(load_merged(out).predict(task, **x), wrapper, atol=1e-5, rtol=1e-5)

@@ -170,3 +170,48 @@ def test_adapter_heads_keep_the_bases_modules_peft_did_not_save(tmp_path):
     AutoTokenizer.from_pretrained(base).save_pretrained(str(bare))
     with pytest.raises(MergeInputError, match=r"adapter 'a' .* does not save the head tensors \['pooler\.dense\.bias'"):
         TaskArithmetic(str(bare), paths, scale=1.0)
+
+
+def test_seq2seq_lora_adapters_merge_as_peft_does_and_export_as_adapters(tmp_path):
+    """Flan-T5-style LoRA (peft SEQ_2_SEQ_LM on T5's q/v): the one-hot merge is peft's merge_and_unload (first output
+    token's logits); a TA merge exports a full AutoModelForSeq2SeqLM and PEFT adapters that give the same logits;
+    `adamerge evaluate` refuses the seq2seq export with a line that says why."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, T5Config
+
+    from adamerge.errors import MergeInputError
+    from adamerge.evaluate import evaluate_checkpoint
+    from tests.conftest import WORDS, save_lm_zoo
+
+    config = T5Config(vocab_size=len(WORDS) + 5, pad_token_id=0, eos_token_id=3, decoder_start_token_id=0,
+                      d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    base, _ = save_lm_zoo(tmp_path, lambda: AutoModelForSeq2SeqLM.from_config(config), ())
+    paths = {}
+    for i, task in enumerate(("a", "b")):
+        torch.manual_seed(i)
+        model = get_peft_model(AutoModelForSeq2SeqLM.from_pretrained(base),
+                               LoraConfig(task_type="SEQ_2_SEQ_LM", r=4, lora_alpha=8, init_lora_weights=False,
+                                          target_modules=["q", "v"]))
+        model.save_pretrained(str(tmp_path / task))
+        paths[task] = str(tmp_path / task)
+    x = {k: v for k, v in AutoTokenizer.from_pretrained(base)(["good movie great plot", "free prize"],
+                                                               return_tensors="pt", padding=True).items()
+         if k in ("input_ids", "attention_mask")}
+    xs = {**x, "decoder_input_ids": torch.zeros(2, 1, dtype=torch.long)}
+    module = TaskArithmetic(base, paths, scale=0.6, task_type="seq2seq_lm").eval()
+    assert module.merged.task_vectors() == {}  # low-rank only
+    for task in paths:
+        ref = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(base), paths[task]).merge_and_unload()
+        with torch.no_grad():
+            got = module.predict(task, x, module.merged.merged_params(module.merged.one_hot(task)))
+            torch.testing.assert_close(got, ref.eval()(**xs).logits, atol=1e-5, rtol=1e-5)
+    out = module.export(tmp_path / "out", lora_adapters=True)
+    with torch.no_grad():
+        expected = module.predict("a", x)
+        full = AutoModelForSeq2SeqLM.from_pretrained(str(out)).eval()
+        torch.testing.assert_close(full(**xs).logits, expected, atol=1e-5, rtol=1e-5)
+        for task in paths:
+            adapter = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(base), str(out / "adapters" / task))
+            torch.testing.assert_close(adapter.eval()(**xs).logits, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(MergeInputError, match="seq2seq_lm export: evaluate scores classifiers"):
+        evaluate_checkpoint(str(out), {"a": {"path": str(tmp_path / "none.csv")}})

@@ -7,10 +7,11 @@ from adamerge.kinds.base import FeatureStub, ModelKind, apply_head
 from adamerge.kinds.causal_lm import CausalLM
 from adamerge.kinds.clip import CLIP
 from adamerge.kinds.image_cls import ImageClassification
+from adamerge.kinds.seq2seq_lm import Seq2SeqLM
 from adamerge.kinds.seq_cls import SequenceClassification
 
 KINDS: dict[str, ModelKind] = {k.name: k for k in (SequenceClassification(), CausalLM(), ImageClassification(),
-                                                    CLIP())}
+                                                    CLIP(), Seq2SeqLM())}
 
 
 def get_kind(name: str) -> ModelKind:

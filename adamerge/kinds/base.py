@@ -51,6 +51,8 @@ class ModelKind:
         modality: ``text`` (inputs from a tokenizer) or ``image`` (``pixel_values`` from an image processor).
         feature_fields: backbone output fields that hold "the feature" the heads read, in order of preference.
         peft_task_type: PEFT's ``task_type`` of the kind's adapters (exported LoRA merges); None: not supported.
+        evaluated_on: what ``adamerge evaluate`` scores: ``labels`` (accuracy and macro-F1 of the classes),
+            ``tokens`` (next-token NLL of each task's text, causal LMs), None (not scored: seq2seq LMs).
     """
 
     name: ClassVar[str] = ""
@@ -59,6 +61,7 @@ class ModelKind:
     feature_fields: ClassVar[tuple[str, ...]] = ("pooler_output", "last_hidden_state")
     peft_task_type: ClassVar[str | None] = None
     pipeline_tag: ClassVar[str] = "feature-extraction"  # the model card's Hub pipeline tag
+    evaluated_on: ClassVar[str | None] = "labels"
 
     # -- loading ------------------------------------------------------------------------------------------------------
     def load(self, source: str, base_config=None, trust_remote_code: bool = False,
@@ -107,6 +110,11 @@ class ModelKind:
     def head_logits(self, head: nn.Module | None, features, inputs: Mapping[str, Tensor]) -> Tensor:
         """Logits of ``head`` on backbone ``features`` of ``inputs``."""
         return apply_head(head, features, inputs)
+
+    def token_mask(self, inputs: Mapping[str, Tensor]) -> Tensor | None:
+        """``[n, L]``: the positions of token-level logits (``[n, L, V]``) that count — the inputs' non-pad tokens;
+        None: every position (row-level logits ignore it)."""
+        return inputs.get("attention_mask")
 
     def feature_field(self, output) -> str:
         """The name of the backbone output field the heads read (see ``feature_fields``)."""

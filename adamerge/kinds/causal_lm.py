@@ -17,6 +17,7 @@ class CausalLM(ModelKind):
     modality = "text"
     peft_task_type = "CAUSAL_LM"
     pipeline_tag = "text-generation"
+    evaluated_on = "tokens"
 
     def load(self, source: str, base_config=None, trust_remote_code: bool = False,
              dtype: torch.dtype = torch.float32, role: str = "fine-tune") -> nn.Module:

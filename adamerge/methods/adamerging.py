@@ -43,8 +43,8 @@ class AdaMerging(MergeModule):
         prep: task-vector pre-processing; ``ties_density=0.2`` gives AdaMerging++.
         tv_dtype: task-vector storage dtype.
         trust_remote_code: allow hub model code.
-        task_type: the model kind (``seq_cls``, ``causal_lm``, ``image_cls``, ``clip``); heads: per-task head
-            options of kinds that build heads from the base (``clip``).
+        task_type: the model kind (``seq_cls``, ``causal_lm``, ``seq2seq_lm``, ``image_cls``, ``clip``); heads:
+            per-task head options of kinds that build heads from the base (``clip``).
         objective: ``entropy`` (AdaMerging), ``infomax``, ``kl``, ``pseudo_label`` or ``features``
             (see :mod:`adamerge.objectives`).
         temperature: τ of the ``kl`` objective (2.0).
@@ -94,8 +94,9 @@ class AdaMerging(MergeModule):
                                       f"{' with a confidence threshold' if objective == 'pseudo_label' else ''} is not "
                                       "a mean of per-row terms (it needs a task's rows together); use micro_batches: 1")
             if not get_kind(task_type).per_task_heads or tune_heads:
-                raise MergeInputError("micro_batches: needs per-row logits from frozen per-task heads (not task_type "
-                                      "causal_lm, whose means run over tokens, nor tune_heads); use micro_batches: 1")
+                why = "tune_heads" if tune_heads else f"task_type {task_type}, merged whole without per-task heads"
+                raise MergeInputError(f"micro_batches: needs per-row logits from frozen per-task heads (not {why}); "
+                                      "use micro_batches: 1")
         if task_chunks != "auto" and (isinstance(task_chunks, str) or task_chunks < 1):
             raise MergeInputError(f"task_chunks must be >= 1 or 'auto', got {task_chunks!r}")
         if tune_heads and task_chunks != "auto" and task_chunks > 1:

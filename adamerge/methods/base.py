@@ -163,8 +163,9 @@ class MergeModule(pl.LightningModule):
             the model dtype.
         trust_remote_code: allow model code from the hub (off by default).
         task_type: the model kind (:mod:`adamerge.kinds`): ``seq_cls`` (per-task classification heads), ``causal_lm``
-            (whole LM merged), ``image_cls`` (``AutoModelForImageClassification``), ``clip`` (CLIP vision tower with
-            zero-shot heads).
+            (whole LM merged), ``seq2seq_lm`` (whole encoder-decoder merged, first output token's logits),
+            ``image_cls`` (``AutoModelForImageClassification``), ``clip`` (CLIP/SigLIP vision tower with zero-shot
+            heads).
         heads: per-task head options of kinds that build heads from the base — ``clip``: ``{task: {classnames:
             [...], templates: [...] or a set name, dataset: {...}}}`` (see :mod:`adamerge.kinds.clip`).
     """
@@ -258,7 +259,7 @@ class MergeModule(pl.LightningModule):
 
     def row_masks(self, batch) -> dict[str, Tensor] | None:
         """Per-task ``[n, L]`` non-pad masks (they weigh token-level terms; row-level ones ignore them)."""
-        mask = batch["inputs"].get("attention_mask")
+        mask = self.merged.kind.token_mask(batch["inputs"])
         return None if mask is None else {t: mask[sl].bool() for t, sl in self.task_slices(batch)}
 
     @torch.no_grad()

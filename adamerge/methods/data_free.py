@@ -45,8 +45,8 @@ class Average(MergeModule):
     Args:
         base: pretrained model. models: task name → fine-tuned model. prep: task-vector pre-processing.
         tv_dtype: task-vector storage dtype. trust_remote_code: allow hub model code.
-        task_type: the model kind (``seq_cls``, ``causal_lm``, ``image_cls``, ``clip``); heads: per-task head
-            options of kinds that build heads from the base (``clip``).
+        task_type: the model kind (``seq_cls``, ``causal_lm``, ``seq2seq_lm``, ``image_cls``, ``clip``); heads:
+            per-task head options of kinds that build heads from the base (``clip``).
     """
 
     trainable = False
@@ -63,8 +63,8 @@ class TaskArithmetic(MergeModule):
         base: pretrained model. models: task name → fine-tuned model.
         scale: λ (default 0.3).
         prep: task-vector pre-processing. tv_dtype: storage dtype. trust_remote_code: allow hub model code.
-        task_type: the model kind (``seq_cls``, ``causal_lm``, ``image_cls``, ``clip``); heads: per-task head
-            options of kinds that build heads from the base (``clip``).
+        task_type: the model kind (``seq_cls``, ``causal_lm``, ``seq2seq_lm``, ``image_cls``, ``clip``); heads:
+            per-task head options of kinds that build heads from the base (``clip``).
     """
 
     trainable = False
