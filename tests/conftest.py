@@ -67,6 +67,14 @@ def tiny_llama(tied: bool = True):
                                         bos_token_id=2, eos_token_id=3))
 
 
+def tiny_t5():
+    """A tiny random T5ForConditionalGeneration over :data:`WORDS`' vocabulary (decoder start = pad, as T5's)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration(T5Config(vocab_size=len(WORDS) + 5, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                               num_heads=4, pad_token_id=0, eos_token_id=3, decoder_start_token_id=0))
+
+
 def save_lm_zoo(root, make_model, tasks):
     """Save ``make_model()`` as the base and, per task, the base plus seeded noise (0.05) on its parameters (buffers
     such as BART's ``final_logits_bias`` are not trained), each with the tokenizer: ``(base path, {task: path})`` for

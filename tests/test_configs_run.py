@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from adamerge.cli import main
-from tests.conftest import build_clip_zoo, build_zoo, save_lm_zoo, text_rows, tiny_llama
+from tests.conftest import build_clip_zoo, build_zoo, save_lm_zoo, text_rows, tiny_llama, tiny_t5
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -69,6 +69,9 @@ def localise(cfg: dict, root: Path) -> tuple[dict, dict]:
                 head["dataset"]["path"] = images[t]
     elif kind == "causal_lm":
         base, models = save_lm_zoo(root / "zoo", lambda: tiny_llama(tied=False), tasks)
+        images = {}
+    elif kind == "seq2seq_lm":
+        base, models = save_lm_zoo(root / "zoo", tiny_t5, tasks)
         images = {}
     elif kind == "lora":
         base, models = _lora_zoo(root / "zoo", tasks)

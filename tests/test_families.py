@@ -1,8 +1,8 @@
 """Text model families beyond BERT and Llama (which the other tests use), end to end on tiny random configs: sequence
 classifiers (``seq_cls``), causal LMs (``causal_lm``) and text-to-text encoder-decoders (``seq2seq_lm``) as users
-bring them from the Hub. Per family: the one-hot merge is each stock fine-tune; after 2 AdaMerging steps the export, loaded with stock ``transformers``, holds
-θ0 + Σ_t λ_t,p τ_t,p computed here from stock-loaded checkpoints and the manifest's coefficients, and gives the
-wrapper's logits, as ``adamerge.load_merged`` does."""
+bring them from the Hub. Per family: the one-hot merge is each stock fine-tune; after 2 AdaMerging steps the export,
+loaded with stock ``transformers``, holds θ0 + Σ_t λ_t,p τ_t,p computed here from stock-loaded checkpoints and the
+manifest's coefficients, and gives the wrapper's logits, as ``adamerge.load_merged`` does."""
 
 from __future__ import annotations
 

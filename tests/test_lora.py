@@ -177,15 +177,13 @@ def test_seq2seq_lora_adapters_merge_as_peft_does_and_export_as_adapters(tmp_pat
     token's logits); a TA merge exports a full AutoModelForSeq2SeqLM and PEFT adapters that give the same logits;
     `adamerge evaluate` refuses the seq2seq export with a line that says why."""
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, T5Config
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     from adamerge.errors import MergeInputError
     from adamerge.evaluate import evaluate_checkpoint
-    from tests.conftest import WORDS, save_lm_zoo
+    from tests.conftest import save_lm_zoo, tiny_t5
 
-    config = T5Config(vocab_size=len(WORDS) + 5, pad_token_id=0, eos_token_id=3, decoder_start_token_id=0,
-                      d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
-    base, _ = save_lm_zoo(tmp_path, lambda: AutoModelForSeq2SeqLM.from_config(config), ())
+    base, _ = save_lm_zoo(tmp_path, tiny_t5, ())
     paths = {}
     for i, task in enumerate(("a", "b")):
         torch.manual_seed(i)
@@ -211,7 +209,8 @@ def test_seq2seq_lora_adapters_merge_as_peft_does_and_export_as_adapters(tmp_pat
         full = AutoModelForSeq2SeqLM.from_pretrained(str(out)).eval()
         torch.testing.assert_close(full(**xs).logits, expected, atol=1e-5, rtol=1e-5)
         for task in paths:
-            adapter = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(base), str(out / "adapters" / task))
-            torch.testing.assert_close(adapter.eval()(**xs).logits, expected, atol=1e-5, rtol=1e-5)
+            adapter = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(base),
+                                                str(out / "adapters" / task)).eval()
+            torch.testing.assert_close(adapter(**xs).logits, expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(MergeInputError, match="seq2seq_lm export: evaluate scores classifiers"):
         evaluate_checkpoint(str(out), {"a": {"path": str(tmp_path / "none.csv")}})
