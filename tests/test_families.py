@@ -123,3 +123,17 @@ def test_text_families_merge_export_and_load_with_stock_transformers(family, tmp
             wrapper = module.predict(task, x)
             torch.testing.assert_close(stock(**xs).logits, wrapper, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(load_merged(out).predict(task, **x), wrapper, atol=1e-5, rtol=1e-5)
+
+
+def test_a_seq2seq_model_without_a_decoder_start_token_is_refused_by_name(tmp_path):
+    """The first output token is decoded from the config's decoder_start_token_id: a model without one is refused
+    before anything is merged, naming the model and the field."""
+    from adamerge.errors import MergeInputError
+    from adamerge.methods import TaskArithmetic
+    from tests.conftest import tiny_t5
+
+    base, models = save_lm_zoo(tmp_path, tiny_t5, ("a",))
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    (tmp_path / "base" / "config.json").write_text(json.dumps({**config, "decoder_start_token_id": None}))
+    with pytest.raises(MergeInputError, match=r"base.*decoder_start_token_id"):
+        TaskArithmetic(base, models, task_type="seq2seq_lm")

@@ -3,6 +3,8 @@ adapters that peft loads."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -128,12 +130,32 @@ def test_recompute_merges_low_rank_layers_to_the_same_gradient(adapters, batch):
         torch.testing.assert_close(g, grads[0], atol=1e-7, rtol=1e-5)
 
 
+def random_adapters(base, root, auto, tasks=("a", "b"), **lora) -> dict[str, str]:
+    """Per task a peft LoRA adapter (``lora``: LoraConfig fields, r = 4) of ``auto.from_pretrained(base)`` with random
+    factors and, where it saves modules (a classifier), random values there too: ``{task: path}``."""
+    from peft import LoraConfig, get_peft_model
+
+    paths = {}
+    for i, task in enumerate(tasks):
+        torch.manual_seed(i)
+        config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **lora)
+        model = get_peft_model(auto.from_pretrained(base), config)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "modules_to_save" in n:
+                    p.normal_(0, 0.5)
+        model.save_pretrained(str(root / task))
+        paths[task] = str(root / task)
+    return paths
+
+
 def test_adapter_heads_keep_the_bases_modules_peft_did_not_save(tmp_path):
     """DeBERTa-v2's classifier reads a ``pooler`` outside its backbone that peft's SEQ_CLS adapters do not save
     (modules_to_save is ``classifier``): it stayed the base's while the adapter trained, so the merge takes it from
     the base (one-hot = peft's merge_and_unload); a base without it (a bare encoder: transformers initialises the
     pooler at random) is refused, naming the tensors."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
+    from safetensors.torch import load_file
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, DebertaV2Config
 
     from adamerge.errors import MergeInputError
@@ -142,19 +164,10 @@ def test_adapter_heads_keep_the_bases_modules_peft_did_not_save(tmp_path):
     config = DebertaV2Config(vocab_size=len(WORDS) + 5, pad_token_id=0, hidden_size=32, num_hidden_layers=2,
                              num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
     base, _ = save_lm_zoo(tmp_path, lambda: AutoModelForSequenceClassification.from_config(config), ())
-    paths = {}
-    for i, task in enumerate(("a", "b")):
-        torch.manual_seed(i)
-        model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(base),
-                               LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, init_lora_weights=False,
-                                          target_modules=["query_proj", "value_proj"]))
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "modules_to_save" in n:
-                    p.normal_(0, 0.5)
-        assert not any("pooler" in n for n, p in model.named_parameters() if p.requires_grad)
-        model.save_pretrained(str(tmp_path / task))
-        paths[task] = str(tmp_path / task)
+    paths = random_adapters(base, tmp_path, AutoModelForSequenceClassification, task_type="SEQ_CLS",
+                            target_modules=["query_proj", "value_proj"])
+    saved = load_file(str(Path(paths["a"]) / "adapter_model.safetensors"))
+    assert any("classifier" in k for k in saved) and not any("pooler" in k for k in saved)
     module = TaskArithmetic(base, paths, scale=1.0)
     x = dict(AutoTokenizer.from_pretrained(base)(["good movie great plot", "free prize"], return_tensors="pt",
                                                  padding=True))
@@ -176,7 +189,7 @@ def test_seq2seq_lora_adapters_merge_as_peft_does_and_export_as_adapters(tmp_pat
     """Flan-T5-style LoRA (peft SEQ_2_SEQ_LM on T5's q/v): the one-hot merge is peft's merge_and_unload (first output
     token's logits); a TA merge exports a full AutoModelForSeq2SeqLM and PEFT adapters that give the same logits;
     `adamerge evaluate` refuses the seq2seq export with a line that says why."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     from adamerge.errors import MergeInputError
@@ -184,14 +197,7 @@ def test_seq2seq_lora_adapters_merge_as_peft_does_and_export_as_adapters(tmp_pat
     from tests.conftest import save_lm_zoo, tiny_t5
 
     base, _ = save_lm_zoo(tmp_path, tiny_t5, ())
-    paths = {}
-    for i, task in enumerate(("a", "b")):
-        torch.manual_seed(i)
-        model = get_peft_model(AutoModelForSeq2SeqLM.from_pretrained(base),
-                               LoraConfig(task_type="SEQ_2_SEQ_LM", r=4, lora_alpha=8, init_lora_weights=False,
-                                          target_modules=["q", "v"]))
-        model.save_pretrained(str(tmp_path / task))
-        paths[task] = str(tmp_path / task)
+    paths = random_adapters(base, tmp_path, AutoModelForSeq2SeqLM, task_type="SEQ_2_SEQ_LM", target_modules=["q", "v"])
     x = {k: v for k, v in AutoTokenizer.from_pretrained(base)(["good movie great plot", "free prize"],
                                                                return_tensors="pt", padding=True).items()
          if k in ("input_ids", "attention_mask")}

@@ -10,8 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from adamerge.errors import MergeInputError
-from adamerge.kinds.base import ModelKind
-from adamerge.kinds.headed import is_safetensors_file, read_state_dict
+from adamerge.kinds.whole import WholeModelKind
 
 
 def _first_decoder_position(model: nn.Module, args, kwargs):
@@ -32,62 +31,29 @@ def first_token_logits(model: nn.Module) -> nn.Module:
     return model
 
 
-class Seq2SeqLM(ModelKind):
+class Seq2SeqLM(WholeModelKind):
     name = "seq2seq_lm"
-    per_task_heads = False
     modality = "text"
     peft_task_type = "SEQ_2_SEQ_LM"
     pipeline_tag = "text2text-generation"
     evaluated_on = None  # no labels to score the first token against, no target text for token scores
+    auto_class_name = "AutoModelForSeq2SeqLM"
+    described_as = "a seq2seq LM"
+    tied_suffixes = ("lm_head.weight", "embed_tokens.weight")  # tied to the shared embedding when saved
 
     def load(self, source: str, base_config=None, trust_remote_code: bool = False,
              dtype: torch.dtype = torch.float32, role: str = "fine-tune") -> nn.Module:
-        from transformers import AutoModelForSeq2SeqLM
-
-        if is_safetensors_file(source):
-            if base_config is None:
-                raise MergeInputError(f"{source}: a bare safetensors file needs the base model's config")
-            model = AutoModelForSeq2SeqLM.from_config(base_config)
-            missing, extra = model.load_state_dict(read_state_dict(source), strict=False)
-            tied = set(getattr(model, "_tied_weights_keys", None) or [])
-            tied_names = ("lm_head.weight", "embed_tokens.weight")  # tied to the shared embedding when saved
-            missing = [k for k in missing if k not in tied and not k.endswith(tied_names)]
-            if missing or extra:
-                raise MergeInputError(f"{source}: state dict does not match {type(model).__name__}: missing keys "
-                                      f"{missing[:5]}, unexpected keys {extra[:5]}")
-            return model.to(dtype)
-        try:
-            model = AutoModelForSeq2SeqLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
-        except Exception as e:  # transformers/safetensors raise many types
-            raise MergeInputError(f"cannot load model {source!r}: {type(e).__name__}: {e}") from e
+        model = super().load(source, base_config, trust_remote_code, dtype, role)
         if model.config.decoder_start_token_id is None:
             raise MergeInputError(f"{source}: its config has no decoder_start_token_id, so the first output token "
                                   "the merge is trained on cannot be decoded; set it in config.json")
         return model
 
-    def split(self, model: nn.Module):
-        return first_token_logits(model), None
-
-    def backbone_of(self, model: nn.Module) -> nn.Module:
-        return model
-
-    def head_logits(self, head, features, inputs):
-        return features.logits
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return first_token_logits(model)
 
     def token_mask(self, inputs) -> Tensor | None:
         return None  # one decoder position per row: the encoder's attention mask does not index the logits
-
-    def check_features(self) -> None:
-        raise MergeInputError("objective: 'features' needs a backbone with hidden features; a seq2seq LM is merged "
-                              "whole (use objective 'kl' or 'pseudo_label')")
-
-    def feature_field(self, output) -> str:
-        self.check_features()
-
-    def load_backbone(self, root, dtype: torch.dtype) -> nn.Module:
-        from transformers import AutoModelForSeq2SeqLM
-
-        return first_token_logits(AutoModelForSeq2SeqLM.from_pretrained(str(root), dtype=dtype))
 
     def card_usage(self, repo: str, task: str, per_task_models: bool) -> str:
         return ("```python\nfrom transformers import AutoModelForSeq2SeqLM, AutoTokenizer\n"
