@@ -47,6 +47,9 @@ class TaskData:
         max_samples: keep at most this many rows (the first ones after loading).
         image_column: column with the input images (a ``datasets.Image`` feature); set for image tasks, whose
             ``text_column`` is then ignored.
+        template: the text the model reads, a format string over the row's columns (``"premise: {premise}
+            hypothesis: {hypothesis}"``): the prompts a text-to-text or instruction fine-tune was trained on;
+            ``text_column`` and ``text_pair_column`` are then ignored.
     """
 
     path: str
@@ -56,12 +59,37 @@ class TaskData:
     name: str | None = None
     max_samples: int | None = None
     image_column: str | None = None
+    template: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.template is not None:
+            if self.image_column:
+                raise MergeInputError(f"template: {self.path} is an image task (image_column); templates format text")
+            template_fields(self.template)
 
     @property
     def input_columns(self) -> list[str]:
         if self.image_column:
             return [self.image_column]
+        if self.template is not None:
+            return template_fields(self.template)
         return [c for c in (self.text_column, self.text_pair_column) if c]
+
+
+def template_fields(template: str) -> list[str]:
+    """The columns a ``template`` reads (each once, in order); a template that reads none, or reads something other
+    than a column by name (``{0}``, ``{row.text}``, ``{row[0]}``), is refused."""
+    import string
+
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise MergeInputError(f"template {template!r}: {e}") from e
+    bad = [f for f in names if not f.isidentifier()]
+    if not names or bad:
+        raise MergeInputError(f"template {template!r}: name the columns it reads as {{column}}"
+                              + (f"; not {bad}" if bad else " (it reads none)"))
+    return list(dict.fromkeys(names))
 
 
 def open_dataset(path: str, split: str = "train", name: str | None = None, task: str = "?"):
@@ -115,8 +143,13 @@ def load_texts(spec: TaskData, task: str = "?", extra_columns: tuple[str, ...] =
 
 
 def tokenize(tokenizer, ds, spec: TaskData, max_length: int) -> list[dict[str, list[int]]]:
-    texts = [str(t) for t in ds[spec.text_column]]
-    pairs = [str(t) for t in ds[spec.text_pair_column]] if spec.text_pair_column else None
+    if spec.template is not None:
+        columns = spec.input_columns
+        texts = [spec.template.format(**dict(zip(columns, values))) for values in zip(*(ds[c] for c in columns))]
+        pairs = None
+    else:
+        texts = [str(t) for t in ds[spec.text_column]]
+        pairs = [str(t) for t in ds[spec.text_pair_column]] if spec.text_pair_column else None
     enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
     return [{k: enc[k][i] for k in keys} for i in range(len(texts))]

@@ -39,7 +39,10 @@ def _text_data(path: Path, spec: dict, rows: int, seed: int) -> str:
     """A ``DatasetDict`` (every split a config may name) with the text columns ``spec`` reads, and a label."""
     import datasets
 
-    columns = {spec.get("text_column", "text"), *([spec["text_pair_column"]] if spec.get("text_pair_column") else [])}
+    from adamerge.data import template_fields
+
+    columns = set(template_fields(spec["template"])) if spec.get("template") else \
+        {spec.get("text_column", "text"), *([spec["text_pair_column"]] if spec.get("text_pair_column") else [])}
     table = {c: text_rows(rows, seed=seed + i) for i, c in enumerate(sorted(columns))}
     table["label"] = [i % 2 for i in range(rows)]
     datasets.DatasetDict({s: datasets.Dataset.from_dict(table) for s in SPLITS}).save_to_disk(str(path))

@@ -131,6 +131,34 @@ def test_data_errors_name_the_task_and_field(tmp_path, zoo):
         load_texts(TaskData(str(q)), "spam")
 
 
+def test_a_template_is_the_text_the_model_reads(tmp_path, zoo):
+    """``template`` formats each row's columns into the model's input (the prompts a text-to-text fine-tune saw): the
+    data module's rows are the tokenizer's own encoding of the formatted strings, written out here by hand; a missing
+    column is named, a template that names no column (or not by name) is refused."""
+    from transformers import AutoTokenizer
+
+    from adamerge.data import TaskData, UnlabeledDataModule, load_texts
+
+    base, _ = zoo
+    path = tmp_path / "pairs.csv"
+    path.write_text("premise,hypothesis,label\ngood movie,great plot,1\nfree prize,call now,0\n")
+    spec = TaskData(str(path), template="Does '{premise}' imply '{hypothesis}'? yes or no")
+    assert spec.input_columns == ["premise", "hypothesis"]
+    dm = UnlabeledDataModule({"nli": spec}, tokenizer=base, samples_per_task=2, max_length=32)
+    dm.setup()
+    tok = AutoTokenizer.from_pretrained(base)
+    for i, (p, h) in enumerate([("good movie", "great plot"), ("free prize", "call now")]):
+        expected = tok(f"Does '{p}' imply '{h}'? yes or no", truncation=True, max_length=32)["input_ids"]
+        assert dm.dataset.rows["nli"][i]["input_ids"] == expected
+    other = tmp_path / "other.csv"
+    other.write_text("text\nx\n")
+    with pytest.raises(MergeInputError, match=r"task 'nli': text column 'premise' not in"):
+        load_texts(TaskData(str(other), template="{premise}"), "nli")
+    for bad, why in (("no column", "it reads none"), ("{0}", "not \\['0'\\]"), ("{row.text}", "not")):
+        with pytest.raises(MergeInputError, match=why):
+            TaskData(str(path), template=bad)
+
+
 def test_samples_per_task_above_a_tasks_rows_warns_naming_it(tmp_path, zoo, caplog):
     """A task with fewer rows than samples_per_task: a warning names it, and each step still holds every row of it
     (repeated), never a row twice before all were used."""
