@@ -1,5 +1,6 @@
 """Per-task accuracy and macro-F1 (torchmetrics) of exported checkpoints or in-memory models; for causal LMs (no
-class heads), the mean next-token negative log-likelihood and perplexity of each task's text."""
+class heads), the mean next-token negative log-likelihood and perplexity of each task's text; for seq2seq LMs,
+accuracy and macro-F1 of the first output token among each class's answer word."""
 
 from __future__ import annotations
 
@@ -22,9 +23,31 @@ class LabeledTaskData(TaskData):
 
     Args:
         label_column: column holding integer class ids.
+        answers: seq2seq LMs (text-to-text classification): the answer word of each class id, in order; the model's
+            class is the answer whose first token its first output token scores highest.
     """
 
     label_column: str = "label"
+    answers: list[str] | None = None
+
+
+def answer_logits(logits_fn, spec: LabeledTaskData, task: str, tokenizer):
+    """``(logits function over the classes, number of classes)`` of a seq2seq LM's first-output-token logits
+    ``[B, 1, V]``: the columns of each class's answer word's first token (words sharing one are refused)."""
+    if not spec.answers:
+        raise MergeInputError(f"task {task!r}: a seq2seq LM is scored on its first output token: give the answer word "
+                              "of each class id in order (answers: [negative, positive])")
+    ids = [(tokenizer(str(w), add_special_tokens=False)["input_ids"] or [None])[0] for w in spec.answers]
+    if None in ids or len(set(ids)) < len(ids):
+        tokens = {w: (tokenizer.convert_ids_to_tokens(i) if i is not None else None) for w, i in zip(spec.answers, ids)}
+        raise MergeInputError(f"task {task!r}: answers must start with distinct tokens; first tokens: {tokens}")
+    index = torch.tensor(ids)
+
+    def classes(batch):
+        logits = logits_fn(batch)
+        return logits[:, 0, index.to(logits.device)]
+
+    return classes, len(ids)
 
 
 def load_labeled(spec: LabeledTaskData, task: str, inputs):
@@ -86,7 +109,9 @@ def evaluate_checkpoint(checkpoint: str, tasks: dict[str, LabeledTaskData], batc
       head (the "pretrained + heads" reference).
 
     A causal LM (an export of kind ``causal_lm``, or a plain model whose architecture is a causal LM) is scored on
-    each task's text instead: ``nll``, ``perplexity``, ``tokens`` (:func:`score_tokens`); no label is read.
+    each task's text instead: ``nll``, ``perplexity``, ``tokens`` (:func:`score_tokens`); no label is read. A seq2seq
+    LM (``seq2seq_lm``; a plain ``*ForConditionalGeneration``) is scored like a classifier whose classes are each
+    task's ``answers`` words (:func:`answer_logits`).
 
     Args:
         checkpoint: export, model directory or hub id.
@@ -119,17 +144,21 @@ def evaluate_checkpoint(checkpoint: str, tasks: dict[str, LabeledTaskData], batc
         max_length = int((manifest or {}).get("data", {}).get("max_length") or 128)
     tasks = {t: s if isinstance(s, LabeledTaskData) else LabeledTaskData(**s) for t, s in tasks.items()}
     inputs = input_builder(tasks, str(checkpoint), max_length)  # the export's tokenizer or image processor
-    tokens = _scores_tokens(str(checkpoint), manifest)
-    if tokens and heads is not None:
-        raise MergeInputError(f"heads: {checkpoint} is a causal LM, which has no class heads to borrow; evaluate the "
-                              "base model's own directory for the pretrained reference")
-    predict = _predictor(str(checkpoint), manifest, heads, list(tasks), inputs.modality, tokens)
+    scoring = _scoring(str(checkpoint), manifest)
+    tokens = scoring == "tokens"
+    if scoring != "labels" and heads is not None:
+        what = "a causal LM" if tokens else "a seq2seq LM"
+        raise MergeInputError(f"heads: {checkpoint} is {what}, which has no class heads to borrow; evaluate the base "
+                              "model's own directory for the pretrained reference")
+    predict = _predictor(str(checkpoint), manifest, heads, list(tasks), inputs.modality, scoring)
     out = {}
     for task, spec in tasks.items():
         fn, num_labels = predict(task)
         if tokens:  # a causal LM: each task's text scored token by token; no label is read
             out[task] = score_tokens(fn, inputs.encode(load_texts(spec, task), spec), inputs, batch_size)
         else:
+            if scoring == "answers":  # a seq2seq LM: its first output token among the classes' answer words
+                fn, num_labels = answer_logits(fn, spec, task, inputs.tokenizer)
             rows, labels = load_labeled(spec, task, inputs)
             out[task] = score(fn, rows, labels, num_labels, inputs, batch_size)
         log.info("%s: %s", task, out[task])
@@ -144,36 +173,39 @@ def evaluate_checkpoint(checkpoint: str, tasks: dict[str, LabeledTaskData], batc
     return out
 
 
-def _scores_tokens(checkpoint: str, manifest: dict | None) -> bool:
-    """Whether ``checkpoint`` is scored on tokens: a model kind without class heads (causal LMs), read from an
-    export's manifest or, for a plain model, from its config's architecture."""
+def _scoring(checkpoint: str, manifest: dict | None) -> str:
+    """How ``checkpoint`` is scored (:attr:`adamerge.kinds.ModelKind.evaluated_on`): ``labels`` (class heads),
+    ``tokens`` (causal LMs) or ``answers`` (seq2seq LMs), read from an export's manifest or, for a plain model, from
+    its config's architecture."""
     from adamerge.export import manifest_kind
     from adamerge.kinds import get_kind
 
     if manifest is not None:
-        kind = get_kind(manifest_kind(manifest))
-        if kind.evaluated_on is None:
-            raise MergeInputError(f"{checkpoint} is a {kind.name} export: evaluate scores classifiers (labels) and "
-                                  "causal LMs (token NLL); generate with AutoModelForSeq2SeqLM and score the answers "
-                                  "with your task's metric")
-        return kind.evaluated_on == "tokens"
+        return get_kind(manifest_kind(manifest)).evaluated_on
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
 
     try:
-        architectures = AutoConfig.from_pretrained(checkpoint).architectures or []
+        architectures = set(AutoConfig.from_pretrained(checkpoint).architectures or [])
     except (OSError, ValueError):
-        return False  # loading the model itself reports what is wrong with it
-    causal = {a for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
-              for a in ((names,) if isinstance(names, str) else names)}
-    return any(a in causal for a in architectures)
+        return "labels"  # loading the model itself reports what is wrong with it
+
+    def names(mapping):
+        return {a for n in mapping.values() for a in ((n,) if isinstance(n, str) else n)}
+
+    if architectures & names(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        return "tokens"
+    return "answers" if architectures & names(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES) else "labels"
 
 
 def _predictor(checkpoint: str, manifest: dict | None, heads: dict[str, str] | None, tasks: list[str],
-               modality: str = "text", tokens: bool = False):
-    """``task -> (logits function, number of classes)`` for the three kinds of checkpoint (``tokens``: a causal LM,
-    whose logits are over its vocabulary: no class count)."""
-    task_type = "causal_lm" if tokens else "seq_cls" if modality == "text" else "image_cls"
+               modality: str = "text", scoring: str = "labels"):
+    """``task -> (logits function, number of classes)`` for the three kinds of checkpoint (``scoring`` other than
+    ``labels``: a whole-model LM, whose logits are over its vocabulary: no class count)."""
+    task_type = {"tokens": "causal_lm", "answers": "seq2seq_lm"}.get(scoring) or \
+        ("seq_cls" if modality == "text" else "image_cls")
+    tokens = scoring != "labels"
     if heads is not None:
         missing = sorted(set(tasks) - set(heads))
         if missing:
@@ -197,7 +229,8 @@ def _predictor(checkpoint: str, manifest: dict | None, heads: dict[str, str] | N
             return (lambda b: merged.predict(task, **b), classes)
 
         return from_export
+    from adamerge.kinds import get_kind
     from adamerge.pool import load_model
 
-    model = load_model(checkpoint, task_type).eval()
+    model = get_kind(task_type).prepare(load_model(checkpoint, task_type)).eval()  # seq2seq: first output token
     return lambda task: (lambda b: model(**b).logits, None if tokens else model.config.num_labels)

@@ -188,7 +188,7 @@ def test_adapter_heads_keep_the_bases_modules_peft_did_not_save(tmp_path):
 def test_seq2seq_lora_adapters_merge_as_peft_does_and_export_as_adapters(tmp_path):
     """Flan-T5-style LoRA (peft SEQ_2_SEQ_LM on T5's q/v): the one-hot merge is peft's merge_and_unload (first output
     token's logits); a TA merge exports a full AutoModelForSeq2SeqLM and PEFT adapters that give the same logits;
-    `adamerge evaluate` refuses the seq2seq export with a line that says why."""
+    `adamerge evaluate` scores the first output token among each class's answer word."""
     from peft import PeftModel
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -218,5 +218,25 @@ def test_seq2seq_lora_adapters_merge_as_peft_does_and_export_as_adapters(tmp_pat
             adapter = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(base),
                                                 str(out / "adapters" / task)).eval()
             torch.testing.assert_close(adapter(**xs).logits, expected, atol=1e-5, rtol=1e-5)
-    with pytest.raises(MergeInputError, match="seq2seq_lm export: evaluate scores classifiers"):
-        evaluate_checkpoint(str(out), {"a": {"path": str(tmp_path / "none.csv")}})
+
+    # evaluate: the first output token among the answers' first tokens, against the stock model one row at a time,
+    # for the export and for a plain seq2seq directory (the base)
+    from tests.conftest import text_rows
+
+    texts = text_rows(12, seed=3)
+    data = tmp_path / "eval.csv"
+    data.write_text("text,label\n" + "".join(f"{x},{i % 2}\n" for i, x in enumerate(texts)))
+    tok = AutoTokenizer.from_pretrained(base)
+    ids = [tok(w, add_special_tokens=False)["input_ids"][0] for w in ("good", "bad")]
+    for checkpoint in (out, base):
+        stock = AutoModelForSeq2SeqLM.from_pretrained(str(checkpoint)).eval()
+        with torch.no_grad():
+            preds = [int(stock(**tok(x, return_tensors="pt"), decoder_input_ids=torch.zeros(1, 1, dtype=torch.long)
+                               ).logits[0, 0, ids].argmax()) for x in texts]
+        got = evaluate_checkpoint(str(checkpoint), {"a": {"path": str(data), "answers": ["good", "bad"]}})["a"]
+        assert got["predicted"] == [preds.count(0), preds.count(1)]
+        assert got["accuracy"] == pytest.approx(sum(p == i % 2 for i, p in enumerate(preds)) / len(texts))
+    with pytest.raises(MergeInputError, match=r"task 'a': a seq2seq LM is scored on its first output token"):
+        evaluate_checkpoint(str(out), {"a": {"path": str(data)}})
+    with pytest.raises(MergeInputError, match=r"answers must start with distinct tokens"):  # both [UNK]
+        evaluate_checkpoint(str(out), {"a": {"path": str(data), "answers": ["zebra", "quokka"]}})

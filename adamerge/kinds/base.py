@@ -52,7 +52,8 @@ class ModelKind:
         feature_fields: backbone output fields that hold "the feature" the heads read, in order of preference.
         peft_task_type: PEFT's ``task_type`` of the kind's adapters (exported LoRA merges); None: not supported.
         evaluated_on: what ``adamerge evaluate`` scores: ``labels`` (accuracy and macro-F1 of the classes),
-            ``tokens`` (next-token NLL of each task's text, causal LMs), None (not scored: seq2seq LMs).
+            ``tokens`` (next-token NLL of each task's text, causal LMs), ``answers`` (accuracy and macro-F1 of the
+            first output token among each class's answer word, seq2seq LMs).
     """
 
     name: ClassVar[str] = ""
@@ -73,6 +74,10 @@ class ModelKind:
     def split(self, model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
         """(backbone to merge, head shell or None). Destructive: the model's backbone is replaced by a stub."""
         raise NotImplementedError
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """A loaded model made ready to be called as the kind calls it (identity; seq2seq LMs: first output token)."""
+        return model
 
     def backbone_of(self, model: nn.Module) -> nn.Module:
         """The backbone inside a full model, without modifying it."""

@@ -36,7 +36,7 @@ class Seq2SeqLM(WholeModelKind):
     modality = "text"
     peft_task_type = "SEQ_2_SEQ_LM"
     pipeline_tag = "text2text-generation"
-    evaluated_on = None  # no labels to score the first token against, no target text for token scores
+    evaluated_on = "answers"  # the first output token among each class's answer word
     auto_class_name = "AutoModelForSeq2SeqLM"
     described_as = "a seq2seq LM"
     tied_suffixes = ("lm_head.weight", "embed_tokens.weight")  # tied to the shared embedding when saved

@@ -14,8 +14,8 @@ from adamerge.kinds.headed import is_safetensors_file, read_state_dict
 
 
 class WholeModelKind(ModelKind):
-    """A kind whose full model is ``auto_class_name`` and is merged whole; :meth:`prepare` adapts a loaded model to
-    how the kind calls it (identity here)."""
+    """A kind whose full model is ``auto_class_name`` and is merged whole, each loaded model passed through
+    :meth:`prepare`."""
 
     per_task_heads = False
     auto_class_name: ClassVar[str] = ""
@@ -26,9 +26,6 @@ class WholeModelKind(ModelKind):
         import transformers
 
         return getattr(transformers, self.auto_class_name)
-
-    def prepare(self, model: nn.Module) -> nn.Module:
-        return model
 
     def load(self, source: str, base_config=None, trust_remote_code: bool = False,
              dtype: torch.dtype = torch.float32, role: str = "fine-tune") -> nn.Module:
