@@ -63,6 +63,12 @@ class ModelKind:
     peft_task_type: ClassVar[str | None] = None
     pipeline_tag: ClassVar[str] = "feature-extraction"  # the model card's Hub pipeline tag
     evaluated_on: ClassVar[str | None] = "labels"
+    auto_class_name: ClassVar[str] = ""  # the transformers Auto class of the kind's full models
+
+    def auto_class(self):
+        import transformers
+
+        return getattr(transformers, self.auto_class_name)
 
     # -- loading ------------------------------------------------------------------------------------------------------
     def load(self, source: str, base_config=None, trust_remote_code: bool = False,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -95,7 +95,6 @@ class HeadedKind(ModelKind):
     one, as RoBERTa, ELECTRA and DeBERTa classifiers keep their dense pooling layer in the head already. The merged
     backbone (the export's root) still holds the merged pooler."""
 
-    auto_class_name: ClassVar[str] = ""
 
     def build_heads(self, base_model: nn.Module, base_source: str, tasks: list[str], options: Mapping[str, Any] | None,
                     dtype: torch.dtype) -> dict[str, nn.Module] | None:
@@ -123,11 +122,6 @@ class HeadedKind(ModelKind):
                 p.copy_(values[n])
         setattr(head, head.base_model_prefix, PoolerStub(pooler.requires_grad_(False).eval()))
         return head
-
-    def auto_class(self):
-        import transformers
-
-        return getattr(transformers, self.auto_class_name)
 
     def load(self, source: str, base_config=None, trust_remote_code: bool = False,
              dtype: torch.dtype = torch.float32, role: str = "fine-tune") -> nn.Module:

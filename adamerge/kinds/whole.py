@@ -18,14 +18,8 @@ class WholeModelKind(ModelKind):
     :meth:`prepare`."""
 
     per_task_heads = False
-    auto_class_name: ClassVar[str] = ""
     described_as: ClassVar[str] = ""  # in error messages: "a causal LM"
     tied_suffixes: ClassVar[tuple[str, ...]] = ("lm_head.weight",)  # saved once, tied to the input embedding
-
-    def auto_class(self):
-        import transformers
-
-        return getattr(transformers, self.auto_class_name)
 
     def load(self, source: str, base_config=None, trust_remote_code: bool = False,
              dtype: torch.dtype = torch.float32, role: str = "fine-tune") -> nn.Module:
