@@ -144,13 +144,13 @@ def evaluate_checkpoint(checkpoint: str, tasks: dict[str, LabeledTaskData], batc
         max_length = int((manifest or {}).get("data", {}).get("max_length") or 128)
     tasks = {t: s if isinstance(s, LabeledTaskData) else LabeledTaskData(**s) for t, s in tasks.items()}
     inputs = input_builder(tasks, str(checkpoint), max_length)  # the export's tokenizer or image processor
-    scoring = _scoring(str(checkpoint), manifest)
+    kind = _kind_of(str(checkpoint), manifest, inputs.modality)
+    scoring = kind.evaluated_on
     tokens = scoring == "tokens"
-    if scoring != "labels" and heads is not None:
-        what = "a causal LM" if tokens else "a seq2seq LM"
-        raise MergeInputError(f"heads: {checkpoint} is {what}, which has no class heads to borrow; evaluate the base "
-                              "model's own directory for the pretrained reference")
-    predict = _predictor(str(checkpoint), manifest, heads, list(tasks), inputs.modality, scoring)
+    if not kind.per_task_heads and heads is not None:
+        raise MergeInputError(f"heads: {checkpoint} is {kind.described_as}, which has no class heads to borrow; "
+                              "evaluate the base model's own directory for the pretrained reference")
+    predict = _predictor(str(checkpoint), manifest, heads, list(tasks), kind)
     out = {}
     for task, spec in tasks.items():
         fn, num_labels = predict(task)
@@ -173,39 +173,38 @@ def evaluate_checkpoint(checkpoint: str, tasks: dict[str, LabeledTaskData], batc
     return out
 
 
-def _scoring(checkpoint: str, manifest: dict | None) -> str:
-    """How ``checkpoint`` is scored (:attr:`adamerge.kinds.ModelKind.evaluated_on`): ``labels`` (class heads),
-    ``tokens`` (causal LMs) or ``answers`` (seq2seq LMs), read from an export's manifest or, for a plain model, from
-    its config's architecture."""
+def _kind_of(checkpoint: str, manifest: dict | None, modality: str):
+    """The model kind of ``checkpoint``: an export's (its manifest), else a plain model's — a causal or seq2seq LM by
+    its config's architecture, otherwise the classifier of the inputs' modality."""
     from adamerge.export import manifest_kind
     from adamerge.kinds import get_kind
 
     if manifest is not None:
-        return get_kind(manifest_kind(manifest)).evaluated_on
+        return get_kind(manifest_kind(manifest))
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                         MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
 
+    classifier = get_kind("seq_cls" if modality == "text" else "image_cls")
     try:
         architectures = set(AutoConfig.from_pretrained(checkpoint).architectures or [])
     except (OSError, ValueError):
-        return "labels"  # loading the model itself reports what is wrong with it
+        return classifier  # loading the model itself reports what is wrong with it
 
     def names(mapping):
         return {a for n in mapping.values() for a in ((n,) if isinstance(n, str) else n)}
 
     if architectures & names(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
-        return "tokens"
-    return "answers" if architectures & names(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES) else "labels"
+        return get_kind("causal_lm")
+    if architectures & names(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES):
+        return get_kind("seq2seq_lm")
+    return classifier
 
 
-def _predictor(checkpoint: str, manifest: dict | None, heads: dict[str, str] | None, tasks: list[str],
-               modality: str = "text", scoring: str = "labels"):
-    """``task -> (logits function, number of classes)`` for the three kinds of checkpoint (``scoring`` other than
-    ``labels``: a whole-model LM, whose logits are over its vocabulary: no class count)."""
-    task_type = {"tokens": "causal_lm", "answers": "seq2seq_lm"}.get(scoring) or \
-        ("seq_cls" if modality == "text" else "image_cls")
-    tokens = scoring != "labels"
+def _predictor(checkpoint: str, manifest: dict | None, heads: dict[str, str] | None, tasks: list[str], kind):
+    """``task -> (logits function, number of classes)`` for the three kinds of checkpoint (a ``kind`` merged whole,
+    an LM, has logits over its vocabulary: no class count)."""
+    task_type, tokens = kind.name, not kind.per_task_heads
     if heads is not None:
         missing = sorted(set(tasks) - set(heads))
         if missing:
@@ -229,8 +228,7 @@ def _predictor(checkpoint: str, manifest: dict | None, heads: dict[str, str] | N
             return (lambda b: merged.predict(task, **b), classes)
 
         return from_export
-    from adamerge.kinds import get_kind
     from adamerge.pool import load_model
 
-    model = get_kind(task_type).prepare(load_model(checkpoint, task_type)).eval()  # seq2seq: first output token
+    model = kind.prepare(load_model(checkpoint, task_type)).eval()  # seq2seq: its first output token
     return lambda task: (lambda b: model(**b).logits, None if tokens else model.config.num_labels)

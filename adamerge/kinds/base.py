@@ -11,6 +11,7 @@ kind's name.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -39,6 +40,22 @@ def apply_head(head: nn.Module, features, inputs) -> Tensor:
         return head(**inputs).logits
     finally:
         stub.features = None
+
+
+def _fill_decoder_inputs(make, model: nn.Module, args, kwargs):
+    """Forward pre-hook of :func:`default_decoder_inputs`."""
+    if any(kwargs.get(k) is not None for k in ("decoder_input_ids", "decoder_inputs_embeds", "labels")):
+        return None
+    ids = make(model, kwargs)
+    return None if ids is None else (args, {**kwargs, "decoder_input_ids": ids})
+
+
+def default_decoder_inputs(model: nn.Module, make) -> nn.Module:
+    """``model`` (an encoder-decoder, in place), called without decoder inputs (ids, embeddings or labels), gets
+    ``decoder_input_ids = make(model, kwargs)`` (``make`` returns None: called as it is). Every call of it — training,
+    export checks, ``load_merged`` — then decodes as the kind means it to."""
+    model.register_forward_pre_hook(partial(_fill_decoder_inputs, make), with_kwargs=True)
+    return model
 
 
 class ModelKind:

@@ -240,7 +240,7 @@ class CLIP(ModelKind):
         return self.backbone_of(model)
 
     def backbone_of(self, model: nn.Module) -> nn.Module:
-        family = FAMILIES[MODEL_TYPES[model.config.model_type]]
+        family = family_of(model.config, type(model).__name__)
         if not isinstance(model, _cls(family.full)):
             return model
         if isinstance(model.vision_model, _cls(family.vision)):  # transformers 5: the tower is a *VisionModel

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from adamerge.errors import MergeInputError
-from adamerge.kinds.base import FeatureStub, ModelKind, num_labels_of
+from adamerge.kinds.base import FeatureStub, ModelKind, default_decoder_inputs, num_labels_of
 
 
 def is_safetensors_file(source: str) -> bool:
@@ -56,21 +56,17 @@ def owns_pooler(head: nn.Module | None) -> bool:
 HEAD_OPTIONS = ("pooler",)
 
 
-def _shift_decoder_inputs(backbone: nn.Module, args, kwargs):
-    """Forward pre-hook of a T5-style encoder-decoder backbone (see :func:`decoder_inputs_from_input_ids`)."""
-    if kwargs.get("decoder_input_ids") is None and kwargs.get("decoder_inputs_embeds") is None \
-            and kwargs.get("input_ids") is not None:
-        return args, {**kwargs, "decoder_input_ids": backbone._shift_right(kwargs["input_ids"])}
-    return None
+def _shifted_input_ids(backbone: nn.Module, kwargs):
+    ids = kwargs.get("input_ids")
+    return None if ids is None else backbone._shift_right(ids)
 
 
 def decoder_inputs_from_input_ids(backbone: nn.Module) -> nn.Module:
     """``backbone`` (in place), run without ``decoder_input_ids``, derives them from ``input_ids`` as its
     ``*ForSequenceClassification`` model does before calling it. ``T5Model`` (T5, mT5, UMT5) requires them, while
-    ``T5ForSequenceClassification`` passes ``_shift_right(input_ids)``; BART's backbone shifts by itself. Every call of
-    the merged backbone (training, export checks, ``load_merged``) then gets the fine-tune's own decoder inputs."""
+    ``T5ForSequenceClassification`` passes ``_shift_right(input_ids)``; BART's backbone shifts by itself."""
     if getattr(backbone.config, "is_encoder_decoder", False) and hasattr(backbone, "_shift_right"):
-        backbone.register_forward_pre_hook(_shift_decoder_inputs, with_kwargs=True)
+        default_decoder_inputs(backbone, _shifted_input_ids)
     return backbone
 
 
@@ -94,7 +90,6 @@ class HeadedKind(ModelKind):
     ``pooler.dense``, which only the classification head reads) as part of its head instead of reading the merged
     one, as RoBERTa, ELECTRA and DeBERTa classifiers keep their dense pooling layer in the head already. The merged
     backbone (the export's root) still holds the merged pooler."""
-
 
     def build_heads(self, base_model: nn.Module, base_source: str, tasks: list[str], options: Mapping[str, Any] | None,
                     dtype: torch.dtype) -> dict[str, nn.Module] | None:

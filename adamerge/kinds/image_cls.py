@@ -1,7 +1,8 @@
-"""``image_cls``: any ``AutoModelForImageClassification`` fine-tune (tested: ViT, MobileNetV2, ResNet, ConvNeXt, Swin,
-EfficientNet, BEiT, MobileViT, DINOv2, distilled DeiT). The backbone (``base_model_prefix``) is merged; each task
-keeps its own frozen classifier, as for text. Inputs are ``pixel_values`` from the base's image processor. Exports:
-the merged backbone loads with ``AutoModel``, and ``tasks/<task>/`` with ``AutoModelForImageClassification``.
+"""``image_cls``: any ``AutoModelForImageClassification`` fine-tune (ViT, MobileNetV2, ResNet, ConvNeXt, Swin, …: the
+families tested are ``tests/test_vision.py``'s ``IMAGE_FAMILIES``, listed in the README). The backbone
+(``base_model_prefix``) is merged; each task keeps its own frozen classifier, as for text. Inputs are ``pixel_values``
+from the base's image processor. Exports: the merged backbone loads with ``AutoModel``, and ``tasks/<task>/`` with
+``AutoModelForImageClassification``.
 
 BatchNorm: only parameters are merged. A backbone's BatchNorm running statistics are buffers, which would stay the
 base's; before export they are re-estimated on unlabeled data of every task (``export.bn_batches`` steps, see

@@ -10,25 +10,21 @@ import torch
 from torch import Tensor, nn
 
 from adamerge.errors import MergeInputError
+from adamerge.kinds.base import default_decoder_inputs
 from adamerge.kinds.whole import WholeModelKind
 
 
-def _first_decoder_position(model: nn.Module, args, kwargs):
-    """Forward pre-hook: without ``decoder_input_ids`` (or embeddings, or labels), the decoder reads its start token
-    alone, so the logits are ``[B, 1, V]``, the first output token's distribution."""
-    if any(kwargs.get(k) is not None for k in ("decoder_input_ids", "decoder_inputs_embeds", "labels")):
-        return None
+def _start_token(model: nn.Module, kwargs):
     ref = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
     if ref is None:
         return None
-    start = torch.full((ref.shape[0], 1), model.config.decoder_start_token_id, dtype=torch.long, device=ref.device)
-    return args, {**kwargs, "decoder_input_ids": start}
+    return torch.full((ref.shape[0], 1), model.config.decoder_start_token_id, dtype=torch.long, device=ref.device)
 
 
 def first_token_logits(model: nn.Module) -> nn.Module:
-    """``model`` (in place), called without decoder inputs, gives its first output token's logits."""
-    model.register_forward_pre_hook(_first_decoder_position, with_kwargs=True)
-    return model
+    """``model`` (in place), called without decoder inputs, decodes its start token alone: its logits are
+    ``[B, 1, V]``, the first output token's distribution."""
+    return default_decoder_inputs(model, _start_token)
 
 
 class Seq2SeqLM(WholeModelKind):

@@ -33,12 +33,18 @@ def _key(name: str) -> str:
     return name.replace(".", "__")
 
 
-def block_name(module: str) -> str:
-    """The block (layer) a module belongs to (:func:`adamerge.merged.block_of`); it must be a numbered layer."""
+def numbered_block(module: str) -> str | None:
+    """The numbered layer a module belongs to (:func:`adamerge.merged.block_of`), None when it is outside them."""
     from adamerge.merged import block_of  # merged imports this package: resolved at call time
 
     block = block_of(module)
-    if not block.split(".")[-1].isdigit():
+    return block if block.split(".")[-1].isdigit() else None
+
+
+def block_name(module: str) -> str:
+    """The block (layer) a module belongs to; it must be a numbered layer."""
+    block = numbered_block(module)
+    if block is None:
         raise MergeInputError(f"routed module {module!r} is not inside a numbered layer")
     return block
 
@@ -47,12 +53,10 @@ def routed_modules(backbone: nn.Module, patterns: Sequence[str] = DEFAULT_MODULE
     """Names of the ``nn.Linear`` modules of ``backbone`` matching any of ``patterns`` (regular expressions). The
     default patterns route the MLPs of the numbered transformer layers only, as WEMoE does: an MLP outside them
     (SigLIP's attention-pooling head) stays merged by Task Arithmetic; a pattern given by name routes what it names."""
-    from adamerge.merged import block_of  # merged imports this package: resolved at call time
-
     compiled = [re.compile(p) for p in patterns]
     names = [n for n, m in backbone.named_modules() if isinstance(m, nn.Linear) and any(c.search(n) for c in compiled)]
     if tuple(patterns) == DEFAULT_MODULES:
-        names = [n for n in names if block_of(n).split(".")[-1].isdigit()]
+        names = [n for n in names if numbered_block(n) is not None]
     if not names:
         raise MergeInputError(f"modules: no nn.Linear of {type(backbone).__name__} matches {list(patterns)}; name "
                               "the MLP layers to route with regular expressions")
