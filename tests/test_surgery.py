@@ -93,9 +93,10 @@ def test_evaluate_scores_a_surgery_export_with_its_adapters(zoo, merged_dir, dm,
     import json
 
     from adamerge.evaluate import _predictor
+    from adamerge.kinds import get_kind
 
     manifest = json.loads((tmp_path / "out" / "merge_manifest.json").read_text())
-    predictor = _predictor(str(tmp_path / "out"), manifest, None, list(task_data))
+    predictor = _predictor(str(tmp_path / "out"), manifest, None, list(task_data), get_kind("seq_cls"))
     b = dm.dataset[0]
     for i, task in enumerate(b["tasks"]):
         rows = {k: v[8 * i:8 * i + 8] for k, v in b["inputs"].items()}
