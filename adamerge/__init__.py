@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from adamerge.errors import MergeInputError  # noqa: E402
-from adamerge.export import load_task_model, read_manifest  # noqa: E402
-from adamerge.loading import load_merged  # noqa: E402
+from adamerge.io.manifest import read_manifest
+from adamerge.serving import load_merged, load_task_model
 
 __all__ = ["MergeInputError", "__version__", "load_merged", "load_task_model", "read_manifest"]

@@ -1,5 +1,5 @@
 """``python -m adamerge``: the ``adamerge`` command (``adamerge sweep`` runs each candidate this way)."""
 
-from adamerge.cli import main
+from adamerge.cli.main import main
 
 main()

@@ -4,15 +4,20 @@ accuracy and macro-F1 of the first output token among each class's answer word."
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from adamerge.data import TaskData, input_builder, load_texts
+from adamerge.checkpoint.card import EVAL_RESULTS, write_card
 from adamerge.errors import MergeInputError
+from adamerge.io.datasets import TaskData, input_builder, load_texts
+from adamerge.io.manifest import MANIFEST
+from adamerge.io.sources import names_local_path
 
 log = logging.getLogger(__name__)
 
@@ -123,21 +128,9 @@ def evaluate_checkpoint(checkpoint: str, tasks: dict[str, LabeledTaskData], batc
         write: also write the scores to ``<checkpoint>/eval_results.json`` (exports only) and add them to its model
             card.
     """
-    import json
-    from pathlib import Path
-
-    from adamerge.export import MANIFEST
-    from adamerge.pool import names_local_path
-
     if not tasks:
         raise MergeInputError("tasks: give at least one task's labelled data (task: {path: ..., split: ...})")
-    path = Path(checkpoint)
-    local = names_local_path(checkpoint)
-    if local and not path.is_dir():
-        raise MergeInputError(f"checkpoint {checkpoint} does not exist (a directory or a hub id is expected)")
-    if local and not (path / "config.json").is_file():
-        raise MergeInputError(f"checkpoint {checkpoint} is not a model directory: config.json is missing")
-    manifest = json.loads((path / MANIFEST).read_text()) if local and (path / MANIFEST).is_file() else None
+    path, manifest = _checkpoint(checkpoint)
     if write and manifest is None:
         raise MergeInputError("write: true needs an adamerge export (merge_manifest.json) to write into")
     if max_length is None:
@@ -165,25 +158,37 @@ def evaluate_checkpoint(checkpoint: str, tasks: dict[str, LabeledTaskData], batc
     keys = ("nll", "perplexity") if tokens else ("accuracy", "macro_f1")
     out["average"] = {k: sum(v[k] for v in out.values()) / len(out) for k in keys}
     if write:
-        from adamerge.card import EVAL_RESULTS, write_card
-
         (path / EVAL_RESULTS).write_text(json.dumps({"max_length": max_length, "scores": out}, indent=2) + "\n")
         if manifest.get("model_card"):  # the card shows the results
             write_card(path)
     return out
 
 
+def _checkpoint(checkpoint: str) -> tuple[Path, dict | None]:
+    """The checkpoint's path and, for an adamerge export, its manifest; a local path that is no model directory is
+    refused by name."""
+    path = Path(checkpoint)
+    local = names_local_path(checkpoint)
+    if local and not path.is_dir():
+        raise MergeInputError(f"checkpoint {checkpoint} does not exist (a directory or a hub id is expected)")
+    if local and not (path / "config.json").is_file():
+        raise MergeInputError(f"checkpoint {checkpoint} is not a model directory: config.json is missing")
+    return path, (json.loads((path / MANIFEST).read_text()) if local and (path / MANIFEST).is_file() else None)
+
+
 def _kind_of(checkpoint: str, manifest: dict | None, modality: str):
     """The model kind of ``checkpoint``: an export's (its manifest), else a plain model's — a causal or seq2seq LM by
     its config's architecture, otherwise the classifier of the inputs' modality."""
-    from adamerge.export import manifest_kind
+    from adamerge.io.manifest import manifest_kind
     from adamerge.kinds import get_kind
 
     if manifest is not None:
         return get_kind(manifest_kind(manifest))
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    )
 
     classifier = get_kind("seq_cls" if modality == "text" else "image_cls")
     try:
@@ -209,15 +214,18 @@ def _predictor(checkpoint: str, manifest: dict | None, heads: dict[str, str] | N
         missing = sorted(set(tasks) - set(heads))
         if missing:
             raise MergeInputError(f"heads: no fine-tune given for tasks {missing}")
-        from adamerge.methods import TaskArithmetic
+        from adamerge.pool import load_pool
 
-        module = TaskArithmetic(checkpoint, {t: heads[t] for t in tasks}, scale=0.0,  # base encoder, their heads
-                                task_type=task_type).eval()
-        params = module.final_merged_params()
-        return lambda task: (lambda b: module.predict(task, b, params),
-                             module.merged.kind.head_info(module.merged.heads[task])["num_labels"])
+        pool = load_pool(checkpoint, {t: heads[t] for t in tasks}, task_type=task_type)  # base encoder, their heads
+        backbone = pool.backbone.eval()
+
+        def with_head(task):
+            head = pool.heads[task].eval()
+            return (lambda b: kind.head_logits(head, backbone(**b), b), kind.head_info(head)["num_labels"])
+
+        return with_head
     if manifest is not None:
-        from adamerge.loading import load_merged
+        from adamerge.serving import load_merged
 
         merged = load_merged(checkpoint)
 

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from adamerge.core.functional import entropy
 from adamerge.errors import MergeInputError
-from adamerge.functional import entropy
 
 Terms = tuple[Tensor, dict[str, Tensor]]
 
@@ -187,6 +188,23 @@ class Objective:
             raise MergeInputError(f"diversity_weight must be >= 0, got {self.diversity_weight}")
         if not 0.0 <= self.confidence < 1.0:
             raise MergeInputError(f"confidence must be in [0, 1), got {self.confidence}")
+
+    @classmethod
+    def of(cls, value: Objective | str | Mapping[str, Any]) -> Objective:
+        """An objective as a method takes it: an instance, a name with the default options, or a mapping of the
+        fields (as a config writes it: ``{name: kl, temperature: 2.0}``; an unknown field is refused by name)."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            return cls(value)
+        if not isinstance(value, Mapping):
+            raise MergeInputError(f"objective: expected a name or a mapping of {', '.join(cls.__dataclass_fields__)}, "
+                                  f"got {type(value).__name__}")
+        unknown = sorted(set(value) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise MergeInputError(f"objective: unknown field {unknown[0]!r}; allowed: "
+                                  f"{', '.join(cls.__dataclass_fields__)}")
+        return cls(**value)
 
     @property
     def needs(self) -> tuple[str, ...]:

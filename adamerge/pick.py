@@ -1,6 +1,6 @@
 """Choose among finished exports without labels: ``adamerge pick A B ... [--into DIR]``.
 
-Each export trained with :class:`adamerge.callbacks.SelectStep` records in its manifest the label-free score of the
+Each export trained with :class:`adamerge.training.SelectStep` records in its manifest the label-free score of the
 step it exported (agreement with the experts on held-back unlabeled rows). Exports of the same base and fine-tunes,
 scored by the same criterion on the same held-back rows, are comparable by that score: picking the best is the step
 selection carried over several runs (another learning rate, objective or initialisation) — a hyperparameter choice
@@ -17,9 +17,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from adamerge.card import CARD, write_card
+from adamerge.checkpoint.card import CARD, write_card
 from adamerge.errors import MergeInputError
-from adamerge.export import MANIFEST, atomic_directory, read_manifest
+from adamerge.io.manifest import MANIFEST, read_manifest
+from adamerge.io.safetensors import atomic_directory
 
 log = logging.getLogger(__name__)
 

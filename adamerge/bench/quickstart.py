@@ -51,11 +51,11 @@ def run(work: Path = Path(".cache"), out: Path = Path("runs/quickstart"), settin
     from adamerge.bench.run import Evaluator, individual_rows
     from adamerge.bench.tasks import prepare
     from adamerge.bench.zoo import build_base, finetune
-    from adamerge.cli import main as adamerge_main
-    from adamerge.data import TextInputs
+    from adamerge.cli.main import main as adamerge_main
     from adamerge.evaluate import score
-    from adamerge.export import load_task_model
+    from adamerge.io.datasets import TextInputs
     from adamerge.methods import METHODS
+    from adamerge.serving import load_task_model
 
     s = settings or Settings()
     t0 = time.time()

@@ -22,11 +22,12 @@ import torch
 from adamerge.bench.tasks import TASKS, prepare
 from adamerge.bench.vision import IMAGE_SIZE
 from adamerge.bench.zoo import BATCHNORM_PROTOCOLS, build_base, finetune
-from adamerge.callbacks import LRSchedule, SelectStep, StepProgress
-from adamerge.data import TaskData, UnlabeledDataModule, input_builder
 from adamerge.evaluate import score
+from adamerge.io.datasets import TaskData, input_builder
 from adamerge.methods import METHODS, MergeModule, TaskVectorPrep
 from adamerge.pick import at_edge
+from adamerge.training.callbacks import LRSchedule, SelectStep, StepProgress
+from adamerge.training.datamodule import UnlabeledDataModule
 
 log = logging.getLogger(__name__)
 
@@ -419,7 +420,7 @@ class Runner:
         ``diagnose``: also score every swept candidate on the test split (``sweep[i]["test"]``; the kept one's
         scores in ``module.test_scores``, seconds spent in ``module.diagnose_seconds``). A diagnostic of the
         label-free choice, made from the selection scores alone before any test score is read."""
-        from adamerge.sweep import search
+        from adamerge.cli.sweep import search
 
         row = self.rows[key]
         kwargs = dict(row.kwargs)
@@ -700,7 +701,7 @@ def write_results(result: dict, target: Path) -> None:
 def coefficient_blocks(module: MergeModule, matrix: torch.Tensor) -> dict:
     """The ``[T, P]`` coefficients of a row as the model card tabulates them: per task the mean over each block's
     tensors (embeddings, each layer, ...), for ``scripts/plot_coefficients.py``."""
-    from adamerge.card import coefficient_table
+    from adamerge.checkpoint.card import coefficient_table
 
     granularity = module.merged.coefficients.granularity
     blocks, values = coefficient_table({"effective": matrix.tolist(), "params": module.merged.param_names,

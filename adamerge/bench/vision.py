@@ -236,7 +236,7 @@ def adapt_batchnorm(model, pixels: torch.Tensor, batch_size: int = 256) -> None:
     training mode, :func:`adamerge.merged.recalibrate_batchnorm`; AdaBN, Li et al. 2016), so the frozen base's
     eval-mode features are normalised as the task's own training batches will be once fine-tuning starts. The model
     is left in eval mode."""
-    from adamerge.merged import recalibrate_batchnorm
+    from adamerge.core.batchnorm import recalibrate_batchnorm
 
     backbone = getattr(model, model.base_model_prefix)
     batches = [{"pixel_values": pixels[i:i + batch_size]} for i in range(0, len(pixels), batch_size)]

@@ -28,7 +28,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from adamerge.data import pad_batch
+from adamerge.io.datasets import pad_batch
 
 log = logging.getLogger(__name__)
 

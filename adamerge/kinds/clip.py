@@ -45,8 +45,8 @@ import torch
 from torch import Tensor, nn
 
 from adamerge.errors import MergeInputError
+from adamerge.io.sources import is_safetensors_file, read_state_dict
 from adamerge.kinds.base import ModelKind
-from adamerge.kinds.headed import is_safetensors_file, read_state_dict
 
 # Prompt templates per task, in the style of the CLIP paper's zero-shot prompts for these datasets.
 TEMPLATES: dict[str, list[str]] = {
@@ -160,7 +160,7 @@ def class_names(task: str, spec: Mapping[str, Any]) -> list[str]:
                               "column is a ClassLabel (dataset: {path: ..., label_column: label})")
     import datasets
 
-    from adamerge.data import open_dataset
+    from adamerge.io.datasets import open_dataset
 
     column = ds_spec.get("label_column", "label")
     ds = open_dataset(ds_spec["path"], ds_spec.get("split", "train"), ds_spec.get("name"), task)

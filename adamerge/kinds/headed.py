@@ -12,21 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from adamerge.errors import MergeInputError
+from adamerge.io.sources import is_safetensors_file, read_state_dict
 from adamerge.kinds.base import FeatureStub, ModelKind, default_decoder_inputs, num_labels_of
-
-
-def is_safetensors_file(source: str) -> bool:
-    return source.endswith(".safetensors") and Path(source).is_file()
-
-
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Read a safetensors file, turning a corrupt file into an error that names it."""
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for truncated/garbled headers
-        raise MergeInputError(f"cannot read safetensors file {path}: {e}") from e
 
 
 def is_nonpersistent(key: str) -> bool:

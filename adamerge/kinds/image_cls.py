@@ -32,7 +32,7 @@ class ImageClassification(HeadedKind):
         """CNNs have no ``hidden_size``: the width of the feature field on one blank image (of the config's
         ``image_size``; 224 where the config has none, as ResNet's and RegNet's); the channels of a ``[n, C, H, W]``
         feature (ResNet's pooled ``[n, C, 1, 1]``), else its last axis."""
-        from adamerge.merged import eval_mode  # merged imports the kinds
+        from adamerge.core.modules import eval_mode
 
         cfg = backbone.config
         size = getattr(cfg, "image_size", 224)

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from adamerge.errors import MergeInputError
+from adamerge.io.sources import is_safetensors_file, read_state_dict
 from adamerge.kinds.base import ModelKind
-from adamerge.kinds.headed import is_safetensors_file, read_state_dict
 
 
 class WholeModelKind(ModelKind):

@@ -19,11 +19,12 @@ the tuned heads are exported where the heads always are (``heads.safetensors``, 
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict
 
+from adamerge.engine.model import RECOMPUTE
 from adamerge.errors import MergeInputError
 from adamerge.kinds import get_kind
-from adamerge.methods.base import MergeModule, TaskVectorPrep
-from adamerge.merged import RECOMPUTE
+from adamerge.methods.base import MergeModule
 from adamerge.objectives import Objective, coefficient_similarity
 from adamerge.parametrize import Coefficients
 from adamerge.pool import TaskVectorPool
@@ -38,18 +39,10 @@ class AdaMerging(MergeModule):
         granularity: ``"task"`` (T coefficients) or ``"layer"`` (one per task and parameter tensor).
         init: initial coefficient value (reference: 0.3).
         clamp: clamp coefficients to [0, 1] in the merge (original code: yes; FusionBench: no).
-        lr: Adam learning rate (reference: 1e-3).
-        betas: Adam betas (reference: (0.9, 0.999)).
-        prep: task-vector pre-processing; ``ties_density=0.2`` gives AdaMerging++.
-        tv_dtype: task-vector storage dtype.
-        trust_remote_code: allow hub model code.
-        task_type: the model kind (``seq_cls``, ``causal_lm``, ``seq2seq_lm``, ``image_cls``, ``clip``); heads:
-            per-task head options of kinds that build heads from the base (``clip``).
-        objective: ``entropy`` (AdaMerging), ``infomax``, ``kl``, ``pseudo_label`` or ``features``
-            (see :mod:`adamerge.objectives`).
-        temperature: τ of the ``kl`` objective (2.0).
-        diversity_weight: weight of the batch-mean entropy in ``infomax`` (1.0).
-        confidence: ``pseudo_label`` learns only from rows whose expert's top probability is at least this (0: all).
+        lr: learning rate (reference: 1e-3; the optimizer is the shared ``optimizer``, Adam by default).
+        objective: the unlabeled objective: a name (``entropy``, the paper's; ``infomax``, ``kl``, ``pseudo_label``,
+            ``features``) or the name with its options, ``{name: kl, temperature: 2.0}``
+            (:class:`adamerge.objectives.Objective`).
         similarity_penalty: weight of the mean pairwise cosine similarity between tasks' coefficient vectors.
         task_chunks: run the tasks of a step in this many groups under one merge (same gradient, activation memory
             of one group; see :meth:`MergedModel.chunked_surrogate`). 1 = one forward over all tasks. ``auto``
@@ -70,28 +63,28 @@ class AdaMerging(MergeModule):
             their gradients are kept, for one more merge per layer and group; under FSDP2 each re-merge gathers the
             layer's shards again). Not for BatchNorm backbones (their layers' state changes between the forward and
             the backward).
+        shared: the arguments every method takes (``prep``, ``tv_dtype``, ``task_type``, ``heads``, ``optimizer``,
+            ...; see :class:`~adamerge.methods.base.MergeModule`).
     """
 
     method = "adamerging"
 
     def __init__(self, base: str, models: dict[str, str], granularity: str = "layer", init: float = 0.3,
-                 clamp: bool = False, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 prep: TaskVectorPrep | None = None, tv_dtype: str | None = None,
-                 trust_remote_code: bool = False,
-                 task_type: str = "seq_cls", heads: dict | None = None, objective: str = "entropy",
-                 temperature: float = 2.0, diversity_weight: float = 1.0, confidence: float = 0.0,
+                 clamp: bool = False, lr: float = 1e-3, objective: Objective | str = "entropy",
                  similarity_penalty: float = 0.0, task_chunks: int | str = "auto", tune_heads: bool = False,
-                 micro_batches: int = 1, recompute: str | None = None) -> None:
+                 micro_batches: int = 1, recompute: str | None = None, **shared) -> None:
         if recompute not in RECOMPUTE:
             raise MergeInputError(f"recompute: unknown value {recompute!r}; allowed: null, "
                                   f"{', '.join(r for r in RECOMPUTE if r)}")
-        self.loss_fn = Objective(objective, temperature, diversity_weight, confidence)
+        self.loss_fn = objective = Objective.of(objective)
+        task_type = shared.get("task_type", "seq_cls")
         if micro_batches < 1:
             raise MergeInputError(f"micro_batches must be >= 1, got {micro_batches}")
         if micro_batches > 1:
-            if not (objective in ("entropy", "kl") or objective == "pseudo_label" and confidence == 0):
-                raise MergeInputError(f"micro_batches: objective {objective!r}"
-                                      f"{' with a confidence threshold' if objective == 'pseudo_label' else ''} is not "
+            name = objective.name
+            if not (name in ("entropy", "kl") or name == "pseudo_label" and objective.confidence == 0):
+                raise MergeInputError(f"micro_batches: objective {name!r}"
+                                      f"{' with a confidence threshold' if name == 'pseudo_label' else ''} is not "
                                       "a mean of per-row terms (it needs a task's rows together); use micro_batches: 1")
             if not get_kind(task_type).per_task_heads or tune_heads:
                 why = "tune_heads" if tune_heads else f"task_type {task_type}, merged whole without per-task heads"
@@ -104,15 +97,15 @@ class AdaMerging(MergeModule):
                                   "replaces by a surrogate of the merged weights; use task_chunks: 1")
         if tune_heads and not get_kind(task_type).per_task_heads:
             raise MergeInputError(f"tune_heads needs per-task heads, which task_type {task_type!r} has not")
-        if objective == "features":
+        if objective.name == "features":
             get_kind(task_type).check_features()  # before any model is loaded
         self._granularity, self._init, self._clamp = granularity, init, clamp
         # this class's own settings, read from here and not from ``hparams``: a subclass built by LightningCLI
         # (ConcreteAdaMerging) records only its own signature's arguments there
-        self._recompute, self._tune_heads, self._task_chunks = recompute, tune_heads, task_chunks
+        self._recompute, self.tunes_heads, self._task_chunks = recompute, tune_heads, task_chunks
         self._micro_batches, self._similarity_penalty = micro_batches, similarity_penalty
-        super().__init__(base, models, prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code,
-                         task_type=task_type, heads=heads)
+        self._lr = lr
+        super().__init__(base, models, **shared)
 
     def build_coefficients(self, pool: TaskVectorPool) -> Coefficients:
         return Coefficients(len(pool.task_names), len(pool.param_names), self._granularity, self._init, self._clamp)
@@ -128,16 +121,14 @@ class AdaMerging(MergeModule):
                                       f"{pool.base_source!r} owns a block of merged tensors (e.g. encoder.layer.N.*), "
                                       "so there is nothing to recompute")
             self.merged.recompute = self._recompute
-        if self._tune_heads:
+        if self.tunes_heads:
             self.expert_heads = copy.deepcopy(self.merged.heads).requires_grad_(False)
             self.merged.heads.requires_grad_(True)
 
     def manifest_fields(self):
         return {"variant": "adamerging++" if self.prep.ties_density is not None else "adamerging",
-                "hparams": {"init": self._init, "lr": self.hparams.lr, "betas": list(self.hparams.betas),
-                            "objective": self.loss_fn.name, "temperature": self.loss_fn.temperature,
-                            "diversity_weight": self.loss_fn.diversity_weight,
-                            "confidence": self.loss_fn.confidence, "tune_heads": self._tune_heads,
+                "hparams": {"init": self._init, "lr": self._lr,
+                            "objective": asdict(self.loss_fn), "tune_heads": self.tunes_heads,
                             "similarity_penalty": self._similarity_penalty,
                             "task_chunks": self.task_chunk_count(), "recompute": self._recompute,
                             "steps": int(self.global_step) if self._trainer is not None else None}}
@@ -161,8 +152,8 @@ class AdaMerging(MergeModule):
         """The number of task groups per step (``task_chunks``, with ``auto`` resolved on the module's device)."""
         chunks = self._task_chunks
         if chunks == "auto":  # BatchNorm on batch statistics: one group, the whole step's rows as the export sees
-            chunks = (len(self.task_names) if self.device.type == "cpu" and not self._tune_heads
-                      and not (self.batchnorm_statistics == "batch" and self.has_batchnorm()) else 1)
+            chunks = (len(self.task_names) if self.device.type == "cpu" and not self.tunes_heads
+                      and not self.batchnorm.whole_step else 1)
         return chunks
 
     def training_step(self, batch, batch_idx):
@@ -170,13 +161,12 @@ class AdaMerging(MergeModule):
         if chunks > 1 or self._micro_batches > 1:
             surrogate, loss, per_task = self.merged.chunked_surrogate(batch, self.loss_with, chunks,
                                                                       self._micro_batches)
-            self._log_step(loss, per_task, batch)
+            self.log_step(loss, per_task, batch)
             return surrogate + self.penalty()
         loss, per_task = self.objective(batch)
-        self._log_step(loss, per_task, batch)
+        self.log_step(loss, per_task, batch)
         return loss
 
-    def _log_step(self, loss, per_task, batch) -> None:
-        self.log_dict({f"{self.loss_fn.name}/{t}": v.detach() for t, v in per_task.items()},
-                      batch_size=sum(batch["sizes"]))
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=sum(batch["sizes"]))
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        return self.build_optimizer(params, self._lr)

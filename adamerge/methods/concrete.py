@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import torch
 
+from adamerge.core.distributed import all_sum
 from adamerge.errors import MergeInputError
 from adamerge.methods.adamerging import AdaMerging
-from adamerge.methods.base import MergeModule, TaskVectorPrep, all_sum, parse_dtype
+from adamerge.methods.base import MergeModule, parse_dtype
 from adamerge.objectives import Objective
 from adamerge.parametrize import Coefficients, ConcreteMask
 from adamerge.parametrize.coefficients import GRANULARITIES
@@ -83,38 +84,36 @@ class ConcreteTaskArithmetic(_ConcreteMixin, MergeModule):
             mask: one per task, or one per task and parameter tensor).
         mask: ``shared`` (one mask for every task, the paper) or ``task`` (one mask per task, each rescaled by its
             own mean; ours: T times the logits).
-        temperature: Concrete temperature (0.5).
+        mask_temperature: the Concrete distribution's temperature (0.5).
         include: regex of tensor names to mask (``None``: all).
         mask_dtype: logits dtype (``float32``/``bfloat16``).
         export_mask: the deterministic mask exported (see :meth:`ConcreteMask.hard`): ``threshold`` (keep
             logit ≥ 0), ``sample`` (seeded Bernoulli draw), ``continuous`` (one seeded relaxed sample, what FusionBench
             evaluates) or ``expected`` (``sigmoid(logit)``).
-        objective, diversity_weight, confidence: the training objective (see :class:`adamerge.objectives.Objective`).
+        objective: the unlabeled objective: a name or ``{name: ..., <options>}``
+            (:class:`adamerge.objectives.Objective`).
         mask_seed: seeds the relaxed samples during training and the exported draw.
-        lr: Adam learning rate for the logits.
-        prep: task-vector pre-processing. tv_dtype: storage dtype. trust_remote_code: allow hub model code.
-        task_type, heads: the model kind and its head options (see :class:`~adamerge.methods.base.MergeModule`).
+        lr: learning rate of the logits (and of trained coefficients).
+        shared: the arguments every method takes (``prep``, ``tv_dtype``, ``task_type``, ``heads``, ``optimizer``,
+            ...; see :class:`~adamerge.methods.base.MergeModule`).
     """
 
     method = "concrete_task_arithmetic"
 
-    def __init__(self, base: str, models: dict[str, str], scale: float = 0.3, temperature: float = 0.5,
+    def __init__(self, base: str, models: dict[str, str], scale: float = 0.3, mask_temperature: float = 0.5,
                  include: str | None = None, mask_dtype: str = "float32", export_mask: str = "threshold",
-                 mask_seed: int = 0, lr: float = 1e-3, prep: TaskVectorPrep | None = None,
-                 tv_dtype: str | None = None, trust_remote_code: bool = False, objective: str = "entropy",
-                 diversity_weight: float = 1.0, confidence: float = 0.0, task_type: str = "seq_cls",
-                 heads: dict | None = None, coefficients: str = "fixed", mask: str = "shared") -> None:
+                 mask_seed: int = 0, lr: float = 1e-3, objective: Objective | str = "entropy",
+                 coefficients: str = "fixed", mask: str = "shared", **shared) -> None:
         ConcreteMask.check_mode(export_mask)
         self._check_sharing(mask)
         if coefficients != "fixed" and coefficients not in GRANULARITIES:
             raise MergeInputError(f"coefficients: unknown value {coefficients!r}; allowed: fixed (λ = scale, the "
                                   f"paper), {', '.join(GRANULARITIES)} (trained with the mask)")
-        self.loss_fn = Objective(objective, diversity_weight=diversity_weight, confidence=confidence)
+        self.loss_fn = Objective.of(objective)
         self._scale, self._export_mask, self._mask_seed = scale, export_mask, mask_seed
         self._coefficient_mode = coefficients
-        super().__init__(base, models, prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code,
-                         task_type=task_type, heads=heads)
-        self._build_mask(temperature, include, mask_dtype, mask)
+        super().__init__(base, models, **shared)
+        self._build_mask(mask_temperature, include, mask_dtype, mask)
 
     def build_coefficients(self, pool):
         mode = self._coefficient_mode
@@ -127,8 +126,7 @@ class ConcreteTaskArithmetic(_ConcreteMixin, MergeModule):
 
     def training_step(self, batch, batch_idx):
         loss, per_task = self._sampled_objective(batch)
-        self.log_dict({f"{self.loss_fn.name}/{t}": v.detach() for t, v in per_task.items()}, batch_size=sum(batch["sizes"]))
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=sum(batch["sizes"]))
+        self.log_step(loss, per_task, batch)
         return loss
 
 
@@ -163,45 +161,40 @@ class ConcreteAdaMerging(_ConcreteMixin, AdaMerging):
         inner_lr: SGD learning rate of the inner λ step (1.0).
         mask_lr: Adam learning rate of the mask logits.
         lr: Adam learning rate of λ in the AdaMerging phase.
-        mask, temperature, include, mask_dtype, export_mask, mask_seed: as :class:`ConcreteTaskArithmetic`.
-        objective, diversity_weight, confidence: the objective of both phases (see
-            :class:`adamerge.objectives.Objective`).
-        clamp, betas, prep, tv_dtype, trust_remote_code, task_type, heads: as :class:`AdaMerging`.
+        mask, mask_temperature, include, mask_dtype, export_mask, mask_seed: as :class:`ConcreteTaskArithmetic`.
+        objective: the objective of both phases (see :class:`adamerge.objectives.Objective`).
+        clamp: as :class:`AdaMerging`.
+        shared: the arguments every method takes (``prep``, ``tv_dtype``, ``task_type``, ``heads``, ``optimizer``,
+            ...; see :class:`~adamerge.methods.base.MergeModule`).
     """
 
     method = "concrete_adamerging"
 
     def __init__(self, base: str, models: dict[str, str], granularity: str = "layer", init: float = 0.3,
                  meta_steps: int = 200, inner_lr: float = 1.0, mask_lr: float = 1e-3, lr: float = 1e-3,
-                 temperature: float = 0.5, include: str | None = None, mask_dtype: str = "float32",
+                 mask_temperature: float = 0.5, include: str | None = None, mask_dtype: str = "float32",
                  export_mask: str = "threshold", mask_seed: int = 0, clamp: bool = False,
-                 betas: tuple[float, float] = (0.9, 0.999), prep: TaskVectorPrep | None = None,
-                 tv_dtype: str | None = None, trust_remote_code: bool = False, objective: str = "entropy",
-                 diversity_weight: float = 1.0, confidence: float = 0.0, task_type: str = "seq_cls",
-                 heads: dict | None = None, mask: str = "shared") -> None:
+                 objective: Objective | str = "entropy", mask: str = "shared", **shared) -> None:
         if meta_steps < 0:
             raise MergeInputError(f"meta_steps must be >= 0, got {meta_steps}")
         ConcreteMask.check_mode(export_mask)
         self._check_sharing(mask)
         self._export_mask, self._mask_seed = export_mask, mask_seed
-        super().__init__(base, models, granularity=granularity, init=init, clamp=clamp, lr=lr, betas=betas,
-                         prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code, objective=objective,
-                         diversity_weight=diversity_weight, confidence=confidence, task_type=task_type, heads=heads)
-        self._build_mask(temperature, include, mask_dtype, mask)
+        super().__init__(base, models, granularity=granularity, init=init, clamp=clamp, lr=lr, objective=objective,
+                         **shared)
+        self._build_mask(mask_temperature, include, mask_dtype, mask)
         self.automatic_optimization = False
         self._frozen_mask = None
 
     def manifest_fields(self):
         fields = super().manifest_fields()
-        # `temperature` in this class's arguments (and the user's config) is the Concrete one, recorded under `mask`;
-        # the objective's KL temperature (fixed) is recorded under its own name, so the two cannot be read as one
-        hparams = {("kl_temperature" if k == "temperature" else k): v for k, v in fields["hparams"].items()}
-        hparams.update(mask_lr=self.hparams.mask_lr, inner_lr=self.hparams.inner_lr)
+        # the objective's options keep their names (its KL `temperature`); the mask's is `mask.temperature`
+        hparams = {**fields["hparams"], "mask_lr": self.hparams.mask_lr, "inner_lr": self.hparams.inner_lr}
         return {**fields, "hparams": hparams, "meta_steps": self.hparams.meta_steps, **self.mask_manifest()}
 
     def configure_optimizers(self):
-        mask_opt = torch.optim.Adam(self.mask.parameters(), lr=self.hparams.mask_lr)
-        coef_opt = torch.optim.Adam([self.merged.coefficients.weight], lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+        mask_opt = self.build_optimizer(self.mask.parameters(), self.hparams.mask_lr)
+        coef_opt = self.build_optimizer([self.merged.coefficients.weight], self.hparams.lr)
         return [mask_opt, coef_opt]
 
     def meta_step(self, batch):
@@ -250,9 +243,7 @@ class ConcreteAdaMerging(_ConcreteMixin, AdaMerging):
             coef_opt.zero_grad()
             self.manual_backward(loss)
             coef_opt.step()
-        self.log_dict({f"{self.loss_fn.name}/{t}": v.detach() for t, v in per_task.items()}, batch_size=sum(batch["sizes"]))
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=sum(batch["sizes"]))
-        self.log("train/phase", float(self.global_step >= self.hparams.meta_steps), batch_size=sum(batch["sizes"]))
+        self.log_step(loss, per_task, batch, phase=float(self.global_step >= self.hparams.meta_steps))
 
     def trainable_state_keys(self):
         return {n for n, _ in self.named_parameters() if n.startswith(("mask.", "merged.coefficients."))}

@@ -18,15 +18,17 @@ with the same ``prep`` learns coefficients over them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
 import torch
 
+from adamerge.core.batchnorm import batch_statistics
+from adamerge.core.functional import disjoint_normalize
 from adamerge.errors import MergeInputError
-from adamerge.functional import disjoint_normalize
-from adamerge.merged import batch_statistics
-from adamerge.methods.base import MergeModule, TaskVectorPrep
+from adamerge.methods.base import MergeModule
+from adamerge.methods.prep import TaskVectorPrep
 from adamerge.objectives import entropy_objective
 from adamerge.parametrize import Coefficients
 from adamerge.pool import TaskVectorPool
@@ -43,10 +45,9 @@ class Average(MergeModule):
     """Simple weight average of the fine-tuned models.
 
     Args:
-        base: pretrained model. models: task name → fine-tuned model. prep: task-vector pre-processing.
-        tv_dtype: task-vector storage dtype. trust_remote_code: allow hub model code.
-        task_type: the model kind (``seq_cls``, ``causal_lm``, ``seq2seq_lm``, ``image_cls``, ``clip``); heads:
-            per-task head options of kinds that build heads from the base (``clip``).
+        base: pretrained model. models: task name → fine-tuned model.
+        shared: the arguments every method takes (``prep``, ``tv_dtype``, ``task_type``, ``heads``, ...; see
+            :class:`~adamerge.methods.base.MergeModule`).
     """
 
     trainable = False
@@ -62,20 +63,16 @@ class TaskArithmetic(MergeModule):
     Args:
         base: pretrained model. models: task name → fine-tuned model.
         scale: λ (default 0.3).
-        prep: task-vector pre-processing. tv_dtype: storage dtype. trust_remote_code: allow hub model code.
-        task_type: the model kind (``seq_cls``, ``causal_lm``, ``seq2seq_lm``, ``image_cls``, ``clip``); heads:
-            per-task head options of kinds that build heads from the base (``clip``).
+        shared: the arguments every method takes (``prep``, ``tv_dtype``, ``task_type``, ``heads``, ...; see
+            :class:`~adamerge.methods.base.MergeModule`).
     """
 
     trainable = False
     method = "task_arithmetic"
 
-    def __init__(self, base: str, models: dict[str, str], scale: float = 0.3, prep: TaskVectorPrep | None = None,
-                 tv_dtype: str | None = None, trust_remote_code: bool = False,
-                 task_type: str = "seq_cls", heads: dict | None = None) -> None:
+    def __init__(self, base: str, models: dict[str, str], scale: float = 0.3, **shared) -> None:
         self._scale = scale
-        super().__init__(base, models, prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code,
-                         task_type=task_type, heads=heads)
+        super().__init__(base, models, **shared)
 
     def build_coefficients(self, pool):
         return _fixed([self._scale] * len(pool.task_names), pool)
@@ -85,27 +82,25 @@ class TaskArithmetic(MergeModule):
 
 
 class Ties(MergeModule):
-    """TIES-Merging: trim to top-``density`` magnitudes, elect signs, disjoint mean, scale λ.
+    """TIES-Merging: trim to the top ``prep.ties_density`` magnitudes, elect signs, disjoint mean, scale λ.
 
     Args:
         base: pretrained model. models: task name → fine-tuned model.
-        density: fraction of each task vector kept (k = 0.2 in the paper).
         scale: λ applied to the disjoint mean (1.0 = the paper's merge).
-        dare_rate: DARE drop rate applied before trimming (0 = off; DARE+TIES).
-        seed: seeds DARE.
-        tv_dtype: storage dtype. trust_remote_code: allow hub model code.
-            task_type, heads: the model kind and its head options (see :class:`~adamerge.methods.base.MergeModule`).
+        shared: the arguments every method takes (see :class:`~adamerge.methods.base.MergeModule`); TIES's own
+            settings are ``prep``'s: ``ties_density`` (the fraction of each task vector kept; 0.2 as the paper when
+            unset), ``ties_scope``, and ``dare_rate``/``seed`` for DARE before trimming (DARE+TIES).
     """
 
     trainable = False
     method = "ties"
 
-    def __init__(self, base: str, models: dict[str, str], density: float = 0.2, scale: float = 1.0,
-                 dare_rate: float = 0.0, seed: int = 0, tv_dtype: str | None = None,
-                 trust_remote_code: bool = False, task_type: str = "seq_cls", heads: dict | None = None) -> None:
+    def __init__(self, base: str, models: dict[str, str], scale: float = 1.0, **shared) -> None:
         self._scale = scale
-        super().__init__(base, models, prep=TaskVectorPrep(dare_rate=dare_rate, ties_density=density, seed=seed),
-                         tv_dtype=tv_dtype, trust_remote_code=trust_remote_code, task_type=task_type, heads=heads)
+        prep = TaskVectorPrep.of(shared.pop("prep", None))
+        if prep.ties_density is None:
+            prep = dataclasses.replace(prep, ties_density=0.2)
+        super().__init__(base, models, prep=prep, **shared)
 
     def build_coefficients(self, pool):
         return _fixed([self._scale] * len(pool.task_names), pool)
@@ -122,16 +117,11 @@ class _SubspaceMerge(TaskArithmetic):
 
     subspace = ""
 
-    def __init__(self, base: str, models: dict[str, str], scale: float = 1.0, prep: TaskVectorPrep | None = None,
-                 tv_dtype: str | None = None, trust_remote_code: bool = False,
-                 task_type: str = "seq_cls", heads: dict | None = None) -> None:
-        import dataclasses
-
-        prep = TaskVectorPrep.of(prep)
+    def __init__(self, base: str, models: dict[str, str], scale: float = 1.0, **shared) -> None:
+        prep = TaskVectorPrep.of(shared.pop("prep", None))
         if prep.subspace not in (None, self.subspace):
             raise MergeInputError(f"prep.subspace: {self.method} sets it to {self.subspace!r}, got {prep.subspace!r}")
-        super().__init__(base, models, scale=scale, prep=dataclasses.replace(prep, subspace=self.subspace),
-                         tv_dtype=tv_dtype, trust_remote_code=trust_remote_code, task_type=task_type, heads=heads)
+        super().__init__(base, models, scale=scale, prep=dataclasses.replace(prep, subspace=self.subspace), **shared)
 
 
 class TSVM(_SubspaceMerge):
@@ -176,8 +166,9 @@ class M3(MergeModule):
     """Mixup Model Merge (Zhou et al. 2025), generalised to T tasks.
 
     Draws mixing weights ``w ~ Dirichlet(α·1_T)`` (``Beta(α, α)`` for two tasks: ``w = (λ, 1−λ)``) and merges
-    ``θ0 + s Σ_t w_t τ_t``. ``s = 1`` is weight interpolation ``Σ w_t θ_t``. With ``ties_density`` set, coordinates
-    kept by several tasks are interpolated by their renormalised weights; with ``dare_rate`` DARE drops first.
+    ``θ0 + s Σ_t w_t τ_t``. ``s = 1`` is weight interpolation ``Σ w_t θ_t``. With ``prep.ties_density`` set,
+    coordinates kept by several tasks are interpolated by their renormalised weights; with ``prep.dare_rate`` DARE
+    drops first.
 
     Beyond the paper, ``candidates = K > 1`` draws K weight vectors and keeps the one with the lowest unlabeled-data
     entropy (needs a data module; see :meth:`select`). The draws and the choice are recorded in the manifest.
@@ -186,22 +177,18 @@ class M3(MergeModule):
         base: pretrained model. models: task name → fine-tuned model.
         alpha: Beta/Dirichlet concentration (0.5 default).
         scale: s.
-        seed: seeds the draw(s) and DARE.
+        seed: seeds the draw(s) (``prep.seed`` seeds DARE).
         candidates: K draws to choose from by entropy (1 = the paper's single draw).
         eval_batches: unlabeled steps used to score each candidate.
-        ties_density: TIES density (None = no TIES).
-        dare_rate: DARE drop rate (0 = off).
-        tv_dtype: storage dtype. trust_remote_code: allow hub model code.
-            task_type, heads: the model kind and its head options (see :class:`~adamerge.methods.base.MergeModule`).
+        shared: the arguments every method takes (``prep``, ``tv_dtype``, ``task_type``, ``heads``, ...; see
+            :class:`~adamerge.methods.base.MergeModule`).
     """
 
     trainable = False
     method = "m3"
 
     def __init__(self, base: str, models: dict[str, str], alpha: float = 0.5, scale: float = 1.0, seed: int = 0,
-                 candidates: int = 1, eval_batches: int = 4, ties_density: float | None = None,
-                 dare_rate: float = 0.0, tv_dtype: str | None = None, trust_remote_code: bool = False,
-                 task_type: str = "seq_cls", heads: dict | None = None) -> None:
+                 candidates: int = 1, eval_batches: int = 4, **shared) -> None:
         if alpha <= 0:
             raise MergeInputError(f"alpha must be > 0, got {alpha}")
         if candidates < 1:
@@ -210,12 +197,8 @@ class M3(MergeModule):
         self._eval_batches = eval_batches
         self.draws = draw_mixing_weights(len(models), alpha, seed, candidates)
         self.chosen, self.scores = 0, None
-        super().__init__(base, models, prep=TaskVectorPrep(dare_rate=dare_rate, ties_density=ties_density, seed=seed),
-                         tv_dtype=tv_dtype, trust_remote_code=trust_remote_code, task_type=task_type, heads=heads)
-
-    @property
-    def needs_data(self) -> bool:
-        return self._k > 1
+        self.needs_data = candidates > 1
+        super().__init__(base, models, **shared)
 
     def build_coefficients(self, pool):
         return _fixed(self._scale * self.draws[self.chosen], pool)
@@ -232,7 +215,7 @@ class M3(MergeModule):
             self.merged.set_task_vectors({n: disjoint_normalize(tv, w) for n, tv in self._raw_tv.items()})
 
     @torch.no_grad()
-    def select(self, datamodule) -> None:
+    def use_data(self, datamodule) -> None:
         """Score every candidate by the summed entropy on ``eval_batches`` unlabeled steps; keep the lowest. A
         BatchNorm backbone normalises each step with its own statistics (the base's running ones do not describe a
         candidate's layers; the export's are re-estimated on such steps)."""

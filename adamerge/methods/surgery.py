@@ -21,26 +21,20 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from adamerge.core.modules import slice_output
 from adamerge.errors import MergeInputError
-from adamerge.export import MANIFEST, read_weights, task_buffers
+from adamerge.io.manifest import MANIFEST, task_buffers
+from adamerge.io.safetensors import read_weights
 from adamerge.kinds.headed import owns_pooler
-from adamerge.merged import slice_output
 from adamerge.methods.base import MergeModule
 from adamerge.objectives import l1_distance
-from adamerge.parametrize.surgery import SurgeryAdapter
+from adamerge.parametrize.surgery import ADAPTERS, SURGERY_EXPORT, SurgeryAdapter, feature_field, replace_field
 
 FEATURES = ("auto", "pooler_output", "last_hidden_state")
-ADAPTERS = "surgery_adapters.safetensors"
 
 
-def feature_field(output, feature: str) -> str:
-    if feature != "auto":
-        return feature
-    return "pooler_output" if getattr(output, "pooler_output", None) is not None else "last_hidden_state"
 
 
-def replace_field(output, name: str, value: Tensor):
-    return type(output)(**{k: (value if k == name else v) for k, v in output.items()})
 
 
 class Surgery(MergeModule):
@@ -51,22 +45,24 @@ class Surgery(MergeModule):
         merged: directory of an exported merge (its ``model.safetensors`` is the frozen merged encoder).
         rank: adapter bottleneck r.
         feature: ``auto``, ``pooler_output`` or ``last_hidden_state``.
-        lr: Adam learning rate of the adapters.
-        tv_dtype: storage dtype of the task vectors. trust_remote_code: allow hub model code.
-        task_type, heads: the model kind and its head options (see :class:`~adamerge.methods.base.MergeModule`).
+        lr: learning rate of the adapters.
+        shared: the arguments every method takes (``tv_dtype``, ``task_type``, ``heads``, ``optimizer``, ...; see
+            :class:`~adamerge.methods.base.MergeModule`).
     """
 
     method = "surgery"
+    extension = SURGERY_EXPORT  # adapters: exported, carded and served by adamerge.parametrize.surgery
 
     def __init__(self, base: str, models: dict[str, str], merged: str, rank: int = 16, feature: str = "auto",
-                 lr: float = 1e-3, tv_dtype: str | None = None, trust_remote_code: bool = False,
-                 task_type: str = "seq_cls", heads: dict | None = None) -> None:
+                 lr: float = 1e-3, **shared) -> None:
         if feature not in FEATURES:
             raise MergeInputError(f"feature: unknown value {feature!r}; allowed: {', '.join(FEATURES)}")
         if rank < 1:
             raise MergeInputError(f"rank must be >= 1, got {rank}")
-        super().__init__(base, models, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code, task_type=task_type,
-                         heads=heads)
+        if shared.get("prep"):
+            raise MergeInputError("prep: Surgery trains adapters over an exported merge (`merged`), whose own prep "
+                                  "was applied when it was merged; leave prep unset here")
+        super().__init__(base, models, **shared)
         self.merged.coefficients.requires_grad_(False)
         self.feature = feature
         if any(owns_pooler(h) for h in self.merged.heads.values()):  # heads: {pooler: true}
@@ -87,7 +83,7 @@ class Surgery(MergeModule):
             ref = params[name] if name in params else buffers[name]
             self.register_buffer(f"merged_{name.replace('.', '__')}", state[name].to(ref.dtype), persistent=False)
         # a merge exported with per-task BatchNorm statistics: each task's rows run with its own
-        self.bn_task_stats = {t: b for t in self.task_names if (b := task_buffers(merged, t, self.base_manifest))}
+        self.batchnorm.task_stats = {t: b for t in self.task_names if (b := task_buffers(merged, t, self.base_manifest))}
         dim = self.merged.kind.feature_dim(self.merged.backbone)
         self.adapters = nn.ModuleDict({t: SurgeryAdapter(dim, rank) for t in self.task_names})
 
@@ -117,8 +113,8 @@ class Surgery(MergeModule):
         its export, which re-estimated them under its weights."""
 
     def manifest_fields(self):
-        return {"base_merge": {k: self.base_manifest.get(k) for k in ("method", "coefficients", "prep", "hparams",
-                                                                       "mask", "m3")},
+        base = self.base_manifest
+        return {"base_merge": {k: base.get(k) for k in ("method", "coefficients", "prep", *base.get("settings", ()))},
                 "surgery": {"rank": self.hparams.rank, "feature": self.hparams.feature, "lr": self.hparams.lr,
                             "adapters": ADAPTERS}}
 
@@ -136,7 +132,7 @@ class Surgery(MergeModule):
         """Σ_t L1(adapter_t(z_merged), z_t) over the step's rows, and the per-task terms."""
         inputs = batch["inputs"]
         with torch.no_grad():  # per-task BatchNorm statistics: each task's rows through the merge with its own
-            whole = None if self.bn_task_stats else functional_call(self.merged.backbone, self.merged_state(),
+            whole = None if self.batchnorm.task_stats else functional_call(self.merged.backbone, self.merged_state(),
                                                                     args=(), kwargs=dict(inputs))
         losses, start, all_sum = {}, 0, self.data_parallel_sum()
         for task, n in zip(batch["tasks"], batch["sizes"]):
@@ -155,6 +151,5 @@ class Surgery(MergeModule):
 
     def training_step(self, batch, batch_idx):
         loss, losses = self.surgery_loss(batch)
-        self.log_dict({f"l1/{t}": v.detach() for t, v in losses.items()}, batch_size=sum(batch["sizes"]))
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=sum(batch["sizes"]))
+        self.log_step(loss, losses, batch, name="l1")
         return loss

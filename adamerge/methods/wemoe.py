@@ -18,17 +18,16 @@ export costs T MLPs' worth of extra parameters (about T × 2/3 of a BERT-style e
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 
 import torch
 
 from adamerge.errors import MergeInputError
-from adamerge.methods.base import MergeModule, TaskVectorPrep
+from adamerge.methods.base import MergeModule
 from adamerge.objectives import Objective
 from adamerge.parametrize import Coefficients
-from adamerge.parametrize.routing import DEFAULT_MODULES, RoutedMLPs, routed_modules
+from adamerge.parametrize.routing import DEFAULT_MODULES, WEMOE_EXPORT, WEMOE_FILE, RoutedMLPs, routed_modules
 from adamerge.pool import TaskVectorPool
-
-WEMOE_FILE = "wemoe.safetensors"
 
 
 class WEMoE(MergeModule):
@@ -42,22 +41,23 @@ class WEMoE(MergeModule):
             LLaMA-like and CLIP/ViT encoders).
         rank: keep each routed task vector as its top-``rank`` SVD factors (memory and compute); None: dense.
         router_hidden: routers' hidden width (default: the block's input width).
-        lr: Adam learning rate of the routers (1e-4 as the paper). betas: Adam betas.
-        objective, temperature, diversity_weight, confidence: the training objective (:mod:`adamerge.objectives`).
-        prep, tv_dtype, trust_remote_code, task_type, heads: as every method.
+        lr: learning rate of the routers (1e-4 as the paper).
+        objective: the unlabeled objective: a name (``entropy``, ``infomax``, ``kl``, ``pseudo_label``,
+            ``features``) or the name with its options, ``{name: kl, temperature: 2.0}``
+            (:class:`adamerge.objectives.Objective`).
+        shared: the arguments every method takes (``prep``, ``tv_dtype``, ``task_type``, ``heads``, ``optimizer``,
+            ...; see :class:`~adamerge.methods.base.MergeModule`).
     """
 
     method = "wemoe"
     per_task_models_supported = False
+    extension = WEMOE_EXPORT  # routers: exported, carded and served by adamerge.parametrize.routing
 
     def __init__(self, base: str, models: dict[str, str], scale: float = 0.3, init: float | None = None,
                  modules: Sequence[str] = DEFAULT_MODULES, rank: int | None = None, router_hidden: int | None = None,
-                 lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999), objective: str = "entropy",
-                 temperature: float = 2.0, diversity_weight: float = 1.0, confidence: float = 0.0,
-                 prep: TaskVectorPrep | None = None, tv_dtype: str | None = None, trust_remote_code: bool = False,
-                 task_type: str = "seq_cls", heads: dict | None = None) -> None:
-        self.loss_fn = Objective(objective, temperature, diversity_weight, confidence)
-        if objective == "features":
+                 lr: float = 1e-4, objective: Objective | str = "entropy", **shared) -> None:
+        self.loss_fn = Objective.of(objective)
+        if self.loss_fn.name == "features":
             raise MergeInputError("objective: 'features' is not supported by wemoe (its features depend on the "
                                   "routing); use entropy, infomax, kl or pseudo_label")
         if rank is not None and rank < 1:
@@ -65,8 +65,7 @@ class WEMoE(MergeModule):
         self._scale = scale
         self._init = scale if init is None else init
         self._patterns = list(modules)
-        super().__init__(base, models, prep=prep, tv_dtype=tv_dtype, trust_remote_code=trust_remote_code,
-                         task_type=task_type, heads=heads)
+        super().__init__(base, models, **shared)
 
     def _routed_tensors(self, pool: TaskVectorPool) -> tuple[list[str], set[str]]:
         names = routed_modules(pool.backbone, self._patterns)
@@ -115,9 +114,7 @@ class WEMoE(MergeModule):
 
     def training_step(self, batch, batch_idx):
         loss, per_task = self.loss_fn(self.step_outputs(batch, self.loss_fn))
-        self.log_dict({f"{self.hparams.objective}/{t}": v.detach() for t, v in per_task.items()},
-                      batch_size=sum(batch["sizes"]))
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=sum(batch["sizes"]))
+        self.log_step(loss, per_task, batch)
         return loss
 
     # -- export -----------------------------------------------------------------------------------------------
@@ -126,6 +123,6 @@ class WEMoE(MergeModule):
 
     def manifest_fields(self):
         return {"hparams": {"scale": self._scale, "init": self._init, "lr": self.hparams.lr,
-                            "objective": self.hparams.objective, "modules": self._patterns,
+                            "objective": asdict(self.loss_fn), "modules": self._patterns,
                             "steps": int(self.global_step) if self._trainer is not None else None},
                 "wemoe": {"file": WEMOE_FILE, **self.routing.info()}}

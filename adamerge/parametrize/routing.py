@@ -17,11 +17,16 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from adamerge.errors import MergeInputError
+from adamerge.io.extensions import ExportExtension, NoHook, register_extension
+
+WEMOE_FILE = "wemoe.safetensors"
 
 # MLP linear layers of common architectures: BERT/RoBERTa (not the attention's output.dense), LLaMA/Mistral/Qwen,
 # CLIP/ViT
@@ -35,7 +40,7 @@ def _key(name: str) -> str:
 
 def numbered_block(module: str) -> str | None:
     """The numbered layer a module belongs to (:func:`adamerge.merged.block_of`), None when it is outside them."""
-    from adamerge.merged import block_of  # merged imports this package: resolved at call time
+    from adamerge.core.modules import block_of
 
     block = block_of(module)
     return block if block.split(".")[-1].isdigit() else None
@@ -236,3 +241,30 @@ def low_rank_factors(W: Tensor, rank: int) -> tuple[Tensor, Tensor]:
         Us.append(u[:, :k] * s[:k])
         Vs.append(vh[:k])
     return torch.stack(Us).to(W.dtype), torch.stack(Vs).to(W.dtype)
+
+
+class RoutingHook(NoHook):
+    """Serves a WEMoE export: its routers and routed task vectors hooked into the backbone, active around each call."""
+
+    def __init__(self, routing: RoutedMLPs) -> None:
+        super().__init__()
+        self.routing = routing
+
+    def context(self, inputs):
+        return self.routing.context(inputs)
+
+
+def serve_routing(path: Path, info: dict, backbone: nn.Module, dtype: torch.dtype) -> RoutingHook:
+    modules = dict(backbone.named_modules())
+    routing = RoutedMLPs.from_tensors(info, load_file(str(Path(path) / info["file"])),
+                                      {n: modules[n].in_features for n in info["modules"]}).to(dtype)
+    routing.attach(backbone)
+    return RoutingHook(routing)
+
+
+WEMOE_EXPORT = register_extension(ExportExtension(
+    key="wemoe", module=__name__, serve=serve_routing, show_settings=False,
+    card=lambda info: ("This is a WEMoE merge: its MLPs are routed per input (`wemoe.safetensors`: routers and the "
+                       f"routed task vectors, {info['bytes'] / 2**20:.1f} MiB). Stock `transformers` loads the shared "
+                       "weights but would run the pretrained MLPs unrouted: serve it with "
+                       "`adamerge.load_merged(path)`.\n")))

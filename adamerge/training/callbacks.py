@@ -7,13 +7,16 @@ import logging
 import math
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Any, Protocol, runtime_checkable
 
 import pytorch_lightning as pl
 import torch
 
-from adamerge.card import heatmap_png
-from adamerge.merged import eval_mode
+from adamerge.checkpoint.card import heatmap_png
+from adamerge.core.modules import eval_mode
+from adamerge.errors import MergeInputError
+from adamerge.methods.selection import check_criterion
+from adamerge.training.datamodule import UnlabeledDataModule
 
 log = logging.getLogger(__name__)
 
@@ -42,32 +45,29 @@ class ExportOnFitEnd(pl.Callback):
 
     def __init__(self, output_dir: str = "runs/merged", overwrite: bool = False, per_task_models: bool = True,
                  lora_adapters: bool = False, model_card: bool = True, max_shard_size: str = "5GB",
-                 dtype: str = "float32", push_to_hub: Optional[str] = None, hub_private: bool = False,
-                 hub_revision: Optional[str] = None, bn_batches: int = 16) -> None:
-        from adamerge.errors import MergeInputError
-        from adamerge.export import ExportOptions
-
+                 dtype: str = "float32", push_to_hub: str | None = None, hub_private: bool = False,
+                 hub_revision: str | None = None, bn_batches: int = 16) -> None:
+        from adamerge.checkpoint.writer import ExportOptions
         if bn_batches < 0:
             raise MergeInputError(f"bn_batches must be >= 0, got {bn_batches}")
         self.bn_batches = bn_batches
         self.output_dir, self.overwrite = output_dir, overwrite
         self.options = asdict(ExportOptions(per_task_models, lora_adapters, model_card, max_shard_size, dtype,
                                             push_to_hub, hub_private, hub_revision))
-        self.run_config: str | None = None  # the run's YAML (set by the CLI): manifest and model card
 
     def recalibrate(self, module, datamodule) -> None:
         """Re-estimate the merge's BatchNorm statistics on the first ``bn_batches`` steps of ``datamodule``."""
         if not self.bn_batches or not module.has_batchnorm():
             return
-        if not hasattr(datamodule, "first_steps"):
+        if not isinstance(datamodule, UnlabeledDataModule):
             log.warning("the backbone has BatchNorm layers but no data was given: the export keeps the base's running "
                         "statistics")
             return
         module.recalibrate_batchnorm(datamodule.first_steps(self.bn_batches))
 
-    def export(self, module, write: bool = True):
-        return module.export(self.output_dir, overwrite=self.overwrite, write=write, run_config=self.run_config,
-                             **self.options)
+    def export(self, module, write: bool = True, entries: dict | None = None):
+        """Export ``module`` with the manifest ``entries`` the run hands over (:func:`run_entries`)."""
+        return module.export(self.output_dir, overwrite=self.overwrite, write=write, entries=entries, **self.options)
 
     @property
     def trained_state_path(self) -> Path:
@@ -77,8 +77,6 @@ class ExportOnFitEnd(pl.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         # fail before hours of training, not after (on every rank, so none waits for a rank that stopped)
-        from adamerge.errors import MergeInputError
-
         if Path(self.output_dir).exists() and not self.overwrite:
             raise MergeInputError(f"output_dir {self.output_dir} already exists; set overwrite: true to replace it")
         if trainer.max_steps == 0:
@@ -89,20 +87,14 @@ class ExportOnFitEnd(pl.Callback):
         # the trained state first (a small Lightning checkpoint: trainable tensors, optimizer, step), so a failing
         # export never loses the training; `--ckpt_path` on the same config exports it again without training
         dm = trainer.datamodule
-        if dm is not None and hasattr(dm, "tasks") and hasattr(dm, "max_length"):  # what it adapted on (no rows)
-            pl_module.data_info = {"max_length": dm.max_length, "samples_per_task": dm.samples_per_task,
-                                   "seed": getattr(dm, "seed", None), "holdout": getattr(dm, "holdout", 0),
-                                   "tasks": {t: {"path": str(spec.path), "split": spec.split}
-                                             for t, spec in dm.tasks.items()}}
         ckpt = self.trained_state_path
         trainer.save_checkpoint(ckpt)
-        from adamerge.errors import MergeInputError
-        from adamerge.export import UploadError
+        from adamerge.io.hub import UploadError
 
         try:
             self.recalibrate(pl_module, dm)
             # every rank gathers (collective when FSDP2 shards the model); global rank 0 writes
-            self.export(pl_module, write=trainer.is_global_zero)
+            self.export(pl_module, write=trainer.is_global_zero, entries=run_entries(trainer))
         except UploadError:
             self._drop(trainer, ckpt)  # the export is complete; only the upload failed (its message says how to retry)
             raise
@@ -122,6 +114,24 @@ class ExportOnFitEnd(pl.Callback):
                 shutil.rmtree(ckpt)
             else:
                 ckpt.unlink(missing_ok=True)
+
+
+@runtime_checkable
+class ManifestEntries(Protocol):
+    """A part of the run (a callback, the data module, the CLI's config saver) that hands entries to the export's
+    manifest: SelectStep its ``selection``, LRSchedule its ``lr_schedule``, the data module the ``data`` it adapted
+    on, the CLI the run's ``config``. The export gathers them (:func:`run_entries`); nothing is set on the module."""
+
+    def manifest_entries(self) -> dict[str, Any]: ...
+
+
+def run_entries(trainer) -> dict[str, Any]:
+    """The manifest entries of every part of ``trainer``'s run that hands some over (:class:`ManifestEntries`)."""
+    entries: dict[str, Any] = {}
+    for part in (*trainer.callbacks, trainer.datamodule):
+        if isinstance(part, ManifestEntries):
+            entries.update(part.manifest_entries())
+    return entries
 
 
 def run_directory(trainer) -> Path | None:
@@ -193,8 +203,6 @@ class BackboneMode(pl.Callback):
     """
 
     def __init__(self, mode: str = "eval") -> None:
-        from adamerge.errors import MergeInputError
-
         if mode not in ("eval", "train"):
             raise MergeInputError(f"backbone_mode: unknown value {mode!r}; allowed: eval, train")
         self.mode = mode
@@ -229,27 +237,20 @@ class SelectStep(pl.Callback):
     """
 
     def __init__(self, every_n_steps: int = 10, criterion: str = "agreement") -> None:
-        from adamerge.errors import MergeInputError
-
-        from adamerge.methods.base import MergeModule
-
         if every_n_steps < 1:
             raise MergeInputError(f"every_n_steps must be >= 1, got {every_n_steps}")
-        if criterion not in MergeModule.SELECTION_CRITERIA:  # before training, not at its first score
-            raise MergeInputError(f"SelectStep criterion: unknown value {criterion!r}; allowed: "
-                                  f"{', '.join(MergeModule.SELECTION_CRITERIA)}")
+        check_criterion(criterion, "SelectStep criterion")  # before training, not at its first score
         self.every_n_steps, self.criterion = every_n_steps, criterion
         self.history: list[tuple[int, float]] = []
         self.per_task: list[tuple[int, dict[str, float]]] = []  # agreement criteria: each scored step's per task
         self.best: tuple[int, float] | None = None
         self.best_state: dict | None = None
         self._batches = self._experts = None
+        self.result: dict[str, Any] | None = None  # the manifest's ``selection`` entry, once training ended
 
     def _setup(self, trainer, pl_module) -> None:
-        from adamerge.errors import MergeInputError
-
         dm = trainer.datamodule
-        batches = dm.holdout_batches() if dm is not None and hasattr(dm, "holdout_batches") else []
+        batches = dm.holdout_batches() if isinstance(dm, UnlabeledDataModule) else []
         if not batches:
             raise MergeInputError("SelectStep needs held-back unlabeled rows: set data.holdout (e.g. 64)")
         self._batches = [{**b, "inputs": {k: v.to(pl_module.device) for k, v in b["inputs"].items()}} for b in batches]
@@ -289,13 +290,16 @@ class SelectStep(pl.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         self._score(trainer, pl_module)
         pl_module.load_state_dict(self.best_state, strict=False)
-        pl_module.selection = {"criterion": self.criterion, "every_n_steps": self.every_n_steps,
+        self.result = {"criterion": self.criterion, "every_n_steps": self.every_n_steps,
                                "selected_step": self.best[0], "score": self.best[1],
                                "final_step": int(trainer.global_step),
                                "history": [list(h) for h in self.history],
                                **({"per_task": [list(h) for h in self.per_task]} if self.per_task else {})}
         log.info("selected step %d of %d by %s (%.4f)", self.best[0], trainer.global_step, self.criterion,
                  self.best[1])
+
+    def manifest_entries(self) -> dict[str, Any]:
+        return {"selection": self.result} if self.result else {}
 
     def state_dict(self) -> dict:
         return {"history": self.history, "per_task": self.per_task, "best": self.best, "best_state": self.best_state}
@@ -329,8 +333,6 @@ class LRSchedule(pl.Callback):
     _BASE = "adamerge_base_lr"  # the configured rate, kept in each parameter group
 
     def __init__(self, kind: str = "cosine", warmup_steps: int = 0, final_fraction: float = 0.0) -> None:
-        from adamerge.errors import MergeInputError
-
         if kind not in self.KINDS:
             raise MergeInputError(f"LRSchedule kind: unknown value {kind!r}; allowed: {', '.join(self.KINDS)}")
         if warmup_steps < 0:
@@ -338,6 +340,7 @@ class LRSchedule(pl.Callback):
         if not 0.0 <= final_fraction <= 1.0:
             raise MergeInputError(f"LRSchedule final_fraction must be in [0, 1], got {final_fraction}")
         self.kind, self.warmup_steps, self.final_fraction = kind, warmup_steps, final_fraction
+        self.record: dict[str, Any] | None = None  # the manifest's ``lr_schedule`` entry, once training started
 
     def factor(self, step: int, total: int) -> float:
         """The multiplier of the configured rate before optimizer step ``step`` of ``total``."""
@@ -351,16 +354,17 @@ class LRSchedule(pl.Callback):
         return f + (1 - f) * decay
 
     def on_train_start(self, trainer, pl_module) -> None:
-        from adamerge.errors import MergeInputError
-
         if not trainer.max_steps or trainer.max_steps < 1:
             raise MergeInputError("LRSchedule needs trainer.max_steps (the schedule's length), got "
                                   f"{trainer.max_steps}")
         if self.warmup_steps >= trainer.max_steps and self.kind != "constant":
             raise MergeInputError(f"LRSchedule warmup_steps ({self.warmup_steps}) leaves no step to decay over in "
                                   f"trainer.max_steps ({trainer.max_steps})")
-        pl_module.lr_schedule = {"kind": self.kind, "warmup_steps": self.warmup_steps,
-                                 "final_fraction": self.final_fraction, "total_steps": int(trainer.max_steps)}
+        self.record = {"kind": self.kind, "warmup_steps": self.warmup_steps,
+                       "final_fraction": self.final_fraction, "total_steps": int(trainer.max_steps)}
+
+    def manifest_entries(self) -> dict[str, Any]:
+        return {"lr_schedule": self.record} if self.record else {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         scale = self.factor(int(trainer.global_step), int(trainer.max_steps))

@@ -12,7 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from adamerge.export import manifest_kind
+from adamerge.io.extensions import extensions_of
+from adamerge.io.manifest import manifest_kind, read_manifest
 from adamerge.kinds import get_kind
 
 CARD = "README.md"
@@ -40,7 +41,7 @@ def heatmap_png(matrix, row_labels, title: str = "merge coefficients") -> bytes:
 
 
 def _hub_id(source: str) -> str | None:
-    from adamerge.pool import names_local_path
+    from adamerge.io.sources import names_local_path
 
     return None if names_local_path(source) else source
 
@@ -62,7 +63,7 @@ def base_model_id(manifest: dict[str, Any]) -> str:
 def coefficient_table(coefficients: dict[str, Any]) -> tuple[list[str], list[list[float]]]:
     """Columns and ``[task][column]`` values of a compact coefficient table: one column for task-wise coefficients,
     else the mean coefficient of each block (embeddings, each layer, ...) in model order."""
-    from adamerge.merged import block_of
+    from adamerge.core.modules import block_of
 
     effective, params, tasks = coefficients["effective"], coefficients["params"], coefficients["tasks"]
     if coefficients.get("granularity") == "task" or not params:
@@ -90,19 +91,24 @@ def _fmt(x: float) -> str:
 
 def render_card(manifest: dict[str, Any], eval_results: dict[str, Any] | None = None) -> str:
     """The card's text from an export's manifest (and its ``eval_results.json``, when evaluated)."""
-    method, lines = manifest["method"], []
-    lines.append(_front_matter(manifest))
+    method = manifest["method"]
     tasks = [s["task"] for s in manifest.get("sources", [])]
-    lines.append(f"# {method} merge of {len(tasks)} fine-tunes\n")
-    lines.append(f"This model was merged with adamerge (method `{method}`) "
-                 f"from the base `{manifest['base']['source']}` and {len(tasks)} fine-tunes of it. No training data "
-                 "of the fine-tunes was used" + (", only unlabeled data for the coefficients (below)."
-                                                  if manifest.get("data") else "."))
-    lines.append("")
-    lines.append("## Use\n")
+    lines = [_front_matter(manifest), f"# {method} merge of {len(tasks)} fine-tunes\n",
+             f"This model was merged with adamerge (method `{method}`) from the base `{manifest['base']['source']}` "
+             f"and {len(tasks)} fine-tunes of it. No training data of the fine-tunes was used"
+             + (", only unlabeled data for the coefficients (below)." if manifest.get("data") else "."), ""]
+    for section in (_use, _sources, _coefficients, _settings, _data):
+        lines += section(manifest)
+    lines += _evaluation(eval_results) if eval_results else []
+    lines += _reproduce(manifest)
+    return "\n".join(lines)
+
+
+def _use(manifest: dict[str, Any]) -> list[str]:
+    tasks = [s["task"] for s in manifest.get("sources", [])]
     repo = (manifest.get("hub") or {}).get("repo_id") or "<this repo>"
-    lines.append(get_kind(manifest_kind(manifest)).card_usage(repo, tasks[0] if tasks else "<task>",
-                                                              bool(manifest.get("per_task_models"))))
+    lines = ["## Use\n", get_kind(manifest_kind(manifest)).card_usage(repo, tasks[0] if tasks else "<task>",
+                                                                     bool(manifest.get("per_task_models")))]
     if (manifest.get("head_options") or {}).get("pooler"):
         lines.append("Each task's head keeps its fine-tune's own pooler (`heads: {pooler: true}`): classify with "
                      "`tasks/<task>/`, which holds that task's pooler and classifier. The root's pooler is the "
@@ -113,68 +119,80 @@ def render_card(manifest: dict[str, Any], eval_results: dict[str, Any] | None = 
                      "unlabeled rows under the merge: classify a task's rows with `tasks/<task>/` (which holds them) "
                      "or `adamerge.load_merged(path).predict(task, ...)`. The root's statistics are those of every "
                      "task's rows together: one model for rows of unknown task.\n")
-    if manifest.get("heads"):
-        if manifest.get("surgery"):
-            lines.append("This export carries Representation Surgery adapters (`surgery_adapters.safetensors`), "
-                         "which stock `transformers` cannot run: serve it with `adamerge.load_merged(path)`.\n")
-        if manifest.get("wemoe"):
-            lines.append("This is a WEMoE merge: its MLPs are routed per input (`wemoe.safetensors`: routers and "
-                         f"the routed task vectors, {manifest['wemoe']['bytes'] / 2**20:.1f} MiB). Stock "
-                         "`transformers` loads the shared weights but would run the pretrained MLPs unrouted: serve "
-                         "it with `adamerge.load_merged(path)`.\n")
+    for ext in extensions_of(manifest):  # what the method's export extension says about serving it
+        lines.append(ext.card(manifest[ext.key]))
     weights = manifest.get("weights", {})
     if weights:
-        lines.append(f"Weights are stored in `{weights.get('dtype')}` ({len([f for f in weights.get('files', []) if f.endswith('.safetensors')])} "
-                     "safetensors file(s)).\n")
-    lines.append("## Sources\n")
-    lines.append("| role | task | source | sha256 |\n| --- | --- | --- | --- |")
-    lines.append(f"| base | | `{manifest['base']['source']}` | `{manifest['base']['sha256'][:16]}…` |")
+        shards = len([f for f in weights.get("files", []) if f.endswith(".safetensors")])
+        lines.append(f"Weights are stored in `{weights.get('dtype')}` ({shards} safetensors file(s)).\n")
+    return lines
+
+
+def _sources(manifest: dict[str, Any]) -> list[str]:
+    lines = ["## Sources\n", "| role | task | source | sha256 |\n| --- | --- | --- | --- |",
+             f"| base | | `{manifest['base']['source']}` | `{manifest['base']['sha256'][:16]}…` |"]
     for s in manifest.get("sources", []):
         lines.append(f"| fine-tune | {s['task']} | `{s['source']}` | `{s['sha256'][:16]}…` |")
     lines.append("\nHashes are sha256 over every tensor's name, dtype, shape and bytes (full values in "
                  "`merge_manifest.json`).\n")
+    return lines
+
+
+def _coefficients(manifest: dict[str, Any]) -> list[str]:
     c = manifest.get("coefficients")
-    if c:
-        cols, rows = coefficient_table(c)
-        lines.append(f"## Merge coefficients ({c.get('granularity')}-wise)\n")
-        if len(cols) > 1:
-            lines.append(f"Mean coefficient per block; every tensor's value is in `merge_manifest.json`, the heatmap "
-                         f"in `{HEATMAP}`.\n")
-            lines.append(f"![merge coefficients]({HEATMAP})\n")
-        lines.append("| task | " + " | ".join(cols) + " |\n|" + " --- |" * (len(cols) + 1))
-        for task, row in zip(c["tasks"], rows):
-            lines.append(f"| {task} | " + " | ".join(_fmt(v) for v in row) + " |")
-        lines.append("")
-    extra = {k: manifest[k] for k in ("prep", "hparams", "mask", "m3", "selection", "lr_schedule", "pick", "surgery")
-             if manifest.get(k)}
-    if extra:
-        lines.append("## Method settings\n")
-        lines.append("```json\n" + json.dumps(_compact(extra), indent=2) + "\n```\n")
+    if not c:
+        return []
+    cols, rows = coefficient_table(c)
+    lines = [f"## Merge coefficients ({c.get('granularity')}-wise)\n"]
+    if len(cols) > 1:
+        lines.append(f"Mean coefficient per block; every tensor's value is in `merge_manifest.json`, the heatmap "
+                     f"in `{HEATMAP}`.\n")
+        lines.append(f"![merge coefficients]({HEATMAP})\n")
+    lines.append("| task | " + " | ".join(cols) + " |\n|" + " --- |" * (len(cols) + 1))
+    for task, row in zip(c["tasks"], rows):
+        lines.append(f"| {task} | " + " | ".join(_fmt(v) for v in row) + " |")
+    return [*lines, ""]
+
+
+def _settings(manifest: dict[str, Any]) -> list[str]:
+    """The prep, the method's own manifest fields (``settings``) and the run's label-free choices."""
+    hidden = {ext.key for ext in extensions_of(manifest) if not ext.show_settings}
+    keys = ("prep", *manifest.get("settings", ()), "selection", "lr_schedule", "pick")
+    extra = {k: manifest[k] for k in dict.fromkeys(keys) if manifest.get(k) and k not in hidden}
+    if not extra:
+        return []
+    return ["## Method settings\n", "```json\n" + json.dumps(_compact(extra), indent=2) + "\n```\n"]
+
+
+def _data(manifest: dict[str, Any]) -> list[str]:
     data = manifest.get("data")
-    if data:
-        lines.append("## Data used for adaptation\n")
-        lines.append(f"Unlabeled inputs only (labels never read), {data.get('samples_per_task')} rows per task, "
-                     f"truncated to {data.get('max_length')} tokens:\n")
-        lines.append("| task | dataset | split |\n| --- | --- | --- |")
-        for task, spec in data.get("tasks", {}).items():
-            lines.append(f"| {task} | `{spec.get('path')}` | {spec.get('split')} |")
-        lines.append("")
-    if eval_results:
-        scores = eval_results.get("scores", {})
-        lines.append("## Evaluation\n")
-        if all("perplexity" in s for s in scores.values()):  # a causal LM: each task's text scored token by token
-            lines.append(f"`adamerge evaluate` on each task's text (max_length {eval_results.get('max_length')}; "
-                         "mean next-token negative log-likelihood in nats, and its perplexity):\n")
-            lines.append("| task | NLL | perplexity |\n| --- | --- | --- |")
-            for task, s in scores.items():
-                lines.append(f"| {task} | {s['nll']:.4f} | {s['perplexity']:.2f} |")
-        else:
-            lines.append(f"`adamerge evaluate` on labelled data (max_length {eval_results.get('max_length')}):\n")
-            lines.append("| task | accuracy | macro-F1 |\n| --- | --- | --- |")
-            for task, s in scores.items():
-                lines.append(f"| {task} | {_fmt(s['accuracy'])} | {_fmt(s['macro_f1'])} |")
-        lines.append("")
-    lines.append("## Reproduce\n")
+    if not data:
+        return []
+    lines = ["## Data used for adaptation\n",
+             f"Unlabeled inputs only (labels never read), {data.get('samples_per_task')} rows per task, "
+             f"truncated to {data.get('max_length')} tokens:\n", "| task | dataset | split |\n| --- | --- | --- |"]
+    for task, spec in data.get("tasks", {}).items():
+        lines.append(f"| {task} | `{spec.get('path')}` | {spec.get('split')} |")
+    return [*lines, ""]
+
+
+def _evaluation(eval_results: dict[str, Any]) -> list[str]:
+    scores = eval_results.get("scores", {})
+    lines = ["## Evaluation\n"]
+    if all("perplexity" in s for s in scores.values()):  # a causal LM: each task's text scored token by token
+        lines.append(f"`adamerge evaluate` on each task's text (max_length {eval_results.get('max_length')}; "
+                     "mean next-token negative log-likelihood in nats, and its perplexity):\n")
+        lines.append("| task | NLL | perplexity |\n| --- | --- | --- |")
+        lines += [f"| {task} | {s['nll']:.4f} | {s['perplexity']:.2f} |" for task, s in scores.items()]
+    else:
+        lines.append(f"`adamerge evaluate` on labelled data (max_length {eval_results.get('max_length')}):\n")
+        lines.append("| task | accuracy | macro-F1 |\n| --- | --- | --- |")
+        lines += [f"| {task} | {_fmt(s['accuracy'])} | {_fmt(s['macro_f1'])} |" for task, s in scores.items()]
+    return [*lines, ""]
+
+
+def _reproduce(manifest: dict[str, Any]) -> list[str]:
+    lines = ["## Reproduce\n"]
     if manifest.get("config"):
         command = "fit" if "trainer" in manifest["config"] else "merge"
         lines.append(f"`adamerge {command} --config config.yaml` with this config:\n")
@@ -182,8 +200,9 @@ def render_card(manifest: dict[str, Any], eval_results: dict[str, Any] | None = 
     else:
         lines.append("Exported from Python; the method and its settings are in `merge_manifest.json`.\n")
     v = manifest.get("versions", {})
-    lines.append("Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + f"; created {manifest.get('created')}.\n")
-    return "\n".join(lines)
+    lines.append("Versions: " + ", ".join(f"{k} {val}" for k, val in v.items())
+                 + f"; created {manifest.get('created')}.\n")
+    return lines
 
 
 def _compact(obj, depth: int = 0):
@@ -198,7 +217,6 @@ def _compact(obj, depth: int = 0):
 def write_card(directory: str | Path) -> Path:
     """(Re)write ``README.md`` (and ``coefficients.png`` for layer-wise coefficients) of an export from its manifest
     and ``eval_results.json``; the card is replaced atomically."""
-    from adamerge.export import read_manifest
 
     directory = Path(directory)
     manifest = read_manifest(directory)

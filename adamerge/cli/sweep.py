@@ -17,12 +17,13 @@ import json
 import logging
 import subprocess
 import sys
+from collections.abc import Callable
 from itertools import product
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from adamerge.errors import MergeInputError
-from adamerge.export import MANIFEST
+from adamerge.io.manifest import MANIFEST
 from adamerge.pick import at_edge, best_of, pick
 
 log = logging.getLogger(__name__)
@@ -121,14 +122,14 @@ def _arg(key: str, value: Any) -> str:
 def check_config(config: str, extra: list[str], first: dict[str, Any]) -> None:
     """Refuse before training anything when the runs could not be compared: the config (with the first candidate's
     values) must parse, use ``SelectStep`` and hold rows back (``data.holdout``)."""
-    from adamerge.cli import parse_only
+    from adamerge.cli.app import parse_only
 
     cfg = parse_only(config, [*extra, *[_arg(k, v) for k, v in first.items()]])
     callbacks = cfg.get("trainer", {}).get("callbacks") or []
     callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
     if not any(str(getattr(c, "class_path", "")).endswith("SelectStep") for c in callbacks):
         raise MergeInputError(f"sweep: {config} trains without the SelectStep callback: its exports would record no "
-                              "label-free score to choose by (add adamerge.callbacks.SelectStep to trainer.callbacks)")
+                              "label-free score to choose by (add adamerge.training.SelectStep to trainer.callbacks)")
     if not (cfg.get("data", {}) or {}).get("holdout"):
         raise MergeInputError(f"sweep: {config} holds no rows back (data.holdout): SelectStep has nothing to score on")
 
@@ -204,3 +205,34 @@ def sweep(config: str, grid: dict[str, list], out: str | Path, extend: int = 0, 
     if record["at_edge"] and extend:
         log.warning("sweep: after %d extension(s) the kept value is still at the edge of the grid", added)
     return record
+def sweep_main(args: list[str] | None = None):
+    """``adamerge sweep --config C --grid KEY=V1,V2 --out DIR [--extend N] [-- FIT ARGS]``: one ``adamerge fit``
+    per value, the best label-free selection score kept (see :mod:`adamerge.sweep`)."""
+    import argparse
+
+    from adamerge.cli.sweep import parse_grid, sweep
+    from adamerge.errors import MergeInputError
+
+    args = list(sys.argv[2:] if args is None else args)
+    fit_args = args[args.index("--") + 1:] if "--" in args else []
+    args = args[:args.index("--")] if "--" in args else args
+    parser = argparse.ArgumentParser(
+        prog="adamerge sweep", description="train one merge at several settings, each exported with its label-free "
+        "selection score, and keep the best (adamerge pick); arguments after -- go to every adamerge fit")
+    parser.add_argument("--config", required=True, help="an adamerge fit config using SelectStep and data.holdout")
+    parser.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
+                        help="a fit setting and its values, e.g. model.init_args.lr=1e-3,1e-2 (repeatable: every "
+                             "combination is trained)")
+    parser.add_argument("--out", required=True, help="where each candidate is exported (<out>/<name>=<value>)")
+    parser.add_argument("--extend", type=int, default=0, metavar="N",
+                        help="while the kept value is the grid's largest or smallest, train the next value beyond it "
+                             "on the grid's spacing, at most N more (one numeric setting)")
+    parser.add_argument("--into", default=None, help="where the kept export is copied (default <out>/best)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --into directory")
+    a = parser.parse_args(args)
+    if a.extend < 0:
+        raise MergeInputError(f"sweep: --extend must be >= 0, got {a.extend}")
+    return sweep(a.config, parse_grid(a.grid), a.out, extend=a.extend, into=a.into, extra=fit_args,
+                 overwrite=a.overwrite)
+
+

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from adamerge.callbacks import BackboneMode, CoefficientHeatmap, ExportOnFitEnd, run_directory
-from adamerge.data import UnlabeledDataModule
 from adamerge.methods import MergeModule
+from adamerge.training.callbacks import BackboneMode, CoefficientHeatmap, ExportOnFitEnd, run_directory
+from adamerge.training.datamodule import UnlabeledDataModule
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate")
 
@@ -73,6 +72,11 @@ class RunConfig(SaveConfigCallback):
                              overwrite=True, multifile=self.multifile)
         self.already_saved = True
 
+    def manifest_entries(self) -> dict:
+        """The run's full config, for the export's manifest and model card (``training.ManifestEntries``)."""
+        config = run_config_yaml(self.parser, self.config)
+        return {"config": config} if config else {}
+
 
 class AdaMergeCLI(LightningCLI):
     """LightningCLI with the data module's tokenizer linked to the model's base."""
@@ -85,13 +89,6 @@ class AdaMergeCLI(LightningCLI):
         parser.add_argument("--backbone_mode", type=Literal["eval", "train"], default="eval",
                             help="mode of the backbone while the merge trains: eval (dropout off, the gradient of the "
                                  "model that is exported; default) or train (dropout on, as FusionBench)")
-        parser.add_argument("--batchnorm_statistics", type=Literal["batch", "task", "running"], default="batch",
-                            help="BatchNorm backbones (image models): the statistics the merge is normalised with in a "
-                                 "training step: batch (the step's own rows, as the export with statistics "
-                                 "re-estimated on such rows; default), task (each task's rows with their own, as "
-                                 "each task's model in the export with statistics re-estimated on its rows alone: "
-                                 "task_buffers.safetensors, tasks/<task>/) or running (the base's, which no longer "
-                                 "fit the merged weights)")
 
     def before_fit(self) -> None:
         from pytorch_lightning.callbacks import ModelCheckpoint
@@ -99,11 +96,7 @@ class AdaMergeCLI(LightningCLI):
         config = self.config[self.subcommand]
         if config.get("backbone_mode", "eval") != "eval":
             self.trainer.callbacks.append(BackboneMode(config["backbone_mode"]))
-        self.model.batchnorm_statistics = config.get("batchnorm_statistics", "batch")
         target = checkpoint_dir(config["export"]["output_dir"])
-        for cb in self.trainer.callbacks:
-            if isinstance(cb, ExportOnFitEnd):
-                cb.run_config = run_config_yaml(self._parser(self.subcommand), config)
         for cb in self.trainer.checkpoint_callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
                 cb.dirpath = os.path.realpath(target)
@@ -160,17 +153,13 @@ def merge_parser() -> LightningArgumentParser:
     parser = LightningArgumentParser(prog="adamerge merge", description="data-free merge, exported")
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_lightning_class_args(MergeModule, "model", subclass_mode=True)
-    parser.add_argument("--data", type=Optional[dict], default=None,
+    parser.add_argument("--data", type=dict | None, default=None,
                         help="UnlabeledDataModule arguments (tasks, samples_per_task, ...): M3 candidate selection, "
                         "BatchNorm re-estimation (bn_batches)")
     # the export's arguments are ExportOnFitEnd's (`export.*` under `adamerge fit`), here as top-level keys
     parser.add_class_arguments(ExportOnFitEnd, nested_key=None, as_group=True)
     parser.set_defaults(output_dir=None)  # required here: a data-free merge has no run directory to default to
     parser.add_argument("--seed_everything", type=int, default=0)
-    parser.add_argument("--batchnorm_statistics", type=Literal["batch", "task"], default="batch",
-                        help="BatchNorm backbones: re-estimate one set of statistics on every task's rows (batch; the "
-                             "default) or also each task's own on its rows alone (task: task_buffers.safetensors, "
-                             "tasks/<task>/)")
     return parser
 
 
@@ -185,20 +174,19 @@ def merge_main(args: list[str] | None = None):
     if os.path.exists(cfg.output_dir) and not cfg.overwrite:
         raise MergeInputError(f"output_dir {cfg.output_dir} already exists; pass --overwrite true to replace it")
     model = parser.instantiate_classes(cfg).model
-    model.batchnorm_statistics = cfg.batchnorm_statistics
     if model.trainable:
         raise MergeInputError(f"method {model.method!r} trains; run it with `adamerge fit`")
     dm = None
     if cfg.data and cfg.data.get("tasks"):
-        dm = UnlabeledDataModule(**{"tokenizer": model.hparams.base, **cfg.data})
-    if getattr(model, "needs_data", False):
+        dm = UnlabeledDataModule(**{"tokenizer": model.base_source, **cfg.data})
+    if model.needs_data:
         if dm is None:
             raise MergeInputError(f"method {model.method!r} with candidates > 1 needs `data.tasks`")
-        model.select(dm)
+        model.use_data(dm)
     exporter = ExportOnFitEnd(**{k: cfg[k] for k in export_keys()})
-    exporter.run_config = run_config_yaml(parser, cfg)
     exporter.recalibrate(model, dm)
-    return exporter.export(model)
+    config = run_config_yaml(parser, cfg)
+    return exporter.export(model, entries={"config": config} if config else None)
 
 
 def export_keys() -> list[str]:
@@ -216,121 +204,13 @@ def run_config_yaml(parser, cfg) -> str | None:
         return None
 
 
-def evaluate_main(args: list[str] | None = None):
-    """``adamerge evaluate``: per-task accuracy (and macro-F1) of an exported checkpoint on labelled data."""
-    from jsonargparse import CLI
-
-    from adamerge.evaluate import evaluate_checkpoint
-
-    return CLI(evaluate_checkpoint, args=args, as_positional=False)
 
 
-def pick_main(args: list[str] | None = None):
-    """``adamerge pick A B ... [--into DIR]``: the export whose label-free selection score is best (see
-    :mod:`adamerge.pick`)."""
-    import argparse
-
-    from adamerge.pick import pick
-
-    parser = argparse.ArgumentParser(prog="adamerge pick", description="choose among exports by their label-free "
-                                     "selection score (agreement with the experts on the same held-back rows)")
-    parser.add_argument("exports", nargs="+", help="exported checkpoints trained with SelectStep")
-    parser.add_argument("--into", default=None, help="copy the chosen export here (manifest: a `pick` entry)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --into directory")
-    a = parser.parse_args(args)
-    return pick(a.exports, into=a.into, overwrite=a.overwrite)
 
 
-def sweep_main(args: list[str] | None = None):
-    """``adamerge sweep --config C --grid KEY=V1,V2 --out DIR [--extend N] [-- FIT ARGS]``: one ``adamerge fit``
-    per value, the best label-free selection score kept (see :mod:`adamerge.sweep`)."""
-    import argparse
-
-    from adamerge.errors import MergeInputError
-    from adamerge.sweep import parse_grid, sweep
-
-    args = list(sys.argv[2:] if args is None else args)
-    fit_args = args[args.index("--") + 1:] if "--" in args else []
-    args = args[:args.index("--")] if "--" in args else args
-    parser = argparse.ArgumentParser(
-        prog="adamerge sweep", description="train one merge at several settings, each exported with its label-free "
-        "selection score, and keep the best (adamerge pick); arguments after -- go to every adamerge fit")
-    parser.add_argument("--config", required=True, help="an adamerge fit config using SelectStep and data.holdout")
-    parser.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
-                        help="a fit setting and its values, e.g. model.init_args.lr=1e-3,1e-2 (repeatable: every "
-                             "combination is trained)")
-    parser.add_argument("--out", required=True, help="where each candidate is exported (<out>/<name>=<value>)")
-    parser.add_argument("--extend", type=int, default=0, metavar="N",
-                        help="while the kept value is the grid's largest or smallest, train the next value beyond it "
-                             "on the grid's spacing, at most N more (one numeric setting)")
-    parser.add_argument("--into", default=None, help="where the kept export is copied (default <out>/best)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --into directory")
-    a = parser.parse_args(args)
-    if a.extend < 0:
-        raise MergeInputError(f"sweep: --extend must be >= 0, got {a.extend}")
-    return sweep(a.config, parse_grid(a.grid), a.out, extend=a.extend, into=a.into, extra=fit_args,
-                 overwrite=a.overwrite)
 
 
-def check_install(package=None) -> None:
-    """Refuse to run on an ``adamerge`` that is not this package — e.g. a folder named ``adamerge`` (a clone's root)
-    in the working directory, which Python imports as a namespace package: training would run and the export fail.
-    """
-    from adamerge.errors import MergeInputError
-
-    if package is None:
-        import adamerge as package
-    here = Path(__file__).resolve().parent
-    if getattr(package, "__version__", None) is None or getattr(package, "__file__", None) is None \
-            or Path(package.__file__).resolve().parent != here:
-        where = ", ".join(str(p) for p in getattr(package, "__path__", [])) or "?"
-        raise MergeInputError(f"`import adamerge` finds {where}, not the installed package at {here} (a folder "
-                              "named adamerge in the current directory shadows it); run from another directory")
 
 
-def user_error(exc: BaseException | None) -> BaseException | None:
-    """The user-input error behind ``exc`` — a :class:`MergeInputError` (also when jsonargparse wrapped it while
-    instantiating the config) or Lightning's ``MisconfigurationException`` (bad Trainer arguments) — else None."""
-    from lightning_fabric.utilities.exceptions import MisconfigurationException
-
-    from adamerge.errors import MergeInputError
-
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, (MergeInputError, MisconfigurationException)):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Every user-input error ends the command with one line on stderr and exit status 2."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    quiet_libraries()
-
-    from_sys = argv is None
-    argv = sys.argv[1:] if from_sys else argv
-
-    try:
-        check_install()
-        if argv and argv[0] == "merge":
-            merge_main(argv[1:])
-        elif argv and argv[0] in ("evaluate", "pick", "sweep"):
-            result = {"evaluate": evaluate_main, "pick": pick_main, "sweep": sweep_main}[argv[0]](argv[1:])
-            import json
-
-            print(json.dumps(result, indent=2))  # the command's output, not logging
-        else:
-            lightning_main(None if from_sys else argv)
-    except Exception as e:
-        cause = user_error(e)
-        if cause is None:
-            raise
-        message = "; ".join(line.strip() for line in str(cause).splitlines() if line.strip())
-        logging.getLogger("adamerge").error("%s", message or type(cause).__name__)
-        raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
-    main()

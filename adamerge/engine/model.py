@@ -8,7 +8,7 @@ coefficients (and masks) only; the base weights and task vectors are frozen buff
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
 
@@ -17,183 +17,24 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-from adamerge.errors import MergeInputError
-from adamerge.functional import (
-    LookupWeight,
-    SparseStack,
-    merge_dense,
-    merge_low_rank,
-    merge_sparse,
-    merge_tensor,
-    sparse_to_dense,
-    summed_batch_norm,
-    to_sparse_stack,
-)
-from adamerge.parametrize import Coefficients
+from adamerge.core.functional import LookupWeight, merge_dense
+from adamerge.core.modules import block_of, cat_outputs, slice_output
+from adamerge.engine.stores import TaskVectorStore, _is_sharded
 from adamerge.kinds import get_kind
+from adamerge.parametrize import Coefficients
 from adamerge.pool import TaskVectorPool
-
 
 RECOMPUTE = (None, "activations", "merge")  # what the backward re-runs per layer (MergedModel.features)
 
 
-def slice_output(output, sl: slice):
-    """Slice every batch-first tensor of a ``transformers`` ModelOutput (or tuple) along dim 0."""
-    if isinstance(output, Tensor):
-        return output[sl]
-    if isinstance(output, tuple) and not hasattr(output, "keys"):
-        return tuple(slice_output(o, sl) for o in output)
-    return type(output)(**{k: slice_output(v, sl) if isinstance(v, (Tensor, tuple)) else v for k, v in output.items()})
 
 
-def cat_outputs(outputs: list):
-    """Concatenate the batch-first tensors of several ``transformers`` ModelOutputs (or tuples) of one structure along
-    dim 0 (the inverse of :func:`slice_output` over consecutive slices)."""
-    first = outputs[0]
-    if isinstance(first, Tensor):
-        return torch.cat(outputs)
-    if isinstance(first, tuple) and not hasattr(first, "keys"):
-        return tuple(cat_outputs([o[i] for o in outputs]) for i in range(len(first)))
-    return type(first)(**{k: cat_outputs([o[k] for o in outputs]) if isinstance(v, (Tensor, tuple)) else v
-                          for k, v in first.items()})
 
 
-@contextmanager
-def eval_mode(module: torch.nn.Module):
-    """Every submodule in eval mode inside the block, then each one's own mode back. (``module.train(was_training)``
-    would switch on the dropout of a backbone that trains in eval mode.)"""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield module
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
-def block_of(name: str) -> str:
-    """Group key of a tensor: its path up to the first layer index (``encoder.layer.3``), else its first component."""
-    parts = name.split(".")
-    for i, p in enumerate(parts[:-1]):
-        if p.isdigit():
-            return ".".join(parts[: i + 1])
-    return parts[0]
 
 
-class TaskVectorStore(nn.Module):
-    """The frozen task vectors of one block of tensors; ``forward`` merges them into the given base weights.
-
-    Dense task vectors are ``[T, ...]``; LoRA ones are factor pairs ``B [T, out, r]``, ``A [T, r, in]``. They are
-    frozen parameters (``requires_grad=False``) so that FSDP2 (``fully_shard``) can shard them across ranks: the
-    merge runs inside this module's forward, where FSDP2 gathers them, and again for the backward. After
-    :meth:`to_sparse`, dense ones are kept as their non-zero entries (:class:`~adamerge.functional.SparseStack`), as
-    frozen parameters too — not buffers, which DDP would broadcast at every step — and such stores are left
-    replicated under FSDP2.
-    """
-
-    def __init__(self, names: list[str], dense: dict[str, Tensor], low_rank: dict[str, tuple[Tensor, Tensor]]):
-        super().__init__()
-        self.names = names
-        self.offloaded = False  # True: the stacks stay in CPU memory whatever device the model moves to
-        self.dense_keys: dict[str, str] = {}
-        self.lr_keys: dict[str, tuple[str, str]] = {}
-        self.sparse_keys: dict[str, tuple[str, str]] = {}
-        self.sparse_meta: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # name -> (counts, shape)
-        for i, n in enumerate(names):
-            if n in dense:
-                self.dense_keys[n] = f"tv_{i}"
-                self.register_parameter(f"tv_{i}", nn.Parameter(dense[n], requires_grad=False))
-            else:
-                B, A = low_rank[n]
-                self.lr_keys[n] = (f"B_{i}", f"A_{i}")
-                self.register_parameter(f"B_{i}", nn.Parameter(B, requires_grad=False))
-                self.register_parameter(f"A_{i}", nn.Parameter(A, requires_grad=False))
-
-    def _apply(self, fn, recurse=True):
-        return self if self.offloaded else super()._apply(fn, recurse)
-
-    @torch.no_grad()
-    def offload(self) -> None:
-        """Keep the dense stacks in CPU memory (pinned when CUDA is present): ``.to(device)`` leaves them there and
-        the merge copies each one to the compute device in bounded chunks, in the forward and again in the
-        backward, so the device holds one piece of them (at most ``CAST_CHUNK_BYTES``) at a time instead of all."""
-        if self.lr_keys or self.sparse_keys:
-            kind = "low-rank (LoRA)" if self.lr_keys else "sparse (prep.sparse_storage)"
-            name = next(iter(self.lr_keys or self.sparse_keys))
-            raise MergeInputError(f"prep.offload: tensor {name!r} has a {kind} task vector; offloading streams dense "
-                                  "stacks only")
-        pin = torch.cuda.is_available()
-        for p in self.parameters():
-            p.data = p.data.cpu().pin_memory() if pin else p.data.cpu()
-        self.offloaded = True
-
-    def sparse_stack(self, name: str) -> SparseStack:
-        counts, shape = self.sparse_meta[name]
-        idx, val = (getattr(self, k) for k in self.sparse_keys[name])
-        return SparseStack(idx, val, counts, shape)
-
-    def dense(self, name: str) -> Tensor:
-        """The ``[T, ...]`` stack of ``name`` (the stored parameter; a new dense copy when stored sparse)."""
-        if name in self.sparse_keys:
-            return sparse_to_dense(self.sparse_stack(name))
-        return getattr(self, self.dense_keys[name])
-
-    def _store_sparse(self, name: str, tv: Tensor) -> None:
-        st = to_sparse_stack(tv)
-        i = self.names.index(name)
-        self.sparse_keys[name] = (f"si_{i}", f"sv_{i}")
-        self.sparse_meta[name] = (st.counts, st.shape)
-        for key, t in zip(self.sparse_keys[name], (st.index, st.values)):
-            if key in self._parameters:
-                delattr(self, key)
-            self.register_parameter(key, nn.Parameter(t, requires_grad=False))
-
-    def set_dense(self, name: str, tv: Tensor) -> None:
-        """Replace the stack of ``name`` (kept sparse if it was)."""
-        if name in self.sparse_keys:
-            self._store_sparse(name, tv.to(getattr(self, self.sparse_keys[name][1])))
-        else:
-            p = getattr(self, self.dense_keys[name])
-            p.data = tv.to(p)
-
-    @torch.no_grad()
-    def to_sparse(self) -> None:
-        """Keep every dense stack as its non-zero entries (frees the dense parameters)."""
-        for name, key in list(self.dense_keys.items()):
-            self._store_sparse(name, getattr(self, key))
-            delattr(self, key)
-            del self.dense_keys[name]
-
-    def forward(self, base: Mapping[str, Tensor], lam: Tensor, masks: Mapping[str, Tensor] | None = None,
-                skip: Collection[str] = ()) -> dict[str, Tensor]:
-        """``{name: θ0 + Σ_t lam[t, j] τ_t}`` for this block's tensors (``lam``: ``[T, len(names)]``) but those in
-        ``skip``."""
-        if skip:
-            keep = [j for j, n in enumerate(self.names) if n not in skip]
-            names, lam = [self.names[j] for j in keep], lam[:, keep]
-        else:
-            names = self.names
-        masked = bool(masks) and any(n in masks for n in names)
-        if not self.lr_keys and not masked and (not self.sparse_keys or not self.dense_keys):  # one autograd node
-            if self.sparse_keys:
-                merged = merge_sparse([base[n] for n in names], [self.sparse_stack(n) for n in names], lam)
-            else:
-                merged = merge_dense([base[n] for n in names], [getattr(self, self.dense_keys[n]) for n in names], lam)
-            return dict(zip(names, merged))
-        out = {}
-        for j, n in enumerate(names):
-            mask = None if masks is None else masks.get(n)
-            if mask is not None and n not in self.dense_keys:
-                kind = "low-rank (LoRA)" if n in self.lr_keys else "sparse (prep.sparse_storage)"
-                raise MergeInputError(f"masks: tensor {n!r} has a {kind} task vector; masks need dense ones")
-            if n in self.lr_keys:
-                B, A = (getattr(self, k) for k in self.lr_keys[n])
-                out[n] = merge_low_rank(base[n], B, A, lam[:, j])
-            elif n in self.sparse_keys:
-                out[n] = merge_sparse([base[n]], [self.sparse_stack(n)], lam[:, j:j + 1])[0]
-            else:
-                out[n] = merge_tensor(base[n], getattr(self, self.dense_keys[n]), lam[:, j], mask)
-        return out
 
 
 class MergedModel(nn.Module):
@@ -238,7 +79,7 @@ class MergedModel(nn.Module):
         self._index = index  # tensor name -> its column of the coefficients
         # weights of embedding layers (used by nothing else): a training step merges only the rows its tokens read
         shared = {}
-        for n, p in self.backbone.named_parameters(remove_duplicate=False):
+        for _, p in self.backbone.named_parameters(remove_duplicate=False):
             shared[id(p)] = shared.get(id(p), 0) + 1
         tables = {f"{m}.weight" if m else "weight": mod for m, mod in self.backbone.named_modules()
                   if isinstance(mod, nn.Embedding)}
@@ -358,7 +199,7 @@ class MergedModel(nn.Module):
         return out
 
     def lazy_merged_params(self, coefficients: Tensor | None = None, masks: Mapping[str, Tensor] | None = None
-                           ) -> "LazyMerge":
+                           ) -> LazyMerge:
         """:meth:`merged_params` as a mapping that merges one block (one store) when one of its tensors is read and
         keeps only that block: an export streams the merged model without a second full copy of it."""
         lam = (self.coefficients() if coefficients is None else coefficients).detach()
@@ -608,79 +449,11 @@ class LazyMerge(Mapping):
         return name in self._index
 
 
-def _is_sharded(t: Tensor) -> bool:
-    """True for a DTensor (FSDP2 shards), whose rows cannot be read outside its module's forward."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
 
 
-@contextmanager
-def batch_statistics(module: nn.Module, total: Callable[[Tensor], Tensor] | None = None):
-    """Inside the block every BatchNorm layer of ``module`` (that keeps running statistics) normalises with the
-    statistics of the batch it is given and updates no buffer; afterwards each layer is as it was.
-
-    ``total``: a differentiable sum over the data-parallel ranks (``MergeModule.data_parallel_sum``). With it the
-    statistics are those of every rank's rows together (:func:`adamerge.functional.summed_batch_norm`), so that a
-    step split over N processes normalises — and trains — as the whole step does in one."""
-    layers = batchnorm_layers(module)
-    saved = {n: (m.training, m.track_running_stats, m.__dict__.get("forward")) for n, m in layers.items()}
-    try:
-        for m in layers.values():
-            m.training, m.track_running_stats = True, False
-            if total is not None:  # an instance attribute, removed below: the class's forward is untouched
-                m.forward = partial(_summed_batchnorm_forward, m, total)
-        yield module
-    finally:
-        for n, m in layers.items():
-            m.training, m.track_running_stats, forward = saved[n]
-            if forward is None:
-                m.__dict__.pop("forward", None)
-            else:
-                m.forward = forward
 
 
-def _summed_batchnorm_forward(layer: nn.modules.batchnorm._BatchNorm, total, x: Tensor) -> Tensor:
-    layer._check_input_dim(x)
-    return summed_batch_norm(x, layer.weight, layer.bias, layer.eps, total)
 
 
-def batchnorm_layers(module: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
-    return {n: m for n, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            and m.track_running_stats}
 
 
-@torch.no_grad()
-def recalibrate_batchnorm(backbone: nn.Module, params: Mapping[str, Tensor], batches: Iterable[Mapping[str, Tensor]]
-                          ) -> dict[str, Tensor]:
-    """Re-estimate the running mean and variance of every BatchNorm layer of ``backbone`` run with the merged
-    ``params`` over ``batches`` of inputs (a cumulative average over all of them, as ``momentum=None`` does), and
-    return the new buffers by name. The backbone's own buffers are left as they were."""
-    layers = batchnorm_layers(backbone)
-    if not layers:
-        return {}
-    saved = {n: (m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.training)
-             for n, m in layers.items()}
-    try:
-        for m in layers.values():
-            m.reset_running_stats()
-            m.momentum = None  # cumulative moving average: every batch weighs the same
-            m.train()
-        for inputs in batches:
-            functional_call(backbone, dict(params), args=(), kwargs=dict(inputs))
-        out = {}
-        for n, m in layers.items():
-            out[f"{n}.running_mean"] = m.running_mean.clone()
-            out[f"{n}.running_var"] = m.running_var.clone()
-            out[f"{n}.num_batches_tracked"] = m.num_batches_tracked.clone()
-        return out
-    finally:
-        for n, m in layers.items():
-            momentum, mean, var, count, training = saved[n]
-            m.momentum = momentum
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
-            m.num_batches_tracked.copy_(count)
-            m.train(training)

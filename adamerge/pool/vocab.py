@@ -34,7 +34,7 @@ SPECIAL_ATTRIBUTES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_t
 
 def _bare(source: str) -> bool:
     """A bare ``.safetensors`` file or a LoRA adapter: no config or tokenizer of its own to read."""
-    from adamerge.pool import is_lora_adapter
+    from adamerge.io.sources import is_lora_adapter
 
     return str(source).endswith(".safetensors") or is_lora_adapter(str(source))
 
@@ -165,7 +165,7 @@ def _union_tokenizer(base_source: str, base_tok, added: dict[str, int], sources,
         if got != uid:
             raise MergeInputError(f"token {token!r} of fine-tune {task!r} ({fine_tunes[task][0]}) got id {got} in "
                                   f"the union tokenizer, expected {uid}")
-    for task, (_, tok, _) in fine_tunes.items():  # e.g. a pad token a fine-tune added for batching
+    for _task, (_, tok, _) in fine_tunes.items():  # e.g. a pad token a fine-tune added for batching
         for attr in SPECIAL_ATTRIBUTES:
             value = getattr(tok, attr, None) if tok is not None else None
             if value is not None and getattr(union, attr, None) is None:

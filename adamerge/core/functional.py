@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import math
 import threading
-
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
-
 
 # Bytes of compute-dtype temporaries one merge step may hold while up-casting a low-precision stack or copying an
 # offloaded one to the compute device (16 MiB).

@@ -1,0 +1,1 @@
+"""Writing exports: the flattened checkpoint, PEFT adapters, and the model card."""
