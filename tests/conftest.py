@@ -221,7 +221,8 @@ def task_data(tmp_path_factory):
 
 def fit_coefficients(module, zoo, task_data, steps: int = 3):
     """Train ``module`` ``steps`` steps on 4 rows per task of ``task_data``; its coefficients afterwards."""
-    from adamerge.data import TaskData, UnlabeledDataModule
+    from adamerge.io.datasets import TaskData
+    from adamerge.training.datamodule import UnlabeledDataModule
 
     dm = UnlabeledDataModule({t: TaskData(p) for t, p in task_data.items()}, tokenizer=zoo[0],
                              samples_per_task=4, max_length=16)

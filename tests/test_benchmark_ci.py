@@ -250,7 +250,7 @@ def test_sweep_keeps_the_candidate_whose_selected_step_scores_best(monkeypatch):
     assert best.sweep == [{"lr": 1, "selected_step": 10, "score": 0.5}, {"lr": 2, "selected_step": 20, "score": 0.7},
                           {"lr": 3, "selected_step": 30, "score": 0.7}]
     # two keys: every combination, in order (the search the benchmark and `adamerge sweep` share)
-    from adamerge.sweep import search
+    from adamerge.cli.sweep import search
 
     seen = []
     tried, added = search({"a": [1, 2], "b": [3, 4]}, lambda v: seen.append(dict(v)) or 0.0)

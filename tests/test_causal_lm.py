@@ -11,8 +11,9 @@ import pytest
 import torch
 from conftest import WORDS, make_tokenizer, quick_fit, save_lm_zoo, tiny_llama
 
-from adamerge.data import TaskData, UnlabeledDataModule
+from adamerge.io.datasets import TaskData
 from adamerge.methods import AdaMerging, TaskArithmetic
+from adamerge.training.datamodule import UnlabeledDataModule
 
 VOCAB = len(WORDS) + 5
 
@@ -187,7 +188,7 @@ def test_evaluate_scores_each_tasks_text_by_next_token_likelihood(lm_zoo, task_d
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adamerge.cli import main
+    from adamerge.cli.main import main
     from adamerge.errors import MergeInputError
     from adamerge.evaluate import evaluate_checkpoint
 

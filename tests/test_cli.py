@@ -10,7 +10,8 @@ import pytest
 import torch
 import yaml
 
-from adamerge.cli import lightning_main, main, parse_only
+from adamerge.cli.app import lightning_main, parse_only
+from adamerge.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,16 +55,16 @@ def test_each_run_keeps_its_own_config_and_heatmap(zoo, task_data, tmp_path):
                                                        "init_args": {"save_dir": str(tmp_path / "logs")}})
         cfg["export"] = {"output_dir": str(tmp_path / f"merged{i}")}
         if i:
-            cfg["batchnorm_statistics"] = "running"
+            cfg["model"]["init_args"]["batchnorm_statistics"] = "running"
         p = tmp_path / "fit.yaml"
         p.write_text(yaml.safe_dump(cfg))
         cli = lightning_main(["fit", "--config", str(p)])
-        assert cli.model.batchnorm_statistics == ("running" if i else "batch")  # the top-level option reaches the model
+        assert cli.model.batchnorm_statistics == ("running" if i else "batch")  # the option reaches the model
     for i, steps in enumerate((1, 2)):
         run = tmp_path / "logs" / f"version_{i}"
         saved = yaml.safe_load((run / "config.yaml").read_text())
         assert saved["trainer"]["max_steps"] == steps
-        assert saved["batchnorm_statistics"] == ("running" if i else "batch")
+        assert saved["model"]["init_args"]["batchnorm_statistics"] == ("running" if i else "batch")
         assert (run / "coefficients.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["version_0", "version_1"]
     assert not (tmp_path / "config.yaml").exists()
@@ -112,7 +113,7 @@ def test_fit_refuses_existing_output_dir_before_training(zoo, task_data, tmp_pat
 
 @pytest.mark.parametrize("method,args", [
     ("TaskArithmetic", {"scale": 0.3}),
-    ("Ties", {"density": 0.2}),
+    ("Ties", {"prep": {"ties_density": 0.2}}),
     ("Average", {}),
     ("M3", {"alpha": 0.5, "seed": 3}),
 ])
@@ -176,9 +177,9 @@ def test_fit_with_label_free_selection_exports_the_chosen_step(zoo, task_data, t
     """The guided config's shape through the command: KL objective, tuned heads, SelectStep on held-back rows."""
     cfg = fit_config(zoo, task_data, tmp_path, objective="kl", tune_heads=True, lr=0.05)
     cfg["trainer"]["logger"] = False
-    cfg["trainer"]["callbacks"] = [{"class_path": "adamerge.callbacks.SelectStep",
+    cfg["trainer"]["callbacks"] = [{"class_path": "adamerge.training.SelectStep",
                                     "init_args": {"every_n_steps": 2, "criterion": "agreement"}},
-                                   {"class_path": "adamerge.callbacks.LRSchedule",
+                                   {"class_path": "adamerge.training.LRSchedule",
                                     "init_args": {"kind": "cosine", "warmup_steps": 1}}]
     cfg["data"]["holdout"] = 8
     p = tmp_path / "fit.yaml"
@@ -188,7 +189,7 @@ def test_fit_with_label_free_selection_exports_the_chosen_step(zoo, task_data, t
     sel = manifest["selection"]
     assert [h[0] for h in sel["history"]] == [0, 2, 4, 6]
     assert sel["selected_step"] == max(sel["history"], key=lambda h: h[1])[0]
-    assert manifest["hparams"]["objective"] == "kl" and manifest["hparams"]["tune_heads"] is True
+    assert manifest["hparams"]["objective"]["name"] == "kl" and manifest["hparams"]["tune_heads"] is True
     assert manifest["lr_schedule"] == {"kind": "cosine", "warmup_steps": 1, "final_fraction": 0.0,
                                        "total_steps": cfg["trainer"]["max_steps"]}
     exported = torch.tensor(manifest["coefficients"]["values"])
@@ -205,7 +206,7 @@ def test_pick_chooses_the_export_with_the_best_selection_score(zoo, task_data, t
         cfg = fit_config(zoo, task_data, tmp_path / name, objective="kl", lr=lr)
         cfg["trainer"]["max_steps"] = 4
         cfg["trainer"]["logger"] = False
-        cfg["trainer"]["callbacks"] = [{"class_path": "adamerge.callbacks.SelectStep",
+        cfg["trainer"]["callbacks"] = [{"class_path": "adamerge.training.SelectStep",
                                         "init_args": {"every_n_steps": 2,
                                                       "criterion": extra.get("criterion", "agreement")}}]
         cfg["data"]["holdout"] = 8
@@ -287,7 +288,7 @@ def test_sweep_trains_each_value_keeps_the_best_score_and_extends_past_a_kept_ed
     nothing again; a config without SelectStep is refused before anything is trained."""
     cfg = fit_config(zoo, task_data, tmp_path, objective="kl")
     cfg["trainer"].update(max_steps=4, logger=False, enable_checkpointing=False, callbacks=[
-        {"class_path": "adamerge.callbacks.SelectStep", "init_args": {"every_n_steps": 2, "criterion": "agreement"}}])
+        {"class_path": "adamerge.training.SelectStep", "init_args": {"every_n_steps": 2, "criterion": "agreement"}}])
     cfg["data"]["holdout"] = 8
     del cfg["export"]
     p = tmp_path / "fit.yaml"
@@ -299,7 +300,7 @@ def test_sweep_trains_each_value_keeps_the_best_score_and_extends_past_a_kept_ed
     made = sorted(d.name for d in out.iterdir() if (d / "merge_manifest.json").is_file() and d.name != "best")
     manifests = {d: json.loads((out / d / "merge_manifest.json").read_text()) for d in made}
     for d, m in manifests.items():  # each process trained with its own value
-        assert m["hparams"]["lr"] == float(d.removeprefix("lr=")) and m["hparams"]["objective"] == "kl"
+        assert m["hparams"]["lr"] == float(d.removeprefix("lr=")) and m["hparams"]["objective"]["name"] == "kl"
     score = {d: m["selection"]["score"] for d, m in manifests.items()}
     first = {d: score[d] for d in ("lr=0.01", "lr=0.1")}
     top = max(first.values())
@@ -359,7 +360,7 @@ def test_sweep_follows_a_kept_edge_until_the_score_turns(tmp_path, monkeypatch):
     (3 extensions allowed, 2 used); with `extend=1` it stops after 1.0, still at the edge."""
     import math
 
-    import adamerge.sweep as sweep_module
+    import adamerge.cli.sweep as sweep_module
 
     trained = []
 
@@ -391,7 +392,7 @@ def test_sweep_follows_a_kept_edge_until_the_score_turns(tmp_path, monkeypatch):
 
 
 def test_sweep_extends_on_the_grids_own_spacing():
-    from adamerge.sweep import next_value, parse_grid
+    from adamerge.cli.sweep import next_value, parse_grid
 
     assert next_value([1e-3, 1e-2], "largest") == 0.1 and next_value([1e-3, 1e-2], "smallest") == 1e-4
     assert next_value([3e-4, 1e-3, 3e-3, 1e-2, 3e-2], "largest") == 0.09  # ratio of the two outermost values
@@ -446,9 +447,10 @@ def test_backbone_mode_train_switches_dropout_on_only_while_training(zoo, task_d
     back in eval mode for the export; the default keeps it in eval mode throughout."""
     import pytorch_lightning as pl
 
-    from adamerge.callbacks import BackboneMode
-    from adamerge.data import TaskData, UnlabeledDataModule
+    from adamerge.io.datasets import TaskData
     from adamerge.methods import AdaMerging
+    from adamerge.training.callbacks import BackboneMode
+    from adamerge.training.datamodule import UnlabeledDataModule
 
     class Probe(pl.Callback):
         def __init__(self):
@@ -476,3 +478,25 @@ def test_backbone_mode_train_switches_dropout_on_only_while_training(zoo, task_d
     cfg.write_text(cfg.read_text() + "batchnorm_statistics: mixed\n")
     with pytest.raises(SystemExit):  # not one of batch, running
         parse_only(cfg)
+
+
+def test_the_optimizer_is_configured_the_lightning_way(zoo, task_data, tmp_path):
+    """``optimizer: {class_path, init_args}`` picks the optimizer class and its own arguments; the method's ``lr``
+    is its learning rate. Reference: one SGD-with-momentum step on the logged gradient, by hand."""
+    cfg = fit_config(zoo, task_data, tmp_path, lr=0.05, objective="entropy",
+                     optimizer={"class_path": "torch.optim.SGD", "init_args": {"momentum": 0.9}})
+    cfg["trainer"].update(max_steps=1, logger=False)
+    p = tmp_path / "fit.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    cli = lightning_main(["--config", str(p)], run=False)
+    module = cli.model
+    opt = module.configure_optimizers()
+    assert type(opt) is torch.optim.SGD and opt.defaults["lr"] == 0.05 and opt.defaults["momentum"] == 0.9
+    before = module.merged.coefficients.weight.detach().clone()
+    cli.datamodule.setup("fit")
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    loss, _ = module.objective(batch)
+    loss.backward()
+    grad = module.merged.coefficients.weight.grad.detach().clone()
+    opt.step()
+    torch.testing.assert_close(module.merged.coefficients.weight.detach(), before - 0.05 * grad)

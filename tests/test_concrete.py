@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import quick_fit
 
-from adamerge.data import TaskData, UnlabeledDataModule
+from adamerge.io.datasets import TaskData
 from adamerge.methods import (
     AdaMerging,
     ConcreteAdaMerging,
@@ -16,6 +16,7 @@ from adamerge.methods import (
     TaskArithmetic,
 )
 from adamerge.parametrize import ConcreteMask
+from adamerge.training.datamodule import UnlabeledDataModule
 
 
 @pytest.fixture(scope="module")

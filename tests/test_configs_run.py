@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from adamerge.cli import main
+from adamerge.cli.main import main
 from tests.conftest import build_clip_zoo, build_zoo, save_lm_zoo, text_rows, tiny_llama, tiny_t5
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def _text_data(path: Path, spec: dict, rows: int, seed: int) -> str:
     """A ``DatasetDict`` (every split a config may name) with the text columns ``spec`` reads, and a label."""
     import datasets
 
-    from adamerge.data import template_fields
+    from adamerge.io.datasets import template_fields
 
     columns = set(template_fields(spec["template"])) if spec.get("template") else \
         {spec.get("text_column", "text"), *([spec["text_pair_column"]] if spec.get("text_pair_column") else [])}
@@ -129,7 +129,7 @@ def _predict_inputs(served, kind: str, base: str):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_config_runs_as_written_on_tiny_models(path, tmp_path, monkeypatch):
     from adamerge import load_merged
-    from adamerge.cli import lightning_main
+    from adamerge.cli.app import lightning_main
 
     monkeypatch.chdir(tmp_path)  # relative paths a config may still hold (and `config.yaml` of logger-less fits)
     written = yaml.safe_load(path.read_text())
@@ -160,8 +160,12 @@ def test_every_config_runs_as_written_on_tiny_models(path, tmp_path, monkeypatch
         else:
             assert recorded["model"]["init_args"][key] == value, key
         if key in settings and value != "auto":  # `auto`: recorded as what it resolved to
-            assert settings[key] == value, key
-        if key == "temperature" and "mask" in manifest:  # Concrete's own temperature
+            if key == "objective":  # recorded whole: a name alone is that objective with its default options
+                value = {"name": value} if isinstance(value, str) else value
+                assert settings[key] == {**settings[key], **value}, key
+            else:
+                assert settings[key] == value, key
+        if key == "mask_temperature":  # Concrete's own temperature
             assert manifest["mask"]["temperature"] == value
     if "merged" in written["model"]["init_args"]:  # Surgery: the export it adapted on top of
         assert manifest["base_merge"]["method"] == "task_arithmetic"

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from adamerge.merged import MergedModel
+from adamerge.engine.model import MergedModel
 from adamerge.methods import AdaMerging
 from adamerge.parametrize import Coefficients
 from adamerge.pool import load_pool
@@ -64,12 +64,12 @@ def slow_reference_grad(pool, lam, inputs, tasks, sizes):
     """Per-task, per-parameter loop: T separate forward/backward passes through a materialised model."""
     from torch.func import functional_call
 
-    from adamerge.functional import entropy
+    from adamerge.core.functional import entropy
 
     grad = torch.zeros_like(lam)
     base = {n: p.detach() for n, p in pool.backbone.named_parameters()}
     start = 0
-    for t, (task, n) in enumerate(zip(tasks, sizes)):
+    for _t, (task, n) in enumerate(zip(tasks, sizes)):
         lam_t = lam.clone().requires_grad_(True)
         params = {}
         for p, name in enumerate(pool.param_names):

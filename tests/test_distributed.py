@@ -39,7 +39,7 @@ def _cli_fit(tmp_path, cfg, name):
     p = tmp_path / f"{name}.yaml"
     p.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29500 + os.getpid() % 1000)}
-    return subprocess.run([sys.executable, "-m", "adamerge.cli", "fit", "--config", str(p)], env=env,
+    return subprocess.run([sys.executable, "-m", "adamerge", "fit", "--config", str(p)], env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -67,8 +67,8 @@ def test_ddp_two_processes_match_single_process(zoo, task_data, tmp_path, recomp
 
 
 def test_indivisible_share_is_a_clear_error():
-    from adamerge.data import TaskStepDataset
     from adamerge.errors import MergeInputError
+    from adamerge.training.datamodule import TaskStepDataset
 
     with pytest.raises(MergeInputError, match=r"samples_per_task \(3\) must be divisible by the number of processes \(2\)"):
         TaskStepDataset({"a": [{"input_ids": [1]}]}, 3, 0, 0, 1, rank=0, world_size=2)
@@ -181,10 +181,10 @@ def test_batchnorm_merge_under_ddp_matches_single_process(tmp_path):
     _, models, data = _mobilenet_zoo(tmp_path)
 
     def cfg(name, devices, statistics):
-        c = {"seed_everything": 0, "batchnorm_statistics": statistics,
+        c = {"seed_everything": 0,
              "model": {"class_path": "adamerge.methods.AdaMerging",
                        "init_args": {"base": str(tmp_path / "base"), "models": models, "granularity": "task",
-                                     "task_type": "image_cls", "lr": 0.01}},
+                                     "task_type": "image_cls", "lr": 0.01, "batchnorm_statistics": statistics}},
              "data": {"tasks": {t: {"path": p, "image_column": "image"} for t, p in data.items()},
                       "samples_per_task": 8},
              "trainer": {"max_steps": 2, "accelerator": "cpu", "devices": devices, "logger": False,
@@ -245,7 +245,7 @@ def test_fsdp2_on_a_llama_shaped_causal_lm_matches_single_process(task_data, tmp
 def _batch_level_grads(rank, world, port, out_path):
     import torch.distributed as dist
 
-    from adamerge.methods.base import all_sum
+    from adamerge.core.distributed import all_sum
     from adamerge.objectives import entropy_objective, infomax_objective, kl_to_experts, pseudo_label_objective
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

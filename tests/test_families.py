@@ -64,8 +64,9 @@ def test_text_families_merge_export_and_load_with_stock_transformers(family, tmp
     import transformers
 
     from adamerge import load_merged
-    from adamerge.data import TaskData, UnlabeledDataModule
+    from adamerge.io.datasets import TaskData
     from adamerge.methods import AdaMerging
+    from adamerge.training.datamodule import UnlabeledDataModule
 
     task_type, config_name, fields = FAMILIES[family]
     whole = task_type in WHOLE  # the whole model is merged: no per-task heads, the export's root is every task's

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from adamerge.functional import (
+from adamerge.core.functional import (
     dare,
     disjoint_mean,
     disjoint_normalize,
@@ -32,7 +32,7 @@ def test_merge_tensor_formula():
 def test_merge_tensor_gradient_and_saved_memory(dtype, chunk_bytes, monkeypatch):
     """The merge's values and λ-gradients equal plain autograd on the float32 stack, and its backward keeps no
     up-cast copy: what autograd saves is the stored stack (bfloat16 bytes when stored so) and λ, nothing more."""
-    import adamerge.functional as F
+    import adamerge.core.functional as F
 
     if chunk_bytes is not None:
         monkeypatch.setattr(F, "CAST_CHUNK_BYTES", chunk_bytes)

@@ -50,10 +50,10 @@ def test_gpu_offloaded_task_vectors_stream_and_match_cpu(zoo, chunks):
     """prep.offload: on the GPU the task vectors stay in pinned CPU memory (coefficients and base on the GPU), are
     streamed per block, and 3 steps give the CPU's coefficients."""
     import pytorch_lightning as pl
+    from conftest import mixed_batch
     from torch.utils.data import DataLoader
 
     from adamerge.methods.base import TaskVectorPrep
-    from conftest import mixed_batch
 
     data = [mixed_batch(zoo[0], rotate=i) for i in range(3)]
     result = {}
@@ -77,10 +77,10 @@ def test_gpu_concrete_trains_and_exports_like_cpu(zoo):
     """Concrete's relaxed masks draw on the logits' device while training (no CPU generator reaches a CUDA tensor),
     and the exported ``continuous`` mask is one CPU-seeded draw: the same on either device for the same logits."""
     import pytorch_lightning as pl
+    from conftest import mixed_batch
     from torch.utils.data import DataLoader
 
     from adamerge.methods import ConcreteTaskArithmetic
-    from conftest import mixed_batch
 
     data = [mixed_batch(zoo[0], rotate=i) for i in range(3)]
     pl.seed_everything(0, verbose=False)
@@ -103,7 +103,7 @@ def test_gpu_summed_batch_norm_matches_torch_and_cpu(dtype):
     """The rank-summed batch norm that data-parallel BatchNorm training uses (one process here: the sum is the
     identity) on CUDA, float32 sums: outputs and gradients equal torch's own training-mode batch_norm on the GPU and
     the same function on CPU (float64 sums)."""
-    from adamerge.functional import summed_batch_norm
+    from adamerge.core.functional import summed_batch_norm
 
     torch.manual_seed(0)
     x = torch.randn(32, 16, 8, 8) * 3 + 2

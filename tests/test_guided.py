@@ -10,9 +10,10 @@ import math
 import pytest
 import torch
 
-from adamerge.data import TaskData, UnlabeledDataModule
 from adamerge.errors import MergeInputError
+from adamerge.io.datasets import TaskData
 from adamerge.methods import AdaMerging, ConcreteTaskArithmetic, TaskArithmetic
+from adamerge.training.datamodule import UnlabeledDataModule
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,8 @@ def datamodule(zoo, task_data, holdout=0):
 def test_task_chunks_give_the_same_gradient_for_every_objective(zoo, batch, objective):
     grads = []
     for chunks in (1, 3):
-        module = AdaMerging(*zoo, granularity="layer", objective=objective, task_chunks=chunks, diversity_weight=0.5)
+        module = AdaMerging(*zoo, granularity="layer", objective={"name": objective, "diversity_weight": 0.5},
+                            task_chunks=chunks)
         torch.manual_seed(0)
         module.merged.coefficients.weight.data += 0.1 * torch.randn_like(module.merged.coefficients.weight)
         loss = module.objective(batch)[0] if chunks == 1 else module.merged.chunked_surrogate(batch, module.loss_with, chunks)[0]
@@ -110,7 +112,7 @@ def _labelled_copy(task_data, tmp_path, seed):
 def _fit_selected(zoo, data, criterion="agreement", steps=6):
     import pytorch_lightning as pl
 
-    from adamerge.callbacks import SelectStep
+    from adamerge.training.callbacks import SelectStep
 
     class Record(pl.Callback):
         def __init__(self):
@@ -134,12 +136,12 @@ def _fit_selected(zoo, data, criterion="agreement", steps=6):
                          enable_model_summary=False, accelerator="cpu", callbacks=[record, select])
     dm = datamodule(zoo, data, holdout=8)
     trainer.fit(module, datamodule=dm)
-    return module, record, dm
+    return module, record, dm, select
 
 
 def test_select_step_restores_the_best_step_and_records_it(zoo, task_data, tmp_path):
-    module, record, dm = _fit_selected(zoo, task_data)
-    sel = module.selection
+    module, record, dm, select = _fit_selected(zoo, task_data)
+    sel = select.result  # the manifest's `selection` entry, handed over by the callback
     assert [h[0] for h in sel["history"]] == list(range(7))
     best_step, best = max(sel["history"], key=lambda h: h[1])
     assert sel["selected_step"] == best_step and sel["score"] == best
@@ -147,7 +149,7 @@ def test_select_step_restores_the_best_step_and_records_it(zoo, task_data, tmp_p
     # the score is the agreement with the experts on the held-back rows, recomputed here by hand
     per_task = _agreement_by_hand(module, dm)
     assert abs(sum(per_task.values()) / len(per_task) - best) < 1e-9
-    out = module.export(tmp_path / "m")
+    out = module.export(tmp_path / "m", entries=select.manifest_entries())
     manifest = json.loads((out / "merge_manifest.json").read_text())
     assert manifest["selection"]["selected_step"] == best_step and manifest["selection"]["criterion"] == "agreement"
 
@@ -169,8 +171,8 @@ def _agreement_by_hand(module, dm) -> dict[str, float]:
 
 
 def test_worst_agreement_selects_the_step_whose_weakest_task_agrees_most(zoo, task_data):
-    module, record, dm = _fit_selected(zoo, task_data, criterion="worst_agreement")
-    sel = module.selection
+    module, record, dm, select = _fit_selected(zoo, task_data, criterion="worst_agreement")
+    sel = select.result
     assert sel["criterion"] == "worst_agreement" and [h[0] for h in sel["per_task"]] == list(range(7))
     # the score of every step is the minimum of its per-task agreements, and the chosen step has the best one
     for (step, value), (step2, per_task) in zip(sel["history"], sel["per_task"]):
@@ -187,9 +189,9 @@ def test_worst_agreement_selects_the_step_whose_weakest_task_agrees_most(zoo, ta
 
 def test_select_step_never_reads_labels(zoo, task_data, tmp_path):
     """Shuffling the label column changes nothing: neither the scores nor the chosen step."""
-    runs = [_fit_selected(zoo, _labelled_copy(task_data, tmp_path, seed), steps=4)[0] for seed in (1, 2)]
-    assert runs[0].selection == runs[1].selection
-    assert torch.equal(runs[0].merged.coefficients.weight, runs[1].merged.coefficients.weight)
+    runs = [_fit_selected(zoo, _labelled_copy(task_data, tmp_path, seed), steps=4) for seed in (1, 2)]
+    assert runs[0][3].result == runs[1][3].result
+    assert torch.equal(runs[0][0].merged.coefficients.weight, runs[1][0].merged.coefficients.weight)
     dm = datamodule(zoo, task_data, holdout=8)
     dm.setup()
     assert all(set(b["inputs"]) <= {"input_ids", "attention_mask", "token_type_ids"} for b in dm.holdout_batches())
@@ -207,13 +209,13 @@ def test_select_step_never_reads_labels(zoo, task_data, tmp_path):
 def test_select_step_leaves_the_backbone_in_eval_mode(zoo, task_data):
     """Scoring puts every module in eval mode and gives each its own mode back: the backbone (dropout off, the
     documented training mode) must not come back in train mode after a score."""
-    module, record, _ = _fit_selected(zoo, task_data, steps=3)
+    module, record, _, _ = _fit_selected(zoo, task_data, steps=3)
     assert record.backbone_training == [False, False, False]
     assert not any(m.training for m in module.merged.backbone.modules())
 
 
 def test_select_step_refuses_an_unknown_criterion_when_built():
-    from adamerge.callbacks import SelectStep
+    from adamerge.training.callbacks import SelectStep
 
     with pytest.raises(MergeInputError, match=r"criterion: unknown value 'worst'; allowed: agreement, "
                                               r"worst_agreement, objective"):
@@ -223,7 +225,7 @@ def test_select_step_refuses_an_unknown_criterion_when_built():
 def test_select_step_needs_held_back_rows(zoo, task_data):
     import pytorch_lightning as pl
 
-    from adamerge.callbacks import SelectStep
+    from adamerge.training.callbacks import SelectStep
 
     trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, accelerator="cpu", callbacks=[SelectStep()])
@@ -258,11 +260,11 @@ def test_frozen_head_zoo_keeps_the_probe_bit_identical(tmp_path):
     """LP-FT: the head is a linear probe fitted on the frozen base before fine-tuning and never changes after; the
     body does change."""
     import datasets
+    from conftest import make_tokenizer, text_rows, tiny_config
     from safetensors.torch import load_file
     from transformers import BertForSequenceClassification
 
     from adamerge.bench.zoo import finetune
-    from conftest import make_tokenizer, text_rows, tiny_config
 
     zoo = tmp_path / "zoo"
     make_tokenizer(zoo / "base")
@@ -320,14 +322,14 @@ def test_select_step_warns_when_its_experts_are_processed_vectors(zoo, task_data
     against base + those. Said once, at the first score; with a guided objective nothing is said."""
     import pytorch_lightning as pl
 
-    from adamerge.callbacks import SelectStep
     from adamerge.methods.base import TaskVectorPrep
+    from adamerge.training.callbacks import SelectStep
 
     for objective, warned in (("entropy", True), ("kl", False)):
         caplog.clear()
         module = AdaMerging(*zoo, objective=objective, prep=TaskVectorPrep(ties_density=0.2))
         trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False, accelerator="cpu", callbacks=[SelectStep()])
-        with caplog.at_level("WARNING", logger="adamerge.callbacks"):
+        with caplog.at_level("WARNING", logger="adamerge.training.callbacks"):
             trainer.fit(module, datamodule=datamodule(zoo, task_data, holdout=8))
         assert any("processed task vectors" in r.getMessage() for r in caplog.records) is warned

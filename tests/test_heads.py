@@ -89,7 +89,8 @@ def test_tuned_pooler_heads_train_and_export(zoo, task_data, rows, tmp_path):
     from conftest import quick_fit
     from transformers import AutoModelForSequenceClassification
 
-    from adamerge.data import TaskData, UnlabeledDataModule
+    from adamerge.io.datasets import TaskData
+    from adamerge.training.datamodule import UnlabeledDataModule
 
     module = AdaMerging(*zoo, granularity="layer", objective="kl", tune_heads=True, lr=0.05, heads=POOLER)
     before = {t: h.bert.pooler.dense.weight.detach().clone() for t, h in module.merged.heads.items()}

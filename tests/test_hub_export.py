@@ -99,7 +99,7 @@ def test_export_options_are_checked_before_writing(ta, tmp_path):
 
 
 def test_streaming_writer_matches_safetensors_reader(tmp_path):
-    from adamerge.export import parse_size, write_safetensors
+    from adamerge.io.safetensors import parse_size, write_safetensors
 
     tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.arange(6).view(2, 3),
                "d": torch.tensor(2.5), "e": torch.zeros(0, 4), "f": torch.tensor([True, False, True]),
@@ -179,7 +179,7 @@ def test_evaluate_write_puts_the_results_into_the_card(ta, task_data, tmp_path):
 
 
 def test_merge_command_writes_card_with_its_config_and_shards(zoo, tmp_path):
-    from adamerge.cli import main
+    from adamerge.cli.main import main
 
     base, paths = zoo
     cfg = {"model": {"class_path": "adamerge.methods.TaskArithmetic",
@@ -290,7 +290,7 @@ def test_merge_command_says_so_in_one_line(zoo, tmp_path, caplog):
     """`adamerge merge` with an incompatible vocabulary: one error line (no config namespace), exit 2, no output."""
     import logging
 
-    from adamerge.cli import main
+    from adamerge.cli.main import main
 
     base, paths = zoo
     other, _ = _other_tokenizer(tmp_path, base, paths)
@@ -367,7 +367,7 @@ def test_push_to_hub_uploads_the_finished_folder_once(ta, tmp_path, hub):
 
 
 def test_failed_upload_keeps_the_export_and_says_how_to_retry(ta, tmp_path, hub):
-    from adamerge.export import UploadError
+    from adamerge.io.hub import UploadError
 
     hub.fail = True
     with pytest.raises(UploadError) as e:
@@ -377,7 +377,7 @@ def test_failed_upload_keeps_the_export_and_says_how_to_retry(ta, tmp_path, hub)
 
 
 def test_merge_command_push_failure_is_one_line_exit_2(zoo, tmp_path, hub, capsys):
-    from adamerge.cli import main
+    from adamerge.cli.main import main
 
     hub.fail = True
     base, paths = zoo

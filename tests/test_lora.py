@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from adamerge.data import TaskData, UnlabeledDataModule
-from adamerge.functional import merge_low_rank
+from adamerge.core.functional import merge_low_rank
+from adamerge.io.datasets import TaskData
 from adamerge.methods import AdaMerging, TaskArithmetic
+from adamerge.training.datamodule import UnlabeledDataModule
 
 TASKS = {"sentiment": 2, "topic": 3}
 

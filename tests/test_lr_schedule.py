@@ -6,10 +6,10 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
-
-from adamerge.callbacks import LRSchedule
-from adamerge.errors import MergeInputError
 from conftest import TASKS
+
+from adamerge.errors import MergeInputError
+from adamerge.training.callbacks import LRSchedule
 
 
 def test_factors_match_their_closed_forms():
@@ -88,7 +88,8 @@ class _RateLog(pl.Callback):
 
 
 def _fit(module, zoo, task_data, steps, callbacks):
-    from adamerge.data import TaskData, UnlabeledDataModule
+    from adamerge.io.datasets import TaskData
+    from adamerge.training.datamodule import UnlabeledDataModule
 
     dm = UnlabeledDataModule({t: TaskData(p) for t, p in task_data.items()}, tokenizer=zoo[0],
                              samples_per_task=4, max_length=16)
@@ -102,12 +103,12 @@ def test_concrete_adamerging_steps_each_optimizer_at_its_scheduled_rate(zoo, tas
 
     base, paths = zoo
     module = ConcreteAdaMerging(base, paths, meta_steps=2, mask_lr=0.5, lr=0.2)
-    log = _RateLog()
-    _fit(module, zoo, task_data, 4, [LRSchedule("linear"), log])
+    log, schedule = _RateLog(), LRSchedule("linear")
+    _fit(module, zoo, task_data, 4, [schedule, log])
     assert [(s, i) for s, i, _ in log.rates] == [(0, 0), (1, 0), (2, 1), (3, 1)]
     assert [r for _, _, r in log.rates] == pytest.approx([0.5, 0.5 * 0.75, 0.2 * 0.5, 0.2 * 0.25])
-    assert module.manifest()["lr_schedule"] == {"kind": "linear", "warmup_steps": 0, "final_fraction": 0.0,
-                                                "total_steps": 4}
+    recorded = module.manifest(schedule.manifest_entries())["lr_schedule"]  # handed over by the callback
+    assert recorded == {"kind": "linear", "warmup_steps": 0, "final_fraction": 0.0, "total_steps": 4}
 
 
 def test_concrete_task_arithmetic_records_the_schedule_and_trains_at_its_rates(zoo, task_data):
@@ -115,10 +116,10 @@ def test_concrete_task_arithmetic_records_the_schedule_and_trains_at_its_rates(z
 
     base, paths = zoo
     module = ConcreteTaskArithmetic(base, paths, coefficients="layer", scale=1.0, lr=0.1, export_mask="expected")
-    log = _RateLog()
-    _fit(module, zoo, task_data, 3, [LRSchedule("cosine", warmup_steps=1), log])
+    log, schedule = _RateLog(), LRSchedule("cosine", warmup_steps=1)
+    _fit(module, zoo, task_data, 3, [schedule, log])
     assert [r for _, _, r in log.rates] == pytest.approx([0.1, 0.1, 0.1 * 0.5])
-    assert module.manifest()["lr_schedule"]["kind"] == "cosine"
+    assert module.manifest(schedule.manifest_entries())["lr_schedule"]["kind"] == "cosine"
     assert len(module.task_names) == len(TASKS)
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import WORDS, save_lm_zoo, tiny_llama
 
-from adamerge.functional import LookupWeight, merge_dense
-from adamerge.merged import RECOMPUTE, MergedModel
+from adamerge.core.functional import LookupWeight, merge_dense
+from adamerge.engine.model import RECOMPUTE, MergedModel
 from adamerge.methods import AdaMerging
 from adamerge.methods.base import TaskVectorPrep
 from adamerge.objectives import entropy_objective
@@ -117,7 +117,7 @@ def test_offloaded_task_vectors_stay_in_cpu_memory_and_train_like_resident_ones(
     """prep.offload on a LLaMA-shaped model: the stacks ignore device moves, reach the merge in chunks (small chunks
     forced here so that every stack streams in several pieces) and 5 AdaMerging steps equal the resident path, also
     with each layer's merge recomputed in the backward (``recompute: merge``: the stacks stream again there)."""
-    import adamerge.functional as F
+    import adamerge.core.functional as F
 
     base, paths = llama_zoo(tmp_path, tied=False)
     inputs, tasks, sizes = lm_batch(3), list(paths), [3, 3, 3]
@@ -161,7 +161,7 @@ def saved_shapes_and_merges(merged: MergedModel, inputs, tasks, sizes):
     """Run forward+backward with the entropy objective; return the shapes of the tensors autograd saved outside any
     activation checkpoint during the forward, how many times each layer store merged (forward and backward), the
     logits and the coefficient gradient."""
-    from adamerge.merged import TaskVectorStore
+    from adamerge.engine.stores import TaskVectorStore
 
     shapes, calls, forward = [], {}, TaskVectorStore.forward
 
@@ -284,6 +284,6 @@ def test_micro_batches_refuse_objectives_that_need_a_tasks_rows_together(zoo, tm
     with pytest.raises(MergeInputError, match="micro_batches: objective 'infomax' is not a mean of per-row terms"):
         AdaMerging(*zoo, objective="infomax", micro_batches=2)
     with pytest.raises(MergeInputError, match="with a confidence threshold is not a mean"):
-        AdaMerging(*zoo, objective="pseudo_label", confidence=0.5, micro_batches=2)
+        AdaMerging(*zoo, objective={"name": "pseudo_label", "confidence": 0.5}, micro_batches=2)
     with pytest.raises(MergeInputError, match="micro_batches: needs per-row logits"):
         AdaMerging(*llama_zoo(tmp_path, tied=True), task_type="causal_lm", micro_batches=2)

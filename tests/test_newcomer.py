@@ -18,7 +18,8 @@ import yaml
 from test_cli import fit_config
 from test_reliability import _nan, save_variant
 
-from adamerge.cli import check_install, lightning_main, main
+from adamerge.cli.app import lightning_main
+from adamerge.cli.main import check_install, main
 from adamerge.errors import MergeInputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +91,7 @@ def test_missing_path_from_the_shell_prints_one_line(zoo, task_data, tmp_path):
     p = tmp_path / "fit.yaml"
     p.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, "-m", "adamerge.cli", "fit", "--config", str(p)], env=env,
+    res = subprocess.run([sys.executable, "-m", "adamerge", "fit", "--config", str(p)], env=env,
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 2
     assert "Traceback" not in res.stderr

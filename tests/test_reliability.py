@@ -115,7 +115,7 @@ def test_finetune_identical_to_base_warns(zoo, caplog):
 
 
 def test_data_errors_name_the_task_and_field(tmp_path, zoo):
-    from adamerge.data import TaskData, load_texts
+    from adamerge.io.datasets import TaskData, load_texts
 
     empty = tmp_path / "empty.csv"
     empty.write_text("text,label\n")
@@ -137,7 +137,8 @@ def test_a_template_is_the_text_the_model_reads(tmp_path, zoo):
     column is named, a template that names no column (or not by name) is refused."""
     from transformers import AutoTokenizer
 
-    from adamerge.data import TaskData, UnlabeledDataModule, load_texts
+    from adamerge.io.datasets import TaskData, load_texts
+    from adamerge.training.datamodule import UnlabeledDataModule
 
     base, _ = zoo
     path = tmp_path / "pairs.csv"
@@ -164,7 +165,8 @@ def test_samples_per_task_above_a_tasks_rows_warns_naming_it(tmp_path, zoo, capl
     (repeated), never a row twice before all were used."""
     import logging
 
-    from adamerge.data import TaskData, UnlabeledDataModule
+    from adamerge.io.datasets import TaskData
+    from adamerge.training.datamodule import UnlabeledDataModule
 
     base, _ = zoo
     small, big = tmp_path / "small.csv", tmp_path / "big.csv"
@@ -172,7 +174,7 @@ def test_samples_per_task_above_a_tasks_rows_warns_naming_it(tmp_path, zoo, capl
     big.write_text("text\n" + "".join(f"row number {i}\n" for i in range(20)))
     dm = UnlabeledDataModule({"small": TaskData(str(small)), "big": TaskData(str(big))}, tokenizer=base,
                              samples_per_task=8, max_length=16)
-    with caplog.at_level(logging.WARNING, logger="adamerge.data"):
+    with caplog.at_level(logging.WARNING, logger="adamerge.training.datamodule"):
         dm.setup("fit")
     msgs = [r.getMessage() for r in caplog.records]
     assert any("task 'small' has 3 rows, fewer than data.samples_per_task (8)" in m for m in msgs)
@@ -192,7 +194,7 @@ def test_unknown_method_and_granularity(zoo):
 
 
 def test_wrong_config_type_is_rejected_before_loading(tmp_path, capsys):
-    from adamerge.cli import main
+    from adamerge.cli.main import main
 
     cfg = {"model": {"class_path": "adamerge.methods.AdaMerging",
                      "init_args": {"base": "b", "models": {"a": "x"}, "init": "not-a-number"}},
@@ -206,7 +208,7 @@ def test_wrong_config_type_is_rejected_before_loading(tmp_path, capsys):
 
 
 def test_existing_output_dir_refused_and_interrupted_export_leaves_nothing(zoo, tmp_path, monkeypatch):
-    from adamerge import export as export_mod
+    from adamerge.io import safetensors as export_mod
     from adamerge.methods import TaskArithmetic
 
     base, paths = zoo
@@ -272,7 +274,7 @@ def _run(tmp_path, cfg, name, extra=()):
     p = tmp_path / f"{name}.yaml"
     p.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    return subprocess.run([sys.executable, "-m", "adamerge.cli", "fit", "--config", str(p), *extra],
+    return subprocess.run([sys.executable, "-m", "adamerge", "fit", "--config", str(p), *extra],
                           env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -312,7 +314,7 @@ def test_sigkill_and_resume_gives_the_same_coefficients(zoo, task_data, tmp_path
 
 def test_step_sampler_follows_the_step_count_not_the_epoch():
     """Step ids are the trainer's step count onwards to the end of its epoch, whatever epoch Lightning reports."""
-    from adamerge.data import StepSampler
+    from adamerge.training.datamodule import StepSampler
 
     for g, expected in [(0, [0, 1, 2]), (4, [4, 5]), (6, [6, 7, 8]), (8, [8])]:
         s = StepSampler(3, lambda g=g: g)
@@ -321,7 +323,7 @@ def test_step_sampler_follows_the_step_count_not_the_epoch():
 
 
 def test_same_seed_gives_identical_coefficients(zoo, task_data, tmp_path):
-    from adamerge.cli import lightning_main
+    from adamerge.cli.app import lightning_main
 
     results = []
     for i in range(2):

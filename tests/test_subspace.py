@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import fit_coefficients
 
-from adamerge.functional import iso_c_pieces, subspace_pieces, tsv_pieces
+from adamerge.core.functional import iso_c_pieces, subspace_pieces, tsv_pieces
 from adamerge.methods import TSVM, AdaMerging, IsoC, TaskVectorPrep
 
 

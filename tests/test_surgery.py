@@ -7,8 +7,9 @@ import torch
 from conftest import quick_fit
 
 from adamerge import MergeInputError, load_merged
-from adamerge.data import TaskData, UnlabeledDataModule
+from adamerge.io.datasets import TaskData
 from adamerge.methods import Surgery, TaskArithmetic
+from adamerge.training.datamodule import UnlabeledDataModule
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_loss_decreases_and_export_round_trip(zoo, merged_dir, dm, tmp_path):
     surgery.export(tmp_path / "out", per_task_models=False)
     loaded = load_merged(tmp_path / "out")
     assert loaded.manifest["base_merge"]["method"] == "task_arithmetic"
-    assert set(loaded.adapters) == set(zoo[1])
+    assert set(loaded.hooks[0].adapters) == set(zoo[1])
     for i, task in enumerate(batch["tasks"]):
         rows = {k: v[8 * i:8 * i + 8] for k, v in batch["inputs"].items()}
         with torch.no_grad():
@@ -69,9 +70,10 @@ def test_surgery_refuses_a_merge_of_other_models(zoo, merged_dir):
 
 def test_evaluate_scores_a_surgery_export_with_its_adapters(zoo, merged_dir, dm, task_data, tmp_path):
     """`adamerge evaluate` on a Surgery export = the in-memory Surgery module's accuracy, not the underlying merge's."""
-    from adamerge.data import load_texts, pad_batch, tokenize
-    from adamerge.evaluate import evaluate_checkpoint
     from transformers import AutoTokenizer
+
+    from adamerge.evaluate import evaluate_checkpoint
+    from adamerge.io.datasets import load_texts, pad_batch, tokenize
 
     surgery = Surgery(*zoo, merged=str(merged_dir), rank=8, lr=5e-2)
     quick_fit(surgery, dm, 5)

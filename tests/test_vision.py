@@ -94,8 +94,9 @@ def test_clip_fit_export_load_and_stock_recipe_agree(clip_zoo, tmp_path):
     from transformers import CLIPVisionModel
 
     from adamerge import load_merged, read_manifest
-    from adamerge.data import TaskData, UnlabeledDataModule
+    from adamerge.io.datasets import TaskData
     from adamerge.methods import AdaMerging
+    from adamerge.training.datamodule import UnlabeledDataModule
     from tests.conftest import quick_fit
 
     heads = {"digits": {"classnames": CLASSES["digits"], "templates": "mnist"},
@@ -137,8 +138,9 @@ def test_siglip_zero_shot_heads_fit_export_and_stock_recipe_agree(tmp_path):
     from transformers import AutoModel, AutoTokenizer, SiglipModel, SiglipVisionModel
 
     from adamerge import load_merged
-    from adamerge.data import TaskData, UnlabeledDataModule
+    from adamerge.io.datasets import TaskData
     from adamerge.methods import AdaMerging, TaskArithmetic
+    from adamerge.training.datamodule import UnlabeledDataModule
     from tests.conftest import quick_fit
 
     zoo = build_clip_zoo(tmp_path / "zoo", CLASSES, family="siglip")
@@ -192,8 +194,9 @@ def test_siglip2_naflex_inputs_reach_the_merged_tower_in_training_and_serving(tm
     from transformers import AutoImageProcessor, AutoTokenizer, Siglip2Model
 
     from adamerge import load_merged
-    from adamerge.data import TaskData, UnlabeledDataModule
+    from adamerge.io.datasets import TaskData
     from adamerge.methods import AdaMerging, TaskArithmetic
+    from adamerge.training.datamodule import UnlabeledDataModule
     from tests.conftest import quick_fit
 
     zoo = build_clip_zoo(tmp_path / "zoo", CLASSES, family="siglip2")
@@ -297,9 +300,10 @@ def test_image_classifier_fit_export_and_stock_task_models(vit_zoo, tmp_path):
     from transformers import AutoModelForImageClassification
 
     from adamerge import load_task_model
-    from adamerge.data import TaskData, UnlabeledDataModule
     from adamerge.evaluate import evaluate_checkpoint
+    from adamerge.io.datasets import TaskData
     from adamerge.methods import AdaMerging
+    from adamerge.training.datamodule import UnlabeledDataModule
     from tests.conftest import quick_fit
 
     module = AdaMerging(vit_zoo["base"], vit_zoo["models"], granularity="layer", init=0.3, lr=0.05,
@@ -326,7 +330,7 @@ def test_image_classifier_fit_export_and_stock_task_models(vit_zoo, tmp_path):
         assert stock.config.id2label[1] == names[1]
     scores = evaluate_checkpoint(str(out), {t: {"path": p, "image_column": "image", "label_column": "label"}
                                             for t, p in vit_zoo["data"].items()})
-    for task, names in CLASSES.items():  # recomputed by hand from the wrapper's predictions
+    for task in CLASSES:  # recomputed by hand from the wrapper's predictions
         import datasets
 
         ds = datasets.load_from_disk(vit_zoo["data"][task])
@@ -345,7 +349,8 @@ def test_image_steps_shard_across_ranks_like_text(vit_zoo):
     single-process batch, image for image."""
     from transformers import AutoImageProcessor
 
-    from adamerge.data import ImageInputs, LazyImages, TaskData, TaskStepDataset, load_texts
+    from adamerge.io.datasets import ImageInputs, LazyImages, TaskData, load_texts
+    from adamerge.training.datamodule import TaskStepDataset
 
     proc = ImageInputs(AutoImageProcessor.from_pretrained(vit_zoo["base"]))
     rows = {t: proc.encode(load_texts(TaskData(path=p, image_column="image"), t), TaskData(path=p, image_column="image"))
@@ -359,7 +364,7 @@ def test_image_steps_shard_across_ranks_like_text(vit_zoo):
         joined = torch.cat([px[0][2 * t:2 * t + 2], px[1][2 * t:2 * t + 2]])
         torch.testing.assert_close(joined, one["inputs"]["pixel_values"][4 * t:4 * t + 4])
     # BatchNorm re-estimation and M3's scoring read whole steps (first_steps): every rank the single-process batch
-    from adamerge.data import UnlabeledDataModule
+    from adamerge.training.datamodule import UnlabeledDataModule
 
     dm = UnlabeledDataModule({t: TaskData(path=p, image_column="image") for t, p in vit_zoo["data"].items()},
                              tokenizer=vit_zoo["base"], samples_per_task=4)
@@ -374,7 +379,7 @@ def test_image_steps_shard_across_ranks_like_text(vit_zoo):
 
 
 def test_mixed_text_and_image_tasks_are_refused(vit_zoo):
-    from adamerge.data import TaskData, input_builder
+    from adamerge.io.datasets import TaskData, input_builder
 
     with pytest.raises(MergeInputError, match="cannot be mixed"):
         input_builder({"a": TaskData(path="x", image_column="image"), "b": TaskData(path="y")}, vit_zoo["base"], 32)
@@ -469,8 +474,9 @@ def test_image_families_merge_export_and_load_with_stock_transformers(family, tm
     from transformers import AutoModelForImageClassification
 
     from adamerge import load_merged, load_task_model
-    from adamerge.data import TaskData, UnlabeledDataModule
+    from adamerge.io.datasets import TaskData
     from adamerge.methods import AdaMerging
+    from adamerge.training.datamodule import UnlabeledDataModule
     from tests.conftest import quick_fit
 
     base, models, data = _family_zoo(family, tmp_path)
@@ -533,8 +539,9 @@ def test_wemoe_on_hierarchical_image_models(family, modules, tmp_path):
     from transformers import AutoModelForImageClassification
 
     from adamerge import load_merged
-    from adamerge.data import TaskData, UnlabeledDataModule
+    from adamerge.io.datasets import TaskData
     from adamerge.methods import WEMoE
+    from adamerge.training.datamodule import UnlabeledDataModule
     from tests.conftest import quick_fit
 
     base, models, data = _family_zoo(family, tmp_path)
@@ -634,8 +641,9 @@ def _fit_and_export(module, data, tmp_path, steps=2, bn_batches=3):
     BatchNorm statistics re-estimated on ``bn_batches`` steps; returns (data module, export path)."""
     import pytorch_lightning as pl
 
-    from adamerge.callbacks import ExportOnFitEnd
-    from adamerge.data import TaskData, UnlabeledDataModule
+    from adamerge.io.datasets import TaskData
+    from adamerge.training.callbacks import ExportOnFitEnd
+    from adamerge.training.datamodule import UnlabeledDataModule
 
     dm = UnlabeledDataModule({t: TaskData(path=p, image_column="image") for t, p in data.items()},
                              tokenizer=str(tmp_path / "base"), samples_per_task=4)
@@ -679,7 +687,7 @@ def test_batch_statistics_summed_over_ranks_normalise_and_leave_the_layers_as_th
     normalises with statistics that go through ``total`` — two sums in the forward, one in the backward — equal here
     (one process: ``total`` is the identity) to the batch's own mean and biased variance by hand; afterwards each
     layer is in eval mode with its running statistics, its own forward and unchanged buffers."""
-    from adamerge.merged import batch_statistics
+    from adamerge.core.batchnorm import batch_statistics
 
     torch.manual_seed(0)
     bn = torch.nn.BatchNorm2d(3).eval()
@@ -720,13 +728,14 @@ def test_training_steps_normalise_the_merge_with_batch_statistics(tmp_path, stat
     import pytorch_lightning as pl
     from safetensors.torch import load_file
 
-    from adamerge.data import TaskData, UnlabeledDataModule
+    from adamerge.io.datasets import TaskData
     from adamerge.methods import AdaMerging
+    from adamerge.training.datamodule import UnlabeledDataModule
 
     base, models, data = _mobilenet_zoo(tmp_path)
     module = AdaMerging(str(tmp_path / "base"), models, granularity="layer", init=0.3, lr=0.05, task_type="image_cls",
-                        objective="kl", task_chunks=1 if statistics == "running" else "auto")
-    module.batchnorm_statistics = statistics
+                        objective="kl", task_chunks=1 if statistics == "running" else "auto",
+                        batchnorm_statistics=statistics)
     assert module.task_chunk_count() == 1  # "auto" on a BatchNorm backbone on batch statistics: the whole step
     bn = module.merged.backbone.conv_stem.first_conv.normalization
     before = {n: b.clone() for n, b in module.merged.backbone.named_buffers()}
@@ -814,14 +823,13 @@ def test_per_task_batchnorm_statistics_train_export_and_serve(tmp_path):
     from transformers import AutoModel, AutoModelForImageClassification
 
     from adamerge import load_merged, read_manifest
-    from adamerge.export import load_task_model
     from adamerge.methods import AdaMerging, Surgery
+    from adamerge.serving import load_task_model
 
     base, models, data = _mobilenet_zoo(tmp_path)
     # task_chunks 1 (the GPU default): the whole step under one forward call, which must group the rows by task
     module = AdaMerging(str(tmp_path / "base"), models, granularity="layer", init=0.3, lr=0.05, task_type="image_cls",
-                        task_chunks=1)
-    module.batchnorm_statistics = "task"
+                        task_chunks=1, batchnorm_statistics="task")
     bn = module.merged.backbone.conv_stem.first_conv.normalization
     calls = []
     handle = bn.register_forward_hook(lambda m, args, out: calls.append(
@@ -901,8 +909,9 @@ def test_adamerge_merge_writes_per_task_batchnorm_statistics(tmp_path):
     from transformers import AutoModel, AutoModelForImageClassification
 
     from adamerge import read_manifest
-    from adamerge.cli import merge_main
-    from adamerge.data import TaskData, UnlabeledDataModule
+    from adamerge.cli.app import merge_main
+    from adamerge.io.datasets import TaskData
+    from adamerge.training.datamodule import UnlabeledDataModule
 
     base, models, data = _mobilenet_zoo(tmp_path)
     name = "conv_stem.first_conv.normalization"
@@ -910,7 +919,7 @@ def test_adamerge_merge_writes_per_task_batchnorm_statistics(tmp_path):
         out = tmp_path / f"merged-{option}"
         args = ["--model", "adamerge.methods.TaskArithmetic", "--model.base", str(tmp_path / "base"),
                 "--model.models", json.dumps(models), "--model.task_type", "image_cls", "--output_dir", str(out),
-                "--bn_batches", "2", "--batchnorm_statistics", option,
+                "--bn_batches", "2", "--model.batchnorm_statistics", option,
                 "--data", json.dumps({"tasks": {t: {"path": p, "image_column": "image"} for t, p in data.items()},
                                       "samples_per_task": 4})]
         merge_main(args)
@@ -946,14 +955,15 @@ def test_m3_scores_batchnorm_candidates_with_batch_statistics(tmp_path):
 
     from transformers import MobileNetV2ForImageClassification
 
-    from adamerge.data import TaskData, UnlabeledDataModule
+    from adamerge.io.datasets import TaskData
     from adamerge.methods import M3
+    from adamerge.training.datamodule import UnlabeledDataModule
 
     base, models, data = _mobilenet_zoo(tmp_path)
     m3 = M3(str(tmp_path / "base"), models, candidates=3, eval_batches=2, task_type="image_cls")
     dm = UnlabeledDataModule({t: TaskData(path=p, image_column="image") for t, p in data.items()},
                              tokenizer=str(tmp_path / "base"), samples_per_task=4)
-    m3.select(dm)
+    m3.use_data(dm)
     fts = {t: MobileNetV2ForImageClassification.from_pretrained(models[t]).eval() for t in CLASSES}
     theta0 = dict(base.mobilenet_v2.named_parameters())
     batches = dm.first_steps(2)
@@ -1021,7 +1031,7 @@ def _reference_mobilenet_v2(sd, x):
     x = cbn(x, "features.1.conv.0.0", "features.1.conv.0.1", groups=x.shape[1])
     x = cbn(x, "features.1.conv.1", "features.1.conv.2", act=False)
     block = 2
-    for t, c, n, s in [(6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]:
+    for _t, _c, n, s in [(6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]:
         for i in range(n):
             p = f"features.{block}.conv"
             y = cbn(x, p + ".0.0", p + ".0.1")
@@ -1159,7 +1169,7 @@ def test_image_data_from_an_imagefolder_and_parquet(tmp_path):
     import datasets
     from transformers import ViTImageProcessor
 
-    from adamerge.data import ImageInputs, TaskData, load_texts
+    from adamerge.io.datasets import ImageInputs, TaskData, load_texts
 
     images = image_rows(6, seed=11)
     folder = tmp_path / "folder"

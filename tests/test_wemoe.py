@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import fit_coefficients, mixed_batch
 
-from adamerge.methods import WEMoE, TaskArithmetic
+from adamerge.methods import TaskArithmetic, WEMoE
 
 
 @pytest.fixture(scope="module")
