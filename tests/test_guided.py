@@ -261,7 +261,7 @@ def test_frozen_head_zoo_keeps_the_probe_bit_identical(tmp_path):
     from safetensors.torch import load_file
     from transformers import BertForSequenceClassification
 
-    from adamerge.bench.zoo import finetune
+    from benchmarks.zoo import finetune
     from conftest import make_tokenizer, text_rows, tiny_config
 
     zoo = tmp_path / "zoo"

@@ -13,7 +13,7 @@ Two zoo protocols (``head``):
   features under the task's *own* BatchNorm statistics (re-estimated on its training images first, AdaBN), the
   statistics its training-mode body normalises with when fine-tuning starts. Under ``frozen`` the probe reads
   ImageNet-normalised features that the first training step replaces, and the fine-tunes end below the probes they
-  started from; see :func:`adamerge.bench.vision.adapt_batchnorm`.
+  started from; see :func:`benchmarks.vision.adapt_batchnorm`.
 """
 
 from __future__ import annotations

@@ -4,18 +4,22 @@ against ``adamerge.functional.summed_batch_norm`` (what data-parallel BatchNorm 
 run, on the current device. In one process the sum over ranks is the identity, so this is the function's own cost
 without the all-reduces.
 
-    python scripts/bench_batchnorm.py
-    python scripts/bench_batchnorm.py --shapes 64,96,16,16 64,32,8,8 --repeats 50
+    python experiments/bench_batchnorm.py
+    python experiments/bench_batchnorm.py --shapes 64,96,16,16 64,32,8,8 --repeats 50
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from adamerge.functional import summed_batch_norm
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the repo root first
+
+from adamerge.functional import summed_batch_norm  # noqa: E402
 
 
 def _time(fn, repeats: int, device: torch.device) -> float:

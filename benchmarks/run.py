@@ -19,9 +19,9 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from adamerge.bench.tasks import TASKS, prepare
-from adamerge.bench.vision import IMAGE_SIZE
-from adamerge.bench.zoo import BATCHNORM_PROTOCOLS, build_base, finetune
+from benchmarks.tasks import TASKS, prepare
+from benchmarks.vision import IMAGE_SIZE
+from benchmarks.zoo import BATCHNORM_PROTOCOLS, build_base, finetune
 from adamerge.callbacks import LRSchedule, SelectStep, StepProgress
 from adamerge.data import TaskData, UnlabeledDataModule, input_builder
 from adamerge.evaluate import score
@@ -87,7 +87,7 @@ METHOD_GRID: dict[str, Row] = {
                                      {"granularity": "layer", "objective": "features"}, select="agreement"),
     # the same objectives at lr 1e-2 (Adam; the default is AdaMerging's 1e-3): on the vision zoo, coefficients trained
     # on the experts' own training labels need it to leave Task Arithmetic's neighbourhood
-    # (scripts/coefficient_ceiling.py)
+    # (experiments/coefficient_ceiling.py)
     "adamerging_layer_lr1e-2": Row("AdaMerging layer-wise, lr 1e-2, step chosen by expert agreement", "adamerging",
                                    {"granularity": "layer", "lr": 1e-2}, select="agreement"),
     "adamerging_layer_kl_lr1e-2": Row("Layer-wise, KL to experts (τ=2), lr 1e-2", "adamerging",
@@ -210,7 +210,7 @@ class Preset:
     lora_rank: int = 0  # > 0: also a LoRA zoo (PEFT, this rank) and its merges
     lora_methods: list[str] = field(default_factory=lambda: ["task_arithmetic", "adamerging_layer"])
     methods: list[str] = field(default_factory=lambda: list(METHOD_GRID))
-    task_type: str = "seq_cls"  # image_cls: the vision benchmark (adamerge.bench.vision)
+    task_type: str = "seq_cls"  # image_cls: the vision benchmark (benchmarks.vision)
     bn_batches: int = 16  # BatchNorm backbones: steps of unlabeled rows to re-estimate a merge's statistics on
     image_size: int = IMAGE_SIZE  # image tasks: the side every image is resized to (a zoo per size, same data)
     # BatchNorm backbones: one set of statistics for every task ("batch") or each task its own ("task"), in training
@@ -584,7 +584,7 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
 
     ``methods``: grid rows to (re-)run (``None``: all of the preset's); rows already in an earlier ``results.json``
     of the same setup are kept unless re-run (or ``fresh``). ``lora``: run the LoRA section if the preset has one
-    (own-head zoo only). ``zoo_protocol``: ``own`` or ``frozen`` heads (see :mod:`adamerge.bench.zoo`).
+    (own-head zoo only). ``zoo_protocol``: ``own`` or ``frozen`` heads (see :mod:`benchmarks.zoo`).
     ``transductive``: also adapt on the test inputs (the papers' protocol) for the second column. ``pairs``: run the
     two-task table if the preset has one (own-head zoo only). ``head_pooler``: every row (the reference rows too)
     with each task's head holding its fine-tune's pooler (``heads: {pooler: true}``, BERT-style backbones); LoRA
@@ -620,7 +620,7 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
     t0 = time.time()
     sizes = dict(seed=seed, max_train=preset.max_train, max_unlabeled=preset.max_unlabeled, max_test=preset.max_test)
     if preset.image:  # the vision benchmark: packaged ImageNet MobileNetV2 and image tasks
-        from adamerge.bench.vision import build_vision_base, finetune_vision, prepare_vision
+        from benchmarks.vision import build_vision_base, finetune_vision, prepare_vision
 
         card = prepare_vision(preset.tasks, data_dir, work / "wheels", **sizes)
         base = str(build_vision_base(zoo, work / "wheels", preset.image_size))
@@ -699,7 +699,7 @@ def write_results(result: dict, target: Path) -> None:
 
 def coefficient_blocks(module: MergeModule, matrix: torch.Tensor) -> dict:
     """The ``[T, P]`` coefficients of a row as the model card tabulates them: per task the mean over each block's
-    tensors (embeddings, each layer, ...), for ``scripts/plot_coefficients.py``."""
+    tensors (embeddings, each layer, ...), for ``benchmarks/plot_coefficients.py``."""
     from adamerge.card import coefficient_table
 
     granularity = module.merged.coefficients.granularity
@@ -811,7 +811,7 @@ def render(result: dict) -> str:
                 "frozen-adabn": "frozen-head zoo, probes fitted under each task's own BatchNorm statistics (AdaBN, "
                                 "then LP-FT)"}[
         result.get("zoo_protocol", "own")]
-    from adamerge.bench.vision import FT_LR
+    from benchmarks.vision import FT_LR
 
     side = c.get("image_size", IMAGE_SIZE)
     inputs = (f"images {side}×{side}, zoo fine-tuned {c['ft_epochs']} epochs at lr {FT_LR:g}, BatchNorm "

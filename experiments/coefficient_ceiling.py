@@ -5,8 +5,8 @@ supervised ceiling of the coefficient space, which no label-free objective can b
 with AdaMerging's entropy on the unlabeled split, in one independent implementation (``torch.func.functional_call``
 over the zoo's checkpoints; it calls no adamerge merge code), so the two differ in the objective alone.
 
-    python scripts/coefficient_ceiling.py .cache/vision/zoo                 # the vision preset's own-head zoo
-    python scripts/coefficient_ceiling.py .cache/vision/zoo/frozen-head     # its frozen-head zoo
+    python experiments/coefficient_ceiling.py .cache/vision/zoo                 # the vision preset's own-head zoo
+    python experiments/coefficient_ceiling.py .cache/vision/zoo/frozen-head     # its frozen-head zoo
 
 The merge is AdaMerging's: ``θ = θ_0 + Σ_t λ_t,p τ_t,p`` over every floating tensor of the backbone (BatchNorm
 affine parameters included, running statistics not), λ from 0.3, clamped to [0, 1], Adam at 1e-3, ``--rows`` rows
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from adamerge.bench.vision import VISION_TASKS, split_pixels
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the repo root first
+
+from benchmarks.vision import VISION_TASKS, split_pixels  # noqa: E402
 
 TASKS = list(VISION_TASKS)
 

@@ -3,8 +3,8 @@
 on each task's own unlabeled rows (one set per task) against one set over all tasks' rows mixed (what an export of
 one merged model holds today).
 
-    python scripts/vision_bn_groups.py .cache/vision/zoo-64px      # the vision64 preset's own-head zoo
-    python scripts/vision_bn_groups.py .cache/vision/zoo           # the vision preset's (32×32)
+    python experiments/vision_bn_groups.py .cache/vision/zoo-64px      # the vision64 preset's own-head zoo
+    python experiments/vision_bn_groups.py .cache/vision/zoo           # the vision preset's (32×32)
 
 Rows: the first 512 of each task's ``unlabeled`` split (never ``test``; digits has 359); the first 256 re-estimate
 the statistics, the others are scored with their labels. It selects nothing: it says how much of Task Arithmetic's
@@ -13,12 +13,15 @@ loss on a BatchNorm CNN is the mixed statistics.
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 from torch.func import functional_call
 
-from adamerge.bench.vision import VISION_TASKS
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the repo root first
+
+from benchmarks.vision import VISION_TASKS  # noqa: E402
 
 TASKS = list(VISION_TASKS)  # the vision benchmark's tasks, in its order
 
@@ -26,7 +29,7 @@ TASKS = list(VISION_TASKS)  # the vision benchmark's tasks, in its order
 def main() -> None:
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    from adamerge.bench.vision import split_pixels
+    from benchmarks.vision import split_pixels
     from adamerge.merged import recalibrate_batchnorm
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
 @dataclass
@@ -48,9 +48,9 @@ def run(work: Path = Path(".cache"), out: Path = Path("runs/quickstart"), settin
     import torch
     from transformers import AutoTokenizer
 
-    from adamerge.bench.run import Evaluator, individual_rows
-    from adamerge.bench.tasks import prepare
-    from adamerge.bench.zoo import build_base, finetune
+    from benchmarks.run import Evaluator, individual_rows
+    from benchmarks.tasks import prepare
+    from benchmarks.zoo import build_base, finetune
     from adamerge.cli import main as adamerge_main
     from adamerge.data import TextInputs
     from adamerge.evaluate import score
@@ -146,5 +146,5 @@ def report(result: dict) -> str:
         lines += [f"  W&B offline run (config, heatmap):    {result['wandb_run']}",
                   f"  upload it later with:                 wandb sync {result['wandb_run']}"]
     lines += ["  next: README.md 'Choosing a method and an objective'; the full benchmark is "
-              "`python scripts/benchmark.py --preset quick`"]
+              "`python benchmarks/benchmark.py --preset quick`"]
     return "\n".join(lines)

@@ -4,7 +4,7 @@ feature and its expert's, summed over tasks, mean of the first 4 unlabeled steps
 steps, for Surgery started from each export given — e.g. a Task Arithmetic export with one set of BatchNorm
 statistics and one with each task's own (``batchnorm_statistics: task``), as the vision64 benchmark writes them:
 
-    python scripts/vision_surgery_l1.py runs/vision64/vision64/checkpoints/task_arithmetic-inductive \\
+    python experiments/vision_surgery_l1.py runs/vision64/vision64/checkpoints/task_arithmetic-inductive \\
         runs/vision64/vision64-bn-task/checkpoints/task_arithmetic-inductive
 
 Unlabeled rows only (the ``unlabeled`` split, as the benchmark trains on); it selects nothing. Prints one JSON line
@@ -13,12 +13,15 @@ per export.
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 
-from adamerge.bench.vision import VISION_TASKS
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the repo root first
+
+from benchmarks.vision import VISION_TASKS  # noqa: E402
 
 TASKS = list(VISION_TASKS)  # the vision benchmark's tasks, in its order
 
