@@ -13,6 +13,7 @@ import platform
 import re
 import resource
 import time
+import dataclasses
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from benchmarks.zoo import BATCHNORM_PROTOCOLS, build_base, finetune
 from adamerge.callbacks import LRSchedule, SelectStep, StepProgress
 from adamerge.data import TaskData, UnlabeledDataModule, input_builder
 from adamerge.evaluate import score
-from adamerge.methods import METHODS, MergeModule, TaskVectorPrep
+from adamerge.methods import METHODS, MergeModule
 from adamerge.pick import at_edge
 
 log = logging.getLogger(__name__)
@@ -51,146 +52,44 @@ class Row:
     schedule: dict | None = None  # the learning-rate schedule of training (LRSchedule's arguments; None: constant)
 
 
-# A new method joins the table with one line here.
-METHOD_GRID: dict[str, Row] = {
-    "average": Row("Weight average", "average"),
-    "task_arithmetic": Row("Task Arithmetic (λ=0.3)", "task_arithmetic", {"scale": 0.3}),
-    "ties": Row("TIES (k=0.2, λ=1)", "ties", {"density": 0.2, "scale": 1.0}),
-    "tsv_m": Row("TSV-M (α=1)", "tsv_m", {"scale": 1.0}),
-    "iso_c": Row("Iso-C (α=1)", "iso_c", {"scale": 1.0}),
-    "dare_ta": Row("DARE+TA (p=0.5, λ=0.3)", "task_arithmetic", {"scale": 0.3, "prep": TaskVectorPrep(dare_rate=0.5)}),
-    "m3": Row("M3 (Dirichlet α=0.5, 1 draw)", "m3", {"alpha": 0.5, "seed": 0}),
-    "m3_best": Row("M3 (best of 8 by entropy)", "m3", {"alpha": 0.5, "seed": 0, "candidates": 8}),
-    "adamerging_task": Row("AdaMerging task-wise", "adamerging", {"granularity": "task"}),
-    "adamerging_layer": Row("AdaMerging layer-wise", "adamerging", {"granularity": "layer"}),
-    "adamerging_pp_layer": Row("AdaMerging++ layer-wise", "adamerging",
-                               {"granularity": "layer", "prep": TaskVectorPrep(ties_density=0.2)}),
-    "adamerging_tsv": Row("AdaMerging layer-wise over TSV-M (init 1 = TSV-M)", "adamerging",
-                          {"granularity": "layer", "init": 1.0, "prep": TaskVectorPrep(subspace="tsv")}),
-    "adamerging_iso_c": Row("AdaMerging layer-wise over Iso-C (init 1 = Iso-C)", "adamerging",
-                            {"granularity": "layer", "init": 1.0, "prep": TaskVectorPrep(subspace="iso_c")}),
-    "tinting_tsv": Row("Layer-wise + tuned heads, expert KL, over TSV-M (ours)", "adamerging",
-                       {"granularity": "layer", "init": 1.0, "prep": TaskVectorPrep(subspace="tsv"), "objective": "kl",
-                        "tune_heads": True}, select="agreement"),
-    "adamerging_tsv_kl": Row("Layer-wise over TSV-M (init 1 = TSV-M), KL to experts (τ=2)", "adamerging",
-                             {"granularity": "layer", "init": 1.0, "prep": TaskVectorPrep(subspace="tsv"),
-                              "objective": "kl", "temperature": 2.0}, select="agreement"),
-    "adamerging_layer_kl": Row("Layer-wise, KL to experts (DAM-style, τ=2)", "adamerging",
-                               {"granularity": "layer", "objective": "kl", "temperature": 2.0}),
-    "adamerging_layer_select": Row("AdaMerging layer-wise, step chosen by expert agreement", "adamerging",
-                                   {"granularity": "layer"}, select="agreement"),
-    "adamerging_layer_infomax": Row("Layer-wise, information maximisation", "adamerging",
-                                    {"granularity": "layer", "objective": "infomax"}, select="agreement"),
-    "adamerging_layer_pl": Row("Layer-wise, expert pseudo-labels", "adamerging",
-                               {"granularity": "layer", "objective": "pseudo_label"}, select="agreement"),
-    "adamerging_layer_features": Row("Layer-wise, feature alignment to experts", "adamerging",
-                                     {"granularity": "layer", "objective": "features"}, select="agreement"),
-    # the same objectives at lr 1e-2 (Adam; the default is AdaMerging's 1e-3): on the vision zoo, coefficients trained
-    # on the experts' own training labels need it to leave Task Arithmetic's neighbourhood
-    # (experiments/coefficient_ceiling.py)
-    "adamerging_layer_lr1e-2": Row("AdaMerging layer-wise, lr 1e-2, step chosen by expert agreement", "adamerging",
-                                   {"granularity": "layer", "lr": 1e-2}, select="agreement"),
-    "adamerging_layer_kl_lr1e-2": Row("Layer-wise, KL to experts (τ=2), lr 1e-2", "adamerging",
-                                      {"granularity": "layer", "objective": "kl", "temperature": 2.0, "lr": 1e-2},
-                                      select="agreement"),
-    "adamerging_layer_pl_lr1e-2": Row("Layer-wise, expert pseudo-labels, lr 1e-2", "adamerging",
-                                      {"granularity": "layer", "objective": "pseudo_label", "lr": 1e-2},
-                                      select="agreement"),
-    "tinting_lr1e-2": Row("Layer-wise + tuned heads, expert KL, lr 1e-2 (ours)", "adamerging",
-                          {"granularity": "layer", "objective": "kl", "tune_heads": True, "lr": 1e-2},
-                          select="agreement"),
-    "tinting": Row("Layer-wise + tuned heads, expert KL (ours)", "adamerging",
-                   {"granularity": "layer", "objective": "kl", "tune_heads": True}, select="agreement"),
-    "wemoe": Row("WEMoE (MLP routers, entropy, lr 1e-3)", "wemoe", {"lr": 1e-3}),
-    "wemoe_kl": Row("WEMoE (MLP routers, expert KL, lr 1e-3)", "wemoe", {"lr": 1e-3, "objective": "kl"},
-                    select="agreement"),
-    "concrete_ta": Row("Concrete Task Arithmetic", "concrete_task_arithmetic",
-                       {"scale": 0.3, "export_mask": "continuous"}),
-    "concrete_adamerging": Row("Concrete AdaMerging layer-wise", "concrete_adamerging",
-                               {"granularity": "layer", "meta_steps": 50, "export_mask": "continuous"}),
-    # the paper's objective (entropy) with the expected mask (logits 0: exactly Task Arithmetic) and the exported step
-    # chosen by expert agreement, so that a run that drifts from the experts can keep its start
-    "concrete_ta_select": Row("Concrete Task Arithmetic (entropy), expected mask", "concrete_task_arithmetic",
-                              {"scale": 0.3, "export_mask": "expected"}, select="agreement"),
-    "concrete_ta_kl": Row("Concrete Task Arithmetic, expert KL, expected mask", "concrete_task_arithmetic",
-                          {"scale": 0.3, "export_mask": "expected", "objective": "kl"}, select="agreement"),
-    "concrete_tsv_kl": Row("Concrete over TSV-M (λ=1), expert KL, expected mask", "concrete_task_arithmetic",
-                           {"scale": 1.0, "export_mask": "expected", "objective": "kl",
-                            "prep": TaskVectorPrep(subspace="tsv")}, select="agreement"),
-    "surgery_ta": Row("Surgery on Task Arithmetic", "surgery", {"rank": 16}, on="task_arithmetic"),
-    "surgery_adamerging": Row("Surgery on AdaMerging layer-wise", "surgery", {"rank": 16}, on="adamerging_layer"),
-    "surgery_tsv": Row("Surgery on TSV-M", "surgery", {"rank": 16}, on="tsv_m"),
-}
+GRID_FILE = Path(__file__).with_name("grid.yaml")
+
+
+def load_grid(path: Path = GRID_FILE) -> dict[str, Row]:
+    """The method grid as data: ``path``'s entries (``key`` plus :class:`Row`'s fields) in the table's order; an
+    unknown field, a missing one or a key used twice is refused, naming the entry."""
+    import yaml
+
+    fields = {f.name for f in dataclasses.fields(Row)}
+    grid: dict[str, Row] = {}
+    for i, entry in enumerate(yaml.safe_load(path.read_text())):
+        entry = dict(entry)
+        key = entry.pop("key", None)
+        where = f"{path.name}: entry {i + 1} ({key or 'no key'})"
+        if key is None or key in grid:
+            raise ValueError(f"{where}: every entry needs a key of its own")
+        if True in entry:  # YAML 1.1 reads a bare ``on`` key as true
+            raise ValueError(f'{where}: write the field "on" quoted')
+        unknown = sorted(set(entry) - fields)
+        if unknown:
+            raise ValueError(f"{where}: unknown field {unknown[0]!r}; allowed: key, {', '.join(sorted(fields))}")
+        missing = sorted({"label", "method"} - set(entry))
+        if missing:
+            raise ValueError(f"{where}: no {missing[0]}")
+        grid[key] = Row(**entry)
+    return grid
+
+
+METHOD_GRID: dict[str, Row] = load_grid()
 
 
 def variant(key: str, label: str, kwargs: dict | None = None, drop: tuple[str, ...] = (), **fields) -> Row:
     """Row ``key`` of the grid with ``kwargs`` merged into its own (``drop``: keys taken out), other fields
-    (``select``, ``sweep``, ``schedule``, ...) replaced; the copy never shares a kwargs dict with the row it came
-    from."""
+    (``select``, ``sweep``, ``schedule``, ...) replaced: an ad-hoc row from Python; the copy never shares a kwargs
+    dict with the row it came from."""
     base = METHOD_GRID[key]
     own = {k: v for k, v in base.kwargs.items() if k not in drop}
     return replace(base, kwargs={**own, **(kwargs or {})}, label=label, **fields)
-
-
-def _plain(key: str) -> str:
-    return METHOD_GRID[key].label.removesuffix(" (ours)")
-
-
-def _ours(key: str) -> str:
-    return " (ours)" if METHOD_GRID[key].label.endswith("(ours)") else ""
-
-
-# the same row with layer-wise coefficients trained beside the mask
-METHOD_GRID["concrete_tsv_kl_layer"] = variant(
-    "concrete_tsv_kl", "Concrete over TSV-M + layer-wise coefficients (init 1), expert KL, expected mask (ours)",
-    {"coefficients": "layer"})
-# ... with the rate decayed to 0 by a cosine over the run instead of constant
-METHOD_GRID["concrete_tsv_kl_layer_cos"] = variant(
-    "concrete_tsv_kl_layer",
-    "Concrete over TSV-M + layer-wise coefficients (init 1), expert KL, expected mask, cosine schedule (ours)",
-    schedule={"kind": "cosine"})
-# ... and with one mask per task instead of one shared by every task
-METHOD_GRID["concrete_tsv_kl_layer_task"] = variant(
-    "concrete_tsv_kl_layer",
-    "Concrete over TSV-M, one mask per task + layer-wise coefficients (init 1), expert KL, expected mask (ours)",
-    {"mask": "task"})
-# the same training as another row, only the exported step chosen by another label-free criterion
-METHOD_GRID["tinting_tsv_worst"] = variant(
-    "tinting_tsv", "Layer-wise + tuned heads, expert KL, over TSV-M, step by worst-task agreement (ours)",
-    select="worst_agreement")
-# the learning rate chosen without labels: both rates trained, the run whose selected step agrees best with the
-# experts on the held-back rows is the row (the lr 1e-2 rows above were picked after a test-scored diagnostic)
-for _key in ("adamerging_layer_pl", "adamerging_layer_kl", "tinting", "adamerging_layer_infomax", "concrete_ta_kl"):
-    METHOD_GRID[f"{_key}_lrsel"] = variant(
-        _key, f"{_plain(_key)}, lr (1e-3 or 1e-2) and step by expert agreement{_ours(_key)}", drop=("lr",),
-        select="agreement", sweep={"lr": [1e-3, 1e-2]})
-# a wider candidate set, log-spaced over two decades around AdaMerging's 1e-3 (not suggested by any test score)
-for _key in ("adamerging_layer_pl", "adamerging_layer_kl"):
-    METHOD_GRID[f"{_key}_lrgrid"] = variant(
-        f"{_key}_lrsel", METHOD_GRID[_key].label + ", lr (3e-4 … 3e-2) and step by expert agreement",
-        sweep={"lr": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]})
-# the five-rate grid extended past its kept edge (3e-2 on the vision zoo): the kept rate and the next two half-decades;
-# every rate below 3e-2 agreed less there, so this row's choice is the choice over all seven rates
-METHOD_GRID["adamerging_layer_pl_lrwide"] = variant(
-    "adamerging_layer_pl_lrsel", METHOD_GRID["adamerging_layer_pl"].label + ", lr (3e-2 … 3e-1) and step by expert "
-    "agreement", sweep={"lr": [3e-2, 1e-1, 3e-1]})
-# on the text zoo the two-rate choice kept 1e-2, the larger candidate, for every guided row: the same extension by the
-# same rule, the kept rate and the next two half-decades
-for _key in ("adamerging_layer_pl", "adamerging_layer_kl", "adamerging_layer_infomax", "concrete_ta_kl"):
-    METHOD_GRID[f"{_key}_lr1e-2to1e-1"] = variant(
-        f"{_key}_lrsel", METHOD_GRID[_key].label + ", lr (1e-2 … 1e-1) and step by expert agreement",
-        sweep={"lr": [1e-2, 3e-2, 1e-1]})
-# pseudo-labels and Concrete with KL kept 1e-1 there, the largest again: the same rule once more
-for _key in ("adamerging_layer_pl", "concrete_ta_kl"):
-    METHOD_GRID[f"{_key}_lr1e-1to1"] = variant(
-        f"{_key}_lrsel", METHOD_GRID[_key].label + ", lr (1e-1 … 1) and step by expert agreement",
-        sweep={"lr": [1e-1, 3e-1, 1.0]})
-METHOD_GRID["adamerging_layer_lrsel"] = variant(
-    "adamerging_layer_select", "AdaMerging layer-wise, lr (1e-3 or 1e-2) and step by expert agreement",
-    sweep={"lr": [1e-3, 1e-2]})
-METHOD_GRID["adamerging_layer_lr1e-2_worst"] = variant(
-    "adamerging_layer_lr1e-2", "AdaMerging layer-wise, lr 1e-2, step by worst-task agreement",
-    select="worst_agreement")
 
 
 @dataclass
