@@ -68,9 +68,9 @@ def worker(variant: str, base: str, paths: dict[str, str], out: str) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from adamerge.methods import TaskArithmetic
+    from adamerge import METHODS
 
-    module = TaskArithmetic(base, paths, scale=0.3)
+    module = METHODS["task_arithmetic"](base, paths, scale=0.3)
     size_mib = sum(p.numel() * p.element_size() for p in module.merged.backbone.parameters()) / 2**20
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS (Linux >= 4.0)

@@ -196,16 +196,13 @@ def worker(mode: str, T: int, steps: int, rows: int, length: int) -> dict:
             loss.backward()
             model.zero_grad(set_to_none=True)
     elif mode.startswith("adamerge"):
-        from adamerge.merged import MergedModel
-        from adamerge.objectives import entropy_objective
-        from adamerge.parametrize import Coefficients
-        from adamerge.pool import load_pool
+        from adamerge import Coefficients, MergedModel, entropy_objective, load_pool
 
         paths = [str(zoo_dir() / str(i)) for i in range(T + 1)]
         pool = load_pool(paths[0], {f"t{i}": p for i, p in enumerate(paths[1:])},
                          tv_dtype=torch.bfloat16 if mode in BF16_MODES else None)
         if mode == "adamerge-sparse":
-            from adamerge.functional import ties_trim_elect
+            from adamerge import ties_trim_elect
 
             pool.task_vectors = ties_trim_elect(pool.task_vectors, 0.2)
         merged = MergedModel(pool, Coefficients(T, len(pool.param_names), "layer", 0.3))

@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the repo root first
 
+from adamerge import MergeInputError, parse_grid, quiet_libraries  # noqa: E402
 from benchmarks.run import METHOD_GRID, PRESETS, check_overrides, regrid, results_dir, run  # noqa: E402
-from adamerge.cli import quiet_libraries  # noqa: E402
 
 
 def main() -> None:
@@ -59,9 +59,6 @@ def main() -> None:
     args = p.parse_args()
     grid = None
     if args.grid:
-        from adamerge.errors import MergeInputError
-        from adamerge.sweep import parse_grid
-
         try:
             grid = parse_grid(args.grid, example="lr=1e-3,1e-2", prefix="")  # rows take method arguments
         except MergeInputError as err:

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: t
 
 def block_means(source: str) -> tuple[list[str], list[str], list[list[float]]]:
     """(tasks, block names, [task][block] mean coefficient) of an export or a benchmark row (``RESULTS.json#row``)."""
-    from adamerge.card import coefficient_table
+    from adamerge import coefficient_table
 
     if "#" in source:
         path, key = source.rsplit("#", 1)

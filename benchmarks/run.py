@@ -20,14 +20,11 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+from adamerge import (METHODS, LRSchedule, MergeModule, SelectStep, StepProgress, TaskData, UnlabeledDataModule,
+                      at_edge, input_builder, score)
 from benchmarks.tasks import TASKS, prepare
 from benchmarks.vision import IMAGE_SIZE
 from benchmarks.zoo import BATCHNORM_PROTOCOLS, build_base, finetune
-from adamerge.callbacks import LRSchedule, SelectStep, StepProgress
-from adamerge.data import TaskData, UnlabeledDataModule, input_builder
-from adamerge.evaluate import score
-from adamerge.methods import METHODS, MergeModule
-from adamerge.pick import at_edge
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +176,7 @@ class Evaluator:
     def __init__(self, data_dir: Path, tasks: list[str], inputs, max_test: int) -> None:
         import datasets
 
-        self.inputs, self.sets = inputs, {}  # inputs: adamerge.data.TextInputs / ImageInputs
+        self.inputs, self.sets = inputs, {}  # inputs: what adamerge.input_builder returns
         for t in tasks:
             ds = datasets.load_from_disk(str(data_dir / t))["test"]
             ds = ds.select(range(min(max_test, len(ds))))
@@ -313,12 +310,12 @@ class Runner:
         ``sweep`` trains once per candidate and returns the one whose selected step scores best (its ``sweep``
         attribute lists every candidate's selected step and score, in the order trained). With ``extend``, while
         the kept value is the largest or smallest tried (no other candidate scoring the same), the next value on
-        the grid's own spacing is trained too, at most ``extend`` more times (:func:`adamerge.sweep.next_value`).
+        the grid's own spacing is trained too, at most ``extend`` more times (``adamerge sweep --extend``'s rule).
 
         ``diagnose``: also score every swept candidate on the test split (``sweep[i]["test"]``; the kept one's
         scores in ``module.test_scores``, seconds spent in ``module.diagnose_seconds``). A diagnostic of the
         label-free choice, made from the selection scores alone before any test score is read."""
-        from adamerge.sweep import search
+        from adamerge import sweep_search
 
         row = self.rows[key]
         kwargs = dict(row.kwargs)
@@ -353,7 +350,7 @@ class Runner:
                 spent += time.time() - t0
             return sel["score"]
 
-        _, added = search({k: list(v) for k, v in row.sweep.items()}, score, row.extend, f"{row.label} {protocol}")
+        _, added = sweep_search({k: list(v) for k, v in row.sweep.items()}, score, row.extend, f"{row.label} {protocol}")
         best.sweep, best.sweep_extended = tried, added
         if diagnose:
             best.test_scores, best.diagnose_seconds = _chosen(best.selection, tried)["test"], spent
@@ -599,7 +596,7 @@ def write_results(result: dict, target: Path) -> None:
 def coefficient_blocks(module: MergeModule, matrix: torch.Tensor) -> dict:
     """The ``[T, P]`` coefficients of a row as the model card tabulates them: per task the mean over each block's
     tensors (embeddings, each layer, ...), for ``benchmarks/plot_coefficients.py``."""
-    from adamerge.card import coefficient_table
+    from adamerge import coefficient_table
 
     granularity = module.merged.coefficients.granularity
     blocks, values = coefficient_table({"effective": matrix.tolist(), "params": module.merged.param_names,

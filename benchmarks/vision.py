@@ -233,10 +233,10 @@ def _features(model, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tenso
 @torch.no_grad()
 def adapt_batchnorm(model, pixels: torch.Tensor, batch_size: int = 256) -> None:
     """Replace every BatchNorm's running statistics by those of ``pixels`` (a cumulative average over its batches in
-    training mode, :func:`adamerge.merged.recalibrate_batchnorm`; AdaBN, Li et al. 2016), so the frozen base's
+    training mode, :func:`adamerge.recalibrate_batchnorm`; AdaBN, Li et al. 2016), so the frozen base's
     eval-mode features are normalised as the task's own training batches will be once fine-tuning starts. The model
     is left in eval mode."""
-    from adamerge.merged import recalibrate_batchnorm
+    from adamerge import recalibrate_batchnorm
 
     backbone = getattr(model, model.base_model_prefix)
     batches = [{"pixel_values": pixels[i:i + batch_size]} for i in range(0, len(pixels), batch_size)]

@@ -28,8 +28,6 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from adamerge.data import pad_batch
-
 log = logging.getLogger(__name__)
 
 
@@ -77,6 +75,13 @@ class FineTuner(pl.LightningModule):
 
         return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule),
                                                     "interval": "step"}}
+
+
+def pad_batch(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad token rows into tensors (``attention_mask`` 0 on padding)."""
+    length = max(len(r["input_ids"]) for r in rows)
+    return {k: torch.tensor([r[k] + [pad_id if k == "input_ids" else 0] * (length - len(r[k])) for r in rows],
+                            dtype=torch.long) for k in rows[0]}
 
 
 def _rows(tokenizer, texts, labels, max_length):
