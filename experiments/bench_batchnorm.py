@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Forward+backward time of one BatchNorm layer in training mode: torch's fused kernel (what one process trains with)
+"""Question: what does summed_batch_norm (data-parallel BatchNorm) cost against torch's fused kernel? Answer: 1.3–2.5× per layer forward+backward on 2 CPU cores (64 rows of 96×16×16 or 32×8×8).
+
+Forward+backward time of one BatchNorm layer in training mode: torch's fused kernel (what one process trains with)
 against ``adamerge.functional.summed_batch_norm`` (what data-parallel BatchNorm training uses), side by side in one
 run, on the current device. In one process the sum over ranks is the identity, so this is the function's own cost
 without the all-reduces.

@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Diagnostic for the vision zoos: how far can merge *coefficients* go at all? Trains task- or layer-wise
+"""Question: how far can merge coefficients go on the vision zoo with labels, and is entropy's shortfall the objective? Answer: layer-wise 59.2 with train labels at lr 1e-2 (Task Arithmetic + 9.7; 53.1 at 1e-3) while entropy falls to 44.2; an independent implementation agrees (docs/results.md).
+
+Diagnostic for the vision zoos: how far can merge *coefficients* go at all? Trains task- or layer-wise
 coefficients over a zoo's task vectors with the labels of the experts' own *training* split (cross-entropy: a
 supervised ceiling of the coefficient space, which no label-free objective can be expected to pass) and, beside it,
 with AdaMerging's entropy on the unlabeled split, in one independent implementation (``torch.func.functional_call``

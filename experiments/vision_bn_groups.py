@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Diagnostic for BatchNorm zoos: Task Arithmetic's accuracy when the merge's BatchNorm statistics are re-estimated
+"""Question: how much of Task Arithmetic's loss on a BatchNorm CNN is one set of statistics for every task? Answer: a third at 64×64 (per-task 67.6 against mixed 55.0, experts 94.8), a fifth at 32×32 (48.4 against 37.2).
+
+Diagnostic for BatchNorm zoos: Task Arithmetic's accuracy when the merge's BatchNorm statistics are re-estimated
 on each task's own unlabeled rows (one set per task) against one set over all tasks' rows mixed (what an export of
 one merged model holds today).
 
