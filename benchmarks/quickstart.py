@@ -47,10 +47,10 @@ def run(work: Path = Path(".cache"), out: Path = Path("runs/quickstart"), settin
     ``extra_args``: more ``adamerge fit`` arguments (e.g. ``["--trainer.accelerator", "cpu"]``)."""
     import torch
 
+    from adamerge import METHODS, TaskData, cli_main, input_builder, load_task_model, score
     from benchmarks.run import Evaluator, individual_rows
     from benchmarks.tasks import prepare
     from benchmarks.zoo import build_base, finetune
-    from adamerge import METHODS, TaskData, cli_main, input_builder, load_task_model, score
 
     s = settings or Settings()
     t0 = time.time()

@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the repo root first
 
+from adamerge import quiet_libraries  # noqa: E402
 from benchmarks.quickstart import Settings, report, run  # noqa: E402
-from adamerge.cli import quiet_libraries  # noqa: E402
 
 
 def main() -> None:
