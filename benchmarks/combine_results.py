@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Combine two benchmark tables of the same zoo: the rows of UPDATE replace or join those of BASE.
 
-    python scripts/combine_results.py BASE/results.json UPDATE/results.json --out DIR [--drop ROW ...]
+    python benchmarks/combine_results.py BASE/results.json UPDATE/results.json --out DIR [--drop ROW ...]
 
 For re-runs of some rows made in another process or on another machine (e.g. after a fix). It refuses unless both
 tables have the same preset, protocol, tasks, steps and the same individual and pretrained scores to the last digit
@@ -12,9 +12,12 @@ records both sources.
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from adamerge.bench.run import REFERENCE_ROWS, write_results
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the repo root first
+
+from benchmarks.run import REFERENCE_ROWS, write_results  # noqa: E402
 
 
 def combine(base: dict, update: dict, drop: list[str]) -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
 @dataclass
@@ -46,16 +46,11 @@ def run(work: Path = Path(".cache"), out: Path = Path("runs/quickstart"), settin
     ``work/quickstart-zoo-<rows>x<epochs>-len<length>``);
     ``extra_args``: more ``adamerge fit`` arguments (e.g. ``["--trainer.accelerator", "cpu"]``)."""
     import torch
-    from transformers import AutoTokenizer
 
-    from adamerge.bench.run import Evaluator, individual_rows
-    from adamerge.bench.tasks import prepare
-    from adamerge.bench.zoo import build_base, finetune
-    from adamerge.cli.main import main as adamerge_main
-    from adamerge.evaluate import score
-    from adamerge.io.datasets import TextInputs
-    from adamerge.methods import METHODS
-    from adamerge.serving import load_task_model
+    from adamerge import METHODS, TaskData, cli_main, input_builder, load_task_model, score
+    from benchmarks.run import Evaluator, individual_rows
+    from benchmarks.tasks import prepare
+    from benchmarks.zoo import build_base, finetune
 
     s = settings or Settings()
     t0 = time.time()
@@ -86,14 +81,14 @@ def run(work: Path = Path(".cache"), out: Path = Path("runs/quickstart"), settin
     if wandb.run is not None:  # a run left open in this process would be reused, its files kept elsewhere
         wandb.finish()
     t1 = time.time()
-    adamerge_main(args + list(extra_args or []))
+    cli_main(args + list(extra_args or []))
     if wandb.run is not None:
         wandb.finish()  # flush the offline run now, so `wandb sync` sees it complete
     t_fit = time.time() - t1
 
     log.info("4/4 scoring on %d labelled test rows per task", s.max_test)
-    tok = AutoTokenizer.from_pretrained(str(base))
-    evaluator = Evaluator(data_dir, list(s.tasks), TextInputs(tok, s.max_length), s.max_test)
+    inputs = input_builder({t: TaskData(str(data_dir / t)) for t in s.tasks}, str(base), s.max_length)
+    evaluator = Evaluator(data_dir, list(s.tasks), inputs, s.max_test)
     # the reference rows read the heads as the merge does (the config's ``heads`` options, e.g. each head with its
     # fine-tune's own pooler), so the table compares merges, not head settings
     ta = METHODS["task_arithmetic"](str(base), paths, scale=0.3, heads=config_heads())
@@ -146,5 +141,5 @@ def report(result: dict) -> str:
         lines += [f"  W&B offline run (config, heatmap):    {result['wandb_run']}",
                   f"  upload it later with:                 wandb sync {result['wandb_run']}"]
     lines += ["  next: README.md 'Choosing a method and an objective'; the full benchmark is "
-              "`python scripts/benchmark.py --preset quick`"]
+              "`python benchmarks/benchmark.py --preset quick`"]
     return "\n".join(lines)

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Per-step time and peak memory of layer-wise AdaMerging: adamerge vs FusionBench vs a plain forward+backward.
 
-    python scripts/bench_speed.py                      # T = 2, 4, 8 on a MiniLM-sized BERT (CPU here; GPU if present)
-    python scripts/bench_speed.py --tasks 2 4 --steps 4
-    python scripts/bench_speed.py --tasks 2 4 8 16 32 --columns a b b-lean c --plot   # the scaling curve
-    python scripts/bench_speed.py --shape bert-base --tasks 8 --steps 2                # model size
+    python benchmarks/bench_speed.py                      # T = 2, 4, 8 on a MiniLM-sized BERT (CPU here; GPU if present)
+    python benchmarks/bench_speed.py --tasks 2 4 --steps 4
+    python benchmarks/bench_speed.py --tasks 2 4 8 16 32 --columns a b b-lean c --plot   # the scaling curve
+    python benchmarks/bench_speed.py --shape bert-base --tasks 8 --steps 2                # model size
 
 For each T, fresh processes run the same model (``--shape``: ``minilm`` = all-MiniLM-L6-v2's architecture, 22.7M
 parameters; ``bert-base`` = BERT-base's, 109M; random weights; fine-tunes are the base plus seeded noise, saved once
@@ -53,6 +53,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the repo root first
 
 ROOT = Path(__file__).resolve().parents[1]
 FUSIONBENCH = "fusion-bench==0.2.33"
@@ -194,16 +196,13 @@ def worker(mode: str, T: int, steps: int, rows: int, length: int) -> dict:
             loss.backward()
             model.zero_grad(set_to_none=True)
     elif mode.startswith("adamerge"):
-        from adamerge.merged import MergedModel
-        from adamerge.objectives import entropy_objective
-        from adamerge.parametrize import Coefficients
-        from adamerge.pool import load_pool
+        from adamerge import Coefficients, MergedModel, entropy_objective, load_pool
 
         paths = [str(zoo_dir() / str(i)) for i in range(T + 1)]
         pool = load_pool(paths[0], {f"t{i}": p for i, p in enumerate(paths[1:])},
                          tv_dtype=torch.bfloat16 if mode in BF16_MODES else None)
         if mode == "adamerge-sparse":
-            from adamerge.functional import ties_trim_elect
+            from adamerge import ties_trim_elect
 
             pool.task_vectors = ties_trim_elect(pool.task_vectors, 0.2)
         merged = MergedModel(pool, Coefficients(T, len(pool.param_names), "layer", 0.3))

@@ -12,7 +12,7 @@
 * Zoo: every task fine-tuned from the base (own heads, or frozen linear-probe heads as the papers' zero-shot heads);
   BatchNorm statistics of a merge are re-estimated on the unlabeled rows before it is scored (every row alike).
 
-``python scripts/benchmark.py --preset vision [--zoo frozen]`` runs it (see :mod:`adamerge.bench.run`).
+``python benchmarks/benchmark.py --preset vision [--zoo frozen]`` runs it (see :mod:`benchmarks.run`).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from adamerge.bench.tasks import fetch_wheel, split_sizes
-from adamerge.bench.zoo import BATCHNORM_PROTOCOLS, FROZEN_PROTOCOLS, FineTuner, finish_member, fit_head, zoo_dir
+from benchmarks.tasks import fetch_wheel, split_sizes
+from benchmarks.zoo import BATCHNORM_PROTOCOLS, FROZEN_PROTOCOLS, FineTuner, finish_member, fit_head, zoo_dir
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def read_idx(data: bytes) -> np.ndarray:
 
 def read_fashion(cache: Path):
     """Fashion-MNIST's 10,000 ``t10k`` images (Debian ``dataset-fashion-mnist``, MIT), re-split like the others."""
-    from adamerge.bench.tasks import debian_files
+    from benchmarks.tasks import debian_files
 
     names = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
     root = debian_files("dataset-fashion-mnist", "usr/share/datasets/fashion-mnist", names, cache)
@@ -233,10 +233,10 @@ def _features(model, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tenso
 @torch.no_grad()
 def adapt_batchnorm(model, pixels: torch.Tensor, batch_size: int = 256) -> None:
     """Replace every BatchNorm's running statistics by those of ``pixels`` (a cumulative average over its batches in
-    training mode, :func:`adamerge.merged.recalibrate_batchnorm`; AdaBN, Li et al. 2016), so the frozen base's
+    training mode, :func:`adamerge.recalibrate_batchnorm`; AdaBN, Li et al. 2016), so the frozen base's
     eval-mode features are normalised as the task's own training batches will be once fine-tuning starts. The model
     is left in eval mode."""
-    from adamerge.core.batchnorm import recalibrate_batchnorm
+    from adamerge import recalibrate_batchnorm
 
     backbone = getattr(model, model.base_model_prefix)
     batches = [{"pixel_values": pixels[i:i + batch_size]} for i in range(0, len(pixels), batch_size)]
@@ -246,7 +246,7 @@ def adapt_batchnorm(model, pixels: torch.Tensor, batch_size: int = 256) -> None:
 
 def fit_probe(model, pixels: torch.Tensor, labels: torch.Tensor) -> dict:
     """Fit ``model.classifier`` on the frozen base's pooled features (the frozen-head zoo; see
-    :func:`adamerge.bench.zoo.fit_head`)."""
+    :func:`benchmarks.zoo.fit_head`)."""
     return fit_head(model.classifier, _features(model, pixels), labels)
 
 

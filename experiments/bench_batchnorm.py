@@ -1,21 +1,27 @@
 #!/usr/bin/env python
-"""Forward+backward time of one BatchNorm layer in training mode: torch's fused kernel (what one process trains with)
-against ``adamerge.functional.summed_batch_norm`` (what data-parallel BatchNorm training uses), side by side in one
+"""Question: what does summed_batch_norm (data-parallel BatchNorm) cost against torch's fused kernel? Answer: 1.3–2.5× per layer forward+backward on 2 CPU cores (64 rows of 96×16×16 or 32×8×8).
+
+Forward+backward time of one BatchNorm layer in training mode: torch's fused kernel (what one process trains with)
+against ``adamerge.core.functional.summed_batch_norm`` (what data-parallel BatchNorm training uses), side by side in one
 run, on the current device. In one process the sum over ranks is the identity, so this is the function's own cost
 without the all-reduces.
 
-    python scripts/bench_batchnorm.py
-    python scripts/bench_batchnorm.py --shapes 64,96,16,16 64,32,8,8 --repeats 50
+    python experiments/bench_batchnorm.py
+    python experiments/bench_batchnorm.py --shapes 64,96,16,16 64,32,8,8 --repeats 50
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from adamerge.functional import summed_batch_norm
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the repo root first
+
+from adamerge.core.functional import summed_batch_norm
 
 
 def _time(fn, repeats: int, device: torch.device) -> float:
