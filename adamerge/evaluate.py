@@ -40,8 +40,10 @@ def answer_logits(logits_fn, spec: LabeledTaskData, task: str, tokenizer):
     """``(logits function over the classes, number of classes)`` of a seq2seq LM's first-output-token logits
     ``[B, 1, V]``: the columns of each class's answer word's first token (words sharing one are refused)."""
     if not spec.answers:
-        raise MergeInputError(f"task {task!r}: a seq2seq LM is scored on its first output token: give the answer word "
-                              "of each class id in order (answers: [negative, positive])")
+        raise MergeInputError(
+            f"task {task!r}: a seq2seq LM is scored on its first output token: give the answer word "
+            "of each class id in order (answers: [negative, positive])"
+        )
     ids = [(tokenizer(str(w), add_special_tokens=False)["input_ids"] or [None])[0] for w in spec.answers]
     if None in ids or len(set(ids)) < len(ids):
         tokens = {w: (tokenizer.convert_ids_to_tokens(i) if i is not None else None) for w, i in zip(spec.answers, ids)}
@@ -62,8 +64,14 @@ def load_labeled(spec: LabeledTaskData, task: str, inputs):
 
 
 @torch.no_grad()
-def score(logits_fn: Callable[[dict], torch.Tensor], rows, labels: torch.Tensor, num_classes: int, collate,
-          batch_size: int = 64) -> dict:
+def score(
+    logits_fn: Callable[[dict], torch.Tensor],
+    rows,
+    labels: torch.Tensor,
+    num_classes: int,
+    collate,
+    batch_size: int = 64,
+) -> dict:
     """Accuracy and macro-F1 of ``logits_fn(inputs)`` over ``rows``, batched by ``collate`` (rows → inputs, e.g.
     :class:`adamerge.data.TextInputs`), and the histograms behind them: ``predicted`` (rows per predicted class)
     and ``labels`` (rows per true class) — an accuracy at the majority class's share reads differently from one
@@ -75,12 +83,17 @@ def score(logits_fn: Callable[[dict], torch.Tensor], rows, labels: torch.Tensor,
     predicted = torch.zeros(num_classes, dtype=torch.long)
     for i in range(0, len(rows), batch_size):
         logits = logits_fn(collate([rows[j] for j in range(i, min(i + batch_size, len(rows)))])).float().cpu()
-        y = labels[i:i + batch_size]
+        y = labels[i : i + batch_size]
         acc.update(logits, y)
         f1.update(logits, y)
         predicted += torch.bincount(logits.argmax(-1), minlength=num_classes)
-    return {"accuracy": float(acc.compute()), "macro_f1": float(f1.compute()), "n": len(rows),
-            "predicted": predicted.tolist(), "labels": torch.bincount(labels, minlength=num_classes).tolist()}
+    return {
+        "accuracy": float(acc.compute()),
+        "macro_f1": float(f1.compute()),
+        "n": len(rows),
+        "predicted": predicted.tolist(),
+        "labels": torch.bincount(labels, minlength=num_classes).tolist(),
+    }
 
 
 @torch.no_grad()
@@ -102,9 +115,14 @@ def score_tokens(logits_fn: Callable[[dict], torch.Tensor], rows, collate, batch
     return {"nll": mean, "perplexity": float(torch.tensor(mean).exp()), "tokens": count, "n": len(rows)}
 
 
-def evaluate_checkpoint(checkpoint: str, tasks: dict[str, LabeledTaskData], batch_size: int = 64,
-                        max_length: int | None = None, heads: dict[str, str] | None = None,
-                        write: bool = False) -> dict[str, dict[str, float]]:
+def evaluate_checkpoint(
+    checkpoint: str,
+    tasks: dict[str, LabeledTaskData],
+    batch_size: int = 64,
+    max_length: int | None = None,
+    heads: dict[str, str] | None = None,
+    write: bool = False,
+) -> dict[str, dict[str, float]]:
     """Per-task accuracy and macro-F1 of what a user compares, each task scored with its own head:
 
     - an adamerge export (``merge_manifest.json``), served as :func:`adamerge.load_merged` serves it (Surgery
@@ -141,8 +159,10 @@ def evaluate_checkpoint(checkpoint: str, tasks: dict[str, LabeledTaskData], batc
     scoring = kind.evaluated_on
     tokens = scoring == "tokens"
     if not kind.per_task_heads and heads is not None:
-        raise MergeInputError(f"heads: {checkpoint} is {kind.described_as}, which has no class heads to borrow; "
-                              "evaluate the base model's own directory for the pretrained reference")
+        raise MergeInputError(
+            f"heads: {checkpoint} is {kind.described_as}, which has no class heads to borrow; "
+            "evaluate the base model's own directory for the pretrained reference"
+        )
     predict = _predictor(str(checkpoint), manifest, heads, list(tasks), kind)
     out = {}
     for task, spec in tasks.items():

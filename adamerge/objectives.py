@@ -76,14 +76,19 @@ def _total(per_task: dict[str, Tensor]) -> Terms:
     return sum(per_task.values()), per_task
 
 
-def entropy_objective(logits: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None,
-                      all_sum: AllSum = None) -> Terms:
+def entropy_objective(
+    logits: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None, all_sum: AllSum = None
+) -> Terms:
     """AdaMerging's objective: Σ_tasks mean H(softmax(logits_t)) (over rows, or over masked tokens)."""
     return _total({t: _masked_mean(entropy(z), _mask(masks, t), all_sum) for t, z in logits.items()})
 
 
-def infomax_objective(logits: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None,
-                      diversity_weight: float = 1.0, all_sum: AllSum = None) -> Terms:
+def infomax_objective(
+    logits: Mapping[str, Tensor],
+    masks: Mapping[str, Tensor] | None = None,
+    diversity_weight: float = 1.0,
+    all_sum: AllSum = None,
+) -> Terms:
     """Information maximisation (SHOT, Liang et al. 2020): Σ_t mean_i H(p_i) − w · H(p̄), p̄ = mean_i p_i.
 
     The first term makes each prediction confident, the second rewards a batch whose predictions spread over the
@@ -104,8 +109,13 @@ def infomax_objective(logits: Mapping[str, Tensor], masks: Mapping[str, Tensor] 
     return _total(per_task)
 
 
-def kl_to_experts(logits: Mapping[str, Tensor], expert_logits: Mapping[str, Tensor],
-                  masks: Mapping[str, Tensor] | None = None, temperature: float = 2.0, all_sum: AllSum = None) -> Terms:
+def kl_to_experts(
+    logits: Mapping[str, Tensor],
+    expert_logits: Mapping[str, Tensor],
+    masks: Mapping[str, Tensor] | None = None,
+    temperature: float = 2.0,
+    all_sum: AllSum = None,
+) -> Terms:
     """DAM-style distillation: Σ_t τ² · KL(softmax(z_t/τ) ‖ softmax(z_merged/τ)), z_t from task t's own expert."""
     per_task = {}
     for t, z in logits.items():
@@ -116,9 +126,13 @@ def kl_to_experts(logits: Mapping[str, Tensor], expert_logits: Mapping[str, Tens
     return _total(per_task)
 
 
-def pseudo_label_objective(logits: Mapping[str, Tensor], expert_logits: Mapping[str, Tensor],
-                           masks: Mapping[str, Tensor] | None = None, confidence: float = 0.0,
-                           all_sum: AllSum = None) -> Terms:
+def pseudo_label_objective(
+    logits: Mapping[str, Tensor],
+    expert_logits: Mapping[str, Tensor],
+    masks: Mapping[str, Tensor] | None = None,
+    confidence: float = 0.0,
+    all_sum: AllSum = None,
+) -> Terms:
     """Σ_t mean cross-entropy of the merge to task t's expert's argmax, over the rows (tokens) where the expert's top
     probability is at least ``confidence`` (0 keeps all). A task with no confident row contributes 0."""
     per_task = {}
@@ -129,8 +143,9 @@ def pseudo_label_objective(logits: Mapping[str, Tensor], expert_logits: Mapping[
         m = _mask(masks, t)
         if m is not None and keep.ndim == 2:
             keep = keep & m.bool()
-        ce = torch.nn.functional.cross_entropy(z.float().reshape(-1, z.shape[-1]), target.reshape(-1),
-                                               reduction="none").reshape(target.shape)
+        ce = torch.nn.functional.cross_entropy(
+            z.float().reshape(-1, z.shape[-1]), target.reshape(-1), reduction="none"
+        ).reshape(target.shape)
         w = keep.to(ce.dtype)
         per_task[t] = _ratio((ce * w).sum(), w.sum(), all_sum)
     return _total(per_task)
@@ -145,11 +160,16 @@ def l1_distance(x: Tensor, target: Tensor, attention_mask: Tensor | None = None,
     return _ratio(diff.sum(), diff.new_tensor(float(diff.numel())), all_sum)
 
 
-def feature_alignment(features: Mapping[str, Tensor], expert_features: Mapping[str, Tensor],
-                      masks: Mapping[str, Tensor] | None = None, all_sum: AllSum = None) -> Terms:
+def feature_alignment(
+    features: Mapping[str, Tensor],
+    expert_features: Mapping[str, Tensor],
+    masks: Mapping[str, Tensor] | None = None,
+    all_sum: AllSum = None,
+) -> Terms:
     """Σ_t L1(f_merged(x), f_t(x)) on task t's rows: the merge's backbone features pulled towards each expert's."""
-    return _total({t: l1_distance(f.float(), expert_features[t].float(), _mask(masks, t), all_sum)
-                   for t, f in features.items()})
+    return _total(
+        {t: l1_distance(f.float(), expert_features[t].float(), _mask(masks, t), all_sum) for t, f in features.items()}
+    )
 
 
 # name -> what the objective reads besides the merged logits ("expert_logits", "features", "expert_features")
@@ -198,12 +218,15 @@ class Objective:
         if isinstance(value, str):
             return cls(value)
         if not isinstance(value, Mapping):
-            raise MergeInputError(f"objective: expected a name or a mapping of {', '.join(cls.__dataclass_fields__)}, "
-                                  f"got {type(value).__name__}")
+            raise MergeInputError(
+                f"objective: expected a name or a mapping of {', '.join(cls.__dataclass_fields__)}, "
+                f"got {type(value).__name__}"
+            )
         unknown = sorted(set(value) - set(cls.__dataclass_fields__))
         if unknown:
-            raise MergeInputError(f"objective: unknown field {unknown[0]!r}; allowed: "
-                                  f"{', '.join(cls.__dataclass_fields__)}")
+            raise MergeInputError(
+                f"objective: unknown field {unknown[0]!r}; allowed: {', '.join(cls.__dataclass_fields__)}"
+            )
         return cls(**value)
 
     @property

@@ -25,11 +25,14 @@ from adamerge.io.safetensors import atomic_directory
 log = logging.getLogger(__name__)
 
 # what makes two selection scores comparable: the same models, criterion and held-back rows
-_SAME = {"base": lambda m: m["base"]["sha256"],
-         "sources": lambda m: [(s["task"], s["sha256"]) for s in m["sources"]],
-         "selection criterion": lambda m: m["selection"]["criterion"],
-         "held-back rows (data: tasks, splits, seed, holdout, max_length)": lambda m: {
-             k: m.get("data", {}).get(k) for k in ("tasks", "seed", "holdout", "max_length")}}
+_SAME = {
+    "base": lambda m: m["base"]["sha256"],
+    "sources": lambda m: [(s["task"], s["sha256"]) for s in m["sources"]],
+    "selection criterion": lambda m: m["selection"]["criterion"],
+    "held-back rows (data: tasks, splits, seed, holdout, max_length)": lambda m: {
+        k: m.get("data", {}).get(k) for k in ("tasks", "seed", "holdout", "max_length")
+    },
+}
 
 
 def candidates(paths: list[str | Path]) -> list[dict[str, Any]]:
@@ -40,22 +43,32 @@ def candidates(paths: list[str | Path]) -> list[dict[str, Any]]:
     for path in paths:
         m = read_manifest(path)
         if "selection" not in m:
-            raise MergeInputError(f"pick: export {path} records no label-free selection score; train it with the "
-                                  "SelectStep callback and data.holdout")
+            raise MergeInputError(
+                f"pick: export {path} records no label-free selection score; train it with the "
+                "SelectStep callback and data.holdout"
+            )
         if "holdout" not in m.get("data", {}):
-            raise MergeInputError(f"pick: export {path} does not record which rows were held back (data.holdout); "
-                                  "export it again with this version")
+            raise MergeInputError(
+                f"pick: export {path} does not record which rows were held back (data.holdout); "
+                "export it again with this version"
+            )
         manifests.append(m)
     for what, key in _SAME.items():
         first = key(manifests[0])
         for path, m in zip(paths[1:], manifests[1:]):
             if key(m) != first:
-                raise MergeInputError(f"pick: {paths[0]} and {path} differ in {what}: their scores are not "
-                                      "comparable")
-    return [{"path": str(path), "method": m["method"], "criterion": m["selection"]["criterion"],
-             "selected_step": m["selection"]["selected_step"], "score": m["selection"]["score"],
-             "hparams": m.get("hparams", {})}
-            for path, m in zip(paths, manifests)]
+                raise MergeInputError(f"pick: {paths[0]} and {path} differ in {what}: their scores are not comparable")
+    return [
+        {
+            "path": str(path),
+            "method": m["method"],
+            "criterion": m["selection"]["criterion"],
+            "selected_step": m["selection"]["selected_step"],
+            "score": m["selection"]["score"],
+            "hparams": m.get("hparams", {}),
+        }
+        for path, m in zip(paths, manifests)
+    ]
 
 
 def at_edge(settings: list[dict[str, Any]], chosen: int, scores: list[float] | None = None) -> dict[str, str]:
@@ -82,18 +95,31 @@ def best_of(scores: list[float]) -> int:
     return max(range(len(scores)), key=lambda i: (scores[i], -i))
 
 
-def pick(paths: list[str | Path], into: str | Path | None = None, overwrite: bool = False,
-         extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def pick(
+    paths: list[str | Path],
+    into: str | Path | None = None,
+    overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The export whose selected step scores best (ties: the earlier one); with ``into``, a copy of it there whose
     manifest adds ``pick: {criterion, chosen, at_edge, candidates, **extra}``. Returns that record."""
     found = candidates(paths)
     best = best_of([c["score"] for c in found])
-    record = {"criterion": found[best]["criterion"], "chosen": found[best]["path"],
-              "at_edge": at_edge([c["hparams"] for c in found], best, [c["score"] for c in found]), "candidates": found,
-              **(extra or {})}
+    record = {
+        "criterion": found[best]["criterion"],
+        "chosen": found[best]["path"],
+        "at_edge": at_edge([c["hparams"] for c in found], best, [c["score"] for c in found]),
+        "candidates": found,
+        **(extra or {}),
+    }
     for name, side in record["at_edge"].items():
-        log.warning("pick: the chosen %s (%s) is the %s of the candidates' values: the best may lie beyond them; "
-                    "try further values", name, found[best]["hparams"][name], side)
+        log.warning(
+            "pick: the chosen %s (%s) is the %s of the candidates' values: the best may lie beyond them; "
+            "try further values",
+            name,
+            found[best]["hparams"][name],
+            side,
+        )
     if into is not None:
         if Path(into).resolve() in {Path(p).resolve() for p in paths}:
             raise MergeInputError(f"pick: --into {into} is one of the candidates")

@@ -29,8 +29,14 @@ class MergedCheckpoint(nn.Module):
     """An exported merge: one encoder, one head per task, and the serving hooks of the method's export extensions
     (:mod:`adamerge.io.extensions`: Surgery's adapters, WEMoE's routers)."""
 
-    def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module], manifest: dict,
-                 hooks: list[NoHook] | None = None, buffers: dict[str, dict[str, Tensor]] | None = None) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        heads: dict[str, nn.Module],
+        manifest: dict,
+        hooks: list[NoHook] | None = None,
+        buffers: dict[str, dict[str, Tensor]] | None = None,
+    ) -> None:
         super().__init__()
         self.kind = get_kind(manifest_kind(manifest))
         self.backbone, self.heads = backbone, nn.ModuleDict(heads)
@@ -74,8 +80,10 @@ def load_merged(path: str | Path, dtype: torch.dtype = torch.float32) -> MergedC
         state = {k.split("/", 1)[1]: v for k, v in head_tensors.items() if k.startswith(task + "/")}
         heads[task] = kind.head_from_tensors(path, info, state, dtype).eval()
     hooks = [ext.serve(path, manifest[ext.key], backbone, dtype) for ext in extensions_of(manifest)]
-    buffers = {t: {n: v.to(dtype) if v.is_floating_point() else v for n, v in task_buffers(path, t, manifest).items()}
-               for t in manifest["heads"]}
+    buffers = {
+        t: {n: v.to(dtype) if v.is_floating_point() else v for n, v in task_buffers(path, t, manifest).items()}
+        for t in manifest["heads"]
+    }
     return MergedCheckpoint(backbone, heads, manifest, hooks, {t: b for t, b in buffers.items() if b}).eval()
 
 
@@ -93,7 +101,6 @@ def load_task_model(path: str | Path, task: str, dtype: torch.dtype = torch.floa
     kind = get_kind(manifest_kind(manifest))
     heads = load_file(str(path / HEADS))
     head = {k.split("/", 1)[1]: v for k, v in heads.items() if k.startswith(task + "/")}
-    return kind.task_model(path, task, manifest["heads"][task], {**read_weights(path), **task_buffers(path, task)},
-                           head, dtype)
-
-
+    return kind.task_model(
+        path, task, manifest["heads"][task], {**read_weights(path), **task_buffers(path, task)}, head, dtype
+    )

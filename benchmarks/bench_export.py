@@ -47,8 +47,9 @@ def build_zoo(root: Path, layers: int, tasks: int) -> tuple[str, dict[str, str]]
 
     hf_logging.disable_progress_bar()
     torch.manual_seed(0)
-    config = BertConfig(hidden_size=768, num_hidden_layers=layers, num_attention_heads=12, intermediate_size=3072,
-                        vocab_size=30522)
+    config = BertConfig(
+        hidden_size=768, num_hidden_layers=layers, num_attention_heads=12, intermediate_size=3072, vocab_size=30522
+    )
     base = BertForSequenceClassification(config)
     base.save_pretrained(str(root / "base"))
     paths = {}
@@ -56,8 +57,12 @@ def build_zoo(root: Path, layers: int, tasks: int) -> tuple[str, dict[str, str]]
         g = torch.Generator().manual_seed(t + 1)
         with torch.no_grad():
             ft = BertForSequenceClassification(config)
-            ft.load_state_dict({k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
-                                for k, v in base.state_dict().items()})
+            ft.load_state_dict(
+                {
+                    k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                    for k, v in base.state_dict().items()
+                }
+            )
         ft.save_pretrained(str(root / f"task{t}"))
         paths[f"task{t}"] = str(root / f"task{t}")
         del ft
@@ -90,8 +95,13 @@ def worker(variant: str, base: str, paths: dict[str, str], out: str) -> dict:
     seconds = time.perf_counter() - start
     peak = _status("VmHWM") - before
     del torch
-    return {"variant": variant, "model_mib": round(size_mib, 1), "peak_extra_mib": round(peak, 1),
-            "peak_over_model": round(peak / size_mib, 3), "seconds": round(seconds, 2)}
+    return {
+        "variant": variant,
+        "model_mib": round(size_mib, 1),
+        "peak_extra_mib": round(peak, 1),
+        "peak_over_model": round(peak / size_mib, 3),
+        "seconds": round(seconds, 2),
+    }
 
 
 def main() -> None:
@@ -111,13 +121,19 @@ def main() -> None:
         (tmp / "zoo.json").write_text(json.dumps({"base": base, "paths": paths}))
         rows = []
         for variant in ("stream", "stream-bf16", "materialise"):
-            res = subprocess.run([sys.executable, __file__, "--worker", variant, str(tmp / "zoo.json"),
-                                  str(tmp / f"out-{variant}")], capture_output=True, text=True, cwd=ROOT)
+            res = subprocess.run(
+                [sys.executable, __file__, "--worker", variant, str(tmp / "zoo.json"), str(tmp / f"out-{variant}")],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+            )
             if res.returncode:
                 raise SystemExit(res.stderr[-3000:])
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-    print(f"# export memory, BERT width 768, {args.layers} layers, {args.tasks} fine-tunes, "
-          f"merged model {rows[0]['model_mib']} MiB (float32)")
+    print(
+        f"# export memory, BERT width 768, {args.layers} layers, {args.tasks} fine-tunes, "
+        f"merged model {rows[0]['model_mib']} MiB (float32)"
+    )
     print("| variant | peak RSS above start (MiB) | / model size | time (s) |")
     print("| --- | --- | --- | --- |")
     for r in rows:

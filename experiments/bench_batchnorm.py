@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Question: what does summed_batch_norm (data-parallel BatchNorm) cost against torch's fused kernel? Answer: 1.3–2.5× per layer forward+backward on 2 CPU cores (64 rows of 96×16×16 or 32×8×8).
+"""Question: what does summed_batch_norm (data-parallel BatchNorm) cost against torch's fused kernel? Answer: 1.3–2.5×
+per layer forward+backward on 2 CPU cores (64 rows of 96×16×16 or 32×8×8).
 
 Forward+backward time of one BatchNorm layer in training mode: torch's fused kernel (what one process trains with)
 against ``adamerge.core.functional.summed_batch_norm`` (what data-parallel BatchNorm training uses), side by side in one
@@ -39,8 +40,9 @@ def _time(fn, repeats: int, device: torch.device) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=["64,96,16,16", "64,32,8,8"],
-                        help="input shapes, rows,channels,height,width")
+    parser.add_argument(
+        "--shapes", nargs="+", default=["64,96,16,16", "64,32,8,8"], help="input shapes, rows,channels,height,width"
+    )
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Question: why is layer-wise AdaMerging below Task Arithmetic on the quick text zoo? Answer: entropy minimisation collapses `question` onto its rarest class (ABBR 854 of 1,000 predictions; accuracy 0.120 against 0.407).
+"""Question: why is layer-wise AdaMerging below Task Arithmetic on the quick text zoo? Answer: entropy minimisation
+collapses `question` onto its rarest class (ABBR 854 of 1,000 predictions; accuracy 0.120 against 0.407).
 
 Diagnose a merge on one task: class histogram of its predictions, accuracy and mean entropy, per checkpoint.
 
     python experiments/prediction_histogram.py --task question --data .cache/data/question \
-        runs/benchmark/quick/checkpoints/task_arithmetic-inductive runs/benchmark/quick/checkpoints/adamerging_layer-inductive
+        runs/benchmark/quick/checkpoints/task_arithmetic-inductive
+        runs/benchmark/quick/checkpoints/adamerging_layer-inductive
 
 Entropy minimisation can lower the objective by collapsing a task onto one class; this shows it.
 """
@@ -44,12 +46,18 @@ def main() -> None:
         tok = AutoTokenizer.from_pretrained(ckpt)
         rows = tokenize(tok, ds, TaskData(args.data), args.max_length)
         with torch.no_grad():
-            logits = torch.cat([model.predict(args.task, **pad_batch(rows[i:i + 128], tok.pad_token_id or 0))
-                                for i in range(0, len(rows), 128)])
+            logits = torch.cat(
+                [
+                    model.predict(args.task, **pad_batch(rows[i : i + 128], tok.pad_token_id or 0))
+                    for i in range(0, len(rows), 128)
+                ]
+            )
         pred = logits.argmax(-1)
         hist = dict(sorted(collections.Counter(names[i] for i in pred.tolist()).items()))
-        print(f"{ckpt}: accuracy {(pred == labels).float().mean():.3f}, mean entropy "
-              f"{entropy(logits).mean():.3f}, predicted classes {hist}")
+        print(
+            f"{ckpt}: accuracy {(pred == labels).float().mean():.3f}, mean entropy "
+            f"{entropy(logits).mean():.3f}, predicted classes {hist}"
+        )
 
 
 if __name__ == "__main__":

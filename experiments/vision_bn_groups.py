@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Question: how much of Task Arithmetic's loss on a BatchNorm CNN is one set of statistics for every task? Answer: a third at 64×64 (per-task 67.6 against mixed 55.0, experts 94.8), a fifth at 32×32 (48.4 against 37.2).
+"""Question: how much of Task Arithmetic's loss on a BatchNorm CNN is one set of statistics for every task? Answer: a
+third at 64×64 (per-task 67.6 against mixed 55.0, experts 94.8), a fifth at 32×32 (48.4 against 37.2).
 
 Diagnostic for BatchNorm zoos: Task Arithmetic's accuracy when the merge's BatchNorm statistics are re-estimated
 on each task's own unlabeled rows (one set per task) against one set over all tasks' rows mixed (what an export of
@@ -46,8 +47,9 @@ def main() -> None:
     base = AutoModelForImageClassification.from_pretrained(str(args.zoo / "base")).state_dict()
     models = {t: AutoModelForImageClassification.from_pretrained(str(args.zoo / t)) for t in TASKS}
     tuned = {t: m.state_dict() for t, m in models.items()}
-    keys = [k for k, v in base.items()
-            if not k.startswith("classifier") and v.is_floating_point() and "running" not in k]
+    keys = [
+        k for k, v in base.items() if not k.startswith("classifier") and v.is_floating_point() and "running" not in k
+    ]
 
     def accuracy(model, t, params=None):
         """On rows 256: of task ``t``, ``model`` run with ``params`` bound (merged weights, statistics) if given."""
@@ -61,14 +63,19 @@ def main() -> None:
         per_task, mixed = {}, {}
         for t in TASKS:  # the merged body under task t's own head (the head and nothing else stays the expert's)
             model = models[t]
-            own = recalibrate_batchnorm(model, merged, [{"pixel_values": px[t][i:i + 64]} for i in range(0, 256, 64)])
+            own = recalibrate_batchnorm(model, merged, [{"pixel_values": px[t][i : i + 64]} for i in range(0, 256, 64)])
             per_task[t] = accuracy(model, t, {**merged, **own})
-            mix = recalibrate_batchnorm(model, merged, [{"pixel_values": torch.cat([px[u][i:i + 16] for u in TASKS])}
-                                                        for i in range(0, 256, 16)])
+            mix = recalibrate_batchnorm(
+                model,
+                merged,
+                [{"pixel_values": torch.cat([px[u][i : i + 16] for u in TASKS])} for i in range(0, 256, 16)],
+            )
             mixed[t] = accuracy(model, t, {**merged, **mix})
         out[f"task_arithmetic_{lam:g}"] = {"per_task_statistics": per_task, "mixed_statistics": mixed}
-    avg = {k: ({s: sum(v[s].values()) / len(TASKS) for s in v} if "experts" != k else sum(v.values()) / len(TASKS))
-           for k, v in out.items()}
+    avg = {
+        k: ({s: sum(v[s].values()) / len(TASKS) for s in v} if "experts" != k else sum(v.values()) / len(TASKS))
+        for k, v in out.items()
+    }
     print(json.dumps({"zoo": str(args.zoo), "average": avg, "per_task": out}, indent=1))
 
 

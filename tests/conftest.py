@@ -12,8 +12,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-WORDS = ("good bad great awful fine poor love hate movie film plot actor spam free win prize call now hello "
-         "friend meet lunch what who where when why how many city country person number the a is was and").split()
+WORDS = (
+    "good bad great awful fine poor love hate movie film plot actor spam free win prize call now hello "
+    "friend meet lunch what who where when why how many city country person number the a is was and"
+).split()
 TASKS = {"sentiment": 2, "topic": 3, "spam": 2}
 
 
@@ -23,7 +25,7 @@ def make_tokenizer(path):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     path.mkdir(parents=True, exist_ok=True)
     tok = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)  # (transformers 5 ignores a
-    assert len(tok) == len(vocab)                                                          # `vocab_file=` here)
+    assert len(tok) == len(vocab)  # `vocab_file=` here)
     tok.save_pretrained(str(path))
     return tok
 
@@ -31,9 +33,17 @@ def make_tokenizer(path):
 def tiny_config(num_labels=2):
     from transformers import BertConfig
 
-    return BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=64, num_labels=num_labels,
-                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertConfig(
+        vocab_size=len(WORDS) + 5,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
 
 
 def build_zoo(root, tasks=TASKS, scale=0.05, seed=0):
@@ -49,8 +59,10 @@ def build_zoo(root, tasks=TASKS, scale=0.05, seed=0):
         ft = BertForSequenceClassification(tiny_config(n))
         sd = {k: v for k, v in base.state_dict().items() if k.startswith("bert.")}
         g = torch.Generator().manual_seed(100 + i)
-        ft.load_state_dict({k: v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
-                            for k, v in sd.items()}, strict=False)
+        ft.load_state_dict(
+            {k: v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in sd.items()},
+            strict=False,
+        )
         ft.save_pretrained(str(root / task))
         tok.save_pretrained(str(root / task))
         paths[task] = str(root / task)
@@ -61,18 +73,40 @@ def tiny_llama(tied: bool = True):
     """A tiny random LlamaForCausalLM over :data:`WORDS`' vocabulary (``tied``: input and output embeddings shared)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig(vocab_size=len(WORDS) + 5, hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                        max_position_embeddings=64, tie_word_embeddings=tied, pad_token_id=0,
-                                        bos_token_id=2, eos_token_id=3))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(WORDS) + 5,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=tied,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+        )
+    )
 
 
 def tiny_t5():
     """A tiny random T5ForConditionalGeneration over :data:`WORDS`' vocabulary (decoder start = pad, as T5's)."""
     from transformers import T5Config, T5ForConditionalGeneration
 
-    return T5ForConditionalGeneration(T5Config(vocab_size=len(WORDS) + 5, d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                               num_heads=4, pad_token_id=0, eos_token_id=3, decoder_start_token_id=0))
+    return T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=len(WORDS) + 5,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            pad_token_id=0,
+            eos_token_id=3,
+            decoder_start_token_id=0,
+        )
+    )
 
 
 def save_lm_zoo(root, make_model, tasks):
@@ -88,8 +122,12 @@ def save_lm_zoo(root, make_model, tasks):
         g = torch.Generator().manual_seed(10 + i)
         ft = make_model()
         params = {n for n, _ in base.named_parameters(remove_duplicate=False)}
-        ft.load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=g) if k in params else v
-                            for k, v in base.state_dict().items()})
+        ft.load_state_dict(
+            {
+                k: v + 0.05 * torch.randn(v.shape, generator=g) if k in params else v
+                for k, v in base.state_dict().items()
+            }
+        )
         ft.save_pretrained(str(root / task))
         make_tokenizer(root / task)
         paths[task] = str(root / task)
@@ -111,8 +149,9 @@ def save_image_data(path, classnames, n=24, seed=0, splits=None):
     import datasets
 
     feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(classnames))})
-    ds = datasets.Dataset.from_dict({"image": image_rows(n, seed), "label": [i % len(classnames) for i in range(n)]},
-                                    features=feats)
+    ds = datasets.Dataset.from_dict(
+        {"image": image_rows(n, seed), "label": [i % len(classnames) for i in range(n)]}, features=feats
+    )
     (datasets.DatasetDict({s: ds for s in splits}) if splits else ds).save_to_disk(str(path))
     return str(path)
 
@@ -142,10 +181,20 @@ def build_clip_zoo(root, classes, splits=None, family="clip"):
     (base / "merges.txt").write_text("#version: 0.2\n")
     tok = CLIPTokenizer(str(base / "vocab.json"), str(base / "merges.txt"))
     eos = len(vocab) - 1
-    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                max_position_embeddings=40, eos_token_id=eos, bos_token_id=eos - 1, pad_token_id=eos)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                  patch_size=8)
+    text = dict(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=40,
+        eos_token_id=eos,
+        bos_token_id=eos - 1,
+        pad_token_id=eos,
+    )
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
     if family == "siglip":
         cfg = transformers.SiglipConfig(text_config=text, vision_config=vision)
         model_cls, vision_cls = transformers.SiglipModel, transformers.SiglipVisionModel
@@ -182,8 +231,14 @@ def text_rows(n, seed=0):
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(n)]
 
 
-BATCH_TEXTS = ["good movie great plot", "the film was awful", "who is the actor", "where is the city now",
-               "free prize call now", "hello friend meet lunch"]
+BATCH_TEXTS = [
+    "good movie great plot",
+    "the film was awful",
+    "who is the actor",
+    "where is the city now",
+    "free prize call now",
+    "hello friend meet lunch",
+]
 
 
 def mixed_batch(base: str, rotate: int = 0) -> dict:
@@ -224,8 +279,9 @@ def fit_coefficients(module, zoo, task_data, steps: int = 3):
     from adamerge.io.datasets import TaskData
     from adamerge.training.datamodule import UnlabeledDataModule
 
-    dm = UnlabeledDataModule({t: TaskData(p) for t, p in task_data.items()}, tokenizer=zoo[0],
-                             samples_per_task=4, max_length=16)
+    dm = UnlabeledDataModule(
+        {t: TaskData(p) for t, p in task_data.items()}, tokenizer=zoo[0], samples_per_task=4, max_length=16
+    )
     quick_fit(module, dm, steps)
     return module.merged.coefficients.weight.detach()
 
@@ -235,8 +291,14 @@ def quick_fit(module, datamodule, steps: int, seed: int = 0):
     import pytorch_lightning as pl
 
     pl.seed_everything(seed, verbose=False)
-    trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu")
+    trainer = pl.Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     trainer.fit(module, datamodule=datamodule)
     return trainer
 

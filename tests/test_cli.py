@@ -20,14 +20,21 @@ def fit_config(zoo, task_data, tmp_path, **model_args):
     base, paths = zoo
     return {
         "seed_everything": 0,
-        "model": {"class_path": "adamerge.methods.AdaMerging",
-                  "init_args": {"base": base, "models": paths, "granularity": "layer", **model_args}},
+        "model": {
+            "class_path": "adamerge.methods.AdaMerging",
+            "init_args": {"base": base, "models": paths, "granularity": "layer", **model_args},
+        },
         "data": {"tasks": {t: {"path": p} for t, p in task_data.items()}, "samples_per_task": 4, "max_length": 16},
-        "trainer": {"max_steps": 6, "accelerator": "cpu", "enable_progress_bar": False,
-                    "default_root_dir": str(tmp_path),
-                    "logger": {"class_path": "pytorch_lightning.loggers.WandbLogger",
-                               "init_args": {"offline": True, "project": "adamerge-test",
-                                             "save_dir": str(tmp_path / "wandb")}}},
+        "trainer": {
+            "max_steps": 6,
+            "accelerator": "cpu",
+            "enable_progress_bar": False,
+            "default_root_dir": str(tmp_path),
+            "logger": {
+                "class_path": "pytorch_lightning.loggers.WandbLogger",
+                "init_args": {"offline": True, "project": "adamerge-test", "save_dir": str(tmp_path / "wandb")},
+            },
+        },
         "export": {"output_dir": str(tmp_path / "merged")},
     }
 
@@ -39,7 +46,9 @@ def no_network(monkeypatch):
 
     def guarded(self, address):
         host = address[0] if isinstance(address, tuple) else address
-        if isinstance(host, str) and not (host.startswith("127.") or host in ("localhost", "::1") or host.startswith("/")):
+        if isinstance(host, str) and not (
+            host.startswith("127.") or host in ("localhost", "::1") or host.startswith("/")
+        ):
             raise AssertionError(f"network access attempted: {address}")
         return real(self, address)
 
@@ -51,8 +60,13 @@ def test_each_run_keeps_its_own_config_and_heatmap(zoo, task_data, tmp_path):
     run's max_steps) and coefficients.png; nothing lands in the shared save_dir."""
     for i, steps in enumerate((1, 2)):
         cfg = fit_config(zoo, task_data, tmp_path)
-        cfg["trainer"].update(max_steps=steps, logger={"class_path": "pytorch_lightning.loggers.CSVLogger",
-                                                       "init_args": {"save_dir": str(tmp_path / "logs")}})
+        cfg["trainer"].update(
+            max_steps=steps,
+            logger={
+                "class_path": "pytorch_lightning.loggers.CSVLogger",
+                "init_args": {"save_dir": str(tmp_path / "logs")},
+            },
+        )
         cfg["export"] = {"output_dir": str(tmp_path / f"merged{i}")}
         if i:
             cfg["model"]["init_args"]["batchnorm_statistics"] = "running"
@@ -111,16 +125,22 @@ def test_fit_refuses_existing_output_dir_before_training(zoo, task_data, tmp_pat
     assert list((tmp_path / "merged").iterdir()) == []
 
 
-@pytest.mark.parametrize("method,args", [
-    ("TaskArithmetic", {"scale": 0.3}),
-    ("Ties", {"prep": {"ties_density": 0.2}}),
-    ("Average", {}),
-    ("M3", {"alpha": 0.5, "seed": 3}),
-])
+@pytest.mark.parametrize(
+    "method,args",
+    [
+        ("TaskArithmetic", {"scale": 0.3}),
+        ("Ties", {"prep": {"ties_density": 0.2}}),
+        ("Average", {}),
+        ("M3", {"alpha": 0.5, "seed": 3}),
+    ],
+)
 def test_merge_command_exports_each_data_free_method(zoo, tmp_path, method, args):
     base, paths = zoo
-    cfg = {"model": {"class_path": f"adamerge.methods.{method}", "init_args": {"base": base, "models": paths, **args}},
-           "output_dir": str(tmp_path / "out"), "per_task_models": False}
+    cfg = {
+        "model": {"class_path": f"adamerge.methods.{method}", "init_args": {"base": base, "models": paths, **args}},
+        "output_dir": str(tmp_path / "out"),
+        "per_task_models": False,
+    }
     p = tmp_path / "merge.yaml"
     p.write_text(yaml.safe_dump(cfg))
     main(["merge", "--config", str(p)])
@@ -132,8 +152,10 @@ def test_merge_command_exports_each_data_free_method(zoo, tmp_path, method, args
 
 def test_evaluate_command_reports_accuracy(zoo, task_data, tmp_path, capsys):
     base, paths = zoo
-    cfg = {"model": {"class_path": "adamerge.methods.TaskArithmetic", "init_args": {"base": base, "models": paths}},
-           "output_dir": str(tmp_path / "out")}
+    cfg = {
+        "model": {"class_path": "adamerge.methods.TaskArithmetic", "init_args": {"base": base, "models": paths}},
+        "output_dir": str(tmp_path / "out"),
+    }
     p = tmp_path / "merge.yaml"
     p.write_text(yaml.safe_dump(cfg))
     main(["merge", "--config", str(p)])
@@ -152,10 +174,15 @@ def test_every_config_parses(path):
 
 def test_m3_best_of_k_by_entropy_records_draws_and_choice(zoo, task_data, tmp_path):
     base, paths = zoo
-    cfg = {"model": {"class_path": "adamerge.methods.M3",
-                     "init_args": {"base": base, "models": paths, "alpha": 0.5, "seed": 5, "candidates": 4}},
-           "data": {"tasks": {t: {"path": p} for t, p in task_data.items()}, "samples_per_task": 4, "max_length": 16},
-           "output_dir": str(tmp_path / "out"), "per_task_models": False}
+    cfg = {
+        "model": {
+            "class_path": "adamerge.methods.M3",
+            "init_args": {"base": base, "models": paths, "alpha": 0.5, "seed": 5, "candidates": 4},
+        },
+        "data": {"tasks": {t: {"path": p} for t, p in task_data.items()}, "samples_per_task": 4, "max_length": 16},
+        "output_dir": str(tmp_path / "out"),
+        "per_task_models": False,
+    }
     p = tmp_path / "m3.yaml"
     p.write_text(yaml.safe_dump(cfg))
     main(["merge", "--config", str(p)])
@@ -177,10 +204,10 @@ def test_fit_with_label_free_selection_exports_the_chosen_step(zoo, task_data, t
     """The guided config's shape through the command: KL objective, tuned heads, SelectStep on held-back rows."""
     cfg = fit_config(zoo, task_data, tmp_path, objective="kl", tune_heads=True, lr=0.05)
     cfg["trainer"]["logger"] = False
-    cfg["trainer"]["callbacks"] = [{"class_path": "adamerge.training.SelectStep",
-                                    "init_args": {"every_n_steps": 2, "criterion": "agreement"}},
-                                   {"class_path": "adamerge.training.LRSchedule",
-                                    "init_args": {"kind": "cosine", "warmup_steps": 1}}]
+    cfg["trainer"]["callbacks"] = [
+        {"class_path": "adamerge.training.SelectStep", "init_args": {"every_n_steps": 2, "criterion": "agreement"}},
+        {"class_path": "adamerge.training.LRSchedule", "init_args": {"kind": "cosine", "warmup_steps": 1}},
+    ]
     cfg["data"]["holdout"] = 8
     p = tmp_path / "fit.yaml"
     p.write_text(yaml.safe_dump(cfg))
@@ -190,8 +217,12 @@ def test_fit_with_label_free_selection_exports_the_chosen_step(zoo, task_data, t
     assert [h[0] for h in sel["history"]] == [0, 2, 4, 6]
     assert sel["selected_step"] == max(sel["history"], key=lambda h: h[1])[0]
     assert manifest["hparams"]["objective"]["name"] == "kl" and manifest["hparams"]["tune_heads"] is True
-    assert manifest["lr_schedule"] == {"kind": "cosine", "warmup_steps": 1, "final_fraction": 0.0,
-                                       "total_steps": cfg["trainer"]["max_steps"]}
+    assert manifest["lr_schedule"] == {
+        "kind": "cosine",
+        "warmup_steps": 1,
+        "final_fraction": 0.0,
+        "total_steps": cfg["trainer"]["max_steps"],
+    }
     exported = torch.tensor(manifest["coefficients"]["values"])
     assert torch.allclose(exported, cli.model.merged.coefficients.weight.detach())
 
@@ -201,14 +232,21 @@ def test_pick_chooses_the_export_with_the_best_selection_score(zoo, task_data, t
     recorded score is highest, copies it whole with a `pick` entry, and refuses exports whose scores are not
     comparable (another criterion, other held-back rows, no selection)."""
     outs = {}
-    for name, lr, extra in (("a", 0.001, {}), ("b", 0.2, {}), ("worst", 0.2, {"criterion": "worst_agreement"}),
-                            ("seed", 0.2, {"seed": 1})):
+    for name, lr, extra in (
+        ("a", 0.001, {}),
+        ("b", 0.2, {}),
+        ("worst", 0.2, {"criterion": "worst_agreement"}),
+        ("seed", 0.2, {"seed": 1}),
+    ):
         cfg = fit_config(zoo, task_data, tmp_path / name, objective="kl", lr=lr)
         cfg["trainer"]["max_steps"] = 4
         cfg["trainer"]["logger"] = False
-        cfg["trainer"]["callbacks"] = [{"class_path": "adamerge.training.SelectStep",
-                                        "init_args": {"every_n_steps": 2,
-                                                      "criterion": extra.get("criterion", "agreement")}}]
+        cfg["trainer"]["callbacks"] = [
+            {
+                "class_path": "adamerge.training.SelectStep",
+                "init_args": {"every_n_steps": 2, "criterion": extra.get("criterion", "agreement")},
+            }
+        ]
         cfg["data"]["holdout"] = 8
         cfg["data"]["seed"] = extra.get("seed", 0)
         (tmp_path / name).mkdir()
@@ -229,8 +267,11 @@ def test_pick_chooses_the_export_with_the_best_selection_score(zoo, task_data, t
     # scored the same (no trend)
     side = {} if scores["a"] == scores["b"] else {"lr": "largest" if winner == "b" else "smallest"}
     assert record["at_edge"] == side
-    assert (f"the chosen lr ({0.2 if winner == 'b' else 0.001}) is the {side['lr']}" in caplog.text) if side \
+    assert (
+        (f"the chosen lr ({0.2 if winner == 'b' else 0.001}) is the {side['lr']}" in caplog.text)
+        if side
         else "the chosen lr" not in caplog.text
+    )
     # a candidate that scored lower (its recorded score lowered by hand): the kept rate is now the edge of two
     # distinct scores, read from the manifests' hparams, recorded and warned about
     import shutil
@@ -270,8 +311,10 @@ def test_pick_chooses_the_export_with_the_best_selection_score(zoo, task_data, t
         pick([outs["a"], outs["b"]], into=outs["a"], overwrite=True)
     # an export without a recorded selection, or without the held-back rows it was scored on, is refused
 
-    for drop, message in (("selection", "records no label-free selection score"),
-                          ("data", "does not record which rows were held back")):
+    for drop, message in (
+        ("selection", "records no label-free selection score"),
+        ("data", "does not record which rows were held back"),
+    ):
         bare = tmp_path / f"no-{drop}"
         shutil.copytree(outs["a"], bare)
         manifest = json.loads((bare / "merge_manifest.json").read_text())
@@ -287,16 +330,35 @@ def test_sweep_trains_each_value_keeps_the_best_score_and_extends_past_a_kept_ed
     next value on the grid's log spacing (0.01, 0.1 -> 1.0 or 0.001) once (`--extend 1`); a second call trains
     nothing again; a config without SelectStep is refused before anything is trained."""
     cfg = fit_config(zoo, task_data, tmp_path, objective="kl")
-    cfg["trainer"].update(max_steps=4, logger=False, enable_checkpointing=False, callbacks=[
-        {"class_path": "adamerge.training.SelectStep", "init_args": {"every_n_steps": 2, "criterion": "agreement"}}])
+    cfg["trainer"].update(
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[
+            {"class_path": "adamerge.training.SelectStep", "init_args": {"every_n_steps": 2, "criterion": "agreement"}}
+        ],
+    )
     cfg["data"]["holdout"] = 8
     del cfg["export"]
     p = tmp_path / "fit.yaml"
     p.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "sweep"
     caplog.set_level("INFO")
-    main(["sweep", "--config", str(p), "--grid", "model.init_args.lr=0.01,0.1", "--out", str(out), "--extend", "1",
-          "--", "--trainer.max_steps=4"])
+    main(
+        [
+            "sweep",
+            "--config",
+            str(p),
+            "--grid",
+            "model.init_args.lr=0.01,0.1",
+            "--out",
+            str(out),
+            "--extend",
+            "1",
+            "--",
+            "--trainer.max_steps=4",
+        ]
+    )
     made = sorted(d.name for d in out.iterdir() if (d / "merge_manifest.json").is_file() and d.name != "best")
     manifests = {d: json.loads((out / d / "merge_manifest.json").read_text()) for d in made}
     for d, m in manifests.items():  # each process trained with its own value
@@ -314,19 +376,47 @@ def test_sweep_trains_each_value_keeps_the_best_score_and_extends_past_a_kept_ed
     winner = max(order, key=lambda d: (score[d], -order.index(d)))
     assert picked["pick"]["chosen"] == str(out / winner)
     assert picked["selection"] == manifests[winner]["selection"]
-    assert picked["pick"]["sweep"] == {"grid": {"model.init_args.lr": [float(d[3:]) for d in order]},
-                                       "extended": int(expect_extra is not None)}
+    assert picked["pick"]["sweep"] == {
+        "grid": {"model.init_args.lr": [float(d[3:]) for d in order]},
+        "extended": int(expect_extra is not None),
+    }
     before = {d: (out / d / "merge_manifest.json").stat().st_mtime_ns for d in made}
     caplog.clear()
-    main(["sweep", "--config", str(p), "--grid", "model.init_args.lr=0.01,0.1", "--out", str(out),
-          "--into", str(tmp_path / "again"), "--", "--trainer.max_steps=4"])
+    main(
+        [
+            "sweep",
+            "--config",
+            str(p),
+            "--grid",
+            "model.init_args.lr=0.01,0.1",
+            "--out",
+            str(out),
+            "--into",
+            str(tmp_path / "again"),
+            "--",
+            "--trainer.max_steps=4",
+        ]
+    )
     assert {d: (out / d / "merge_manifest.json").stat().st_mtime_ns for d in made} == before  # nothing retrained
     assert caplog.text.count("not trained again") == 2
     # the same --out with other fit arguments: its candidates are another sweep's, refused
     caplog.clear()
     with pytest.raises(SystemExit):
-        main(["sweep", "--config", str(p), "--grid", "model.init_args.lr=0.01,0.1", "--out", str(out),
-              "--into", str(tmp_path / "other"), "--", "--trainer.max_steps=2"])
+        main(
+            [
+                "sweep",
+                "--config",
+                str(p),
+                "--grid",
+                "model.init_args.lr=0.01,0.1",
+                "--out",
+                str(out),
+                "--into",
+                str(tmp_path / "other"),
+                "--",
+                "--trainer.max_steps=2",
+            ]
+        )
     assert "holds the candidates of another sweep" in caplog.text and not (tmp_path / "other").exists()
     # refused before training: no SelectStep, no held-back rows, a bad grid, --extend over two settings
     bare = dict(cfg, trainer={**cfg["trainer"], "callbacks": []})
@@ -334,15 +424,20 @@ def test_sweep_trains_each_value_keeps_the_best_score_and_extends_past_a_kept_ed
     unheld = dict(cfg, data={**cfg["data"], "holdout": 0})
     (tmp_path / "unheld.yaml").write_text(yaml.safe_dump(unheld))
     for config, grid, extra, message in (
-            ("bare.yaml", ["model.init_args.lr=0.01,0.1"], [], "without the SelectStep callback"),
-            ("unheld.yaml", ["model.init_args.lr=0.01,0.1"], [], "holds no rows back"),
-            ("fit.yaml", ["model.init_args.lr"], [], "expected KEY=V1,V2"),
-            ("fit.yaml", ["model.init_args.lr=0.01"], [], "one candidate"),
-            ("fit.yaml", ["model.init_args.lr=0.01,0.01"], [], "a value is repeated"),
-            ("missing.yaml", ["model.init_args.lr=0.01,0.1"], [], "is not a file"),
-            ("fit.yaml", ["model.init_args.lr=0.01,0.1", "optimizer.lr=0.1,1"], [], "end in the same name"),
-            ("fit.yaml", ["model.init_args.lr=0.01,0.1", "model.init_args.init=0.3,0.5"], ["--extend", "1"],
-             "follows one setting")):
+        ("bare.yaml", ["model.init_args.lr=0.01,0.1"], [], "without the SelectStep callback"),
+        ("unheld.yaml", ["model.init_args.lr=0.01,0.1"], [], "holds no rows back"),
+        ("fit.yaml", ["model.init_args.lr"], [], "expected KEY=V1,V2"),
+        ("fit.yaml", ["model.init_args.lr=0.01"], [], "one candidate"),
+        ("fit.yaml", ["model.init_args.lr=0.01,0.01"], [], "a value is repeated"),
+        ("missing.yaml", ["model.init_args.lr=0.01,0.1"], [], "is not a file"),
+        ("fit.yaml", ["model.init_args.lr=0.01,0.1", "optimizer.lr=0.1,1"], [], "end in the same name"),
+        (
+            "fit.yaml",
+            ["model.init_args.lr=0.01,0.1", "model.init_args.init=0.3,0.5"],
+            ["--extend", "1"],
+            "follows one setting",
+        ),
+    ):
         caplog.clear()
         args = ["sweep", "--config", str(tmp_path / config), "--out", str(tmp_path / "refused"), *extra]
         for g in grid:
@@ -368,10 +463,18 @@ def test_sweep_follows_a_kept_edge_until_the_score_turns(tmp_path, monkeypatch):
         lr = values["model.init_args.lr"]
         trained.append(lr)
         out.mkdir(parents=True)
-        (out / "merge_manifest.json").write_text(json.dumps({
-            "method": "adamerging", "base": {"sha256": "b"}, "sources": [{"task": "t", "sha256": "s"}],
-            "selection": {"criterion": "agreement", "selected_step": 10, "score": -abs(math.log10(lr))},
-            "data": {"tasks": ["t"], "seed": 0, "holdout": 8, "max_length": 16}, "hparams": {"lr": lr}}))
+        (out / "merge_manifest.json").write_text(
+            json.dumps(
+                {
+                    "method": "adamerging",
+                    "base": {"sha256": "b"},
+                    "sources": [{"task": "t", "sha256": "s"}],
+                    "selection": {"criterion": "agreement", "selected_step": 10, "score": -abs(math.log10(lr))},
+                    "data": {"tasks": ["t"], "seed": 0, "holdout": 8, "max_length": 16},
+                    "hparams": {"lr": lr},
+                }
+            )
+        )
         return out
 
     monkeypatch.setattr(sweep_module, "train", fake_train)
@@ -400,7 +503,9 @@ def test_sweep_extends_on_the_grids_own_spacing():
     assert next_value([100, 200], "largest") == 400 and next_value([1, 2], "smallest") == 0  # integers stay integers
     assert isinstance(next_value([100, 200], "largest"), int)
     assert parse_grid(["model.init_args.lr=1e-3,1e-2", "--model.init_args.objective=kl,pseudo_label"]) == {
-        "model.init_args.lr": [1e-3, 1e-2], "model.init_args.objective": ["kl", "pseudo_label"]}
+        "model.init_args.lr": [1e-3, 1e-2],
+        "model.init_args.objective": ["kl", "pseudo_label"],
+    }
 
 
 def test_pick_flags_a_chosen_value_at_the_edge_of_the_candidates():
@@ -408,9 +513,11 @@ def test_pick_flags_a_chosen_value_at_the_edge_of_the_candidates():
     or the smallest tried, not when candidates lie on both sides of it nor when another candidate ties its score."""
     from adamerge.pick import at_edge
 
-    grid = [{"lr": 3e-4, "init": 0.3, "objective": "kl", "clamp": True, "betas": [0.9, 0.999]},
-            {"lr": 1e-3, "init": 0.3, "objective": "pseudo_label", "clamp": False, "betas": [0.9, 0.99]},
-            {"lr": 1e-2, "init": 0.3, "objective": "kl", "clamp": True, "betas": [0.9, 0.999]}]
+    grid = [
+        {"lr": 3e-4, "init": 0.3, "objective": "kl", "clamp": True, "betas": [0.9, 0.999]},
+        {"lr": 1e-3, "init": 0.3, "objective": "pseudo_label", "clamp": False, "betas": [0.9, 0.99]},
+        {"lr": 1e-2, "init": 0.3, "objective": "kl", "clamp": True, "betas": [0.9, 0.999]},
+    ]
     assert at_edge(grid, 0) == {"lr": "smallest"}
     assert at_edge(grid, 1) == {}  # inside the grid; strings, booleans, lists and a fixed init do not count
     assert at_edge(grid, 2) == {"lr": "largest"}
@@ -462,18 +569,31 @@ def test_backbone_mode_train_switches_dropout_on_only_while_training(zoo, task_d
     base, paths = zoo
     for mode, expected in (("train", True), ("eval", False)):
         module = AdaMerging(base, paths)
-        dm = UnlabeledDataModule({t: TaskData(p) for t, p in task_data.items()}, tokenizer=base, samples_per_task=4,
-                                 max_length=16)
+        dm = UnlabeledDataModule(
+            {t: TaskData(p) for t, p in task_data.items()}, tokenizer=base, samples_per_task=4, max_length=16
+        )
         probe = Probe()
-        pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, accelerator="cpu",
-                   callbacks=[BackboneMode(mode), probe]).fit(module, datamodule=dm)
+        pl.Trainer(
+            max_steps=2,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            callbacks=[BackboneMode(mode), probe],
+        ).fit(module, datamodule=dm)
         assert probe.modes == [expected, expected]
         assert not any(m.training for m in module.merged.backbone.modules())
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"backbone_mode": "train", "model": {"class_path": "adamerge.methods.AdaMerging",
-                                                                      "init_args": {"base": base, "models": paths}},
-                                   "data": {"tasks": {t: {"path": p} for t, p in task_data.items()}}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "backbone_mode": "train",
+                "model": {"class_path": "adamerge.methods.AdaMerging", "init_args": {"base": base, "models": paths}},
+                "data": {"tasks": {t: {"path": p} for t, p in task_data.items()}},
+            }
+        )
+    )
     assert parse_only(cfg).backbone_mode == "train"
     cfg.write_text(cfg.read_text() + "batchnorm_statistics: mixed\n")
     with pytest.raises(SystemExit):  # not one of batch, running
@@ -483,8 +603,14 @@ def test_backbone_mode_train_switches_dropout_on_only_while_training(zoo, task_d
 def test_the_optimizer_is_configured_the_lightning_way(zoo, task_data, tmp_path):
     """``optimizer: {class_path, init_args}`` picks the optimizer class and its own arguments; the method's ``lr``
     is its learning rate. Reference: one SGD-with-momentum step on the logged gradient, by hand."""
-    cfg = fit_config(zoo, task_data, tmp_path, lr=0.05, objective="entropy",
-                     optimizer={"class_path": "torch.optim.SGD", "init_args": {"momentum": 0.9}})
+    cfg = fit_config(
+        zoo,
+        task_data,
+        tmp_path,
+        lr=0.05,
+        objective="entropy",
+        optimizer={"class_path": "torch.optim.SGD", "init_args": {"momentum": 0.9}},
+    )
     cfg["trainer"].update(max_steps=1, logger=False)
     p = tmp_path / "fit.yaml"
     p.write_text(yaml.safe_dump(cfg))

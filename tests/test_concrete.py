@@ -21,8 +21,9 @@ from adamerge.training.datamodule import UnlabeledDataModule
 
 @pytest.fixture(scope="module")
 def batch(zoo, task_data):
-    dm = UnlabeledDataModule({t: TaskData(p) for t, p in task_data.items()}, tokenizer=zoo[0], samples_per_task=4,
-                             max_length=16)
+    dm = UnlabeledDataModule(
+        {t: TaskData(p) for t, p in task_data.items()}, tokenizer=zoo[0], samples_per_task=4, max_length=16
+    )
     dm.setup()
     return dm.dataset[0]
 
@@ -102,8 +103,9 @@ def test_bf16_logits_halve_mask_memory(zoo):
 
 def test_concrete_adamerging_meta_then_adamerging_and_export(zoo, task_data, tmp_path):
     module = ConcreteAdaMerging(*zoo, granularity="layer", meta_steps=2, mask_lr=0.05, lr=0.01)
-    dm = UnlabeledDataModule({t: TaskData(p) for t, p in task_data.items()}, samples_per_task=4, max_length=16,
-                             tokenizer=zoo[0])
+    dm = UnlabeledDataModule(
+        {t: TaskData(p) for t, p in task_data.items()}, samples_per_task=4, max_length=16, tokenizer=zoo[0]
+    )
     quick_fit(module, dm, 4)
     logits = torch.cat([p.detach().flatten() for p in module.mask.parameters()])
     assert logits.abs().max() > 0  # phase 1 moved the mask
@@ -122,12 +124,15 @@ def test_concrete_with_trained_coefficients_exports_mask_times_coefficients(zoo,
     from transformers import AutoModel
 
     base, paths = zoo
-    module = ConcreteTaskArithmetic(base, paths, scale=0.3, coefficients="layer", export_mask="expected", lr=0.05,
-                                    mask=sharing)
+    module = ConcreteTaskArithmetic(
+        base, paths, scale=0.3, coefficients="layer", export_mask="expected", lr=0.05, mask=sharing
+    )
     assert {n for n, p in module.named_parameters() if p.requires_grad} == (
-        {"merged.coefficients.weight"} | {f"mask.{n}" for n, _ in module.mask.named_parameters()})
-    dm = UnlabeledDataModule({t: TaskData(p) for t, p in task_data.items()}, samples_per_task=4, max_length=16,
-                             tokenizer=base)
+        {"merged.coefficients.weight"} | {f"mask.{n}" for n, _ in module.mask.named_parameters()}
+    )
+    dm = UnlabeledDataModule(
+        {t: TaskData(p) for t, p in task_data.items()}, samples_per_task=4, max_length=16, tokenizer=base
+    )
     quick_fit(module, dm, 3)
     lam = module.merged.coefficients.weight.detach()
     names = module.merged.param_names
@@ -153,8 +158,9 @@ def test_concrete_with_trained_coefficients_exports_mask_times_coefficients(zoo,
             for i in range(len(fts)):
                 e = torch.sigmoid(s[i] if sharing == "task" else s)
                 ms[i] = e / e.mean()
-        want = theta0[name].double() + sum(float(lam[i, j]) * ms[i] * (ft[name].double() - theta0[name].double())
-                                           for i, ft in enumerate(fts))
+        want = theta0[name].double() + sum(
+            float(lam[i, j]) * ms[i] * (ft[name].double() - theta0[name].double()) for i, ft in enumerate(fts)
+        )
         assert (root[name].double() - want).abs().max() < 1e-5, name
     manifest = json.loads((out / "merge_manifest.json").read_text())
     assert manifest["hparams"]["coefficients"] == "layer" and manifest["coefficients"]["granularity"] == "layer"
@@ -206,7 +212,8 @@ def test_concrete_adamerging_halves_alternate_rows_within_each_task():
     assert outer["inputs"]["input_ids"].tolist() == [1, 3, 4, 6]
     assert (inner["sizes"], outer["sizes"]) == ([2, 1, 1], [2, 1, 1]) and inner["tasks"] == ["a", "b", "c"]
     # two ranks, each holding its contiguous half of a task's 4 rows: together the one-process halves
-    ranks = [_halves({"inputs": {"input_ids": torch.arange(r * 2, r * 2 + 2)}, "tasks": ["a"], "sizes": [2]})
-             for r in (0, 1)]
+    ranks = [
+        _halves({"inputs": {"input_ids": torch.arange(r * 2, r * 2 + 2)}, "tasks": ["a"], "sizes": [2]}) for r in (0, 1)
+    ]
     assert [i for r in ranks for i in r[0]["inputs"]["input_ids"].tolist()] == [0, 2]
     assert [i for r in ranks for i in r[1]["inputs"]["input_ids"].tolist()] == [1, 3]

@@ -41,8 +41,11 @@ def _text_data(path: Path, spec: dict, rows: int, seed: int) -> str:
 
     from adamerge.io.datasets import template_fields
 
-    columns = set(template_fields(spec["template"])) if spec.get("template") else \
-        {spec.get("text_column", "text"), *([spec["text_pair_column"]] if spec.get("text_pair_column") else [])}
+    columns = (
+        set(template_fields(spec["template"]))
+        if spec.get("template")
+        else {spec.get("text_column", "text"), *([spec["text_pair_column"]] if spec.get("text_pair_column") else [])}
+    )
     table = {c: text_rows(rows, seed=seed + i) for i, c in enumerate(sorted(columns))}
     table["label"] = [i % 2 for i in range(rows)]
     datasets.DatasetDict({s: datasets.Dataset.from_dict(table) for s in SPLITS}).save_to_disk(str(path))
@@ -64,8 +67,9 @@ def localise(cfg: dict, root: Path) -> tuple[dict, dict]:
     tasks = list(args["models"])
     kind = _kind(cfg)
     if kind == "clip":
-        zoo = build_clip_zoo(root / "zoo", {t: [f"{t}{j}" for j in range(2 + i % 3)] for i, t in enumerate(tasks)},
-                             splits=SPLITS)
+        zoo = build_clip_zoo(
+            root / "zoo", {t: [f"{t}{j}" for j in range(2 + i % 3)] for i, t in enumerate(tasks)}, splits=SPLITS
+        )
         base, models, images = zoo["base"], zoo["models"], zoo["data"]
         for t, head in (args.get("heads") or {}).items():
             if isinstance(head, dict) and "dataset" in head:
@@ -87,10 +91,12 @@ def localise(cfg: dict, root: Path) -> tuple[dict, dict]:
     for i, (t, spec) in enumerate((data.get("tasks") or {}).items()):
         spec["path"] = images[t] if spec.get("image_column") else _text_data(root / "data" / t, spec, 96, seed=i)
     if "trainer" in cfg:
-        cfg["trainer"].update(max_steps=STEPS, accelerator="cpu", devices=1, strategy="auto", logger=False,
-                              enable_progress_bar=False)
-        cfg["trainer"]["callbacks"] = [c for c in cfg["trainer"].get("callbacks") or []
-                                       if "ProgressBar" not in c["class_path"]]
+        cfg["trainer"].update(
+            max_steps=STEPS, accelerator="cpu", devices=1, strategy="auto", logger=False, enable_progress_bar=False
+        )
+        cfg["trainer"]["callbacks"] = [
+            c for c in cfg["trainer"].get("callbacks") or [] if "ProgressBar" not in c["class_path"]
+        ]
         cfg["export"] = {**(cfg.get("export") or {}), "output_dir": str(root / "out")}
     else:
         cfg["output_dir"] = str(root / "out")
@@ -102,9 +108,13 @@ def _prerequisite(cfg: dict, root: Path) -> None:
     args = cfg["model"]["init_args"]
     if "merged" not in args:
         return
-    merge = {"model": {"class_path": "adamerge.methods.TaskArithmetic",
-                       "init_args": {k: args[k] for k in ("base", "models", "task_type", "heads") if k in args}},
-             "output_dir": str(root / "first")}
+    merge = {
+        "model": {
+            "class_path": "adamerge.methods.TaskArithmetic",
+            "init_args": {k: args[k] for k in ("base", "models", "task_type", "heads") if k in args},
+        },
+        "output_dir": str(root / "first"),
+    }
     (root / "first.yaml").write_text(yaml.safe_dump(merge, sort_keys=False))
     main(["merge", "--config", str(root / "first.yaml")])
     args["merged"] = str(root / "first")
@@ -117,12 +127,16 @@ def _predict_inputs(served, kind: str, base: str):
         from tests.conftest import image_rows
 
         proc = AutoImageProcessor.from_pretrained(base)
-        return {"pixel_values": proc(images=[im.convert("RGB") for im in image_rows(3, 7)],
-                                     return_tensors="pt")["pixel_values"]}
+        return {
+            "pixel_values": proc(images=[im.convert("RGB") for im in image_rows(3, 7)], return_tensors="pt")[
+                "pixel_values"
+            ]
+        }
     from transformers import AutoTokenizer
 
-    enc = AutoTokenizer.from_pretrained(base)(["good movie great plot", "free prize call now", "who is the actor"],
-                                              padding=True, return_tensors="pt")
+    enc = AutoTokenizer.from_pretrained(base)(
+        ["good movie great plot", "free prize call now", "who is the actor"], padding=True, return_tensors="pt"
+    )
     return dict(enc)
 
 

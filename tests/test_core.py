@@ -77,7 +77,7 @@ def slow_reference_grad(pool, lam, inputs, tasks, sizes):
             for s in range(lam.shape[0]):
                 w = w + lam_t[s, p] * pool.task_vectors[name][s]
             params[name] = w
-        rows = {k: v[start:start + n] for k, v in inputs.items()}
+        rows = {k: v[start : start + n] for k, v in inputs.items()}
         feats = functional_call(pool.backbone, params, args=(), kwargs=rows)
         head = pool.heads[task]
         head.bert.features = feats
@@ -144,7 +144,7 @@ def test_export_loads_in_fresh_process_with_only_transformers(zoo, batch, tmp_pa
     script = textwrap.dedent(f"""
         import sys, torch
         from transformers import AutoModelForSequenceClassification, AutoModel
-        d = torch.load({str(tmp_path / 'expected.pt')!r})
+        d = torch.load({str(tmp_path / "expected.pt")!r})
         inputs, expected = d["inputs"], d["expected"]
         worst = 0.0
         for i, task in enumerate({tasks!r}):
@@ -197,8 +197,10 @@ def test_task_chunks_give_the_same_gradient(zoo, batch, objective):
 def test_task_chunks_train_like_one_batch(zoo, task_data):
     from conftest import fit_coefficients
 
-    results = [fit_coefficients(AdaMerging(*zoo, granularity="layer", lr=0.01, task_chunks=chunks), zoo, task_data)
-               for chunks in (1, 3)]
+    results = [
+        fit_coefficients(AdaMerging(*zoo, granularity="layer", lr=0.01, task_chunks=chunks), zoo, task_data)
+        for chunks in (1, 3)
+    ]
     assert (results[0] - 0.3).abs().max() > 1e-3
     torch.testing.assert_close(results[1], results[0], atol=1e-6, rtol=0)
 

@@ -24,13 +24,22 @@ def _config(zoo, task_data, out, devices):
     base, paths = zoo
     return {
         "seed_everything": 0,
-        "model": {"class_path": "adamerge.methods.AdaMerging",
-                  "init_args": {"base": base, "models": paths, "granularity": "layer"}},  # reference lr 1e-3
+        "model": {
+            "class_path": "adamerge.methods.AdaMerging",
+            "init_args": {"base": base, "models": paths, "granularity": "layer"},
+        },  # reference lr 1e-3
         "data": {"tasks": {t: {"path": p} for t, p in task_data.items()}, "samples_per_task": 4, "max_length": 16},
-        "trainer": {"max_steps": 4, "accelerator": "cpu", "devices": devices, "logger": False,
-                    "default_root_dir": str(out) + "_root",  # LightningCLI saves config.yaml there, not in the repo
-                    "enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False,
-                    **({"strategy": "ddp"} if devices > 1 else {})},
+        "trainer": {
+            "max_steps": 4,
+            "accelerator": "cpu",
+            "devices": devices,
+            "logger": False,
+            "default_root_dir": str(out) + "_root",  # LightningCLI saves config.yaml there, not in the repo
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "enable_checkpointing": False,
+            **({"strategy": "ddp"} if devices > 1 else {}),
+        },
         "export": {"output_dir": str(out), "per_task_models": False},
     }
 
@@ -38,9 +47,19 @@ def _config(zoo, task_data, out, devices):
 def _cli_fit(tmp_path, cfg, name):
     p = tmp_path / f"{name}.yaml"
     p.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29500 + os.getpid() % 1000)}
-    return subprocess.run([sys.executable, "-m", "adamerge", "fit", "--config", str(p)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+        "OMP_NUM_THREADS": "1",
+        "MASTER_PORT": str(29500 + os.getpid() % 1000),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "adamerge", "fit", "--config", str(p)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _fit(tmp_path, cfg, name):
@@ -70,14 +89,18 @@ def test_indivisible_share_is_a_clear_error():
     from adamerge.errors import MergeInputError
     from adamerge.training.datamodule import TaskStepDataset
 
-    with pytest.raises(MergeInputError, match=r"samples_per_task \(3\) must be divisible by the number of processes \(2\)"):
+    with pytest.raises(
+        MergeInputError, match=r"samples_per_task \(3\) must be divisible by the number of processes \(2\)"
+    ):
         TaskStepDataset({"a": [{"input_ids": [1]}]}, 3, 0, 0, 1, rank=0, world_size=2)
 
 
 def test_model_parallel_fsdp2_shards_task_vectors_and_matches_single_process(zoo, task_data, tmp_path, single):
     cfg = _config(zoo, task_data, tmp_path / "fsdp", 2)
-    cfg["trainer"]["strategy"] = {"class_path": "pytorch_lightning.strategies.ModelParallelStrategy",
-                                  "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}}
+    cfg["trainer"]["strategy"] = {
+        "class_path": "pytorch_lightning.strategies.ModelParallelStrategy",
+        "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1},
+    }
     cfg["trainer"]["callbacks"] = [{"class_path": "shard_probe.ShardProbe"}]
     cfg["trainer"]["default_root_dir"] = str(tmp_path / "fsdp_root")
     fsdp = _fit(tmp_path, cfg, "fsdp")
@@ -91,6 +114,7 @@ def test_model_parallel_fsdp2_shards_task_vectors_and_matches_single_process(zoo
 def test_sparse_storage_under_ddp_and_fsdp2_matches_dense_single_process(zoo, task_data, tmp_path):
     """AdaMerging++ with sparse task vectors: 2 DDP processes, and ModelParallelStrategy (sparse stores stay
     replicated, coefficients sharded), end where one process with dense storage does."""
+
     def cfg(name, devices, sparse):
         c = _config(zoo, task_data, tmp_path / name, devices)
         c["model"]["init_args"]["prep"] = {"ties_density": 0.2, "sparse_storage": sparse}
@@ -99,8 +123,10 @@ def test_sparse_storage_under_ddp_and_fsdp2_matches_dense_single_process(zoo, ta
     single = _fit(tmp_path, cfg("dense", 1, False), "dense")
     ddp = _fit(tmp_path, cfg("ddp_sparse", 2, True), "ddp_sparse")
     fsdp_cfg = cfg("fsdp_sparse", 2, True)
-    fsdp_cfg["trainer"]["strategy"] = {"class_path": "pytorch_lightning.strategies.ModelParallelStrategy",
-                                       "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}}
+    fsdp_cfg["trainer"]["strategy"] = {
+        "class_path": "pytorch_lightning.strategies.ModelParallelStrategy",
+        "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1},
+    }
     fsdp = _fit(tmp_path, fsdp_cfg, "fsdp_sparse")
     assert (single - 0.3).abs().max() > 2e-3
     assert (single - ddp).abs().max() < 1e-6, (single - ddp).abs().max()
@@ -114,10 +140,19 @@ def test_concrete_ddp_two_processes_match_single_process(zoo, task_data, tmp_pat
     half. Coefficients and the exported merged weights (mask folded in) end where one process's do."""
     from safetensors.torch import load_file
 
-    args = ({"coefficients": "layer", "scale": 0.3, "export_mask": "expected", "objective": "kl", "lr": 0.05}
-            if method == "ConcreteTaskArithmetic" else
-            {"granularity": "layer", "meta_steps": 2, "mask_lr": 0.05, "lr": 0.01, "export_mask": "expected",
-             "objective": "kl", "inner_lr": 30.0})
+    args = (
+        {"coefficients": "layer", "scale": 0.3, "export_mask": "expected", "objective": "kl", "lr": 0.05}
+        if method == "ConcreteTaskArithmetic"
+        else {
+            "granularity": "layer",
+            "meta_steps": 2,
+            "mask_lr": 0.05,
+            "lr": 0.01,
+            "export_mask": "expected",
+            "objective": "kl",
+            "inner_lr": 30.0,
+        }
+    )
 
     def cfg(name, devices):
         c = _config(zoo, task_data, tmp_path / name, devices)
@@ -139,8 +174,10 @@ def test_concrete_adamerging_refuses_plain_ddp_before_training(zoo, task_data, t
     """Plain DDP (no search for unused parameters) cannot train Concrete AdaMerging's phases, each of which leaves the
     other's tensors unused; the run stops with the strategy to use before any step and writes nothing."""
     c = _config(zoo, task_data, tmp_path / "out", 2)
-    c["model"] = {"class_path": "adamerge.methods.ConcreteAdaMerging",
-                  "init_args": {**c["model"]["init_args"], "meta_steps": 2}}
+    c["model"] = {
+        "class_path": "adamerge.methods.ConcreteAdaMerging",
+        "init_args": {**c["model"]["init_args"], "meta_steps": 2},
+    }
     res = _cli_fit(tmp_path, c, "out")
     assert res.returncode != 0
     assert "ConcreteAdaMerging trains the mask (meta_steps) and then the coefficients" in res.stderr, res.stderr[-4000:]
@@ -155,8 +192,10 @@ def test_wemoe_ddp_two_processes_match_single_process(zoo, task_data, tmp_path):
 
     def cfg(name, devices):
         c = _config(zoo, task_data, tmp_path / name, devices)
-        c["model"] = {"class_path": "adamerge.methods.WEMoE",
-                      "init_args": {"base": zoo[0], "models": zoo[1], "lr": 1e-3}}
+        c["model"] = {
+            "class_path": "adamerge.methods.WEMoE",
+            "init_args": {"base": zoo[0], "models": zoo[1], "lr": 1e-3},
+        }
         return c
 
     _fit(tmp_path, cfg("wsingle", 1), "wsingle")
@@ -181,17 +220,36 @@ def test_batchnorm_merge_under_ddp_matches_single_process(tmp_path):
     _, models, data = _mobilenet_zoo(tmp_path)
 
     def cfg(name, devices, statistics):
-        c = {"seed_everything": 0,
-             "model": {"class_path": "adamerge.methods.AdaMerging",
-                       "init_args": {"base": str(tmp_path / "base"), "models": models, "granularity": "task",
-                                     "task_type": "image_cls", "lr": 0.01, "batchnorm_statistics": statistics}},
-             "data": {"tasks": {t: {"path": p, "image_column": "image"} for t, p in data.items()},
-                      "samples_per_task": 8},
-             "trainer": {"max_steps": 2, "accelerator": "cpu", "devices": devices, "logger": False,
-                         "default_root_dir": str(tmp_path / f"{name}_root"), "enable_progress_bar": False,
-                         "enable_model_summary": False, "enable_checkpointing": False,
-                         **({"strategy": "ddp"} if devices > 1 else {})},
-             "export": {"output_dir": str(tmp_path / name), "per_task_models": False, "bn_batches": 2}}
+        c = {
+            "seed_everything": 0,
+            "model": {
+                "class_path": "adamerge.methods.AdaMerging",
+                "init_args": {
+                    "base": str(tmp_path / "base"),
+                    "models": models,
+                    "granularity": "task",
+                    "task_type": "image_cls",
+                    "lr": 0.01,
+                    "batchnorm_statistics": statistics,
+                },
+            },
+            "data": {
+                "tasks": {t: {"path": p, "image_column": "image"} for t, p in data.items()},
+                "samples_per_task": 8,
+            },
+            "trainer": {
+                "max_steps": 2,
+                "accelerator": "cpu",
+                "devices": devices,
+                "logger": False,
+                "default_root_dir": str(tmp_path / f"{name}_root"),
+                "enable_progress_bar": False,
+                "enable_model_summary": False,
+                "enable_checkpointing": False,
+                **({"strategy": "ddp"} if devices > 1 else {}),
+            },
+            "export": {"output_dir": str(tmp_path / name), "per_task_models": False, "bn_batches": 2},
+        }
         return c
 
     for statistics in ("batch", "task"):
@@ -228,8 +286,10 @@ def test_fsdp2_on_a_llama_shaped_causal_lm_matches_single_process(task_data, tmp
     single = _fit(tmp_path, cfg("lsingle", 1), "lsingle")
     c = cfg("lfsdp", 2)
     c["model"]["init_args"]["recompute"] = recompute
-    c["trainer"]["strategy"] = {"class_path": "pytorch_lightning.strategies.ModelParallelStrategy",
-                                "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}}
+    c["trainer"]["strategy"] = {
+        "class_path": "pytorch_lightning.strategies.ModelParallelStrategy",
+        "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1},
+    }
     c["trainer"]["callbacks"] = [{"class_path": "shard_probe.ShardProbe"}]
     c["trainer"]["default_root_dir"] = str(tmp_path / "lfsdp_root")
     fsdp = _fit(tmp_path, c, "lfsdp")

@@ -34,8 +34,12 @@ def serve_offsets(path, info, backbone, dtype):
     return OffsetHook({k.split("/")[0]: v.to(dtype) for k, v in tensors.items()})
 
 
-TOY_EXPORT = ExportExtension(key="toy_offsets", module=__name__, serve=serve_offsets,
-                             card=lambda info: f"This toy export shifts each pooled feature by {info['norm']:.2f}.\n")
+TOY_EXPORT = ExportExtension(
+    key="toy_offsets",
+    module=__name__,
+    serve=serve_offsets,
+    card=lambda info: f"This toy export shifts each pooled feature by {info['norm']:.2f}.\n",
+)
 
 
 class ToyOffsetMerge(MergeModule):

@@ -84,13 +84,11 @@ def test_merge_dense_group_matches_per_tensor_autograd(dtype):
 
 def test_ties_trim_elect_disjoint_mean_by_hand():
     # two tasks, one tensor of 5 elements; density 0.6 keeps the 3 largest magnitudes per task
-    tv = {"w": torch.tensor([[0.5, -0.1, 0.3, -0.9, 0.05],
-                             [-0.2, 0.4, 0.35, 0.8, 0.01]])}
+    tv = {"w": torch.tensor([[0.5, -0.1, 0.3, -0.9, 0.05], [-0.2, 0.4, 0.35, 0.8, 0.01]])}
     out = ties_trim_elect(tv, density=0.6, scope="global")["w"]
     # trimmed: task0 keeps 0.5, 0.3, -0.9 ; task1 keeps 0.4, 0.35, 0.8
     # elected sign per element of the trimmed sum: [+0.5, +0.4, +0.65, -0.1, 0] -> [+, +, +, -, 0]
-    expected = torch.tensor([[0.5, 0.0, 0.3, -0.9, 0.0],
-                             [0.0, 0.4, 0.35, 0.0, 0.0]])
+    expected = torch.tensor([[0.5, 0.0, 0.3, -0.9, 0.0], [0.0, 0.4, 0.35, 0.0, 0.0]])
     torch.testing.assert_close(out, expected)
     # disjoint mean: average over tasks that kept the entry
     torch.testing.assert_close(disjoint_mean(out), torch.tensor([0.5, 0.4, 0.325, -0.9, 0.0]))

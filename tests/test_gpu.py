@@ -15,8 +15,9 @@ from adamerge.methods import AdaMerging
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.mark.parametrize("tv_dtype, recompute", [(None, None), ("bfloat16", None), ("bfloat16", "activations"),
-                                                 ("bfloat16", "merge")])
+@pytest.mark.parametrize(
+    "tv_dtype, recompute", [(None, None), ("bfloat16", None), ("bfloat16", "activations"), ("bfloat16", "merge")]
+)
 @pytest.mark.parametrize("chunks", [1, 3])
 def test_gpu_fit_matches_cpu(zoo, tv_dtype, recompute, chunks):
     import pytorch_lightning as pl
@@ -34,10 +35,24 @@ def test_gpu_fit_matches_cpu(zoo, tv_dtype, recompute, chunks):
     for accelerator in ("cpu", "gpu"):
         devices: set = set()
         pl.seed_everything(0, verbose=False)
-        module = AdaMerging(*zoo, granularity="layer", lr=0.01, tv_dtype=tv_dtype, task_chunks=chunks,
-                            recompute=recompute if accelerator == "gpu" else None)  # the CPU run is the plain step
-        trainer = pl.Trainer(max_steps=3, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, callbacks=[WhereItRuns()])
+        module = AdaMerging(
+            *zoo,
+            granularity="layer",
+            lr=0.01,
+            tv_dtype=tv_dtype,
+            task_chunks=chunks,
+            recompute=recompute if accelerator == "gpu" else None,
+        )  # the CPU run is the plain step
+        trainer = pl.Trainer(
+            max_steps=3,
+            accelerator=accelerator,
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[WhereItRuns()],
+        )
         trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
         assert devices == ({("cuda", "cuda")} if accelerator == "gpu" else {("cpu", "cpu")})
         result[accelerator] = module.merged.coefficients.weight.detach().cpu()
@@ -59,10 +74,23 @@ def test_gpu_offloaded_task_vectors_stream_and_match_cpu(zoo, chunks):
     result = {}
     for accelerator in ("cpu", "gpu"):
         pl.seed_everything(0, verbose=False)
-        module = AdaMerging(*zoo, granularity="layer", lr=0.01, tv_dtype="bfloat16", task_chunks=chunks,
-                            prep=TaskVectorPrep(offload=accelerator == "gpu"))
-        trainer = pl.Trainer(max_steps=3, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False)
+        module = AdaMerging(
+            *zoo,
+            granularity="layer",
+            lr=0.01,
+            tv_dtype="bfloat16",
+            task_chunks=chunks,
+            prep=TaskVectorPrep(offload=accelerator == "gpu"),
+        )
+        trainer = pl.Trainer(
+            max_steps=3,
+            accelerator=accelerator,
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
         if accelerator == "gpu":
             merged = module.merged
@@ -85,8 +113,15 @@ def test_gpu_concrete_trains_and_exports_like_cpu(zoo):
     data = [mixed_batch(zoo[0], rotate=i) for i in range(3)]
     pl.seed_everything(0, verbose=False)
     module = ConcreteTaskArithmetic(*zoo, scale=0.3, lr=0.05, export_mask="continuous")
-    trainer = pl.Trainer(max_steps=3, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_steps=3,
+        accelerator="gpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
     logits = {n: p.detach().cpu() for n, p in module.mask.logits.items()}
     assert max(float(v.abs().max()) for v in logits.values()) > 1e-3  # it trained

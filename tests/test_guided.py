@@ -24,19 +24,29 @@ def batch(zoo):
 
 
 def datamodule(zoo, task_data, holdout=0):
-    return UnlabeledDataModule({t: TaskData(p) for t, p in task_data.items()}, tokenizer=zoo[0],
-                               samples_per_task=4, max_length=16, holdout=holdout)
+    return UnlabeledDataModule(
+        {t: TaskData(p) for t, p in task_data.items()},
+        tokenizer=zoo[0],
+        samples_per_task=4,
+        max_length=16,
+        holdout=holdout,
+    )
 
 
 @pytest.mark.parametrize("objective", ["infomax", "pseudo_label", "features"])
 def test_task_chunks_give_the_same_gradient_for_every_objective(zoo, batch, objective):
     grads = []
     for chunks in (1, 3):
-        module = AdaMerging(*zoo, granularity="layer", objective={"name": objective, "diversity_weight": 0.5},
-                            task_chunks=chunks)
+        module = AdaMerging(
+            *zoo, granularity="layer", objective={"name": objective, "diversity_weight": 0.5}, task_chunks=chunks
+        )
         torch.manual_seed(0)
         module.merged.coefficients.weight.data += 0.1 * torch.randn_like(module.merged.coefficients.weight)
-        loss = module.objective(batch)[0] if chunks == 1 else module.merged.chunked_surrogate(batch, module.loss_with, chunks)[0]
+        loss = (
+            module.objective(batch)[0]
+            if chunks == 1
+            else module.merged.chunked_surrogate(batch, module.loss_with, chunks)[0]
+        )
         loss.backward()
         grads.append(module.merged.coefficients.weight.grad.clone())
     assert grads[0].abs().max() > 1e-7
@@ -78,7 +88,7 @@ def test_tuned_heads_train_export_and_load_in_stock_transformers(zoo, task_data,
     assert json.loads((out / "merge_manifest.json").read_text())["hparams"]["tune_heads"] is True
     sizes = batch["sizes"]
     for i, task in enumerate(batch["tasks"]):
-        rows = {k: v[2 * i:2 * i + sizes[i]] for k, v in batch["inputs"].items()}
+        rows = {k: v[2 * i : 2 * i + sizes[i]] for k, v in batch["inputs"].items()}
         m = AutoModelForSequenceClassification.from_pretrained(str(out / "tasks" / task)).eval()
         with torch.no_grad():
             got, want = m(**rows).logits, module.predict(task, rows)
@@ -132,8 +142,15 @@ def _fit_selected(zoo, data, criterion="agreement", steps=6):
     module = AdaMerging(*zoo, granularity="layer", lr=0.2)
     record, select = Record(), SelectStep(every_n_steps=1, criterion=criterion)
     pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu", callbacks=[record, select])
+    trainer = pl.Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=[record, select],
+    )
     dm = datamodule(zoo, data, holdout=8)
     trainer.fit(module, datamodule=dm)
     return module, record, dm, select
@@ -160,7 +177,7 @@ def _agreement_by_hand(module, dm) -> dict[str, float]:
     for b in dm.holdout_batches():
         start = 0
         for task, size in zip(b["tasks"], b["sizes"]):
-            rows = {k: v[start:start + size] for k, v in b["inputs"].items()}
+            rows = {k: v[start : start + size] for k, v in b["inputs"].items()}
             start += size
             with torch.no_grad():
                 mine = module.predict(task, rows).argmax(-1)
@@ -217,8 +234,11 @@ def test_select_step_leaves_the_backbone_in_eval_mode(zoo, task_data):
 def test_select_step_refuses_an_unknown_criterion_when_built():
     from adamerge.training.callbacks import SelectStep
 
-    with pytest.raises(MergeInputError, match=r"criterion: unknown value 'worst'; allowed: agreement, "
-                                              r"worst_agreement, objective"):
+    with pytest.raises(
+        MergeInputError,
+        match=r"criterion: unknown value 'worst'; allowed: agreement, "
+        r"worst_agreement, objective",
+    ):
         SelectStep(criterion="worst")
 
 
@@ -227,8 +247,15 @@ def test_select_step_needs_held_back_rows(zoo, task_data):
 
     from adamerge.training.callbacks import SelectStep
 
-    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu", callbacks=[SelectStep()])
+    trainer = pl.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=[SelectStep()],
+    )
     with pytest.raises(MergeInputError, match="holdout"):
         trainer.fit(AdaMerging(*zoo), datamodule=datamodule(zoo, task_data))
 
@@ -275,8 +302,9 @@ def test_frozen_head_zoo_keeps_the_probe_bit_identical(tmp_path):
     texts = text_rows(64, seed=5)
     labels = [int("good" in t or "great" in t or "love" in t) for t in texts]
     features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["n", "p"])})
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)}
-                         ).save_to_disk(str(tmp_path / "data" / "toy"))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)}
+    ).save_to_disk(str(tmp_path / "data" / "toy"))
     path = finetune("toy", tmp_path / "data", zoo, epochs=1, batch_size=16, lr=1e-3, max_length=16, head="frozen")
     assert path == zoo / "frozen-head" / "toy"
     probe = load_file(str(path / "lp_head.safetensors"))
@@ -289,8 +317,10 @@ def test_frozen_head_zoo_keeps_the_probe_bit_identical(tmp_path):
     share = sum(labels) / len(labels)
     constant = -(share * math.log(share) + (1 - share) * math.log(1 - share))  # CE of the best constant predictor
     assert info["head"] == "frozen" and info["linear_probe"]["train_loss"] < constant - 0.01
-    moved = max(float((a - b).abs().max()) for (n, a), (_, b) in
-                zip(tuned.bert.named_parameters(), base.bert.named_parameters()))
+    moved = max(
+        float((a - b).abs().max())
+        for (n, a), (_, b) in zip(tuned.bert.named_parameters(), base.bert.named_parameters())
+    )
     assert moved > 1e-4
 
 
@@ -328,8 +358,15 @@ def test_select_step_warns_when_its_experts_are_processed_vectors(zoo, task_data
     for objective, warned in (("entropy", True), ("kl", False)):
         caplog.clear()
         module = AdaMerging(*zoo, objective=objective, prep=TaskVectorPrep(ties_density=0.2))
-        trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                             enable_model_summary=False, accelerator="cpu", callbacks=[SelectStep()])
+        trainer = pl.Trainer(
+            max_steps=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            callbacks=[SelectStep()],
+        )
         with caplog.at_level("WARNING", logger="adamerge.training.callbacks"):
             trainer.fit(module, datamodule=datamodule(zoo, task_data, holdout=8))
         assert any("processed task vectors" in r.getMessage() for r in caplog.records) is warned

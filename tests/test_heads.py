@@ -30,8 +30,10 @@ def by_hand_logits(zoo, task: str, lam: float, rows) -> torch.Tensor:
     base_path, paths = zoo
     base = AutoModelForSequenceClassification.from_pretrained(base_path).bert.state_dict()
     fts = {t: AutoModelForSequenceClassification.from_pretrained(p) for t, p in paths.items()}
-    merged = {k: v + lam * sum(ft.bert.state_dict()[k] - v for ft in fts.values()) if v.is_floating_point() else v
-              for k, v in base.items()}
+    merged = {
+        k: v + lam * sum(ft.bert.state_dict()[k] - v for ft in fts.values()) if v.is_floating_point() else v
+        for k, v in base.items()
+    }
     encoder = BertModel(fts[task].config, add_pooling_layer=False).eval()
     encoder.load_state_dict({k: v for k, v in merged.items() if not k.startswith("pooler.")}, strict=False)
     ft = fts[task].eval()
@@ -75,8 +77,9 @@ def test_pooler_heads_export_stock_task_models_with_their_own_pooler(zoo, rows, 
         stock = AutoModelForSequenceClassification.from_pretrained(str(out / "tasks" / task)).eval()
         assert torch.equal(stock.bert.pooler.dense.weight, ft.bert.pooler.dense.weight)
         assert not torch.equal(stock.bert.pooler.dense.weight, root.pooler.dense.weight)
-        assert torch.equal(stock.bert.encoder.layer[0].attention.self.query.weight,
-                           root.encoder.layer[0].attention.self.query.weight)
+        assert torch.equal(
+            stock.bert.encoder.layer[0].attention.self.query.weight, root.encoder.layer[0].attention.self.query.weight
+        )
         with torch.no_grad():
             want = by_hand_logits(zoo, task, 0.3, rows)
             assert (stock(**rows).logits - want).abs().max() < 1e-5
@@ -95,8 +98,9 @@ def test_tuned_pooler_heads_train_and_export(zoo, task_data, rows, tmp_path):
     module = AdaMerging(*zoo, granularity="layer", objective="kl", tune_heads=True, lr=0.05, heads=POOLER)
     before = {t: h.bert.pooler.dense.weight.detach().clone() for t, h in module.merged.heads.items()}
     assert any(".bert.pooler." in k for k in module.trainable_state_keys())
-    dm = UnlabeledDataModule({t: TaskData(p) for t, p in task_data.items()}, tokenizer=zoo[0], samples_per_task=4,
-                             max_length=16)
+    dm = UnlabeledDataModule(
+        {t: TaskData(p) for t, p in task_data.items()}, tokenizer=zoo[0], samples_per_task=4, max_length=16
+    )
     quick_fit(module, dm, 3)
     out = module.export(tmp_path / "merged")
     for task, h in module.merged.heads.items():
@@ -112,8 +116,10 @@ def test_lora_pooler_heads_hold_the_adapters_merged_pooler(zoo, tmp_path):
     from test_lora import make_adapter, peft_merged
 
     base = zoo[0]
-    adapters = {"sentiment": make_adapter(base, tmp_path / "a", 2, seed=0, targets=("query", "dense")),
-                "topic": make_adapter(base, tmp_path / "b", 3, seed=1, targets=("query",))}
+    adapters = {
+        "sentiment": make_adapter(base, tmp_path / "a", 2, seed=0, targets=("query", "dense")),
+        "topic": make_adapter(base, tmp_path / "b", 3, seed=1, targets=("query",)),
+    }
     module = TaskArithmetic(base, adapters, heads=POOLER)
     for (task, path), n in zip(adapters.items(), (2, 3)):
         want = peft_merged(base, path, n).bert.pooler.dense.weight  # peft's own merge_and_unload
@@ -140,8 +146,14 @@ def test_pooler_heads_refuse_bad_options_and_models_without_a_pooler(zoo, tmp_pa
 
     with pytest.raises(MergeInputError, match="unknown option"):
         TaskArithmetic(*zoo, heads={"pooler": True, "classnames": ["a"]})
-    cfg = RobertaConfig(vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
+    cfg = RobertaConfig(
+        vocab_size=60,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     for name in ("base", "ft"):
         RobertaForSequenceClassification(cfg).save_pretrained(str(tmp_path / name))
         make_tokenizer(tmp_path / name)

@@ -91,8 +91,11 @@ def test_bfloat16_export_stores_bfloat16_and_says_so(ta, tmp_path):
 
 
 def test_export_options_are_checked_before_writing(ta, tmp_path):
-    for bad, word in (({"dtype": "float8"}, "dtype"), ({"max_shard_size": "lots"}, "max_shard_size"),
-                      ({"max_shard_size": "0KB"}, "max_shard_size")):
+    for bad, word in (
+        ({"dtype": "float8"}, "dtype"),
+        ({"max_shard_size": "lots"}, "max_shard_size"),
+        ({"max_shard_size": "0KB"}, "max_shard_size"),
+    ):
         with pytest.raises(MergeInputError, match=word):
             ta.export(tmp_path / "x", **bad)
         assert not (tmp_path / "x").exists()
@@ -101,9 +104,15 @@ def test_export_options_are_checked_before_writing(ta, tmp_path):
 def test_streaming_writer_matches_safetensors_reader(tmp_path):
     from adamerge.io.safetensors import parse_size, write_safetensors
 
-    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.arange(6).view(2, 3),
-               "d": torch.tensor(2.5), "e": torch.zeros(0, 4), "f": torch.tensor([True, False, True]),
-               "g": torch.randn(2, 2).half()}
+    tensors = {
+        "a": torch.randn(3, 5),
+        "b": torch.randn(7).to(torch.bfloat16),
+        "c": torch.arange(6).view(2, 3),
+        "d": torch.tensor(2.5),
+        "e": torch.zeros(0, 4),
+        "f": torch.tensor([True, False, True]),
+        "g": torch.randn(2, 2).half(),
+    }
     entries = [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
     seen = []
     write_safetensors(tmp_path / "x.safetensors", entries, lambda k: seen.append(k) or tensors[k])
@@ -112,9 +121,13 @@ def test_streaming_writer_matches_safetensors_reader(tmp_path):
     assert set(back) == set(tensors) and all(torch.equal(back[k], v) for k, v in tensors.items())
     raw = (tmp_path / "x.safetensors").read_bytes()
     header_len = struct.unpack("<Q", raw[:8])[0]
-    assert header_len % 8 == 0 and json.loads(raw[8:8 + header_len])["__metadata__"] == {"format": "pt"}
-    assert (parse_size("5GB"), parse_size("100KB"), parse_size("2MiB"), parse_size(1234)) == \
-        (5 * 10**9, 100_000, 2 * 2**20, 1234)
+    assert header_len % 8 == 0 and json.loads(raw[8 : 8 + header_len])["__metadata__"] == {"format": "pt"}
+    assert (parse_size("5GB"), parse_size("100KB"), parse_size("2MiB"), parse_size(1234)) == (
+        5 * 10**9,
+        100_000,
+        2 * 2**20,
+        1234,
+    )
 
 
 def test_lazy_merge_merges_each_block_once_and_equals_the_full_merge(zoo, monkeypatch):
@@ -136,8 +149,11 @@ def test_lazy_merge_merges_each_block_once_and_equals_the_full_merge(zoo, monkey
 def test_model_card_front_matter_sources_and_coefficients(zoo, tmp_path):
     module = AdaMerging(*zoo, granularity="layer")
     with torch.no_grad():
-        module.merged.coefficients.weight.copy_(torch.linspace(0.1, 0.9, module.merged.coefficients.weight.numel())
-                                                .view_as(module.merged.coefficients.weight))
+        module.merged.coefficients.weight.copy_(
+            torch.linspace(0.1, 0.9, module.merged.coefficients.weight.numel()).view_as(
+                module.merged.coefficients.weight
+            )
+        )
     out = module.export(tmp_path / "m", per_task_models=False)
     text = (out / "README.md").read_text()
     assert text.startswith("---\n")
@@ -182,9 +198,15 @@ def test_merge_command_writes_card_with_its_config_and_shards(zoo, tmp_path):
     from adamerge.cli.main import main
 
     base, paths = zoo
-    cfg = {"model": {"class_path": "adamerge.methods.TaskArithmetic",
-                     "init_args": {"base": base, "models": paths, "scale": 0.4}},
-           "output_dir": str(tmp_path / "out"), "max_shard_size": "30KB", "dtype": "float16"}
+    cfg = {
+        "model": {
+            "class_path": "adamerge.methods.TaskArithmetic",
+            "init_args": {"base": base, "models": paths, "scale": 0.4},
+        },
+        "output_dir": str(tmp_path / "out"),
+        "max_shard_size": "30KB",
+        "dtype": "float16",
+    }
     (tmp_path / "merge.yaml").write_text(yaml.safe_dump(cfg))
     main(["merge", "--config", str(tmp_path / "merge.yaml")])
     out = tmp_path / "out"
@@ -294,9 +316,13 @@ def test_merge_command_says_so_in_one_line(zoo, tmp_path, caplog):
 
     base, paths = zoo
     other, _ = _other_tokenizer(tmp_path, base, paths)
-    cfg = {"model": {"class_path": "adamerge.methods.TaskArithmetic",
-                     "init_args": {"base": base, "models": {"spam": paths["spam"], "other": other}}},
-           "output_dir": str(tmp_path / "out")}
+    cfg = {
+        "model": {
+            "class_path": "adamerge.methods.TaskArithmetic",
+            "init_args": {"base": base, "models": {"spam": paths["spam"], "other": other}},
+        },
+        "output_dir": str(tmp_path / "out"),
+    }
     (tmp_path / "merge.yaml").write_text(yaml.safe_dump(cfg))
     caplog.set_level(logging.ERROR)
     with pytest.raises(SystemExit) as e:
@@ -354,8 +380,7 @@ def hub(monkeypatch):
 
 
 def test_push_to_hub_uploads_the_finished_folder_once(ta, tmp_path, hub):
-    out = ta.export(tmp_path / "m", per_task_models=False, push_to_hub="me/merged", hub_private=True,
-                    hub_revision="v1")
+    out = ta.export(tmp_path / "m", per_task_models=False, push_to_hub="me/merged", hub_private=True, hub_revision="v1")
     kinds = [c[0] for c in hub.calls]
     assert kinds == ["create_repo", "create_branch", "upload_folder"]
     assert hub.calls[0][1] == "me/merged" and hub.calls[0][2]["private"] is True
@@ -381,8 +406,12 @@ def test_merge_command_push_failure_is_one_line_exit_2(zoo, tmp_path, hub, capsy
 
     hub.fail = True
     base, paths = zoo
-    cfg = {"model": {"class_path": "adamerge.methods.TaskArithmetic", "init_args": {"base": base, "models": paths}},
-           "output_dir": str(tmp_path / "out"), "per_task_models": False, "push_to_hub": "me/merged"}
+    cfg = {
+        "model": {"class_path": "adamerge.methods.TaskArithmetic", "init_args": {"base": base, "models": paths}},
+        "output_dir": str(tmp_path / "out"),
+        "per_task_models": False,
+        "push_to_hub": "me/merged",
+    }
     (tmp_path / "merge.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(SystemExit) as e:
         main(["merge", "--config", str(tmp_path / "merge.yaml")])
@@ -400,8 +429,9 @@ def test_load_merged_refuses_a_root_tensor_its_backbone_has_no_place_for(ta, tmp
     out = ta.export(tmp_path / "merged")
     before = load_merged(out).predict("sentiment", input_ids=torch.tensor([[2, 5, 6, 3]]))
     weights = load_file(str(out / "model.safetensors"))
-    save_file({**weights, "encoder.stray.weight": torch.zeros(2)}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {**weights, "encoder.stray.weight": torch.zeros(2)}, str(out / "model.safetensors"), metadata={"format": "pt"}
+    )
     with pytest.raises(MergeInputError, match=r"encoder\.stray\.weight"):
         load_merged(out)
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -21,9 +21,13 @@ def make_adapter(base_dir, path, num_labels, seed, r=4, targets=("query", "value
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels, ignore_mismatched_sizes=True)
-    peft_model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r,
-                                                  target_modules=list(targets), init_lora_weights=False))
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base_dir, num_labels=num_labels, ignore_mismatched_sizes=True
+    )
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights=False),
+    )
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
             if "classifier" in n and p.requires_grad:
@@ -36,14 +40,17 @@ def make_adapter(base_dir, path, num_labels, seed, r=4, targets=("query", "value
 def adapters(zoo, tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
     base = zoo[0]
-    return base, {t: make_adapter(base, root / t, n, seed=i, targets=("query", "value") if i == 0 else ("query", "key"))
-                  for i, (t, n) in enumerate(TASKS.items())}
+    return base, {
+        t: make_adapter(base, root / t, n, seed=i, targets=("query", "value") if i == 0 else ("query", "key"))
+        for i, (t, n) in enumerate(TASKS.items())
+    }
 
 
 @pytest.fixture(scope="module")
 def batch(zoo, task_data):
-    dm = UnlabeledDataModule({t: TaskData(task_data[t]) for t in TASKS}, tokenizer=zoo[0], samples_per_task=4,
-                             max_length=16)
+    dm = UnlabeledDataModule(
+        {t: TaskData(task_data[t]) for t in TASKS}, tokenizer=zoo[0], samples_per_task=4, max_length=16
+    )
     dm.setup()
     return dm.dataset[0]
 
@@ -52,7 +59,9 @@ def peft_merged(base, adapter, num_labels):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=num_labels, ignore_mismatched_sizes=True)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base, num_labels=num_labels, ignore_mismatched_sizes=True
+    )
     return PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
 
 
@@ -75,7 +84,7 @@ def test_lora_task_vectors_stay_low_rank_and_one_hot_equals_merge_and_unload(ada
     assert B.shape == (2, 32, 4) and A.shape == (2, 4, 32) and not B[1].any()
     for i, (task, n) in enumerate(TASKS.items()):
         ref = peft_merged(base, paths[task], n)
-        rows = {k: v[4 * i:4 * i + 4] for k, v in batch["inputs"].items()}
+        rows = {k: v[4 * i : 4 * i + 4] for k, v in batch["inputs"].items()}
         with torch.no_grad():
             expected = ref(**rows).logits
             got = merged(batch["inputs"], batch["tasks"], batch["sizes"], coefficients=merged.one_hot(task))[task]
@@ -92,7 +101,7 @@ def test_lora_merge_exports_full_model_and_peft_adapters(adapters, batch, tmp_pa
         expected = module.merged(batch["inputs"], batch["tasks"], batch["sizes"])
     module.export(tmp_path / "out", lora_adapters=True)
     for i, (task, n) in enumerate(TASKS.items()):
-        rows = {k: v[4 * i:4 * i + 4] for k, v in batch["inputs"].items()}
+        rows = {k: v[4 * i : 4 * i + 4] for k, v in batch["inputs"].items()}
         full = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "out" / "tasks" / task)).eval()
         model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=n, ignore_mismatched_sizes=True)
         adapter = PeftModel.from_pretrained(model, str(tmp_path / "out" / "adapters" / task)).eval()
@@ -162,19 +171,35 @@ def test_adapter_heads_keep_the_bases_modules_peft_did_not_save(tmp_path):
     from adamerge.errors import MergeInputError
     from tests.conftest import WORDS, save_lm_zoo
 
-    config = DebertaV2Config(vocab_size=len(WORDS) + 5, pad_token_id=0, hidden_size=32, num_hidden_layers=2,
-                             num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+    config = DebertaV2Config(
+        vocab_size=len(WORDS) + 5,
+        pad_token_id=0,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     base, _ = save_lm_zoo(tmp_path, lambda: AutoModelForSequenceClassification.from_config(config), ())
-    paths = random_adapters(base, tmp_path, AutoModelForSequenceClassification, task_type="SEQ_CLS",
-                            target_modules=["query_proj", "value_proj"])
+    paths = random_adapters(
+        base,
+        tmp_path,
+        AutoModelForSequenceClassification,
+        task_type="SEQ_CLS",
+        target_modules=["query_proj", "value_proj"],
+    )
     saved = load_file(str(Path(paths["a"]) / "adapter_model.safetensors"))
     assert any("classifier" in k for k in saved) and not any("pooler" in k for k in saved)
     module = TaskArithmetic(base, paths, scale=1.0)
-    x = dict(AutoTokenizer.from_pretrained(base)(["good movie great plot", "free prize"], return_tensors="pt",
-                                                 padding=True))
+    x = dict(
+        AutoTokenizer.from_pretrained(base)(["good movie great plot", "free prize"], return_tensors="pt", padding=True)
+    )
     for task in paths:
-        ref = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base),
-                                        paths[task]).merge_and_unload().eval()
+        ref = (
+            PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base), paths[task])
+            .merge_and_unload()
+            .eval()
+        )
         with torch.no_grad():
             got = module.predict(task, x, module.merged.merged_params(module.merged.one_hot(task)))
             torch.testing.assert_close(got, ref(**x).logits, atol=1e-5, rtol=1e-5)
@@ -199,9 +224,13 @@ def test_seq2seq_lora_adapters_merge_as_peft_does_and_export_as_adapters(tmp_pat
 
     base, _ = save_lm_zoo(tmp_path, tiny_t5, ())
     paths = random_adapters(base, tmp_path, AutoModelForSeq2SeqLM, task_type="SEQ_2_SEQ_LM", target_modules=["q", "v"])
-    x = {k: v for k, v in AutoTokenizer.from_pretrained(base)(["good movie great plot", "free prize"],
-                                                               return_tensors="pt", padding=True).items()
-         if k in ("input_ids", "attention_mask")}
+    x = {
+        k: v
+        for k, v in AutoTokenizer.from_pretrained(base)(
+            ["good movie great plot", "free prize"], return_tensors="pt", padding=True
+        ).items()
+        if k in ("input_ids", "attention_mask")
+    }
     xs = {**x, "decoder_input_ids": torch.zeros(2, 1, dtype=torch.long)}
     module = TaskArithmetic(base, paths, scale=0.6, task_type="seq2seq_lm").eval()
     assert module.merged.task_vectors() == {}  # low-rank only
@@ -216,8 +245,9 @@ def test_seq2seq_lora_adapters_merge_as_peft_does_and_export_as_adapters(tmp_pat
         full = AutoModelForSeq2SeqLM.from_pretrained(str(out)).eval()
         torch.testing.assert_close(full(**xs).logits, expected, atol=1e-5, rtol=1e-5)
         for task in paths:
-            adapter = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(base),
-                                                str(out / "adapters" / task)).eval()
+            adapter = PeftModel.from_pretrained(
+                AutoModelForSeq2SeqLM.from_pretrained(base), str(out / "adapters" / task)
+            ).eval()
             torch.testing.assert_close(adapter(**xs).logits, expected, atol=1e-5, rtol=1e-5)
 
     # evaluate: the first output token among the answers' first tokens, against the stock model one row at a time,
@@ -232,8 +262,14 @@ def test_seq2seq_lora_adapters_merge_as_peft_does_and_export_as_adapters(tmp_pat
     for checkpoint in (out, base):
         stock = AutoModelForSeq2SeqLM.from_pretrained(str(checkpoint)).eval()
         with torch.no_grad():
-            preds = [int(stock(**tok(x, return_tensors="pt"), decoder_input_ids=torch.zeros(1, 1, dtype=torch.long)
-                               ).logits[0, 0, ids].argmax()) for x in texts]
+            preds = [
+                int(
+                    stock(**tok(x, return_tensors="pt"), decoder_input_ids=torch.zeros(1, 1, dtype=torch.long))
+                    .logits[0, 0, ids]
+                    .argmax()
+                )
+                for x in texts
+            ]
         got = evaluate_checkpoint(str(checkpoint), {"a": {"path": str(data), "answers": ["good", "bad"]}})["a"]
         assert got["predicted"] == [preds.count(0), preds.count(1)]
         assert got["accuracy"] == pytest.approx(sum(p == i % 2 for i, p in enumerate(preds)) / len(texts))

@@ -53,8 +53,15 @@ class _StopAt(pl.Callback):
 
 
 def _trainer(steps, callbacks, **kw):
-    return pl.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      accelerator="cpu", callbacks=callbacks, **kw)
+    return pl.Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=callbacks,
+        **kw,
+    )
 
 
 def test_sgd_takes_the_scheduled_steps_and_a_resumed_run_continues_them(tmp_path):
@@ -91,8 +98,9 @@ def _fit(module, zoo, task_data, steps, callbacks):
     from adamerge.io.datasets import TaskData
     from adamerge.training.datamodule import UnlabeledDataModule
 
-    dm = UnlabeledDataModule({t: TaskData(p) for t, p in task_data.items()}, tokenizer=zoo[0],
-                             samples_per_task=4, max_length=16)
+    dm = UnlabeledDataModule(
+        {t: TaskData(p) for t, p in task_data.items()}, tokenizer=zoo[0], samples_per_task=4, max_length=16
+    )
     pl.seed_everything(0, verbose=False)
     _trainer(steps, callbacks, enable_checkpointing=False).fit(module, datamodule=dm)
 

@@ -55,7 +55,9 @@ def test_embedding_rows_merge_like_whole_tables_and_the_by_hand_reference(zoo, b
     torch.manual_seed(0)
     lam0 = 0.3 + 0.1 * torch.randn(3, len(bert.param_names))
     merged = MergedModel(bert, Coefficients(3, len(bert.param_names), "layer", lam0))
-    assert set(merged.lookup_tables) == {f"embeddings.{k}_embeddings.weight" for k in ("word", "position", "token_type")}
+    assert set(merged.lookup_tables) == {
+        f"embeddings.{k}_embeddings.weight" for k in ("word", "position", "token_type")
+    }
     params = merged.merged_params(lookup=True)
     assert all(isinstance(params[n], LookupWeight) for n in merged.lookup_tables)
     rows_logits, rows_grad = logits_and_grad(merged, inputs, tasks, sizes)
@@ -81,8 +83,8 @@ def test_a_lookup_table_used_otherwise_is_merged_whole():
     ref_lam = lam.detach().clone().requires_grad_(True)
     ref = x @ (base + (ref_lam[:, None, None] * stack).sum(0)).T
     torch.testing.assert_close(y, ref)
-    (y ** 2).sum().backward()
-    (ref ** 2).sum().backward()
+    (y**2).sum().backward()
+    (ref**2).sum().backward()
     torch.testing.assert_close(lam.grad, ref_lam.grad)
     ids = torch.tensor([[3, 0, 19], [0, 0, 5]])
     lam.grad, ref_lam.grad = None, None
@@ -124,8 +126,15 @@ def test_offloaded_task_vectors_stay_in_cpu_memory_and_train_like_resident_ones(
     batch = {"inputs": inputs, "tasks": tasks, "sizes": sizes}
     ends = []
     for offload, recompute in ((False, None), (True, None), (True, "merge")):
-        m = AdaMerging(base, paths, task_type="causal_lm", granularity="layer", tv_dtype="bfloat16",
-                       prep=TaskVectorPrep(offload=offload), recompute=recompute)
+        m = AdaMerging(
+            base,
+            paths,
+            task_type="causal_lm",
+            granularity="layer",
+            tv_dtype="bfloat16",
+            prep=TaskVectorPrep(offload=offload),
+            recompute=recompute,
+        )
         if offload:
             monkeypatch.setattr(F, "CAST_CHUNK_BYTES", 2048)  # each stack copied in pieces of a few tasks' rows
             assert all(st.offloaded for st in m.merged.stores)
@@ -152,8 +161,11 @@ def test_offload_refuses_what_it_cannot_stream(zoo):
         AdaMerging(*zoo, prep=TaskVectorPrep(ties_density=0.2, sparse_storage=True, offload=True))
     module = AdaMerging(*zoo, prep=TaskVectorPrep(offload=True))
     module._device_mesh = object()  # what ModelParallelStrategy sets before configure_model
-    with pytest.raises(MergeInputError, match=r"prep.offload streams task vectors from CPU memory; "
-                                              r"ModelParallelStrategy \(FSDP2\) shards them"):
+    with pytest.raises(
+        MergeInputError,
+        match=r"prep.offload streams task vectors from CPU memory; "
+        r"ModelParallelStrategy \(FSDP2\) shards them",
+    ):
         module.configure_model()
 
 
@@ -244,8 +256,9 @@ def test_recompute_refuses_unknown_values_and_batchnorm_backbones(zoo, tmp_path)
     for name in ("base", "a", "b"):
         MobileNetV2ForImageClassification(cfg).save_pretrained(str(tmp_path / name))
     with pytest.raises(MergeInputError, match=r"recompute: merge: base '.+' has BatchNorm layers"):
-        AdaMerging(str(tmp_path / "base"), {t: str(tmp_path / t) for t in "ab"}, task_type="image_cls",
-                   recompute="merge")
+        AdaMerging(
+            str(tmp_path / "base"), {t: str(tmp_path / t) for t in "ab"}, task_type="image_cls", recompute="merge"
+        )
 
 
 @pytest.mark.parametrize("objective", ["entropy", "kl", "pseudo_label"])
@@ -256,13 +269,29 @@ def test_micro_batches_give_the_one_batch_gradient(zoo, objective):
 
     b = mixed_batch(zoo[0])
     b["inputs"] = {k: torch.cat([v, v.flip(0)]) for k, v in b["inputs"].items()}  # 4 rows per task, task-contiguous
-    b["inputs"] = {k: torch.cat([v[i::len(b['tasks'])] for i in range(len(b["tasks"]))]) for k, v in b["inputs"].items()}
+    b["inputs"] = {
+        k: torch.cat([v[i :: len(b["tasks"])] for i in range(len(b["tasks"]))]) for k, v in b["inputs"].items()
+    }
     b["sizes"] = [4] * len(b["tasks"])
     grads = []
-    for chunks, pieces, recompute in ((1, 1, None), (3, 3, None), (1, 2, None), (1, 1, "merge"), (3, 1, "merge"),
-                                      (3, 2, "merge"), (3, 1, "activations"), (1, 1, "activations")):
-        module = AdaMerging(*zoo, granularity="layer", objective=objective, task_chunks=chunks, micro_batches=pieces,
-                            recompute=recompute)
+    for chunks, pieces, recompute in (
+        (1, 1, None),
+        (3, 3, None),
+        (1, 2, None),
+        (1, 1, "merge"),
+        (3, 1, "merge"),
+        (3, 2, "merge"),
+        (3, 1, "activations"),
+        (1, 1, "activations"),
+    ):
+        module = AdaMerging(
+            *zoo,
+            granularity="layer",
+            objective=objective,
+            task_chunks=chunks,
+            micro_batches=pieces,
+            recompute=recompute,
+        )
         torch.manual_seed(0)
         module.merged.coefficients.weight.data += 0.1 * torch.randn_like(module.merged.coefficients.weight)
         if (chunks, pieces) == (1, 1):

@@ -43,22 +43,38 @@ def _zero_byte_csv(tmp_path):
 
 # case → (change to the fit config, pattern of the one error line)
 CASES = {
-    "missing fine-tune path": (lambda cfg, tmp, zoo: cfg["model"]["init_args"]["models"].update(
-        spam=str(tmp / "no" / "such" / "model")), r"fine-tune 'spam': .*no/such/model does not exist"),
-    "missing base path": (lambda cfg, tmp, zoo: cfg["model"]["init_args"].update(base="./nowhere/base"),
-                          r"base: \./nowhere/base does not exist"),
-    "NaN weights": (lambda cfg, tmp, zoo: cfg["model"]["init_args"]["models"].update(
-        spam=save_variant(tmp / "nan", zoo[0], mutate=_nan)), r"'spam'.*contains NaN"),
-    "truncated safetensors": (lambda cfg, tmp, zoo: cfg["model"]["init_args"]["models"].update(
-        spam=_truncated(tmp, zoo)), r"fine-tune 'spam': cannot load model .*truncated.*SafetensorError"),
-    "0-byte csv": (lambda cfg, tmp, zoo: cfg["data"]["tasks"]["spam"].update(path=_zero_byte_csv(tmp)),
-                   r"task 'spam': data file .*empty\.csv is empty \(0 bytes\)"),
+    "missing fine-tune path": (
+        lambda cfg, tmp, zoo: cfg["model"]["init_args"]["models"].update(spam=str(tmp / "no" / "such" / "model")),
+        r"fine-tune 'spam': .*no/such/model does not exist",
+    ),
+    "missing base path": (
+        lambda cfg, tmp, zoo: cfg["model"]["init_args"].update(base="./nowhere/base"),
+        r"base: \./nowhere/base does not exist",
+    ),
+    "NaN weights": (
+        lambda cfg, tmp, zoo: cfg["model"]["init_args"]["models"].update(
+            spam=save_variant(tmp / "nan", zoo[0], mutate=_nan)
+        ),
+        r"'spam'.*contains NaN",
+    ),
+    "truncated safetensors": (
+        lambda cfg, tmp, zoo: cfg["model"]["init_args"]["models"].update(spam=_truncated(tmp, zoo)),
+        r"fine-tune 'spam': cannot load model .*truncated.*SafetensorError",
+    ),
+    "0-byte csv": (
+        lambda cfg, tmp, zoo: cfg["data"]["tasks"]["spam"].update(path=_zero_byte_csv(tmp)),
+        r"task 'spam': data file .*empty\.csv is empty \(0 bytes\)",
+    ),
     "negative max_steps": (lambda cfg, tmp, zoo: cfg["trainer"].update(max_steps=-5), r"max_steps"),
     "zero max_steps": (lambda cfg, tmp, zoo: cfg["trainer"].update(max_steps=0), r"max_steps is 0"),
-    "gradient accumulation": (lambda cfg, tmp, zoo: cfg["trainer"].update(accumulate_grad_batches=2),
-                              r"trainer.accumulate_grad_batches must be 1 \(got 2\)"),
-    "unknown objective": (lambda cfg, tmp, zoo: cfg["model"]["init_args"].update(objective="entropyy"),
-                          r"objective: unknown value 'entropyy'"),
+    "gradient accumulation": (
+        lambda cfg, tmp, zoo: cfg["trainer"].update(accumulate_grad_batches=2),
+        r"trainer.accumulate_grad_batches must be 1 \(got 2\)",
+    ),
+    "unknown objective": (
+        lambda cfg, tmp, zoo: cfg["model"]["init_args"].update(objective="entropyy"),
+        r"objective: unknown value 'entropyy'",
+    ),
 }
 
 
@@ -91,12 +107,20 @@ def test_missing_path_from_the_shell_prints_one_line(zoo, task_data, tmp_path):
     p = tmp_path / "fit.yaml"
     p.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, "-m", "adamerge", "fit", "--config", str(p)], env=env,
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    res = subprocess.run(
+        [sys.executable, "-m", "adamerge", "fit", "--config", str(p)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
-    assert res.stderr.strip().splitlines()[-1] == \
-        "ERROR adamerge: fine-tune 'spam': /nonexistent/spam-model does not exist"
+    assert (
+        res.stderr.strip().splitlines()[-1]
+        == "ERROR adamerge: fine-tune 'spam': /nonexistent/spam-model does not exist"
+    )
 
 
 def test_check_install_refuses_a_shadowing_namespace_package(tmp_path):
@@ -212,13 +236,21 @@ def test_ckpt_path_last_finds_the_previous_runs_checkpoints(zoo, task_data, tmp_
     id each time), then `--ckpt_path last` on the same config resumes where the previous run stopped."""
     FirstStep.seen.clear()
     cfg = copy.deepcopy(fit_config(zoo, task_data, tmp_path))
-    cfg["trainer"].update(max_steps=4, callbacks=[{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
-                                                   "init_args": {"every_n_train_steps": 2, "save_last": True}},
-                                                  {"class_path": "test_newcomer.FirstStep"}])
+    cfg["trainer"].update(
+        max_steps=4,
+        callbacks=[
+            {
+                "class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+                "init_args": {"every_n_train_steps": 2, "save_last": True},
+            },
+            {"class_path": "test_newcomer.FirstStep"},
+        ],
+    )
     p = tmp_path / "fit.yaml"
     p.write_text(yaml.safe_dump(cfg))
     lightning_main(["fit", "--config", str(p)])
     assert (tmp_path / "merged.checkpoints" / "last.ckpt").is_file()
-    cli = lightning_main(["fit", "--config", str(p), "--trainer.max_steps", "6", "--export.overwrite", "true",
-                          "--ckpt_path", "last"])
+    cli = lightning_main(
+        ["fit", "--config", str(p), "--trainer.max_steps", "6", "--export.overwrite", "true", "--ckpt_path", "last"]
+    )
     assert FirstStep.seen == [0, 4] and cli.trainer.global_step == 6

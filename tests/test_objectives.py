@@ -81,8 +81,12 @@ def test_objective_value_and_gradient_match_slow_reference(name):
     f = torch.randn(6, 5, generator=g, dtype=torch.float64)
     fe = torch.randn(6, 5, generator=g, dtype=torch.float64)
     leaf = (f if name == "features" else z).clone().requires_grad_(True)
-    out = StepOutputs({"a": leaf if name != "features" else z}, features={"a": leaf} if name == "features" else None,
-                      expert_logits={"a": ze}, expert_features={"a": fe})
+    out = StepOutputs(
+        {"a": leaf if name != "features" else z},
+        features={"a": leaf} if name == "features" else None,
+        expert_logits={"a": ze},
+        expert_features={"a": fe},
+    )
     loss, per_task = objective(out)
     expected = ref(z.tolist(), ze.tolist(), f.tolist(), fe.tolist())
     assert abs(float(per_task["a"]) - expected) < 1e-5 and abs(float(loss) - expected) < 1e-5
@@ -139,9 +143,15 @@ def test_entropy_collapses_where_infomax_does_not():
     assert 0.4 <= share <= 0.6  # the batch stays split between the classes
 
 
-@pytest.mark.parametrize("kwargs,field", [({"name": "nope"}, "objective"), ({"temperature": 0.0}, "temperature"),
-                                          ({"diversity_weight": -1.0}, "diversity_weight"),
-                                          ({"confidence": 1.0}, "confidence")])
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"name": "nope"}, "objective"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"diversity_weight": -1.0}, "diversity_weight"),
+        ({"confidence": 1.0}, "confidence"),
+    ],
+)
 def test_objective_options_are_checked(kwargs, field):
     with pytest.raises(MergeInputError, match=field):
         Objective(**kwargs)

@@ -27,8 +27,10 @@ def test_the_wheel_holds_the_package_only():
 
 def test_import_adamerge_is_light():
     """``import adamerge`` loads neither Lightning nor torch nor transformers: the public names are lazy."""
-    code = ("import sys, adamerge; "
-            "print(sorted(m for m in ('pytorch_lightning', 'lightning', 'torch', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys, adamerge; "
+        "print(sorted(m for m in ('pytorch_lightning', 'lightning', 'torch', 'transformers') if m in sys.modules))"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
@@ -46,7 +48,11 @@ def test_every_public_name_resolves_to_its_module():
         assert getattr(adamerge, name) is not None, name
     assert set(adamerge.__all__) <= set(dir(adamerge))
     assert (adamerge.MergeInputError, adamerge.load_merged, adamerge.load_task_model, adamerge.read_manifest) == (
-        MergeInputError, load_merged, load_task_model, read_manifest)
+        MergeInputError,
+        load_merged,
+        load_task_model,
+        read_manifest,
+    )
     assert adamerge.cli_main is main and adamerge.sweep_search is search
     with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
         adamerge.not_a_name  # noqa: B018

@@ -16,8 +16,13 @@ def test_quickstart_trains_exports_and_compares(tmp_path):
     from benchmarks.quickstart import Settings, report, run
 
     settings = Settings(tasks=("polarity", "spam"), max_train=32, max_length=32, max_test=24, steps=3)
-    result = run(ROOT / ".cache", tmp_path / "runs", settings, zoo=tmp_path / "zoo",
-                 extra_args=["--trainer.accelerator", "cpu", "--data.holdout", "8"])
+    result = run(
+        ROOT / ".cache",
+        tmp_path / "runs",
+        settings,
+        zoo=tmp_path / "zoo",
+        extra_args=["--trainer.accelerator", "cpu", "--data.holdout", "8"],
+    )
     run_dir = Path(result["run_dir"])
     assert run_dir.parent == tmp_path / "runs"
     # one directory holds the run: its W&B offline run (with the run's config and heatmap), export and scores
@@ -41,7 +46,6 @@ def test_quickstart_trains_exports_and_compares(tmp_path):
     assert f"wandb sync {result['wandb_run']}" in text
     # the reference rows read the heads as the config's merge does (each with its fine-tune's pooler)
     _assert_reference_rows_read_the_configs_heads(result, tmp_path / "zoo", ("polarity", "spam"), 24)
-
 
 
 def _assert_reference_rows_read_the_configs_heads(result: dict, zoo: Path, tasks: tuple[str, ...], n_test: int):

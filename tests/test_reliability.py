@@ -43,9 +43,16 @@ def save_variant(path: Path, base_dir: str, mutate=None, config_changes=None, mo
 def roberta(path):
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
-    return RobertaForSequenceClassification(RobertaConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2,
-                                                          num_attention_heads=2, intermediate_size=64,
-                                                          max_position_embeddings=70))
+    return RobertaForSequenceClassification(
+        RobertaConfig(
+            vocab_size=60,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=70,
+        )
+    )
 
 
 def _nan(m):
@@ -55,10 +62,19 @@ def _nan(m):
 
 CASES = {
     "architecture differs": (dict(model_cls=roberta(None)), r"architectures differ"),
-    "shape differs": (dict(config_changes={"intermediate_size": 48}), r"tensor 'encoder\.layer\.0\.intermediate\.dense\.weight' has shape"),
-    "missing keys (fewer layers)": (dict(config_changes={"num_hidden_layers": 1}), r"backbone keys differ from the base: missing \['encoder\.layer\.1"),
+    "shape differs": (
+        dict(config_changes={"intermediate_size": 48}),
+        r"tensor 'encoder\.layer\.0\.intermediate\.dense\.weight' has shape",
+    ),
+    "missing keys (fewer layers)": (
+        dict(config_changes={"num_hidden_layers": 1}),
+        r"backbone keys differ from the base: missing \['encoder\.layer\.1",
+    ),
     "vocab size differs": (dict(config_changes={"vocab_size": 80}), r"word_embeddings\.weight.*vocab size 80 vs base"),
-    "NaN in a checkpoint": (dict(mutate=_nan), r"tensor 'encoder\.layer\.0\.attention\.self\.query\.weight' contains NaN"),
+    "NaN in a checkpoint": (
+        dict(mutate=_nan),
+        r"tensor 'encoder\.layer\.0\.attention\.self\.query\.weight' contains NaN",
+    ),
 }
 
 
@@ -123,7 +139,9 @@ def test_data_errors_name_the_task_and_field(tmp_path, zoo):
         load_texts(TaskData(str(empty)), "spam")
     p = tmp_path / "d.csv"
     p.write_text("sentence,label\nhello,1\n")
-    with pytest.raises(MergeInputError, match=r"task 'spam': text column 'text' not in .*columns: \['sentence', 'label'\]"):
+    with pytest.raises(
+        MergeInputError, match=r"task 'spam': text column 'text' not in .*columns: \['sentence', 'label'\]"
+    ):
         load_texts(TaskData(str(p)), "spam")
     with pytest.raises(MergeInputError, match=r"unsupported file type '.txt'"):
         q = tmp_path / "d.txt"
@@ -172,8 +190,9 @@ def test_samples_per_task_above_a_tasks_rows_warns_naming_it(tmp_path, zoo, capl
     small, big = tmp_path / "small.csv", tmp_path / "big.csv"
     small.write_text("text\n" + "".join(f"tiny row {i}\n" for i in range(3)))
     big.write_text("text\n" + "".join(f"row number {i}\n" for i in range(20)))
-    dm = UnlabeledDataModule({"small": TaskData(str(small)), "big": TaskData(str(big))}, tokenizer=base,
-                             samples_per_task=8, max_length=16)
+    dm = UnlabeledDataModule(
+        {"small": TaskData(str(small)), "big": TaskData(str(big))}, tokenizer=base, samples_per_task=8, max_length=16
+    )
     with caplog.at_level(logging.WARNING, logger="adamerge.training.datamodule"):
         dm.setup("fit")
     msgs = [r.getMessage() for r in caplog.records]
@@ -196,9 +215,13 @@ def test_unknown_method_and_granularity(zoo):
 def test_wrong_config_type_is_rejected_before_loading(tmp_path, capsys):
     from adamerge.cli.main import main
 
-    cfg = {"model": {"class_path": "adamerge.methods.AdaMerging",
-                     "init_args": {"base": "b", "models": {"a": "x"}, "init": "not-a-number"}},
-           "data": {"tasks": {"a": {"path": "a.csv"}}}}
+    cfg = {
+        "model": {
+            "class_path": "adamerge.methods.AdaMerging",
+            "init_args": {"base": "b", "models": {"a": "x"}, "init": "not-a-number"},
+        },
+        "data": {"tasks": {"a": {"path": "a.csv"}}},
+    }
     p = tmp_path / "bad.yaml"
     p.write_text(yaml.safe_dump(cfg))
     with pytest.raises(SystemExit) as e:
@@ -245,8 +268,11 @@ def test_existing_output_dir_refused_and_interrupted_export_leaves_nothing(zoo, 
 
 
 def test_no_pickle_loading_in_library():
-    offenders = [p for p in (ROOT / "adamerge").rglob("*.py")
-                 if "torch.load(" in p.read_text() and "weights_only=True" not in p.read_text()]
+    offenders = [
+        p
+        for p in (ROOT / "adamerge").rglob("*.py")
+        if "torch.load(" in p.read_text() and "weights_only=True" not in p.read_text()
+    ]
     assert not offenders
     text = "".join(p.read_text() for p in (ROOT / "adamerge").rglob("*.py"))
     assert "trust_remote_code=True" not in text
@@ -257,15 +283,35 @@ def _fit_cfg(zoo, task_data, tmp_path, name):
     ckpt_dir = tmp_path / f"{name}_ckpt"
     return {
         "seed_everything": 0,
-        "model": {"class_path": "adamerge.methods.AdaMerging",
-                  "init_args": {"base": base, "models": paths, "granularity": "layer", "lr": 0.01}},
-        "data": {"tasks": {t: {"path": p} for t, p in task_data.items()}, "samples_per_task": 4, "max_length": 16,
-                 "steps_per_epoch": 3},
-        "trainer": {"max_steps": 8, "accelerator": "cpu", "enable_progress_bar": False, "logger": False,
-                    "enable_model_summary": False, "default_root_dir": str(tmp_path / name),
-                    "callbacks": [{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
-                                   "init_args": {"dirpath": str(ckpt_dir), "every_n_train_steps": 2,
-                                                 "save_last": True, "save_top_k": -1}}]},
+        "model": {
+            "class_path": "adamerge.methods.AdaMerging",
+            "init_args": {"base": base, "models": paths, "granularity": "layer", "lr": 0.01},
+        },
+        "data": {
+            "tasks": {t: {"path": p} for t, p in task_data.items()},
+            "samples_per_task": 4,
+            "max_length": 16,
+            "steps_per_epoch": 3,
+        },
+        "trainer": {
+            "max_steps": 8,
+            "accelerator": "cpu",
+            "enable_progress_bar": False,
+            "logger": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(tmp_path / name),
+            "callbacks": [
+                {
+                    "class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+                    "init_args": {
+                        "dirpath": str(ckpt_dir),
+                        "every_n_train_steps": 2,
+                        "save_last": True,
+                        "save_top_k": -1,
+                    },
+                }
+            ],
+        },
         "export": {"output_dir": str(tmp_path / f"{name}_out")},
     }, ckpt_dir
 
@@ -274,8 +320,13 @@ def _run(tmp_path, cfg, name, extra=()):
     p = tmp_path / f"{name}.yaml"
     p.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    return subprocess.run([sys.executable, "-m", "adamerge", "fit", "--config", str(p), *extra],
-                          env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "adamerge", "fit", "--config", str(p), *extra],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _coefficients(out_dir: Path) -> torch.Tensor:
@@ -298,13 +349,23 @@ def test_sigkill_and_resume_gives_the_same_coefficients(zoo, task_data, tmp_path
     the second epoch, which Lightning restores as a mid-epoch restart of that epoch): bit-identical coefficients."""
     cfg, ckpt_dir = _fit_cfg(zoo, task_data, tmp_path, "killed")
     cfg["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = every
-    killed = {**cfg, "trainer": {**cfg["trainer"], "callbacks": [
-        *cfg["trainer"]["callbacks"], {"class_path": "kill_callback.KillAt", "init_args": {"step": kill_at}}]}}
+    killed = {
+        **cfg,
+        "trainer": {
+            **cfg["trainer"],
+            "callbacks": [
+                *cfg["trainer"]["callbacks"],
+                {"class_path": "kill_callback.KillAt", "init_args": {"step": kill_at}},
+            ],
+        },
+    }
     res = _run(tmp_path, killed, "killed")
     assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
     assert not (tmp_path / "killed_out").exists()  # nothing half-written
     ckpt = torch.load(ckpt_dir / "last.ckpt", weights_only=False)  # our own file, written above
-    assert ckpt["global_step"] == kill_at // every * every and list(ckpt["state_dict"]) == ["merged.coefficients.weight"]
+    assert ckpt["global_step"] == kill_at // every * every and list(ckpt["state_dict"]) == [
+        "merged.coefficients.weight"
+    ]
     res = _run(tmp_path, cfg, "resumed", extra=["--ckpt_path", str(ckpt_dir / "last.ckpt")])
     assert res.returncode == 0, res.stderr[-3000:]
     resumed = _coefficients(tmp_path / "killed_out")

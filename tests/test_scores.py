@@ -28,11 +28,17 @@ def _row(label, acc, predicted=None):
 
 
 def test_below_pretrained_lines_name_each_row_below_with_its_histogram():
-    rows = {"individual": _row("Individual", 1.0, [8, 2]), "pretrained": _row("Pretrained", 0.8, [10, 0]),
-            "task_arithmetic": _row("TA", 0.6, [4, 6]), "kl": _row("KL", 0.9, [7, 3]), "pl": _row("PL", 0.7)}
+    rows = {
+        "individual": _row("Individual", 1.0, [8, 2]),
+        "pretrained": _row("Pretrained", 0.8, [10, 0]),
+        "task_arithmetic": _row("TA", 0.6, [4, 6]),
+        "kl": _row("KL", 0.9, [7, 3]),
+        "pl": _row("PL", 0.7),
+    }
     lines = below_pretrained_lines(rows, ["spam", "ham"])
-    assert lines[2:] == ["- spam (test rows per class [8, 2]): Pretrained 80.0 [10, 0]; below it: TA 60.0 [4, 6]; "
-                         "PL 70.0."]
+    assert lines[2:] == [
+        "- spam (test rows per class [8, 2]): Pretrained 80.0 [10, 0]; below it: TA 60.0 [4, 6]; PL 70.0."
+    ]
     rows["pretrained"] = _row("Pretrained", 0.5)
     assert below_pretrained_lines(rows, ["spam", "ham"]) == []
 
@@ -46,26 +52,49 @@ def test_plot_coefficients_prints_each_blocks_mean_and_writes_a_png(tmp_path, ca
 
     export = tmp_path / "merged"
     export.mkdir()
-    params = ["embeddings.word_embeddings.weight", "embeddings.LayerNorm.weight",
-              "encoder.layer.0.attention.self.query.weight", "encoder.layer.1.output.dense.weight",
-              "encoder.layer.1.output.dense.bias"]
+    params = [
+        "embeddings.word_embeddings.weight",
+        "embeddings.LayerNorm.weight",
+        "encoder.layer.0.attention.self.query.weight",
+        "encoder.layer.1.output.dense.weight",
+        "encoder.layer.1.output.dense.bias",
+    ]
     effective = [[0.1, 0.3, 0.5, 0.7, 0.9], [1.0, 1.0, 0.0, 0.2, 0.4]]
-    (export / "merge_manifest.json").write_text(json.dumps({"coefficients": {
-        "tasks": ["a", "b"], "params": params, "effective": effective, "granularity": "layer"}}))
+    (export / "merge_manifest.json").write_text(
+        json.dumps(
+            {"coefficients": {"tasks": ["a", "b"], "params": params, "effective": effective, "granularity": "layer"}}
+        )
+    )
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "plot_coefficients.py"
     spec = importlib.util.spec_from_file_location("plot_coefficients", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.main([str(export), "--out", str(tmp_path / "c.png")])
     lines = capsys.readouterr().out.splitlines()
-    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines if line.startswith("  a ")
-            or line.startswith("  b ")}
+    rows = {
+        line.split()[0]: [float(v) for v in line.split()[1:]]
+        for line in lines
+        if line.startswith("  a ") or line.startswith("  b ")
+    }
     assert rows["a"] == [0.2, 0.5, 0.8] and rows["b"] == [1.0, 0.0, 0.3]
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a benchmark row's recorded block means print as they are
     results = tmp_path / "results.json"
-    results.write_text(json.dumps({"rows": {"x": {"coefficient_blocks": {
-        "tasks": ["a"], "blocks": ["embeddings", "layer 0"], "values": [[0.25, 0.75]]}}}}))
+    results.write_text(
+        json.dumps(
+            {
+                "rows": {
+                    "x": {
+                        "coefficient_blocks": {
+                            "tasks": ["a"],
+                            "blocks": ["embeddings", "layer 0"],
+                            "values": [[0.25, 0.75]],
+                        }
+                    }
+                }
+            }
+        )
+    )
     module.main([f"{results}#x", "--out", str(tmp_path / "d.png")])
     printed = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("  a ")]
     assert printed == [["a", "0.250", "0.750"]] and (tmp_path / "d.png").is_file()

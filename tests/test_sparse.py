@@ -21,8 +21,9 @@ def batch(zoo):
 def test_sparse_adamerging_plusplus_equals_dense_with_less_memory(zoo, batch, tv_dtype):
     modules = {}
     for sparse in (False, True):
-        m = AdaMerging(*zoo, granularity="layer", tv_dtype=tv_dtype,
-                       prep=TaskVectorPrep(ties_density=0.2, sparse_storage=sparse))
+        m = AdaMerging(
+            *zoo, granularity="layer", tv_dtype=tv_dtype, prep=TaskVectorPrep(ties_density=0.2, sparse_storage=sparse)
+        )
         torch.manual_seed(0)
         m.merged.coefficients.weight.data += 0.1 * torch.randn_like(m.merged.coefficients.weight)
         modules[sparse] = m
@@ -52,9 +53,14 @@ def test_sparse_adamerging_plusplus_equals_dense_with_less_memory(zoo, batch, tv
 def test_sparse_storage_trains_like_dense(zoo, task_data):
     from conftest import fit_coefficients
 
-    out = [fit_coefficients(AdaMerging(*zoo, granularity="layer", lr=0.01,
-                                       prep=TaskVectorPrep(dare_rate=0.7, sparse_storage=sparse)), zoo, task_data)
-           for sparse in (False, True)]
+    out = [
+        fit_coefficients(
+            AdaMerging(*zoo, granularity="layer", lr=0.01, prep=TaskVectorPrep(dare_rate=0.7, sparse_storage=sparse)),
+            zoo,
+            task_data,
+        )
+        for sparse in (False, True)
+    ]
     assert (out[0] - 0.3).abs().max() > 1e-3
     torch.testing.assert_close(out[1], out[0], atol=1e-6, rtol=0)
 

@@ -57,9 +57,14 @@ def test_tsv_of_tasks_in_orthogonal_subspaces_is_task_arithmetic():
     T, n, k = 3, 9, 3
     q_left, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
     q_right, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
-    tvs = torch.stack([q_left[:, t * k:(t + 1) * k] @ torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
-                                                                  * (t + 1)) @ q_right[:, t * k:(t + 1) * k].T
-                       for t in range(T)]).float()
+    tvs = torch.stack(
+        [
+            q_left[:, t * k : (t + 1) * k]
+            @ torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64) * (t + 1))
+            @ q_right[:, t * k : (t + 1) * k].T
+            for t in range(T)
+        ]
+    ).float()
     assert torch.allclose(tsv_pieces(tvs).sum(0), tvs.sum(0), atol=1e-5)
     assert torch.allclose(tsv_pieces(tvs), tvs, atol=1e-5)  # each piece is its own task vector
 
@@ -83,8 +88,11 @@ def test_iso_c_closed_forms():
 
 
 def test_non_matrices_and_skipped_names_take_the_mean():
-    tvs = {"encoder.layer.0.dense.bias": torch.randn(3, 7), "embeddings.word_embeddings.weight": torch.randn(3, 20, 8),
-           "encoder.layer.0.dense.weight": torch.randn(3, 8, 8)}
+    tvs = {
+        "encoder.layer.0.dense.bias": torch.randn(3, 7),
+        "embeddings.word_embeddings.weight": torch.randn(3, 20, 8),
+        "encoder.layer.0.dense.weight": torch.randn(3, 8, 8),
+    }
     for kind in ("tsv", "iso_c"):
         out = subspace_pieces(tvs, kind, skip=("word_embeddings",))
         for name in ("encoder.layer.0.dense.bias", "embeddings.word_embeddings.weight"):
@@ -104,8 +112,11 @@ def test_modules_merge_base_plus_scale_times_the_reference(zoo, cls, reference):
     checked = 0
     for name, got in merged.items():
         tvs = [(fts[t][name] - theta0[name]).double().numpy() for t in paths]
-        if got.ndim == 2 and "word_embeddings" not in name and (reference is iso_c_reference
-                                                                or min(got.shape) >= len(paths)):
+        if (
+            got.ndim == 2
+            and "word_embeddings" not in name
+            and (reference is iso_c_reference or min(got.shape) >= len(paths))
+        ):
             delta = reference(tvs)
             checked += 1
         else:
@@ -140,8 +151,7 @@ def test_prep_from_python_may_be_a_dict_of_its_fields(zoo):
 
     base, paths = zoo
     as_dict = AdaMerging(base, paths, granularity="layer", prep={"ties_density": 0.2, "subspace": "tsv"})
-    as_prep = AdaMerging(base, paths, granularity="layer",
-                         prep=TaskVectorPrep(ties_density=0.2, subspace="tsv"))
+    as_prep = AdaMerging(base, paths, granularity="layer", prep=TaskVectorPrep(ties_density=0.2, subspace="tsv"))
     assert as_dict.prep == as_prep.prep and as_dict.prep.ties_density == 0.2
     a, b = as_dict.merged.merged_params(), as_prep.merged.merged_params()
     plain = AdaMerging(base, paths, granularity="layer").merged.merged_params()

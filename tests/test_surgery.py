@@ -21,8 +21,9 @@ def merged_dir(zoo, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dm(zoo, task_data):
-    d = UnlabeledDataModule({t: TaskData(p) for t, p in task_data.items()}, tokenizer=zoo[0], samples_per_task=8,
-                            max_length=16)
+    d = UnlabeledDataModule(
+        {t: TaskData(p) for t, p in task_data.items()}, tokenizer=zoo[0], samples_per_task=8, max_length=16
+    )
     d.setup()
     return d
 
@@ -34,10 +35,11 @@ def test_identity_at_init(zoo, merged_dir, dm):
     with torch.no_grad():
         plain = ta.merged(b["inputs"], b["tasks"], b["sizes"])
         for i, task in enumerate(b["tasks"]):
-            rows = {k: v[8 * i:8 * i + 8] for k, v in b["inputs"].items()}
+            rows = {k: v[8 * i : 8 * i + 8] for k, v in b["inputs"].items()}
             assert torch.equal(surgery.predict(task, rows), plain[task])
     assert sorted(n for n, p in surgery.named_parameters() if p.requires_grad) == sorted(
-        f"adapters.{t}.{w}.weight" for t in b["tasks"] for w in ("down", "up"))
+        f"adapters.{t}.{w}.weight" for t in b["tasks"] for w in ("down", "up")
+    )
 
 
 def test_loss_decreases_and_export_round_trip(zoo, merged_dir, dm, tmp_path):
@@ -55,7 +57,7 @@ def test_loss_decreases_and_export_round_trip(zoo, merged_dir, dm, tmp_path):
     assert loaded.manifest["base_merge"]["method"] == "task_arithmetic"
     assert set(loaded.hooks[0].adapters) == set(zoo[1])
     for i, task in enumerate(batch["tasks"]):
-        rows = {k: v[8 * i:8 * i + 8] for k, v in batch["inputs"].items()}
+        rows = {k: v[8 * i : 8 * i + 8] for k, v in batch["inputs"].items()}
         with torch.no_grad():
             expected = surgery.predict(task, rows)
         assert torch.equal(loaded.predict(task, **rows), expected)
@@ -101,7 +103,7 @@ def test_evaluate_scores_a_surgery_export_with_its_adapters(zoo, merged_dir, dm,
     predictor = _predictor(str(tmp_path / "out"), manifest, None, list(task_data), get_kind("seq_cls"))
     b = dm.dataset[0]
     for i, task in enumerate(b["tasks"]):
-        rows = {k: v[8 * i:8 * i + 8] for k, v in b["inputs"].items()}
+        rows = {k: v[8 * i : 8 * i + 8] for k, v in b["inputs"].items()}
         with torch.no_grad():
             logits = predictor(task)[0](rows)
             torch.testing.assert_close(logits, surgery.predict(task, rows), atol=1e-5, rtol=1e-5)

@@ -43,16 +43,18 @@ def test_clip_zero_shot_head_equals_stock_clip_logits(clip_zoo):
 
     from adamerge.methods import TaskArithmetic
 
-    module = TaskArithmetic(clip_zoo["base"], clip_zoo["models"], scale=0.0, task_type="clip",
-                            heads=_heads(["a photo of a {}."])).eval()
+    module = TaskArithmetic(
+        clip_zoo["base"], clip_zoo["models"], scale=0.0, task_type="clip", heads=_heads(["a photo of a {}."])
+    ).eval()
     clip = CLIPModel.from_pretrained(clip_zoo["base"]).eval()
     tok = AutoTokenizer.from_pretrained(clip_zoo["base"])
     x = _pixels(clip_zoo["base"])
     for task, names in CLASSES.items():
         prompts = tok([f"a photo of a {c}." for c in names], padding=True, return_tensors="pt")
         with torch.no_grad():
-            ref = clip(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"],
-                       pixel_values=x).logits_per_image
+            ref = clip(
+                input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"], pixel_values=x
+            ).logits_per_image
             got = module.predict(task, {"pixel_values": x})
         assert got.shape == (6, len(names))
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
@@ -65,8 +67,7 @@ def test_clip_zero_shot_head_averages_normalised_template_embeddings(clip_zoo):
     from adamerge.methods import TaskArithmetic
 
     templates = ["a photo of a {}.", "a drawing of the {}!", "{}"]
-    module = TaskArithmetic(clip_zoo["base"], clip_zoo["models"], scale=0.3, task_type="clip",
-                            heads=_heads(templates))
+    module = TaskArithmetic(clip_zoo["base"], clip_zoo["models"], scale=0.3, task_type="clip", heads=_heads(templates))
     clip = CLIPModel.from_pretrained(clip_zoo["base"]).eval()
     tok = AutoTokenizer.from_pretrained(clip_zoo["base"])
     for task, names in CLASSES.items():
@@ -99,13 +100,19 @@ def test_clip_fit_export_load_and_stock_recipe_agree(clip_zoo, tmp_path):
     from adamerge.training.datamodule import UnlabeledDataModule
     from tests.conftest import quick_fit
 
-    heads = {"digits": {"classnames": CLASSES["digits"], "templates": "mnist"},
-             "shapes": {"dataset": {"path": clip_zoo["data"]["shapes"], "label_column": "label"}}}
-    module = AdaMerging(clip_zoo["base"], clip_zoo["models"], granularity="layer", init=0.3, lr=0.05,
-                        task_type="clip", heads=heads)
+    heads = {
+        "digits": {"classnames": CLASSES["digits"], "templates": "mnist"},
+        "shapes": {"dataset": {"path": clip_zoo["data"]["shapes"], "label_column": "label"}},
+    }
+    module = AdaMerging(
+        clip_zoo["base"], clip_zoo["models"], granularity="layer", init=0.3, lr=0.05, task_type="clip", heads=heads
+    )
     assert module.merged.heads["shapes"].classnames == CLASSES["shapes"]  # ClassLabel names
-    dm = UnlabeledDataModule({t: TaskData(path=p, image_column="image") for t, p in clip_zoo["data"].items()},
-                             tokenizer=clip_zoo["base"], samples_per_task=4)
+    dm = UnlabeledDataModule(
+        {t: TaskData(path=p, image_column="image") for t, p in clip_zoo["data"].items()},
+        tokenizer=clip_zoo["base"],
+        samples_per_task=4,
+    )
     before = module.merged.coefficients.matrix().detach().clone()
     quick_fit(module, dm, steps=3)
     assert not torch.allclose(module.merged.coefficients.matrix().detach(), before)
@@ -123,8 +130,11 @@ def test_clip_fit_export_load_and_stock_recipe_agree(clip_zoo, tmp_path):
         with torch.no_grad():
             ref = module.predict(task, {"pixel_values": x})
             emb = vision(pixel_values=x).pooler_output @ tensors[f"{task}/visual_projection.weight"].T
-            stock = tensors[f"{task}/logit_scale"] * torch.nn.functional.normalize(emb, dim=-1) \
+            stock = (
+                tensors[f"{task}/logit_scale"]
+                * torch.nn.functional.normalize(emb, dim=-1)
                 @ tensors[f"{task}/weight"].T
+            )
         torch.testing.assert_close(served.predict(task, pixel_values=x), ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(stock, ref, atol=1e-5, rtol=1e-5)
 
@@ -150,21 +160,27 @@ def test_siglip_zero_shot_heads_fit_export_and_stock_recipe_agree(tmp_path):
         siglip.logit_bias.fill_(0.7)  # a bias that matters (SigLIP's init is 0): saved as the base
     siglip.save_pretrained(zoo["base"])
     tok = AutoTokenizer.from_pretrained(zoo["base"])
-    module = TaskArithmetic(zoo["base"], zoo["models"], scale=0.0, task_type="clip",
-                            heads=_heads(["a photo of a {}."])).eval()
+    module = TaskArithmetic(
+        zoo["base"], zoo["models"], scale=0.0, task_type="clip", heads=_heads(["a photo of a {}."])
+    ).eval()
     for task, names in CLASSES.items():
-        prompts = tok([f"a photo of a {c}." for c in names], padding="max_length", max_length=40,
-                      return_tensors="pt")  # the text tower's length, as SigLIP was trained
+        prompts = tok(
+            [f"a photo of a {c}." for c in names], padding="max_length", max_length=40, return_tensors="pt"
+        )  # the text tower's length, as SigLIP was trained
         with torch.no_grad():
             ref = siglip(input_ids=prompts["input_ids"], pixel_values=x).logits_per_image
             got = module.predict(task, {"pixel_values": x})
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
         assert module.merged.heads[task].logit_bias.item() == pytest.approx(0.7)
 
-    module = AdaMerging(zoo["base"], zoo["models"], granularity="layer", init=0.3, lr=0.05, task_type="clip",
-                        heads=_heads())
-    dm = UnlabeledDataModule({t: TaskData(path=p, image_column="image") for t, p in zoo["data"].items()},
-                             tokenizer=zoo["base"], samples_per_task=4)
+    module = AdaMerging(
+        zoo["base"], zoo["models"], granularity="layer", init=0.3, lr=0.05, task_type="clip", heads=_heads()
+    )
+    dm = UnlabeledDataModule(
+        {t: TaskData(path=p, image_column="image") for t, p in zoo["data"].items()},
+        tokenizer=zoo["base"],
+        samples_per_task=4,
+    )
     quick_fit(module, dm, steps=3)
     out = module.export(tmp_path / "merged")
     module.eval()
@@ -176,8 +192,12 @@ def test_siglip_zero_shot_heads_fit_export_and_stock_recipe_agree(tmp_path):
         with torch.no_grad():
             wrapper = module.predict(task, {"pixel_values": x})
             emb = vision(pixel_values=x).pooler_output @ tensors[f"{task}/visual_projection.weight"].T
-            stock = tensors[f"{task}/logit_scale"] * torch.nn.functional.normalize(emb, dim=-1) \
-                @ tensors[f"{task}/weight"].T + tensors[f"{task}/logit_bias"]
+            stock = (
+                tensors[f"{task}/logit_scale"]
+                * torch.nn.functional.normalize(emb, dim=-1)
+                @ tensors[f"{task}/weight"].T
+                + tensors[f"{task}/logit_bias"]
+            )
             torch.testing.assert_close(stock, wrapper, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(served.predict(task, pixel_values=x), wrapper, atol=1e-5, rtol=1e-5)
     # WEMoE's default modules route the encoder layers' MLPs, not the MLP of SigLIP's attention-pooling head
@@ -205,19 +225,23 @@ def test_siglip2_naflex_inputs_reach_the_merged_tower_in_training_and_serving(tm
     assert set(x) == {"pixel_values", "pixel_attention_mask", "spatial_shapes"}
     siglip = Siglip2Model.from_pretrained(zoo["base"]).eval()
     tok = AutoTokenizer.from_pretrained(zoo["base"])
-    module = TaskArithmetic(zoo["base"], zoo["models"], scale=0.0, task_type="clip",
-                            heads=_heads(["a photo of a {}."])).eval()
+    module = TaskArithmetic(
+        zoo["base"], zoo["models"], scale=0.0, task_type="clip", heads=_heads(["a photo of a {}."])
+    ).eval()
     for task, names in CLASSES.items():
-        prompts = tok([f"a photo of a {c}." for c in names], padding="max_length", max_length=40,
-                      return_tensors="pt")
+        prompts = tok([f"a photo of a {c}." for c in names], padding="max_length", max_length=40, return_tensors="pt")
         with torch.no_grad():
             ref = siglip(input_ids=prompts["input_ids"], **x).logits_per_image
             torch.testing.assert_close(module.predict(task, x), ref, atol=1e-5, rtol=1e-5)
 
-    module = AdaMerging(zoo["base"], zoo["models"], granularity="layer", init=0.3, lr=0.05, task_type="clip",
-                        heads=_heads())
-    dm = UnlabeledDataModule({t: TaskData(path=p, image_column="image") for t, p in zoo["data"].items()},
-                             tokenizer=zoo["base"], samples_per_task=4)
+    module = AdaMerging(
+        zoo["base"], zoo["models"], granularity="layer", init=0.3, lr=0.05, task_type="clip", heads=_heads()
+    )
+    dm = UnlabeledDataModule(
+        {t: TaskData(path=p, image_column="image") for t, p in zoo["data"].items()},
+        tokenizer=zoo["base"],
+        samples_per_task=4,
+    )
     dm.setup()
     assert set(dm.dataset[0]["inputs"]) == {"pixel_values", "pixel_attention_mask", "spatial_shapes"}
     before = module.merged.coefficients.matrix().detach().clone()
@@ -258,8 +282,9 @@ def test_clip_input_errors_name_the_problem(clip_zoo):
     from adamerge.methods import TaskArithmetic
 
     with pytest.raises(MergeInputError, match=r"missing for \['shapes'\]"):
-        TaskArithmetic(clip_zoo["base"], clip_zoo["models"], task_type="clip",
-                       heads={"digits": {"classnames": CLASSES["digits"]}})
+        TaskArithmetic(
+            clip_zoo["base"], clip_zoo["models"], task_type="clip", heads={"digits": {"classnames": CLASSES["digits"]}}
+        )
     with pytest.raises(MergeInputError, match="must be the full CLIPModel"):
         TaskArithmetic(clip_zoo["models"]["digits"], clip_zoo["models"], task_type="clip", heads=_heads())
     with pytest.raises(MergeInputError, match="exactly one"):
@@ -275,15 +300,28 @@ def vit_zoo(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("vit")
     torch.manual_seed(0)
-    cfg = ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                    patch_size=8, num_labels=3)
+    cfg = ViTConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        num_labels=3,
+    )
     base = ViTForImageClassification(cfg).eval()
     base.save_pretrained(str(root / "base"))
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(str(root / "base"))
     models, data = {}, {}
     for i, (task, names) in enumerate(CLASSES.items()):
-        c = ViTConfig.from_dict({**cfg.to_dict(), "num_labels": len(names),
-                                 "id2label": dict(enumerate(names)), "label2id": {n: j for j, n in enumerate(names)}})
+        c = ViTConfig.from_dict(
+            {
+                **cfg.to_dict(),
+                "num_labels": len(names),
+                "id2label": dict(enumerate(names)),
+                "label2id": {n: j for j, n in enumerate(names)},
+            }
+        )
         ft = ViTForImageClassification(c)
         ft.vit.load_state_dict(base.vit.state_dict())
         perturb(ft.vit, 0.05, seed=i + 1)
@@ -306,17 +344,23 @@ def test_image_classifier_fit_export_and_stock_task_models(vit_zoo, tmp_path):
     from adamerge.training.datamodule import UnlabeledDataModule
     from tests.conftest import quick_fit
 
-    module = AdaMerging(vit_zoo["base"], vit_zoo["models"], granularity="layer", init=0.3, lr=0.05,
-                        task_type="image_cls")
+    module = AdaMerging(
+        vit_zoo["base"], vit_zoo["models"], granularity="layer", init=0.3, lr=0.05, task_type="image_cls"
+    )
     x = _pixels(vit_zoo["base"], seed=3)
     for task in CLASSES:  # the expert = base + its task vector with its own head = the fine-tune itself
         ft = AutoModelForImageClassification.from_pretrained(vit_zoo["models"][task]).eval()
         params = module.merged.merged_params(module.merged.one_hot(task))
         with torch.no_grad():
-            torch.testing.assert_close(module.predict(task, {"pixel_values": x}, params),
-                                       ft(pixel_values=x).logits, atol=1e-5, rtol=1e-5)
-    dm = UnlabeledDataModule({t: TaskData(path=p, image_column="image") for t, p in vit_zoo["data"].items()},
-                             tokenizer=vit_zoo["base"], samples_per_task=4, holdout=4)
+            torch.testing.assert_close(
+                module.predict(task, {"pixel_values": x}, params), ft(pixel_values=x).logits, atol=1e-5, rtol=1e-5
+            )
+    dm = UnlabeledDataModule(
+        {t: TaskData(path=p, image_column="image") for t, p in vit_zoo["data"].items()},
+        tokenizer=vit_zoo["base"],
+        samples_per_task=4,
+        holdout=4,
+    )
     quick_fit(module, dm, steps=3)
     out = module.export(tmp_path / "merged")
     module.eval()
@@ -328,8 +372,9 @@ def test_image_classifier_fit_export_and_stock_task_models(vit_zoo, tmp_path):
             torch.testing.assert_close(stock(pixel_values=x).logits, ref, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(rebuilt(pixel_values=x).logits, ref, atol=1e-5, rtol=1e-5)
         assert stock.config.id2label[1] == names[1]
-    scores = evaluate_checkpoint(str(out), {t: {"path": p, "image_column": "image", "label_column": "label"}
-                                            for t, p in vit_zoo["data"].items()})
+    scores = evaluate_checkpoint(
+        str(out), {t: {"path": p, "image_column": "image", "label_column": "label"} for t, p in vit_zoo["data"].items()}
+    )
     for task in CLASSES:  # recomputed by hand from the wrapper's predictions
         import datasets
 
@@ -353,21 +398,26 @@ def test_image_steps_shard_across_ranks_like_text(vit_zoo):
     from adamerge.training.datamodule import TaskStepDataset
 
     proc = ImageInputs(AutoImageProcessor.from_pretrained(vit_zoo["base"]))
-    rows = {t: proc.encode(load_texts(TaskData(path=p, image_column="image"), t), TaskData(path=p, image_column="image"))
-            for t, p in vit_zoo["data"].items()}
+    rows = {
+        t: proc.encode(load_texts(TaskData(path=p, image_column="image"), t), TaskData(path=p, image_column="image"))
+        for t, p in vit_zoo["data"].items()
+    }
     assert all(isinstance(r, LazyImages) for r in rows.values())
     one = TaskStepDataset(rows, 4, 0, proc, 10)[7]
     ranks = [TaskStepDataset(rows, 4, 0, proc, 10, rank=r, world_size=2)[7] for r in range(2)]
     assert one["sizes"] == [4, 4] and all(b["sizes"] == [2, 2] for b in ranks)
     px = [b["inputs"]["pixel_values"] for b in ranks]
     for t in range(2):  # task t's rows: rank 0's half, then rank 1's half
-        joined = torch.cat([px[0][2 * t:2 * t + 2], px[1][2 * t:2 * t + 2]])
-        torch.testing.assert_close(joined, one["inputs"]["pixel_values"][4 * t:4 * t + 4])
+        joined = torch.cat([px[0][2 * t : 2 * t + 2], px[1][2 * t : 2 * t + 2]])
+        torch.testing.assert_close(joined, one["inputs"]["pixel_values"][4 * t : 4 * t + 4])
     # BatchNorm re-estimation and M3's scoring read whole steps (first_steps): every rank the single-process batch
     from adamerge.training.datamodule import UnlabeledDataModule
 
-    dm = UnlabeledDataModule({t: TaskData(path=p, image_column="image") for t, p in vit_zoo["data"].items()},
-                             tokenizer=vit_zoo["base"], samples_per_task=4)
+    dm = UnlabeledDataModule(
+        {t: TaskData(path=p, image_column="image") for t, p in vit_zoo["data"].items()},
+        tokenizer=vit_zoo["base"],
+        samples_per_task=4,
+    )
     dm.setup("fit")
     single = dm.first_steps(2)
     d = dm.dataset
@@ -391,45 +441,138 @@ def test_mixed_text_and_image_tasks_are_refused(vit_zoo):
 IMAGE_FAMILIES = {
     "resnet": ("ResNetConfig", dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")),
     "convnext": ("ConvNextConfig", dict(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], image_size=32)),
-    "swin": ("SwinConfig", dict(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2],
-                                window_size=4)),
-    "efficientnet": ("EfficientNetConfig", dict(image_size=32, width_coefficient=0.1, depth_coefficient=0.1,
-                                                hidden_dim=128)),
-    "beit": ("BeitConfig", dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                image_size=32, patch_size=8, use_relative_position_bias=True,
-                                layer_scale_init_value=0.1)),
-    "mobilevit": ("MobileViTConfig", dict(image_size=32, hidden_sizes=[16, 20, 24],
-                                          neck_hidden_sizes=[8, 8, 12, 12, 16, 16, 32])),
-    "dinov2": ("Dinov2Config", dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                    image_size=32, patch_size=8)),
+    "swin": (
+        "SwinConfig",
+        dict(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=4),
+    ),
+    "efficientnet": (
+        "EfficientNetConfig",
+        dict(image_size=32, width_coefficient=0.1, depth_coefficient=0.1, hidden_dim=128),
+    ),
+    "beit": (
+        "BeitConfig",
+        dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+            use_relative_position_bias=True,
+            layer_scale_init_value=0.1,
+        ),
+    ),
+    "mobilevit": (
+        "MobileViTConfig",
+        dict(image_size=32, hidden_sizes=[16, 20, 24], neck_hidden_sizes=[8, 8, 12, 12, 16, 16, 32]),
+    ),
+    "dinov2": (
+        "Dinov2Config",
+        dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+    ),
     "regnet": ("RegNetConfig", dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=8)),
-    "bit": ("BitConfig", dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="preactivation",
-                              num_groups=2)),
+    "bit": (
+        "BitConfig",
+        dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="preactivation", num_groups=2),
+    ),
     "mobilenet_v1": ("MobileNetV1Config", dict(image_size=32, depth_multiplier=0.25)),
     "convnextv2": ("ConvNextV2Config", dict(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], image_size=32)),
-    "swinv2": ("Swinv2Config", dict(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2],
-                                    window_size=4)),
+    "swinv2": (
+        "Swinv2Config",
+        dict(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=4),
+    ),
     "focalnet": ("FocalNetConfig", dict(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1])),
-    "poolformer": ("PoolFormerConfig", dict(hidden_sizes=[8, 16], depths=[1, 1], num_encoder_blocks=2,
-                                            patch_sizes=[7, 3], strides=[4, 2], padding=[2, 1], pool_size=3)),
-    "segformer": ("SegformerConfig", dict(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16],
-                                          patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2],
-                                          mlp_ratios=[2, 2])),
-    "pvt_v2": ("PvtV2Config", dict(image_size=32, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1],
-                                   hidden_sizes=[8, 16], patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2],
-                                   mlp_ratios=[2, 2])),
-    "hiera": ("HieraConfig", dict(image_size=[32, 32], embed_dim=8, num_heads=[1, 2], depths=[1, 1],
-                                  query_stride=[2, 2], num_query_pool=1, masked_unit_attention=[True, False])),
+    "poolformer": (
+        "PoolFormerConfig",
+        dict(
+            hidden_sizes=[8, 16],
+            depths=[1, 1],
+            num_encoder_blocks=2,
+            patch_sizes=[7, 3],
+            strides=[4, 2],
+            padding=[2, 1],
+            pool_size=3,
+        ),
+    ),
+    "segformer": (
+        "SegformerConfig",
+        dict(
+            num_encoder_blocks=2,
+            depths=[1, 1],
+            sr_ratios=[2, 1],
+            hidden_sizes=[8, 16],
+            patch_sizes=[7, 3],
+            strides=[4, 2],
+            num_attention_heads=[1, 2],
+            mlp_ratios=[2, 2],
+        ),
+    ),
+    "pvt_v2": (
+        "PvtV2Config",
+        dict(
+            image_size=32,
+            num_encoder_blocks=2,
+            depths=[1, 1],
+            sr_ratios=[2, 1],
+            hidden_sizes=[8, 16],
+            patch_sizes=[7, 3],
+            strides=[4, 2],
+            num_attention_heads=[1, 2],
+            mlp_ratios=[2, 2],
+        ),
+    ),
+    "hiera": (
+        "HieraConfig",
+        dict(
+            image_size=[32, 32],
+            embed_dim=8,
+            num_heads=[1, 2],
+            depths=[1, 1],
+            query_stride=[2, 2],
+            num_query_pool=1,
+            masked_unit_attention=[True, False],
+        ),
+    ),
     # its backbone class leaves the pooler out by default (add_pooling_layer=False); the classifier has one
-    "data2vec_vision": ("Data2VecVisionConfig", dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                     num_attention_heads=2, image_size=32, patch_size=8)),
+    "data2vec_vision": (
+        "Data2VecVisionConfig",
+        dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+    ),
     # the Auto class maps LeViT to two classifiers: a fine-tune records which one it is
-    "levit": ("LevitConfig", dict(image_size=32, hidden_sizes=[16, 24, 32], num_attention_heads=[1, 2, 2],
-                                  depths=[1, 1, 1], key_dim=[8, 8, 8]), "LevitForImageClassification"),
+    "levit": (
+        "LevitConfig",
+        dict(
+            image_size=32, hidden_sizes=[16, 24, 32], num_attention_heads=[1, 2, 2], depths=[1, 1, 1], key_dim=[8, 8, 8]
+        ),
+        "LevitForImageClassification",
+    ),
     # distilled DeiT: two heads (class and distillation token), not the Auto class's default DeiT classifier
-    "deit_with_teacher": ("DeiTConfig", dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                             num_attention_heads=2, image_size=32, patch_size=8),
-                          "DeiTForImageClassificationWithTeacher"),
+    "deit_with_teacher": (
+        "DeiTConfig",
+        dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        "DeiTForImageClassificationWithTeacher",
+    ),
 }
 
 
@@ -442,8 +585,12 @@ def _family_zoo(family, root):
     config_name, kwargs, *model_class = IMAGE_FAMILIES[family]
 
     def model(names):
-        cfg = getattr(transformers, config_name)(**kwargs, num_labels=len(names), id2label=dict(enumerate(names)),
-                                                 label2id={n: j for j, n in enumerate(names)})
+        cfg = getattr(transformers, config_name)(
+            **kwargs,
+            num_labels=len(names),
+            id2label=dict(enumerate(names)),
+            label2id={n: j for j, n in enumerate(names)},
+        )
         if model_class:
             return getattr(transformers, model_class[0])(cfg)
         return transformers.AutoModelForImageClassification.from_config(cfg)
@@ -488,9 +635,16 @@ def test_image_families_merge_export_and_load_with_stock_transformers(family, tm
         with torch.no_grad():
             torch.testing.assert_close(
                 module.predict(task, {"pixel_values": x}, module.merged.merged_params(module.merged.one_hot(task))),
-                ft(pixel_values=x).logits, atol=1e-5, rtol=1e-5)
-    dm = UnlabeledDataModule({t: TaskData(path=p, image_column="image") for t, p in data.items()},
-                             tokenizer=str(tmp_path / "base"), samples_per_task=4, holdout=4)
+                ft(pixel_values=x).logits,
+                atol=1e-5,
+                rtol=1e-5,
+            )
+    dm = UnlabeledDataModule(
+        {t: TaskData(path=p, image_column="image") for t, p in data.items()},
+        tokenizer=str(tmp_path / "base"),
+        samples_per_task=4,
+        holdout=4,
+    )
     quick_fit(module, dm, steps=2)
     out = module.export(tmp_path / "merged")
     module.eval()
@@ -498,9 +652,11 @@ def test_image_families_merge_export_and_load_with_stock_transformers(family, tm
     coef = json.loads((out / "merge_manifest.json").read_text())["coefficients"]
     lam = torch.tensor(coef["effective"], dtype=torch.float64)
     assert coef["tasks"] == list(CLASSES) and lam.shape == (len(CLASSES), len(coef["params"]))
-    assert sorted(coef["params"]) == sorted(n[len(prefix) + 1:] for n, _ in base.named_parameters()
-                                            if n.startswith(prefix + "."))  # every backbone parameter merged
+    assert sorted(coef["params"]) == sorted(
+        n[len(prefix) + 1 :] for n, _ in base.named_parameters() if n.startswith(prefix + ".")
+    )  # every backbone parameter merged
     assert (lam - 0.3).abs().max() > 1e-4  # the steps moved the coefficients: the hand merge below is not θ0+0.3Στ
+
     # module names, as stock transformers loads each checkpoint (BEiT's on-disk keys are converted on load)
     def weights(path):
         return AutoModelForImageClassification.from_pretrained(str(path)).state_dict()
@@ -511,8 +667,9 @@ def test_image_families_merge_export_and_load_with_stock_transformers(family, tm
         exported = weights(out / "tasks" / task)
         for j, name in enumerate(coef["params"]):
             key = f"{prefix}.{name}"
-            ref = theta0[key].double() + sum(lam[i, j] * (fts[t][key].double() - theta0[key].double())
-                                             for i, t in enumerate(CLASSES))
+            ref = theta0[key].double() + sum(
+                lam[i, j] * (fts[t][key].double() - theta0[key].double()) for i, t in enumerate(CLASSES)
+            )
             torch.testing.assert_close(exported[key].double(), ref, atol=1e-6, rtol=1e-6)
         heads = [k for k in fts[task] if not k.startswith(prefix + ".")]
         assert heads and all(torch.equal(exported[k], fts[task][k]) for k in heads)
@@ -546,8 +703,9 @@ def test_wemoe_on_hierarchical_image_models(family, modules, tmp_path):
 
     base, models, data = _family_zoo(family, tmp_path)
     prefix = base.base_model_prefix
-    module = WEMoE(str(tmp_path / "base"), models, lr=0.05, task_type="image_cls",
-                   **({"modules": modules} if modules else {}))
+    module = WEMoE(
+        str(tmp_path / "base"), models, lr=0.05, task_type="image_cls", **({"modules": modules} if modules else {})
+    )
     assert sorted({r.fc1.out_features for r in module.routing.routers.values()}) == [8, 16]
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     theta0 = dict(base.named_parameters())
@@ -559,18 +717,23 @@ def test_wemoe_on_hierarchical_image_models(family, modules, tmp_path):
             for n, p in ref.named_parameters():
                 if n.startswith(prefix + "."):
                     p.copy_(theta0[n] + sum(0.3 * (fts[t][n] - theta0[n]) for t in CLASSES))
-            torch.testing.assert_close(module.predict(task, {"pixel_values": x}), ref(pixel_values=x).logits,
-                                       atol=1e-5, rtol=1e-5)
-    dm = UnlabeledDataModule({t: TaskData(path=p, image_column="image") for t, p in data.items()},
-                             tokenizer=str(tmp_path / "base"), samples_per_task=4)
+            torch.testing.assert_close(
+                module.predict(task, {"pixel_values": x}), ref(pixel_values=x).logits, atol=1e-5, rtol=1e-5
+            )
+    dm = UnlabeledDataModule(
+        {t: TaskData(path=p, image_column="image") for t, p in data.items()},
+        tokenizer=str(tmp_path / "base"),
+        samples_per_task=4,
+    )
     quick_fit(module, dm, steps=2)
     out = module.export(tmp_path / "merged")
     module.eval()
     served = load_merged(out)
     for task, names in CLASSES.items():
         with torch.no_grad():
-            torch.testing.assert_close(served.predict(task, pixel_values=x), module.predict(task, {"pixel_values": x}),
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                served.predict(task, pixel_values=x), module.predict(task, {"pixel_values": x}), atol=1e-5, rtol=1e-5
+            )
         config = served.heads[task].config
         assert config.id2label == dict(enumerate(names)) and config.label2id == {n: j for j, n in enumerate(names)}
 
@@ -589,8 +752,11 @@ def test_surgery_corrects_a_resnets_channels_and_serves_its_export(tmp_path):
 
     _, models, data = _family_zoo("resnet", tmp_path)  # its last stage is 16 channels wide
     # the merge under Surgery: 2 AdaMerging steps, BatchNorm statistics re-estimated at export
-    dm, merged = _fit_and_export(AdaMerging(str(tmp_path / "base"), models, granularity="layer", init=0.3, lr=0.05,
-                                            task_type="image_cls"), data, tmp_path)
+    dm, merged = _fit_and_export(
+        AdaMerging(str(tmp_path / "base"), models, granularity="layer", init=0.3, lr=0.05, task_type="image_cls"),
+        data,
+        tmp_path,
+    )
     surgery = Surgery(str(tmp_path / "base"), models, merged=str(merged), rank=4, lr=0.05, task_type="image_cls")
     assert all(a.down.weight.shape == (4, 16) and a.up.weight.shape == (16, 4) for a in surgery.adapters.values())
     quick_fit(surgery, dm, steps=3)
@@ -619,11 +785,13 @@ def _mobilenet_zoo(root):
     base = MobileNetV2ForImageClassification(cfg).eval()
     base.save_pretrained(str(root / "base"))
     MobileNetV2ImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-        str(root / "base"))
+        str(root / "base")
+    )
     models, data = {}, {}
     for i, (task, names) in enumerate(CLASSES.items()):
-        ft = MobileNetV2ForImageClassification(MobileNetV2Config(image_size=32, depth_multiplier=0.35,
-                                                                 num_labels=len(names)))
+        ft = MobileNetV2ForImageClassification(
+            MobileNetV2Config(image_size=32, depth_multiplier=0.35, num_labels=len(names))
+        )
         ft.mobilenet_v2.load_state_dict(base.mobilenet_v2.state_dict())
         perturb(ft.mobilenet_v2, 0.05, seed=i + 1)
         with torch.no_grad():  # each fine-tune's own running statistics, as after fine-tuning in train mode
@@ -645,13 +813,22 @@ def _fit_and_export(module, data, tmp_path, steps=2, bn_batches=3):
     from adamerge.training.callbacks import ExportOnFitEnd
     from adamerge.training.datamodule import UnlabeledDataModule
 
-    dm = UnlabeledDataModule({t: TaskData(path=p, image_column="image") for t, p in data.items()},
-                             tokenizer=str(tmp_path / "base"), samples_per_task=4)
+    dm = UnlabeledDataModule(
+        {t: TaskData(path=p, image_column="image") for t, p in data.items()},
+        tokenizer=str(tmp_path / "base"),
+        samples_per_task=4,
+    )
     out = tmp_path / "merged"
     pl.seed_everything(0, verbose=False)
-    pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False, accelerator="cpu",
-               callbacks=[ExportOnFitEnd(output_dir=str(out), bn_batches=bn_batches)]).fit(module, datamodule=dm)
+    pl.Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=[ExportOnFitEnd(output_dir=str(out), bn_batches=bn_batches)],
+    ).fit(module, datamodule=dm)
     return dm, out
 
 
@@ -671,8 +848,9 @@ def test_batchnorm_statistics_are_reestimated_under_the_merge(tmp_path):
     assert info["batches"] == 3 and info["rows"] == 3 * 4 * len(CLASSES)
     stock = AutoModelForImageClassification.from_pretrained(str(out / "tasks" / "digits")).eval()
     bn = stock.mobilenet_v2.conv_stem.first_conv.normalization
-    mean, var = _cumulative_stats(_first_bn_inputs(stock.mobilenet_v2,
-                                                   [dm.dataset[i]["inputs"]["pixel_values"] for i in range(3)]))
+    mean, var = _cumulative_stats(
+        _first_bn_inputs(stock.mobilenet_v2, [dm.dataset[i]["inputs"]["pixel_values"] for i in range(3)])
+    )
     torch.testing.assert_close(bn.running_mean, mean, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(bn.running_var, var, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(bn.running_var, base.mobilenet_v2.conv_stem.first_conv.normalization.running_var)
@@ -714,8 +892,9 @@ def test_batch_statistics_summed_over_ranks_normalise_and_leave_the_layers_as_th
     assert "forward" not in bn.__dict__ and not bn.training and bn.track_running_stats
     assert torch.equal(bn.running_mean, torch.ones(3)) and torch.equal(bn.running_var, torch.ones(3))
     with torch.no_grad():  # eval again: the running statistics
-        torch.testing.assert_close(net(x), (h - 1.0) / torch.sqrt(torch.tensor(1.0 + bn.eps)) * bn.weight.view(shape)
-                                   + bn.bias.view(shape))
+        torch.testing.assert_close(
+            net(x), (h - 1.0) / torch.sqrt(torch.tensor(1.0 + bn.eps)) * bn.weight.view(shape) + bn.bias.view(shape)
+        )
 
 
 @pytest.mark.parametrize("statistics", ["batch", "running"])
@@ -733,20 +912,46 @@ def test_training_steps_normalise_the_merge_with_batch_statistics(tmp_path, stat
     from adamerge.training.datamodule import UnlabeledDataModule
 
     base, models, data = _mobilenet_zoo(tmp_path)
-    module = AdaMerging(str(tmp_path / "base"), models, granularity="layer", init=0.3, lr=0.05, task_type="image_cls",
-                        objective="kl", task_chunks=1 if statistics == "running" else "auto",
-                        batchnorm_statistics=statistics)
+    module = AdaMerging(
+        str(tmp_path / "base"),
+        models,
+        granularity="layer",
+        init=0.3,
+        lr=0.05,
+        task_type="image_cls",
+        objective="kl",
+        task_chunks=1 if statistics == "running" else "auto",
+        batchnorm_statistics=statistics,
+    )
     assert module.task_chunk_count() == 1  # "auto" on a BatchNorm backbone on batch statistics: the whole step
     bn = module.merged.backbone.conv_stem.first_conv.normalization
     before = {n: b.clone() for n, b in module.merged.backbone.named_buffers()}
     calls = []
-    handle = bn.register_forward_hook(lambda m, args, out: calls.append(
-        (args[0].detach(), out.detach(), m.weight.detach(), m.bias.detach(), m.running_mean.clone(),
-         m.running_var.clone())))
-    dm = UnlabeledDataModule({t: TaskData(path=p, image_column="image") for t, p in data.items()},
-                             tokenizer=str(tmp_path / "base"), samples_per_task=4)
-    pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False, accelerator="cpu").fit(module, datamodule=dm)
+    handle = bn.register_forward_hook(
+        lambda m, args, out: calls.append(
+            (
+                args[0].detach(),
+                out.detach(),
+                m.weight.detach(),
+                m.bias.detach(),
+                m.running_mean.clone(),
+                m.running_var.clone(),
+            )
+        )
+    )
+    dm = UnlabeledDataModule(
+        {t: TaskData(path=p, image_column="image") for t, p in data.items()},
+        tokenizer=str(tmp_path / "base"),
+        samples_per_task=4,
+    )
+    pl.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    ).fit(module, datamodule=dm)
     handle.remove()
     eps, rows = bn.eps, 4 * len(CLASSES)
     merged = [c for c in calls if c[0].shape[0] == rows]
@@ -769,8 +974,11 @@ def test_training_steps_normalise_the_merge_with_batch_statistics(tmp_path, stat
         torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
     after = dict(module.merged.backbone.named_buffers())
     assert all(torch.equal(before[n], after[n]) for n in before)  # nothing tracked into the shared buffers
-    assert all(m.track_running_stats and not m.training for m in module.merged.backbone.modules()
-               if isinstance(m, torch.nn.BatchNorm2d))
+    assert all(
+        m.track_running_stats and not m.training
+        for m in module.merged.backbone.modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+    )
     # label-free selection scores the merge as exported: statistics re-estimated on the scored rows. Reference:
     # agreement with the stock fine-tunes, the merge's statistics re-estimated on the same rows first.
     from transformers import AutoModelForImageClassification
@@ -785,9 +993,11 @@ def test_training_steps_normalise_the_merge_with_batch_statistics(tmp_path, stat
         for b in batches:
             start = 0
             for task, n in zip(b["tasks"], b["sizes"]):
-                x = b["inputs"]["pixel_values"][start:start + n]
-                same[task].append(module.predict(task, {"pixel_values": x}).argmax(-1)
-                                  == stock[task](pixel_values=x).logits.argmax(-1))
+                x = b["inputs"]["pixel_values"][start : start + n]
+                same[task].append(
+                    module.predict(task, {"pixel_values": x}).argmax(-1)
+                    == stock[task](pixel_values=x).logits.argmax(-1)
+                )
                 start += n
     assert score == pytest.approx(sum(float(torch.cat(v).float().mean()) for v in same.values()) / len(same))
 
@@ -828,15 +1038,24 @@ def test_per_task_batchnorm_statistics_train_export_and_serve(tmp_path):
 
     base, models, data = _mobilenet_zoo(tmp_path)
     # task_chunks 1 (the GPU default): the whole step under one forward call, which must group the rows by task
-    module = AdaMerging(str(tmp_path / "base"), models, granularity="layer", init=0.3, lr=0.05, task_type="image_cls",
-                        task_chunks=1, batchnorm_statistics="task")
+    module = AdaMerging(
+        str(tmp_path / "base"),
+        models,
+        granularity="layer",
+        init=0.3,
+        lr=0.05,
+        task_type="image_cls",
+        task_chunks=1,
+        batchnorm_statistics="task",
+    )
     bn = module.merged.backbone.conv_stem.first_conv.normalization
     calls = []
-    handle = bn.register_forward_hook(lambda m, args, out: calls.append(
-        (args[0].detach(), out.detach(), m.weight.detach(), m.bias.detach())))
+    handle = bn.register_forward_hook(
+        lambda m, args, out: calls.append((args[0].detach(), out.detach(), m.weight.detach(), m.bias.detach()))
+    )
     dm, out = _fit_and_export(module, data, tmp_path)
     handle.remove()
-    training = calls[:2 * len(CLASSES)]  # then the re-estimation's forwards
+    training = calls[: 2 * len(CLASSES)]  # then the re-estimation's forwards
     assert [c[0].shape[0] for c in training] == [4] * (2 * len(CLASSES))  # one task's rows per forward
     shape = (1, -1, 1, 1)
     for x, y, w, b in training:
@@ -854,7 +1073,7 @@ def test_per_task_batchnorm_statistics_train_export_and_serve(tmp_path):
     for st in steps:
         start = 0
         for t, n in zip(st["tasks"], st["sizes"]):
-            rows[t].append(st["inputs"]["pixel_values"][start:start + n])
+            rows[t].append(st["inputs"]["pixel_values"][start : start + n])
             start += n
     everything = [st["inputs"]["pixel_values"] for st in steps]
     wrapper = load_merged(out)
@@ -886,10 +1105,24 @@ def test_per_task_batchnorm_statistics_train_export_and_serve(tmp_path):
     same = []
     with torch.no_grad():
         for task in CLASSES:
-            x = torch.cat([b["inputs"]["pixel_values"][i * 4:(i + 1) * 4] for b in batches
-                           for i, t in enumerate(b["tasks"]) if t == task])
-            same.append(float((module.predict(task, {"pixel_values": x}).argmax(-1)
-                               == experts[task](pixel_values=x).logits.argmax(-1)).float().mean()))
+            x = torch.cat(
+                [
+                    b["inputs"]["pixel_values"][i * 4 : (i + 1) * 4]
+                    for b in batches
+                    for i, t in enumerate(b["tasks"])
+                    if t == task
+                ]
+            )
+            same.append(
+                float(
+                    (
+                        module.predict(task, {"pixel_values": x}).argmax(-1)
+                        == experts[task](pixel_values=x).logits.argmax(-1)
+                    )
+                    .float()
+                    .mean()
+                )
+            )
     assert score == pytest.approx(sum(same) / len(same))
 
     # Surgery from this export serves each task with its own statistics (adapters are the identity at init)
@@ -917,18 +1150,36 @@ def test_adamerge_merge_writes_per_task_batchnorm_statistics(tmp_path):
     name = "conv_stem.first_conv.normalization"
     for option in ("task", "batch"):
         out = tmp_path / f"merged-{option}"
-        args = ["--model", "adamerge.methods.TaskArithmetic", "--model.base", str(tmp_path / "base"),
-                "--model.models", json.dumps(models), "--model.task_type", "image_cls", "--output_dir", str(out),
-                "--bn_batches", "2", "--model.batchnorm_statistics", option,
-                "--data", json.dumps({"tasks": {t: {"path": p, "image_column": "image"} for t, p in data.items()},
-                                      "samples_per_task": 4})]
+        args = [
+            "--model",
+            "adamerge.methods.TaskArithmetic",
+            "--model.base",
+            str(tmp_path / "base"),
+            "--model.models",
+            json.dumps(models),
+            "--model.task_type",
+            "image_cls",
+            "--output_dir",
+            str(out),
+            "--bn_batches",
+            "2",
+            "--model.batchnorm_statistics",
+            option,
+            "--data",
+            json.dumps(
+                {"tasks": {t: {"path": p, "image_column": "image"} for t, p in data.items()}, "samples_per_task": 4}
+            ),
+        ]
         merge_main(args)
         root = AutoModel.from_pretrained(str(out)).get_submodule(name)
         manifest = read_manifest(out)
         if option == "batch":
             assert "task_buffers" not in manifest and not (out / "task_buffers.safetensors").exists()
-        dm = UnlabeledDataModule({t: TaskData(path=p, image_column="image") for t, p in data.items()},
-                                 tokenizer=str(tmp_path / "base"), samples_per_task=4)
+        dm = UnlabeledDataModule(
+            {t: TaskData(path=p, image_column="image") for t, p in data.items()},
+            tokenizer=str(tmp_path / "base"),
+            samples_per_task=4,
+        )
         steps = dm.first_steps(2)
         for i, task in enumerate(CLASSES):
             stock = AutoModelForImageClassification.from_pretrained(str(out / "tasks" / task)).eval()
@@ -939,7 +1190,7 @@ def test_adamerge_merge_writes_per_task_batchnorm_statistics(tmp_path):
             assert manifest["batchnorm"]["per_task"] is True
             stored = load_file(str(out / "task_buffers.safetensors"))[f"{task}/{name}.running_mean"]
             torch.testing.assert_close(own.running_mean, stored)
-            rows = [st["inputs"]["pixel_values"][i * 4:(i + 1) * 4] for st in steps]
+            rows = [st["inputs"]["pixel_values"][i * 4 : (i + 1) * 4] for st in steps]
             assert all(st["tasks"][i] == task for st in steps)
             mean, _ = _cumulative_stats(_first_bn_inputs(stock.mobilenet_v2, rows))
             torch.testing.assert_close(own.running_mean, mean, atol=1e-5, rtol=1e-4)
@@ -961,8 +1212,11 @@ def test_m3_scores_batchnorm_candidates_with_batch_statistics(tmp_path):
 
     base, models, data = _mobilenet_zoo(tmp_path)
     m3 = M3(str(tmp_path / "base"), models, candidates=3, eval_batches=2, task_type="image_cls")
-    dm = UnlabeledDataModule({t: TaskData(path=p, image_column="image") for t, p in data.items()},
-                             tokenizer=str(tmp_path / "base"), samples_per_task=4)
+    dm = UnlabeledDataModule(
+        {t: TaskData(path=p, image_column="image") for t, p in data.items()},
+        tokenizer=str(tmp_path / "base"),
+        samples_per_task=4,
+    )
     m3.use_data(dm)
     fts = {t: MobileNetV2ForImageClassification.from_pretrained(models[t]).eval() for t in CLASSES}
     theta0 = dict(base.mobilenet_v2.named_parameters())
@@ -972,8 +1226,13 @@ def test_m3_scores_batchnorm_candidates_with_batch_statistics(tmp_path):
         body = copy.deepcopy(base.mobilenet_v2)
         with torch.no_grad():
             for n, p in body.named_parameters():
-                p.copy_(theta0[n] + sum(float(w[i]) * (dict(fts[t].mobilenet_v2.named_parameters())[n] - theta0[n])
-                                        for i, t in enumerate(CLASSES)))
+                p.copy_(
+                    theta0[n]
+                    + sum(
+                        float(w[i]) * (dict(fts[t].mobilenet_v2.named_parameters())[n] - theta0[n])
+                        for i, t in enumerate(CLASSES)
+                    )
+                )
         for m in body.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.train()
@@ -984,7 +1243,7 @@ def test_m3_scores_batchnorm_candidates_with_batch_statistics(tmp_path):
                 pooled = body(pixel_values=b["inputs"]["pixel_values"]).pooler_output
                 start = 0
                 for task, n in zip(b["tasks"], b["sizes"]):
-                    p = fts[task].classifier(pooled[start:start + n]).softmax(-1)
+                    p = fts[task].classifier(pooled[start : start + n]).softmax(-1)
                     total += float(-(p * p.log()).sum(-1).mean())
                     start += n
         expected.append(total / len(batches))
@@ -1023,8 +1282,15 @@ def _reference_mobilenet_v2(sd, x):
     def cbn(x, prefix_conv, prefix_bn, stride=1, groups=1, act=True):
         w = sd[prefix_conv + ".weight"]
         x = F.conv2d(x, w, stride=stride, padding=w.shape[-1] // 2, groups=groups)
-        x = F.batch_norm(x, sd[prefix_bn + ".running_mean"], sd[prefix_bn + ".running_var"], sd[prefix_bn + ".weight"],
-                         sd[prefix_bn + ".bias"], training=False, eps=1e-5)
+        x = F.batch_norm(
+            x,
+            sd[prefix_bn + ".running_mean"],
+            sd[prefix_bn + ".running_var"],
+            sd[prefix_bn + ".weight"],
+            sd[prefix_bn + ".bias"],
+            training=False,
+            eps=1e-5,
+        )
         return F.relu6(x) if act else x
 
     x = cbn(x, "features.0.0", "features.0.1", stride=2)
@@ -1069,8 +1335,9 @@ def test_clip_recompute_gives_the_plain_gradient(clip_zoo):
     batch = {"inputs": {"pixel_values": x}, "tasks": list(CLASSES), "sizes": [4, 4]}
     grads = []
     for recompute in (None, "activations", "merge"):
-        module = AdaMerging(clip_zoo["base"], clip_zoo["models"], task_type="clip", heads=_heads(), task_chunks=1,
-                            recompute=recompute)
+        module = AdaMerging(
+            clip_zoo["base"], clip_zoo["models"], task_type="clip", heads=_heads(), task_chunks=1, recompute=recompute
+        )
         if recompute:
             assert [p for _, p in module.merged.layer_stores] == [f"encoder.layers.{i}" for i in (0, 1)]
         module.objective(batch)[0].backward()
@@ -1094,8 +1361,9 @@ def test_wemoe_on_clip_starts_as_task_arithmetic(clip_zoo):
     x = _pixels(clip_zoo["base"], seed=4)
     for task in CLASSES:
         with torch.no_grad():
-            torch.testing.assert_close(moe.predict(task, {"pixel_values": x}), ta.predict(task, {"pixel_values": x}),
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                moe.predict(task, {"pixel_values": x}), ta.predict(task, {"pixel_values": x}), atol=1e-5, rtol=1e-5
+            )
 
 
 def test_benchmark_unpickler_reads_arrays_and_refuses_anything_else():
@@ -1139,17 +1407,35 @@ def test_clip_ddp_two_processes_match_single_process(clip_zoo, tmp_path):
     from tests.test_distributed import TOL, _fit
 
     def cfg(name, devices):
-        return {"seed_everything": 0,
-                "model": {"class_path": "adamerge.methods.AdaMerging",
-                          "init_args": {"base": clip_zoo["base"], "models": clip_zoo["models"], "granularity": "layer",
-                                        "task_type": "clip", "heads": _heads()}},
-                "data": {"tasks": {t: {"path": p, "image_column": "image"} for t, p in clip_zoo["data"].items()},
-                         "samples_per_task": 4},
-                "trainer": {"max_steps": 4, "accelerator": "cpu", "devices": devices, "logger": False,
-                            "default_root_dir": str(tmp_path / f"{name}_root"), "enable_progress_bar": False,
-                            "enable_model_summary": False, "enable_checkpointing": False,
-                            **({"strategy": "ddp"} if devices > 1 else {})},
-                "export": {"output_dir": str(tmp_path / name)}}
+        return {
+            "seed_everything": 0,
+            "model": {
+                "class_path": "adamerge.methods.AdaMerging",
+                "init_args": {
+                    "base": clip_zoo["base"],
+                    "models": clip_zoo["models"],
+                    "granularity": "layer",
+                    "task_type": "clip",
+                    "heads": _heads(),
+                },
+            },
+            "data": {
+                "tasks": {t: {"path": p, "image_column": "image"} for t, p in clip_zoo["data"].items()},
+                "samples_per_task": 4,
+            },
+            "trainer": {
+                "max_steps": 4,
+                "accelerator": "cpu",
+                "devices": devices,
+                "logger": False,
+                "default_root_dir": str(tmp_path / f"{name}_root"),
+                "enable_progress_bar": False,
+                "enable_model_summary": False,
+                "enable_checkpointing": False,
+                **({"strategy": "ddp"} if devices > 1 else {}),
+            },
+            "export": {"output_dir": str(tmp_path / name)},
+        }
 
     single = _fit(tmp_path, cfg("single", 1), "single")
     ddp = _fit(tmp_path, cfg("ddp", 2), "ddp")
@@ -1179,7 +1465,8 @@ def test_image_data_from_an_imagefolder_and_parquet(tmp_path):
         im.save(d / f"{i}.png")
     feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
     datasets.Dataset.from_dict({"image": images, "label": [0, 1] * 3}, features=feats).to_parquet(
-        str(tmp_path / "d.parquet"))
+        str(tmp_path / "d.parquet")
+    )
     proc = ViTImageProcessor(size={"height": 32, "width": 32})
     inputs = ImageInputs(proc)
     for path in (folder, tmp_path / "d.parquet"):
@@ -1233,11 +1520,14 @@ def test_adapt_batchnorm_gives_each_layer_the_tasks_own_statistics():
     weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
     pixels = torch.randn(12, 3, 32, 32) * 2 + 0.5
     reference, seen = copy.deepcopy(model).train(), {}
-    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: seen.setdefault(name, []).append(args[0]))
-             for name, m in reference.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out, name=name: seen.setdefault(name, []).append(args[0]))
+        for name, m in reference.named_modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+    ]
     with torch.no_grad():
         for i in range(0, 12, 4):
-            reference.mobilenet_v2(pixel_values=pixels[i:i + 4])
+            reference.mobilenet_v2(pixel_values=pixels[i : i + 4])
     for h in hooks:
         h.remove()
     adapt_batchnorm(model, pixels, batch_size=4)
@@ -1270,20 +1560,26 @@ def test_lora_on_convolutions_merges_as_peft_does_and_grouped_ones_are_refused(t
     def adapter(base, path, seed, **lora):
         torch.manual_seed(seed)
         model = transformers.AutoModelForImageClassification.from_pretrained(base)
-        get_peft_model(model, LoraConfig(init_lora_weights=False, modules_to_save=["classifier"], **lora)
-                       ).save_pretrained(str(path))
+        get_peft_model(
+            model, LoraConfig(init_lora_weights=False, modules_to_save=["classifier"], **lora)
+        ).save_pretrained(str(path))
         return str(path)
 
     _family_zoo("resnet", tmp_path / "resnet")
     base = str(tmp_path / "resnet" / "base")
-    paths = {t: adapter(base, tmp_path / t, i, r=4, lora_alpha=8, target_modules=["convolution"])
-             for i, t in enumerate(("a", "b"))}
+    paths = {
+        t: adapter(base, tmp_path / t, i, r=4, lora_alpha=8, target_modules=["convolution"])
+        for i, t in enumerate(("a", "b"))
+    }
     module = TaskArithmetic(base, paths, scale=1.0, task_type="image_cls").eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     plain = transformers.AutoModelForImageClassification.from_pretrained(base).eval()
     for task in paths:
-        ref = PeftModel.from_pretrained(transformers.AutoModelForImageClassification.from_pretrained(base),
-                                        paths[task]).merge_and_unload().eval()
+        ref = (
+            PeftModel.from_pretrained(transformers.AutoModelForImageClassification.from_pretrained(base), paths[task])
+            .merge_and_unload()
+            .eval()
+        )
         with torch.no_grad():
             expected = ref(pixel_values=x).logits
             assert (expected - plain(pixel_values=x).logits).abs().max() > 1e-2  # the adapter changes the model
@@ -1293,6 +1589,9 @@ def test_lora_on_convolutions_merges_as_peft_does_and_grouped_ones_are_refused(t
     _family_zoo("convnext", tmp_path / "convnext")
     base = str(tmp_path / "convnext" / "base")
     grouped = adapter(base, tmp_path / "dw", 0, r=16, lora_alpha=16, target_modules=["dwconv"])
-    with pytest.raises(MergeInputError, match=r"'encoder\.stages\.0\.layers\.0\.dwconv\.weight' give shape .* "
-                                              r"\(a grouped convolution"):
+    with pytest.raises(
+        MergeInputError,
+        match=r"'encoder\.stages\.0\.layers\.0\.dwconv\.weight' give shape .* "
+        r"\(a grouped convolution",
+    ):
         TaskArithmetic(base, {"dw": grouped}, task_type="image_cls")

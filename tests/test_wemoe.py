@@ -66,7 +66,7 @@ def test_export_served_by_load_merged_equals_the_wrapper(zoo, batch, task_data, 
     served = load_merged(out)
     start = 0
     for task, n in zip(batch["tasks"], batch["sizes"]):
-        rows = {k: v[start:start + n] for k, v in batch["inputs"].items()}
+        rows = {k: v[start : start + n] for k, v in batch["inputs"].items()}
         with torch.no_grad():
             want = wemoe.predict(task, rows)
         assert (served.predict(task, **rows) - want).abs().max() < 1e-5, task

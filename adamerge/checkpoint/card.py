@@ -78,10 +78,12 @@ def coefficient_table(coefficients: dict[str, Any]) -> tuple[list[str], list[lis
 def _front_matter(manifest: dict[str, Any]) -> str:
     import yaml
 
-    meta = {"base_model": base_model_id(manifest),
-            "tags": ["merge", "adamerge", f"adamerge-{manifest['method']}"],
-            "library_name": "transformers",
-            "pipeline_tag": get_kind(manifest_kind(manifest)).pipeline_tag}
+    meta = {
+        "base_model": base_model_id(manifest),
+        "tags": ["merge", "adamerge", f"adamerge-{manifest['method']}"],
+        "library_name": "transformers",
+        "pipeline_tag": get_kind(manifest_kind(manifest)).pipeline_tag,
+    }
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 
 
@@ -93,10 +95,14 @@ def render_card(manifest: dict[str, Any], eval_results: dict[str, Any] | None = 
     """The card's text from an export's manifest (and its ``eval_results.json``, when evaluated)."""
     method = manifest["method"]
     tasks = [s["task"] for s in manifest.get("sources", [])]
-    lines = [_front_matter(manifest), f"# {method} merge of {len(tasks)} fine-tunes\n",
-             f"This model was merged with adamerge (method `{method}`) from the base `{manifest['base']['source']}` "
-             f"and {len(tasks)} fine-tunes of it. No training data of the fine-tunes was used"
-             + (", only unlabeled data for the coefficients (below)." if manifest.get("data") else "."), ""]
+    lines = [
+        _front_matter(manifest),
+        f"# {method} merge of {len(tasks)} fine-tunes\n",
+        f"This model was merged with adamerge (method `{method}`) from the base `{manifest['base']['source']}` "
+        f"and {len(tasks)} fine-tunes of it. No training data of the fine-tunes was used"
+        + (", only unlabeled data for the coefficients (below)." if manifest.get("data") else "."),
+        "",
+    ]
     for section in (_use, _sources, _coefficients, _settings, _data):
         lines += section(manifest)
     lines += _evaluation(eval_results) if eval_results else []
@@ -107,18 +113,26 @@ def render_card(manifest: dict[str, Any], eval_results: dict[str, Any] | None = 
 def _use(manifest: dict[str, Any]) -> list[str]:
     tasks = [s["task"] for s in manifest.get("sources", [])]
     repo = (manifest.get("hub") or {}).get("repo_id") or "<this repo>"
-    lines = ["## Use\n", get_kind(manifest_kind(manifest)).card_usage(repo, tasks[0] if tasks else "<task>",
-                                                                     bool(manifest.get("per_task_models")))]
+    lines = [
+        "## Use\n",
+        get_kind(manifest_kind(manifest)).card_usage(
+            repo, tasks[0] if tasks else "<task>", bool(manifest.get("per_task_models"))
+        ),
+    ]
     if (manifest.get("head_options") or {}).get("pooler"):
-        lines.append("Each task's head keeps its fine-tune's own pooler (`heads: {pooler: true}`): classify with "
-                     "`tasks/<task>/`, which holds that task's pooler and classifier. The root's pooler is the "
-                     "merged one, which none of the heads was trained with: use the root for its features "
-                     "(`last_hidden_state`), not as the backbone of a task's classifier.\n")
+        lines.append(
+            "Each task's head keeps its fine-tune's own pooler (`heads: {pooler: true}`): classify with "
+            "`tasks/<task>/`, which holds that task's pooler and classifier. The root's pooler is the "
+            "merged one, which none of the heads was trained with: use the root for its features "
+            "(`last_hidden_state`), not as the backbone of a task's classifier.\n"
+        )
     if manifest.get("task_buffers"):
-        lines.append("Each task has BatchNorm statistics of its own (`task_buffers.safetensors`), re-estimated on its "
-                     "unlabeled rows under the merge: classify a task's rows with `tasks/<task>/` (which holds them) "
-                     "or `adamerge.load_merged(path).predict(task, ...)`. The root's statistics are those of every "
-                     "task's rows together: one model for rows of unknown task.\n")
+        lines.append(
+            "Each task has BatchNorm statistics of its own (`task_buffers.safetensors`), re-estimated on its "
+            "unlabeled rows under the merge: classify a task's rows with `tasks/<task>/` (which holds them) "
+            "or `adamerge.load_merged(path).predict(task, ...)`. The root's statistics are those of every "
+            "task's rows together: one model for rows of unknown task.\n"
+        )
     for ext in extensions_of(manifest):  # what the method's export extension says about serving it
         lines.append(ext.card(manifest[ext.key]))
     weights = manifest.get("weights", {})
@@ -129,12 +143,16 @@ def _use(manifest: dict[str, Any]) -> list[str]:
 
 
 def _sources(manifest: dict[str, Any]) -> list[str]:
-    lines = ["## Sources\n", "| role | task | source | sha256 |\n| --- | --- | --- | --- |",
-             f"| base | | `{manifest['base']['source']}` | `{manifest['base']['sha256'][:16]}…` |"]
+    lines = [
+        "## Sources\n",
+        "| role | task | source | sha256 |\n| --- | --- | --- | --- |",
+        f"| base | | `{manifest['base']['source']}` | `{manifest['base']['sha256'][:16]}…` |",
+    ]
     for s in manifest.get("sources", []):
         lines.append(f"| fine-tune | {s['task']} | `{s['source']}` | `{s['sha256'][:16]}…` |")
-    lines.append("\nHashes are sha256 over every tensor's name, dtype, shape and bytes (full values in "
-                 "`merge_manifest.json`).\n")
+    lines.append(
+        "\nHashes are sha256 over every tensor's name, dtype, shape and bytes (full values in `merge_manifest.json`).\n"
+    )
     return lines
 
 
@@ -145,8 +163,10 @@ def _coefficients(manifest: dict[str, Any]) -> list[str]:
     cols, rows = coefficient_table(c)
     lines = [f"## Merge coefficients ({c.get('granularity')}-wise)\n"]
     if len(cols) > 1:
-        lines.append(f"Mean coefficient per block; every tensor's value is in `merge_manifest.json`, the heatmap "
-                     f"in `{HEATMAP}`.\n")
+        lines.append(
+            f"Mean coefficient per block; every tensor's value is in `merge_manifest.json`, the heatmap "
+            f"in `{HEATMAP}`.\n"
+        )
         lines.append(f"![merge coefficients]({HEATMAP})\n")
     lines.append("| task | " + " | ".join(cols) + " |\n|" + " --- |" * (len(cols) + 1))
     for task, row in zip(c["tasks"], rows):
@@ -168,9 +188,12 @@ def _data(manifest: dict[str, Any]) -> list[str]:
     data = manifest.get("data")
     if not data:
         return []
-    lines = ["## Data used for adaptation\n",
-             f"Unlabeled inputs only (labels never read), {data.get('samples_per_task')} rows per task, "
-             f"truncated to {data.get('max_length')} tokens:\n", "| task | dataset | split |\n| --- | --- | --- |"]
+    lines = [
+        "## Data used for adaptation\n",
+        f"Unlabeled inputs only (labels never read), {data.get('samples_per_task')} rows per task, "
+        f"truncated to {data.get('max_length')} tokens:\n",
+        "| task | dataset | split |\n| --- | --- | --- |",
+    ]
     for task, spec in data.get("tasks", {}).items():
         lines.append(f"| {task} | `{spec.get('path')}` | {spec.get('split')} |")
     return [*lines, ""]
@@ -180,8 +203,10 @@ def _evaluation(eval_results: dict[str, Any]) -> list[str]:
     scores = eval_results.get("scores", {})
     lines = ["## Evaluation\n"]
     if all("perplexity" in s for s in scores.values()):  # a causal LM: each task's text scored token by token
-        lines.append(f"`adamerge evaluate` on each task's text (max_length {eval_results.get('max_length')}; "
-                     "mean next-token negative log-likelihood in nats, and its perplexity):\n")
+        lines.append(
+            f"`adamerge evaluate` on each task's text (max_length {eval_results.get('max_length')}; "
+            "mean next-token negative log-likelihood in nats, and its perplexity):\n"
+        )
         lines.append("| task | NLL | perplexity |\n| --- | --- | --- |")
         lines += [f"| {task} | {s['nll']:.4f} | {s['perplexity']:.2f} |" for task, s in scores.items()]
     else:
@@ -200,8 +225,9 @@ def _reproduce(manifest: dict[str, Any]) -> list[str]:
     else:
         lines.append("Exported from Python; the method and its settings are in `merge_manifest.json`.\n")
     v = manifest.get("versions", {})
-    lines.append("Versions: " + ", ".join(f"{k} {val}" for k, val in v.items())
-                 + f"; created {manifest.get('created')}.\n")
+    lines.append(
+        "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + f"; created {manifest.get('created')}.\n"
+    )
     return lines
 
 

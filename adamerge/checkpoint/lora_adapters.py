@@ -22,12 +22,16 @@ def write_lora_adapters(module, root: Path) -> list[str]:
 
     merged = module.merged
     if merged.kind.peft_task_type is None:
-        raise MergeInputError(f"lora_adapters: PEFT adapters are written for task_type seq_cls, causal_lm and "
-                              f"seq2seq_lm, not {merged.kind.name!r}; export the full merged model "
-                              "(lora_adapters: false)")
+        raise MergeInputError(
+            f"lora_adapters: PEFT adapters are written for task_type seq_cls, causal_lm and "
+            f"seq2seq_lm, not {merged.kind.name!r}; export the full merged model "
+            "(lora_adapters: false)"
+        )
     if not merged.low_rank_names or merged.task_vectors():
-        raise MergeInputError("export_lora: every merged tensor must have a low-rank (LoRA) task vector; "
-                              f"dense ones: {list(merged.task_vectors())[:5]}")
+        raise MergeInputError(
+            "export_lora: every merged tensor must have a low-rank (LoRA) task vector; "
+            f"dense ones: {list(merged.task_vectors())[:5]}"
+        )
     modules = dict(merged.backbone.named_modules())
     for name in merged.low_rank_names:
         owner = modules.get(name.rsplit(".", 1)[0])
@@ -53,8 +57,15 @@ def write_lora_adapters(module, root: Path) -> list[str]:
             head = merged.heads[task]
             model = _classifier_with(merged.kind, head, merged.backbone)
             prefix = head.base_model_prefix + "."
-        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=[prefix + m for m in factors], lora_dropout=0.0,
-                            task_type=peft_task, modules_to_save=save, init_lora_weights=False)
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=rank,
+            target_modules=[prefix + m for m in factors],
+            lora_dropout=0.0,
+            task_type=peft_task,
+            modules_to_save=save,
+            init_lora_weights=False,
+        )
         peft_model = get_peft_model(model, config)
         named = dict(peft_model.base_model.model.named_modules())
         with torch.no_grad():

@@ -46,40 +46,14 @@ from adamerge.kinds import get_kind
 log = logging.getLogger(__name__)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def _load_preprocessor(kind, source: str):
     """The base's tokenizer (text kinds) or image processor (image kinds), or None with a warning."""
     try:
         return kind.preprocessor(source)
     except (OSError, ValueError) as e:
-        log.warning("no %s copied from %s: %s", "tokenizer" if kind.modality == "text" else "image processor",
-                    source, e)
+        log.warning(
+            "no %s copied from %s: %s", "tokenizer" if kind.modality == "text" else "image processor", source, e
+        )
         return None
 
 
@@ -131,13 +105,24 @@ def _set_dtype(config, dtype: torch.dtype) -> None:
         config.torch_dtype = dtype
 
 
-def write_merged(output_dir: str | Path, backbone: torch.nn.Module, merged: Mapping[str, Tensor],
-                 heads: Mapping[str, torch.nn.Module], manifest: dict[str, Any], tokenizer_source: str | None = None,
-                 per_task_models: bool = True, overwrite: bool = False,
-                 extra_files: Mapping[str, Mapping[str, Tensor]] | None = None,
-                 extra_writer: Callable[[Path], Any] | None = None, tokenizer: Any = None,
-                 dtype: str = "float32", max_shard_size: int | str = "5GB", model_card: bool = True,
-                 kind=None, task_tensors: Mapping[str, Mapping[str, Tensor]] | None = None) -> Path:
+def write_merged(
+    output_dir: str | Path,
+    backbone: torch.nn.Module,
+    merged: Mapping[str, Tensor],
+    heads: Mapping[str, torch.nn.Module],
+    manifest: dict[str, Any],
+    tokenizer_source: str | None = None,
+    per_task_models: bool = True,
+    overwrite: bool = False,
+    extra_files: Mapping[str, Mapping[str, Tensor]] | None = None,
+    extra_writer: Callable[[Path], Any] | None = None,
+    tokenizer: Any = None,
+    dtype: str = "float32",
+    max_shard_size: int | str = "5GB",
+    model_card: bool = True,
+    kind=None,
+    task_tensors: Mapping[str, Mapping[str, Tensor]] | None = None,
+) -> Path:
     """Write the flattened checkpoint (see module docstring) and return its path.
 
     Args:
@@ -185,15 +170,29 @@ def write_merged(output_dir: str | Path, backbone: torch.nn.Module, merged: Mapp
             task_files = kind.task_model_files(head, config) if per_task_models else None
             if task_files is not None:
                 wrote_tasks = True
-                _write_task_model(tmp / "tasks" / task, task_files, hs, weights, root.get,
-                                  (task_tensors or {}).get(task, {}), max_bytes, tokenizer)
+                _write_task_model(
+                    tmp / "tasks" / task,
+                    task_files,
+                    hs,
+                    weights,
+                    root.get,
+                    (task_tensors or {}).get(task, {}),
+                    max_bytes,
+                    tokenizer,
+                )
         del root
         save_file(_contiguous(head_tensors, target_dtype), str(tmp / HEADS), metadata={"format": "pt"})
         manifest = _write_extras(tmp, manifest, task_tensors, extra_files, extra_writer, target_dtype)
-        doc = {**manifest, "task_type": kind.name, "heads": head_info, "per_task_models": wrote_tasks,
-               "weights": {"dtype": dtype, "max_shard_size": str(max_shard_size), "files": files},
-               "model_card": model_card, "versions": versions(),
-               "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        doc = {
+            **manifest,
+            "task_type": kind.name,
+            "heads": head_info,
+            "per_task_models": wrote_tasks,
+            "weights": {"dtype": dtype, "max_shard_size": str(max_shard_size), "files": files},
+            "model_card": model_card,
+            "versions": versions(),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
         (tmp / MANIFEST).write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")
         if model_card:
             write_card(tmp)
@@ -226,8 +225,16 @@ class _BackboneWeights:
         return self.target_dtype if t.is_floating_point() else t.dtype
 
 
-def _write_task_model(d: Path, task_files, hs: dict[str, Tensor], weights: _BackboneWeights,
-                      root: Callable[[str], Tensor], own: Mapping[str, Tensor], max_bytes: int, tokenizer) -> None:
+def _write_task_model(
+    d: Path,
+    task_files,
+    hs: dict[str, Tensor],
+    weights: _BackboneWeights,
+    root: Callable[[str], Tensor],
+    own: Mapping[str, Tensor],
+    max_bytes: int,
+    tokenizer,
+) -> None:
     """``tasks/<task>/``: a stock ``*For<Task>`` checkpoint — its config, the root's backbone tensors read back (the
     task's own ``own`` ones in their place), and its head ``hs`` (a head holding its own pooler replaces the
     merged one)."""
@@ -241,7 +248,7 @@ def _write_task_model(d: Path, task_files, hs: dict[str, Tensor], weights: _Back
     def tensor(k: str) -> Tensor:
         if k in hs:
             return hs[k]
-        name = k[len(prefix) + 1:]
+        name = k[len(prefix) + 1 :]
         return own[name] if name in own else root(name)
 
     write_weights(d, entries, tensor, max_bytes)
@@ -249,14 +256,24 @@ def _write_task_model(d: Path, task_files, hs: dict[str, Tensor], weights: _Back
         tokenizer.save_pretrained(str(d))
 
 
-def _write_extras(tmp: Path, manifest: dict[str, Any], task_tensors, extra_files, extra_writer,
-                  target_dtype: torch.dtype) -> dict[str, Any]:
+def _write_extras(
+    tmp: Path, manifest: dict[str, Any], task_tensors, extra_files, extra_writer, target_dtype: torch.dtype
+) -> dict[str, Any]:
     """Per-task buffers, the method's extra files and the extra writer's output; the manifest with their entries."""
     if task_tensors:
-        save_file(_contiguous({f"{t}/{n}": v for t, own in task_tensors.items() for n, v in own.items()},
-                              target_dtype), str(tmp / TASK_BUFFERS), metadata={"format": "pt"})
-        manifest = {**manifest, "task_buffers": {"file": TASK_BUFFERS, "tasks": sorted(task_tensors),
-                                                 "tensors": sorted({n for own in task_tensors.values() for n in own})}}
+        save_file(
+            _contiguous({f"{t}/{n}": v for t, own in task_tensors.items() for n, v in own.items()}, target_dtype),
+            str(tmp / TASK_BUFFERS),
+            metadata={"format": "pt"},
+        )
+        manifest = {
+            **manifest,
+            "task_buffers": {
+                "file": TASK_BUFFERS,
+                "tasks": sorted(task_tensors),
+                "tensors": sorted({n for own in task_tensors.values() for n in own}),
+            },
+        }
     for name, tensors in (extra_files or {}).items():
         save_file(_contiguous(tensors), str(tmp / name), metadata={"format": "pt"})
     extra = extra_writer(tmp) if extra_writer else None

@@ -1,1 +1,2 @@
-"""The ``adamerge`` command: ``main`` dispatches; ``app`` holds the LightningCLI and ``merge``; ``sweep`` trains one fit per setting."""
+"""The ``adamerge`` command: ``main`` dispatches; ``app`` holds the LightningCLI and ``merge``; ``sweep`` trains one fit
+per setting."""

@@ -32,9 +32,12 @@ def quiet_libraries() -> None:
     os.environ.setdefault("WANDB_MODE", "offline")  # never reach the network unless the user asks
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for message in (r"Found \d+ module\(s\) in eval mode", r".*isinstance\(treespec, LeafSpec\)",
-                    r"The number of training batches .* is smaller than the logging interval",
-                    r"The '\w+_dataloader' does not have many workers"):
+    for message in (
+        r"Found \d+ module\(s\) in eval mode",
+        r".*isinstance\(treespec, LeafSpec\)",
+        r"The number of training batches .* is smaller than the logging interval",
+        r"The '\w+_dataloader' does not have many workers",
+    ):
         warnings.filterwarnings("ignore", message=message)
 
     class NoTips(logging.Filter):
@@ -68,8 +71,13 @@ class RunConfig(SaveConfigCallback):
         if trainer.is_global_zero:
             directory = run_directory(trainer) or Path(trainer.default_root_dir)
             directory.mkdir(parents=True, exist_ok=True)
-            self.parser.save(self.config, str(directory / self.config_filename), skip_none=False,
-                             overwrite=True, multifile=self.multifile)
+            self.parser.save(
+                self.config,
+                str(directory / self.config_filename),
+                skip_none=False,
+                overwrite=True,
+                multifile=self.multifile,
+            )
         self.already_saved = True
 
     def manifest_entries(self) -> dict:
@@ -86,9 +94,13 @@ class AdaMergeCLI(LightningCLI):
         # always-on callbacks, configured as top-level sections `export:` and `heatmap:`
         parser.add_lightning_class_args(ExportOnFitEnd, "export")
         parser.add_lightning_class_args(CoefficientHeatmap, "heatmap")
-        parser.add_argument("--backbone_mode", type=Literal["eval", "train"], default="eval",
-                            help="mode of the backbone while the merge trains: eval (dropout off, the gradient of the "
-                                 "model that is exported; default) or train (dropout on, as FusionBench)")
+        parser.add_argument(
+            "--backbone_mode",
+            type=Literal["eval", "train"],
+            default="eval",
+            help="mode of the backbone while the merge trains: eval (dropout off, the gradient of the "
+            "model that is exported; default) or train (dropout on, as FusionBench)",
+        )
 
     def before_fit(self) -> None:
         from pytorch_lightning.callbacks import ModelCheckpoint
@@ -113,8 +125,10 @@ def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
 def trainer_defaults() -> dict:
     return {
         "max_steps": 500,
-        "logger": {"class_path": "pytorch_lightning.loggers.WandbLogger",
-                   "init_args": {"offline": True, "project": "adamerge", "save_dir": "runs"}},
+        "logger": {
+            "class_path": "pytorch_lightning.loggers.WandbLogger",
+            "init_args": {"offline": True, "project": "adamerge", "save_dir": "runs"},
+        },
         "enable_checkpointing": True,
         "num_sanity_val_steps": 0,
         "use_distributed_sampler": False,  # the data module shards each step itself (see adamerge.data)
@@ -123,10 +137,18 @@ def trainer_defaults() -> dict:
 
 
 def lightning_main(args: list[str] | None = None, run: bool = True) -> AdaMergeCLI:
-    return AdaMergeCLI(MergeModule, UnlabeledDataModule, subclass_mode_model=True, args=args, run=run,
-                       trainer_defaults=trainer_defaults(), save_config_callback=RunConfig,
-                       save_config_kwargs={"overwrite": True},
-                       parser_kwargs={"default_env": False}, auto_configure_optimizers=False)
+    return AdaMergeCLI(
+        MergeModule,
+        UnlabeledDataModule,
+        subclass_mode_model=True,
+        args=args,
+        run=run,
+        trainer_defaults=trainer_defaults(),
+        save_config_callback=RunConfig,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"default_env": False},
+        auto_configure_optimizers=False,
+    )
 
 
 class _ParseOnly(AdaMergeCLI):
@@ -142,9 +164,16 @@ def parse_only(config: str | os.PathLike, overrides: list[str] | tuple = ()):
     doc = yaml.safe_load(open(config))
     if "output_dir" in doc and "trainer" not in doc:
         return merge_parser().parse_args(["--config", str(config), *overrides])
-    return _ParseOnly(MergeModule, UnlabeledDataModule, subclass_mode_model=True, run=False,
-                      args=["--config", str(config), *overrides], trainer_defaults=trainer_defaults(),
-                      save_config_callback=None, auto_configure_optimizers=False).config
+    return _ParseOnly(
+        MergeModule,
+        UnlabeledDataModule,
+        subclass_mode_model=True,
+        run=False,
+        args=["--config", str(config), *overrides],
+        trainer_defaults=trainer_defaults(),
+        save_config_callback=None,
+        auto_configure_optimizers=False,
+    ).config
 
 
 def merge_parser() -> LightningArgumentParser:
@@ -153,9 +182,13 @@ def merge_parser() -> LightningArgumentParser:
     parser = LightningArgumentParser(prog="adamerge merge", description="data-free merge, exported")
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_lightning_class_args(MergeModule, "model", subclass_mode=True)
-    parser.add_argument("--data", type=dict | None, default=None,
-                        help="UnlabeledDataModule arguments (tasks, samples_per_task, ...): M3 candidate selection, "
-                        "BatchNorm re-estimation (bn_batches)")
+    parser.add_argument(
+        "--data",
+        type=dict | None,
+        default=None,
+        help="UnlabeledDataModule arguments (tasks, samples_per_task, ...): M3 candidate selection, "
+        "BatchNorm re-estimation (bn_batches)",
+    )
     # the export's arguments are ExportOnFitEnd's (`export.*` under `adamerge fit`), here as top-level keys
     parser.add_class_arguments(ExportOnFitEnd, nested_key=None, as_group=True)
     parser.set_defaults(output_dir=None)  # required here: a data-free merge has no run directory to default to
@@ -202,15 +235,3 @@ def run_config_yaml(parser, cfg) -> str | None:
     except Exception as e:  # a value jsonargparse cannot serialise must not stop the run
         logging.getLogger(__name__).warning("the run's config is not recorded in the export: %s", e)
         return None
-
-
-
-
-
-
-
-
-
-
-
-

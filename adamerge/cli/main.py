@@ -29,8 +29,11 @@ def pick_main(args: list[str] | None = None):
 
     from adamerge.pick import pick
 
-    parser = argparse.ArgumentParser(prog="adamerge pick", description="choose among exports by their label-free "
-                                     "selection score (agreement with the experts on the same held-back rows)")
+    parser = argparse.ArgumentParser(
+        prog="adamerge pick",
+        description="choose among exports by their label-free "
+        "selection score (agreement with the experts on the same held-back rows)",
+    )
     parser.add_argument("exports", nargs="+", help="exported checkpoints trained with SelectStep")
     parser.add_argument("--into", default=None, help="copy the chosen export here (manifest: a `pick` entry)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --into directory")
@@ -47,11 +50,16 @@ def check_install(package=None) -> None:
     if package is None:
         package = sys.modules.get("adamerge")  # imported already: this module is inside it
     here = Path(__file__).resolve().parent.parent
-    if getattr(package, "__version__", None) is None or getattr(package, "__file__", None) is None \
-            or Path(package.__file__).resolve().parent != here:
+    if (
+        getattr(package, "__version__", None) is None
+        or getattr(package, "__file__", None) is None
+        or Path(package.__file__).resolve().parent != here
+    ):
         where = ", ".join(str(p) for p in getattr(package, "__path__", [])) or "?"
-        raise MergeInputError(f"`import adamerge` finds {where}, not the installed package at {here} (a folder "
-                              "named adamerge in the current directory shadows it); run from another directory")
+        raise MergeInputError(
+            f"`import adamerge` finds {where}, not the installed package at {here} (a folder "
+            "named adamerge in the current directory shadows it); run from another directory"
+        )
 
 
 def user_error(exc: BaseException | None) -> BaseException | None:

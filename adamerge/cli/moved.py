@@ -10,20 +10,26 @@ from adamerge.errors import MergeInputError
 
 CONCRETE = ("ConcreteTaskArithmetic", "ConcreteAdaMerging")
 OBJECTIVE_OPTIONS = ("temperature", "diversity_weight", "confidence")
-PREP_OF = {"Ties": {"density": "ties_density", "dare_rate": "dare_rate", "seed": "seed"},
-           "M3": {"ties_density": "ties_density", "dare_rate": "dare_rate"}}
+PREP_OF = {
+    "Ties": {"density": "ties_density", "dare_rate": "dare_rate", "seed": "seed"},
+    "M3": {"ties_density": "ties_density", "dare_rate": "dare_rate"},
+}
 
 
 def moved_model_key(method: str, key: str) -> str | None:
     """Where ``model.init_args.<key>`` of ``method`` (a class name) lives now, or None if it did not move."""
     if key == "temperature" and method in CONCRETE:
-        return ("model.init_args.mask_temperature (the Concrete mask's temperature; the KL objective's is "
-                "model.init_args.objective: {name: kl, temperature: ...})")
+        return (
+            "model.init_args.mask_temperature (the Concrete mask's temperature; the KL objective's is "
+            "model.init_args.objective: {name: kl, temperature: ...})"
+        )
     if key in OBJECTIVE_OPTIONS:
         return f"model.init_args.objective: {{name: <objective>, {key}: ...}} (the objective's options)"
     if key == "betas":
-        return ("model.init_args.optimizer: {class_path: torch.optim.Adam, init_args: {betas: [...]}} (the optimizer's "
-                "own arguments)")
+        return (
+            "model.init_args.optimizer: {class_path: torch.optim.Adam, init_args: {betas: [...]}} (the optimizer's "
+            "own arguments)"
+        )
     renamed = PREP_OF.get(method, {}).get(key)
     if renamed:
         return f"model.init_args.prep: {{{renamed}: ...}} (every method takes the same prep)"

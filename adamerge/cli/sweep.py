@@ -29,8 +29,9 @@ from adamerge.pick import at_edge, best_of, pick
 log = logging.getLogger(__name__)
 
 
-def parse_grid(specs: list[str], example: str = "model.init_args.lr=1e-3,1e-2", prefix: str = "sweep: "
-               ) -> dict[str, list]:
+def parse_grid(
+    specs: list[str], example: str = "model.init_args.lr=1e-3,1e-2", prefix: str = "sweep: "
+) -> dict[str, list]:
     """``["model.init_args.lr=0.001,0.01"]`` → ``{"model.init_args.lr": [0.001, 0.01]}``; values are numbers where
     they read as one (``1e-3`` too), else YAML scalars (booleans, strings). Errors start with ``prefix`` and show
     ``example`` (the benchmark's keys are method arguments: ``lr=…``)."""
@@ -89,8 +90,9 @@ def next_value(values: list, side: str) -> float | int:
     return float(f"{nxt:.6g}")
 
 
-def search(grid: dict[str, list], score: Callable[[dict[str, Any]], float], extend: int = 0,
-           label: str = "sweep") -> tuple[list[tuple[dict[str, Any], float]], int]:
+def search(
+    grid: dict[str, list], score: Callable[[dict[str, Any]], float], extend: int = 0, label: str = "sweep"
+) -> tuple[list[tuple[dict[str, Any], float]], int]:
     """Score every combination of ``grid`` in order (``score(values)`` trains one candidate), then, while fewer than
     ``extend`` values were added and the best (ties: the earlier) holds the largest or smallest value of the first
     setting with no other candidate scoring the same, append :func:`next_value` to that setting in ``grid`` (in
@@ -106,8 +108,9 @@ def search(grid: dict[str, list], score: Callable[[dict[str, Any]], float], exte
         if added >= extend:
             return tried, added
         scores = [s for _, s in tried]
-        side = at_edge([{short(k): v for k, v in values.items()} for values, _ in tried], best_of(scores),
-                       scores).get(short(key))
+        side = at_edge([{short(k): v for k, v in values.items()} for values, _ in tried], best_of(scores), scores).get(
+            short(key)
+        )
         if side is None:
             return tried, added
         grid[key].append(next_value(grid[key], side))
@@ -128,8 +131,10 @@ def check_config(config: str, extra: list[str], first: dict[str, Any]) -> None:
     callbacks = cfg.get("trainer", {}).get("callbacks") or []
     callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
     if not any(str(getattr(c, "class_path", "")).endswith("SelectStep") for c in callbacks):
-        raise MergeInputError(f"sweep: {config} trains without the SelectStep callback: its exports would record no "
-                              "label-free score to choose by (add adamerge.training.SelectStep to trainer.callbacks)")
+        raise MergeInputError(
+            f"sweep: {config} trains without the SelectStep callback: its exports would record no "
+            "label-free score to choose by (add adamerge.training.SelectStep to trainer.callbacks)"
+        )
     if not (cfg.get("data", {}) or {}).get("holdout"):
         raise MergeInputError(f"sweep: {config} holds no rows back (data.holdout): SelectStep has nothing to score on")
 
@@ -144,9 +149,11 @@ def same_sweep(out: Path, config: str, extra: list[str]) -> None:
     if record.is_file():
         before = json.loads(record.read_text())
         if {k: before.get(k) for k in this} != this:
-            raise MergeInputError(f"sweep: {out} holds the candidates of another sweep (its config {before.get('config')}"
-                                  f" or fit arguments {before.get('fit_args')} differ from this one's); use another "
-                                  "--out")
+            raise MergeInputError(
+                f"sweep: {out} holds the candidates of another sweep (its config {before.get('config')}"
+                f" or fit arguments {before.get('fit_args')} differ from this one's); use another "
+                "--out"
+            )
         return
     out.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"config": str(Path(config).resolve()), **this}, indent=2) + "\n")
@@ -159,19 +166,37 @@ def train(config: str, extra: list[str], values: dict[str, Any], out: Path) -> P
     if manifest.is_file() and "selection" in json.loads(manifest.read_text()):
         log.info("sweep: %s is already exported at %s; not trained again", candidate_name(values), out)
         return out
-    cmd = [sys.executable, "-m", "adamerge", "fit", "--config", config, *extra,
-           *[_arg(k, v) for k, v in values.items()], f"--export.output_dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "adamerge",
+        "fit",
+        "--config",
+        config,
+        *extra,
+        *[_arg(k, v) for k, v in values.items()],
+        f"--export.output_dir={out}",
+    ]
     log.info("sweep: training %s: %s", candidate_name(values), " ".join(cmd[2:]))
     code = subprocess.run(cmd).returncode
     if code != 0:
         kind = MergeInputError if code == 2 else RuntimeError
-        raise kind(f"sweep: candidate {candidate_name(values)} failed (adamerge fit exit status {code}; its error is "
-                   f"above); the candidates exported so far stay under {out.parent}")
+        raise kind(
+            f"sweep: candidate {candidate_name(values)} failed (adamerge fit exit status {code}; its error is "
+            f"above); the candidates exported so far stay under {out.parent}"
+        )
     return out
 
 
-def sweep(config: str, grid: dict[str, list], out: str | Path, extend: int = 0, into: str | Path | None = None,
-          extra: list[str] | None = None, overwrite: bool = False) -> dict[str, Any]:
+def sweep(
+    config: str,
+    grid: dict[str, list],
+    out: str | Path,
+    extend: int = 0,
+    into: str | Path | None = None,
+    extra: list[str] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Train every combination of ``grid`` (and up to ``extend`` further values past a kept edge), keep the export
     with the best label-free selection score, copy it to ``into`` (default ``<out>/best``). Returns the pick record
     with a ``sweep`` entry: the grid as finally tried and how many values the extension added."""
@@ -180,11 +205,14 @@ def sweep(config: str, grid: dict[str, list], out: str | Path, extend: int = 0, 
         raise MergeInputError(f"sweep: --config {config} is not a file")
     names = [short(k) for k in grid]
     if len(set(names)) != len(names):
-        raise MergeInputError(f"sweep: --grid keys {', '.join(grid)} end in the same name; the candidates' names "
-                              "would not tell them apart")
+        raise MergeInputError(
+            f"sweep: --grid keys {', '.join(grid)} end in the same name; the candidates' names "
+            "would not tell them apart"
+        )
     if extend and len(grid) != 1:
-        raise MergeInputError(f"sweep: --extend follows one setting past its kept edge; the grid varies {len(grid)} "
-                              f"({', '.join(grid)})")
+        raise MergeInputError(
+            f"sweep: --extend follows one setting past its kept edge; the grid varies {len(grid)} ({', '.join(grid)})"
+        )
     if extend and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in next(iter(grid.values()))):
         raise MergeInputError(f"sweep: --extend needs numeric values of {next(iter(grid))}")
     out = Path(out)
@@ -200,11 +228,17 @@ def sweep(config: str, grid: dict[str, list], out: str | Path, extend: int = 0, 
         return json.loads((path / MANIFEST).read_text())["selection"]["score"]
 
     tried, added = search(grid, score, extend, "sweep")
-    record = pick([out / candidate_name(values) for values, _ in tried], into=into, overwrite=overwrite,
-                  extra={"sweep": {"grid": grid, "extended": added}})
+    record = pick(
+        [out / candidate_name(values) for values, _ in tried],
+        into=into,
+        overwrite=overwrite,
+        extra={"sweep": {"grid": grid, "extended": added}},
+    )
     if record["at_edge"] and extend:
         log.warning("sweep: after %d extension(s) the kept value is still at the edge of the grid", added)
     return record
+
+
 def sweep_main(args: list[str] | None = None):
     """``adamerge sweep --config C --grid KEY=V1,V2 --out DIR [--extend N] [-- FIT ARGS]``: one ``adamerge fit``
     per value, the best label-free selection score kept (see :mod:`adamerge.sweep`)."""
@@ -214,25 +248,36 @@ def sweep_main(args: list[str] | None = None):
     from adamerge.errors import MergeInputError
 
     args = list(sys.argv[2:] if args is None else args)
-    fit_args = args[args.index("--") + 1:] if "--" in args else []
-    args = args[:args.index("--")] if "--" in args else args
+    fit_args = args[args.index("--") + 1 :] if "--" in args else []
+    args = args[: args.index("--")] if "--" in args else args
     parser = argparse.ArgumentParser(
-        prog="adamerge sweep", description="train one merge at several settings, each exported with its label-free "
-        "selection score, and keep the best (adamerge pick); arguments after -- go to every adamerge fit")
+        prog="adamerge sweep",
+        description="train one merge at several settings, each exported with its label-free "
+        "selection score, and keep the best (adamerge pick); arguments after -- go to every adamerge fit",
+    )
     parser.add_argument("--config", required=True, help="an adamerge fit config using SelectStep and data.holdout")
-    parser.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
-                        help="a fit setting and its values, e.g. model.init_args.lr=1e-3,1e-2 (repeatable: every "
-                             "combination is trained)")
+    parser.add_argument(
+        "--grid",
+        action="append",
+        required=True,
+        metavar="KEY=V1,V2,...",
+        help="a fit setting and its values, e.g. model.init_args.lr=1e-3,1e-2 (repeatable: every "
+        "combination is trained)",
+    )
     parser.add_argument("--out", required=True, help="where each candidate is exported (<out>/<name>=<value>)")
-    parser.add_argument("--extend", type=int, default=0, metavar="N",
-                        help="while the kept value is the grid's largest or smallest, train the next value beyond it "
-                             "on the grid's spacing, at most N more (one numeric setting)")
+    parser.add_argument(
+        "--extend",
+        type=int,
+        default=0,
+        metavar="N",
+        help="while the kept value is the grid's largest or smallest, train the next value beyond it "
+        "on the grid's spacing, at most N more (one numeric setting)",
+    )
     parser.add_argument("--into", default=None, help="where the kept export is copied (default <out>/best)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --into directory")
     a = parser.parse_args(args)
     if a.extend < 0:
         raise MergeInputError(f"sweep: --extend must be >= 0, got {a.extend}")
-    return sweep(a.config, parse_grid(a.grid), a.out, extend=a.extend, into=a.into, extra=fit_args,
-                 overwrite=a.overwrite)
-
-
+    return sweep(
+        a.config, parse_grid(a.grid), a.out, extend=a.extend, into=a.into, extra=fit_args, overwrite=a.overwrite
+    )

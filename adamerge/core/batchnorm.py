@@ -46,21 +46,27 @@ def _summed_batchnorm_forward(layer: nn.modules.batchnorm._BatchNorm, total, x: 
 
 
 def batchnorm_layers(module: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
-    return {n: m for n, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            and m.track_running_stats}
+    return {
+        n: m
+        for n, m in module.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    }
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(backbone: nn.Module, params: Mapping[str, Tensor], batches: Iterable[Mapping[str, Tensor]]
-                          ) -> dict[str, Tensor]:
+def recalibrate_batchnorm(
+    backbone: nn.Module, params: Mapping[str, Tensor], batches: Iterable[Mapping[str, Tensor]]
+) -> dict[str, Tensor]:
     """Re-estimate the running mean and variance of every BatchNorm layer of ``backbone`` run with the merged
     ``params`` over ``batches`` of inputs (a cumulative average over all of them, as ``momentum=None`` does), and
     return the new buffers by name. The backbone's own buffers are left as they were."""
     layers = batchnorm_layers(backbone)
     if not layers:
         return {}
-    saved = {n: (m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.training)
-             for n, m in layers.items()}
+    saved = {
+        n: (m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.training)
+        for n, m in layers.items()
+    }
     try:
         for m in layers.values():
             m.reset_running_stats()
@@ -82,5 +88,3 @@ def recalibrate_batchnorm(backbone: nn.Module, params: Mapping[str, Tensor], bat
             m.running_var.copy_(var)
             m.num_batches_tracked.copy_(count)
             m.train(training)
-
-

@@ -1,5 +1,4 @@
-"""Small torch.distributed helpers: a DTensor's full value and a differentiable sum over ranks.
-"""
+"""Small torch.distributed helpers: a DTensor's full value and a differentiable sum over ranks."""
 
 from __future__ import annotations
 
@@ -37,5 +36,3 @@ def all_sum(tensor: Tensor, group=None) -> Tensor:
     import torch.distributed as dist
 
     return _AllSum.apply(tensor, dist.group.WORLD if group is None else group)
-
-

@@ -35,8 +35,8 @@ def _cast_chunks(tv: Tensor, dtype: torch.dtype, device: torch.device | None = N
         return
     scratch = _scratch(dtype, device, min(tv.shape[0], step) * tv[0].numel())
     for s in range(0, tv.shape[0], step):
-        part = tv[s:s + step]
-        buf = scratch[:part.numel()].view(part.shape)
+        part = tv[s : s + step]
+        buf = scratch[: part.numel()].view(part.shape)
         buf.copy_(part, non_blocking=True)
         yield s, buf
 
@@ -86,7 +86,7 @@ class _DenseMerge(torch.autograd.Function):
         for j, (base, tv) in enumerate(zip(bases, stacks)):
             out = base.reshape(-1)
             for s, chunk in _cast_chunks(tv, base.dtype, base.device):
-                out = torch.addmv(out, chunk.reshape(chunk.shape[0], -1).t(), lam[s:s + chunk.shape[0], j])
+                out = torch.addmv(out, chunk.reshape(chunk.shape[0], -1).t(), lam[s : s + chunk.shape[0], j])
             outs.append(out.view(base.shape))
         return tuple(outs)
 
@@ -113,8 +113,10 @@ def merge_dense(bases: list[Tensor], task_vectors: list[Tensor], coefficients: T
     """``[θ0_j + Σ_t λ[t, j] τ_j[t] for j]`` for k tensors; ``coefficients`` is ``[T, k]``, computed in each base's
     dtype whatever the storage dtype of the stacks (see :class:`_DenseMerge`)."""
     if coefficients.ndim != 2 or coefficients.shape[1] != len(bases) or len(bases) != len(task_vectors):
-        raise ValueError(f"merge_dense: coefficients {tuple(coefficients.shape)} for {len(bases)} bases and "
-                         f"{len(task_vectors)} task-vector stacks")
+        raise ValueError(
+            f"merge_dense: coefficients {tuple(coefficients.shape)} for {len(bases)} bases and "
+            f"{len(task_vectors)} task-vector stacks"
+        )
     if not bases:
         return []
     return list(_DenseMerge.apply(coefficients.to(bases[0].dtype), *bases, *task_vectors))
@@ -132,7 +134,7 @@ class _RowMerge(torch.autograd.Function):
         uniq, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
         out = base.index_select(0, uniq).reshape(-1)
         for s, rows in _gather_chunks(stack, uniq, base.dtype, base.device):
-            out = torch.addmv(out, rows.reshape(rows.shape[0], -1).t(), lam[s:s + rows.shape[0]])
+            out = torch.addmv(out, rows.reshape(rows.shape[0], -1).t(), lam[s : s + rows.shape[0]])
         ctx.save_for_backward(lam, uniq, inverse, stack)
         ctx.dtype, ctx.device, ctx.padding_idx = base.dtype, base.device, padding_idx
         return out.view(len(uniq), -1)[inverse].view(*ids.shape, stack.shape[-1])
@@ -154,11 +156,12 @@ def _gather_chunks(stack: Tensor, rows: Tensor, dtype: torch.dtype, device: torc
     step = _task_group(stack, dtype, device) or stack.shape[0]
     rows = rows.to(stack.device)
     for s in range(0, stack.shape[0], step):
-        yield s, stack[s:s + step].index_select(1, rows).to(device=device, dtype=dtype, non_blocking=True)
+        yield s, stack[s : s + step].index_select(1, rows).to(device=device, dtype=dtype, non_blocking=True)
 
 
-def merge_rows(base: Tensor, stack: Tensor, coefficients: Tensor, ids: Tensor, padding_idx: int | None = None
-               ) -> Tensor:
+def merge_rows(
+    base: Tensor, stack: Tensor, coefficients: Tensor, ids: Tensor, padding_idx: int | None = None
+) -> Tensor:
     """``(θ0 + Σ_t λ_t τ_t)[ids]`` for a 2-D lookup table (``stack``: ``[T, V, d]``, ``coefficients``: ``[T]``),
     merging and differentiating only the rows that ``ids`` reads (see :class:`LookupWeight`)."""
     if padding_idx is not None and padding_idx < 0:
@@ -167,9 +170,21 @@ def merge_rows(base: Tensor, stack: Tensor, coefficients: Tensor, ids: Tensor, p
 
 
 # Tensor functions that only read metadata: a LookupWeight answers them as its base does, without merging.
-_METADATA = {Tensor.size, Tensor.dim, Tensor.numel, Tensor.element_size, Tensor.is_floating_point,
-             Tensor.is_complex, Tensor.is_contiguous, Tensor.stride, Tensor.data_ptr, Tensor.storage_offset,
-             Tensor.__len__, Tensor.get_device, Tensor.__hash__}
+_METADATA = {
+    Tensor.size,
+    Tensor.dim,
+    Tensor.numel,
+    Tensor.element_size,
+    Tensor.is_floating_point,
+    Tensor.is_complex,
+    Tensor.is_contiguous,
+    Tensor.stride,
+    Tensor.data_ptr,
+    Tensor.storage_offset,
+    Tensor.__len__,
+    Tensor.get_device,
+    Tensor.__hash__,
+}
 
 
 class LookupWeight(Tensor):
@@ -202,8 +217,13 @@ class LookupWeight(Tensor):
             names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
             call = {**dict(zip(names, args)), **kwargs}
             w = call.get("weight")
-            if (isinstance(w, LookupWeight) and not isinstance(call["input"], LookupWeight)
-                    and call.get("max_norm") is None and not call.get("scale_grad_by_freq") and not call.get("sparse")):
+            if (
+                isinstance(w, LookupWeight)
+                and not isinstance(call["input"], LookupWeight)
+                and call.get("max_norm") is None
+                and not call.get("scale_grad_by_freq")
+                and not call.get("sparse")
+            ):
                 with torch._C.DisableTorchFunctionSubclass():
                     base = w.as_subclass(Tensor)
                 return merge_rows(base, w._stack, w._lam, call["input"], call.get("padding_idx"))
@@ -213,7 +233,8 @@ class LookupWeight(Tensor):
             if not isinstance(out, Tensor):  # tensor-valued attributes (.T, .data) read the merged table below
                 return out
         args, kwargs = torch.utils._pytree.tree_map(
-            lambda a: a._full() if isinstance(a, LookupWeight) else a, (args, kwargs))
+            lambda a: a._full() if isinstance(a, LookupWeight) else a, (args, kwargs)
+        )
         return func(*args, **kwargs)
 
 
@@ -251,8 +272,12 @@ def to_sparse_stack(task_vectors: Tensor) -> SparseStack:
     flat = task_vectors.reshape(T, -1)
     index_dtype = torch.int32 if flat.shape[1] < 2**31 else torch.int64
     idx = [flat[t].nonzero().squeeze(1) for t in range(T)]
-    return SparseStack(torch.cat(idx).to(index_dtype), torch.cat([flat[t][i] for t, i in enumerate(idx)]),
-                       tuple(len(i) for i in idx), tuple(task_vectors.shape[1:]))
+    return SparseStack(
+        torch.cat(idx).to(index_dtype),
+        torch.cat([flat[t][i] for t, i in enumerate(idx)]),
+        tuple(len(i) for i in idx),
+        tuple(task_vectors.shape[1:]),
+    )
 
 
 def sparse_to_dense(stack: SparseStack) -> Tensor:
@@ -261,7 +286,7 @@ def sparse_to_dense(stack: SparseStack) -> Tensor:
     out = stack.values.new_zeros(T, n)
     o = 0
     for t, c in enumerate(stack.counts):
-        out[t, stack.index[o:o + c].long()] = stack.values[o:o + c]
+        out[t, stack.index[o : o + c].long()] = stack.values[o : o + c]
         o += c
     return out.view(T, *stack.shape)
 
@@ -273,7 +298,7 @@ class _SparseMerge(torch.autograd.Function):
     @staticmethod
     def forward(ctx, lam: Tensor, counts: list[tuple[int, ...]], *tensors: Tensor):
         k = lam.shape[1]
-        bases, indexes, values = tensors[:k], tensors[k:2 * k], tensors[2 * k:]
+        bases, indexes, values = tensors[:k], tensors[k : 2 * k], tensors[2 * k :]
         ctx.save_for_backward(lam, *indexes, *values)
         ctx.counts = counts
         outs = []
@@ -281,7 +306,7 @@ class _SparseMerge(torch.autograd.Function):
             out, o = base.reshape(-1).clone(), 0
             for t, c in enumerate(counts[j]):
                 if c:
-                    out.index_add_(0, idx[o:o + c], val[o:o + c].to(base.dtype) * lam[t, j])
+                    out.index_add_(0, idx[o : o + c], val[o : o + c].to(base.dtype) * lam[t, j])
                 o += c
             outs.append(out.view(base.shape))
         return tuple(outs)
@@ -300,7 +325,7 @@ class _SparseMerge(torch.autograd.Function):
                 g, o = g.reshape(-1), 0
                 for t, c in enumerate(ctx.counts[j]):
                     if c:
-                        grad_lam[t, j] = torch.dot(g[idx[o:o + c]], val[o:o + c].to(g.dtype)).to(lam.dtype)
+                        grad_lam[t, j] = torch.dot(g[idx[o : o + c]], val[o : o + c].to(g.dtype)).to(lam.dtype)
                     o += c
         grad_bases = [g if ctx.needs_input_grad[2 + j] else None for j, g in enumerate(grads)]
         return (grad_lam, None, *grad_bases, *([None] * (2 * k)))
@@ -309,12 +334,21 @@ class _SparseMerge(torch.autograd.Function):
 def merge_sparse(bases: list[Tensor], stacks: list[SparseStack], coefficients: Tensor) -> list[Tensor]:
     """:func:`merge_dense` for task vectors stored as :class:`SparseStack` (``coefficients``: ``[T, k]``)."""
     if coefficients.ndim != 2 or coefficients.shape[1] != len(bases) or len(bases) != len(stacks):
-        raise ValueError(f"merge_sparse: coefficients {tuple(coefficients.shape)} for {len(bases)} bases and "
-                         f"{len(stacks)} sparse stacks")
+        raise ValueError(
+            f"merge_sparse: coefficients {tuple(coefficients.shape)} for {len(bases)} bases and "
+            f"{len(stacks)} sparse stacks"
+        )
     if not bases:
         return []
-    return list(_SparseMerge.apply(coefficients.to(bases[0].dtype), [st.counts for st in stacks], *bases,
-                                   *[st.index for st in stacks], *[st.values for st in stacks]))
+    return list(
+        _SparseMerge.apply(
+            coefficients.to(bases[0].dtype),
+            [st.counts for st in stacks],
+            *bases,
+            *[st.index for st in stacks],
+            *[st.values for st in stacks],
+        )
+    )
 
 
 def merge_low_rank(base: Tensor, B: Tensor, A: Tensor, coefficients: Tensor) -> Tensor:
@@ -340,7 +374,9 @@ def topk_mask(values: Tensor, density: float) -> Tensor:
     return mag >= threshold
 
 
-def ties_trim_elect(task_vectors: Mapping[str, Tensor], density: float = 0.2, scope: str = "global") -> dict[str, Tensor]:
+def ties_trim_elect(
+    task_vectors: Mapping[str, Tensor], density: float = 0.2, scope: str = "global"
+) -> dict[str, Tensor]:
     """TIES steps 1–2 on stacked task vectors ``{name: [T, ...]}``.
 
     Returns the task vectors with entries outside each task's top-``density`` magnitudes, and entries whose sign
@@ -404,8 +440,9 @@ def entropy(logits: Tensor) -> Tensor:
     return -(logp.exp() * logp).sum(dim=-1)
 
 
-def summed_batch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
-                      total: Callable[[Tensor], Tensor]) -> Tensor:
+def summed_batch_norm(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, total: Callable[[Tensor], Tensor]
+) -> Tensor:
     """Batch normalisation (training mode, channels on axis 1) with statistics over every row that ``total`` sums
     across: ``total`` maps a tensor to its sum over the data-parallel ranks. The rows of all ranks together are
     normalised as one batch would be in one process — the mean, then the biased variance around it — and the backward
@@ -421,8 +458,12 @@ def summed_batch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps
 def _bn_layout(x: Tensor) -> tuple[list[int], tuple[int, ...], torch.dtype, torch.dtype]:
     """(reduced axes, per-channel broadcast shape, elementwise dtype, sum dtype) of a batch norm over ``x``:
     elementwise in float32 at least, per-channel sums in float64 on CPU (as torch's CPU kernel accumulates)."""
-    return ([0, *range(2, x.dim())], (1, x.shape[1]) + (1,) * (x.dim() - 2),
-            torch.promote_types(x.dtype, torch.float32), torch.float64 if x.device.type == "cpu" else torch.float32)
+    return (
+        [0, *range(2, x.dim())],
+        (1, x.shape[1]) + (1,) * (x.dim() - 2),
+        torch.promote_types(x.dtype, torch.float32),
+        torch.float64 if x.device.type == "cpu" else torch.float32,
+    )
 
 
 class _SummedBatchNorm(torch.autograd.Function):
@@ -496,8 +537,9 @@ def tsv_pieces(tv: Tensor) -> Tensor:
         vhs.append(vh[:k])
     u_perp = _closest_orthonormal(torch.cat(us, dim=1))
     vh_perp = _closest_orthonormal(torch.cat(vhs, dim=0))  # orthonormal rows
-    out = torch.stack([u_perp[:, t * k:(t + 1) * k] @ (ss[t][:, None] * vh_perp[t * k:(t + 1) * k])
-                       for t in range(T)])
+    out = torch.stack(
+        [u_perp[:, t * k : (t + 1) * k] @ (ss[t][:, None] * vh_perp[t * k : (t + 1) * k]) for t in range(T)]
+    )
     return out.to(tv.dtype)
 
 

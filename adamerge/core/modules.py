@@ -27,8 +27,9 @@ def cat_outputs(outputs: list):
         return torch.cat(outputs)
     if isinstance(first, tuple) and not hasattr(first, "keys"):
         return tuple(cat_outputs([o[i] for o in outputs]) for i in range(len(first)))
-    return type(first)(**{k: cat_outputs([o[k] for o in outputs]) if isinstance(v, (Tensor, tuple)) else v
-                          for k, v in first.items()})
+    return type(first)(
+        **{k: cat_outputs([o[k] for o in outputs]) if isinstance(v, (Tensor, tuple)) else v for k, v in first.items()}
+    )
 
 
 @contextmanager
@@ -51,5 +52,3 @@ def block_of(name: str) -> str:
         if p.isdigit():
             return ".".join(parts[: i + 1])
     return parts[0]
-
-

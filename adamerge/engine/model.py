@@ -27,16 +27,6 @@ from adamerge.pool import TaskVectorPool
 RECOMPUTE = (None, "activations", "merge")  # what the backward re-runs per layer (MergedModel.features)
 
 
-
-
-
-
-
-
-
-
-
-
 class MergedModel(nn.Module):
     """Frozen base + stacked task vectors behind coefficients; forward returns per-task logits.
 
@@ -62,8 +52,9 @@ class MergedModel(nn.Module):
         blocks: dict[str, list[str]] = {}
         for n in self.param_names:
             blocks.setdefault(block_of(n), []).append(n)
-        self.stores = nn.ModuleList(TaskVectorStore(names, pool.task_vectors, pool.low_rank)
-                                    for names in blocks.values())
+        self.stores = nn.ModuleList(
+            TaskVectorStore(names, pool.task_vectors, pool.low_rank) for names in blocks.values()
+        )
         index = {n: p for p, n in enumerate(self.param_names)}
         # each store's columns of the [T, P] coefficients: a slice when contiguous (a view: no index kernel and no
         # host-to-device copy per step), else an index tensor that moves with the module
@@ -81,8 +72,11 @@ class MergedModel(nn.Module):
         shared = {}
         for _, p in self.backbone.named_parameters(remove_duplicate=False):
             shared[id(p)] = shared.get(id(p), 0) + 1
-        tables = {f"{m}.weight" if m else "weight": mod for m, mod in self.backbone.named_modules()
-                  if isinstance(mod, nn.Embedding)}
+        tables = {
+            f"{m}.weight" if m else "weight": mod
+            for m, mod in self.backbone.named_modules()
+            if isinstance(mod, nn.Embedding)
+        }
         self.lookup_tables = [n for n, mod in tables.items() if n in index and shared.get(id(mod.weight)) == 1]
         self.row_lookup = True  # False: merge lookup tables whole like every other tensor
         # what a forward that records gradients recomputes in the backward, layer by layer (None, "activations",
@@ -151,13 +145,17 @@ class MergedModel(nn.Module):
 
     def task_vector_bytes(self) -> int:
         """Bytes held by the stored task vectors (dense stacks, sparse entries and positions, LoRA factors)."""
-        return sum(t.numel() * t.element_size() for st in self.stores
-                   for t in (*st.parameters(), *st.buffers()))
+        return sum(t.numel() * t.element_size() for st in self.stores for t in (*st.parameters(), *st.buffers()))
 
-    def merged_params(self, coefficients: Tensor | None = None, masks: Mapping[str, Tensor] | None = None,
-                      lookup: bool = False, lookup_coefficients: Tensor | None = None,
-                      defer: Collection[int] = (), stores: Sequence[TaskVectorStore] | None = None
-                      ) -> dict[str, Tensor]:
+    def merged_params(
+        self,
+        coefficients: Tensor | None = None,
+        masks: Mapping[str, Tensor] | None = None,
+        lookup: bool = False,
+        lookup_coefficients: Tensor | None = None,
+        defer: Collection[int] = (),
+        stores: Sequence[TaskVectorStore] | None = None,
+    ) -> dict[str, Tensor]:
         """``{name: θ0 + Σ_t λ[t, p] (m ⊙ τ_t)}`` for every merged tensor; ``coefficients`` is ``[T, P]``.
 
         ``lookup``: embedding tables come back as :class:`~adamerge.functional.LookupWeight` (only the rows a forward
@@ -178,8 +176,9 @@ class MergedModel(nn.Module):
             lam_rows = lam if lookup_coefficients is None else lookup_coefficients
             for n in rows:
                 stack, col = self._store_of[n].dense(n), lam_rows[:, self._index[n]]
-                out[n] = LookupWeight(base[n], stack, col,
-                                      lambda b=base[n], s=stack, c=col: merge_dense([b], [s], c[:, None])[0])
+                out[n] = LookupWeight(
+                    base[n], stack, col, lambda b=base[n], s=stack, c=col: merge_dense([b], [s], c[:, None])[0]
+                )
         return out
 
     def _store_columns(self, lam: Tensor, i: int) -> Tensor:
@@ -198,15 +197,21 @@ class MergedModel(nn.Module):
                 out.append(n)
         return out
 
-    def lazy_merged_params(self, coefficients: Tensor | None = None, masks: Mapping[str, Tensor] | None = None
-                           ) -> LazyMerge:
+    def lazy_merged_params(
+        self, coefficients: Tensor | None = None, masks: Mapping[str, Tensor] | None = None
+    ) -> LazyMerge:
         """:meth:`merged_params` as a mapping that merges one block (one store) when one of its tensors is read and
         keeps only that block: an export streams the merged model without a second full copy of it."""
         lam = (self.coefficients() if coefficients is None else coefficients).detach()
         return LazyMerge(self, lam, self.masks if masks is None else masks)
 
-    def features(self, inputs: Mapping[str, Tensor], coefficients: Tensor | None = None, masks=None,
-                 params: Mapping[str, Tensor] | None = None):
+    def features(
+        self,
+        inputs: Mapping[str, Tensor],
+        coefficients: Tensor | None = None,
+        masks=None,
+        params: Mapping[str, Tensor] | None = None,
+    ):
         """Backbone output (a ModelOutput) of the merged model on ``inputs`` (``params``: already merged weights).
 
         :attr:`recompute`, in a forward that records gradients, for the repeated layers (:attr:`layer_stores`):
@@ -250,8 +255,9 @@ class MergedModel(nn.Module):
                 if previous is not None:
                     layer.forward = previous
 
-    def head_logits(self, task: str, features, inputs: Mapping[str, Tensor], heads: Mapping[str, nn.Module] | None = None
-                    ) -> Tensor:
+    def head_logits(
+        self, task: str, features, inputs: Mapping[str, Tensor], heads: Mapping[str, nn.Module] | None = None
+    ) -> Tensor:
         """Apply task ``task``'s head (from ``heads``, default the model's own) to backbone ``features`` of ``inputs``
         (kinds without per-task heads: the backbone's own logits)."""
         heads = self.heads if heads is None else heads
@@ -262,10 +268,18 @@ class MergedModel(nn.Module):
         backbone has one, otherwise ``last_hidden_state``, token features ``[n, L, d]``)."""
         return getattr(output, self.kind.feature_field(output))
 
-    def forward(self, inputs: Mapping[str, Tensor], tasks: list[str], sizes: list[int],
-                coefficients: Tensor | None = None, masks=None, return_features: bool = False,
-                params: Mapping[str, Tensor] | None = None, per_task: bool = False,
-                task_params: Mapping[str, Mapping[str, Tensor]] | None = None):
+    def forward(
+        self,
+        inputs: Mapping[str, Tensor],
+        tasks: list[str],
+        sizes: list[int],
+        coefficients: Tensor | None = None,
+        masks=None,
+        return_features: bool = False,
+        params: Mapping[str, Tensor] | None = None,
+        per_task: bool = False,
+        task_params: Mapping[str, Mapping[str, Tensor]] | None = None,
+    ):
         """Per-task logits for a batch that concatenates ``sizes[i]`` rows of task ``tasks[i]``.
 
         Returns ``{task: logits}`` (and the backbone features if ``return_features``).
@@ -275,8 +289,9 @@ class MergedModel(nn.Module):
         replace the merged ones for its rows (e.g. its own BatchNorm running statistics).
         """
         if per_task or task_params:
-            return self._forward_per_task(inputs, tasks, sizes, coefficients, masks, return_features, params,
-                                          task_params or {})
+            return self._forward_per_task(
+                inputs, tasks, sizes, coefficients, masks, return_features, params, task_params or {}
+            )
         feats = self.features(inputs, coefficients, masks, params)
         out, start = {}, 0
         for task, n in zip(tasks, sizes):
@@ -296,8 +311,10 @@ class MergedModel(nn.Module):
             own = params
             if task in task_params:
                 if params is None:
-                    raise ValueError("task_params need merged weights: not with recompute='merge' in a forward "
-                                     "that records gradients")
+                    raise ValueError(
+                        "task_params need merged weights: not with recompute='merge' in a forward "
+                        "that records gradients"
+                    )
                 own = {**params, **task_params[task]}
             logits, f = self.forward(rows, [task], [n], coefficients, masks, return_features=True, params=own)
             out.update(logits)
@@ -331,8 +348,10 @@ class MergedModel(nn.Module):
             leaves = {"coefficients": lam.detach().requires_grad_(True)}
             trained_masks = {n: m for n, m in (self.masks or {}).items() if m.requires_grad}
             if self.masks is not None:
-                leaves["masks"] = {**self.masks,
-                                   **{n: m.detach().requires_grad_(True) for n, m in trained_masks.items()}}
+                leaves["masks"] = {
+                    **self.masks,
+                    **{n: m.detach().requires_grad_(True) for n, m in trained_masks.items()},
+                }
             total, per_task = self._run_groups(batch, loss_fn, leaves, chunks, pieces)
             surrogate = (lam * leaves["coefficients"].grad).sum() if leaves["coefficients"].grad is not None else 0.0
             for n, m in trained_masks.items():
@@ -343,8 +362,11 @@ class MergedModel(nn.Module):
         params = self.merged_params(lam, lookup=True, lookup_coefficients=lam_rows)
         leaves = {n: p if isinstance(p, LookupWeight) else p.detach().requires_grad_(True) for n, p in params.items()}
         total, per_task = self._run_groups(batch, loss_fn, {"params": leaves}, chunks, pieces)
-        surrogate = sum((params[n] * leaves[n].grad).sum() for n in params
-                        if not isinstance(leaves[n], LookupWeight) and leaves[n].grad is not None)
+        surrogate = sum(
+            (params[n] * leaves[n].grad).sum()
+            for n in params
+            if not isinstance(leaves[n], LookupWeight) and leaves[n].grad is not None
+        )
         if lam_rows.grad is not None:
             surrogate = surrogate + (lam * lam_rows.grad).sum()
         return surrogate, total, per_task
@@ -367,8 +389,11 @@ class MergedModel(nn.Module):
         total, per_task = 0.0, {}
         for names, ranges, weight in groups:
             rows = torch.cat([torch.arange(a, b) for a, b in ranges])
-            sub = {"inputs": {k: v[rows.to(v.device)] for k, v in batch["inputs"].items()},
-                   "tasks": names, "sizes": [b - a for a, b in ranges]}
+            sub = {
+                "inputs": {k: v[rows.to(v.device)] for k, v in batch["inputs"].items()},
+                "tasks": names,
+                "sizes": [b - a for a, b in ranges],
+            }
             loss, terms = loss_fn(sub, **merge_kw)
             (loss * weight if weight != 1.0 else loss).backward()
             total = total + weight * loss.detach()
@@ -447,13 +472,3 @@ class LazyMerge(Mapping):
 
     def __contains__(self, name: object) -> bool:
         return name in self._index
-
-
-
-
-
-
-
-
-
-

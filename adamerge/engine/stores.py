@@ -1,5 +1,5 @@
-"""TaskVectorStore: the frozen task vectors of one block of tensors (dense, low-rank or sparse), merged in its forward.
-"""
+"""TaskVectorStore: the frozen task vectors of one block of tensors (dense, low-rank or sparse), merged in its
+forward."""
 
 from __future__ import annotations
 
@@ -60,8 +60,9 @@ class TaskVectorStore(nn.Module):
         if self.lr_keys or self.sparse_keys:
             kind = "low-rank (LoRA)" if self.lr_keys else "sparse (prep.sparse_storage)"
             name = next(iter(self.lr_keys or self.sparse_keys))
-            raise MergeInputError(f"prep.offload: tensor {name!r} has a {kind} task vector; offloading streams dense "
-                                  "stacks only")
+            raise MergeInputError(
+                f"prep.offload: tensor {name!r} has a {kind} task vector; offloading streams dense stacks only"
+            )
         pin = torch.cuda.is_available()
         for p in self.parameters():
             p.data = p.data.cpu().pin_memory() if pin else p.data.cpu()
@@ -104,8 +105,13 @@ class TaskVectorStore(nn.Module):
             delattr(self, key)
             del self.dense_keys[name]
 
-    def forward(self, base: Mapping[str, Tensor], lam: Tensor, masks: Mapping[str, Tensor] | None = None,
-                skip: Collection[str] = ()) -> dict[str, Tensor]:
+    def forward(
+        self,
+        base: Mapping[str, Tensor],
+        lam: Tensor,
+        masks: Mapping[str, Tensor] | None = None,
+        skip: Collection[str] = (),
+    ) -> dict[str, Tensor]:
         """``{name: θ0 + Σ_t lam[t, j] τ_t}`` for this block's tensors (``lam``: ``[T, len(names)]``) but those in
         ``skip``."""
         if skip:
@@ -130,7 +136,7 @@ class TaskVectorStore(nn.Module):
                 B, A = (getattr(self, k) for k in self.lr_keys[n])
                 out[n] = merge_low_rank(base[n], B, A, lam[:, j])
             elif n in self.sparse_keys:
-                out[n] = merge_sparse([base[n]], [self.sparse_stack(n)], lam[:, j:j + 1])[0]
+                out[n] = merge_sparse([base[n]], [self.sparse_stack(n)], lam[:, j : j + 1])[0]
             else:
                 out[n] = merge_tensor(base[n], getattr(self, self.dense_keys[n]), lam[:, j], mask)
         return out
@@ -143,5 +149,3 @@ def _is_sharded(t: Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
-
-

@@ -84,8 +84,10 @@ def template_fields(template: str) -> list[str]:
         raise MergeInputError(f"template {template!r}: {e}") from e
     bad = [f for f in names if not f.isidentifier()]
     if not names or bad:
-        raise MergeInputError(f"template {template!r}: name the columns it reads as {{column}}"
-                              + (f"; not {bad}" if bad else " (it reads none)"))
+        raise MergeInputError(
+            f"template {template!r}: name the columns it reads as {{column}}"
+            + (f"; not {bad}" if bad else " (it reads none)")
+        )
     return list(dict.fromkeys(names))
 
 
@@ -98,8 +100,9 @@ def open_dataset(path: str, split: str = "train", name: str | None = None, task:
         if p.is_file():
             fmt = _FILE_FORMATS.get(p.suffix)
             if fmt is None:
-                raise MergeInputError(f"task {task!r}: unsupported file type {p.suffix!r} for {p}; "
-                                      f"use one of {sorted(_FILE_FORMATS)}")
+                raise MergeInputError(
+                    f"task {task!r}: unsupported file type {p.suffix!r} for {p}; use one of {sorted(_FILE_FORMATS)}"
+                )
             if p.stat().st_size == 0:
                 raise MergeInputError(f"task {task!r}: data file {p} is empty (0 bytes)")
             ds = datasets.load_dataset(fmt, data_files=str(p), split="train")
@@ -228,8 +231,10 @@ def input_builder(specs, source: str, max_length: int, trust_remote_code: bool =
     ``image_column`` says; every task must be of the same modality."""
     image = {t: bool(s.image_column) for t, s in specs.items()}
     if len(set(image.values())) > 1:
-        raise MergeInputError(f"data.tasks: image tasks {sorted(t for t, v in image.items() if v)} and text tasks "
-                              f"{sorted(t for t, v in image.items() if not v)} cannot be mixed in one merge")
+        raise MergeInputError(
+            f"data.tasks: image tasks {sorted(t for t, v in image.items() if v)} and text tasks "
+            f"{sorted(t for t, v in image.items() if not v)} cannot be mixed in one merge"
+        )
     try:
         if any(image.values()):
             from transformers import AutoImageProcessor
@@ -241,9 +246,3 @@ def input_builder(specs, source: str, max_length: int, trust_remote_code: bool =
     except (OSError, ValueError) as e:
         what = "image processor" if any(image.values()) else "tokenizer"
         raise MergeInputError(f"data.tokenizer: cannot load the {what} of {source!r}: {e}") from e
-
-
-
-
-
-

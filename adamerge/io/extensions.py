@@ -41,7 +41,8 @@ class ExportExtension:
         key: the manifest entry the method writes (in its ``manifest_fields``) with the extension's settings and
             file names; its presence marks an export that needs the extension.
         module: the module that registers the extension (imported by ``load_merged`` when it is adamerge's own).
-        serve: ``(export directory, manifest entry, backbone, dtype) -> NoHook`` (a :class:`ServingHook` module) for ``adamerge.load_merged``.
+        serve: ``(export directory, manifest entry, backbone, dtype) -> NoHook`` (a :class:`ServingHook` module) for
+        ``adamerge.load_merged``.
         card: the model card's paragraph for the export, from the manifest entry (say how to serve it).
         show_settings: list the manifest entry under the card's "Method settings".
     """
@@ -70,8 +71,10 @@ def extensions_of(manifest: Mapping[str, Any]) -> list[ExportExtension]:
         if key not in EXTENSIONS and str(module).startswith("adamerge."):
             importlib.import_module(module)
         if key not in EXTENSIONS:
-            raise MergeInputError(f"the export uses the extension {key!r} registered by module {module!r}, which is "
-                                  "not imported: import it before loading the export")
+            raise MergeInputError(
+                f"the export uses the extension {key!r} registered by module {module!r}, which is "
+                "not imported: import it before loading the export"
+            )
         out.append(EXTENSIONS[key])
     return out
 
@@ -85,4 +88,3 @@ class NoHook(nn.Module):
 
     def features(self, task: str, features: Any) -> Any:
         return features
-

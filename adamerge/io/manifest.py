@@ -1,5 +1,4 @@
-"""The export's manifest (``merge_manifest.json``): file names, reading, the model kind it records, per-task buffers.
-"""
+"""The export's manifest (``merge_manifest.json``): file names, reading, the model kind it records, per-task buffers."""
 
 from __future__ import annotations
 
@@ -68,5 +67,3 @@ def manifest_kind(manifest: Mapping[str, Any]) -> str:
     """The model kind of an export (manifests before kinds were recorded: ``seq_cls`` when it has heads, else
     ``causal_lm``)."""
     return manifest.get("task_type") or ("seq_cls" if manifest.get("heads") else "causal_lm")
-
-

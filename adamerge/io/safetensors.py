@@ -53,9 +53,18 @@ def _contiguous(state: Mapping[str, Tensor], dtype: torch.dtype | None = None) -
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-_ST_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-             torch.bool: "BOOL"}
+_ST_CODES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -74,15 +83,25 @@ def parse_size(size: int | str, field: str = "max_shard_size") -> int:
         value = size
     else:
         text = str(size).strip()
-        units = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "TB": 10**12, "GB": 10**9, "MB": 10**6,
-                 "KB": 10**3, "B": 1}
+        units = {
+            "TIB": 2**40,
+            "GIB": 2**30,
+            "MIB": 2**20,
+            "KIB": 2**10,
+            "TB": 10**12,
+            "GB": 10**9,
+            "MB": 10**6,
+            "KB": 10**3,
+            "B": 1,
+        }
         unit = next((u for u in units if text.upper().endswith(u)), None)
         number = text[: len(text) - len(unit)].strip() if unit else text
         try:
             value = int(float(number) * (units[unit] if unit else 1))
         except ValueError:
-            raise MergeInputError(f"{field}: cannot read {size!r} as a size; write e.g. '5GB', '500MB' or '100KB'") \
-                from None
+            raise MergeInputError(
+                f"{field}: cannot read {size!r} as a size; write e.g. '5GB', '500MB' or '100KB'"
+            ) from None
     if value <= 0:
         raise MergeInputError(f"{field}: must be positive, got {size!r}")
     return value
@@ -103,8 +122,12 @@ def _tensor_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return n * torch.empty((), dtype=dtype).element_size()
 
 
-def write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]],
-                      produce: Callable[[str], Tensor], metadata: Mapping[str, str] | None = None) -> int:
+def write_safetensors(
+    path: Path,
+    entries: list[tuple[str, tuple[int, ...], torch.dtype]],
+    produce: Callable[[str], Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> int:
     """Write a safetensors file tensor by tensor: the header is planned from ``entries`` (name, shape, stored
     dtype), then each tensor is obtained from ``produce(name)``, cast, written and dropped — at most one tensor is
     held at a time. Returns the bytes of tensor data written."""
@@ -124,8 +147,9 @@ def write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], torc
         for name, shape, dtype in entries:
             t = _stored(produce(name), dtype)
             if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-                raise RuntimeError(f"tensor {name!r}: planned {tuple(shape)} {dtype}, produced {tuple(t.shape)} "
-                                   f"{t.dtype}")
+                raise RuntimeError(
+                    f"tensor {name!r}: planned {tuple(shape)} {dtype}, produced {tuple(t.shape)} {t.dtype}"
+                )
             if t.numel():
                 f.write(t.reshape(-1).view(torch.uint8).numpy().data)
             del t
@@ -147,8 +171,12 @@ def plan_shards(entries: list[tuple[str, tuple[int, ...], torch.dtype]], max_byt
     return shards
 
 
-def write_weights(directory: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]],
-                  produce: Callable[[str], Tensor], max_shard_size: int | str = "5GB") -> list[str]:
+def write_weights(
+    directory: Path,
+    entries: list[tuple[str, tuple[int, ...], torch.dtype]],
+    produce: Callable[[str], Tensor],
+    max_shard_size: int | str = "5GB",
+) -> list[str]:
     """``model.safetensors``, or — when the tensors exceed ``max_shard_size`` — ``model-0000k-of-0000n.safetensors``
     plus ``model.safetensors.index.json``, the layout ``transformers.from_pretrained`` reads. Streams (see
     :func:`write_safetensors`). Returns the file names written."""
@@ -199,5 +227,3 @@ class WeightReader:
 def read_weights(directory: str | Path) -> dict[str, Tensor]:
     """Every tensor of an exported checkpoint's weights (single file or sharded)."""
     return WeightReader(directory).read_all()
-
-

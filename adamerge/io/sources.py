@@ -1,5 +1,4 @@
-"""Model sources: local path or hub id, existence checks, content hashes, LoRA adapter detection, state-dict files.
-"""
+"""Model sources: local path or hub id, existence checks, content hashes, LoRA adapter detection, state-dict files."""
 
 from __future__ import annotations
 
@@ -27,8 +26,13 @@ def names_local_path(source: str | Path) -> bool:
     ``owner/name``; anything else — existing, absolute, ``./``, ``../``, ``~``, more than one ``/``, a backslash, a
     file suffix — is a path."""
     text = str(source)
-    return (Path(text).expanduser().exists() or text.startswith(("/", ".", "~")) or text.count("/") > 1
-            or "\\" in text or text.endswith((".safetensors", ".bin", ".json")))
+    return (
+        Path(text).expanduser().exists()
+        or text.startswith(("/", ".", "~"))
+        or text.count("/") > 1
+        or "\\" in text
+        or text.endswith((".safetensors", ".bin", ".json"))
+    )
 
 
 def check_source(source: str, what: str) -> None:
@@ -64,5 +68,3 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for truncated/garbled headers
         raise MergeInputError(f"cannot read safetensors file {path}: {e}") from e
-
-

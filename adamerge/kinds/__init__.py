@@ -10,8 +10,9 @@ from adamerge.kinds.image_cls import ImageClassification
 from adamerge.kinds.seq2seq_lm import Seq2SeqLM
 from adamerge.kinds.seq_cls import SequenceClassification
 
-KINDS: dict[str, ModelKind] = {k.name: k for k in (SequenceClassification(), CausalLM(), ImageClassification(),
-                                                    CLIP(), Seq2SeqLM())}
+KINDS: dict[str, ModelKind] = {
+    k.name: k for k in (SequenceClassification(), CausalLM(), ImageClassification(), CLIP(), Seq2SeqLM())
+}
 
 
 def get_kind(name: str) -> ModelKind:

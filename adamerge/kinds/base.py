@@ -88,8 +88,14 @@ class ModelKind:
         return getattr(transformers, self.auto_class_name)
 
     # -- loading ------------------------------------------------------------------------------------------------------
-    def load(self, source: str, base_config=None, trust_remote_code: bool = False,
-             dtype: torch.dtype = torch.float32, role: str = "fine-tune") -> nn.Module:
+    def load(
+        self,
+        source: str,
+        base_config=None,
+        trust_remote_code: bool = False,
+        dtype: torch.dtype = torch.float32,
+        role: str = "fine-tune",
+    ) -> nn.Module:
         """The full model at ``source`` (hub id, directory, ``.safetensors`` file). ``role``: ``base`` or
         ``fine-tune`` (a kind may accept different classes for each)."""
         raise NotImplementedError
@@ -110,17 +116,26 @@ class ModelKind:
         """Attribute path of the backbone inside the full model as PEFT names it ('' when the model is merged whole)."""
         return ""
 
-    def lora_head(self, base_model: nn.Module, head_tensors: Mapping[str, Tensor], task: str, source: str,
-                  dtype: torch.dtype) -> nn.Module | None:
+    def lora_head(
+        self, base_model: nn.Module, head_tensors: Mapping[str, Tensor], task: str, source: str, dtype: torch.dtype
+    ) -> nn.Module | None:
         """A head shell for a LoRA adapter from the head tensors it saves (None when the kind has no per-task heads)."""
         return None
 
-    def build_heads(self, base_model: nn.Module, base_source: str, tasks: list[str], options: Mapping[str, Any] | None,
-                    dtype: torch.dtype) -> dict[str, nn.Module] | None:
+    def build_heads(
+        self,
+        base_model: nn.Module,
+        base_source: str,
+        tasks: list[str],
+        options: Mapping[str, Any] | None,
+        dtype: torch.dtype,
+    ) -> dict[str, nn.Module] | None:
         """Heads built from the base for every task (CLIP zero-shot heads); None: each fine-tune brings its own."""
         if options:
-            raise MergeInputError(f"heads: task_type {self.name!r} takes each task's head from its fine-tune; "
-                                  f"'heads' options apply to task_type clip")
+            raise MergeInputError(
+                f"heads: task_type {self.name!r} takes each task's head from its fine-tune; "
+                f"'heads' options apply to task_type clip"
+            )
         return None
 
     def keeps_pooler(self, options: Mapping[str, Any] | None) -> bool:
@@ -158,14 +173,18 @@ class ModelKind:
     def check_features(self) -> None:
         """Refuse feature-based objectives where the kind has no backbone features."""
 
-    # -- export / reading back ------------------------------------------------------------------------------------------
+    # -- export / reading back -----------------------------------------------------------------------------------------
     def head_info(self, head: nn.Module) -> dict[str, Any]:
         """What the manifest records of a head (enough for :meth:`head_from_tensors`)."""
-        return {"num_labels": head.config.num_labels, "id2label": head.config.id2label,
-                "architecture": type(head).__name__}
+        return {
+            "num_labels": head.config.num_labels,
+            "id2label": head.config.id2label,
+            "architecture": type(head).__name__,
+        }
 
-    def head_from_tensors(self, root, info: Mapping[str, Any], tensors: Mapping[str, Tensor],
-                          dtype: torch.dtype) -> nn.Module:
+    def head_from_tensors(
+        self, root, info: Mapping[str, Any], tensors: Mapping[str, Tensor], dtype: torch.dtype
+    ) -> nn.Module:
         """A head shell rebuilt from an export (``root``: the export directory, ``tensors``: the head's tensors)."""
         raise NotImplementedError
 
@@ -177,26 +196,37 @@ class ModelKind:
 
     def card_usage(self, repo: str, task: str, per_task_models: bool) -> str:
         """The model card's "Use" paragraph and snippet (markdown)."""
-        return ("```python\nfrom transformers import AutoModel\n"
-                f"backbone = AutoModel.from_pretrained(\"{repo}\")\n```\n")
+        return f'```python\nfrom transformers import AutoModel\nbackbone = AutoModel.from_pretrained("{repo}")\n```\n'
 
     def task_model_files(self, head: nn.Module, root_config) -> tuple[Any, str] | None:
         """``(config, backbone prefix)`` of a complete per-task checkpoint (``tasks/<task>/``), None when the kind
         has no stock per-task class."""
         return None
 
-    def task_model(self, root, task: str, info: Mapping[str, Any], backbone_state: Mapping[str, Tensor],
-                   head_tensors: Mapping[str, Tensor], dtype: torch.dtype) -> nn.Module:
+    def task_model(
+        self,
+        root,
+        task: str,
+        info: Mapping[str, Any],
+        backbone_state: Mapping[str, Tensor],
+        head_tensors: Mapping[str, Tensor],
+        dtype: torch.dtype,
+    ) -> nn.Module:
         """A stock per-task model for ``task`` from an export's root weights and the task's head tensors."""
-        raise MergeInputError(f"{root}: task_type {self.name!r} has no stock per-task model class; use "
-                              "adamerge.load_merged(path).predict(task, ...)")
+        raise MergeInputError(
+            f"{root}: task_type {self.name!r} has no stock per-task model class; use "
+            "adamerge.load_merged(path).predict(task, ...)"
+        )
 
 
 def num_labels_of(head_tensors: Mapping[str, Tensor], prefix: str, hidden_size: int | None, source: str) -> int:
     """Guess ``num_labels`` of a bare checkpoint from its head's output tensor (a 2-D tensor outside the backbone
     whose first dimension is not the hidden size)."""
-    outs = {t.shape[0] for k, t in head_tensors.items() if not k.startswith(prefix + ".") and t.ndim == 2
-            and t.shape[0] != hidden_size}
+    outs = {
+        t.shape[0]
+        for k, t in head_tensors.items()
+        if not k.startswith(prefix + ".") and t.ndim == 2 and t.shape[0] != hidden_size
+    }
     if len(outs) != 1:
         raise MergeInputError(f"cannot infer num_labels of {source}: put a config.json next to the file")
     return outs.pop()

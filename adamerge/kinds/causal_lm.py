@@ -16,5 +16,7 @@ class CausalLM(WholeModelKind):
     described_as = "a causal LM"
 
     def card_usage(self, repo: str, task: str, per_task_models: bool) -> str:
-        return ("```python\nfrom transformers import AutoModelForCausalLM\n"
-                f"model = AutoModelForCausalLM.from_pretrained(\"{repo}\")\n```\n")
+        return (
+            "```python\nfrom transformers import AutoModelForCausalLM\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{repo}")\n```\n'
+        )

@@ -52,23 +52,58 @@ from adamerge.kinds.base import ModelKind
 TEMPLATES: dict[str, list[str]] = {
     "default": ["a photo of a {}."],
     "sun397": ["a photo of a {}.", "a photo of the {}."],
-    "cars": ["a photo of a {}.", "a photo of the {}.", "a photo of my {}.", "i love my {}!",
-             "a photo of my dirty {}.", "a photo of my clean {}.", "a photo of my new {}.", "a photo of my old {}."],
-    "resisc45": ["satellite imagery of {}.", "aerial imagery of {}.", "satellite photo of {}.", "aerial photo of {}.",
-                 "satellite view of {}.", "aerial view of {}.", "satellite imagery of a {}.",
-                 "aerial imagery of a {}.", "satellite photo of a {}.", "aerial photo of a {}.",
-                 "satellite view of a {}.", "aerial view of a {}.", "satellite imagery of the {}.",
-                 "aerial imagery of the {}.", "satellite photo of the {}.", "aerial photo of the {}.",
-                 "satellite view of the {}.", "aerial view of the {}."],
-    "eurosat": ["a centered satellite photo of {}.", "a centered satellite photo of a {}.",
-                "a centered satellite photo of the {}."],
+    "cars": [
+        "a photo of a {}.",
+        "a photo of the {}.",
+        "a photo of my {}.",
+        "i love my {}!",
+        "a photo of my dirty {}.",
+        "a photo of my clean {}.",
+        "a photo of my new {}.",
+        "a photo of my old {}.",
+    ],
+    "resisc45": [
+        "satellite imagery of {}.",
+        "aerial imagery of {}.",
+        "satellite photo of {}.",
+        "aerial photo of {}.",
+        "satellite view of {}.",
+        "aerial view of {}.",
+        "satellite imagery of a {}.",
+        "aerial imagery of a {}.",
+        "satellite photo of a {}.",
+        "aerial photo of a {}.",
+        "satellite view of a {}.",
+        "aerial view of a {}.",
+        "satellite imagery of the {}.",
+        "aerial imagery of the {}.",
+        "satellite photo of the {}.",
+        "aerial photo of the {}.",
+        "satellite view of the {}.",
+        "aerial view of the {}.",
+    ],
+    "eurosat": [
+        "a centered satellite photo of {}.",
+        "a centered satellite photo of a {}.",
+        "a centered satellite photo of the {}.",
+    ],
     "svhn": ['a photo of the number: "{}".'],
-    "gtsrb": ['a zoomed in photo of a "{}" traffic sign.', 'a centered photo of a "{}" traffic sign.',
-              'a close up photo of a "{}" traffic sign.'],
+    "gtsrb": [
+        'a zoomed in photo of a "{}" traffic sign.',
+        'a centered photo of a "{}" traffic sign.',
+        'a close up photo of a "{}" traffic sign.',
+    ],
     "mnist": ['a photo of the number: "{}".'],
-    "dtd": ["a photo of a {} texture.", "a photo of a {} pattern.", "a photo of a {} thing.",
-            "a photo of a {} object.", "a photo of the {} texture.", "a photo of the {} pattern.",
-            "a photo of the {} thing.", "a photo of the {} object."],
+    "dtd": [
+        "a photo of a {} texture.",
+        "a photo of a {} pattern.",
+        "a photo of a {} thing.",
+        "a photo of a {} object.",
+        "a photo of the {} texture.",
+        "a photo of the {} pattern.",
+        "a photo of the {} thing.",
+        "a photo of the {} object.",
+    ],
 }
 TEMPLATES["stanford_cars"] = TEMPLATES["cars"]
 
@@ -105,24 +140,35 @@ class DualEncoder:
 
 
 FAMILIES = {
-    "clip": DualEncoder("CLIPModel", "CLIPVisionModel", "CLIPVisionConfig", projection=True, bias=False,
-                        pad_to_max_length=False),
-    "siglip": DualEncoder("SiglipModel", "SiglipVisionModel", "SiglipVisionConfig", projection=False, bias=True,
-                          pad_to_max_length=True),
+    "clip": DualEncoder(
+        "CLIPModel", "CLIPVisionModel", "CLIPVisionConfig", projection=True, bias=False, pad_to_max_length=False
+    ),
+    "siglip": DualEncoder(
+        "SiglipModel", "SiglipVisionModel", "SiglipVisionConfig", projection=False, bias=True, pad_to_max_length=True
+    ),
     # SigLIP 2 (NaFlex): the tower also reads the processor's pixel_attention_mask and spatial_shapes
-    "siglip2": DualEncoder("Siglip2Model", "Siglip2VisionModel", "Siglip2VisionConfig", projection=False, bias=True,
-                           pad_to_max_length=True),
+    "siglip2": DualEncoder(
+        "Siglip2Model", "Siglip2VisionModel", "Siglip2VisionConfig", projection=False, bias=True, pad_to_max_length=True
+    ),
 }
-MODEL_TYPES = {"clip": "clip", "clip_vision_model": "clip", "siglip": "siglip", "siglip_vision_model": "siglip",
-               "siglip2": "siglip2", "siglip2_vision_model": "siglip2"}
+MODEL_TYPES = {
+    "clip": "clip",
+    "clip_vision_model": "clip",
+    "siglip": "siglip",
+    "siglip_vision_model": "siglip",
+    "siglip2": "siglip2",
+    "siglip2_vision_model": "siglip2",
+}
 
 
 def family_of(config, source: str) -> DualEncoder:
     """The :class:`DualEncoder` of a (dual-encoder or vision-tower) config, or an error naming the model type."""
     family = MODEL_TYPES.get(getattr(config, "model_type", None))
     if family is None:
-        raise MergeInputError(f"{source} is a {getattr(config, 'model_type', type(config).__name__)!r} model, not a "
-                              f"zero-shot dual encoder (task_type clip takes {', '.join(sorted(FAMILIES))})")
+        raise MergeInputError(
+            f"{source} is a {getattr(config, 'model_type', type(config).__name__)!r} model, not a "
+            f"zero-shot dual encoder (task_type clip takes {', '.join(sorted(FAMILIES))})"
+        )
     return FAMILIES[family]
 
 
@@ -137,8 +183,10 @@ def resolve_templates(task: str, templates) -> list[str]:
         templates = task if task in TEMPLATES else "default"
     if isinstance(templates, str):
         if templates not in TEMPLATES:
-            raise MergeInputError(f"heads.{task}.templates: unknown template set {templates!r}; sets: "
-                                  f"{', '.join(sorted(TEMPLATES))} (or give a list of strings with one '{{}}')")
+            raise MergeInputError(
+                f"heads.{task}.templates: unknown template set {templates!r}; sets: "
+                f"{', '.join(sorted(TEMPLATES))} (or give a list of strings with one '{{}}')"
+            )
         templates = TEMPLATES[templates]
     templates = list(templates)
     bad = [t for t in templates if t.count("{}") != 1]
@@ -156,8 +204,10 @@ def class_names(task: str, spec: Mapping[str, Any]) -> list[str]:
         return [str(c) for c in spec["classnames"]]
     ds_spec = spec.get("dataset")
     if not ds_spec:
-        raise MergeInputError(f"heads.{task}: give its class names (classnames: [...]) or a dataset whose label "
-                              "column is a ClassLabel (dataset: {path: ..., label_column: label})")
+        raise MergeInputError(
+            f"heads.{task}: give its class names (classnames: [...]) or a dataset whose label "
+            "column is a ClassLabel (dataset: {path: ..., label_column: label})"
+        )
     import datasets
 
     from adamerge.io.datasets import open_dataset
@@ -166,14 +216,17 @@ def class_names(task: str, spec: Mapping[str, Any]) -> list[str]:
     ds = open_dataset(ds_spec["path"], ds_spec.get("split", "train"), ds_spec.get("name"), task)
     feature = ds.features.get(column)
     if not isinstance(feature, datasets.ClassLabel):
-        raise MergeInputError(f"heads.{task}.dataset: column {column!r} of {ds_spec['path']} is not a ClassLabel "
-                              f"({type(feature).__name__}); give classnames: [...]")
+        raise MergeInputError(
+            f"heads.{task}.dataset: column {column!r} of {ds_spec['path']} is not a ClassLabel "
+            f"({type(feature).__name__}); give classnames: [...]"
+        )
     return [n.replace("_", " ") for n in feature.names]
 
 
 @torch.no_grad()
-def zero_shot_weights(clip_model: nn.Module, tokenizer, classnames: list[str], templates: list[str],
-                      max_length: int | None = None) -> Tensor:
+def zero_shot_weights(
+    clip_model: nn.Module, tokenizer, classnames: list[str], templates: list[str], max_length: int | None = None
+) -> Tensor:
     """``[C, d]``: per class, the mean of the L2-normalised text embeddings of its prompts, normalised again.
     ``max_length``: prompts padded to it and read by ``input_ids`` alone (SigLIP's text tower, trained so)."""
     rows = []
@@ -182,8 +235,11 @@ def zero_shot_weights(clip_model: nn.Module, tokenizer, classnames: list[str], t
         if max_length is None:
             enc = tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
         else:
-            enc = {"input_ids": tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
-                                          return_tensors="pt")["input_ids"]}
+            enc = {
+                "input_ids": tokenizer(
+                    prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+                )["input_ids"]
+            }
         emb = clip_model.get_text_features(**enc)
         emb = getattr(emb, "pooler_output", emb)  # transformers 5 may return a ModelOutput
         emb = emb / emb.norm(dim=-1, keepdim=True)
@@ -198,14 +254,22 @@ class CLIP(ModelKind):
     feature_fields = ("pooler_output",)
     pipeline_tag = "zero-shot-image-classification"
 
-    def load(self, source: str, base_config=None, trust_remote_code: bool = False,
-             dtype: torch.dtype = torch.float32, role: str = "fine-tune") -> nn.Module:
+    def load(
+        self,
+        source: str,
+        base_config=None,
+        trust_remote_code: bool = False,
+        dtype: torch.dtype = torch.float32,
+        role: str = "fine-tune",
+    ) -> nn.Module:
         from transformers import AutoConfig
 
         if is_safetensors_file(source):
             if role == "base" or base_config is None:
-                raise MergeInputError(f"{source}: a bare safetensors file can only be a fine-tune (the base must be a "
-                                      "CLIPModel or SiglipModel directory or hub id)")
+                raise MergeInputError(
+                    f"{source}: a bare safetensors file can only be a fine-tune (the base must be a "
+                    "CLIPModel or SiglipModel directory or hub id)"
+                )
             model = _cls(family_of(base_config, source).vision)(base_config)
             expected = set(model.state_dict())
             state = {}
@@ -226,9 +290,11 @@ class CLIP(ModelKind):
         family = family_of(config, source)
         is_vision = isinstance(config, _cls(family.vision_config))
         if role == "base" and is_vision:
-            raise MergeInputError(f"{source} is a vision tower only: task_type clip builds the zero-shot heads with "
-                                  f"the base's text tower, so the base must be the full {family.full} (e.g. "
-                                  "openai/clip-vit-base-patch32 or google/siglip-base-patch16-224)")
+            raise MergeInputError(
+                f"{source} is a vision tower only: task_type clip builds the zero-shot heads with "
+                f"the base's text tower, so the base must be the full {family.full} (e.g. "
+                "openai/clip-vit-base-patch32 or google/siglip-base-patch16-224)"
+            )
         try:
             if is_vision:  # also reads CLIPVisionModelWithProjection files
                 return _cls(family.vision).from_pretrained(source, dtype=dtype)
@@ -252,16 +318,24 @@ class CLIP(ModelKind):
     def split(self, model: nn.Module):
         return self.backbone_of(model), None
 
-    def build_heads(self, base_model: nn.Module, base_source: str, tasks: list[str],
-                    options: Mapping[str, Any] | None, dtype: torch.dtype) -> dict[str, nn.Module]:
+    def build_heads(
+        self,
+        base_model: nn.Module,
+        base_source: str,
+        tasks: list[str],
+        options: Mapping[str, Any] | None,
+        dtype: torch.dtype,
+    ) -> dict[str, nn.Module]:
         options = dict(options or {})
         extra = sorted(set(options) - set(tasks))
         if extra:
             raise MergeInputError(f"heads: {extra} are not tasks of this merge; tasks: {tasks}")
         missing = [t for t in tasks if t not in options]
         if missing:
-            raise MergeInputError(f"heads: task_type clip needs each task's class names; missing for {missing} "
-                                  "(heads: {task: {classnames: [...]}})")
+            raise MergeInputError(
+                f"heads: task_type clip needs each task's class names; missing for {missing} "
+                "(heads: {task: {classnames: [...]}})"
+            )
         tokenizer = self.tokenizer(base_source)
         family = family_of(base_model.config, base_source)
         hidden = base_model.config.vision_config.hidden_size
@@ -271,11 +345,13 @@ class CLIP(ModelKind):
             spec = options[task] or {}
             names = class_names(task, spec)
             templates = resolve_templates(task, spec.get("templates"))
-            head = ZeroShotHead(hidden, base_model.config.projection_dim if family.projection else hidden, len(names),
-                                bias=family.bias)
+            head = ZeroShotHead(
+                hidden, base_model.config.projection_dim if family.projection else hidden, len(names), bias=family.bias
+            )
             with torch.no_grad():
-                head.visual_projection.weight.copy_(base_model.visual_projection.weight if family.projection
-                                                    else torch.eye(hidden))
+                head.visual_projection.weight.copy_(
+                    base_model.visual_projection.weight if family.projection else torch.eye(hidden)
+                )
                 head.weight.copy_(zero_shot_weights(base_model, tokenizer, names, templates, max_length))
                 head.logit_scale.copy_(base_model.logit_scale.exp().reshape(()))
                 if family.bias:
@@ -297,22 +373,28 @@ class CLIP(ModelKind):
         return head(features.pooler_output)
 
     def card_usage(self, repo: str, task: str, per_task_models: bool) -> str:
-        return ("The merged vision tower loads with stock `transformers`; each task's zero-shot head (the base's "
-                "visual projection, the class-name embeddings, the logit scale and, for SigLIP, the logit bias) is in "
-                "`heads.safetensors`:\n\n"
-                "```python\nimport torch\nfrom huggingface_hub import hf_hub_download\n"
-                "from safetensors.torch import load_file\nfrom transformers import AutoImageProcessor, AutoModel\n"
-                f"vision = AutoModel.from_pretrained(\"{repo}\")\n"
-                f"inputs = AutoImageProcessor.from_pretrained(\"{repo}\")(images=images, return_tensors=\"pt\")\n"
-                f"heads = load_file(hf_hub_download(\"{repo}\", \"heads.safetensors\"))\n"
-                f"emb = vision(**inputs).pooler_output @ heads[\"{task}/visual_projection.weight\"].T\n"
-                f"logits = heads[\"{task}/logit_scale\"] * torch.nn.functional.normalize(emb, dim=-1) "
-                f"@ heads[\"{task}/weight\"].T + heads.get(\"{task}/logit_bias\", 0)\n```\n")
+        return (
+            "The merged vision tower loads with stock `transformers`; each task's zero-shot head (the base's "
+            "visual projection, the class-name embeddings, the logit scale and, for SigLIP, the logit bias) is in "
+            "`heads.safetensors`:\n\n"
+            "```python\nimport torch\nfrom huggingface_hub import hf_hub_download\n"
+            "from safetensors.torch import load_file\nfrom transformers import AutoImageProcessor, AutoModel\n"
+            f'vision = AutoModel.from_pretrained("{repo}")\n'
+            f'inputs = AutoImageProcessor.from_pretrained("{repo}")(images=images, return_tensors="pt")\n'
+            f'heads = load_file(hf_hub_download("{repo}", "heads.safetensors"))\n'
+            f'emb = vision(**inputs).pooler_output @ heads["{task}/visual_projection.weight"].T\n'
+            f'logits = heads["{task}/logit_scale"] * torch.nn.functional.normalize(emb, dim=-1) '
+            f'@ heads["{task}/weight"].T + heads.get("{task}/logit_bias", 0)\n```\n'
+        )
 
     def head_info(self, head: nn.Module) -> dict[str, Any]:
         names = list(getattr(head, "classnames", [str(i) for i in range(head.weight.shape[0])]))
-        return {"num_labels": head.weight.shape[0], "id2label": dict(enumerate(names)),
-                "architecture": "ZeroShotHead", "templates": list(getattr(head, "templates", []))}
+        return {
+            "num_labels": head.weight.shape[0],
+            "id2label": dict(enumerate(names)),
+            "architecture": "ZeroShotHead",
+            "templates": list(getattr(head, "templates", [])),
+        }
 
     def head_from_tensors(self, root, info, tensors, dtype):
         proj, weight = tensors["visual_projection.weight"], tensors["weight"]

@@ -65,8 +65,9 @@ def head_config(root, info: Mapping[str, Any]):
     id2label = {int(k): v for k, v in info["id2label"].items()}
     config = AutoConfig.from_pretrained(str(root), id2label=id2label, label2id={v: k for k, v in id2label.items()})
     if config.num_labels != info["num_labels"]:
-        raise MergeInputError(f"{root}: a head's id2label has {config.num_labels} labels, its num_labels is "
-                              f"{info['num_labels']}")
+        raise MergeInputError(
+            f"{root}: a head's id2label has {config.num_labels} labels, its num_labels is {info['num_labels']}"
+        )
     return config
 
 
@@ -78,19 +79,29 @@ class HeadedKind(ModelKind):
     one, as RoBERTa, ELECTRA and DeBERTa classifiers keep their dense pooling layer in the head already. The merged
     backbone (the export's root) still holds the merged pooler."""
 
-    def build_heads(self, base_model: nn.Module, base_source: str, tasks: list[str], options: Mapping[str, Any] | None,
-                    dtype: torch.dtype) -> dict[str, nn.Module] | None:
+    def build_heads(
+        self,
+        base_model: nn.Module,
+        base_source: str,
+        tasks: list[str],
+        options: Mapping[str, Any] | None,
+        dtype: torch.dtype,
+    ) -> dict[str, nn.Module] | None:
         unknown = sorted(set(options or {}) - set(HEAD_OPTIONS))
         if unknown:
-            raise MergeInputError(f"heads: unknown option(s) {unknown}: task_type {self.name!r} takes each task's "
-                                  f"head from its fine-tune (class names and templates apply to task_type clip); "
-                                  f"allowed here: {list(HEAD_OPTIONS)}")
+            raise MergeInputError(
+                f"heads: unknown option(s) {unknown}: task_type {self.name!r} takes each task's "
+                f"head from its fine-tune (class names and templates apply to task_type clip); "
+                f"allowed here: {list(HEAD_OPTIONS)}"
+            )
         if (options or {}).get("pooler"):
             pooler = getattr(self.backbone_of(base_model), "pooler", None)
             if pooler is None or not any(True for _ in pooler.parameters()):
-                raise MergeInputError(f"heads: pooler: {base_source} ({type(base_model).__name__}) has no pooler with "
-                                      "weights in its backbone; its classifier reads the backbone output directly "
-                                      "(or holds its pooling layer already): drop heads.pooler")
+                raise MergeInputError(
+                    f"heads: pooler: {base_source} ({type(base_model).__name__}) has no pooler with "
+                    "weights in its backbone; its classifier reads the backbone output directly "
+                    "(or holds its pooling layer already): drop heads.pooler"
+                )
         return None
 
     def keeps_pooler(self, options: Mapping[str, Any] | None) -> bool:
@@ -105,8 +116,14 @@ class HeadedKind(ModelKind):
         setattr(head, head.base_model_prefix, PoolerStub(pooler.requires_grad_(False).eval()))
         return head
 
-    def load(self, source: str, base_config=None, trust_remote_code: bool = False,
-             dtype: torch.dtype = torch.float32, role: str = "fine-tune") -> nn.Module:
+    def load(
+        self,
+        source: str,
+        base_config=None,
+        trust_remote_code: bool = False,
+        dtype: torch.dtype = torch.float32,
+        role: str = "fine-tune",
+    ) -> nn.Module:
         from transformers import AutoConfig
 
         cls = self.auto_class()
@@ -120,25 +137,31 @@ class HeadedKind(ModelKind):
             state = read_state_dict(source)
             probe = cls.from_config(config)
             if not cfg_path.is_file():
-                config.num_labels = num_labels_of(state, probe.base_model_prefix,
-                                                  getattr(config, "hidden_size", None), source)
+                config.num_labels = num_labels_of(
+                    state, probe.base_model_prefix, getattr(config, "hidden_size", None), source
+                )
                 probe = cls.from_config(config)
             prefix = probe.base_model_prefix
             # accept backbone-only key names (as a bare AutoModel saves them)
             expected = set(probe.state_dict())
-            state = {(k if k in expected or (prefix + "." + k) not in expected else prefix + "." + k): v
-                     for k, v in state.items()}
+            state = {
+                (k if k in expected or (prefix + "." + k) not in expected else prefix + "." + k): v
+                for k, v in state.items()
+            }
             missing = sorted(k for k in expected - set(state) if not is_nonpersistent(k))
             extra = sorted(set(state) - expected)
             if missing or extra:
-                raise MergeInputError(f"{source}: state dict does not match {type(probe).__name__}: "
-                                      f"missing keys {missing[:5]}{'…' if len(missing) > 5 else ''}, "
-                                      f"unexpected keys {extra[:5]}{'…' if len(extra) > 5 else ''}")
+                raise MergeInputError(
+                    f"{source}: state dict does not match {type(probe).__name__}: "
+                    f"missing keys {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+                    f"unexpected keys {extra[:5]}{'…' if len(extra) > 5 else ''}"
+                )
             probe.load_state_dict(state, strict=False)
             return probe.to(dtype)
         try:
-            model, info = cls.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
-                                              output_loading_info=True)
+            model, info = cls.from_pretrained(
+                source, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True
+            )
         except Exception as e:  # transformers/safetensors raise many types (OSError, ValueError, SafetensorError, ...)
             raise MergeInputError(f"cannot load model {source!r}: {type(e).__name__}: {e}") from e
         model._adamerge_initialized = frozenset(info.get("missing_keys") or ())  # not in the checkpoint: fresh
@@ -162,11 +185,14 @@ class HeadedKind(ModelKind):
 
         model, info = AutoModel.from_pretrained(str(root), dtype=dtype, output_loading_info=True)
         if info.get("unexpected_keys") and "add_pooling_layer" in inspect.signature(type(model).__init__).parameters:
-            model, info = AutoModel.from_pretrained(str(root), dtype=dtype, output_loading_info=True,
-                                                    add_pooling_layer=True)
+            model, info = AutoModel.from_pretrained(
+                str(root), dtype=dtype, output_loading_info=True, add_pooling_layer=True
+            )
         if info.get("unexpected_keys"):
-            raise MergeInputError(f"{root}: {type(model).__name__} has no place for the export's tensors "
-                                  f"{sorted(info['unexpected_keys'])[:5]}")
+            raise MergeInputError(
+                f"{root}: {type(model).__name__} has no place for the export's tensors "
+                f"{sorted(info['unexpected_keys'])[:5]}"
+            )
         return decoder_inputs_from_input_ids(model)
 
     def lora_prefix(self, model: nn.Module) -> str:
@@ -191,14 +217,18 @@ class HeadedKind(ModelKind):
         setattr(shell, shell.base_model_prefix, PoolerStub(backbone.pooler) if pooler else FeatureStub())
         return shell
 
-    def lora_head(self, base_model: nn.Module, head_tensors: Mapping[str, Tensor], task: str, source: str,
-                  dtype: torch.dtype) -> nn.Module:
+    def lora_head(
+        self, base_model: nn.Module, head_tensors: Mapping[str, Tensor], task: str, source: str, dtype: torch.dtype
+    ) -> nn.Module:
         if not head_tensors:
-            raise MergeInputError(f"adapter {task!r} ({source}) saves no classifier head: train it with the task's "
-                                  f"PEFT task_type (SEQ_CLS) or modules_to_save=['classifier']")
+            raise MergeInputError(
+                f"adapter {task!r} ({source}) saves no classifier head: train it with the task's "
+                f"PEFT task_type (SEQ_CLS) or modules_to_save=['classifier']"
+            )
         config = base_model.config.__class__.from_dict(base_model.config.to_dict())
-        config.num_labels = num_labels_of(head_tensors, base_model.base_model_prefix,
-                                          getattr(config, "hidden_size", None), source)
+        config.num_labels = num_labels_of(
+            head_tensors, base_model.base_model_prefix, getattr(config, "hidden_size", None), source
+        )
         shell = self.shell(config, dtype)
         # Head modules the adapter does not save (DeBERTa's pooler, ModernBERT's head: outside peft's default
         # modules_to_save) stayed the base's while it trained: they are taken from the base, as peft serves them —
@@ -207,19 +237,23 @@ class HeadedKind(ModelKind):
         kept = [k for k in shell.state_dict() if k not in head_tensors and k in base_head]
         fresh = sorted(k for k in kept if k in getattr(base_model, "_adamerge_initialized", ()))
         if fresh:
-            raise MergeInputError(f"adapter {task!r} ({source}) does not save the head tensors {fresh[:5]} and the "
-                                  f"base does not hold them either (transformers initialised them at random when "
-                                  f"loading it), so this head cannot be rebuilt: save those modules with the "
-                                  f"adapter (peft modules_to_save)")
+            raise MergeInputError(
+                f"adapter {task!r} ({source}) does not save the head tensors {fresh[:5]} and the "
+                f"base does not hold them either (transformers initialised them at random when "
+                f"loading it), so this head cannot be rebuilt: save those modules with the "
+                f"adapter (peft modules_to_save)"
+            )
         try:
             shell.load_state_dict({**{k: base_head[k] for k in kept}, **head_tensors}, strict=True)
         except RuntimeError as e:
-            raise MergeInputError(f"adapter {task!r} ({source}): classifier tensors do not fit the base's head: "
-                                  f"{e}") from e
+            raise MergeInputError(
+                f"adapter {task!r} ({source}): classifier tensors do not fit the base's head: {e}"
+            ) from e
         return shell.requires_grad_(False).eval()
 
-    def head_from_tensors(self, root, info: Mapping[str, Any], tensors: Mapping[str, Tensor],
-                          dtype: torch.dtype) -> nn.Module:
+    def head_from_tensors(
+        self, root, info: Mapping[str, Any], tensors: Mapping[str, Tensor], dtype: torch.dtype
+    ) -> nn.Module:
         config = head_config(root, info)
         pooler = any(k.split(".")[1:2] == ["pooler"] for k in tensors)  # saved with heads: {pooler: true}
         shell = self.shell(config, dtype, pooler=pooler, architecture=info.get("architecture"))
@@ -236,15 +270,25 @@ class HeadedKind(ModelKind):
 
     def card_usage(self, repo: str, task: str, per_task_models: bool) -> str:
         auto = self.auto_class_name
-        return ("The merged backbone loads with stock `transformers`; each task's classifier is a complete model "
-                "under `tasks/<task>/`" + ("" if per_task_models else
-                                          " (not written for this export: use `adamerge.load_merged`)") + ":\n\n"
-                f"```python\nfrom transformers import AutoModel, {auto}\n"
-                f"backbone = AutoModel.from_pretrained(\"{repo}\")\n"
-                f"classifier = {auto}.from_pretrained(\"{repo}\", subfolder=\"tasks/{task}\")\n```\n")
+        return (
+            "The merged backbone loads with stock `transformers`; each task's classifier is a complete model "
+            "under `tasks/<task>/`"
+            + ("" if per_task_models else " (not written for this export: use `adamerge.load_merged`)")
+            + ":\n\n"
+            f"```python\nfrom transformers import AutoModel, {auto}\n"
+            f'backbone = AutoModel.from_pretrained("{repo}")\n'
+            f'classifier = {auto}.from_pretrained("{repo}", subfolder="tasks/{task}")\n```\n'
+        )
 
-    def task_model(self, root, task: str, info: Mapping[str, Any], backbone_state: Mapping[str, Tensor],
-                   head_tensors: Mapping[str, Tensor], dtype: torch.dtype) -> nn.Module:
+    def task_model(
+        self,
+        root,
+        task: str,
+        info: Mapping[str, Any],
+        backbone_state: Mapping[str, Tensor],
+        head_tensors: Mapping[str, Tensor],
+        dtype: torch.dtype,
+    ) -> nn.Module:
         """A stock ``AutoModelFor<Task>`` for ``task`` from an export's root weights and the task's head tensors."""
         config = head_config(root, info)
         model = self.from_config(config, dtype, info.get("architecture"))
@@ -254,6 +298,8 @@ class HeadedKind(ModelKind):
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not is_nonpersistent(k)]
         if missing or unexpected:
-            raise MergeInputError(f"{root}: task {task!r} checkpoint keys do not match: missing {missing[:5]}, "
-                                  f"unexpected {unexpected[:5]}")
+            raise MergeInputError(
+                f"{root}: task {task!r} checkpoint keys do not match: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
         return model.eval()

@@ -37,12 +37,20 @@ class Seq2SeqLM(WholeModelKind):
     described_as = "a seq2seq LM"
     tied_suffixes = ("lm_head.weight", "embed_tokens.weight")  # tied to the shared embedding when saved
 
-    def load(self, source: str, base_config=None, trust_remote_code: bool = False,
-             dtype: torch.dtype = torch.float32, role: str = "fine-tune") -> nn.Module:
+    def load(
+        self,
+        source: str,
+        base_config=None,
+        trust_remote_code: bool = False,
+        dtype: torch.dtype = torch.float32,
+        role: str = "fine-tune",
+    ) -> nn.Module:
         model = super().load(source, base_config, trust_remote_code, dtype, role)
         if model.config.decoder_start_token_id is None:
-            raise MergeInputError(f"{source}: its config has no decoder_start_token_id, so the first output token "
-                                  "the merge is trained on cannot be decoded; set it in config.json")
+            raise MergeInputError(
+                f"{source}: its config has no decoder_start_token_id, so the first output token "
+                "the merge is trained on cannot be decoded; set it in config.json"
+            )
         return model
 
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -52,7 +60,9 @@ class Seq2SeqLM(WholeModelKind):
         return None  # one decoder position per row: the encoder's attention mask does not index the logits
 
     def card_usage(self, repo: str, task: str, per_task_models: bool) -> str:
-        return ("```python\nfrom transformers import AutoModelForSeq2SeqLM, AutoTokenizer\n"
-                f"model = AutoModelForSeq2SeqLM.from_pretrained(\"{repo}\")\n"
-                f"tokenizer = AutoTokenizer.from_pretrained(\"{repo}\")\n"
-                "answer = model.generate(**tokenizer([\"...\"], return_tensors=\"pt\"), max_new_tokens=8)\n```\n")
+        return (
+            "```python\nfrom transformers import AutoModelForSeq2SeqLM, AutoTokenizer\n"
+            f'model = AutoModelForSeq2SeqLM.from_pretrained("{repo}")\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo}")\n'
+            'answer = model.generate(**tokenizer(["..."], return_tensors="pt"), max_new_tokens=8)\n```\n'
+        )

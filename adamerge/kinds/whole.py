@@ -21,8 +21,14 @@ class WholeModelKind(ModelKind):
     described_as: ClassVar[str] = ""  # in error messages: "a causal LM"
     tied_suffixes: ClassVar[tuple[str, ...]] = ("lm_head.weight",)  # saved once, tied to the input embedding
 
-    def load(self, source: str, base_config=None, trust_remote_code: bool = False,
-             dtype: torch.dtype = torch.float32, role: str = "fine-tune") -> nn.Module:
+    def load(
+        self,
+        source: str,
+        base_config=None,
+        trust_remote_code: bool = False,
+        dtype: torch.dtype = torch.float32,
+        role: str = "fine-tune",
+    ) -> nn.Module:
         cls = self.auto_class()
         if is_safetensors_file(source):
             if base_config is None:
@@ -32,8 +38,10 @@ class WholeModelKind(ModelKind):
             tied = set(getattr(model, "_tied_weights_keys", None) or [])
             missing = [k for k in missing if k not in tied and not k.endswith(self.tied_suffixes)]
             if missing or extra:
-                raise MergeInputError(f"{source}: state dict does not match {type(model).__name__}: missing keys "
-                                      f"{missing[:5]}, unexpected keys {extra[:5]}")
+                raise MergeInputError(
+                    f"{source}: state dict does not match {type(model).__name__}: missing keys "
+                    f"{missing[:5]}, unexpected keys {extra[:5]}"
+                )
             return model.to(dtype)
         try:
             return cls.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -50,8 +58,10 @@ class WholeModelKind(ModelKind):
         return features.logits
 
     def check_features(self) -> None:
-        raise MergeInputError(f"objective: 'features' needs a backbone with hidden features; {self.described_as} is "
-                              "merged whole (use objective 'kl' or 'pseudo_label')")
+        raise MergeInputError(
+            f"objective: 'features' needs a backbone with hidden features; {self.described_as} is "
+            "merged whole (use objective 'kl' or 'pseudo_label')"
+        )
 
     def feature_field(self, output) -> str:
         self.check_features()

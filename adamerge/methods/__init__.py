@@ -18,7 +18,8 @@ METHODS: dict[str, type[MergeModule]] = {}
 
 def register_method(cls: type[MergeModule]) -> type[MergeModule]:
     """Register ``cls`` under its ``method`` name (and its export extension, if it declares one); usable as a class
-    decorator. ``adamerge fit``/``merge`` configs name a method by its class path (``class_path: my.module.MyMerge``)."""
+    decorator. ``adamerge fit``/``merge`` configs name a method by its class path (``class_path: my.module.MyMerge``).
+    """
     if not isinstance(cls, type) or not issubclass(cls, MergeModule):
         raise MergeInputError(f"register_method: {cls!r} is not a MergeModule subclass")
     if cls.method in METHODS and METHODS[cls.method] is not cls:
@@ -29,8 +30,19 @@ def register_method(cls: type[MergeModule]) -> type[MergeModule]:
     return cls
 
 
-for _cls in (Average, TaskArithmetic, Ties, M3, TSVM, IsoC, AdaMerging, ConcreteTaskArithmetic, ConcreteAdaMerging,
-             Surgery, WEMoE):
+for _cls in (
+    Average,
+    TaskArithmetic,
+    Ties,
+    M3,
+    TSVM,
+    IsoC,
+    AdaMerging,
+    ConcreteTaskArithmetic,
+    ConcreteAdaMerging,
+    Surgery,
+    WEMoE,
+):
     register_method(_cls)
 
 
@@ -40,6 +52,21 @@ def get_method(name: str) -> type[MergeModule]:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "M3", "TSVM", "AdaMerging", "Average", "ConcreteAdaMerging", "ConcreteTaskArithmetic", "IsoC",
-           "MergeModule", "Surgery", "TaskArithmetic", "TaskVectorPrep", "Ties", "WEMoE", "get_method",
-           "register_method"]
+__all__ = [
+    "METHODS",
+    "M3",
+    "TSVM",
+    "AdaMerging",
+    "Average",
+    "ConcreteAdaMerging",
+    "ConcreteTaskArithmetic",
+    "IsoC",
+    "MergeModule",
+    "Surgery",
+    "TaskArithmetic",
+    "TaskVectorPrep",
+    "Ties",
+    "WEMoE",
+    "get_method",
+    "register_method",
+]

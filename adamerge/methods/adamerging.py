@@ -69,13 +69,26 @@ class AdaMerging(MergeModule):
 
     method = "adamerging"
 
-    def __init__(self, base: str, models: dict[str, str], granularity: str = "layer", init: float = 0.3,
-                 clamp: bool = False, lr: float = 1e-3, objective: Objective | str = "entropy",
-                 similarity_penalty: float = 0.0, task_chunks: int | str = "auto", tune_heads: bool = False,
-                 micro_batches: int = 1, recompute: str | None = None, **shared) -> None:
+    def __init__(
+        self,
+        base: str,
+        models: dict[str, str],
+        granularity: str = "layer",
+        init: float = 0.3,
+        clamp: bool = False,
+        lr: float = 1e-3,
+        objective: Objective | str = "entropy",
+        similarity_penalty: float = 0.0,
+        task_chunks: int | str = "auto",
+        tune_heads: bool = False,
+        micro_batches: int = 1,
+        recompute: str | None = None,
+        **shared,
+    ) -> None:
         if recompute not in RECOMPUTE:
-            raise MergeInputError(f"recompute: unknown value {recompute!r}; allowed: null, "
-                                  f"{', '.join(r for r in RECOMPUTE if r)}")
+            raise MergeInputError(
+                f"recompute: unknown value {recompute!r}; allowed: null, {', '.join(r for r in RECOMPUTE if r)}"
+            )
         self.loss_fn = objective = Objective.of(objective)
         task_type = shared.get("task_type", "seq_cls")
         if micro_batches < 1:
@@ -83,18 +96,23 @@ class AdaMerging(MergeModule):
         if micro_batches > 1:
             name = objective.name
             if not (name in ("entropy", "kl") or name == "pseudo_label" and objective.confidence == 0):
-                raise MergeInputError(f"micro_batches: objective {name!r}"
-                                      f"{' with a confidence threshold' if name == 'pseudo_label' else ''} is not "
-                                      "a mean of per-row terms (it needs a task's rows together); use micro_batches: 1")
+                raise MergeInputError(
+                    f"micro_batches: objective {name!r}"
+                    f"{' with a confidence threshold' if name == 'pseudo_label' else ''} is not "
+                    "a mean of per-row terms (it needs a task's rows together); use micro_batches: 1"
+                )
             if not get_kind(task_type).per_task_heads or tune_heads:
                 why = "tune_heads" if tune_heads else f"task_type {task_type}, merged whole without per-task heads"
-                raise MergeInputError(f"micro_batches: needs per-row logits from frozen per-task heads (not {why}); "
-                                      "use micro_batches: 1")
+                raise MergeInputError(
+                    f"micro_batches: needs per-row logits from frozen per-task heads (not {why}); use micro_batches: 1"
+                )
         if task_chunks != "auto" and (isinstance(task_chunks, str) or task_chunks < 1):
             raise MergeInputError(f"task_chunks must be >= 1 or 'auto', got {task_chunks!r}")
         if tune_heads and task_chunks != "auto" and task_chunks > 1:
-            raise MergeInputError("tune_heads: heads are trained by the step's own backward, which task_chunks > 1 "
-                                  "replaces by a surrogate of the merged weights; use task_chunks: 1")
+            raise MergeInputError(
+                "tune_heads: heads are trained by the step's own backward, which task_chunks > 1 "
+                "replaces by a surrogate of the merged weights; use task_chunks: 1"
+            )
         if tune_heads and not get_kind(task_type).per_task_heads:
             raise MergeInputError(f"tune_heads needs per-task heads, which task_type {task_type!r} has not")
         if objective.name == "features":
@@ -113,25 +131,36 @@ class AdaMerging(MergeModule):
     def post_init(self, pool: TaskVectorPool) -> None:
         if self._recompute:
             if self.has_batchnorm():
-                raise MergeInputError(f"recompute: {self._recompute}: base {pool.base_source!r} has BatchNorm "
-                                      "layers, whose training-mode state a re-run in the backward would not see as "
-                                      "the forward did; use recompute: null")
+                raise MergeInputError(
+                    f"recompute: {self._recompute}: base {pool.base_source!r} has BatchNorm "
+                    "layers, whose training-mode state a re-run in the backward would not see as "
+                    "the forward did; use recompute: null"
+                )
             if not self.merged.layer_stores:
-                raise MergeInputError(f"recompute: {self._recompute}: no numbered layer of base "
-                                      f"{pool.base_source!r} owns a block of merged tensors (e.g. encoder.layer.N.*), "
-                                      "so there is nothing to recompute")
+                raise MergeInputError(
+                    f"recompute: {self._recompute}: no numbered layer of base "
+                    f"{pool.base_source!r} owns a block of merged tensors (e.g. encoder.layer.N.*), "
+                    "so there is nothing to recompute"
+                )
             self.merged.recompute = self._recompute
         if self.tunes_heads:
             self.expert_heads = copy.deepcopy(self.merged.heads).requires_grad_(False)
             self.merged.heads.requires_grad_(True)
 
     def manifest_fields(self):
-        return {"variant": "adamerging++" if self.prep.ties_density is not None else "adamerging",
-                "hparams": {"init": self._init, "lr": self._lr,
-                            "objective": asdict(self.loss_fn), "tune_heads": self.tunes_heads,
-                            "similarity_penalty": self._similarity_penalty,
-                            "task_chunks": self.task_chunk_count(), "recompute": self._recompute,
-                            "steps": int(self.global_step) if self._trainer is not None else None}}
+        return {
+            "variant": "adamerging++" if self.prep.ties_density is not None else "adamerging",
+            "hparams": {
+                "init": self._init,
+                "lr": self._lr,
+                "objective": asdict(self.loss_fn),
+                "tune_heads": self.tunes_heads,
+                "similarity_penalty": self._similarity_penalty,
+                "task_chunks": self.task_chunk_count(),
+                "recompute": self._recompute,
+                "steps": int(self.global_step) if self._trainer is not None else None,
+            },
+        }
 
     def loss_with(self, batch, **merge_kw):
         """(loss, per-task terms) of the configured objective on ``batch`` (``merge_kw``: already merged ``params``,
@@ -152,15 +181,19 @@ class AdaMerging(MergeModule):
         """The number of task groups per step (``task_chunks``, with ``auto`` resolved on the module's device)."""
         chunks = self._task_chunks
         if chunks == "auto":  # BatchNorm on batch statistics: one group, the whole step's rows as the export sees
-            chunks = (len(self.task_names) if self.device.type == "cpu" and not self.tunes_heads
-                      and not self.batchnorm.whole_step else 1)
+            chunks = (
+                len(self.task_names)
+                if self.device.type == "cpu" and not self.tunes_heads and not self.batchnorm.whole_step
+                else 1
+            )
         return chunks
 
     def training_step(self, batch, batch_idx):
         chunks = self.task_chunk_count()
         if chunks > 1 or self._micro_batches > 1:
-            surrogate, loss, per_task = self.merged.chunked_surrogate(batch, self.loss_with, chunks,
-                                                                      self._micro_batches)
+            surrogate, loss, per_task = self.merged.chunked_surrogate(
+                batch, self.loss_with, chunks, self._micro_batches
+            )
             self.log_step(loss, per_task, batch)
             return surrogate + self.penalty()
         loss, per_task = self.objective(batch)

@@ -80,22 +80,38 @@ class MergeModule(pl.LightningModule):
     needs_data: bool = False  # a data-free method that chooses among candidates on unlabeled rows (use_data)
     EXPERT_NEEDS = frozenset({"expert_logits", "expert_features"})  # what :meth:`step_outputs` runs the experts for
 
-    def __init__(self, base: str, models: dict[str, str], prep: TaskVectorPrep | dict | None = None,
-                 tv_dtype: str | None = None, trust_remote_code: bool = False, task_type: str = "seq_cls",
-                 heads: dict | None = None, batchnorm_statistics: Literal["batch", "task", "running"] = "batch",
-                 optimizer: Optimizer = torch.optim.Adam) -> None:
+    def __init__(
+        self,
+        base: str,
+        models: dict[str, str],
+        prep: TaskVectorPrep | dict | None = None,
+        tv_dtype: str | None = None,
+        trust_remote_code: bool = False,
+        task_type: str = "seq_cls",
+        heads: dict | None = None,
+        batchnorm_statistics: Literal["batch", "task", "running"] = "batch",
+        optimizer: Optimizer = torch.optim.Adam,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
         self.strict_loading = False  # checkpoints hold only the trainable state (see on_save_checkpoint)
         self.prep = TaskVectorPrep.of(prep)
         self.heads_options = heads
-        pool = load_pool(base, models, tv_dtype=parse_dtype(tv_dtype, "tv_dtype"),
-                         trust_remote_code=trust_remote_code, task_type=task_type, heads=heads)
+        pool = load_pool(
+            base,
+            models,
+            tv_dtype=parse_dtype(tv_dtype, "tv_dtype"),
+            trust_remote_code=trust_remote_code,
+            task_type=task_type,
+            heads=heads,
+        )
         if pool.low_rank and (self.prep.changes_vectors or self.prep.sparse_storage):
-            raise MergeInputError("prep: DARE/TIES/subspace/sparse_storage need dense task vectors; the LoRA "
-                                  f"adapters' tensors {next(iter(pool.low_rank))!r}, ... are low-rank (merge full "
-                                  "fine-tunes instead)")
+            raise MergeInputError(
+                "prep: DARE/TIES/subspace/sparse_storage need dense task vectors; the LoRA "
+                f"adapters' tensors {next(iter(pool.low_rank))!r}, ... are low-rank (merge full "
+                "fine-tunes instead)"
+            )
         own_vectors = pool.task_vectors
         pool.task_vectors = self.prep.apply(pool.task_vectors)
         self.base_source = base
@@ -181,14 +197,22 @@ class MergeModule(pl.LightningModule):
                 feats[task] = self.merged.feature_tensor(out)
         return logits, feats
 
-    def step_outputs(self, batch, objective: Objective, task_params: Mapping[str, Mapping[str, Tensor]] | None = None,
-                     **merge_kw) -> StepOutputs:
+    def step_outputs(
+        self, batch, objective: Objective, task_params: Mapping[str, Mapping[str, Tensor]] | None = None, **merge_kw
+    ) -> StepOutputs:
         """The merged model's outputs on ``batch`` (``merge_kw``: coefficients, masks or merged params;
         ``task_params``: per task, tensors that replace merged ones for its rows) and whatever else ``objective``
         reads (the experts' outputs on the same rows)."""
         with self.training_batchnorm():
-            logits, feats = self.merged(batch["inputs"], batch["tasks"], batch["sizes"], return_features=True,
-                                        per_task=self.per_task_batchnorm(), task_params=task_params, **merge_kw)
+            logits, feats = self.merged(
+                batch["inputs"],
+                batch["tasks"],
+                batch["sizes"],
+                return_features=True,
+                per_task=self.per_task_batchnorm(),
+                task_params=task_params,
+                **merge_kw,
+            )
         out = StepOutputs(logits, masks=self.row_masks(batch), all_sum=self.data_parallel_sum())
         if "features" in objective.needs:
             full = self.merged.feature_tensor(feats)
@@ -197,8 +221,9 @@ class MergeModule(pl.LightningModule):
             out.expert_logits, out.expert_features = self.expert_outputs(batch, "expert_features" in objective.needs)
         return out
 
-    def log_step(self, loss: Tensor, per_task: Mapping[str, Tensor], batch, name: str | None = None,
-                 **extra: float) -> None:
+    def log_step(
+        self, loss: Tensor, per_task: Mapping[str, Tensor], batch, name: str | None = None, **extra: float
+    ) -> None:
         """Log a training step: the loss, each task's term (``<name>/<task>``, the objective's name by default) and
         ``extra`` scalars (``train/<key>``)."""
         size = sum(batch["sizes"])
@@ -221,21 +246,24 @@ class MergeModule(pl.LightningModule):
         if self.device_mesh is None or self._sharded:
             return
         parallel.check_shardable(self, self.method, self.prep.offload)
-        parallel.shard_with_fsdp2((*self.merged.stores, *(self.merged.expert_stores or ())),
-                                  self.merged.coefficients, self.device_mesh)
+        parallel.shard_with_fsdp2(
+            (*self.merged.stores, *(self.merged.expert_stores or ())), self.merged.coefficients, self.device_mesh
+        )
         self._sharded = True
 
     # -- label-free scoring (:mod:`adamerge.methods.selection`) ----------------------------------------------------
     SELECTION_CRITERIA = selection.SELECTION_CRITERIA
 
-    def selection_score(self, batches: list[dict], criterion: str = "agreement",
-                        expert_logits: list[dict[str, Tensor]] | None = None) -> float:
+    def selection_score(
+        self, batches: list[dict], criterion: str = "agreement", expert_logits: list[dict[str, Tensor]] | None = None
+    ) -> float:
         """A label-free score of the model as it would be exported now (higher is better); see
         :mod:`adamerge.methods.selection`."""
         return self.selection_scores(batches, criterion, expert_logits)[0]
 
-    def selection_scores(self, batches: list[dict], criterion: str = "agreement",
-                         expert_logits: list[dict[str, Tensor]] | None = None) -> tuple[float, dict[str, float] | None]:
+    def selection_scores(
+        self, batches: list[dict], criterion: str = "agreement", expert_logits: list[dict[str, Tensor]] | None = None
+    ) -> tuple[float, dict[str, float] | None]:
         """:meth:`selection_score` and, for the agreement criteria, each task's fraction (``None`` for
         ``objective``)."""
         return selection.selection_scores(self, batches, criterion, expert_logits)
@@ -311,12 +339,18 @@ class MergeModule(pl.LightningModule):
         return {
             "method": self.method,
             "base": {"source": info["base"], "sha256": info["hashes"]["base"]},
-            "sources": [{"task": t, "source": info["sources"][t], "sha256": info["hashes"][t]}
-                        for t in self.task_names],
+            "sources": [
+                {"task": t, "source": info["sources"][t], "sha256": info["hashes"][t]} for t in self.task_names
+            ],
             "prep": asdict(self.prep),
-            "coefficients": {"granularity": c.granularity, "clamp": c.clamp, "tasks": self.task_names,
-                             "params": self.merged.param_names,
-                             "values": full_tensor(c.weight).detach().cpu(), "effective": self.coefficient_matrix()},
+            "coefficients": {
+                "granularity": c.granularity,
+                "clamp": c.clamp,
+                "tasks": self.task_names,
+                "params": self.merged.param_names,
+                "values": full_tensor(c.weight).detach().cpu(),
+                "effective": self.coefficient_matrix(),
+            },
             **fields,
             "settings": sorted(fields),
             **({"extensions": {self.extension.key: self.extension.module}} if self.extension else {}),
@@ -325,8 +359,14 @@ class MergeModule(pl.LightningModule):
             **(entries or {}),
         }
 
-    def export(self, output_dir: str | Path, overwrite: bool = False, write: bool = True,
-               entries: Mapping[str, Any] | None = None, **options) -> Path:
+    def export(
+        self,
+        output_dir: str | Path,
+        overwrite: bool = False,
+        write: bool = True,
+        entries: Mapping[str, Any] | None = None,
+        **options,
+    ) -> Path:
         """Write the flattened merged checkpoint (see :mod:`adamerge.checkpoint.writer`); ``options`` are
         :class:`~adamerge.checkpoint.writer.ExportOptions` (``per_task_models``, ``dtype``, ``max_shard_size``,
         ``model_card``, ``push_to_hub``, ...); ``entries``: manifest entries handed over by the run (e.g.
@@ -350,16 +390,32 @@ class MergeModule(pl.LightningModule):
             def writer(tmp: Path):
                 return write_lora_adapters(self, tmp)
 
-        out = write_merged(output_dir, self.merged.backbone, params, self.merged.heads,
-                           manifest, tokenizer_source=self.base_source, tokenizer=self.merged.tokenizer,
-                           kind=self.merged.kind,
-                           per_task_models=opts.per_task_models and self.per_task_models_supported,
-                           overwrite=overwrite, extra_files=self.extra_export_files(), extra_writer=writer,
-                           dtype=opts.dtype, max_shard_size=opts.max_shard_size, model_card=opts.model_card,
-                           task_tensors=self.batchnorm.task_stats)
+        out = write_merged(
+            output_dir,
+            self.merged.backbone,
+            params,
+            self.merged.heads,
+            manifest,
+            tokenizer_source=self.base_source,
+            tokenizer=self.merged.tokenizer,
+            kind=self.merged.kind,
+            per_task_models=opts.per_task_models and self.per_task_models_supported,
+            overwrite=overwrite,
+            extra_files=self.extra_export_files(),
+            extra_writer=writer,
+            dtype=opts.dtype,
+            max_shard_size=opts.max_shard_size,
+            model_card=opts.model_card,
+            task_tensors=self.batchnorm.task_stats,
+        )
         if opts.push_to_hub:
-            push_to_hub(out, opts.push_to_hub, private=opts.hub_private, revision=opts.hub_revision,
-                        commit_message=f"adamerge: {self.method} merge of {', '.join(self.task_names)}")
+            push_to_hub(
+                out,
+                opts.push_to_hub,
+                private=opts.hub_private,
+                revision=opts.hub_revision,
+                commit_message=f"adamerge: {self.method} merge of {', '.join(self.task_names)}",
+            )
         return out
 
     # -- training state ---------------------------------------------------------------------------------------------

@@ -35,8 +35,12 @@ def task_slices(batch) -> list[tuple[str, slice]]:
 
 def task_rows(batches: list[dict], task: str) -> list[dict]:
     """The rows of ``task`` in each step-shaped batch that has any, as batches of that task alone."""
-    return [{"inputs": {k: v[sl] for k, v in b["inputs"].items()}, "tasks": [t], "sizes": [sl.stop - sl.start]}
-            for b in batches for t, sl in task_slices(b) if t == task and sl.stop > sl.start]
+    return [
+        {"inputs": {k: v[sl] for k, v in b["inputs"].items()}, "tasks": [t], "sizes": [sl.stop - sl.start]}
+        for b in batches
+        for t, sl in task_slices(b)
+        if t == task and sl.stop > sl.start
+    ]
 
 
 class BatchNormPolicy:
@@ -82,15 +86,18 @@ class BatchNormPolicy:
         inputs = [{k: v.to(device) for k, v in b["inputs"].items()} for b in batches]
         return recalibrate_batchnorm(self.backbone, weights, inputs)
 
-    def per_task_reestimated(self, params: Mapping[str, Tensor], batches: list[dict], tasks: list[str]
-                             ) -> dict[str, dict[str, Tensor]]:
+    def per_task_reestimated(
+        self, params: Mapping[str, Tensor], batches: list[dict], tasks: list[str]
+    ) -> dict[str, dict[str, Tensor]]:
         """Per task, statistics re-estimated under ``params`` on that task's rows of ``batches`` alone."""
         out = {}
         for task in tasks:
             rows = task_rows(batches, task)
             if not rows:
-                raise MergeInputError(f"batchnorm_statistics 'task': the data has no rows of task {task!r} to "
-                                      "re-estimate its BatchNorm statistics on")
+                raise MergeInputError(
+                    f"batchnorm_statistics 'task': the data has no rows of task {task!r} to "
+                    "re-estimate its BatchNorm statistics on"
+                )
             out[task] = self.reestimated(params, rows)
         return out
 
@@ -102,12 +109,18 @@ class BatchNormPolicy:
             return
         self.stats = self.reestimated(merged, batches)
         self.task_stats = self.per_task_reestimated(merged, batches, tasks) if self.per_task else {}
-        self.info = {"recalibrated": True, "batches": len(batches), "per_task": bool(self.task_stats),
-                     "rows": sum(int(sum(b["sizes"])) for b in batches), "layers": len(self.stats) // 3,
-                     **({"training_statistics": self.statistics} if trained else {})}
+        self.info = {
+            "recalibrated": True,
+            "batches": len(batches),
+            "per_task": bool(self.task_stats),
+            "rows": sum(int(sum(b["sizes"])) for b in batches),
+            "layers": len(self.stats) // 3,
+            **({"training_statistics": self.statistics} if trained else {}),
+        }
 
-    def scoring_params(self, params: dict[str, Tensor], batches: list[dict], tasks: list[str]
-                       ) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]] | None]:
+    def scoring_params(
+        self, params: dict[str, Tensor], batches: list[dict], tasks: list[str]
+    ) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]] | None]:
         """``(params, per-task params)`` of the merge as it would be exported now, for label-free scoring: each task's
         statistics re-estimated under this merge (``task``), or one set for every task."""
         if self.per_task:

@@ -39,13 +39,17 @@ class _ConcreteMixin:
     @classmethod
     def _check_sharing(cls, mask: str) -> None:
         if mask not in cls.MASK_SHARING:
-            raise MergeInputError(f"mask: unknown value {mask!r}; allowed: shared (one mask for every task, the "
-                                  "paper), task (one mask per task, ours)")
+            raise MergeInputError(
+                f"mask: unknown value {mask!r}; allowed: shared (one mask for every task, the "
+                "paper), task (one mask per task, ours)"
+            )
 
     def _build_mask(self, temperature, include, mask_dtype, sharing: str = "shared") -> None:
         if self.prep.sparse_storage:
-            raise MergeInputError("prep.sparse_storage: Concrete masks are learned over every entry of the task "
-                                  "vectors and need them dense; leave sparse_storage false")
+            raise MergeInputError(
+                "prep.sparse_storage: Concrete masks are learned over every entry of the task "
+                "vectors and need them dense; leave sparse_storage false"
+            )
         shapes = {n: tv.shape[1:] for n, tv in self.merged.task_vectors().items()}
         tasks = len(self.task_names) if sharing == "task" else 0
         self.mask = ConcreteMask(shapes, temperature, 0.0, include, parse_dtype(mask_dtype, "mask_dtype"), tasks)
@@ -63,10 +67,17 @@ class _ConcreteMixin:
     def mask_manifest(self):
         hard = self.mask.hard(self._export_mask, self._mask_seed)
         kept = sum(int((m > 0).sum()) for m in hard.values()) / sum(m.numel() for m in hard.values())
-        return {"mask": {"sharing": "task" if self.mask.tasks else "shared",
-                         "export": self._export_mask, "seed": self._mask_seed, "temperature": self.mask.temperature,
-                         "masked_tensors": len(self.mask.names), "kept_fraction": kept,
-                         "threshold": "logit >= 0" if self._export_mask == "threshold" else None}}
+        return {
+            "mask": {
+                "sharing": "task" if self.mask.tasks else "shared",
+                "export": self._export_mask,
+                "seed": self._mask_seed,
+                "temperature": self.mask.temperature,
+                "masked_tensors": len(self.mask.names),
+                "kept_fraction": kept,
+                "threshold": "logit >= 0" if self._export_mask == "threshold" else None,
+            }
+        }
 
     def _sampled_objective(self, batch, coefficients=None, draw: int = 0):
         """The objective on ``batch`` under this step's relaxed mask sample ``draw``."""
@@ -100,15 +111,29 @@ class ConcreteTaskArithmetic(_ConcreteMixin, MergeModule):
 
     method = "concrete_task_arithmetic"
 
-    def __init__(self, base: str, models: dict[str, str], scale: float = 0.3, mask_temperature: float = 0.5,
-                 include: str | None = None, mask_dtype: str = "float32", export_mask: str = "threshold",
-                 mask_seed: int = 0, lr: float = 1e-3, objective: Objective | str = "entropy",
-                 coefficients: str = "fixed", mask: str = "shared", **shared) -> None:
+    def __init__(
+        self,
+        base: str,
+        models: dict[str, str],
+        scale: float = 0.3,
+        mask_temperature: float = 0.5,
+        include: str | None = None,
+        mask_dtype: str = "float32",
+        export_mask: str = "threshold",
+        mask_seed: int = 0,
+        lr: float = 1e-3,
+        objective: Objective | str = "entropy",
+        coefficients: str = "fixed",
+        mask: str = "shared",
+        **shared,
+    ) -> None:
         ConcreteMask.check_mode(export_mask)
         self._check_sharing(mask)
         if coefficients != "fixed" and coefficients not in GRANULARITIES:
-            raise MergeInputError(f"coefficients: unknown value {coefficients!r}; allowed: fixed (λ = scale, the "
-                                  f"paper), {', '.join(GRANULARITIES)} (trained with the mask)")
+            raise MergeInputError(
+                f"coefficients: unknown value {coefficients!r}; allowed: fixed (λ = scale, the "
+                f"paper), {', '.join(GRANULARITIES)} (trained with the mask)"
+            )
         self.loss_fn = Objective.of(objective)
         self._scale, self._export_mask, self._mask_seed = scale, export_mask, mask_seed
         self._coefficient_mode = coefficients
@@ -121,8 +146,10 @@ class ConcreteTaskArithmetic(_ConcreteMixin, MergeModule):
         return c.requires_grad_(mode != "fixed")
 
     def manifest_fields(self):
-        return {"hparams": {"scale": self._scale, "lr": self.hparams.lr, "coefficients": self._coefficient_mode},
-                **self.mask_manifest()}
+        return {
+            "hparams": {"scale": self._scale, "lr": self.hparams.lr, "coefficients": self._coefficient_mode},
+            **self.mask_manifest(),
+        }
 
     def training_step(self, batch, batch_idx):
         loss, per_task = self._sampled_objective(batch)
@@ -144,8 +171,11 @@ def _halves(batch):
 
     def take(pieces):
         idx = torch.cat(pieces)
-        return {"inputs": {k: v[idx] for k, v in batch["inputs"].items()}, "tasks": batch["tasks"],
-                "sizes": [len(p) for p in pieces]}
+        return {
+            "inputs": {k: v[idx] for k, v in batch["inputs"].items()},
+            "tasks": batch["tasks"],
+            "sizes": [len(p) for p in pieces],
+        }
 
     return take(inner), take(outer)
 
@@ -170,18 +200,34 @@ class ConcreteAdaMerging(_ConcreteMixin, AdaMerging):
 
     method = "concrete_adamerging"
 
-    def __init__(self, base: str, models: dict[str, str], granularity: str = "layer", init: float = 0.3,
-                 meta_steps: int = 200, inner_lr: float = 1.0, mask_lr: float = 1e-3, lr: float = 1e-3,
-                 mask_temperature: float = 0.5, include: str | None = None, mask_dtype: str = "float32",
-                 export_mask: str = "threshold", mask_seed: int = 0, clamp: bool = False,
-                 objective: Objective | str = "entropy", mask: str = "shared", **shared) -> None:
+    def __init__(
+        self,
+        base: str,
+        models: dict[str, str],
+        granularity: str = "layer",
+        init: float = 0.3,
+        meta_steps: int = 200,
+        inner_lr: float = 1.0,
+        mask_lr: float = 1e-3,
+        lr: float = 1e-3,
+        mask_temperature: float = 0.5,
+        include: str | None = None,
+        mask_dtype: str = "float32",
+        export_mask: str = "threshold",
+        mask_seed: int = 0,
+        clamp: bool = False,
+        objective: Objective | str = "entropy",
+        mask: str = "shared",
+        **shared,
+    ) -> None:
         if meta_steps < 0:
             raise MergeInputError(f"meta_steps must be >= 0, got {meta_steps}")
         ConcreteMask.check_mode(export_mask)
         self._check_sharing(mask)
         self._export_mask, self._mask_seed = export_mask, mask_seed
-        super().__init__(base, models, granularity=granularity, init=init, clamp=clamp, lr=lr, objective=objective,
-                         **shared)
+        super().__init__(
+            base, models, granularity=granularity, init=init, clamp=clamp, lr=lr, objective=objective, **shared
+        )
         self._build_mask(mask_temperature, include, mask_dtype, mask)
         self.automatic_optimization = False
         self._frozen_mask = None
@@ -223,7 +269,8 @@ class ConcreteAdaMerging(_ConcreteMixin, AdaMerging):
             raise MergeInputError(
                 "ConcreteAdaMerging trains the mask (meta_steps) and then the coefficients, each step leaving the "
                 "other unused, which DDP refuses unless told: use --trainer.strategy ddp_find_unused_parameters_true "
-                "(or DDPStrategy(find_unused_parameters=True))")
+                "(or DDPStrategy(find_unused_parameters=True))"
+            )
 
     def _lam_view(self, lam):
         return lam.clamp(0, 1) if self._clamp else lam

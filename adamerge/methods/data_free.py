@@ -187,8 +187,17 @@ class M3(MergeModule):
     trainable = False
     method = "m3"
 
-    def __init__(self, base: str, models: dict[str, str], alpha: float = 0.5, scale: float = 1.0, seed: int = 0,
-                 candidates: int = 1, eval_batches: int = 4, **shared) -> None:
+    def __init__(
+        self,
+        base: str,
+        models: dict[str, str],
+        alpha: float = 0.5,
+        scale: float = 1.0,
+        seed: int = 0,
+        candidates: int = 1,
+        eval_batches: int = 4,
+        **shared,
+    ) -> None:
         if alpha <= 0:
             raise MergeInputError(f"alpha must be > 0, got {alpha}")
         if candidates < 1:
@@ -224,17 +233,27 @@ class M3(MergeModule):
         for k in range(self._k):
             self._use(k)
             with batch_statistics(self.merged.backbone):  # a no-op without BatchNorm layers
-                scores.append(float(sum(entropy_objective(self.merged(b["inputs"], b["tasks"], b["sizes"]))[0]
-                                        for b in batches) / len(batches)))
+                scores.append(
+                    float(
+                        sum(entropy_objective(self.merged(b["inputs"], b["tasks"], b["sizes"]))[0] for b in batches)
+                        / len(batches)
+                    )
+                )
         self.scores = scores
         self._use(int(np.argmin(scores)))
         log.info("m3: candidate entropies %s, chose %d", [round(s, 4) for s in scores], self.chosen)
 
     def manifest_fields(self):
-        return {"hparams": {"alpha": self._alpha, "scale": self._scale, "seed": self._seed, "candidates": self._k},
-                "m3": {"draws": self.draws.tolist(), "chosen": self.chosen, "weights": self.draws[self.chosen].tolist(),
-                       "entropy_scores": self.scores,
-                       "distribution": "beta" if len(self.task_names) == 2 else "dirichlet"}}
+        return {
+            "hparams": {"alpha": self._alpha, "scale": self._scale, "seed": self._seed, "candidates": self._k},
+            "m3": {
+                "draws": self.draws.tolist(),
+                "chosen": self.chosen,
+                "weights": self.draws[self.chosen].tolist(),
+                "entropy_scores": self.scores,
+                "distribution": "beta" if len(self.task_names) == 2 else "dirichlet",
+            },
+        }
 
 
 def draw_mixing_weights(num_tasks: int, alpha: float, seed: int, k: int = 1) -> np.ndarray:

@@ -64,10 +64,15 @@ def shard_with_fsdp2(stores: Iterable[nn.Module], coefficients: nn.Module, devic
 def check_shardable(module: nn.Module, method: str, offload: bool) -> None:
     """Refuse what FSDP2 sharding cannot hold: offloaded task vectors, trained tensors beyond the coefficients."""
     if offload:
-        raise MergeInputError("prep.offload streams task vectors from CPU memory; ModelParallelStrategy (FSDP2) "
-                              "shards them across devices instead: use one or the other")
-    others = sorted(n for n, p in module.named_parameters() if p.requires_grad
-                    and not n.startswith("merged.coefficients."))
+        raise MergeInputError(
+            "prep.offload streams task vectors from CPU memory; ModelParallelStrategy (FSDP2) "
+            "shards them across devices instead: use one or the other"
+        )
+    others = sorted(
+        n for n, p in module.named_parameters() if p.requires_grad and not n.startswith("merged.coefficients.")
+    )
     if others:
-        raise MergeInputError(f"ModelParallelStrategy shards task vectors and coefficients only; method "
-                              f"{method!r} also trains {others[:3]}: use the DDP strategy")
+        raise MergeInputError(
+            f"ModelParallelStrategy shards task vectors and coefficients only; method "
+            f"{method!r} also trains {others[:3]}: use the DDP strategy"
+        )

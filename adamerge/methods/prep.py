@@ -31,7 +31,8 @@ class TaskVectorPrep:
         seed: seeds DARE's drop masks.
         sparse_storage: keep only the non-zero entries of the processed task vectors (position and value per entry,
             see :class:`adamerge.functional.SparseStack`): less memory below half density in float32 (a third in
-            bfloat16), e.g. TIES or DARE; the same merge. Not with learned masks (Concrete); FSDP2 leaves sparse stores replicated.
+            bfloat16), e.g. TIES or DARE; the same merge. Not with learned masks (Concrete); FSDP2 leaves sparse stores
+            replicated.
         subspace: ``tsv`` (TSV-M) or ``iso_c`` (Iso-C): replace the task vectors by per-task pieces of that SVD-based
             merge (:func:`adamerge.functional.subspace_pieces`), whose sum is the method's merged update — so
             coefficients of 1 give TSV-M / Iso-C exactly, and learned coefficients (AdaMerging) start from there when
@@ -62,8 +63,9 @@ class TaskVectorPrep:
         if self.ties_scope not in ("global", "tensor"):
             raise MergeInputError(f"prep.ties_scope: unknown value {self.ties_scope!r}; allowed: global, tensor")
         if self.subspace is not None and self.subspace not in SUBSPACE_METHODS:
-            raise MergeInputError(f"prep.subspace: unknown value {self.subspace!r}; allowed: "
-                                  f"{', '.join(SUBSPACE_METHODS)}")
+            raise MergeInputError(
+                f"prep.subspace: unknown value {self.subspace!r}; allowed: {', '.join(SUBSPACE_METHODS)}"
+            )
         self.subspace_skip = tuple(self.subspace_skip)
 
     @classmethod
@@ -75,8 +77,10 @@ class TaskVectorPrep:
         if isinstance(prep, cls):
             return prep
         if not isinstance(prep, Mapping):
-            raise MergeInputError(f"prep: expected a mapping of {', '.join(cls.__dataclass_fields__)} or a "
-                                  f"TaskVectorPrep, got {type(prep).__name__}")
+            raise MergeInputError(
+                f"prep: expected a mapping of {', '.join(cls.__dataclass_fields__)} or a "
+                f"TaskVectorPrep, got {type(prep).__name__}"
+            )
         unknown = sorted(set(prep) - set(cls.__dataclass_fields__))
         if unknown:
             raise MergeInputError(f"prep: unknown field {unknown[0]!r}; allowed: {', '.join(cls.__dataclass_fields__)}")
@@ -96,5 +100,3 @@ class TaskVectorPrep:
         if self.subspace is not None:
             task_vectors = subspace_pieces(task_vectors, self.subspace, self.subspace_skip)
         return task_vectors
-
-

@@ -22,8 +22,9 @@ def check_criterion(criterion: str, where: str = "criterion") -> None:
 
 
 @torch.no_grad()
-def selection_scores(module, batches: list[dict], criterion: str = "agreement",
-                     expert_logits: list[dict[str, Tensor]] | None = None) -> tuple[float, dict[str, float] | None]:
+def selection_scores(
+    module, batches: list[dict], criterion: str = "agreement", expert_logits: list[dict[str, Tensor]] | None = None
+) -> tuple[float, dict[str, float] | None]:
     """``module``'s score by ``criterion`` on ``batches`` and, for the agreement criteria, each task's fraction
     (``expert_logits``: the experts' logits per batch, computed here if not given)."""
     check_criterion(criterion)
@@ -40,10 +41,12 @@ def objective_score(module, batches, params, task_params=None) -> float:
     """Minus the method's training objective on ``batches`` under ``params``."""
     loss_fn = module.loss_fn
     if loss_fn is None:
-        raise MergeInputError(f"criterion 'objective': method {module.method!r} has no unlabeled objective; "
-                              "use criterion 'agreement'")
-    return -sum(float(loss_fn(module.step_outputs(b, loss_fn, task_params=task_params, params=params))[0])
-                for b in batches) / len(batches)
+        raise MergeInputError(
+            f"criterion 'objective': method {module.method!r} has no unlabeled objective; use criterion 'agreement'"
+        )
+    return -sum(
+        float(loss_fn(module.step_outputs(b, loss_fn, task_params=task_params, params=params))[0]) for b in batches
+    ) / len(batches)
 
 
 def agreement(module, batches, params, expert_logits, task_params=None) -> dict[str, float]:

@@ -33,10 +33,6 @@ from adamerge.parametrize.surgery import ADAPTERS, SURGERY_EXPORT, SurgeryAdapte
 FEATURES = ("auto", "pooler_output", "last_hidden_state")
 
 
-
-
-
-
 class Surgery(MergeModule):
     """Representation Surgery adapters over a frozen merged encoder.
 
@@ -53,23 +49,35 @@ class Surgery(MergeModule):
     method = "surgery"
     extension = SURGERY_EXPORT  # adapters: exported, carded and served by adamerge.parametrize.surgery
 
-    def __init__(self, base: str, models: dict[str, str], merged: str, rank: int = 16, feature: str = "auto",
-                 lr: float = 1e-3, **shared) -> None:
+    def __init__(
+        self,
+        base: str,
+        models: dict[str, str],
+        merged: str,
+        rank: int = 16,
+        feature: str = "auto",
+        lr: float = 1e-3,
+        **shared,
+    ) -> None:
         if feature not in FEATURES:
             raise MergeInputError(f"feature: unknown value {feature!r}; allowed: {', '.join(FEATURES)}")
         if rank < 1:
             raise MergeInputError(f"rank must be >= 1, got {rank}")
         if shared.get("prep"):
-            raise MergeInputError("prep: Surgery trains adapters over an exported merge (`merged`), whose own prep "
-                                  "was applied when it was merged; leave prep unset here")
+            raise MergeInputError(
+                "prep: Surgery trains adapters over an exported merge (`merged`), whose own prep "
+                "was applied when it was merged; leave prep unset here"
+            )
         super().__init__(base, models, **shared)
         self.merged.coefficients.requires_grad_(False)
         self.feature = feature
         if any(owns_pooler(h) for h in self.merged.heads.values()):  # heads: {pooler: true}
             if feature == "pooler_output":
-                raise MergeInputError("feature: pooler_output is computed by each task's own pooler here (heads: "
-                                      "{pooler: true}), after the adapter would act; use feature: auto or "
-                                      "last_hidden_state")
+                raise MergeInputError(
+                    "feature: pooler_output is computed by each task's own pooler here (heads: "
+                    "{pooler: true}), after the adapter would act; use feature: auto or "
+                    "last_hidden_state"
+                )
             self.feature = "last_hidden_state"
         self.base_manifest = self._check_source(Path(merged))
         state = read_weights(merged)
@@ -83,7 +91,9 @@ class Surgery(MergeModule):
             ref = params[name] if name in params else buffers[name]
             self.register_buffer(f"merged_{name.replace('.', '__')}", state[name].to(ref.dtype), persistent=False)
         # a merge exported with per-task BatchNorm statistics: each task's rows run with its own
-        self.batchnorm.task_stats = {t: b for t in self.task_names if (b := task_buffers(merged, t, self.base_manifest))}
+        self.batchnorm.task_stats = {
+            t: b for t in self.task_names if (b := task_buffers(merged, t, self.base_manifest))
+        }
         dim = self.merged.kind.feature_dim(self.merged.backbone)
         self.adapters = nn.ModuleDict({t: SurgeryAdapter(dim, rank) for t in self.task_names})
 
@@ -94,8 +104,9 @@ class Surgery(MergeModule):
         ours = self.merged.pool_info["hashes"]
         theirs = {s["task"]: s["sha256"] for s in manifest["sources"]}
         if manifest["base"]["sha256"] != ours["base"] or any(theirs.get(t) != ours[t] for t in self.task_names):
-            raise MergeInputError(f"merged: {path} was merged from other models than base/models given here "
-                                  f"(content hashes differ)")
+            raise MergeInputError(
+                f"merged: {path} was merged from other models than base/models given here (content hashes differ)"
+            )
         return manifest
 
     def merged_state(self) -> dict[str, Tensor]:
@@ -114,9 +125,15 @@ class Surgery(MergeModule):
 
     def manifest_fields(self):
         base = self.base_manifest
-        return {"base_merge": {k: base.get(k) for k in ("method", "coefficients", "prep", *base.get("settings", ()))},
-                "surgery": {"rank": self.hparams.rank, "feature": self.hparams.feature, "lr": self.hparams.lr,
-                            "adapters": ADAPTERS}}
+        return {
+            "base_merge": {k: base.get(k) for k in ("method", "coefficients", "prep", *base.get("settings", ()))},
+            "surgery": {
+                "rank": self.hparams.rank,
+                "feature": self.hparams.feature,
+                "lr": self.hparams.lr,
+                "adapters": ADAPTERS,
+            },
+        }
 
     def extra_export_files(self) -> dict[str, dict[str, Tensor]]:
         return {ADAPTERS: {f"{t}/{k}": v for t, a in self.adapters.items() for k, v in a.state_dict().items()}}
@@ -132,19 +149,28 @@ class Surgery(MergeModule):
         """Σ_t L1(adapter_t(z_merged), z_t) over the step's rows, and the per-task terms."""
         inputs = batch["inputs"]
         with torch.no_grad():  # per-task BatchNorm statistics: each task's rows through the merge with its own
-            whole = None if self.batchnorm.task_stats else functional_call(self.merged.backbone, self.merged_state(),
-                                                                    args=(), kwargs=dict(inputs))
+            whole = (
+                None
+                if self.batchnorm.task_stats
+                else functional_call(self.merged.backbone, self.merged_state(), args=(), kwargs=dict(inputs))
+            )
         losses, start, all_sum = {}, 0, self.data_parallel_sum()
         for task, n in zip(batch["tasks"], batch["sizes"]):
             sl = slice(start, start + n)
             rows = {k: v[sl] for k, v in inputs.items()}
             with torch.no_grad():
-                out = (slice_output(whole, sl) if whole is not None else functional_call(
-                    self.merged.backbone, self.task_params(task, self.merged_state()), args=(), kwargs=rows))
+                out = (
+                    slice_output(whole, sl)
+                    if whole is not None
+                    else functional_call(
+                        self.merged.backbone, self.task_params(task, self.merged_state()), args=(), kwargs=rows
+                    )
+                )
                 field = feature_field(out, self.feature)
                 z = out[field]
-                teacher = functional_call(self.merged.backbone, self.merged.expert_params(task),
-                                          args=(), kwargs=rows)[field]
+                teacher = functional_call(self.merged.backbone, self.merged.expert_params(task), args=(), kwargs=rows)[
+                    field
+                ]
             losses[task] = l1_distance(self.adapters[task](z), teacher, rows.get("attention_mask"), all_sum)
             start += n
         return sum(losses.values()), losses

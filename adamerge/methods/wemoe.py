@@ -53,13 +53,25 @@ class WEMoE(MergeModule):
     per_task_models_supported = False
     extension = WEMOE_EXPORT  # routers: exported, carded and served by adamerge.parametrize.routing
 
-    def __init__(self, base: str, models: dict[str, str], scale: float = 0.3, init: float | None = None,
-                 modules: Sequence[str] = DEFAULT_MODULES, rank: int | None = None, router_hidden: int | None = None,
-                 lr: float = 1e-4, objective: Objective | str = "entropy", **shared) -> None:
+    def __init__(
+        self,
+        base: str,
+        models: dict[str, str],
+        scale: float = 0.3,
+        init: float | None = None,
+        modules: Sequence[str] = DEFAULT_MODULES,
+        rank: int | None = None,
+        router_hidden: int | None = None,
+        lr: float = 1e-4,
+        objective: Objective | str = "entropy",
+        **shared,
+    ) -> None:
         self.loss_fn = Objective.of(objective)
         if self.loss_fn.name == "features":
-            raise MergeInputError("objective: 'features' is not supported by wemoe (its features depend on the "
-                                  "routing); use entropy, infomax, kl or pseudo_label")
+            raise MergeInputError(
+                "objective: 'features' is not supported by wemoe (its features depend on the "
+                "routing); use entropy, infomax, kl or pseudo_label"
+            )
         if rank is not None and rank < 1:
             raise MergeInputError(f"rank must be >= 1 (or null for dense task vectors), got {rank}")
         self._scale = scale
@@ -89,10 +101,22 @@ class WEMoE(MergeModule):
         if pool.low_rank or self.prep.sparse_storage:
             raise MergeInputError("wemoe routes dense task vectors: merge full fine-tunes without sparse_storage")
         modules = dict(self.merged.backbone.named_modules())
-        tvs = {n: (self.merged.task_vector(f"{n}.weight"),
-                   self.merged.task_vector(f"{n}.bias") if f"{n}.bias" in pool.param_names else None) for n in names}
-        self.routing = RoutedMLPs(names, {n: modules[n].in_features for n in names}, tvs, len(pool.task_names),
-                                  self._init, self.hparams.router_hidden, self.hparams.rank)
+        tvs = {
+            n: (
+                self.merged.task_vector(f"{n}.weight"),
+                self.merged.task_vector(f"{n}.bias") if f"{n}.bias" in pool.param_names else None,
+            )
+            for n in names
+        }
+        self.routing = RoutedMLPs(
+            names,
+            {n: modules[n].in_features for n in names},
+            tvs,
+            len(pool.task_names),
+            self._init,
+            self.hparams.router_hidden,
+            self.hparams.rank,
+        )
         self.routing.attach(self.merged.backbone)
 
     # -- forward passes: routed for the merge, plain for the experts --------------------------------------------
@@ -122,7 +146,14 @@ class WEMoE(MergeModule):
         return {WEMOE_FILE: self.routing.tensors()}
 
     def manifest_fields(self):
-        return {"hparams": {"scale": self._scale, "init": self._init, "lr": self.hparams.lr,
-                            "objective": asdict(self.loss_fn), "modules": self._patterns,
-                            "steps": int(self.global_step) if self._trainer is not None else None},
-                "wemoe": {"file": WEMOE_FILE, **self.routing.info()}}
+        return {
+            "hparams": {
+                "scale": self._scale,
+                "init": self._init,
+                "lr": self.hparams.lr,
+                "objective": asdict(self.loss_fn),
+                "modules": self._patterns,
+                "steps": int(self.global_step) if self._trainer is not None else None,
+            },
+            "wemoe": {"file": WEMOE_FILE, **self.routing.info()},
+        }

@@ -27,8 +27,14 @@ class Coefficients(nn.Module):
             does not).
     """
 
-    def __init__(self, num_tasks: int, num_tensors: int, granularity: str = "layer", init: float | Tensor = 0.3,
-                 clamp: bool = False) -> None:
+    def __init__(
+        self,
+        num_tasks: int,
+        num_tensors: int,
+        granularity: str = "layer",
+        init: float | Tensor = 0.3,
+        clamp: bool = False,
+    ) -> None:
         super().__init__()
         if granularity not in GRANULARITIES:
             raise MergeInputError(f"granularity: unknown value {granularity!r}; allowed: {', '.join(GRANULARITIES)}")

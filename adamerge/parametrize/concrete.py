@@ -10,7 +10,8 @@ mean: the merge uses ``m_t ⊙ τ_t / mean(m_t)``, one body still, but an entry 
 another's (a shared mask can only keep or drop all of them).
 At export the mask is made deterministic: ``m = 1[s ≥ 0]`` (threshold; elements training never touched stay in), a
 seeded Bernoulli draw with ``p = sigmoid(s)``, one seeded relaxed sample (``continuous``, FusionBench's evaluation) or
-``sigmoid(s)`` itself (``expected``); the manifest records which. As ``s → +∞`` the mask is all ones and the method reduces exactly to
+``sigmoid(s)`` itself (``expected``); the manifest records which. As ``s → +∞`` the mask is all ones and the method
+reduces exactly to
 plain Task Arithmetic / AdaMerging.
 
 Memory: the logits are as large as one model's masked tensors (T times that with ``tasks``; plus Adam's two
@@ -45,8 +46,15 @@ class ConcreteMask(nn.Module):
             each task's mask rescaled by its own mean).
     """
 
-    def __init__(self, shapes: dict[str, torch.Size], temperature: float = 0.5, init: float = 0.0,
-                 include: str | None = None, dtype: torch.dtype = torch.float32, tasks: int = 0) -> None:
+    def __init__(
+        self,
+        shapes: dict[str, torch.Size],
+        temperature: float = 0.5,
+        init: float = 0.0,
+        include: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        tasks: int = 0,
+    ) -> None:
         super().__init__()
         if temperature <= 0:
             raise MergeInputError(f"temperature must be > 0, got {temperature}")
@@ -58,9 +66,9 @@ class ConcreteMask(nn.Module):
             raise MergeInputError(f"tasks must be >= 0 (0: one shared mask), got {tasks}")
         self.temperature, self.tasks = temperature, tasks
         lead = (tasks,) if tasks else ()
-        self.logits = nn.ParameterDict({_key(n): nn.Parameter(torch.full(lead + tuple(shapes[n]), float(init),
-                                                                         dtype=dtype))
-                                        for n in self.names})
+        self.logits = nn.ParameterDict(
+            {_key(n): nn.Parameter(torch.full(lead + tuple(shapes[n]), float(init), dtype=dtype)) for n in self.names}
+        )
 
     def logit(self, name: str) -> Tensor:
         return self.logits[_key(name)]

@@ -30,8 +30,12 @@ WEMOE_FILE = "wemoe.safetensors"
 
 # MLP linear layers of common architectures: BERT/RoBERTa (not the attention's output.dense), LLaMA/Mistral/Qwen,
 # CLIP/ViT
-DEFAULT_MODULES = (r"\.intermediate\.dense$", r"(?<!attention)\.output\.dense$", r"\.mlp\.(gate|up|down)_proj$",
-                   r"\.mlp\.fc[12]$")
+DEFAULT_MODULES = (
+    r"\.intermediate\.dense$",
+    r"(?<!attention)\.output\.dense$",
+    r"\.mlp\.(gate|up|down)_proj$",
+    r"\.mlp\.fc[12]$",
+)
 
 
 def _key(name: str) -> str:
@@ -63,8 +67,10 @@ def routed_modules(backbone: nn.Module, patterns: Sequence[str] = DEFAULT_MODULE
     if tuple(patterns) == DEFAULT_MODULES:
         names = [n for n in names if numbered_block(n) is not None]
     if not names:
-        raise MergeInputError(f"modules: no nn.Linear of {type(backbone).__name__} matches {list(patterns)}; name "
-                              "the MLP layers to route with regular expressions")
+        raise MergeInputError(
+            f"modules: no nn.Linear of {type(backbone).__name__} matches {list(patterns)}; name "
+            "the MLP layers to route with regular expressions"
+        )
     return names
 
 
@@ -106,8 +112,16 @@ class RoutedMLPs(nn.Module):
             block's input width). rank: keep each task's τW as its top-``rank`` SVD factors (None: dense).
     """
 
-    def __init__(self, names: list[str], dims: dict[str, int], task_vectors: dict[str, tuple[Tensor, Tensor | None]],
-                 num_tasks: int, init: float, hidden: int | None = None, rank: int | None = None) -> None:
+    def __init__(
+        self,
+        names: list[str],
+        dims: dict[str, int],
+        task_vectors: dict[str, tuple[Tensor, Tensor | None]],
+        num_tasks: int,
+        init: float,
+        hidden: int | None = None,
+        rank: int | None = None,
+    ) -> None:
         super().__init__()
         if rank is not None and rank < 1:
             raise MergeInputError(f"rank must be >= 1 (or null for dense task vectors), got {rank}")
@@ -115,8 +129,9 @@ class RoutedMLPs(nn.Module):
         self.blocks: dict[str, list[str]] = {}
         for n in self.names:
             self.blocks.setdefault(block_name(n), []).append(n)
-        self.routers = nn.ModuleDict({_key(b): Router(dims[mods[0]], num_tasks, init, hidden)
-                                      for b, mods in self.blocks.items()})
+        self.routers = nn.ModuleDict(
+            {_key(b): Router(dims[mods[0]], num_tasks, init, hidden) for b, mods in self.blocks.items()}
+        )
         for n in self.names:
             W, b = task_vectors[n]
             if rank is None:
@@ -172,6 +187,7 @@ class RoutedMLPs(nn.Module):
         def hook(module, args):
             if self._active:
                 self._routes[block] = self.routers[_key(block)](args[0], self._mask)
+
         return hook
 
     def _delta_hook(self, block: str, name: str) -> Callable:
@@ -179,6 +195,7 @@ class RoutedMLPs(nn.Module):
             if not self._active:
                 return None
             return output + self.delta(name, args[0], self._routes[block])
+
         return hook
 
     def delta(self, name: str, x: Tensor, r: Tensor) -> Tensor:
@@ -205,9 +222,13 @@ class RoutedMLPs(nn.Module):
         return {k: v.detach() for k, v in self.state_dict().items()}
 
     def info(self) -> dict:
-        return {"modules": self.names, "rank": self.rank, "num_tasks": self.num_tasks,
-                "hidden": next(iter(self.routers.values())).fc1.out_features,
-                "bytes": sum(v.numel() * v.element_size() for v in self.tensors().values())}
+        return {
+            "modules": self.names,
+            "rank": self.rank,
+            "num_tasks": self.num_tasks,
+            "hidden": next(iter(self.routers.values())).fc1.out_features,
+            "bytes": sum(v.numel() * v.element_size() for v in self.tensors().values()),
+        }
 
     @classmethod
     def from_tensors(cls, info: dict, tensors: dict[str, Tensor], dims: dict[str, int]) -> RoutedMLPs:
@@ -220,10 +241,15 @@ class RoutedMLPs(nn.Module):
             routed.blocks.setdefault(block_name(n), []).append(n)
         # each router's hidden width from its saved weights: by default a block's own width, which differs between
         # the stages of hierarchical models (Swin); ``info["hidden"]`` is the first router's
-        routed.routers = nn.ModuleDict({
-            _key(b): Router(dims[mods[0]], routed.num_tasks, 0.0, tensors[f"routers.{_key(b)}.fc1.weight"].shape[0])
-            for b, mods in routed.blocks.items()})
-        routed.routers.load_state_dict({k[len("routers."):]: v for k, v in tensors.items() if k.startswith("routers.")})
+        routed.routers = nn.ModuleDict(
+            {
+                _key(b): Router(dims[mods[0]], routed.num_tasks, 0.0, tensors[f"routers.{_key(b)}.fc1.weight"].shape[0])
+                for b, mods in routed.blocks.items()
+            }
+        )
+        routed.routers.load_state_dict(
+            {k[len("routers.") :]: v for k, v in tensors.items() if k.startswith("routers.")}
+        )
         for key, t in tensors.items():
             if not key.startswith("routers."):
                 routed.register_parameter(key, nn.Parameter(t, requires_grad=False))
@@ -256,15 +282,24 @@ class RoutingHook(NoHook):
 
 def serve_routing(path: Path, info: dict, backbone: nn.Module, dtype: torch.dtype) -> RoutingHook:
     modules = dict(backbone.named_modules())
-    routing = RoutedMLPs.from_tensors(info, load_file(str(Path(path) / info["file"])),
-                                      {n: modules[n].in_features for n in info["modules"]}).to(dtype)
+    routing = RoutedMLPs.from_tensors(
+        info, load_file(str(Path(path) / info["file"])), {n: modules[n].in_features for n in info["modules"]}
+    ).to(dtype)
     routing.attach(backbone)
     return RoutingHook(routing)
 
 
-WEMOE_EXPORT = register_extension(ExportExtension(
-    key="wemoe", module=__name__, serve=serve_routing, show_settings=False,
-    card=lambda info: ("This is a WEMoE merge: its MLPs are routed per input (`wemoe.safetensors`: routers and the "
-                       f"routed task vectors, {info['bytes'] / 2**20:.1f} MiB). Stock `transformers` loads the shared "
-                       "weights but would run the pretrained MLPs unrouted: serve it with "
-                       "`adamerge.load_merged(path)`.\n")))
+WEMOE_EXPORT = register_extension(
+    ExportExtension(
+        key="wemoe",
+        module=__name__,
+        serve=serve_routing,
+        show_settings=False,
+        card=lambda info: (
+            "This is a WEMoE merge: its MLPs are routed per input (`wemoe.safetensors`: routers and the "
+            f"routed task vectors, {info['bytes'] / 2**20:.1f} MiB). Stock `transformers` loads the shared "
+            "weights but would run the pretrained MLPs unrouted: serve it with "
+            "`adamerge.load_merged(path)`.\n"
+        ),
+    )
+)

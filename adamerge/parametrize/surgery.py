@@ -48,8 +48,6 @@ def replace_field(output, name: str, value: Tensor):
     return type(output)(**{k: (value if k == name else v) for k, v in output.items()})
 
 
-
-
 class SurgeryHook(NoHook):
     """Serves an export's Surgery adapters: each task's feature corrected by its own adapter."""
 
@@ -75,7 +73,14 @@ def serve_surgery(path: Path, info: dict, backbone: nn.Module, dtype: torch.dtyp
     return SurgeryHook(adapters, info["feature"])
 
 
-SURGERY_EXPORT = register_extension(ExportExtension(
-    key="surgery", module=__name__, serve=serve_surgery,
-    card=lambda info: ("This export carries Representation Surgery adapters (`surgery_adapters.safetensors`), which "
-                       "stock `transformers` cannot run: serve it with `adamerge.load_merged(path)`.\n")))
+SURGERY_EXPORT = register_extension(
+    ExportExtension(
+        key="surgery",
+        module=__name__,
+        serve=serve_surgery,
+        card=lambda info: (
+            "This export carries Representation Surgery adapters (`surgery_adapters.safetensors`), which "
+            "stock `transformers` cannot run: serve it with `adamerge.load_merged(path)`.\n"
+        ),
+    )
+)

@@ -30,26 +30,15 @@ from adamerge.pool.lora import _stack_low_rank, read_lora
 log = logging.getLogger(__name__)
 
 
-
-
-
-
-
-
-
-
-def load_model(source: str, task_type: str = "seq_cls", base_config=None, trust_remote_code: bool = False,
-               dtype: torch.dtype = torch.float32):
+def load_model(
+    source: str,
+    task_type: str = "seq_cls",
+    base_config=None,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype = torch.float32,
+):
     """Load a full model of ``task_type`` from a hub id, directory or ``.safetensors`` file."""
     return get_kind(task_type).load(source, base_config, trust_remote_code, dtype)
-
-
-
-
-
-
-
-
 
 
 @dataclass
@@ -85,8 +74,6 @@ def _check_finite(state: dict[str, Tensor], label: str) -> None:
             raise MergeInputError(f"model {label}: tensor {k!r} contains NaN or Inf")
 
 
-
-
 def _own_memory(module: nn.Module) -> nn.Module:
     """Copy ``module``'s tensors out of the checkpoint file they were memory-mapped from. A kept head that still
     points into its fine-tune's mapped safetensors file keeps the whole mapping, and every page of it that was read
@@ -97,9 +84,15 @@ def _own_memory(module: nn.Module) -> nn.Module:
     return module
 
 
-def load_pool(base: str, models: dict[str, str], tv_dtype: torch.dtype | None = None,
-              trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
-              task_type: str = "seq_cls", heads: dict | None = None) -> TaskVectorPool:
+def load_pool(
+    base: str,
+    models: dict[str, str],
+    tv_dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype = torch.float32,
+    task_type: str = "seq_cls",
+    heads: dict | None = None,
+) -> TaskVectorPool:
     """Load ``base`` and each fine-tune in ``models`` (task name → source) into a :class:`TaskVectorPool`.
 
     Args:
@@ -132,8 +125,9 @@ class _PoolBuilder:
     """The steps of :func:`load_pool`: the base (with the union vocabulary when fine-tunes added tokens), then each
     fine-tune's or adapter's task vector written into preallocated ``[T, ...]`` stacks, then the heads and stacks."""
 
-    def __init__(self, kind, base: str, models: dict[str, str], tv_dtype, trust_remote_code: bool, dtype,
-                 heads: dict | None) -> None:
+    def __init__(
+        self, kind, base: str, models: dict[str, str], tv_dtype, trust_remote_code: bool, dtype, heads: dict | None
+    ) -> None:
         self.kind, self.base, self.models, self.dtype = kind, base, models, dtype
         self.trust_remote_code = trust_remote_code
         with _naming("base"):
@@ -146,8 +140,12 @@ class _PoolBuilder:
 
             resize_base(base_model, self.plan)
             self.vocab_names = set(vocab_param_names(base_model, kind.backbone_of(base_model)))
-            log.info("union vocabulary: %d rows, %d added tokens %s", self.plan.size, len(self.plan.added),
-                     self.plan.added[:5])
+            log.info(
+                "union vocabulary: %d rows, %d added tokens %s",
+                self.plan.size,
+                len(self.plan.added),
+                self.plan.added[:5],
+            )
         self.added_rows: dict[str, dict[int, list[Tensor]]] = {n: {} for n in self.vocab_names}
         self.head_proto = base_model  # architecture reference for LoRA heads
         with _naming("base"):
@@ -186,41 +184,57 @@ class _PoolBuilder:
                     grouped = shape[0] == base_state[n].shape[0] and shape[2:] == tuple(base_state[n].shape[2:])
                     raise MergeInputError(
                         f"adapter {task!r} ({source}): LoRA factors of {n!r} give shape {shape}, base has "
-                        f"{tuple(base_state[n].shape)}" + (" (a grouped convolution: peft cannot merge LoRA on "
-                                                           "it either)" if grouped else ""))
+                        f"{tuple(base_state[n].shape)}"
+                        + (" (a grouped convolution: peft cannot merge LoRA on it either)" if grouped else "")
+                    )
                 # ΔW[o, i, k…] = Σ_r B[o, r] A[r, i, k…], as peft's merge: a dense task vector here
                 self.dense_slot(n)[i] = (B.flatten(1).float() @ A.flatten(1).float()).view(shape)
                 continue
             if (B.shape[0], A.shape[1]) != tuple(base_state[n].shape):
-                raise MergeInputError(f"adapter {task!r} ({source}): LoRA factors of {n!r} give shape "
-                                      f"{(B.shape[0], A.shape[1])}, base has {tuple(base_state[n].shape)}")
+                raise MergeInputError(
+                    f"adapter {task!r} ({source}): LoRA factors of {n!r} give shape "
+                    f"{(B.shape[0], A.shape[1])}, base has {tuple(base_state[n].shape)}"
+                )
             self.factors.setdefault(n, {})[i] = (B.to(self.tv_dtype), A.to(self.tv_dtype))
         for n, t in delta.dense.items():
             self.dense_slot(n)[i] = t.to(base_state[n].dtype) - base_state[n]
         if self.kind.per_task_heads and self.built_heads is None:
             self.task_heads[task] = self.kind.lora_head(self.head_proto, delta.head, task, source, self.dtype)
         if self.keep_pooler:  # the adapter's pooler: saved whole, LoRA on it (B A), or the base's
-            self.poolers[task] = _pooler_of({
-                n: delta.dense[n] if n in delta.dense else
-                base_state[n] + (delta.factors[n][0].float() @ delta.factors[n][1].float()).to(base_state[n].dtype)
-                if n in delta.factors else base_state[n] for n in base_state if n.startswith("pooler.")})
+            self.poolers[task] = _pooler_of(
+                {
+                    n: delta.dense[n]
+                    if n in delta.dense
+                    else base_state[n]
+                    + (delta.factors[n][0].float() @ delta.factors[n][1].float()).to(base_state[n].dtype)
+                    if n in delta.factors
+                    else base_state[n]
+                    for n in base_state
+                    if n.startswith("pooler.")
+                }
+            )
 
     def add_fine_tune(self, i: int, task: str, source: str) -> None:
         """A full fine-tune: its backbone checked against the base, its task vector, head and own buffers."""
         with _naming(f"fine-tune {task!r}"):
-            ft = self.kind.load(source, base_config=self.config, trust_remote_code=self.trust_remote_code,
-                                dtype=self.dtype)
+            ft = self.kind.load(
+                source, base_config=self.config, trust_remote_code=self.trust_remote_code, dtype=self.dtype
+            )
         self.hashes[task] = state_hash(ft.state_dict())
         ft_backbone, head = self.kind.split(ft)
         if type(ft_backbone) is not type(self.backbone):
-            raise MergeInputError(f"model {task!r} ({source}) is a {type(ft).__name__}, base is a "
-                                  f"{type(self.head_proto).__name__}: architectures differ")
+            raise MergeInputError(
+                f"model {task!r} ({source}) is a {type(ft).__name__}, base is a "
+                f"{type(self.head_proto).__name__}: architectures differ"
+            )
         ft_state = {n: p.detach() for n, p in ft_backbone.named_parameters()}
         missing = sorted(set(self.base_params) - set(ft_state))
         extra = sorted(set(ft_state) - set(self.base_params))
         if missing or extra:
-            raise MergeInputError(f"model {task!r} ({source}): backbone keys differ from the base: "
-                                  f"missing {missing[:5]}, extra {extra[:5]}")
+            raise MergeInputError(
+                f"model {task!r} ({source}): backbone keys differ from the base: "
+                f"missing {missing[:5]}, extra {extra[:5]}"
+            )
         _check_finite(ft_state, f"{task!r} ({source})")
         if self.keep_pooler:
             self.poolers[task] = _pooler_of(ft_state)
@@ -228,8 +242,11 @@ class _PoolBuilder:
             log.warning("model %r (%s) is identical to the base: its task vector is zero", task, source)
         if head is not None and self.built_heads is None:
             self.task_heads[task] = _own_memory(head.requires_grad_(False).eval())
-        own = {n: b.detach().clone() for n, b in ft_backbone.named_buffers()
-               if n in self.base_buffers and b.is_floating_point() and not torch.equal(b, self.base_buffers[n])}
+        own = {
+            n: b.detach().clone()
+            for n, b in ft_backbone.named_buffers()
+            if n in self.base_buffers and b.is_floating_point() and not torch.equal(b, self.base_buffers[n])
+        }
         if own:  # e.g. BatchNorm running statistics: the expert (the fine-tune itself) runs with its own
             self.expert_buffers[task] = own
 
@@ -249,11 +266,15 @@ class _PoolBuilder:
             if p.shape != base_state[n].shape:
                 hint = ""
                 if getattr(ft.config, "vocab_size", None) != getattr(self.config, "vocab_size", None):
-                    hint = (f" (vocab size {ft.config.vocab_size} vs base {self.config.vocab_size}; a fine-tune that "
-                            "added tokens merges into the union vocabulary when it and the base have their "
-                            "tokenizers saved with them)")
-                raise MergeInputError(f"model {task!r} ({source}): tensor {n!r} has shape {tuple(p.shape)}, "
-                                      f"base has {tuple(base_state[n].shape)}{hint}")
+                    hint = (
+                        f" (vocab size {ft.config.vocab_size} vs base {self.config.vocab_size}; a fine-tune that "
+                        "added tokens merges into the union vocabulary when it and the base have their "
+                        "tokenizers saved with them)"
+                    )
+                raise MergeInputError(
+                    f"model {task!r} ({source}): tensor {n!r} has shape {tuple(p.shape)}, "
+                    f"base has {tuple(base_state[n].shape)}{hint}"
+                )
             slot = self.dense_slot(n)
             slot[i].copy_(p - base_state[n])
             zero = zero and not bool(slot[i].any())
@@ -275,19 +296,32 @@ class _PoolBuilder:
             else:
                 low_rank[n] = _stack_low_rank([per_task.get(t) for t in range(T)], self.tv_dtype)
         task_vectors = {n: dense[n] for n in self.base_params if n in dense}  # the model's tensor order
-        n_el = (sum(t.numel() for t in task_vectors.values())
-                + sum(b.numel() + a.numel() for b, a in low_rank.values()))
-        log.info("pool: %d tasks, %d dense + %d low-rank tensors, %.1fM task-vector elements", T, len(task_vectors),
-                 len(low_rank), n_el / 1e6)
-        return TaskVectorPool(backbone=self.backbone, heads=self.task_heads, task_names=list(self.models),
-                              task_vectors=task_vectors, config=self.config, base_source=self.base,
-                              sources=dict(self.models), hashes=self.hashes, low_rank=low_rank, task_type=task_type,
-                              tokenizer=self.plan.tokenizer if self.plan is not None else None,
-                              expert_buffers=self.expert_buffers)
+        n_el = sum(t.numel() for t in task_vectors.values()) + sum(b.numel() + a.numel() for b, a in low_rank.values())
+        log.info(
+            "pool: %d tasks, %d dense + %d low-rank tensors, %.1fM task-vector elements",
+            T,
+            len(task_vectors),
+            len(low_rank),
+            n_el / 1e6,
+        )
+        return TaskVectorPool(
+            backbone=self.backbone,
+            heads=self.task_heads,
+            task_names=list(self.models),
+            task_vectors=task_vectors,
+            config=self.config,
+            base_source=self.base,
+            sources=dict(self.models),
+            hashes=self.hashes,
+            low_rank=low_rank,
+            task_type=task_type,
+            tokenizer=self.plan.tokenizer if self.plan is not None else None,
+            expert_buffers=self.expert_buffers,
+        )
 
 
 def _pooler_of(values: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {n[len("pooler."):]: v.detach().clone() for n, v in values.items() if n.startswith("pooler.")}
+    return {n[len("pooler.") :]: v.detach().clone() for n, v in values.items() if n.startswith("pooler.")}
 
 
 def _vocab_plan(base: str, base_model: nn.Module, models: dict[str, str], trust_remote_code: bool):
@@ -295,6 +329,7 @@ def _vocab_plan(base: str, base_model: nn.Module, models: dict[str, str], trust_
     from adamerge.pool.vocab import load_tokenizer, model_rows, plan_vocab
 
     rows = base_model.get_input_embeddings().weight.shape[0]
-    return plan_vocab((base, load_tokenizer(base, trust_remote_code), rows),
-                      {t: (s, load_tokenizer(s, trust_remote_code), model_rows(s, trust_remote_code))
-                       for t, s in models.items()})
+    return plan_vocab(
+        (base, load_tokenizer(base, trust_remote_code), rows),
+        {t: (s, load_tokenizer(s, trust_remote_code), model_rows(s, trust_remote_code)) for t, s in models.items()},
+    )

@@ -1,5 +1,4 @@
-"""PEFT LoRA adapters as task vectors: read an adapter's factors, stack them over tasks.
-"""
+"""PEFT LoRA adapters as task vectors: read an adapter's factors, stack them over tasks."""
 
 from __future__ import annotations
 
@@ -49,12 +48,14 @@ def read_lora(source: str, prefix: str, backbone_names: set[str]) -> LoraDelta:
 
     def rel(key: str) -> str:
         key = key.removeprefix("base_model.model.").replace(".modules_to_save.default", "")
-        return key[len(prefix) + 1:] if prefix and key.startswith(prefix + ".") else ("" if prefix else key)
+        return key[len(prefix) + 1 :] if prefix and key.startswith(prefix + ".") else ("" if prefix else key)
 
     factors, dense, head = {}, {}, {}
     for key, t in raw.items():
-        for a_tag, b_tag, transposed in ((".lora_A.", ".lora_B.", fan_in_fan_out),
-                                         (".lora_embedding_A", ".lora_embedding_B", True)):
+        for a_tag, b_tag, transposed in (
+            (".lora_A.", ".lora_B.", fan_in_fan_out),
+            (".lora_embedding_A", ".lora_embedding_B", True),
+        ):
             if a_tag in key:
                 module = key.split(a_tag)[0]
                 b_key = key.replace(a_tag, b_tag)
@@ -89,8 +90,6 @@ def _stack_low_rank(per_task: list[tuple[Tensor, Tensor] | None], dtype) -> tupl
     A = torch.zeros(len(per_task), r, in_dim, dtype=dtype)
     for t, f in enumerate(per_task):
         if f is not None:
-            B[t, :, :f[0].shape[1]] = f[0]
-            A[t, :f[1].shape[0]] = f[1]
+            B[t, :, : f[0].shape[1]] = f[0]
+            A[t, : f[1].shape[0]] = f[1]
     return B, A
-
-

@@ -48,8 +48,17 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
 
     if _bare(source):
         return None
-    if Path(source).is_dir() and not any((Path(source) / f).is_file() for f in (
-            "tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")):
+    if Path(source).is_dir() and not any(
+        (Path(source) / f).is_file()
+        for f in (
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "vocab.txt",
+            "vocab.json",
+            "tokenizer.model",
+            "spiece.model",
+        )
+    ):
         return None
     try:
         return AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
@@ -103,13 +112,15 @@ def _tokens(tok) -> list[str]:
     return tok.convert_ids_to_tokens(list(range(len(tok))))
 
 
-def plan_vocab(base: tuple[str, object, int | None], fine_tunes: dict[str, tuple[str, object, int | None]]
-               ) -> VocabPlan | None:
+def plan_vocab(
+    base: tuple[str, object, int | None], fine_tunes: dict[str, tuple[str, object, int | None]]
+) -> VocabPlan | None:
     """The union plan for ``base`` = (source, tokenizer or None, rows or None) and each task's fine-tune likewise;
     None when every vocabulary equals the base's (the common case: nothing to remap)."""
     base_source, base_tok, base_rows = base
-    differs = [t for t, (_, _, rows) in fine_tunes.items() if rows is not None and base_rows is not None
-               and rows != base_rows]
+    differs = [
+        t for t, (_, _, rows) in fine_tunes.items() if rows is not None and base_rows is not None and rows != base_rows
+    ]
     if base_tok is None:  # nothing to compare (as above)
         return None
     base_tokens = _tokens(base_tok)
@@ -123,15 +134,21 @@ def plan_vocab(base: tuple[str, object, int | None], fine_tunes: dict[str, tuple
         tokens = _tokens(tok)
         for i, (a, b) in enumerate(zip(base_tokens, tokens)):
             if a != b:
-                raise MergeInputError(f"vocabularies differ: the base ({base_source}) and fine-tune {task!r} "
-                                      f"({source}) first differ at token id {i}: {a!r} vs {b!r} — they were not "
-                                      "built from the same tokenizer, so their embedding rows do not correspond")
+                raise MergeInputError(
+                    f"vocabularies differ: the base ({base_source}) and fine-tune {task!r} "
+                    f"({source}) first differ at token id {i}: {a!r} vs {b!r} — they were not "
+                    "built from the same tokenizer, so their embedding rows do not correspond"
+                )
         if len(tokens) < base_len:
-            raise MergeInputError(f"fine-tune {task!r} ({source}) has {len(tokens)} tokens, fewer than the base's "
-                                  f"{base_len} ({base_source}): its vocabulary does not extend the base's")
+            raise MergeInputError(
+                f"fine-tune {task!r} ({source}) has {len(tokens)} tokens, fewer than the base's "
+                f"{base_len} ({base_source}): its vocabulary does not extend the base's"
+            )
         if rows is not None and rows < len(tokens):
-            raise MergeInputError(f"fine-tune {task!r} ({source}) has {len(tokens)} tokens but only {rows} embedding "
-                                  "rows: resize its embeddings (model.resize_token_embeddings(len(tokenizer)))")
+            raise MergeInputError(
+                f"fine-tune {task!r} ({source}) has {len(tokens)} tokens but only {rows} embedding "
+                "rows: resize its embeddings (model.resize_token_embeddings(len(tokenizer)))"
+            )
         decoder = getattr(tok, "added_tokens_decoder", {}) or {}
         for j in range(base_len, len(tokens)):
             token = tokens[j]
@@ -142,8 +159,13 @@ def plan_vocab(base: tuple[str, object, int | None], fine_tunes: dict[str, tuple
     if not added and not [t for t in differs if fine_tunes[t][1] is not None]:
         return None
     size = max(base_rows or base_len, base_len + len(added))
-    return VocabPlan(size=size, base_len=base_len, added=list(added), owners=owners,
-                     tokenizer=_union_tokenizer(base_source, base_tok, added, sources, fine_tunes))
+    return VocabPlan(
+        size=size,
+        base_len=base_len,
+        added=list(added),
+        owners=owners,
+        tokenizer=_union_tokenizer(base_source, base_tok, added, sources, fine_tunes),
+    )
 
 
 def _union_tokenizer(base_source: str, base_tok, added: dict[str, int], sources, fine_tunes):
@@ -163,8 +185,10 @@ def _union_tokenizer(base_source: str, base_tok, added: dict[str, int], sources,
             union.add_tokens([spec], special_tokens=special)
         got = union.convert_tokens_to_ids(token)
         if got != uid:
-            raise MergeInputError(f"token {token!r} of fine-tune {task!r} ({fine_tunes[task][0]}) got id {got} in "
-                                  f"the union tokenizer, expected {uid}")
+            raise MergeInputError(
+                f"token {token!r} of fine-tune {task!r} ({fine_tunes[task][0]}) got id {got} in "
+                f"the union tokenizer, expected {uid}"
+            )
     for _task, (_, tok, _) in fine_tunes.items():  # e.g. a pad token a fine-tune added for batching
         for attr in SPECIAL_ATTRIBUTES:
             value = getattr(tok, attr, None) if tok is not None else None

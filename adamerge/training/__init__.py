@@ -1,5 +1,6 @@
 """Training a merge with Lightning: the unlabeled data module and the callbacks (export on fit end, label-free step
-selection, learning-rate schedule, coefficient heatmaps, progress). Configs name them as ``adamerge.training.<Name>``."""
+selection, learning-rate schedule, coefficient heatmaps, progress). Configs name them as ``adamerge.training.<Name>``.
+"""
 
 from adamerge.training.callbacks import (
     BackboneMode,
@@ -14,5 +15,15 @@ from adamerge.training.callbacks import (
 )
 from adamerge.training.datamodule import UnlabeledDataModule
 
-__all__ = ["BackboneMode", "CoefficientHeatmap", "ExportOnFitEnd", "LRSchedule", "ManifestEntries", "SelectStep",
-           "StepProgress", "UnlabeledDataModule", "run_directory", "run_entries"]
+__all__ = [
+    "BackboneMode",
+    "CoefficientHeatmap",
+    "ExportOnFitEnd",
+    "LRSchedule",
+    "ManifestEntries",
+    "SelectStep",
+    "StepProgress",
+    "UnlabeledDataModule",
+    "run_directory",
+    "run_entries",
+]

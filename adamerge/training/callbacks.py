@@ -43,25 +43,48 @@ class ExportOnFitEnd(pl.Callback):
             Needs data (``adamerge merge``: a ``data`` section).
     """
 
-    def __init__(self, output_dir: str = "runs/merged", overwrite: bool = False, per_task_models: bool = True,
-                 lora_adapters: bool = False, model_card: bool = True, max_shard_size: str = "5GB",
-                 dtype: str = "float32", push_to_hub: str | None = None, hub_private: bool = False,
-                 hub_revision: str | None = None, bn_batches: int = 16) -> None:
+    def __init__(
+        self,
+        output_dir: str = "runs/merged",
+        overwrite: bool = False,
+        per_task_models: bool = True,
+        lora_adapters: bool = False,
+        model_card: bool = True,
+        max_shard_size: str = "5GB",
+        dtype: str = "float32",
+        push_to_hub: str | None = None,
+        hub_private: bool = False,
+        hub_revision: str | None = None,
+        bn_batches: int = 16,
+    ) -> None:
         from adamerge.checkpoint.writer import ExportOptions
+
         if bn_batches < 0:
             raise MergeInputError(f"bn_batches must be >= 0, got {bn_batches}")
         self.bn_batches = bn_batches
         self.output_dir, self.overwrite = output_dir, overwrite
-        self.options = asdict(ExportOptions(per_task_models, lora_adapters, model_card, max_shard_size, dtype,
-                                            push_to_hub, hub_private, hub_revision))
+        self.options = asdict(
+            ExportOptions(
+                per_task_models,
+                lora_adapters,
+                model_card,
+                max_shard_size,
+                dtype,
+                push_to_hub,
+                hub_private,
+                hub_revision,
+            )
+        )
 
     def recalibrate(self, module, datamodule) -> None:
         """Re-estimate the merge's BatchNorm statistics on the first ``bn_batches`` steps of ``datamodule``."""
         if not self.bn_batches or not module.has_batchnorm():
             return
         if not isinstance(datamodule, UnlabeledDataModule):
-            log.warning("the backbone has BatchNorm layers but no data was given: the export keeps the base's running "
-                        "statistics")
+            log.warning(
+                "the backbone has BatchNorm layers but no data was given: the export keeps the base's running "
+                "statistics"
+            )
             return
         module.recalibrate_batchnorm(datamodule.first_steps(self.bn_batches))
 
@@ -80,8 +103,9 @@ class ExportOnFitEnd(pl.Callback):
         if Path(self.output_dir).exists() and not self.overwrite:
             raise MergeInputError(f"output_dir {self.output_dir} already exists; set overwrite: true to replace it")
         if trainer.max_steps == 0:
-            raise MergeInputError("trainer.max_steps is 0: nothing would be trained (use `adamerge merge` for a "
-                                  "data-free merge)")
+            raise MergeInputError(
+                "trainer.max_steps is 0: nothing would be trained (use `adamerge merge` for a data-free merge)"
+            )
 
     def on_fit_end(self, trainer, pl_module) -> None:
         # the trained state first (a small Lightning checkpoint: trainable tensors, optimizer, step), so a failing
@@ -100,9 +124,11 @@ class ExportOnFitEnd(pl.Callback):
             raise
         except Exception as e:
             wrapper = MergeInputError if isinstance(e, MergeInputError) else RuntimeError
-            raise wrapper(f"export to {self.output_dir} failed ({type(e).__name__}: {e}); the trained state is "
-                          f"saved in {ckpt}: fix the cause, then export it without training again with "
-                          f"`adamerge fit --config <the same config> --ckpt_path {ckpt}`") from e
+            raise wrapper(
+                f"export to {self.output_dir} failed ({type(e).__name__}: {e}); the trained state is "
+                f"saved in {ckpt}: fix the cause, then export it without training again with "
+                f"`adamerge fit --config <the same config> --ckpt_path {ckpt}`"
+            ) from e
         self._drop(trainer, ckpt)
 
     @staticmethod
@@ -170,8 +196,9 @@ class CoefficientHeatmap(pl.Callback):
     def _write(self, trainer, pl_module, matrix) -> None:
         from PIL import Image
 
-        png = heatmap_png(matrix.float().numpy(), pl_module.task_names,
-                          f"{pl_module.method} coefficients, step {trainer.global_step}")
+        png = heatmap_png(
+            matrix.float().numpy(), pl_module.task_names, f"{pl_module.method} coefficients, step {trainer.global_step}"
+        )
         image = Image.open(io.BytesIO(png))
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
@@ -255,13 +282,19 @@ class SelectStep(pl.Callback):
             raise MergeInputError("SelectStep needs held-back unlabeled rows: set data.holdout (e.g. 64)")
         self._batches = [{**b, "inputs": {k: v.to(pl_module.device) for k, v in b["inputs"].items()}} for b in batches]
         if self.criterion != "objective" and not pl_module.experts_are_fine_tunes:
-            log.warning("SelectStep %s: the method reads no expert in training, so with prep %s its stores hold only "
-                        "the processed task vectors, and the experts scored against are base + those; use an "
-                        "objective that reads the experts (kl, pseudo_label, features) or criterion: objective",
-                        self.criterion, pl_module.prep)
+            log.warning(
+                "SelectStep %s: the method reads no expert in training, so with prep %s its stores hold only "
+                "the processed task vectors, and the experts scored against are base + those; use an "
+                "objective that reads the experts (kl, pseudo_label, features) or criterion: objective",
+                self.criterion,
+                pl_module.prep,
+            )
         # the experts are frozen: their predictions on the held-back rows are computed once
-        self._experts = ([pl_module.expert_outputs(b)[0] for b in self._batches]
-                         if self.criterion in ("agreement", "worst_agreement") else None)
+        self._experts = (
+            [pl_module.expert_outputs(b)[0] for b in self._batches]
+            if self.criterion in ("agreement", "worst_agreement")
+            else None
+        )
 
     def _score(self, trainer, pl_module) -> None:
         step = int(trainer.global_step)
@@ -290,13 +323,16 @@ class SelectStep(pl.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         self._score(trainer, pl_module)
         pl_module.load_state_dict(self.best_state, strict=False)
-        self.result = {"criterion": self.criterion, "every_n_steps": self.every_n_steps,
-                               "selected_step": self.best[0], "score": self.best[1],
-                               "final_step": int(trainer.global_step),
-                               "history": [list(h) for h in self.history],
-                               **({"per_task": [list(h) for h in self.per_task]} if self.per_task else {})}
-        log.info("selected step %d of %d by %s (%.4f)", self.best[0], trainer.global_step, self.criterion,
-                 self.best[1])
+        self.result = {
+            "criterion": self.criterion,
+            "every_n_steps": self.every_n_steps,
+            "selected_step": self.best[0],
+            "score": self.best[1],
+            "final_step": int(trainer.global_step),
+            "history": [list(h) for h in self.history],
+            **({"per_task": [list(h) for h in self.per_task]} if self.per_task else {}),
+        }
+        log.info("selected step %d of %d by %s (%.4f)", self.best[0], trainer.global_step, self.criterion, self.best[1])
 
     def manifest_entries(self) -> dict[str, Any]:
         return {"selection": self.result} if self.result else {}
@@ -355,13 +391,20 @@ class LRSchedule(pl.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         if not trainer.max_steps or trainer.max_steps < 1:
-            raise MergeInputError("LRSchedule needs trainer.max_steps (the schedule's length), got "
-                                  f"{trainer.max_steps}")
+            raise MergeInputError(
+                f"LRSchedule needs trainer.max_steps (the schedule's length), got {trainer.max_steps}"
+            )
         if self.warmup_steps >= trainer.max_steps and self.kind != "constant":
-            raise MergeInputError(f"LRSchedule warmup_steps ({self.warmup_steps}) leaves no step to decay over in "
-                                  f"trainer.max_steps ({trainer.max_steps})")
-        self.record = {"kind": self.kind, "warmup_steps": self.warmup_steps,
-                       "final_fraction": self.final_fraction, "total_steps": int(trainer.max_steps)}
+            raise MergeInputError(
+                f"LRSchedule warmup_steps ({self.warmup_steps}) leaves no step to decay over in "
+                f"trainer.max_steps ({trainer.max_steps})"
+            )
+        self.record = {
+            "kind": self.kind,
+            "warmup_steps": self.warmup_steps,
+            "final_fraction": self.final_fraction,
+            "total_steps": int(trainer.max_steps),
+        }
 
     def manifest_entries(self) -> dict[str, Any]:
         return {"lr_schedule": self.record} if self.record else {}
@@ -387,8 +430,9 @@ class StepProgress(pl.Callback):
             from tqdm.auto import tqdm
 
             total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-            self._bar = tqdm(total=total, initial=int(trainer.global_step), unit="step", desc="adamerge fit",
-                             dynamic_ncols=True)
+            self._bar = tqdm(
+                total=total, initial=int(trainer.global_step), unit="step", desc="adamerge fit", dynamic_ncols=True
+            )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._bar is None:

@@ -20,11 +20,21 @@ log = logging.getLogger(__name__)
 class TaskStepDataset(Dataset):
     """Index ``i`` → the rows of step ``i`` for every task (see module docstring)."""
 
-    def __init__(self, rows: dict[str, list], samples_per_task: int, seed: int, collate, length: int,
-                 rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        rows: dict[str, list],
+        samples_per_task: int,
+        seed: int,
+        collate,
+        length: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         if samples_per_task % world_size:
-            raise MergeInputError(f"data.samples_per_task ({samples_per_task}) must be divisible by the number of "
-                                  f"processes ({world_size}): each rank takes an equal share of every step")
+            raise MergeInputError(
+                f"data.samples_per_task ({samples_per_task}) must be divisible by the number of "
+                f"processes ({world_size}): each rank takes an equal share of every step"
+            )
         self.rows, self.n, self.seed, self.collate, self.length = rows, samples_per_task, seed, collate, length
         self.rank, self.world_size = rank, world_size
         self._perm_cache: dict[tuple[str, int], torch.Tensor] = {}
@@ -60,8 +70,12 @@ class TaskStepDataset(Dataset):
     def _rows(self, step: int, lo: int, hi: int):
         tasks = list(self.rows)
         picked = [[self.rows[task][j] for j in self.indices(t, task, step)[lo:hi]] for t, task in enumerate(tasks)]
-        return {"inputs": self.collate([r for rs in picked for r in rs]), "tasks": tasks,
-                "sizes": [len(rs) for rs in picked], "step": step}
+        return {
+            "inputs": self.collate([r for rs in picked for r in rs]),
+            "tasks": tasks,
+            "sizes": [len(rs) for rs in picked],
+            "step": step,
+        }
 
 
 class StepSampler(Sampler[int]):
@@ -107,9 +121,17 @@ class UnlabeledDataModule(pl.LightningDataModule):
             (:class:`adamerge.training.SelectStep`); 0 keeps every row for training.
     """
 
-    def __init__(self, tasks: dict[str, TaskData], tokenizer: str | None = None, samples_per_task: int = 16,
-                 max_length: int = 128, seed: int = 0, steps_per_epoch: int | None = None,
-                 num_workers: int = 0, holdout: int = 0) -> None:
+    def __init__(
+        self,
+        tasks: dict[str, TaskData],
+        tokenizer: str | None = None,
+        samples_per_task: int = 16,
+        max_length: int = 128,
+        seed: int = 0,
+        steps_per_epoch: int | None = None,
+        num_workers: int = 0,
+        holdout: int = 0,
+    ) -> None:
         super().__init__()
         if not tasks:
             raise MergeInputError("data.tasks: at least one task is required")
@@ -126,9 +148,15 @@ class UnlabeledDataModule(pl.LightningDataModule):
 
     def manifest_entries(self) -> dict:
         """The manifest's ``data`` entry: what the merge adapted on (sources and settings, no rows)."""
-        return {"data": {"max_length": self.max_length, "samples_per_task": self.samples_per_task, "seed": self.seed,
-                         "holdout": self.holdout,
-                         "tasks": {t: {"path": str(spec.path), "split": spec.split} for t, spec in self.tasks.items()}}}
+        return {
+            "data": {
+                "max_length": self.max_length,
+                "samples_per_task": self.samples_per_task,
+                "seed": self.seed,
+                "holdout": self.holdout,
+                "tasks": {t: {"path": str(spec.path), "split": spec.split} for t, spec in self.tasks.items()},
+            }
+        }
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:
@@ -147,13 +175,18 @@ class UnlabeledDataModule(pl.LightningDataModule):
             rows, self.held_out = self._split_holdout(rows)
         for task, r in rows.items():
             if len(r) < self.samples_per_task:
-                log.warning("task %r has %d rows, fewer than data.samples_per_task (%d): its rows repeat within each "
-                            "step", task, len(r), self.samples_per_task)
+                log.warning(
+                    "task %r has %d rows, fewer than data.samples_per_task (%d): its rows repeat within each step",
+                    task,
+                    len(r),
+                    self.samples_per_task,
+                )
         length = self.steps_per_epoch or max(math.ceil(len(r) / self.samples_per_task) for r in rows.values())
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._has_trainer() else (0, 1)
         self.collate = builder
-        self.dataset = TaskStepDataset(rows, self.samples_per_task, self.seed, builder, length,
-                                       rank=rank, world_size=world)
+        self.dataset = TaskStepDataset(
+            rows, self.samples_per_task, self.seed, builder, length, rank=rank, world_size=world
+        )
         log.info("unlabeled data: %s", {t: len(r) for t, r in rows.items()})
 
     def first_steps(self, n: int) -> list[dict]:
@@ -168,11 +201,12 @@ class UnlabeledDataModule(pl.LightningDataModule):
         train, held = {}, {}
         for t, (task, r) in enumerate(rows.items()):
             if len(r) <= self.holdout:
-                raise MergeInputError(f"data.holdout ({self.holdout}) leaves no training rows for task {task!r}, "
-                                      f"which has {len(r)}")
+                raise MergeInputError(
+                    f"data.holdout ({self.holdout}) leaves no training rows for task {task!r}, which has {len(r)}"
+                )
             perm = torch.randperm(len(r), generator=torch.Generator().manual_seed(self.seed * 7919 + t + 1)).tolist()
             held[task] = subset(r, perm[: self.holdout])
-            train[task] = subset(r, sorted(perm[self.holdout:]))
+            train[task] = subset(r, sorted(perm[self.holdout :]))
         return train, held
 
     def holdout_batches(self, rows_per_task: int | None = None) -> list[dict]:
@@ -185,8 +219,13 @@ class UnlabeledDataModule(pl.LightningDataModule):
         out = []
         for lo in range(0, self.holdout, per):
             picked = [[self.held_out[t][i] for i in range(lo, min(lo + per, len(self.held_out[t])))] for t in tasks]
-            out.append({"inputs": self.collate([r for rs in picked for r in rs]), "tasks": tasks,
-                        "sizes": [len(rs) for rs in picked]})
+            out.append(
+                {
+                    "inputs": self.collate([r for rs in picked for r in rs]),
+                    "tasks": tasks,
+                    "sizes": [len(rs) for rs in picked],
+                }
+            )
         return out
 
     def _has_trainer(self) -> bool:
@@ -203,9 +242,8 @@ class UnlabeledDataModule(pl.LightningDataModule):
                 raise MergeInputError(
                     f"trainer.accumulate_grad_batches must be 1 (got {trainer.accumulate_grad_batches}): a step's rows "
                     "are data.samples_per_task of every task; to bound memory use the method's micro_batches or "
-                    "task_chunks, or fewer samples_per_task")
+                    "task_chunks, or fewer samples_per_task"
+                )
             position = lambda: trainer.global_step  # noqa: E731  (> 0 when resuming from a checkpoint)
         sampler = StepSampler(len(self.dataset), position)
         return DataLoader(self.dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers)
-
-
