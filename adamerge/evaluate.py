@@ -15,7 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from adamerge.checkpoint.card import EVAL_RESULTS, write_card
 from adamerge.errors import MergeInputError
-from adamerge.io.datasets import TaskData, input_builder, load_texts
+from adamerge.io.datasets import TaskData, input_builder, is_text_folder, load_texts
 from adamerge.io.manifest import MANIFEST
 from adamerge.io.sources import names_local_path
 
@@ -59,6 +59,11 @@ def answer_logits(logits_fn, spec: LabeledTaskData, task: str, tokenizer):
 
 def load_labeled(spec: LabeledTaskData, task: str, inputs):
     """Rows (encoded by ``inputs``, :func:`adamerge.data.input_builder`) and integer labels of one task."""
+    if Path(spec.path).suffix == ".txt" or is_text_folder(spec.path):
+        raise MergeInputError(
+            f"task {task!r}: {spec.path} is plain text without labels; evaluate needs labelled data: a "
+            f".csv/.json/.jsonl/.parquet file or a saved dataset with a {spec.label_column!r} column"
+        )
     ds = load_texts(spec, task, extra_columns=(spec.label_column,))
     return inputs.encode(ds, spec), torch.tensor([int(v) for v in ds[spec.label_column]])
 

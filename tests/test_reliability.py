@@ -143,10 +143,54 @@ def test_data_errors_name_the_task_and_field(tmp_path, zoo):
         MergeInputError, match=r"task 'spam': text column 'text' not in .*columns: \['sentence', 'label'\]"
     ):
         load_texts(TaskData(str(p)), "spam")
-    with pytest.raises(MergeInputError, match=r"unsupported file type '.txt'"):
-        q = tmp_path / "d.txt"
+    with pytest.raises(MergeInputError, match=r"unsupported file type '.tsv'.*or a folder of .txt files"):
+        q = tmp_path / "d.tsv"
         q.write_text("x")
         load_texts(TaskData(str(q)), "spam")
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n   \n\n")
+    with pytest.raises(MergeInputError, match=r"task 'spam': .*blank.txt has no non-empty line of text"):
+        load_texts(TaskData(str(blank)), "spam")
+
+
+def test_plain_text_is_one_row_per_non_empty_line(tmp_path, zoo):
+    """A ``.txt`` file, and a folder of them (every file, in name order, sub-folders too), read as one ``text`` row
+    per non-empty line; the data module tokenizes exactly those lines; evaluate refuses text without labels by name."""
+    from transformers import AutoTokenizer
+
+    from adamerge.evaluate import LabeledTaskData, load_labeled
+    from adamerge.io.datasets import TaskData, load_texts
+    from adamerge.training.datamodule import UnlabeledDataModule
+
+    base, _ = zoo
+    one = tmp_path / "reviews.txt"
+    one.write_text("good movie\n\n  bad plot  \r\nlove the actor\n")
+    folder = tmp_path / "spam"
+    (folder / "more").mkdir(parents=True)
+    (folder / "b.txt").write_text("call now\n")
+    (folder / "a.txt").write_text("win a prize\n\nfree call\n")
+    (folder / "more" / "c.txt").write_text("hello friend\n")
+    (folder / "notes.md").write_text("not read\n")
+    assert load_texts(TaskData(str(one)), "reviews")["text"] == ["good movie", "bad plot", "love the actor"]
+    assert load_texts(TaskData(str(folder)), "spam")["text"] == ["win a prize", "free call", "call now", "hello friend"]
+    dm = UnlabeledDataModule(
+        {"reviews": TaskData(str(one)), "spam": TaskData(str(folder))},
+        tokenizer=base,
+        samples_per_task=2,
+        max_length=16,
+    )
+    dm.setup("fit")
+    tok = AutoTokenizer.from_pretrained(base)
+    encoded = {
+        tuple(tok(line, truncation=True, max_length=16)["input_ids"])
+        for line in ["good movie", "bad plot", "love the actor", "win a prize", "free call", "call now", "hello friend"]
+    }
+    batch = dm.first_steps(1)[0]
+    rows = batch["inputs"]["input_ids"]
+    mask = batch["inputs"]["attention_mask"].bool()
+    assert {tuple(r[m].tolist()) for r, m in zip(rows, mask)} <= encoded
+    with pytest.raises(MergeInputError, match=r"plain text without labels; evaluate needs labelled data"):
+        load_labeled(LabeledTaskData(str(one)), "reviews", None)
 
 
 def test_a_template_is_the_text_the_model_reads(tmp_path, zoo):

@@ -35,8 +35,9 @@ class TaskData:
     """Where one task's unlabeled inputs live (text, or images with ``image_column``).
 
     Args:
-        path: a Hugging Face dataset id, a local ``.csv``/``.json``/``.jsonl``/``.parquet`` file, a directory
-            written by ``datasets.Dataset.save_to_disk``, or (images) an ``imagefolder`` directory.
+        path: a Hugging Face dataset id, a local ``.csv``/``.json``/``.jsonl``/``.parquet`` file, a ``.txt`` file or
+            a folder of ``.txt`` files (one row per non-empty line, column ``text``), a directory written by
+            ``datasets.Dataset.save_to_disk``, or (images) an ``imagefolder`` directory.
         split: split to read (hub datasets and ``DatasetDict`` directories).
         text_column: column with the input text.
         text_pair_column: optional second text column (sentence-pair tasks).
@@ -92,16 +93,20 @@ def template_fields(template: str) -> list[str]:
 
 
 def open_dataset(path: str, split: str = "train", name: str | None = None, task: str = "?"):
-    """A ``datasets.Dataset`` from a hub id, a local data file, a ``save_to_disk`` directory or an image folder."""
+    """A ``datasets.Dataset`` from a hub id, a local data file, plain text (a ``.txt`` file or a folder of them), a
+    ``save_to_disk`` directory or an image folder."""
     import datasets
 
     p = Path(path)
     try:
+        if p.suffix == ".txt" and p.is_file() or p.is_dir() and _text_files(p):
+            return _plain_text(p, task)
         if p.is_file():
             fmt = _FILE_FORMATS.get(p.suffix)
             if fmt is None:
                 raise MergeInputError(
-                    f"task {task!r}: unsupported file type {p.suffix!r} for {p}; use one of {sorted(_FILE_FORMATS)}"
+                    f"task {task!r}: unsupported file type {p.suffix!r} for {p}; use one of "
+                    f"{sorted([*_FILE_FORMATS, '.txt'])} or a folder of .txt files"
                 )
             if p.stat().st_size == 0:
                 raise MergeInputError(f"task {task!r}: data file {p} is empty (0 bytes)")
@@ -123,6 +128,37 @@ def open_dataset(path: str, split: str = "train", name: str | None = None, task:
             raise MergeInputError(f"task {task!r}: dataset {path!r} is empty") from e
         raise MergeInputError(f"task {task!r}: cannot load data from {path!r}: {e}") from e
     return ds
+
+
+def _text_files(folder: Path) -> list[Path]:
+    """The ``.txt`` files under ``folder`` (recursively, in name order) when it holds no saved dataset and no images
+    (an ``imagefolder``)."""
+    if (folder / "dataset_info.json").is_file() or (folder / "dataset_dict.json").is_file():
+        return []
+    files = sorted(f for f in folder.rglob("*.txt") if f.is_file())
+    images = any(f.suffix.lower() in _IMAGE_SUFFIXES for f in folder.rglob("*") if f.is_file())
+    return [] if images else files
+
+
+def is_text_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a folder read as plain text (``.txt`` files, no saved dataset, no images)."""
+    return Path(path).is_dir() and bool(_text_files(Path(path)))
+
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def _plain_text(path: Path, task: str):
+    """Plain text as a dataset with one ``text`` column: a ``.txt`` file, or every ``.txt`` file of a folder, one row
+    per non-empty line (surrounding white space stripped)."""
+    import datasets
+
+    files = [path] if path.is_file() else _text_files(path)
+    rows = [line.strip() for f in files for line in f.read_text(encoding="utf-8", errors="replace").splitlines()]
+    rows = [r for r in rows if r]
+    if not rows:
+        raise MergeInputError(f"task {task!r}: {path} has no non-empty line of text")
+    return datasets.Dataset.from_dict({"text": rows})
 
 
 def load_texts(spec: TaskData, task: str = "?", extra_columns: tuple[str, ...] = ()):
