@@ -17,7 +17,7 @@ from adamerge.checkpoint.card import EVAL_RESULTS, write_card
 from adamerge.errors import MergeInputError
 from adamerge.io.datasets import TaskData, input_builder, is_text_folder, load_texts
 from adamerge.io.manifest import MANIFEST
-from adamerge.io.sources import names_local_path
+from adamerge.io.sources import check_source, names_local_path
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,7 @@ def evaluate_checkpoint(
 def _checkpoint(checkpoint: str) -> tuple[Path, dict | None]:
     """The checkpoint's path and, for an adamerge export, its manifest; a local path that is no model directory is
     refused by name."""
+    check_source(checkpoint, "checkpoint")
     path = Path(checkpoint)
     local = names_local_path(checkpoint)
     if local and not path.is_dir():

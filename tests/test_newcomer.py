@@ -254,3 +254,63 @@ def test_ckpt_path_last_finds_the_previous_runs_checkpoints(zoo, task_data, tmp_
         ["fit", "--config", str(p), "--trainer.max_steps", "6", "--export.overwrite", "true", "--ckpt_path", "last"]
     )
     assert FirstStep.seen == [0, 4] and cli.trainer.global_step == 6
+
+
+@pytest.mark.parametrize(
+    "command, message",
+    [
+        (
+            ["fit", "--model.init_args.base", "models/bert-base-uncased"],
+            "base: models/bert-base-uncased does not exist",
+        ),
+        (
+            ["fit", "--model.init_args.base", "someone/no-such-model"],
+            "base: someone/no-such-model is not a local path, and the Hub is off here (HF_HUB_OFFLINE)",
+        ),
+        (
+            ["evaluate", "--checkpoint", "runs/mine", "--tasks", '{"a": {"path": "a.csv"}}'],
+            "checkpoint: runs/mine is not a local path, and the Hub is off here",
+        ),
+    ],
+)
+def test_a_path_that_does_not_exist_is_refused_at_once(zoo, task_data, tmp_path, command, message):
+    """A source that looks local (here ``models/…`` with ``models/`` present) and does not exist, or a Hub id while
+    the Hub is off, is refused before anything loads: exit 2, one line naming the field and the path, no retries."""
+    import time
+
+    (tmp_path / "models").mkdir()
+    cfg = fit_config(zoo, task_data, tmp_path)
+    cfg["trainer"]["logger"] = False
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(cfg))
+    args = [*command[:1], "--config", "fit.yaml", *command[1:]] if command[0] == "fit" else command
+    t0 = time.time()
+    res = subprocess.run(
+        [sys.executable, "-m", "adamerge", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 2 and len(lines) <= 3 and message in lines[-1], res.stderr[-2000:]
+    assert time.time() - t0 < 20
+
+
+def test_a_fine_tune_saved_without_its_head_is_refused_by_name(zoo, tmp_path):
+    """A fine-tune saved as a bare backbone (``BertModel``) would load with a random classifier: refused, naming
+    the model and the tensors; the base's own missing classifier (no merge reads it) is not."""
+    from transformers import BertModel
+
+    from adamerge.pool import load_pool
+
+    base, paths = zoo
+    BertModel.from_pretrained(paths["spam"]).save_pretrained(str(tmp_path / "bare"))
+    with pytest.raises(
+        MergeInputError,
+        match=r"fine-tune 'spam': .*bare: .*initialise \['classifier.bias', 'classifier.weight'\] at random",
+    ):
+        load_pool(base, {**paths, "spam": str(tmp_path / "bare")})
+    bare_base = tmp_path / "bare-base"
+    BertModel.from_pretrained(base).save_pretrained(str(bare_base))
+    load_pool(str(bare_base), paths)  # a base without a classifier: fine

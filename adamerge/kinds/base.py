@@ -230,3 +230,15 @@ def num_labels_of(head_tensors: Mapping[str, Tensor], prefix: str, hidden_size: 
     if len(outs) != 1:
         raise MergeInputError(f"cannot infer num_labels of {source}: put a config.json next to the file")
     return outs.pop()
+
+
+def refuse_fresh(source: str, info: dict, allowed: list[str], cls_name: str) -> None:
+    """Refuse a checkpoint that transformers completed with random tensors (``info``: ``output_loading_info``), naming
+    them, except the ``allowed`` ones (a base's own classifier, which no merge reads)."""
+    fresh = sorted(set(info.get("missing_keys") or ()) - set(allowed))
+    if fresh:
+        raise MergeInputError(
+            f"{source}: loading it as {cls_name} would initialise {fresh[:5]}{'…' if len(fresh) > 5 else ''} at "
+            f"random (they are not in the checkpoint); save the model with its head ({cls_name}.save_pretrained), "
+            "not a bare backbone"
+        )

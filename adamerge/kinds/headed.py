@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from adamerge.errors import MergeInputError
 from adamerge.io.sources import is_safetensors_file, read_state_dict
-from adamerge.kinds.base import FeatureStub, ModelKind, default_decoder_inputs, num_labels_of
+from adamerge.kinds.base import FeatureStub, ModelKind, default_decoder_inputs, num_labels_of, refuse_fresh
 
 
 def is_nonpersistent(key: str) -> bool:
@@ -165,6 +165,9 @@ class HeadedKind(ModelKind):
         except Exception as e:  # transformers/safetensors raise many types (OSError, ValueError, SafetensorError, ...)
             raise MergeInputError(f"cannot load model {source!r}: {type(e).__name__}: {e}") from e
         model._adamerge_initialized = frozenset(info.get("missing_keys") or ())  # not in the checkpoint: fresh
+        # the base's head is not merged (each fine-tune brings its own): only its backbone must be complete
+        head_keys = [k for k in info.get("missing_keys") or () if not k.startswith(model.base_model_prefix + ".")]
+        refuse_fresh(source, info, head_keys if role == "base" else [], type(model).__name__)
         return model
 
     def backbone_of(self, model: nn.Module) -> nn.Module:

@@ -10,7 +10,7 @@ from torch import nn
 
 from adamerge.errors import MergeInputError
 from adamerge.io.sources import is_safetensors_file, read_state_dict
-from adamerge.kinds.base import ModelKind
+from adamerge.kinds.base import ModelKind, refuse_fresh
 
 
 class WholeModelKind(ModelKind):
@@ -44,9 +44,13 @@ class WholeModelKind(ModelKind):
                 )
             return model.to(dtype)
         try:
-            return cls.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+            model, info = cls.from_pretrained(
+                source, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True
+            )
         except Exception as e:  # transformers/safetensors raise many types
             raise MergeInputError(f"cannot load model {source!r}: {type(e).__name__}: {e}") from e
+        refuse_fresh(source, info, [], type(model).__name__)
+        return model
 
     def split(self, model: nn.Module):
         return self.prepare(model), None
