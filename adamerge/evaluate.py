@@ -58,7 +58,7 @@ def answer_logits(logits_fn, spec: LabeledTaskData, task: str, tokenizer):
 
 
 def load_labeled(spec: LabeledTaskData, task: str, inputs):
-    """Rows (encoded by ``inputs``, :func:`adamerge.data.input_builder`) and integer labels of one task."""
+    """Rows (encoded by ``inputs``, :func:`adamerge.io.datasets.input_builder`) and integer labels of one task."""
     if Path(spec.path).suffix == ".txt" or is_text_folder(spec.path):
         raise MergeInputError(
             f"task {task!r}: {spec.path} is plain text without labels; evaluate needs labelled data: a "
@@ -78,7 +78,7 @@ def score(
     batch_size: int = 64,
 ) -> dict:
     """Accuracy and macro-F1 of ``logits_fn(inputs)`` over ``rows``, batched by ``collate`` (rows → inputs, e.g.
-    :class:`adamerge.data.TextInputs`), and the histograms behind them: ``predicted`` (rows per predicted class)
+    :class:`adamerge.io.datasets.TextInputs`), and the histograms behind them: ``predicted`` (rows per predicted class)
     and ``labels`` (rows per true class) — an accuracy at the majority class's share reads differently from one
     spread over the classes."""
     if int(labels.max()) >= num_classes or int(labels.min()) < 0:

@@ -14,7 +14,7 @@ Layout of ``output_dir``::
     adapters/<task>/                 (optional, merges of LoRA adapters) a PEFT LoRA adapter per task
     tasks/<task>/                    (optional) a complete ``*ForSequenceClassification`` checkpoint per task:
                                      ``AutoModelForSequenceClassification.from_pretrained(output_dir / "tasks" / task)``
-    README.md, coefficients.png      (optional) the Hub model card (see :mod:`adamerge.card`)
+    README.md, coefficients.png      (optional) the Hub model card (see :mod:`adamerge.checkpoint.card`)
     merge_manifest.json              method, base and sources with content hashes, coefficients, dtype, versions
 
 Weights are written tensor by tensor (a lazy merge is merged one block at a time on access), stored in ``dtype``.
@@ -128,7 +128,7 @@ def write_merged(
     Args:
         backbone: the base backbone module (supplies config and the non-merged tensors).
         merged: merged backbone tensors by parameter name; read one at a time, so a lazy mapping (one block merged
-            on access, :meth:`adamerge.merged.MergedModel.lazy_merged_params`) keeps the export to one block's
+            on access, :meth:`adamerge.engine.model.MergedModel.lazy_merged_params`) keeps the export to one block's
             memory beyond the model.
         heads: task → head (a ``*For<Task>`` shell whose backbone is a stub, or the kind's own head module).
         manifest: method-specific fields; versions and the layout are added here.

@@ -131,7 +131,7 @@ def trainer_defaults() -> dict:
         },
         "enable_checkpointing": True,
         "num_sanity_val_steps": 0,
-        "use_distributed_sampler": False,  # the data module shards each step itself (see adamerge.data)
+        "use_distributed_sampler": False,  # the data module shards each step itself (see adamerge.training.datamodule)
         "log_every_n_steps": 10,
     }
 

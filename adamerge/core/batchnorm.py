@@ -21,7 +21,7 @@ def batch_statistics(module: nn.Module, total: Callable[[Tensor], Tensor] | None
     statistics of the batch it is given and updates no buffer; afterwards each layer is as it was.
 
     ``total``: a differentiable sum over the data-parallel ranks (``MergeModule.data_parallel_sum``). With it the
-    statistics are those of every rank's rows together (:func:`adamerge.functional.summed_batch_norm`), so that a
+    statistics are those of every rank's rows together (:func:`adamerge.core.functional.summed_batch_norm`), so that a
     step split over N processes normalises — and trains — as the whole step does in one."""
     layers = batchnorm_layers(module)
     saved = {n: (m.training, m.track_running_stats, m.__dict__.get("forward")) for n, m in layers.items()}

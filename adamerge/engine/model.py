@@ -139,7 +139,8 @@ class MergedModel(nn.Module):
             st.offload()
 
     def to_sparse_storage(self) -> None:
-        """Keep the dense task vectors as their non-zero entries (see :class:`~adamerge.functional.SparseStack`)."""
+        """Keep the dense task vectors as their non-zero entries
+        (:class:`~adamerge.core.functional.SparseStack`)."""
         for st in self.stores:
             st.to_sparse()
 
@@ -158,7 +159,8 @@ class MergedModel(nn.Module):
     ) -> dict[str, Tensor]:
         """``{name: θ0 + Σ_t λ[t, p] (m ⊙ τ_t)}`` for every merged tensor; ``coefficients`` is ``[T, P]``.
 
-        ``lookup``: embedding tables come back as :class:`~adamerge.functional.LookupWeight` (only the rows a forward
+        ``lookup``: embedding tables come back as :class:`~adamerge.core.functional.LookupWeight` (only the rows a
+        forward
         reads are merged; whole where a mask, sparse or low-rank storage or sharding rules it out), their graph
         going to ``lookup_coefficients`` (default: the same coefficients). ``defer``: indices of stores left out
         (merged later, inside their layer's call). ``stores``: other task vectors laid out block by block like

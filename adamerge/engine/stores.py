@@ -26,7 +26,8 @@ class TaskVectorStore(nn.Module):
     Dense task vectors are ``[T, ...]``; LoRA ones are factor pairs ``B [T, out, r]``, ``A [T, r, in]``. They are
     frozen parameters (``requires_grad=False``) so that FSDP2 (``fully_shard``) can shard them across ranks: the
     merge runs inside this module's forward, where FSDP2 gathers them, and again for the backward. After
-    :meth:`to_sparse`, dense ones are kept as their non-zero entries (:class:`~adamerge.functional.SparseStack`), as
+    :meth:`to_sparse`, dense ones are kept as their non-zero entries (:class:`~adamerge.core.functional.SparseStack`),
+    as
     frozen parameters too — not buffers, which DDP would broadcast at every step — and such stores are left
     replicated under FSDP2.
     """

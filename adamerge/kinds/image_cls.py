@@ -6,7 +6,7 @@ from the base's image processor. Exports: the merged backbone loads with ``AutoM
 
 BatchNorm: only parameters are merged. A backbone's BatchNorm running statistics are buffers, which would stay the
 base's; before export they are re-estimated on unlabeled data of every task (``export.bn_batches`` steps, see
-:func:`adamerge.merged.recalibrate_batchnorm`), since the merged weights change every layer's input statistics.
+:func:`adamerge.core.batchnorm.recalibrate_batchnorm`), since the merged weights change every layer's input statistics.
 For the same reason a training step normalises the merge with its batch's statistics
 (:meth:`adamerge.methods.MergeModule.training_batchnorm`), and the experts run with their own fine-tune's buffers.
 With ``batchnorm_statistics: task`` each task's rows are normalised apart and each task gets statistics of its own

@@ -89,7 +89,8 @@ class ConcreteTaskArithmetic(_ConcreteMixin, MergeModule):
     """Concrete Task Arithmetic: fixed λ, learned shared mask.
 
     Args:
-        base: pretrained model. models: task name → fine-tuned model.
+        base: the pretrained model (hub id, directory or ``.safetensors``).
+        models: task name → fine-tuned model.
         scale: the fixed λ (0.3), or the coefficients' initial value when they are trained.
         coefficients: ``fixed`` (the paper: λ = ``scale``, not trained), ``task`` or ``layer`` (trained with the
             mask: one per task, or one per task and parameter tensor).
@@ -184,7 +185,8 @@ class ConcreteAdaMerging(_ConcreteMixin, AdaMerging):
     """Concrete AdaMerging: meta-learned mask, then AdaMerging under the frozen hard mask.
 
     Args:
-        base: pretrained model. models: task name → fine-tuned model.
+        base: the pretrained model (hub id, directory or ``.safetensors``).
+        models: task name → fine-tuned model.
         granularity: ``task`` or ``layer`` coefficients.
         init: λ initial (and meta-reset) value.
         meta_steps: steps of mask meta-learning before AdaMerging starts.

@@ -45,7 +45,8 @@ class Average(MergeModule):
     """Simple weight average of the fine-tuned models.
 
     Args:
-        base: pretrained model. models: task name → fine-tuned model.
+        base: the pretrained model (hub id, directory or ``.safetensors``).
+        models: task name → fine-tuned model.
         shared: the arguments every method takes (``prep``, ``tv_dtype``, ``task_type``, ``heads``, ...; see
             :class:`~adamerge.methods.base.MergeModule`).
     """
@@ -61,7 +62,8 @@ class TaskArithmetic(MergeModule):
     """Task Arithmetic: ``θ0 + λ Σ_t τ_t`` (with ``prep.dare_rate`` > 0 this is DARE+TA).
 
     Args:
-        base: pretrained model. models: task name → fine-tuned model.
+        base: the pretrained model (hub id, directory or ``.safetensors``).
+        models: task name → fine-tuned model.
         scale: λ (default 0.3).
         shared: the arguments every method takes (``prep``, ``tv_dtype``, ``task_type``, ``heads``, ...; see
             :class:`~adamerge.methods.base.MergeModule`).
@@ -85,7 +87,8 @@ class Ties(MergeModule):
     """TIES-Merging: trim to the top ``prep.ties_density`` magnitudes, elect signs, disjoint mean, scale λ.
 
     Args:
-        base: pretrained model. models: task name → fine-tuned model.
+        base: the pretrained model (hub id, directory or ``.safetensors``).
+        models: task name → fine-tuned model.
         scale: λ applied to the disjoint mean (1.0 = the paper's merge).
         shared: the arguments every method takes (see :class:`~adamerge.methods.base.MergeModule`); TIES's own
             settings are ``prep``'s: ``ties_density`` (the fraction of each task vector kept; 0.2 as the paper when
@@ -129,14 +132,14 @@ class TSVM(_SubspaceMerge):
     ``⌊min(m, n)/T⌋`` singular triplets, their left and right singular vectors replaced by the closest orthonormal
     matrices (removing the tasks' overlap), recombined with their singular values; biases, norms and the token
     embeddings take the mean of the task vectors. ``θ0 + scale · Δ``, scale 1.0 as in the paper (ViT-B/32, 8 tasks:
-    85.9). See :func:`adamerge.functional.tsv_pieces`.
+    85.9). See :func:`adamerge.core.functional.tsv_pieces`.
 
     Args:
-        base: pretrained model. models: task name → fine-tuned model.
+        base: the pretrained model (hub id, directory or ``.safetensors``).
+        models: task name → fine-tuned model.
         scale: α applied to the merged update (1.0 = the paper).
-        prep: more pre-processing (DARE/TIES run before the SVD; ``subspace_skip`` names the matrices kept out).
-        tv_dtype: storage dtype. trust_remote_code: allow hub model code.
-            task_type, heads: the model kind and its head options (see :class:`~adamerge.methods.base.MergeModule`).
+        shared: the arguments every method takes (see :class:`~adamerge.methods.base.MergeModule`); ``prep`` adds
+            pre-processing (DARE/TIES run before the SVD; ``subspace_skip`` names the matrices kept out).
     """
 
     method = "tsv_m"
@@ -148,14 +151,14 @@ class IsoC(_SubspaceMerge):
     Arithmetic sum ``Σ_t τ_t = U S Vᵀ`` with its singular values replaced by their mean, ``σ̄ U Vᵀ``; biases, norms
     and the token embeddings take the mean of the task vectors. ``θ0 + scale · Δ``; the paper picks the scale on
     held-out validation data (ViT-B/32, 8 tasks: 86.3); 1.0 here keeps the TA sum's nuclear norm. See
-    :func:`adamerge.functional.iso_c_pieces`.
+    :func:`adamerge.core.functional.iso_c_pieces`.
 
     Args:
-        base: pretrained model. models: task name → fine-tuned model.
+        base: the pretrained model (hub id, directory or ``.safetensors``).
+        models: task name → fine-tuned model.
         scale: α applied to the merged update.
-        prep: more pre-processing (DARE/TIES run before the SVD; ``subspace_skip`` names the matrices kept out).
-        tv_dtype: storage dtype. trust_remote_code: allow hub model code.
-            task_type, heads: the model kind and its head options (see :class:`~adamerge.methods.base.MergeModule`).
+        shared: the arguments every method takes (see :class:`~adamerge.methods.base.MergeModule`); ``prep`` adds
+            pre-processing (DARE/TIES run before the SVD; ``subspace_skip`` names the matrices kept out).
     """
 
     method = "iso_c"
@@ -174,7 +177,8 @@ class M3(MergeModule):
     entropy (needs a data module; see :meth:`select`). The draws and the choice are recorded in the manifest.
 
     Args:
-        base: pretrained model. models: task name → fine-tuned model.
+        base: the pretrained model (hub id, directory or ``.safetensors``).
+        models: task name → fine-tuned model.
         alpha: Beta/Dirichlet concentration (0.5 default).
         scale: s.
         seed: seeds the draw(s) (``prep.seed`` seeds DARE).

@@ -30,11 +30,11 @@ class TaskVectorPrep:
         ties_scope: rank magnitudes over the whole model per task (``"global"``, as the paper) or per tensor.
         seed: seeds DARE's drop masks.
         sparse_storage: keep only the non-zero entries of the processed task vectors (position and value per entry,
-            see :class:`adamerge.functional.SparseStack`): less memory below half density in float32 (a third in
+            see :class:`adamerge.core.functional.SparseStack`): less memory below half density in float32 (a third in
             bfloat16), e.g. TIES or DARE; the same merge. Not with learned masks (Concrete); FSDP2 leaves sparse stores
             replicated.
         subspace: ``tsv`` (TSV-M) or ``iso_c`` (Iso-C): replace the task vectors by per-task pieces of that SVD-based
-            merge (:func:`adamerge.functional.subspace_pieces`), whose sum is the method's merged update — so
+            merge (:func:`adamerge.core.functional.subspace_pieces`), whose sum is the method's merged update — so
             coefficients of 1 give TSV-M / Iso-C exactly, and learned coefficients (AdaMerging) start from there when
             ``init: 1.0``. Applied after DARE/TIES.
         subspace_skip: matrices whose name contains one of these take the mean of the task vectors instead of the

@@ -37,7 +37,8 @@ class Surgery(MergeModule):
     """Representation Surgery adapters over a frozen merged encoder.
 
     Args:
-        base: pretrained model. models: task name → fine-tuned model (the same as the merge's).
+        base: the pretrained model (hub id, directory or ``.safetensors``).
+        models: task name → fine-tuned model (the same as the merge's).
         merged: directory of an exported merge (its ``model.safetensors`` is the frozen merged encoder).
         rank: adapter bottleneck r.
         feature: ``auto``, ``pooler_output`` or ``last_hidden_state``.

@@ -34,7 +34,8 @@ class WEMoE(MergeModule):
     """Routers over the MLP task vectors, everything else Task Arithmetic (see the module docstring).
 
     Args:
-        base: pretrained model. models: task name → fine-tuned model.
+        base: the pretrained model (hub id, directory or ``.safetensors``).
+        models: task name → fine-tuned model.
         scale: Task Arithmetic's λ for the shared tensors (0.3 as the paper).
         init: the routers' initial weight of every task (default ``scale``: the model starts as Task Arithmetic).
         modules: regular expressions naming the routed ``nn.Linear`` modules (default: the MLP layers of BERT-like,

@@ -43,7 +43,7 @@ def _key(name: str) -> str:
 
 
 def numbered_block(module: str) -> str | None:
-    """The numbered layer a module belongs to (:func:`adamerge.merged.block_of`), None when it is outside them."""
+    """The numbered layer a module belongs to (:func:`adamerge.core.modules.block_of`), None when it is outside them."""
     from adamerge.core.modules import block_of
 
     block = block_of(module)

@@ -55,7 +55,7 @@ class TaskVectorPool:
     hashes: dict[str, str] = field(default_factory=dict)
     low_rank: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # name -> (B [T,out,r], A [T,r,in])
     task_type: str = "seq_cls"
-    tokenizer: object = None  # the union tokenizer when fine-tunes added tokens (see adamerge.vocab)
+    tokenizer: object = None  # the union tokenizer when fine-tunes added tokens (see adamerge.pool.vocab)
     expert_buffers: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # task -> its own float buffers
 
     @property
@@ -325,7 +325,8 @@ def _pooler_of(values: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _vocab_plan(base: str, base_model: nn.Module, models: dict[str, str], trust_remote_code: bool):
-    """The union-vocabulary plan (:func:`adamerge.vocab.plan_vocab`), None when no fine-tune's vocabulary differs."""
+    """The union-vocabulary plan (:func:`adamerge.pool.vocab.plan_vocab`), None when no fine-tune's vocabulary
+    differs."""
     from adamerge.pool.vocab import load_tokenizer, model_rows, plan_vocab
 
     rows = base_model.get_input_embeddings().weight.shape[0]
