@@ -20,8 +20,6 @@ from adamerge.methods import MergeModule
 from adamerge.training.callbacks import BackboneMode, CoefficientHeatmap, ExportOnFitEnd, run_directory
 from adamerge.training.datamodule import UnlabeledDataModule
 
-LIGHTNING_SUBCOMMANDS = ("fit", "validate")
-
 
 def quiet_libraries() -> None:
     """No network unless asked, and no third-party noise that alarms without informing: Lightning's product tips,
@@ -88,6 +86,12 @@ class RunConfig(SaveConfigCallback):
 
 class AdaMergeCLI(LightningCLI):
     """LightningCLI with the data module's tokenizer linked to the model's base."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Only ``fit``: a merge has no validation, test or prediction loop of Lightning's (``adamerge evaluate``
+        scores an export)."""
+        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.init_args.base", "data.tokenizer")

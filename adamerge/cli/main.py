@@ -4,11 +4,15 @@ every user-input error into one line on stderr and exit status 2.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
 
 from adamerge.cli.app import lightning_main, merge_main, quiet_libraries
+from adamerge.cli.guide import COMMANDS, fit_help, top_help, unknown_command
+from adamerge.cli.init import init_main
+from adamerge.cli.keys import check_config_files
 from adamerge.cli.moved import check_moved_args
 from adamerge.cli.sweep import sweep_main
 
@@ -84,21 +88,34 @@ def main(argv: list[str] | None = None) -> None:
     quiet_libraries()
 
     from_sys = argv is None
-    argv = sys.argv[1:] if from_sys else argv
-
+    argv = list(sys.argv[1:] if from_sys else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(top_help())
+        return
+    command, rest = argv[0], argv[1:]
     try:
         check_install()
-        if argv and argv[0] in ("fit", "validate", "merge"):
-            check_moved_args(argv[1:])
-        if argv and argv[0] == "merge":
-            merge_main(argv[1:])
-        elif argv and argv[0] in ("evaluate", "pick", "sweep"):
-            result = {"evaluate": evaluate_main, "pick": pick_main, "sweep": sweep_main}[argv[0]](argv[1:])
-            import json
-
-            print(json.dumps(result, indent=2))  # the command's output, not logging
+        if command not in COMMANDS:
+            raise unknown_command(command)
+        if command == "fit" and any(a in ("-h", "--help") for a in rest):
+            print(fit_help())
+            return
+        if command in ("fit", "merge") and "--help-all" not in rest:
+            check_moved_args(rest)
+            check_config_files(command, rest)
+        rest = ["--help" if a == "--help-all" else a for a in rest]
+        if command == "merge":
+            merge_main(rest)
+        elif command == "fit":
+            lightning_main(["fit", *rest])
         else:
-            lightning_main(None if from_sys else argv)
+            result = {"evaluate": evaluate_main, "pick": pick_main, "sweep": sweep_main, "init": init_main}[command](
+                rest
+            )
+            if isinstance(result, str):  # a config (init): the command's output, as it is
+                sys.stdout.write(result)
+            elif result is not None:
+                print(json.dumps(result, indent=2))  # the command's output, not logging
     except Exception as e:
         cause = user_error(e)
         if cause is None:
