@@ -400,7 +400,8 @@ def test_benchmark_grid_is_followed_past_a_kept_edge_until_the_score_turns(monke
         0,
         rows={"r": bench.with_grid(base, {"lr": [100.0, 10.0]}, 1)},
     ).build("r", "inductive")
-    assert [m.kwargs["lr"] for m in built] == [100.0, 10.0, 1.0] and best.module is built[2] and best.sweep_extended == 1
+    assert [m.kwargs["lr"] for m in built] == [100.0, 10.0, 1.0]
+    assert best.module is built[2] and best.sweep_extended == 1
     # no extension budget: the grid as given, nothing more
     built.clear()
     bench.Runner(

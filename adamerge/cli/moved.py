@@ -52,7 +52,7 @@ def check_moved(config: Mapping[str, Any], where: str) -> None:
     callbacks = (config.get("trainer") or {}).get("callbacks") if isinstance(config.get("trainer"), Mapping) else None
     for cb in callbacks or []:
         path = str(cb.get("class_path", "")) if isinstance(cb, Mapping) else ""
-        if path.startswith("adamerge.training.callbacks."):
+        if path.startswith("adamerge.callbacks."):
             raise MergeInputError(f"{where}: {path} moved to adamerge.training.{path.rsplit('.', 1)[1]}")
 
 
