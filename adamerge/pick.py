@@ -124,7 +124,7 @@ def pick(
         if Path(into).resolve() in {Path(p).resolve() for p in paths}:
             raise MergeInputError(f"pick: --into {into} is one of the candidates")
         with atomic_directory(into, overwrite=overwrite) as tmp:
-            shutil.copytree(found[best]["path"], tmp, dirs_exist_ok=True)
+            shutil.copytree(found[best]["path"], tmp, dirs_exist_ok=True, symlinks=True)  # tasks/ link the root
             manifest = json.loads((tmp / MANIFEST).read_text())
             manifest["pick"] = record
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

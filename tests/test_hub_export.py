@@ -4,6 +4,7 @@ the upload to the Hub (issue 16)."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import pytest
@@ -436,3 +437,58 @@ def test_load_merged_refuses_a_root_tensor_its_backbone_has_no_place_for(ta, tmp
         load_merged(out)
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     torch.testing.assert_close(load_merged(out).predict("sentiment", input_ids=torch.tensor([[2, 5, 6, 3]])), before)
+
+
+def _own_bytes(directory, pattern: str = "*") -> int:
+    """Bytes the files of a directory that match ``pattern`` hold themselves: symbolic links are not followed, a hard
+    link is counted once."""
+    seen, total = set(), 0
+    for f in sorted(directory.rglob(pattern)):
+        st = f.lstat()
+        if f.is_file() and not f.is_symlink() and (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_size
+    return total
+
+
+@pytest.mark.parametrize("link", ["symlink", "hardlink", "copy"])
+def test_per_task_models_share_the_roots_weights(ta, tmp_path, monkeypatch, caplog, link):
+    """tasks/<task>/ stores only its head (and config, tokenizer); its backbone tensors are the root's files, linked
+    (symbolic, else hard, else copied with a note). Stock transformers loads each with the logits of a self-contained
+    checkpoint: the root's backbone under the task's head, computed here by hand."""
+    from pathlib import Path
+
+    from transformers import AutoModel, AutoTokenizer
+
+    if link != "symlink":
+        monkeypatch.setattr(Path, "symlink_to", lambda *a, **k: (_ for _ in ()).throw(OSError("no symlinks")))
+    if link == "copy":
+        monkeypatch.setattr("os.link", lambda *a, **k: (_ for _ in ()).throw(OSError("no hard links")))
+    out = ta.export(tmp_path / "m")
+    manifest = json.loads((out / "merge_manifest.json").read_text())
+    assert manifest["task_weights"] == link
+    task = out / "tasks" / "spam"
+    shared = task / "model-root-00001.safetensors"
+    assert shared.is_symlink() == (link == "symlink")
+    if link == "symlink":
+        assert os.readlink(shared) == os.path.join("..", "..", "model.safetensors")
+    if link == "hardlink":
+        assert shared.stat().st_ino == (out / "model.safetensors").stat().st_ino
+    index = json.loads((task / "model.safetensors.index.json").read_text())
+    assert {f for f in index["weight_map"].values()} == {"model-root-00001.safetensors", "model-task.safetensors"}
+    assert set(load_file(str(task / "model-task.safetensors"))) == {"classifier.weight", "classifier.bias"}
+    weights = _own_bytes(out, "*.safetensors")
+    heads_only = sum((out / "tasks" / t / "model-task.safetensors").stat().st_size for t in ta.task_names)
+    root = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    if link != "copy":  # a full copy of the backbone per task before; now only each head
+        assert weights == root + heads_only
+    else:
+        assert weights == root + heads_only + len(ta.task_names) * (out / "model.safetensors").stat().st_size
+        assert "the root's weights are copied" in caplog.text
+    tok = AutoTokenizer.from_pretrained(str(out))
+    enc = tok(["good movie great plot", "free prize call now"], padding=True, return_tensors="pt")
+    heads = load_file(str(out / "heads.safetensors"))
+    with torch.no_grad():
+        pooled = AutoModel.from_pretrained(str(out)).eval()(**enc).pooler_output
+        want = pooled @ heads["spam/classifier.weight"].T + heads["spam/classifier.bias"]
+    torch.testing.assert_close(stock_logits(out)["spam"], want, atol=1e-5, rtol=1e-5)

@@ -28,19 +28,22 @@ import copy
 import datetime as _dt
 import json
 import logging
+import os
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from adamerge.checkpoint.card import write_card
 from adamerge.errors import MergeInputError
 from adamerge.io.manifest import HEADS, MANIFEST, TASK_BUFFERS, _json_default, versions
-from adamerge.io.safetensors import WeightReader, _contiguous, atomic_directory, parse_size, store_dtype, write_weights
+from adamerge.io.safetensors import WEIGHTS_INDEX, _contiguous, atomic_directory, parse_size, store_dtype, write_weights
 from adamerge.kinds import get_kind
 
 log = logging.getLogger(__name__)
@@ -161,33 +164,32 @@ def write_merged(
         files = write_weights(tmp, weights.entries, weights.produce, max_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        head_tensors, head_info, wrote_tasks = {}, {}, False
-        root = WeightReader(tmp)
+        head_tensors, head_info, shared = {}, {}, []
         for task, head in heads.items():
             hs = head_state(head)
             head_tensors.update({f"{task}/{k}": v for k, v in hs.items()})
             head_info[task] = {**kind.head_info(head), "params": sorted(hs)}
             task_files = kind.task_model_files(head, config) if per_task_models else None
             if task_files is not None:
-                wrote_tasks = True
-                _write_task_model(
-                    tmp / "tasks" / task,
-                    task_files,
-                    hs,
-                    weights,
-                    root.get,
-                    (task_tensors or {}).get(task, {}),
-                    max_bytes,
-                    tokenizer,
+                shared.append(
+                    _write_task_model(
+                        tmp / "tasks" / task,
+                        task_files,
+                        hs,
+                        weights,
+                        tmp,
+                        (task_tensors or {}).get(task, {}),
+                        tokenizer,
+                    )
                 )
-        del root
         save_file(_contiguous(head_tensors, target_dtype), str(tmp / HEADS), metadata={"format": "pt"})
         manifest = _write_extras(tmp, manifest, task_tensors, extra_files, extra_writer, target_dtype)
         doc = {
             **manifest,
             "task_type": kind.name,
             "heads": head_info,
-            "per_task_models": wrote_tasks,
+            "per_task_models": bool(shared),
+            **({"task_weights": max(shared, key=("symlink", "hardlink", "copy").index)} if shared else {}),
             "weights": {"dtype": dtype, "max_shard_size": str(max_shard_size), "files": files},
             "model_card": model_card,
             "versions": versions(),
@@ -225,35 +227,74 @@ class _BackboneWeights:
         return self.target_dtype if t.is_floating_point() else t.dtype
 
 
+TASK_WEIGHTS = "model-task.safetensors"
+
+
 def _write_task_model(
-    d: Path,
-    task_files,
-    hs: dict[str, Tensor],
-    weights: _BackboneWeights,
-    root: Callable[[str], Tensor],
-    own: Mapping[str, Tensor],
-    max_bytes: int,
-    tokenizer,
-) -> None:
-    """``tasks/<task>/``: a stock ``*For<Task>`` checkpoint — its config, the root's backbone tensors read back (the
-    task's own ``own`` ones in their place), and its head ``hs`` (a head holding its own pooler replaces the
-    merged one)."""
+    d: Path, task_files, hs: dict[str, Tensor], weights: _BackboneWeights, root: Path,
+    own: Mapping[str, Tensor], tokenizer,
+) -> str:  # fmt: skip
+    """``tasks/<task>/``: a stock ``*For<Task>`` checkpoint that stores only what differs from the root — its config,
+    its head ``hs`` (a head holding its own pooler replaces the merged one) and its own backbone tensors ``own``
+    (BatchNorm statistics) in ``model-task.safetensors`` — and reads every other backbone tensor from the root's
+    weights files, which it links (``model-root-*.safetensors``: symbolic links, else hard links, else copies with a
+    note). Its ``model.safetensors.index.json`` maps each tensor to its file, as a sharded ``save_pretrained`` does.
+    Returns how the root's files were shared (``symlink``, ``hardlink`` or ``copy``)."""
     head_config, prefix = task_files
     d.mkdir(parents=True)
     _set_dtype(head_config, weights.target_dtype)
     head_config.save_pretrained(str(d))
-    entries = [(f"{prefix}.{n}", s, dt) for n, s, dt in weights.entries if f"{prefix}.{n}" not in hs]
-    entries += [(k, tuple(v.shape), weights.stored(v)) for k, v in hs.items()]
-
-    def tensor(k: str) -> Tensor:
-        if k in hs:
-            return hs[k]
-        name = k[len(prefix) + 1 :]
-        return own[name] if name in own else root(name)
-
-    write_weights(d, entries, tensor, max_bytes)
+    mine = {**{f"{prefix}.{n}": v for n, v in own.items()}, **hs}
+    replaced = {k[len(prefix) + 1 :] for k in mine if k.startswith(prefix + ".")}
+    root_map = _weight_files(root)
+    linked = {name: f"model-root-{i:05d}.safetensors" for i, name in enumerate(sorted(set(root_map.values())), 1)}
+    hows = [_share(root / name, d / local) for name, local in linked.items()]
+    save_file(_contiguous(mine, weights.target_dtype), str(d / TASK_WEIGHTS), metadata={"format": "pt"})
+    weight_map = {n: linked[f] for n, f in root_map.items() if n not in replaced}
+    weight_map.update({k: TASK_WEIGHTS for k in mine})
+    sizes = _tensor_bytes([root / name for name in linked] + [d / TASK_WEIGHTS])
+    total = sum(sizes[n] for n in weight_map)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (d / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(d))
+    return max(hows, key=("symlink", "hardlink", "copy").index)
+
+
+def _weight_files(directory: Path) -> dict[str, str]:
+    """Tensor name → weights file of a checkpoint directory (its index, or the single ``model.safetensors``)."""
+    index = directory / WEIGHTS_INDEX
+    if index.is_file():
+        return json.loads(index.read_text())["weight_map"]
+    with safe_open(str(directory / "model.safetensors"), framework="pt") as h:
+        return {k: "model.safetensors" for k in h.keys()}
+
+
+def _tensor_bytes(paths: list[Path]) -> dict[str, int]:
+    """Byte size of every tensor in safetensors files, from their headers (no tensor is read)."""
+    sizes = {}
+    for path in paths:
+        with open(path, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        sizes.update({k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"})
+    return sizes
+
+
+def _share(source: Path, target: Path) -> str:
+    """Make ``target`` the file ``source`` is without a second copy where the filesystem allows: a relative symbolic
+    link (an uploaded folder carries the content; the Hub stores it once), else a hard link, else a copy."""
+    try:
+        target.symlink_to(os.path.relpath(source, target.parent))
+        return "symlink"
+    except OSError:
+        pass
+    try:
+        os.link(source, target)
+        return "hardlink"
+    except OSError:
+        shutil.copyfile(source, target)
+        log.warning("%s: the filesystem links no files; the root's weights are copied", target.parent)
+        return "copy"
 
 
 def _write_extras(
