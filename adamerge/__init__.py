@@ -38,6 +38,7 @@ _PUBLIC: dict[str, str] = {
     # methods: the registry, the base class, task-vector pre-processing
     "METHODS": "adamerge.methods",
     "get_method": "adamerge.methods",
+    "AdaMerging": "adamerge.methods",
     "MergeModule": "adamerge.methods",
     "TaskVectorPrep": "adamerge.methods",
     "register_method": "adamerge.methods",

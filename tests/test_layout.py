@@ -48,7 +48,7 @@ def test_an_upward_import_breaks_the_contract(tmp_path, module, upward):
 
 
 def test_ruff_lint_and_format_are_clean():
-    paths = ["adamerge", "tests", "benchmarks", "experiments", "scripts"]
+    paths = ["adamerge", "tests", "benchmarks", "experiments", "examples", "scripts"]
     for command in (["check", *paths], ["format", "--check", *paths]):
         res = subprocess.run([str(BIN / "ruff"), *command], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stdout[-3000:]
