@@ -2,7 +2,7 @@
 
 1. prepare four real text tasks from packages (cached in ``.cache/data``, shared with the benchmark);
 2. fine-tune a small zoo of the packaged all-MiniLM-L6-v2 (one quick fine-tune per task, cached);
-3. ``adamerge fit`` with ``configs/quickstart.yaml``: layer-wise coefficients over the tasks' TSV-M pieces and
+3. ``adamerge fit`` with ``configs/benchmark/quickstart.yaml``: layer-wise coefficients over the tasks' TSV-M pieces and
    tuned heads learned from the experts on *unlabeled* rows, progress in steps, W&B offline (per-task objective,
    coefficient heatmap), the step to export chosen without labels, the flattened checkpoint exported;
 4. score the export (loaded with stock ``transformers``) against Task Arithmetic and the individual fine-tunes on
@@ -23,7 +23,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "benchmark" / "quickstart.yaml"
 
 
 @dataclass
@@ -157,7 +157,7 @@ def run(
 
 
 def config_heads() -> dict | None:
-    """The ``model.init_args.heads`` options of ``configs/quickstart.yaml`` (None when it sets none)."""
+    """The ``model.init_args.heads`` options of ``configs/benchmark/quickstart.yaml`` (None when it sets none)."""
     import yaml
 
     return (yaml.safe_load(CONFIG.read_text())["model"].get("init_args") or {}).get("heads")

@@ -23,7 +23,7 @@ from adamerge.cli.main import main
 from tests.conftest import build_clip_zoo, build_zoo, save_lm_zoo, text_rows, tiny_llama, tiny_t5
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 SPLITS = ("train", "test", "unlabeled")
 STEPS = 2
 
@@ -140,7 +140,7 @@ def _predict_inputs(served, kind: str, base: str):
     return dict(enc)
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_every_config_runs_as_written_on_tiny_models(path, tmp_path, monkeypatch):
     from adamerge import load_merged
     from adamerge.cli.app import lightning_main

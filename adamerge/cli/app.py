@@ -1,7 +1,7 @@
 """The ``adamerge`` command.
 
-    adamerge fit --config configs/adamerging_layerwise.yaml      train coefficients (LightningCLI), export at the end
-    adamerge merge --config configs/ties.yaml                     data-free merge, same export format
+    adamerge fit --config configs/benchmark/adamerging_layerwise.yaml      train coefficients (LightningCLI), export at the end
+    adamerge merge --config configs/benchmark/ties.yaml                     data-free merge, same export format
     adamerge evaluate --checkpoint runs/merged --tasks ...        per-task accuracy / macro-F1 of an exported merge
 
 ``fit``/``validate`` are LightningCLI: every ``Trainer`` flag works (``--trainer.devices 4 --trainer.strategy ddp``).
