@@ -5,7 +5,8 @@
     python scripts/quickstart.py --steps 200     # longer adaptation
 
 Prepares four real text tasks from packages, fine-tunes a small zoo of the packaged all-MiniLM-L6-v2 (cached),
-runs `adamerge fit --config configs/benchmark/quickstart.yaml` (W&B offline), then scores the exported checkpoint — loaded with
+runs `adamerge fit --config configs/benchmark/quickstart.yaml` (W&B offline), then scores the exported checkpoint —
+loaded with
 stock transformers — against Task Arithmetic and the individual fine-tunes. See benchmarks/quickstart.py.
 """
 

@@ -138,3 +138,19 @@ def test_fit_help_shows_the_merge_settings_first_and_short():
     assert "entropy" in res.stdout and "adamerge init" in res.stdout  # what an unset objective means, in one place
     every = adamerge("fit", "--help-all")
     assert every.returncode == 0 and "--trainer.accelerator" in every.stdout
+
+
+def test_evaluate_takes_task_path_pairs_as_init_does(zoo, task_data, tmp_path):
+    """``adamerge evaluate --tasks a=PATH b=PATH``: the same scores as the JSON mapping."""
+    from adamerge.cli.main import task_pairs
+
+    args = ["--checkpoint", "x", "--tasks", "spam=a.csv", "topic=b.csv", "--batch_size", "8"]
+    assert task_pairs(args) == ["--checkpoint", "x", "--tasks", json.dumps({"spam": {"path": "a.csv"},
+                                "topic": {"path": "b.csv"}}), "--batch_size", "8"]  # fmt: skip
+    assert task_pairs(["--tasks", '{"spam": {"path": "a.csv"}}']) == ["--tasks", '{"spam": {"path": "a.csv"}}']
+    base, paths = zoo
+    pairs = adamerge("evaluate", "--checkpoint", paths["spam"], "--tasks", f"spam={task_data['spam']}")
+    mapping = adamerge("evaluate", "--checkpoint", paths["spam"], "--tasks",
+                       json.dumps({"spam": {"path": task_data["spam"]}}))  # fmt: skip
+    assert pairs.returncode == 0, pairs.stderr[-2000:]
+    assert json.loads(pairs.stdout) == json.loads(mapping.stdout) and "spam" in json.loads(pairs.stdout)

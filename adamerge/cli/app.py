@@ -1,10 +1,8 @@
-"""The ``adamerge`` command.
+"""The LightningCLI behind ``adamerge fit`` (every ``Trainer`` flag works: ``--trainer.devices 4 --trainer.strategy
+ddp``) and ``adamerge merge`` (data-free methods, the same export)::
 
-    adamerge fit --config configs/benchmark/adamerging_layerwise.yaml      train coefficients (LightningCLI), export at the end
-    adamerge merge --config configs/benchmark/ties.yaml                     data-free merge, same export format
-    adamerge evaluate --checkpoint runs/merged --tasks ...        per-task accuracy / macro-F1 of an exported merge
-
-``fit``/``validate`` are LightningCLI: every ``Trainer`` flag works (``--trainer.devices 4 --trainer.strategy ddp``).
+    adamerge fit --config configs/guided.yaml        train the coefficients, export at the end
+    adamerge merge --config configs/benchmark/ties.yaml   a data-free merge, the same export format
 """
 
 from __future__ import annotations

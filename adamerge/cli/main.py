@@ -23,7 +23,26 @@ def evaluate_main(args: list[str] | None = None):
 
     from adamerge.evaluate import evaluate_checkpoint
 
-    return CLI(evaluate_checkpoint, args=args, as_positional=False)
+    return CLI(evaluate_checkpoint, args=task_pairs(list(args or [])), as_positional=False)
+
+
+def task_pairs(args: list[str]) -> list[str]:
+    """``--tasks a=PATH b=PATH`` (as ``adamerge init`` takes them) as the mapping ``--tasks`` reads; a JSON or YAML
+    mapping passes through."""
+    if "--tasks" not in args:
+        return args
+    i = args.index("--tasks") + 1
+    j = i
+    while j < len(args) and not args[j].startswith("--"):
+        j += 1
+    values = args[i:j]
+    if not values or not all("=" in v and not v.lstrip().startswith("{") for v in values):
+        return args
+    tasks = {}
+    for v in values:
+        task, _, path = v.partition("=")
+        tasks[task] = {"path": path}
+    return [*args[:i], json.dumps(tasks), *args[j:]]
 
 
 def pick_main(args: list[str] | None = None):
