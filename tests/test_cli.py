@@ -166,7 +166,9 @@ def test_evaluate_command_reports_accuracy(zoo, task_data, tmp_path, capsys):
     assert 0.0 <= result["sentiment"]["accuracy"] <= 1.0 and result["sentiment"]["n"] == 40
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: str(p.relative_to(ROOT / "configs"))
+)
 def test_every_config_parses(path):
     cfg = parse_only(path)
     assert cfg.model.class_path.startswith("adamerge.methods.")

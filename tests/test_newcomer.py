@@ -202,7 +202,7 @@ def test_evaluate_errors_and_defaults_from_the_manifest(zoo, task_data, tmp_path
     from adamerge.evaluate import evaluate_checkpoint
 
     tasks = {t: {"path": p} for t, p in task_data.items()}
-    with pytest.raises(MergeInputError, match=r"checkpoint .*nowhere does not exist"):
+    with pytest.raises(MergeInputError, match=r"checkpoint: .*nowhere does not exist"):
         evaluate_checkpoint(str(tmp_path / "nowhere"), tasks)
     (tmp_path / "empty").mkdir()
     with pytest.raises(MergeInputError, match=r"is not a model directory: config.json is missing"):

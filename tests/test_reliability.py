@@ -275,7 +275,7 @@ def test_wrong_config_type_is_rejected_before_loading(tmp_path, capsys):
 
 
 def test_existing_output_dir_refused_and_interrupted_export_leaves_nothing(zoo, tmp_path, monkeypatch):
-    from adamerge.io import safetensors as export_mod
+    from adamerge.checkpoint import writer as writer_mod
     from adamerge.methods import TaskArithmetic
 
     base, paths = zoo
@@ -288,15 +288,15 @@ def test_existing_output_dir_refused_and_interrupted_export_leaves_nothing(zoo, 
     assert (target / "keep.txt").read_text() == "user data"
 
     calls = {"n": 0}
-    real = export_mod.write_safetensors
+    real = writer_mod.save_file
 
-    def dying_save(*a, **k):  # the weights writer: the root model, then one call per task model
+    def dying_save(*a, **k):  # the files besides the root's weights: one per task model, then the heads
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 2:
             raise KeyboardInterrupt("simulated interrupt mid-export")
         return real(*a, **k)
 
-    monkeypatch.setattr(export_mod, "write_safetensors", dying_save)
+    monkeypatch.setattr(writer_mod, "save_file", dying_save)
     fresh = tmp_path / "fresh"
     with pytest.raises(KeyboardInterrupt):
         module.export(fresh)
@@ -306,7 +306,7 @@ def test_existing_output_dir_refused_and_interrupted_export_leaves_nothing(zoo, 
         module.export(target, overwrite=True)
     assert (target / "keep.txt").read_text() == "user data"  # the old directory is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary leftovers
-    monkeypatch.setattr(export_mod, "write_safetensors", real)
+    monkeypatch.setattr(writer_mod, "save_file", real)
     module.export(target, overwrite=True)
     assert not (target / "keep.txt").exists() and (target / "merge_manifest.json").is_file()
 

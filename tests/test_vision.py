@@ -1260,7 +1260,7 @@ def test_clip_paper_configs_name_the_same_tasks_everywhere():
 
     from adamerge.kinds.clip import TEMPLATES
 
-    paths = sorted((Path(__file__).parents[1] / "configs").glob("clip_vit_b32_*.yaml"))
+    paths = sorted((Path(__file__).parents[1] / "configs" / "papers").glob("clip_vit_b32_*.yaml"))
     assert len(paths) >= 10
     for p in paths:
         doc = yaml.safe_load(p.read_text())

@@ -161,7 +161,10 @@ def write_merged(
         tokenizer = _load_preprocessor(kind, tokenizer_source)
     with atomic_directory(output_dir, overwrite=overwrite) as tmp:
         config.save_pretrained(str(tmp))
-        files = write_weights(tmp, weights.entries, weights.produce, max_bytes)
+        # the backbone tensors a task's own checkpoint holds values of its own for (a head's pooler, per-task BatchNorm
+        # statistics) sit in root shards of their own, which that task's checkpoint does not link
+        apart = _task_owned(heads, kind, config, task_tensors) if per_task_models else set()
+        files = write_weights(tmp, weights.entries, weights.produce, max_bytes, apart=apart)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         head_tensors, head_info, shared = {}, {}, []
@@ -251,6 +254,11 @@ def _write_task_model(
     hows = [_share(root / name, d / local) for name, local in linked.items()]
     save_file(_contiguous(mine, weights.target_dtype), str(d / TASK_WEIGHTS), metadata={"format": "pt"})
     weight_map = {n: linked[f] for n, f in root_map.items() if n not in replaced}
+    unlinked = {linked[f] for n, f in root_map.items() if n in replaced}
+    if unlinked & set(weight_map.values()):  # a shared file would carry the root's values of the task's own tensors
+        raise RuntimeError(f"{d}: root shards {sorted(unlinked)} mix tensors the task replaces with shared ones")
+    for local in unlinked:
+        (d / local).unlink()
     weight_map.update({k: TASK_WEIGHTS for k in mine})
     sizes = _tensor_bytes([root / name for name in linked] + [d / TASK_WEIGHTS])
     total = sum(sizes[n] for n in weight_map)
@@ -259,6 +267,18 @@ def _write_task_model(
     if tokenizer is not None:
         tokenizer.save_pretrained(str(d))
     return max(hows, key=("symlink", "hardlink", "copy").index)
+
+
+def _task_owned(heads: Mapping[str, torch.nn.Module], kind, config, task_tensors) -> set[str]:
+    """Root tensor names some task's checkpoint holds a value of its own for: a head's own backbone modules (its
+    pooler, ``heads: {pooler: true}``) and per-task tensors (BatchNorm statistics)."""
+    names = {n for own in (task_tensors or {}).values() for n in own}
+    for head in heads.values():
+        files = kind.task_model_files(head, config)
+        if files is not None:
+            prefix = files[1] + "."
+            names |= {k[len(prefix) :] for k in head_state(head) if k.startswith(prefix)}
+    return names
 
 
 def _weight_files(directory: Path) -> dict[str, str]:

@@ -176,11 +176,17 @@ def write_weights(
     entries: list[tuple[str, tuple[int, ...], torch.dtype]],
     produce: Callable[[str], Tensor],
     max_shard_size: int | str = "5GB",
+    apart: set[str] | frozenset[str] = frozenset(),
 ) -> list[str]:
     """``model.safetensors``, or — when the tensors exceed ``max_shard_size`` — ``model-0000k-of-0000n.safetensors``
     plus ``model.safetensors.index.json``, the layout ``transformers.from_pretrained`` reads. Streams (see
-    :func:`write_safetensors`). Returns the file names written."""
-    shards = plan_shards(entries, parse_size(max_shard_size))
+    :func:`write_safetensors`). ``apart``: tensors kept in shards of their own, after the others (a checkpoint that
+    links this one's files and holds its own values of them links every shard but those). Returns the file names
+    written."""
+    rest = [e for e in entries if e[0] not in apart]
+    shards = plan_shards(rest, parse_size(max_shard_size))
+    if len(rest) < len(entries):
+        shards += plan_shards([e for e in entries if e[0] in apart], parse_size(max_shard_size))
     if len(shards) == 1:
         write_safetensors(directory / "model.safetensors", shards[0], produce)
         return ["model.safetensors"]
