@@ -108,3 +108,30 @@ def test_evaluate_scores_a_surgery_export_with_its_adapters(zoo, merged_dir, dm,
             logits = predictor(task)[0](rows)
             torch.testing.assert_close(logits, surgery.predict(task, rows), atol=1e-5, rtol=1e-5)
             assert (logits - load_merged(merged_dir).predict(task, **rows)).abs().max() > 1e-3
+
+
+def test_an_export_written_before_extensions_were_recorded_is_served_with_its_adapters(zoo, tmp_path):
+    """Exports of earlier releases name no `extensions`: their Surgery entry still brings the adapters back."""
+    import json
+
+    import torch
+
+    from adamerge import load_merged
+    from adamerge.methods import Surgery, TaskArithmetic
+
+    base, paths = zoo
+    merged = TaskArithmetic(base, paths).export(tmp_path / "ta", per_task_models=False)
+    surgery = Surgery(base, paths, merged=str(merged), rank=4)
+    with torch.no_grad():
+        for adapter in surgery.adapters.values():
+            adapter.up.weight.normal_(0, 0.5)
+    out = surgery.export(tmp_path / "s", model_card=False)
+    manifest_path = out / "merge_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    want = load_merged(out)
+    del manifest["extensions"]
+    manifest_path.write_text(json.dumps(manifest))
+    got = load_merged(out)
+    assert len(got.hooks) == 1 and set(got.hooks[0].adapters) == set(paths)
+    x = {"input_ids": torch.tensor([[2, 5, 6, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    torch.testing.assert_close(got.predict("spam", **x), want.predict("spam", **x))

@@ -66,8 +66,11 @@ def register_extension(extension: ExportExtension) -> ExportExtension:
 def extensions_of(manifest: Mapping[str, Any]) -> list[ExportExtension]:
     """The extensions an export's manifest names, in its order; an unregistered one from adamerge's own modules is
     imported, any other is refused (importing a module named in a file would run code the user did not choose)."""
+    if "extensions" not in manifest:  # written before exports recorded their extensions: adamerge's own, by key
+        importlib.import_module("adamerge.parametrize")
+        return [ext for key, ext in EXTENSIONS.items() if key in manifest and ext.module.startswith("adamerge.")]
     out = []
-    for key, module in (manifest.get("extensions") or {}).items():
+    for key, module in manifest["extensions"].items():
         if key not in EXTENSIONS and str(module).startswith("adamerge."):
             importlib.import_module(module)
         if key not in EXTENSIONS:
