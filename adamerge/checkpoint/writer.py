@@ -250,17 +250,15 @@ def _write_task_model(
     mine = {**{f"{prefix}.{n}": v for n, v in own.items()}, **hs}
     replaced = {k[len(prefix) + 1 :] for k in mine if k.startswith(prefix + ".")}
     root_map = _weight_files(root)
-    linked = {name: f"model-root-{i:05d}.safetensors" for i, name in enumerate(sorted(set(root_map.values())), 1)}
-    hows = [_share(root / name, d / local) for name, local in linked.items()]
+    local = {name: f"model-root-{i:05d}.safetensors" for i, name in enumerate(sorted(set(root_map.values())), 1)}
+    shared = {f for n, f in root_map.items() if n not in replaced}
+    if shared & {f for n, f in root_map.items() if n in replaced}:  # would carry the root's values of the task's own
+        raise RuntimeError(f"{d}: root shards mix tensors the task replaces with shared ones")
+    hows = [_share(root / name, d / local[name]) for name in sorted(shared)]  # only the shards the task reads
     save_file(_contiguous(mine, weights.target_dtype), str(d / TASK_WEIGHTS), metadata={"format": "pt"})
-    weight_map = {n: linked[f] for n, f in root_map.items() if n not in replaced}
-    unlinked = {linked[f] for n, f in root_map.items() if n in replaced}
-    if unlinked & set(weight_map.values()):  # a shared file would carry the root's values of the task's own tensors
-        raise RuntimeError(f"{d}: root shards {sorted(unlinked)} mix tensors the task replaces with shared ones")
-    for local in unlinked:
-        (d / local).unlink()
+    weight_map = {n: local[f] for n, f in root_map.items() if n not in replaced}
     weight_map.update({k: TASK_WEIGHTS for k in mine})
-    sizes = _tensor_bytes([root / name for name in linked] + [d / TASK_WEIGHTS])
+    sizes = _tensor_bytes([root / name for name in sorted(shared)] + [d / TASK_WEIGHTS])
     total = sum(sizes[n] for n in weight_map)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (d / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")

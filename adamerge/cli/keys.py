@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from adamerge.cli.moved import check_moved
 from adamerge.errors import MergeInputError
 
 FIT_TOP = (
@@ -113,7 +114,8 @@ def check_tasks(tasks: Any, where: str) -> None:
 
 
 def check_config_files(subcommand: str, argv: list[str]) -> None:
-    """Every ``--config FILE`` of ``argv``: it must exist and pass :func:`check_config`."""
+    """Every ``--config FILE`` of ``argv``: it must exist, name no setting that moved (:mod:`adamerge.cli.moved`) and
+    pass :func:`check_config`; a flag that moved is refused too."""
     import yaml
 
     for i, arg in enumerate(argv):
@@ -125,4 +127,7 @@ def check_config_files(subcommand: str, argv: list[str]) -> None:
                 config = yaml.safe_load(Path(path).read_text())
             except yaml.YAMLError as e:
                 raise MergeInputError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from e
+            check_moved(config, path)  # a setting of an earlier release first: say where it lives now
             check_config(config, path, subcommand)
+        elif arg.startswith("--batchnorm_statistics"):
+            raise MergeInputError("--batchnorm_statistics moved to --model.batchnorm_statistics")

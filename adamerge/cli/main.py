@@ -11,9 +11,8 @@ from pathlib import Path
 
 from adamerge.cli.app import lightning_main, merge_main, quiet_libraries
 from adamerge.cli.guide import COMMANDS, fit_help, top_help, unknown_command
-from adamerge.cli.init import init_main
+from adamerge.cli.init import init_main, pairs
 from adamerge.cli.keys import check_config_files
-from adamerge.cli.moved import check_moved_args
 from adamerge.cli.sweep import sweep_main
 
 
@@ -38,10 +37,7 @@ def task_pairs(args: list[str]) -> list[str]:
     values = args[i:j]
     if not values or not all("=" in v and not v.lstrip().startswith("{") for v in values):
         return args
-    tasks = {}
-    for v in values:
-        task, _, path = v.partition("=")
-        tasks[task] = {"path": path}
+    tasks = {task: {"path": path} for task, path in pairs(values, "--tasks").items()}
     return [*args[:i], json.dumps(tasks), *args[j:]]
 
 
@@ -120,7 +116,6 @@ def main(argv: list[str] | None = None) -> None:
             print(fit_help())
             return
         if command in ("fit", "merge") and "--help-all" not in rest:
-            check_moved_args(rest)
             check_config_files(command, rest)
         rest = ["--help" if a == "--help-all" else a for a in rest]
         if command == "merge":

@@ -54,18 +54,3 @@ def check_moved(config: Mapping[str, Any], where: str) -> None:
         path = str(cb.get("class_path", "")) if isinstance(cb, Mapping) else ""
         if path.startswith("adamerge.callbacks."):
             raise MergeInputError(f"{where}: {path} moved to adamerge.training.{path.rsplit('.', 1)[1]}")
-
-
-def check_moved_args(argv: list[str]) -> None:
-    """The same for command-line flags and the config files they name (``--config FILE``)."""
-    import yaml
-
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            try:
-                with open(argv[i + 1]) as f:
-                    check_moved(yaml.safe_load(f), argv[i + 1])
-            except (OSError, yaml.YAMLError):
-                continue  # a missing or unreadable file is the parser's to report
-        elif arg.startswith("--batchnorm_statistics"):
-            raise MergeInputError("--batchnorm_statistics moved to --model.batchnorm_statistics")
