@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the repo root first
 
 from adamerge import MergeInputError, parse_grid, quiet_libraries  # noqa: E402
-from benchmarks.run import METHOD_GRID, PRESETS, check_overrides, regrid, results_dir, run  # noqa: E402
+from benchmarks.run import METHOD_GRID, PRESETS, check_overrides, provenance, regrid, results_dir, run  # noqa: E402
 
 
 def main() -> None:
@@ -35,6 +35,13 @@ def main() -> None:
         help="re-run only these rows of the grid (others are kept from an earlier run); none: only the reference rows",
     )
     p.add_argument("--no-lora", action="store_true", help="skip (keep) the LoRA section")
+    p.add_argument(
+        "--lora-methods",
+        nargs="+",
+        choices=sorted(METHOD_GRID),
+        metavar="KEY",
+        help="the LoRA section's rows (default: the preset's)",
+    )
     p.add_argument("--no-pairs", action="store_true", help="skip (keep) the two-task table")
     p.add_argument("--fresh", action="store_true", help="start a new table instead of updating an earlier one")
     p.add_argument("--steps", type=int, help="override the preset's adaptation steps")
@@ -111,6 +118,8 @@ def main() -> None:
         batchnorm_statistics=args.batchnorm_statistics,
         grid=grid,
         extend=args.extend,
+        lora_methods=args.lora_methods,
+        provenance=provenance(sys.argv[1:]),
     )
     target = results_dir(
         args.out,

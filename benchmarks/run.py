@@ -602,9 +602,22 @@ def pretrained_recalibrated_row(
 
 
 def run_lora(
-    preset: Preset, base: str, data_dir: Path, zoo: Path, evaluator: Evaluator, ckpt_dir: Path, seed: int
+    preset: Preset,
+    base: str,
+    data_dir: Path,
+    zoo: Path,
+    evaluator: Evaluator,
+    ckpt_dir: Path,
+    seed: int,
+    heads: dict | None = None,
+    methods: list[str] | None = None,
+    transductive: bool = True,
+    rows: dict | None = None,
+    saved=lambda: None,
 ) -> dict:
-    """The LoRA section: a PEFT LoRA zoo of the preset's tasks and merges of the adapters (kept low-rank)."""
+    """The LoRA section: a PEFT LoRA zoo of the preset's tasks and merges of the adapters (kept low-rank).
+    ``methods``: its rows (``None``: the preset's ``lora_methods``); ``heads``: as the main table's. Rows are
+    added to ``rows`` (returned), ``saved()`` called after each one (a row finished is a row kept)."""
     paths = {
         t: str(
             finetune(
@@ -619,15 +632,50 @@ def run_lora(
         )
         for t in preset.tasks
     }
-    ref = METHODS["task_arithmetic"](base, paths)
-    rows = {"individual": individual_rows(ref, evaluator, preset.tasks)["individual"]}
+    ref = METHODS["task_arithmetic"](base, paths, heads=heads)
+    rows = {} if rows is None else rows
+    rows.update(individual_rows(ref, evaluator, preset.tasks))
     rows["individual"]["label"] = f"Individual LoRA adapters (r={preset.lora_rank})"
+    rows["pretrained"]["label"] += " (LoRA heads)"
     del ref
-    runner = Runner(preset, base, paths, data_dir, ckpt_dir, evaluator, seed)
-    for key in preset.lora_methods:
+    saved()
+    runner = Runner(preset, base, paths, data_dir, ckpt_dir, evaluator, seed, transductive, heads)
+    for key in preset.lora_methods if methods is None else methods:
         rows[key] = runner.row(key)
         rows[key]["label"] = f"{METHOD_GRID[key].label} over LoRA adapters"
+        saved()
     return rows
+
+
+def result_lora_rows(preset: Preset, lora: bool, methods: list[str] | None) -> list[str]:
+    """The LoRA rows a call runs (none when it skips the section)."""
+    if not (preset.lora_rank and lora):
+        return []
+    return list(preset.lora_methods if methods is None else methods)
+
+
+def provenance(argv: list[str], script: str = "benchmarks/benchmark.py") -> dict:
+    """What a results file records of the call that wrote it: the command, the code's commit (``+dirty`` when
+    tracked files differ from it) and the date (UTC)."""
+    import shlex
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    commit = git("rev-parse", "--short=7", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    return {
+        "command": shlex.join(["python", script, *argv]),
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+    }
 
 
 def results_dir(
@@ -669,6 +717,8 @@ def run(
     grid: dict[str, list] | None = None,
     extend: int | None = None,
     samples_per_task: int | None = None,
+    lora_methods: list[str] | None = None,
+    provenance: dict | None = None,
 ) -> dict:
     """Build everything the preset needs (skipping what exists) and write ``out/<preset>/results.{json,md}``
     (``out/<preset>-frozen-head/`` for the frozen-head zoo).
@@ -737,7 +787,7 @@ def run(
     runner = Runner(
         preset, base, paths, data_dir, target / "checkpoints", evaluator, seed, transductive, heads, grid_rows
     )
-    if zoo_protocol != "own" or head_pooler:
+    if zoo_protocol != "own":
         lora = False
 
     previous = target / "results.json"
@@ -766,6 +816,9 @@ def run(
         f"torch {torch.__version__}, "
         f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}",
     }
+    if provenance is not None:  # which calls made this table: each one's command, commit, date and rows
+        call = dict(provenance, rows=list(methods), lora_rows=list(result_lora_rows(preset, lora, lora_methods)))
+        result["runs"] = [*old.get("runs", []), call]
     if grid or extend is not None:  # how this call's rows were re-swept (the labels say it too)
         result["sweep_override"] = {
             "grid": grid,
@@ -782,7 +835,21 @@ def run(
     elif "pairs" in old:
         result["pairs"] = old["pairs"]
     if preset.lora_rank and lora:
-        result["lora"] = run_lora(preset, base, data_dir, zoo, evaluator, target / "checkpoints-lora", seed)
+        result["lora"] = {}
+        run_lora(
+            preset,
+            base,
+            data_dir,
+            zoo,
+            evaluator,
+            target / "checkpoints-lora",
+            seed,
+            heads,
+            lora_methods,
+            transductive,
+            result["lora"],
+            lambda: _save(result, target, t0),
+        )
     elif "lora" in old:
         result["lora"] = old["lora"]
     _save(result, target, t0)

@@ -114,12 +114,31 @@ def test_lora_merge_exports_full_model_and_peft_adapters(adapters, batch, tmp_pa
     assert manifest["extra"] == ["adapters/sentiment", "adapters/topic"]
 
 
-def test_prep_on_lora_is_a_clear_error(adapters):
-    from adamerge.errors import MergeInputError
-    from adamerge.methods import Ties
+@pytest.mark.parametrize(
+    "method, kwargs",
+    [
+        ("Ties", {"prep": {"ties_density": 0.2, "ties_scope": "tensor"}, "scale": 1.0}),
+        ("TSVM", {"scale": 1.0}),
+    ],
+)
+def test_dense_methods_on_lora_equal_the_same_merge_of_peft_merged_models(adapters, batch, tmp_path, method, kwargs):
+    """TIES and TSV-M need dense task vectors: over adapters they merge the products B A, exactly as over the full
+    models that peft's merge_and_unload makes of the same adapters (saved and loaded as plain fine-tunes)."""
+    import adamerge.methods as methods
 
-    with pytest.raises(MergeInputError, match="DARE/TIES/subspace/sparse_storage need dense task vectors"):
-        Ties(*adapters)
+    base, paths = adapters
+    full = {}
+    for task, n in TASKS.items():
+        full[task] = str(tmp_path / task)
+        peft_merged(base, paths[task], n).save_pretrained(full[task])
+    cls = getattr(methods, method)
+    from_adapters, from_full = cls(base, paths, **kwargs).merged, cls(base, full, **kwargs).merged
+    assert not from_adapters.low_rank_names and from_adapters.task_vectors()  # stored dense
+    with torch.no_grad():
+        got = from_adapters(batch["inputs"], batch["tasks"], batch["sizes"])
+        expected = from_full(batch["inputs"], batch["tasks"], batch["sizes"])
+    for task in TASKS:
+        assert (got[task] - expected[task]).abs().max() < 1e-5, task
 
 
 def test_recompute_merges_low_rank_layers_to_the_same_gradient(adapters, batch):

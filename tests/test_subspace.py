@@ -69,6 +69,19 @@ def test_tsv_of_tasks_in_orthogonal_subspaces_is_task_arithmetic():
     assert torch.allclose(tsv_pieces(tvs), tvs, atol=1e-5)  # each piece is its own task vector
 
 
+def test_tsv_of_low_rank_task_vectors_ignores_directions_at_numerical_zero():
+    """A rank-2 task vector beside one that leaves the matrix unchanged (a LoRA adapter that does not target it):
+    TSV-M keeps the first exactly (its top-k truncation is itself, already orthonormal), whatever noise at 1e-9
+    the second carries; without dropping those directions they rotate the first's."""
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(12, 2, generator=g) @ torch.randn(2, 10, generator=g)
+    for noise in (0.0, 1e-9):
+        zero = noise * torch.randn(12, 10, generator=g)
+        pieces = tsv_pieces(torch.stack([low, zero]))
+        torch.testing.assert_close(pieces[0], low, atol=1e-5, rtol=1e-5)
+        assert pieces[1].abs().max() < 1e-6
+
+
 @pytest.mark.parametrize("shape", [(3, 12, 9), (4, 8, 16)])
 def test_iso_c_pieces_sum_to_the_reference(shape):
     tv = random_stack(*shape, seed=3)

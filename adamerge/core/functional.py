@@ -523,7 +523,10 @@ def tsv_pieces(tv: Tensor) -> Tensor:
     ``U = [U_1,k … U_T,k]`` and ``Vᵀ = [V_1,kᵀ; …; V_T,kᵀ]`` are replaced by their closest orthonormal matrices
     ``U⊥``, ``V⊥ᵀ`` (decorrelating the tasks' subspaces), and ``Δ = U⊥ diag(S_1,k … S_T,k) V⊥ᵀ``. Piece ``t`` is
     task ``t``'s block of that product. A matrix with fewer singular values than tasks (``k = 0``) takes the mean
-    of the task vectors. Computed in float32; returned in ``tv``'s dtype.
+    of the task vectors. Singular triplets at numerical zero (``s ≤ max s · max(m, n) · eps``: a low-rank task
+    vector such as a LoRA adapter's, or a task that leaves the matrix unchanged) are dropped before the
+    orthonormalisation: their directions are arbitrary and would otherwise rotate the other tasks' kept ones; full
+    fine-tunes keep all ``k``. Computed in float32; returned in ``tv``'s dtype.
     """
     T, m, n = tv.shape
     k = min(m, n) // T
@@ -535,10 +538,19 @@ def tsv_pieces(tv: Tensor) -> Tensor:
         us.append(u[:, :k])
         ss.append(s[:k])
         vhs.append(vh[:k])
+    top = max(float(s[0]) if s.numel() else 0.0 for s in ss)
+    if top == 0.0:
+        return torch.zeros_like(tv)
+    tol = top * max(m, n) * torch.finfo(torch.float32).eps
+    keep = [s > tol for s in ss]
+    us = [u[:, kept] for u, kept in zip(us, keep, strict=True)]
+    vhs = [vh[kept] for vh, kept in zip(vhs, keep, strict=True)]
+    ss = [s[kept] for s, kept in zip(ss, keep, strict=True)]
     u_perp = _closest_orthonormal(torch.cat(us, dim=1))
     vh_perp = _closest_orthonormal(torch.cat(vhs, dim=0))  # orthonormal rows
+    ends = torch.tensor([0, *(len(s) for s in ss)]).cumsum(0).tolist()
     out = torch.stack(
-        [u_perp[:, t * k : (t + 1) * k] @ (ss[t][:, None] * vh_perp[t * k : (t + 1) * k]) for t in range(T)]
+        [u_perp[:, a:b] @ (s[:, None] * vh_perp[a:b]) for a, b, s in zip(ends[:-1], ends[1:], ss, strict=True)]
     )
     return out.to(tv.dtype)
 

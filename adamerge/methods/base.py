@@ -77,6 +77,7 @@ class MergeModule(pl.LightningModule):
     extension: ExportExtension | None = None  # what the method's export adds beyond weights and heads, and serves
     loss_fn: Objective | None = None  # the unlabeled objective of trained methods
     tunes_heads: bool = False  # trains each task's head too (the experts keep the original heads)
+    dense_task_vectors: bool = False  # works on dense task vectors: LoRA adapters' are stored as products B A
     needs_data: bool = False  # a data-free method that chooses among candidates on unlabeled rows (use_data)
     EXPERT_NEEDS = frozenset({"expert_logits", "expert_features"})  # what :meth:`step_outputs` runs the experts for
 
@@ -105,13 +106,8 @@ class MergeModule(pl.LightningModule):
             trust_remote_code=trust_remote_code,
             task_type=task_type,
             heads=heads,
+            dense_lora=self.prep.changes_vectors or self.prep.sparse_storage or self.dense_task_vectors,
         )
-        if pool.low_rank and (self.prep.changes_vectors or self.prep.sparse_storage):
-            raise MergeInputError(
-                "prep: DARE/TIES/subspace/sparse_storage need dense task vectors; the LoRA "
-                f"adapters' tensors {next(iter(pool.low_rank))!r}, ... are low-rank (merge full "
-                "fine-tunes instead)"
-            )
         own_vectors = pool.task_vectors
         pool.task_vectors = self.prep.apply(pool.task_vectors)
         self.base_source = base

@@ -52,6 +52,7 @@ class WEMoE(MergeModule):
 
     method = "wemoe"
     per_task_models_supported = False
+    dense_task_vectors = True  # routes dense task vectors (LoRA adapters' stored as products B A)
     extension = WEMOE_EXPORT  # routers: exported, carded and served by adamerge.parametrize.routing
 
     def __init__(
@@ -99,8 +100,8 @@ class WEMoE(MergeModule):
 
     def post_init(self, pool: TaskVectorPool) -> None:
         names, _ = self._routed_tensors(pool)
-        if pool.low_rank or self.prep.sparse_storage:
-            raise MergeInputError("wemoe routes dense task vectors: merge full fine-tunes without sparse_storage")
+        if self.prep.sparse_storage:
+            raise MergeInputError("wemoe routes dense task vectors: prep.sparse_storage is not supported")
         modules = dict(self.merged.backbone.named_modules())
         tvs = {
             n: (

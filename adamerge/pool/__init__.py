@@ -92,6 +92,7 @@ def load_pool(
     dtype: torch.dtype = torch.float32,
     task_type: str = "seq_cls",
     heads: dict | None = None,
+    dense_lora: bool = False,
 ) -> TaskVectorPool:
     """Load ``base`` and each fine-tune in ``models`` (task name → source) into a :class:`TaskVectorPool`.
 
@@ -105,6 +106,8 @@ def load_pool(
         task_type: the model kind (:mod:`adamerge.kinds`): ``seq_cls``, ``causal_lm``, ``seq2seq_lm``, ``image_cls``,
             ``clip``.
         heads: per-task head options of kinds that build heads from the base (``clip``: class names, templates).
+        dense_lora: store LoRA adapters' task vectors as dense products ``B A`` instead of their factors (what
+            TIES, TSV-M, Iso-C, DARE and WEMoE work on; PEFT adapters cannot then be exported).
     """
     if not models:
         raise MergeInputError("models: at least one fine-tuned model is required")
@@ -113,6 +116,7 @@ def load_pool(
     for task, source in models.items():
         check_source(source, f"fine-tune {task!r}")
     builder = _PoolBuilder(kind, base, models, tv_dtype, trust_remote_code, dtype, heads)
+    builder.dense_lora = dense_lora
     for i, (task, source) in enumerate(models.items()):
         if is_lora_adapter(source):
             builder.add_adapter(i, task, source)
@@ -162,6 +166,7 @@ class _PoolBuilder:
         self.tv_dtype = tv_dtype or dtype
         self.dense: dict[str, Tensor] = {}  # written straight into [T, ...] stacks: no per-task copies to stack
         self.factors: dict[str, dict[int, tuple[Tensor, Tensor]]] = {}
+        self.dense_lora = False  # LoRA factors stored as dense products (load_pool's dense_lora)
         self.task_heads: dict[str, nn.Module] = dict(self.built_heads or {})
         self.keep_pooler = kind.keeps_pooler(heads)
         self.poolers: dict[str, dict[str, Tensor]] = {}  # heads: {pooler: true}: each fine-tune's pooler, exactly
@@ -289,7 +294,11 @@ class _PoolBuilder:
                 for u, rs in rows.items():
                     self.base_state[n][u] = torch.stack(rs).to(self.base_state[n].dtype).mean(0)
         T, dense, low_rank = len(self.models), self.dense, {}
+        if self.dense_lora and self.factors:
+            log.info("LoRA adapters: task vectors stored as dense products B A (the method works on dense ones)")
         for n, per_task in self.factors.items():
+            if self.dense_lora and n not in dense:
+                dense[n] = torch.zeros(T, *self.base_state[n].shape, dtype=self.tv_dtype)
             if n in dense:  # full fine-tunes (or saved modules) touch it too: store dense
                 for t, (B, A) in per_task.items():
                     dense[n][t] += (B.float() @ A.float()).to(self.tv_dtype)
