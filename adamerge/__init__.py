@@ -52,6 +52,7 @@ _PUBLIC: dict[str, str] = {
     "input_builder": "adamerge.io.datasets",
     # training callbacks
     "SelectStep": "adamerge.training",
+    "SelectionEarlyStopping": "adamerge.training",
     "LRSchedule": "adamerge.training",
     "StepProgress": "adamerge.training",
     "ExportOnFitEnd": "adamerge.training",

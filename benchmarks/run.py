@@ -24,6 +24,7 @@ from adamerge import (
     METHODS,
     LRSchedule,
     MergeModule,
+    SelectionEarlyStopping,
     SelectStep,
     StepProgress,
     TaskData,
@@ -57,8 +58,11 @@ class Row:
     # the next value on the grid's own spacing, at most this many more times (``adamerge sweep --extend``'s rule)
     extend: int = 0
     schedule: dict | None = None  # the learning-rate schedule of training (LRSchedule's arguments; None: constant)
+    early_stop: dict | None = None  # SelectionEarlyStopping's arguments (with ``select``): stop on its plateau
 
 
+# what a row's results keep of its label-free selection (SelectStep.result, plus where early stopping stopped)
+SELECTION_FIELDS = ("criterion", "selected_step", "score", "history", "per_task", "stopped_step", "final_step")
 GRID_FILE = Path(__file__).with_name("grid.yaml")
 
 
@@ -254,10 +258,12 @@ def adapt(
     steps: int,
     select: str | None = None,
     schedule: dict | None = None,
+    early_stop: dict | None = None,
 ) -> dict | None:
     """Train a method's coefficients/masks on ``split`` of every task (no-op for data-free methods); ``select``: pick
     the exported step by this label-free criterion on ``preset.holdout`` held-back rows of the same split;
-    ``schedule``: the learning rate's over the steps (:class:`LRSchedule`'s arguments; None: constant). A
+    ``schedule``: the learning rate's over the steps (:class:`LRSchedule`'s arguments; None: constant);
+    ``early_stop``: stop once the selection criterion plateaus (:class:`SelectionEarlyStopping`'s arguments). A
     backbone with BatchNorm layers then gets its statistics re-estimated under the merge on the first
     ``preset.bn_batches`` steps of the same rows (every method alike, data-free ones included), one set for every
     task or each task's own (the module's ``batchnorm_statistics``, built from the preset's). Returns the label-free
@@ -279,6 +285,8 @@ def adapt(
         callbacks = [StepProgress(refresh_every=max(1, steps // 20))]
         selection = SelectStep(preset.select_every, select) if select else None
         callbacks += [selection] if selection else []
+        stopper = SelectionEarlyStopping(**early_stop) if early_stop else None
+        callbacks += [stopper] if stopper else []
         callbacks += [LRSchedule(**schedule)] if schedule else []
         trainer = pl.Trainer(
             max_steps=steps,
@@ -294,7 +302,9 @@ def adapt(
         trainer.fit(module, datamodule=dm)
     if preset.bn_batches and module.has_batchnorm():
         module.recalibrate_batchnorm(dm.first_steps(preset.bn_batches))
-    return selection.result if selection else None
+    if selection is None:
+        return None
+    return {**selection.result, **({"stopped_step": stopper.stopped_step} if stopper else {})}
 
 
 def check_sweep(row: Row) -> None:
@@ -447,6 +457,7 @@ class Runner:
                 steps_for(row, self.preset),
                 row.select,
                 schedule=row.schedule,
+                early_stop=row.early_stop,
             )
             return Built(module, selection)
 
@@ -510,11 +521,7 @@ class Runner:
                 out["coefficients"] = matrix.mean(dim=1).tolist()
                 out["coefficient_blocks"] = coefficient_blocks(module, matrix)
             if built.selection:
-                out[f"{protocol}_selection"] = {
-                    k: built.selection[k]
-                    for k in ("criterion", "selected_step", "score", "history", "per_task")
-                    if k in built.selection
-                }
+                out[f"{protocol}_selection"] = {k: built.selection[k] for k in SELECTION_FIELDS if k in built.selection}
             if built.sweep:
                 out[f"{protocol}_sweep"] = built.sweep
                 if row.extend:

@@ -119,10 +119,10 @@ def _labelled_copy(task_data, tmp_path, seed):
     return out
 
 
-def _fit_selected(zoo, data, criterion="agreement", steps=6):
+def _fit_selected(zoo, data, criterion="agreement", steps=6, early=None, lr=0.2):
     import pytorch_lightning as pl
 
-    from adamerge.training.callbacks import SelectStep
+    from adamerge.training.callbacks import SelectionEarlyStopping, SelectStep
 
     class Record(pl.Callback):
         def __init__(self):
@@ -139,8 +139,9 @@ def _fit_selected(zoo, data, criterion="agreement", steps=6):
         def on_train_batch_end(self, trainer, module, *args):
             self.coefficients[trainer.global_step] = module.merged.coefficients.weight.detach().clone()
 
-    module = AdaMerging(*zoo, granularity="layer", lr=0.2)
+    module = AdaMerging(*zoo, granularity="layer", lr=lr)
     record, select = Record(), SelectStep(every_n_steps=1, criterion=criterion)
+    stopper = [SelectionEarlyStopping(patience=early)] if early else []
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(
         max_steps=steps,
@@ -149,11 +150,64 @@ def _fit_selected(zoo, data, criterion="agreement", steps=6):
         enable_progress_bar=False,
         enable_model_summary=False,
         accelerator="cpu",
-        callbacks=[record, select],
+        callbacks=[record, select, *stopper],
     )
     dm = datamodule(zoo, data, holdout=8)
     trainer.fit(module, datamodule=dm)
     return module, record, dm, select
+
+
+def _stop_by_hand(history, patience):
+    """The step at which training stops: the first scoring (from step 1; step 0 is scored before training) after
+    which the best score has not risen for ``patience`` scorings; None if it never does."""
+    best, wait = float("-inf"), 0
+    for step, value in history[1:]:
+        if value > best:
+            best, wait = value, 0
+        else:
+            wait += 1
+            if wait >= patience:
+                return step
+    return None
+
+
+def test_early_stopping_on_a_flat_criterion_stops_after_patience_scorings(zoo, task_data, tmp_path):
+    module, _, _, select = _fit_selected(zoo, task_data, steps=20, early=2, lr=0.0)  # nothing moves: a flat score
+    stopper = module.trainer.callbacks[-1]
+    # checked at 1 (the best so far), 2, 3: two scorings without a rise
+    assert module.trainer.global_step == 3 and stopper.stopped_step == 3
+    assert select.result["selected_step"] == 0 and select.result["final_step"] == 3
+    out = module.export(tmp_path / "m", entries={**select.manifest_entries(), **stopper.manifest_entries()})
+    manifest = json.loads((out / "merge_manifest.json").read_text())
+    assert manifest["early_stopping"] == {"monitor": "selection", "patience": 2, "min_delta": 0.0, "stopped_step": 3}
+
+
+def test_early_stopping_stops_where_the_rule_says_on_a_real_trajectory_and_exports_the_best_step(zoo, task_data):
+    _, _, _, full = _fit_selected(zoo, task_data, steps=8)
+    history = [tuple(h) for h in full.result["history"]]
+    expected = _stop_by_hand(history, patience=1)
+    assert expected is not None and expected < 8  # this trajectory does stop early
+    module, record, _, select = _fit_selected(zoo, task_data, steps=8, early=1)
+    stopped = expected
+    assert module.trainer.global_step == stopped and module.trainer.callbacks[-1].stopped_step == expected
+    kept = [h for h in history if h[0] <= stopped]
+    assert [tuple(h) for h in select.result["history"]] == kept  # the same trajectory, cut at the stop
+    best_step = max(kept, key=lambda h: h[1])[0]
+    assert select.result["selected_step"] == best_step
+    assert torch.equal(module.merged.coefficients.weight, record.coefficients[best_step])
+
+
+def test_early_stopping_needs_a_select_step_before_it(zoo, task_data):
+    import pytorch_lightning as pl
+
+    from adamerge.training.callbacks import SelectionEarlyStopping, SelectStep
+
+    for callbacks in ([SelectionEarlyStopping()], [SelectionEarlyStopping(), SelectStep()]):
+        trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, callbacks=callbacks)
+        with pytest.raises(MergeInputError, match="list an adamerge.training.SelectStep before it"):
+            trainer.fit(AdaMerging(*zoo), datamodule=datamodule(zoo, task_data, holdout=8))
+    with pytest.raises(MergeInputError, match="patience must be >= 1"):
+        SelectionEarlyStopping(patience=0)
 
 
 def test_select_step_restores_the_best_step_and_records_it(zoo, task_data, tmp_path):

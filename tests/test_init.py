@@ -44,12 +44,15 @@ def test_init_writes_the_guided_recipe_that_fit_runs_as_written(zoo, text_files,
     assert args["objective"] == {"name": "kl", "temperature": 2.0} and args["tune_heads"] is True
     assert args["prep"] == {"subspace": "tsv"} and args["heads"] == {"pooler": True}  # BERT: the pooler is the head's
     assert args["models"] == paths and config["data"]["tasks"] == {t: {"path": p} for t, p in text_files.items()}
-    assert any(cb["class_path"] == "adamerge.training.SelectStep" for cb in config["trainer"]["callbacks"])
+    callbacks = {cb["class_path"].rsplit(".", 1)[1]: cb for cb in config["trainer"]["callbacks"]}
+    assert list(callbacks) == ["StepProgress", "SelectStep", "SelectionEarlyStopping"]  # the stopper after SelectStep
+    assert callbacks["SelectionEarlyStopping"]["init_args"] == {"patience": 10}
     assert config["trainer"]["logger"]["init_args"]["offline"] is True
     assert res.stdout.startswith("# adamerge fit --config")  # commented: a user edits it
     # run as written, shortened
     config["trainer"].update(max_steps=4, accelerator="cpu")
-    config["trainer"]["callbacks"][-1]["init_args"]["every_n_steps"] = 2
+    callbacks["SelectStep"]["init_args"]["every_n_steps"] = 2
+    callbacks["SelectionEarlyStopping"]["init_args"]["patience"] = 1
     config["data"].update(samples_per_task=4, holdout=8, max_length=16)
     (tmp_path / "merge.yaml").write_text(yaml.safe_dump(config))
     fit = adamerge("fit", "--config", "merge.yaml", cwd=tmp_path)
@@ -59,6 +62,7 @@ def test_init_writes_the_guided_recipe_that_fit_runs_as_written(zoo, text_files,
     assert manifest["selection"]["criterion"] == "agreement" and manifest["data"]["tasks"]["spam"]["path"].endswith(
         "spam.txt"
     )
+    assert manifest["early_stopping"]["patience"] == 1 and manifest["early_stopping"]["stopped_step"] in (None, 4)
     from transformers import AutoModelForSequenceClassification
 
     AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged" / "tasks" / "spam"))

@@ -205,6 +205,8 @@ def render(
         "    - class_path: adamerge.training.StepProgress",
         "    - class_path: adamerge.training.SelectStep  # export the step that agrees best with the fine-tunes",
         "      init_args: {every_n_steps: 10, criterion: agreement}",
+        "    - class_path: adamerge.training.SelectionEarlyStopping  # stop once that agreement has not risen for",
+        "      init_args: {patience: 10}                            # 10 scorings (100 steps); the best step is kept",
         "  logger:  # W&B, offline (sync later with `wandb sync`); never prompts",
         "    class_path: pytorch_lightning.loggers.WandbLogger",
         "    init_args: {offline: true, project: adamerge, save_dir: runs}",

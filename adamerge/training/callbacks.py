@@ -1,4 +1,5 @@
-"""Lightning callbacks: export on fit end, coefficient heatmaps, label-free step selection, learning-rate schedule."""
+"""Lightning callbacks: export on fit end, coefficient heatmaps, label-free step selection (and early stopping on it),
+learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import EarlyStopping
 
 from adamerge.checkpoint.card import heatmap_png
 from adamerge.core.modules import eval_mode
@@ -256,12 +258,15 @@ class SelectStep(pl.Callback):
     which lowers the entropy while moving away from the experts); ``worst_agreement`` — the same for the task that
     agrees least (a step where one task drifts from its expert while the others gain is not chosen);
     ``objective`` — the method's own objective on the held-back rows. With the agreement criteria the manifest's
-    ``selection.per_task`` holds every scored step's per-task agreement.
+    ``selection.per_task`` holds every scored step's per-task agreement. Each score during training is logged as
+    ``selection`` (the metric :class:`SelectionEarlyStopping` monitors; W&B draws it).
 
     Args:
         every_n_steps: scoring interval in optimizer steps.
         criterion: ``agreement``, ``worst_agreement`` or ``objective``.
     """
+
+    METRIC = "selection"  # the logged name of each score
 
     def __init__(self, every_n_steps: int = 10, criterion: str = "agreement") -> None:
         if every_n_steps < 1:
@@ -319,6 +324,8 @@ class SelectStep(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % self.every_n_steps == 0:
             self._score(trainer, pl_module)
+            if self.history[-1][0] == trainer.global_step:
+                pl_module.log(self.METRIC, self.history[-1][1], on_step=True, on_epoch=False, batch_size=1)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._score(trainer, pl_module)
@@ -344,6 +351,77 @@ class SelectStep(pl.Callback):
         self.history = [tuple(h) for h in state["history"]]
         self.per_task = [tuple(h) for h in state.get("per_task", [])]
         self.best, self.best_state = state["best"], state["best_state"]
+
+
+class SelectionEarlyStopping(EarlyStopping):
+    """Lightning's :class:`~pytorch_lightning.callbacks.EarlyStopping` on :class:`SelectStep`'s label-free criterion:
+    training stops once the logged ``selection`` score has not improved by more than ``min_delta`` for ``patience``
+    consecutive scorings (``patience × every_n_steps`` steps). It is checked each time SelectStep scores (the run
+    has no validation loop), and SelectStep still restores and exports the best step seen, so stopping only saves
+    the steps after the criterion's plateau. List it after the SelectStep in ``trainer.callbacks``. The manifest
+    records ``early_stopping``: the settings and the step training stopped at (null: it ran to ``max_steps``).
+
+    Args:
+        patience: scorings without improvement before training stops.
+        min_delta: the smallest rise of the score that counts as an improvement.
+    """
+
+    def __init__(self, patience: int = 10, min_delta: float = 0.0) -> None:
+        if patience < 1:
+            raise MergeInputError(f"SelectionEarlyStopping patience must be >= 1, got {patience}")
+        super().__init__(
+            monitor=SelectStep.METRIC,
+            mode="max",
+            patience=patience,
+            min_delta=min_delta,
+            check_on_train_epoch_end=False,
+        )
+        self.stopped_step: int | None = None
+        self._select: SelectStep | None = None
+        self._checked_step: int | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        order = list(trainer.callbacks)
+        selects = [c for c in order if isinstance(c, SelectStep)]
+        if not selects or order.index(selects[0]) > order.index(self):
+            raise MergeInputError(
+                "SelectionEarlyStopping stops on SelectStep's criterion: list an adamerge.training.SelectStep "
+                "before it in trainer.callbacks"
+            )
+        self._select = selects[0]
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        """Not here: checked when SelectStep scores."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        history = self._select.history if self._select is not None else []
+        step = int(trainer.global_step)
+        if history and history[-1][0] == step and self._checked_step != step:
+            self._checked_step = step
+            self._run_early_stopping_check(trainer)
+            if trainer.should_stop and self.stopped_step is None:
+                self.stopped_step = step
+                log.info("early stopping at step %d: %s", step, SelectStep.METRIC)
+
+    def manifest_entries(self) -> dict[str, Any]:
+        return {
+            "early_stopping": {
+                "monitor": SelectStep.METRIC,
+                "patience": self.patience,
+                "min_delta": abs(float(self.min_delta)),
+                "stopped_step": self.stopped_step,
+            }
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "stopped_step": self.stopped_step, "checked_step": self._checked_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        self.stopped_step = state_dict.pop("stopped_step", None)
+        self._checked_step = state_dict.pop("checked_step", None)
+        super().load_state_dict(state_dict)
 
 
 class LRSchedule(pl.Callback):
