@@ -141,6 +141,51 @@ def test_dense_methods_on_lora_equal_the_same_merge_of_peft_merged_models(adapte
         assert (got[task] - expected[task]).abs().max() < 1e-5, task
 
 
+def test_guided_recipe_on_lora_exports_a_full_model_and_peft_adapters_with_equal_logits(zoo, task_data, tmp_path):
+    """The recipe `adamerge init` writes for LoRA adapters of a BERT-style classifier (layer-wise coefficients, KL to
+    the experts, tuned heads, each head with its fine-tune's pooler), trained a few steps on adapters that also adapt
+    the pooler (``dense``): the full per-task model that stock transformers loads and the PEFT adapter that stock
+    peft loads onto the base give the trained merge's logits."""
+    from conftest import quick_fit
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    base = zoo[0]
+    paths = {
+        t: make_adapter(base, tmp_path / "in" / t, n, seed=i, targets=("query", "value", "dense"))
+        for i, (t, n) in enumerate(TASKS.items())
+    }
+    module = AdaMerging(
+        base,
+        paths,
+        granularity="layer",
+        objective={"name": "kl", "temperature": 2.0},
+        tune_heads=True,
+        heads={"pooler": True},
+        lr=0.05,
+    )
+    assert module.merged.low_rank_names and not module.merged.task_vectors()  # kept low-rank
+    heads_before = {n: p.detach().clone() for n, p in module.named_parameters() if "heads" in n}
+    dm = UnlabeledDataModule(
+        {t: TaskData(task_data[t]) for t in TASKS}, tokenizer=base, samples_per_task=4, max_length=16
+    )
+    quick_fit(module, dm, steps=3)
+    assert any(not torch.equal(p, heads_before[n]) for n, p in module.named_parameters() if n in heads_before)
+    dm.setup()
+    batch = dm.dataset[0]
+    with torch.no_grad():
+        expected = module.merged(batch["inputs"], batch["tasks"], batch["sizes"])
+    module.export(tmp_path / "out", lora_adapters=True)
+    for i, (task, n) in enumerate(TASKS.items()):
+        rows = {k: v[4 * i : 4 * i + 4] for k, v in batch["inputs"].items()}
+        full = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "out" / "tasks" / task)).eval()
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=n, ignore_mismatched_sizes=True)
+        adapter = PeftModel.from_pretrained(model, str(tmp_path / "out" / "adapters" / task)).eval()
+        with torch.no_grad():
+            assert (full(**rows).logits - expected[task]).abs().max() < 1e-5, task
+            assert (adapter(**rows).logits - expected[task]).abs().max() < 1e-5, task
+
+
 def test_recompute_merges_low_rank_layers_to_the_same_gradient(adapters, batch):
     """LoRA factors merged inside each layer's checkpoint (``recompute: merge``), one task group at a time: the
     plain step's coefficient gradient."""

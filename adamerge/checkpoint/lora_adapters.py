@@ -48,7 +48,7 @@ def write_lora_adapters(module, root: Path) -> list[str]:
     rank = next(iter(factors.values()))[1].shape[0]
     written = []
     for task in merged.task_names:
-        peft_task, save = merged.kind.peft_task_type, None
+        peft_task, save, targets = merged.kind.peft_task_type, None, list(factors)
         if not merged.kind.per_task_heads:  # the whole model is the backbone
             model = type(merged.backbone)._from_config(merged.backbone.config)  # its own class: causal or seq2seq
             model.load_state_dict(merged.backbone.state_dict(), strict=False)
@@ -57,10 +57,14 @@ def write_lora_adapters(module, root: Path) -> list[str]:
             head = merged.heads[task]
             model = _classifier_with(merged.kind, head, merged.backbone)
             prefix = head.base_model_prefix + "."
+            own = sorted({k.split(".")[1] for k in head.state_dict() if k.startswith(prefix)})  # e.g. its pooler
+            if own:  # the head's own modules are saved whole (the task's values), not the backbone's merge of them
+                save = [prefix + m for m in own]
+                targets = [m for m in factors if m.split(".")[0] not in own]
         config = LoraConfig(
             r=rank,
             lora_alpha=rank,
-            target_modules=[prefix + m for m in factors],
+            target_modules=[prefix + m for m in targets],
             lora_dropout=0.0,
             task_type=peft_task,
             modules_to_save=save,
@@ -69,7 +73,8 @@ def write_lora_adapters(module, root: Path) -> list[str]:
         peft_model = get_peft_model(model, config)
         named = dict(peft_model.base_model.model.named_modules())
         with torch.no_grad():
-            for m, (left, right) in factors.items():
+            for m in targets:
+                left, right = factors[m]
                 lora = named[prefix + m]
                 lora.lora_A["default"].weight.copy_(right)
                 lora.lora_B["default"].weight.copy_(left)
