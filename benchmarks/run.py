@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import platform
 import re
 import resource
@@ -675,7 +676,13 @@ def provenance(argv: list[str], script: str = "benchmarks/benchmark.py") -> dict
         except (OSError, subprocess.CalledProcessError):
             return ""
 
-    commit = git("rev-parse", "--short=7", "HEAD") or "unknown"
+    commit = git("rev-parse", "--short=7", "HEAD")
+    if not commit:  # a copy of the tree without its git folder (a GPU machine): scripts/gpu_check.sh says which
+        return {
+            "command": shlex.join(["python", script, *argv]),
+            "commit": os.environ.get("ADAMERGE_COMMIT", "unknown"),
+            "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        }
     if git("status", "--porcelain", "--untracked-files=no"):
         commit += "+dirty"
     return {
