@@ -267,7 +267,7 @@ def test_sweep_keeps_the_candidate_whose_selected_step_scores_best(monkeypatch):
     built = fake_method(monkeypatch, bench)
     scores = {1: 0.5, 2: 0.7, 3: 0.7}
 
-    def adapt(module, data_dir, tasks, split, preset, seed, steps, select, schedule=None):
+    def adapt(module, data_dir, tasks, split, preset, seed, steps, select, schedule=None, early_stop=None):
         assert select == "agreement" and schedule == {"kind": "cosine"}  # the row's own, to every candidate
         lr = module.kwargs["lr"]
         return {"criterion": select, "selected_step": 10 * lr, "score": scores[lr]}
@@ -358,7 +358,7 @@ def test_benchmark_grid_is_followed_past_a_kept_edge_until_the_score_turns(monke
 
     built = fake_method(monkeypatch, bench)
 
-    def adapt(module, data_dir, tasks, split, preset, seed, steps, select, schedule=None):
+    def adapt(module, data_dir, tasks, split, preset, seed, steps, select, schedule=None, early_stop=None):
         lr = module.kwargs["lr"]
         return {"criterion": select, "selected_step": 5, "score": 1 - abs(math.log10(lr)) / 10}
 
