@@ -34,7 +34,7 @@ def combine(base: dict, update: dict, drop: list[str]) -> dict:
         raise SystemExit(f"error: --drop names rows that are not in the base table: {unknown}")
     rows = {k: v for k, v in base["rows"].items() if k not in drop}
     rows.update(update["rows"])
-    out = {**base, "rows": rows}
+    out = {**base, "rows": rows, "runs": [*base.get("runs", []), *update.get("runs", [])]}
     out["sources"] = {
         "base": {k: base[k] for k in ("hardware", "total_seconds")},
         "update": {k: update[k] for k in ("hardware", "total_seconds")},

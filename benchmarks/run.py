@@ -849,7 +849,9 @@ def run(
     elif "pairs" in old:
         result["pairs"] = old["pairs"]
     if preset.lora_rank and lora:
-        result["lora"] = {}
+        chosen = preset.lora_methods if lora_methods is None else lora_methods
+        # rows of an earlier LoRA table of the same setup are kept unless re-run (as the main table's)
+        result["lora"] = {k: v for k, v in old.get("lora", {}).items() if k in METHOD_GRID and k not in chosen}
         run_lora(
             preset,
             base,
@@ -864,6 +866,8 @@ def run(
             result["lora"],
             lambda: _save(result, target, t0),
         )
+        order = [*REFERENCE_ROWS, *METHOD_GRID]
+        result["lora"] = dict(sorted(result["lora"].items(), key=lambda kv: order.index(kv[0])))
     elif "lora" in old:
         result["lora"] = old["lora"]
     _save(result, target, t0)

