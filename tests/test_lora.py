@@ -65,6 +65,25 @@ def peft_merged(base, adapter, num_labels):
     return PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
 
 
+def assert_exports_give_the_merge(module, base, batch, out):
+    """Export ``module`` with PEFT adapters; on each task's rows of ``batch`` the full per-task model (stock
+    transformers) and the adapter on the base (stock peft) give the merge's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    with torch.no_grad():
+        expected = module.merged(batch["inputs"], batch["tasks"], batch["sizes"])
+    module.export(out, lora_adapters=True)
+    for i, (task, n) in enumerate(TASKS.items()):
+        rows = {k: v[4 * i : 4 * i + 4] for k, v in batch["inputs"].items()}
+        full = AutoModelForSequenceClassification.from_pretrained(str(out / "tasks" / task)).eval()
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=n, ignore_mismatched_sizes=True)
+        adapter = PeftModel.from_pretrained(model, str(out / "adapters" / task)).eval()
+        with torch.no_grad():
+            assert (full(**rows).logits - expected[task]).abs().max() < 1e-5, task
+            assert (adapter(**rows).logits - expected[task]).abs().max() < 1e-5, task
+
+
 def test_merge_low_rank_formula():
     base = torch.zeros(3, 2)
     B, A = torch.randn(2, 3, 4), torch.randn(2, 4, 2)
@@ -92,22 +111,10 @@ def test_lora_task_vectors_stay_low_rank_and_one_hot_equals_merge_and_unload(ada
 
 
 def test_lora_merge_exports_full_model_and_peft_adapters(adapters, batch, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
 
     base, paths = adapters
     module = TaskArithmetic(base, paths, scale=0.6)
-    with torch.no_grad():
-        expected = module.merged(batch["inputs"], batch["tasks"], batch["sizes"])
-    module.export(tmp_path / "out", lora_adapters=True)
-    for i, (task, n) in enumerate(TASKS.items()):
-        rows = {k: v[4 * i : 4 * i + 4] for k, v in batch["inputs"].items()}
-        full = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "out" / "tasks" / task)).eval()
-        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=n, ignore_mismatched_sizes=True)
-        adapter = PeftModel.from_pretrained(model, str(tmp_path / "out" / "adapters" / task)).eval()
-        with torch.no_grad():
-            assert (full(**rows).logits - expected[task]).abs().max() < 1e-5
-            assert (adapter(**rows).logits - expected[task]).abs().max() < 1e-5
+    assert_exports_give_the_merge(module, base, batch, tmp_path / "out")
     import json
 
     manifest = json.loads((tmp_path / "out" / "merge_manifest.json").read_text())
@@ -147,8 +154,6 @@ def test_guided_recipe_on_lora_exports_a_full_model_and_peft_adapters_with_equal
     the pooler (``dense``): the full per-task model that stock transformers loads and the PEFT adapter that stock
     peft loads onto the base give the trained merge's logits."""
     from conftest import quick_fit
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
 
     base = zoo[0]
     paths = {
@@ -173,17 +178,7 @@ def test_guided_recipe_on_lora_exports_a_full_model_and_peft_adapters_with_equal
     assert any(not torch.equal(p, heads_before[n]) for n, p in module.named_parameters() if n in heads_before)
     dm.setup()
     batch = dm.dataset[0]
-    with torch.no_grad():
-        expected = module.merged(batch["inputs"], batch["tasks"], batch["sizes"])
-    module.export(tmp_path / "out", lora_adapters=True)
-    for i, (task, n) in enumerate(TASKS.items()):
-        rows = {k: v[4 * i : 4 * i + 4] for k, v in batch["inputs"].items()}
-        full = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "out" / "tasks" / task)).eval()
-        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=n, ignore_mismatched_sizes=True)
-        adapter = PeftModel.from_pretrained(model, str(tmp_path / "out" / "adapters" / task)).eval()
-        with torch.no_grad():
-            assert (full(**rows).logits - expected[task]).abs().max() < 1e-5, task
-            assert (adapter(**rows).logits - expected[task]).abs().max() < 1e-5, task
+    assert_exports_give_the_merge(module, base, batch, tmp_path / "out")
 
 
 def test_recompute_merges_low_rank_layers_to_the_same_gradient(adapters, batch):
