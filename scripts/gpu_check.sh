@@ -5,6 +5,7 @@
 #   full    the `full` preset's own-head table, every standard row, pooler heads (docs/results.md)
 #   early   the recommended recipe, 500 steps against early-stopped, on the same zoo
 #   frozen  the `full` preset's frozen-head table (a second call's worth: not in the default list)
+#   lora    the `quick` preset's LoRA table, every row (not in the default list either)
 #
 #   bash scripts/gpu_check.sh pack              # here, with the registries: .gpu/ (data, base, wheels, commit)
 #   bash scripts/gpu_check.sh run [PHASE ...]   # on the GPU machine (default: tests speed full early); results in $OUT
@@ -20,7 +21,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 ROWS="average task_arithmetic ties tsv_m iso_c adamerging_task adamerging_layer adamerging_pp_layer concrete_ta
 concrete_adamerging tinting_tsv tinting wemoe surgery_ta surgery_adamerging surgery_tsv"
-FULL_TASKS="polarity subjectivity question spam tweets products language quotes"
+LORA_ROWS="task_arithmetic ties tsv_m iso_c adamerging_layer tinting tinting_tsv wemoe surgery_ta"
 
 pack() {
   PY=${PYTHON:-.venv/bin/python}
@@ -93,7 +94,13 @@ run() {
           --steps "$EARLY_STEPS" --out runs/gpu-check-early --methods tinting_tsv tinting_tsv_early 2>&1 \
           | grep -v -i warn | tail -20
         cp "runs/gpu-check-early/$PRESET-pooler/results.json" "$OUT/early-$PRESET.json" ;;
-      *) echo "gpu_check: unknown phase $phase (tests, speed, full, early, frozen)" >&2; exit 2 ;;
+      lora)
+        lora_preset=quick  # the preset with a LoRA zoo (its section at CI size: tests/test_benchmark_ci.py)
+        # shellcheck disable=SC2086
+        "$PY" benchmarks/benchmark.py --preset $lora_preset --head-pooler --inductive-only --no-pairs --fresh \
+          --out runs/gpu-check-lora --methods --lora-methods $LORA_ROWS 2>&1 | grep -v -i warn | tail -20
+        cp "runs/gpu-check-lora/$lora_preset-pooler/results.json" "$OUT/lora.json" ;;
+      *) echo "gpu_check: unknown phase $phase (tests, speed, full, early, frozen, lora)" >&2; exit 2 ;;
     esac
     echo "gpu_check: $phase took $(( $(date +%s) - start )) s"
   done
@@ -107,6 +114,7 @@ store() {
     case $name in
       speed) "$PY" benchmarks/report.py add "$f" --speed --name speed-h100 ;;
       full-own|full-frozen|early-full) "$PY" benchmarks/report.py add "$f" --name "$name" ;;
+      lora) "$PY" benchmarks/report.py add "$f" --section lora --name lora ;;
       *) echo "gpu_check: $f: not a result this script stores" ;;
     esac
   done
