@@ -344,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.check:
                 page.write_text(new)
     if args.check and stale:
-        print("stale: " + ", ".join(str(p.relative_to(ROOT)) for p in stale) + " (run python benchmarks/report.py)")
+        names = [str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p) for p in stale]
+        print("stale: " + ", ".join(names) + " (run python benchmarks/report.py)")
         return 1
     return 0
 
