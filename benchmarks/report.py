@@ -178,6 +178,17 @@ def best_marks(table: dict, keys: list[str], columns: list[str]) -> dict[str, se
     return marks
 
 
+def run_lines(table: dict) -> list[str]:
+    """One caption line per call that wrote ``table``: its date, commit and command."""
+    return [
+        f"*Run {r.get('date', 'date not recorded')} at commit `{r.get('commit', 'not recorded')}`"
+        + (f" ({r['recorded']})" if r.get("recorded") else "")
+        + (f": `{r['command']}`" if r.get("command") else "")
+        + ".*"
+        for r in table.get("runs") or [{}]
+    ]
+
+
 def caption(table: dict) -> str:
     """Protocol, device, date, commit and command of a benchmark table."""
     zoo = {"own": "own-head zoo (heads trained with their bodies)", "frozen": "frozen-head zoo (the papers' protocol)"}
@@ -195,17 +206,8 @@ def caption(table: dict) -> str:
         f"{table['steps']} steps of {table['samples_per_task']} unlabeled rows per task, inductive "
         "(trained on the unlabeled split, scored on the test split)"
     )
-    runs = table.get("runs") or [{}]
     device = table.get("hardware", "not recorded")
-    lines = ["*" + "; ".join(parts) + f". Device: {device}.*"]
-    for run in runs:
-        cmd = run.get("command")
-        lines.append(
-            f"*Run {run.get('date', 'date not recorded')} at commit `{run.get('commit', 'not recorded')}`"
-            + (f" ({run['recorded']})" if run.get("recorded") else "")
-            + (f": `{cmd}`" if cmd else "")
-            + ".*"
-        )
+    lines = ["*" + "; ".join(parts) + f". Device: {device}.*", *run_lines(table)]
     if table.get("dropped"):
         d = table["dropped"]
         lines.append(f"*Left out of this run's table: {', '.join(d['rows'])} — {d['why']}.*")
@@ -258,9 +260,6 @@ def benchmark_table(table: dict, options: dict[str, str]) -> list[str]:
     return [caption(table), "", *lines]
 
 
-SPEED_COLUMNS = [("b/a", "b", "a"), ("c/b", "c", "b"), ("b-lean/c memory", "b-lean", "c")]
-
-
 def speed_table(table: dict, options: dict[str, str]) -> list[str]:
     """Per T: adamerge's step against a plain forward/backward (b/a), FusionBench's against adamerge's (c/b), and
     adamerge's leanest setting's peak memory against FusionBench's."""
@@ -285,15 +284,7 @@ def speed_table(table: dict, options: dict[str, str]) -> list[str]:
             f"{lean['step_peak_mib'] / c['step_peak_mib']:.2f}" if lean else "—",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    runs = table.get("runs") or [{}]
-    cap = [f"*Device: {device}.*"] + [
-        f"*Run {r.get('date', 'date not recorded')} at commit `{r.get('commit', 'not recorded')}`"
-        + (f" ({r['recorded']})" if r.get("recorded") else "")
-        + (f": `{r['command']}`" if r.get("command") else "")
-        + ".*"
-        for r in runs
-    ]
-    return ["  \n".join(cap), "", *lines]
+    return ["  \n".join([f"*Device: {device}.*", *run_lines(table)]), "", *lines]
 
 
 def rows_table() -> list[str]:

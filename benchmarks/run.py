@@ -678,12 +678,8 @@ def provenance(argv: list[str], script: str = "benchmarks/benchmark.py") -> dict
 
     commit = git("rev-parse", "--short=7", "HEAD")
     if not commit:  # a copy of the tree without its git folder (a GPU machine): scripts/gpu_check.sh says which
-        return {
-            "command": shlex.join(["python", script, *argv]),
-            "commit": os.environ.get("ADAMERGE_COMMIT", "unknown"),
-            "date": time.strftime("%Y-%m-%d", time.gmtime()),
-        }
-    if git("status", "--porcelain", "--untracked-files=no"):
+        commit = os.environ.get("ADAMERGE_COMMIT", "unknown")
+    elif git("status", "--porcelain", "--untracked-files=no"):
         commit += "+dirty"
     return {
         "command": shlex.join(["python", script, *argv]),
