@@ -105,6 +105,7 @@ def slim(result: dict, section: str = "rows") -> dict:
         "total_seconds": result.get("total_seconds"),
         "runs": result.get("runs", []),
         "rows": rows,
+        **({"refused": result["refused"]} if section == "rows" and result.get("refused") else {}),
     }
 
 
@@ -211,6 +212,9 @@ def caption(table: dict) -> str:
     if table.get("dropped"):
         d = table["dropped"]
         lines.append(f"*Left out of this run's table: {', '.join(d['rows'])} — {d['why']}.*")
+    for key, why in table.get("refused", {}).items():  # the method's own error, its pattern lists elided
+        why = re.sub(r"\[[^]]*\]", "[…]", why)
+        lines.append(f"*{ROW_NAMES.get(key, key)} refused this model: {why}.*")
     return "  \n".join(lines)
 
 

@@ -24,6 +24,7 @@ import torch
 from adamerge import (
     METHODS,
     LRSchedule,
+    MergeInputError,
     MergeModule,
     SelectionEarlyStopping,
     SelectStep,
@@ -836,9 +837,15 @@ def run(
             "rows": [k for k in methods if grid_rows[k] is not METHOD_GRID[k]],
         }
     rows.update({k: v for k, v in old.get("rows", {}).items() if k in METHOD_GRID and k not in methods})
+    refused = {k: v for k, v in old.get("refused", {}).items() if k in METHOD_GRID and k not in methods}
+    result["refused"] = refused  # rows whose method refused this model (WEMoE on a CNN): the reason, no figure
     for key in METHOD_GRID:
         if key in methods:
-            rows[key] = runner.row(key)
+            try:
+                rows[key] = runner.row(key)
+            except MergeInputError as e:  # the method does not apply to this model: say so, run the other rows
+                log.warning("%s refused this model: %s", key, e)
+                refused[key] = str(e)
             _save(result, target, t0)  # a row finished is a row kept, whatever happens to the next one
     if preset.pairs and pairs and zoo_protocol == "own" and (methods == preset.methods or "pairs" not in old):
         result["pairs"] = runner.pairs()
@@ -1070,6 +1077,8 @@ def render(result: dict) -> str:
     gap = _gap_closed(result["rows"])
     if gap:
         lines += ["", gap]
+    for key, why in result.get("refused", {}).items():
+        lines += ["", f"{METHOD_GRID[key].label}: refused this model — {why}"]
     if "pairs" in result:
         lines += [
             "",

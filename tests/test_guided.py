@@ -119,7 +119,7 @@ def _labelled_copy(task_data, tmp_path, seed):
     return out
 
 
-def _fit_selected(zoo, data, criterion="agreement", steps=6, early=None, lr=0.2):
+def _fit_selected(zoo, data, criterion="agreement", steps=6, early=None, lr=0.2, noise_rows=0):
     import pytorch_lightning as pl
 
     from adamerge.training.callbacks import SelectionEarlyStopping, SelectStep
@@ -141,7 +141,7 @@ def _fit_selected(zoo, data, criterion="agreement", steps=6, early=None, lr=0.2)
 
     module = AdaMerging(*zoo, granularity="layer", lr=lr)
     record, select = Record(), SelectStep(every_n_steps=1, criterion=criterion)
-    stopper = [SelectionEarlyStopping(patience=early)] if early else []
+    stopper = [SelectionEarlyStopping(patience=early, noise_rows=noise_rows)] if early else []
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(
         max_steps=steps,
@@ -157,12 +157,13 @@ def _fit_selected(zoo, data, criterion="agreement", steps=6, early=None, lr=0.2)
     return module, record, dm, select
 
 
-def _stop_by_hand(history, patience):
+def _stop_by_hand(history, patience, row, rows=0):
     """The step at which training stops: the first scoring (from step 1; step 0 is scored before training) after
-    which the best score has not risen for ``patience`` scorings; None if it never does."""
-    best, wait = float("-inf"), 0
+    which the best score has not risen by more than ``rows`` held-back rows (``row``: one row's share of the score)
+    for ``patience`` scorings; None if it never does."""
+    best, wait = None, 0
     for step, value in history[1:]:
-        if value > best:
+        if best is None or round((value - best) / row) > rows:
             best, wait = value, 0
         else:
             wait += 1
@@ -179,13 +180,20 @@ def test_early_stopping_on_a_flat_criterion_stops_after_patience_scorings(zoo, t
     assert select.result["selected_step"] == 0 and select.result["final_step"] == 3
     out = module.export(tmp_path / "m", entries={**select.manifest_entries(), **stopper.manifest_entries()})
     manifest = json.loads((out / "merge_manifest.json").read_text())
-    assert manifest["early_stopping"] == {"monitor": "selection", "patience": 2, "min_delta": 0.0, "stopped_step": 3}
+    row = 1 / (len(zoo[1]) * 8)  # one held-back row of one task: 8 rows per task
+    assert manifest["early_stopping"] == {
+        "monitor": "selection",
+        "patience": 2,
+        "noise_rows": 0,
+        "min_delta": 0.5 * row,  # any rise of one row or more counts
+        "stopped_step": 3,
+    }
 
 
 def test_early_stopping_stops_where_the_rule_says_on_a_real_trajectory_and_exports_the_best_step(zoo, task_data):
     _, _, _, full = _fit_selected(zoo, task_data, steps=8)
     history = [tuple(h) for h in full.result["history"]]
-    expected = _stop_by_hand(history, patience=1)
+    expected = _stop_by_hand(history, patience=1, row=1 / (len(zoo[1]) * 8))
     assert expected is not None and expected < 8  # this trajectory does stop early
     module, record, _, select = _fit_selected(zoo, task_data, steps=8, early=1)
     stopped = expected
@@ -195,6 +203,33 @@ def test_early_stopping_stops_where_the_rule_says_on_a_real_trajectory_and_expor
     best_step = max(kept, key=lambda h: h[1])[0]
     assert select.result["selected_step"] == best_step
     assert torch.equal(module.merged.coefficients.weight, record.coefficients[best_step])
+
+
+def test_early_stopping_reads_a_rise_of_noise_rows_as_no_improvement(zoo, task_data):
+    import pytorch_lightning as pl
+
+    from adamerge.training.callbacks import SelectionEarlyStopping, SelectStep
+
+    row = 1 / (len(zoo[1]) * 8)  # one held-back row's share of the agreement: 8 rows per task
+    rows = [12, 14, 15, 15, 16, 16, 16, 17, 17, 17, 17, 17, 17]  # rows agreeing at steps 0, 1, 2, …
+
+    class Scripted(AdaMerging):  # the real callbacks on a scripted score
+        def selection_scores(self, batches, criterion="agreement", expert_logits=None):
+            value = rows[self.trainer.global_step] * row
+            return value, {t: value for t in self.task_names}
+
+    history = [(step, k * row) for step, k in enumerate(rows)]
+    for noise_rows, expected in ((1, 7), (0, 10)):  # by hand: with 1, the +1 rises at 2 and 7 are noise
+        assert _stop_by_hand(history, patience=3, row=row, rows=noise_rows) == expected
+        module = Scripted(*zoo, granularity="layer")
+        select, stopper = SelectStep(every_n_steps=1), SelectionEarlyStopping(patience=3, noise_rows=noise_rows)
+        trainer = pl.Trainer(
+            max_steps=len(rows) - 1, logger=False, enable_checkpointing=False, callbacks=[select, stopper]
+        )
+        trainer.fit(module, datamodule=datamodule(zoo, task_data, holdout=8))
+        assert trainer.global_step == expected and stopper.stopped_step == expected
+        assert select.result["selected_step"] == 7  # the best step seen is still the one exported
+        assert stopper.manifest_entries()["early_stopping"]["min_delta"] == (noise_rows + 0.5) * row
 
 
 def test_early_stopping_needs_a_select_step_before_it(zoo, task_data):
@@ -208,6 +243,8 @@ def test_early_stopping_needs_a_select_step_before_it(zoo, task_data):
             trainer.fit(AdaMerging(*zoo), datamodule=datamodule(zoo, task_data, holdout=8))
     with pytest.raises(MergeInputError, match="patience must be >= 1"):
         SelectionEarlyStopping(patience=0)
+    with pytest.raises(MergeInputError, match="noise_rows and min_delta must be >= 0"):
+        SelectionEarlyStopping(noise_rows=-1)
 
 
 def test_select_step_restores_the_best_step_and_records_it(zoo, task_data, tmp_path):

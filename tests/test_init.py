@@ -46,7 +46,7 @@ def test_init_writes_the_guided_recipe_that_fit_runs_as_written(zoo, text_files,
     assert args["models"] == paths and config["data"]["tasks"] == {t: {"path": p} for t, p in text_files.items()}
     callbacks = {cb["class_path"].rsplit(".", 1)[1]: cb for cb in config["trainer"]["callbacks"]}
     assert list(callbacks) == ["StepProgress", "SelectStep", "SelectionEarlyStopping"]  # the stopper after SelectStep
-    assert callbacks["SelectionEarlyStopping"]["init_args"] == {"patience": 10}
+    assert callbacks["SelectionEarlyStopping"]["init_args"] == {"patience": 10, "noise_rows": 1}
     assert config["trainer"]["logger"]["init_args"]["offline"] is True
     assert res.stdout.startswith("# adamerge fit --config")  # commented: a user edits it
     # run as written, shortened

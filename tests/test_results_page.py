@@ -63,11 +63,13 @@ def test_averages_bold_first_best_merges_starred_and_missing_rows_dashed(tmp_pat
         "ties": (0.70, 0.70),  # avg 70.0: ties with TA on the average, both starred
         "tsv_m": (0.65, 0.72),  # best on b
     }
-    (tmp_path / "t.json").write_text(json.dumps(_table(figures)))
+    refused = "modules: no nn.Linear of Net matches ['a$', 'b$']; name the MLP layers"  # WEMoE on a CNN
+    (tmp_path / "t.json").write_text(json.dumps({**_table(figures), "refused": {"wemoe": refused}}))
     text = report.render("<!-- table t rows=individual,task_arithmetic,ties,tsv_m,iso_c -->\n<!-- /table -->\n")
     lines = text.splitlines()
     assert lines[1].startswith("*`quick` preset, 2 tasks;") and "Device: test machine" in lines[1]
     assert "commit `abc1234`" in lines[2] and "`python benchmarks/benchmark.py --preset quick`" in lines[2]
+    assert lines[3] == "*WEMoE refused this model: modules: no nn.Linear of Net matches […]; name the MLP layers.*"
     table = [line for line in lines if line.startswith("| ")]
     assert table[0] == "| method | **avg** | a | b |"
     assert table[1:] == [

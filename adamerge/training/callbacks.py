@@ -278,6 +278,8 @@ class SelectStep(pl.Callback):
         self.best: tuple[int, float] | None = None
         self.best_state: dict | None = None
         self._batches = self._experts = None
+        # the agreement criteria: the smallest change of the score one held-back row makes (set with the rows)
+        self.row_step: float | None = None
         self.result: dict[str, Any] | None = None  # the manifest's ``selection`` entry, once training ended
 
     def _setup(self, trainer, pl_module) -> None:
@@ -286,6 +288,12 @@ class SelectStep(pl.Callback):
         if not batches:
             raise MergeInputError("SelectStep needs held-back unlabeled rows: set data.holdout (e.g. 64)")
         self._batches = [{**b, "inputs": {k: v.to(pl_module.device) for k, v in b["inputs"].items()}} for b in batches]
+        rows: dict[str, int] = {}
+        for b in batches:
+            for task, size in zip(b["tasks"], b["sizes"]):
+                rows[task] = rows.get(task, 0) + size
+        most = max(rows.values())
+        self.row_step = {"agreement": 1 / (len(rows) * most), "worst_agreement": 1 / most}.get(self.criterion)
         if self.criterion != "objective" and not pl_module.experts_are_fine_tunes:
             log.warning(
                 "SelectStep %s: the method reads no expert in training, so with prep %s its stores hold only "
@@ -355,20 +363,30 @@ class SelectStep(pl.Callback):
 
 class SelectionEarlyStopping(EarlyStopping):
     """Lightning's :class:`~pytorch_lightning.callbacks.EarlyStopping` on :class:`SelectStep`'s label-free criterion:
-    training stops once the logged ``selection`` score has not improved by more than ``min_delta`` for ``patience``
-    consecutive scorings (``patience × every_n_steps`` steps). It is checked each time SelectStep scores (the run
-    has no validation loop), and SelectStep still restores and exports the best step seen, so stopping only saves
-    the steps after the criterion's plateau. List it after the SelectStep in ``trainer.callbacks``. The manifest
-    records ``early_stopping``: the settings and the step training stopped at (null: it ran to ``max_steps``).
+    training stops once the logged ``selection`` score has not improved for ``patience`` consecutive scorings
+    (``patience × every_n_steps`` steps). It is checked each time SelectStep scores (the run has no validation
+    loop), and SelectStep still restores and exports the best step seen, so stopping only saves the steps after the
+    criterion's plateau. List it after the SelectStep in ``trainer.callbacks``. The manifest records
+    ``early_stopping``: the settings, the rise that counted as an improvement and the step training stopped at
+    (null: it ran to ``max_steps``).
+
+    An agreement score moves in steps of one held-back row (1 / (tasks × rows per task)); a rise of ``noise_rows``
+    rows or fewer is read as noise, not as an improvement, so a plateau that gains one row now and then still
+    stops. The ``objective`` criterion has no such step: there only ``min_delta`` applies.
 
     Args:
         patience: scorings without improvement before training stops.
-        min_delta: the smallest rise of the score that counts as an improvement.
+        noise_rows: a rise of at most this many held-back rows' agreement is not an improvement (0: any rise is).
+        min_delta: a rise must also be larger than this to count as an improvement.
     """
 
-    def __init__(self, patience: int = 10, min_delta: float = 0.0) -> None:
+    def __init__(self, patience: int = 10, noise_rows: int = 1, min_delta: float = 0.0) -> None:
         if patience < 1:
             raise MergeInputError(f"SelectionEarlyStopping patience must be >= 1, got {patience}")
+        if noise_rows < 0 or min_delta < 0:
+            raise MergeInputError(
+                f"SelectionEarlyStopping noise_rows and min_delta must be >= 0, got {noise_rows} and {min_delta}"
+            )
         super().__init__(
             monitor=SelectStep.METRIC,
             mode="max",
@@ -376,6 +394,7 @@ class SelectionEarlyStopping(EarlyStopping):
             min_delta=min_delta,
             check_on_train_epoch_end=False,
         )
+        self.noise_rows, self._min_delta = noise_rows, float(min_delta)
         self.stopped_step: int | None = None
         self._select: SelectStep | None = None
         self._checked_step: int | None = None
@@ -399,6 +418,9 @@ class SelectionEarlyStopping(EarlyStopping):
         step = int(trainer.global_step)
         if history and history[-1][0] == step and self._checked_step != step:
             self._checked_step = step
+            row_step = self._select.row_step
+            if row_step is not None:  # half a row above the noise: k rows count iff k > noise_rows, whatever rounding
+                self.min_delta = max(self._min_delta, (self.noise_rows + 0.5) * row_step)
             self._run_early_stopping_check(trainer)
             if trainer.should_stop and self.stopped_step is None:
                 self.stopped_step = step
@@ -409,6 +431,7 @@ class SelectionEarlyStopping(EarlyStopping):
             "early_stopping": {
                 "monitor": SelectStep.METRIC,
                 "patience": self.patience,
+                "noise_rows": self.noise_rows,
                 "min_delta": abs(float(self.min_delta)),
                 "stopped_step": self.stopped_step,
             }
