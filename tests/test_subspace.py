@@ -33,9 +33,13 @@ def tsv_reference(tvs: list[np.ndarray]) -> np.ndarray:
 
 
 def iso_c_reference(tvs: list[np.ndarray]) -> np.ndarray:
-    """Iso-C of one matrix, float64: the SVD of the sum with every singular value replaced by their mean."""
+    """Iso-C of one matrix, float64: the SVD of the sum with every singular value replaced by their mean — over
+    the sum's nonzero singular values (its numerical rank at float32's precision), the null space left out."""
     u, s, vt = np.linalg.svd(sum(tvs), full_matrices=False)
-    return s.mean() * (u @ vt)
+    if s.max() == 0:
+        return np.zeros_like(sum(tvs))
+    keep = s > s.max() * max(tvs[0].shape) * np.finfo(np.float32).eps
+    return s[keep].mean() * (u[:, keep] @ vt[keep])
 
 
 def random_stack(T=3, m=12, n=9, seed=0):
@@ -94,10 +98,25 @@ def test_iso_c_closed_forms():
     # sum diag(3, 1): the flat spectrum is diag(2, 2)
     tv = torch.stack([torch.diag(torch.tensor([2.0, 0.0])), torch.diag(torch.tensor([1.0, 1.0]))])
     assert torch.allclose(iso_c_pieces(tv).sum(0), torch.diag(torch.tensor([2.0, 2.0])), atol=1e-6)
-    # a rank-deficient sum diag(3, 1, 0): mean 4/3 on every direction the SVD returns, the null one shared by tasks
+    # a rank-deficient sum diag(3, 1, 0): the flat spectrum over its rank, diag(2, 2, 0) — not the published
+    # formula's 4/3 on all three directions, the third an arbitrary null one; each task keeps its own direction
     tv = torch.stack([torch.diag(torch.tensor([3.0, 0.0, 0.0])), torch.diag(torch.tensor([0.0, 1.0, 0.0]))])
-    u, s, vh = torch.linalg.svd(tv.sum(0))
-    assert torch.allclose(iso_c_pieces(tv).sum(0), s.mean() * u @ vh, atol=1e-6)
+    pieces = iso_c_pieces(tv)
+    assert torch.allclose(pieces.sum(0), torch.diag(torch.tensor([2.0, 2.0, 0.0])), atol=1e-6)
+    assert torch.allclose(
+        pieces,
+        torch.stack([torch.diag(torch.tensor([2.0, 0.0, 0.0])), torch.diag(torch.tensor([0.0, 2.0, 0.0]))]),
+        atol=1e-6,
+    )
+    # low-rank task vectors (LoRA products B A, rank 2 each) in a 12 × 10 matrix: the merge lies in their span
+    g = torch.Generator().manual_seed(0)
+    lows = torch.stack([torch.randn(12, 2, generator=g) @ torch.randn(2, 10, generator=g) for _ in range(2)])
+    merged = iso_c_pieces(lows).sum(0)
+    u, s, vh = torch.linalg.svd(lows.sum(0))
+    torch.testing.assert_close(merged, s[:4].mean() * u[:, :4] @ vh[:4], atol=1e-5, rtol=1e-5)
+    assert torch.linalg.matrix_rank(merged) == 4
+    # nothing changed: nothing merged
+    assert torch.equal(iso_c_pieces(torch.zeros(2, 3, 4)), torch.zeros(2, 3, 4))
 
 
 def test_non_matrices_and_skipped_names_take_the_mean():

@@ -561,22 +561,23 @@ def iso_c_pieces(tv: Tensor) -> Tensor:
     ``Δ = σ̄ U Vᵀ``, where ``U S Vᵀ`` is the SVD of the Task Arithmetic sum ``Σ_t τ_t`` and ``σ̄`` the mean of its
     singular values (a flat spectrum: every direction of the common subspace gets the same weight).
 
-    Split: ``Δ = U diag(σ̄/σ_j) Uᵀ Σ_t τ_t`` over the directions with ``σ_j > 0``, so piece ``t`` is
-    ``U diag(σ̄/σ_j) Uᵀ τ_t`` there; the directions with ``σ_j = 0`` (a rank-deficient sum) get ``σ̄ u_j v_jᵀ / T``
-    from every task. Computed in float32; returned in ``tv``'s dtype.
+    The common subspace is the sum's numerical rank (``σ_j > max σ · max(m, n) · eps``). On a full-rank sum that is
+    every direction, as published. On a rank-deficient one (LoRA adapters: rank ≤ T·r; rows no task changed) the
+    published formula would count the zero singular values in ``σ̄`` and give ``σ̄`` to null directions the SVD
+    picks arbitrarily: the merge shrinks towards the base and gains noise. Here ``σ̄`` is the mean of the nonzero
+    singular values and the null space gets nothing.
+
+    Split: ``Δ = U diag(σ̄/σ_j) Uᵀ Σ_t τ_t`` over the kept directions, so piece ``t`` is ``U diag(σ̄/σ_j) Uᵀ τ_t``.
+    Computed in float32; returned in ``tv``'s dtype.
     """
-    T = tv.shape[0]
     x = tv.float()
-    u, s, vh = _svd(x.sum(0))
-    mean = s.mean()
-    tol = s.max() * max(x.shape[1:]) * torch.finfo(torch.float32).eps if s.numel() else s.new_tensor(0.0)
-    keep = s > tol
-    uk = u[:, keep]
-    scale = mean / s[keep]
-    out = uk @ (scale[:, None] * (uk.T @ x))  # [T, m, n]
-    if (~keep).any():
-        out = out + (mean / T) * (u[:, ~keep] @ vh[~keep])
-    return out.to(tv.dtype)
+    u, s, _ = _svd(x.sum(0))
+    if not s.numel() or float(s.max()) == 0.0:
+        return torch.zeros_like(tv)
+    keep = s > s.max() * max(x.shape[1:]) * torch.finfo(torch.float32).eps
+    uk, sk = u[:, keep], s[keep]
+    scale = sk.mean() / sk
+    return (uk @ (scale[:, None] * (uk.T @ x))).to(tv.dtype)  # [T, m, n]
 
 
 SUBSPACE_METHODS = {"tsv": tsv_pieces, "iso_c": iso_c_pieces}
