@@ -52,7 +52,8 @@ ROWS: list[tuple[str, str, str]] = [
     (
         "tinting_tsv_early",
         "**Guided, over TSV-M, early-stopped**",
-        "the same, training stopped once that agreement has not risen for 10 scorings (100 steps)",
+        "the same, training stopped once that agreement has not risen by more than one held-back row for 10 scorings "
+        "(100 steps)",
     ),
     (
         "tinting",
