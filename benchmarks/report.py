@@ -214,7 +214,7 @@ def caption(table: dict) -> str:
         d = table["dropped"]
         lines.append(f"*Left out of this run's table: {', '.join(d['rows'])} — {d['why']}.*")
     for key, why in table.get("refused", {}).items():  # the method's own error, its pattern lists elided
-        why = re.sub(r"\[[^]]*\]", "[…]", why)
+        why = re.sub(r"\[(?:'[^']*'(?:, )?)+\]", "[…]", why)  # a list of quoted patterns, brackets inside too
         lines.append(f"*{ROW_NAMES.get(key, key)} refused this model: {why}.*")
     return "  \n".join(lines)
 

@@ -63,7 +63,7 @@ def test_averages_bold_first_best_merges_starred_and_missing_rows_dashed(tmp_pat
         "ties": (0.70, 0.70),  # avg 70.0: ties with TA on the average, both starred
         "tsv_m": (0.65, 0.72),  # best on b
     }
-    refused = "modules: no nn.Linear of Net matches ['a$', 'b$']; name the MLP layers"  # WEMoE on a CNN
+    refused = "modules: no nn.Linear of Net matches ['a$', '\\\\.fc[12]$']; name the MLP layers"  # WEMoE on a CNN
     (tmp_path / "t.json").write_text(json.dumps({**_table(figures), "refused": {"wemoe": refused}}))
     text = report.render("<!-- table t rows=individual,task_arithmetic,ties,tsv_m,iso_c -->\n<!-- /table -->\n")
     lines = text.splitlines()
