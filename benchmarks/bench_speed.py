@@ -410,7 +410,12 @@ def main() -> None:
     print(tables(results, act, args))
     out = ROOT / "runs" / f"bench_speed{'' if args.shape == 'minilm' else '_' + args.shape}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"shape": args.shape, "micro_batches": args.micro_batches, "act": act, "rows": results}
+    from benchmarks.run import provenance
+
+    call = provenance(sys.argv[1:], script="benchmarks/bench_speed.py")
+    if os.environ.get("BENCH_THREADS"):  # part of the command: it sets every process's thread count
+        call["command"] = f"BENCH_THREADS={os.environ['BENCH_THREADS']} {call['command']}"
+    record = {"shape": args.shape, "micro_batches": args.micro_batches, "act": act, "rows": results, "runs": [call]}
     out.write_text(json.dumps(record, indent=2) + "\n")
     if args.plot:
         print(f"plot: {plot(results, act, args)}")

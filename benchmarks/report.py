@@ -151,7 +151,8 @@ def _speed(result) -> dict:
     rows = result["rows"] if isinstance(result, dict) else result
     keep = ("step_ms", "step_peak_mib", "device", "gpu")
     slimmed = [{cfg: {k: v[k] for k in keep if k in v} | {"T": v["T"]} for cfg, v in row.items()} for row in rows]
-    return {"rows": slimmed, **({"shape": result["shape"]} if isinstance(result, dict) and "shape" in result else {})}
+    kept = {k: result[k] for k in ("shape", "runs") if k in result} if isinstance(result, dict) else {}
+    return {"rows": slimmed, **kept}
 
 
 def pct(x: float) -> str:

@@ -100,3 +100,18 @@ def test_a_changed_raw_figure_makes_the_committed_page_stale(tmp_path, monkeypat
     assert report.main(["--check"]) == 1
     assert report.main([]) == 0 and report.main(["--check"]) == 0  # rewritten from the raw figures
     assert f"{100 * row['inductive'][task]:.1f}" in page.read_text()
+
+
+def test_a_speed_run_carries_its_command_commit_and_date_into_the_caption(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    call = {"command": "BENCH_THREADS=2 python benchmarks/bench_speed.py --tasks 2", "commit": "abc1234", "date": "D"}
+    cfg = {"step_peak_mib": 100.0, "device": "cpu", "T": 2}
+    rows = [{"a": {**cfg, "step_ms": 10.0}, "b": {**cfg, "step_ms": 12.0}, "b-lean": cfg | {"step_ms": 11.0},
+             "c": {**cfg, "step_ms": 18.0, "step_peak_mib": 400.0}}]  # fmt: skip
+    source = tmp_path / "bench_speed.json"
+    source.write_text(json.dumps({"shape": "minilm", "act": {}, "rows": rows, "runs": [call]}))
+    report.add(source, "s", section="", speed=True, command=None)
+    assert json.loads((tmp_path / "s.json").read_text())["runs"] == [call]
+    lines = report.render("<!-- table s -->\n<!-- /table -->\n").splitlines()
+    assert lines[2] == f"*Run D at commit `abc1234`: `{call['command']}`.*"
+    assert lines[-2] == "| 2 | 10.0 | 12.0 | 18.0 | 1.20 | 1.50 | 100 | 400 | 0.25 |"
